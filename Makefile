@@ -1,0 +1,32 @@
+# Set-up and the two commands of the README.  Everything installs into .venv (python3 -m venv).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+$(VENV)/.bench: $(VENV)/.installed requirements-bench.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
+	touch $@
+
+## the main job on the small embedded default (CPU, minutes)
+demo: $(VENV)/.installed
+	$(PY) main.py inspect --config config/small_cpu.yaml
+
+## the test suite (what CI runs)
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+## benchmarks against peers (writes bench/results/)
+bench: $(VENV)/.bench
+	$(PY) bench/train_step.py
+	$(PY) bench/structures.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

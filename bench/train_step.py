@@ -1,0 +1,134 @@
+"""Training-step throughput (forward + loss + backward + AdamW) against peers, on the CPU.
+
+    python bench/train_step.py [--rounds 5] [--threads 1] [--peers mamba2,gpt2,mambapy] [--out bench/results]
+
+Models are built from configs with random weights at hidden 256, 4 layers, state 16, expand 2,
+vocab 4096, batch 8 x 256 (DEVELOPERS.md / shared/facts.md).  The models are timed in
+interleaved rounds (one step of each model per round, after warm-up), so a slow phase of the
+machine hits every model alike; medians are reported with ratios to the Mamba-2 peer.  Peak RSS
+per model comes from a separate one-model process.  Results: JSON and Markdown under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import peers  # noqa: E402
+from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM  # noqa: E402
+
+VOCAB, HIDDEN, LAYERS, STATE, EXPAND, BATCH, SEQ = 4096, 256, 4, 16, 2, 8, 256
+
+
+def ours(**overrides):
+    cfg = SparseSSMConfig(vocab_size=VOCAB, hidden_dim=HIDDEN, state_dim=STATE, num_layers=LAYERS,
+                          expand=EXPAND, dropout=0.0, max_seq_len=SEQ, **overrides)
+    model = SparseSSMForCausalLM(cfg)
+    return model, lambda ids: model(ids, labels=ids, return_logits=False).loss
+
+
+def builders(selected):
+    table = {
+        "sparse-ssm (sparse 0.9, no FFN)": lambda: ours(ffn_dim=0),
+        "sparse-ssm (sparse 0.9, FFN 512)": lambda: ours(ffn_dim=512),
+        "mamba2": lambda: peers.hf_mamba2(VOCAB, HIDDEN, LAYERS, STATE, EXPAND),
+        "gpt2": lambda: peers.hf_gpt2(VOCAB, HIDDEN, 2, SEQ),
+        "mambapy": lambda: peers.mambapy(VOCAB, HIDDEN, LAYERS, STATE, EXPAND),
+        "hf-mamba": lambda: peers.hf_mamba(VOCAB, HIDDEN, LAYERS, STATE, EXPAND),
+    }
+    return {k: v for k, v in table.items() if k.startswith("sparse-ssm") or k in selected}
+
+
+def make_step(model, loss_fn):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(ids):
+        loss = loss_fn(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def peak_rss_child(name: str, threads: int) -> float:
+    """Peak RSS growth (GB) of one training step of one model, in a fresh process."""
+    code = (f"import sys, resource, torch; sys.argv=['x']; torch.set_num_threads({threads});"
+            f"sys.path[:0]={[str(Path(__file__).parent), str(Path(__file__).parent.parent)]!r};"
+            f"import train_step as b; m, f = b.builders({[name]!r})[{name!r}]();"
+            f"s = b.make_step(m, f); ids = torch.randint(0, b.VOCAB, (b.BATCH, b.SEQ));"
+            f"before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; s(ids); s(ids);"
+            f"print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1e6)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--peers", default="mamba2,gpt2,mambapy", help="comma list of: mamba2,gpt2,mambapy,hf-mamba")
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-model peak-RSS processes")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    models, steps = {}, {}
+    for name, build in builders(args.peers.split(",")).items():
+        try:
+            model, loss_fn = build()
+        except ImportError as e:
+            print(f"skipping {name}: {e}")
+            continue
+        models[name] = model
+        steps[name] = make_step(model, loss_fn)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ))
+    for step in steps.values():          # warm-up
+        step(ids)
+    times = {name: [] for name in steps}
+    for r in range(args.rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step(ids)
+            times[name].append(time.perf_counter() - t0)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()), flush=True)
+    tokens = BATCH * SEQ
+    rows = []
+    ref = statistics.median(times["mamba2"]) if "mamba2" in times else None
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"model": name, "params": peers.num_params(models[name]), "median_step_s": med,
+                     "tokens_per_s": tokens / med, "speed_vs_mamba2": (ref / med) if ref else None,
+                     "peak_rss_gb": None if args.no_memory else peak_rss_child(name, args.threads)})
+    result = {"setup": {"vocab": VOCAB, "hidden": HIDDEN, "layers": LAYERS, "state": STATE, "expand": EXPAND,
+                        "batch": BATCH, "seq_len": SEQ, "threads": args.threads, "rounds": args.rounds,
+                        "torch": torch.__version__, "machine": platform.machine(),
+                        "MALLOC_MMAP_MAX_": os.environ.get("MALLOC_MMAP_MAX_", "unset (glibc default)")},
+               "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_step.json").write_text(json.dumps(result, indent=2))
+    lines = ["| model | params | tokens/s | × mamba2 | peak RSS (GB) |", "|---|---:|---:|---:|---:|"]
+    for row in rows:
+        ratio = f"{row['speed_vs_mamba2']:.2f}" if row["speed_vs_mamba2"] else "-"
+        rss = "-" if row["peak_rss_gb"] is None else f"{row['peak_rss_gb']:.2f}"
+        lines.append(f"| {row['model']} | {row['params'] / 1e6:.2f} M | {row['tokens_per_s']:,.0f} | {ratio} | {rss} |")
+    md = "\n".join(lines)
+    (out / "train_step.md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

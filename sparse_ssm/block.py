@@ -1,0 +1,44 @@
+"""A Mamba-inspired residual block: pre-norm SSM mixer, then (optionally) a pre-norm FFN.
+
+    x = x + dropout(SelectiveSSMLayer(RMSNorm(x)))
+    x = x + dropout(FFN(RMSNorm(x)))          FFN: Linear(hidden, ffn_dim) -> activation -> Linear
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .config import SparseSSMConfig
+from .layer import LayerState, SelectiveSSMLayer
+
+ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU, "relu": nn.ReLU}
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: SparseSSMConfig):
+        super().__init__()
+        self.up = nn.Linear(config.hidden_dim, config.ffn_dim)
+        self.act = ACTIVATIONS[config.activation]()
+        self.down = nn.Linear(config.ffn_dim, config.hidden_dim)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+class SparseSSMBlock(nn.Module):
+    def __init__(self, config: SparseSSMConfig):
+        super().__init__()
+        self.mixer_norm = nn.RMSNorm(config.hidden_dim, eps=config.norm_eps)
+        self.mixer = SelectiveSSMLayer(config)
+        self.ffn_norm = nn.RMSNorm(config.hidden_dim, eps=config.norm_eps) if config.ffn_dim else None
+        self.ffn = FeedForward(config) if config.ffn_dim else None
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, state: LayerState | None = None):
+        """x (b, L, hidden) -> (x (b, L, hidden), LayerState)."""
+        mixed, state = self.mixer(self.mixer_norm(x), state)
+        x = x + self.dropout(mixed)
+        if self.ffn is not None:
+            x = x + self.dropout(self.ffn(self.ffn_norm(x)))
+        return x, state

@@ -1,0 +1,156 @@
+"""Typed, validated configuration.
+
+Each section is a dataclass; `from_dict` rejects unknown keys, wrong types and invalid values
+with a `ConfigError` that names the offending key (``model.state_dim: ...``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid; the message names the key."""
+
+
+def _check_type(key: str, value, annotation):
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        annotation = next(a for a in options if a is not type(None))
+    if origin is typing.Literal:
+        if value not in typing.get_args(annotation):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(annotation))}")
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool) and (not isinstance(value, annotation)
+                                                  or (annotation is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict | None, section: str):
+    """Build dataclass `cls` from a mapping, validating keys and types; then `cls.validate()`."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{section}: expected a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{section}.{unknown[0]}: unknown key; valid keys are: {', '.join(names)}")
+    values = {k: _check_type(f"{section}.{k}", v, hints[k]) for k, v in data.items()}
+    obj = cls(**values)
+    obj.validate(section)
+    return obj
+
+
+def _require(cond: bool, key: str, message: str):
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class SparseSSMConfig:
+    """The `model` section.  Defaults are the seed document's (a GPU-size model)."""
+
+    vocab_size: int = 50000
+    hidden_dim: int = 768
+    state_dim: int = 128
+    ffn_dim: int = 2048                      # 0: no feed-forward sublayer (a pure Mamba-style block)
+    num_layers: int = 12
+    max_seq_len: int = 1024
+    dropout: float = 0.1
+    activation: typing.Literal["gelu", "gelu_tanh", "silu", "relu"] = "gelu"
+    selective_param_class: typing.Literal["dense", "sparse", "low_rank"] = "sparse"
+    sparsity_level: float = 0.9
+    sparsity_pattern: typing.Literal["block"] = "block"
+    low_rank_rank: int = 2
+    use_parallel_scan: bool = True
+    scan_chunk_size: int = 8
+    expand: int = 2
+    num_heads: typing.Optional[int] = None   # None: expand * hidden_dim / 64
+    num_groups: int = 1                      # B_t, C_t are shared by the heads of a group
+    a_generator_rank: typing.Optional[int] = None  # bottleneck of the A_t generator; None: ceil(hidden/16)
+    conv_kernel: int = 4
+    hippo_init: typing.Literal["legs", "legt", "fourier", "random"] = "legs"
+    discretization: typing.Literal["zoh", "bilinear", "gbt"] = "zoh"
+    gbt_alpha: float = 0.5
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+
+    @property
+    def inner_dim(self) -> int:
+        return self.expand * self.hidden_dim
+
+    @property
+    def resolved_num_heads(self) -> int:
+        return self.num_heads if self.num_heads is not None else max(1, self.inner_dim // 64)
+
+    @property
+    def resolved_a_generator_rank(self) -> int:
+        return self.a_generator_rank if self.a_generator_rank is not None else -(-self.hidden_dim // 16)
+
+    @property
+    def head_dim(self) -> int:
+        return self.inner_dim // self.resolved_num_heads
+
+    def validate(self, section: str = "model"):
+        k = lambda name: f"{section}.{name}"
+        for name in ("vocab_size", "hidden_dim", "state_dim", "num_layers", "max_seq_len", "expand",
+                     "conv_kernel", "scan_chunk_size", "low_rank_rank"):
+            _require(getattr(self, name) >= 1, k(name), f"must be >= 1, got {getattr(self, name)}")
+        _require(self.a_generator_rank is None or self.a_generator_rank >= 1, k("a_generator_rank"),
+                 f"must be >= 1 (or null for ceil(hidden_dim / 16)), got {self.a_generator_rank}")
+        _require(self.ffn_dim >= 0, k("ffn_dim"), f"must be >= 0 (0 disables the FFN), got {self.ffn_dim}")
+        _require(0.0 <= self.dropout < 1.0, k("dropout"), f"must be in [0, 1), got {self.dropout}")
+        _require(0.0 <= self.sparsity_level < 1.0, k("sparsity_level"), f"must be in [0, 1), got {self.sparsity_level}")
+        _require(0.0 <= self.gbt_alpha <= 1.0, k("gbt_alpha"), f"must be in [0, 1], got {self.gbt_alpha}")
+        _require(0.0 < self.dt_min <= self.dt_max, k("dt_min"), f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+        if self.num_heads is not None:
+            _require(self.num_heads >= 1 and self.inner_dim % self.num_heads == 0, k("num_heads"),
+                     f"must divide expand * hidden_dim = {self.inner_dim}, got {self.num_heads}")
+        _require(self.num_groups >= 1 and self.resolved_num_heads % self.num_groups == 0, k("num_groups"),
+                 f"must divide the number of heads ({self.resolved_num_heads}), got {self.num_groups}")
+        _require(self.low_rank_rank <= self.state_dim, k("low_rank_rank"),
+                 f"must be <= state_dim ({self.state_dim}), got {self.low_rank_rank}")
+        _require(not (self.hippo_init == "fourier" and self.state_dim % 2), k("hippo_init"),
+                 f"'fourier' needs an even state_dim, got {self.state_dim}")
+        _require(not (self.selective_param_class == "low_rank" and self.discretization == "zoh"),
+                 k("discretization"), "'zoh' is not available for selective_param_class 'low_rank' (the "
+                 "exponential of a diagonal-plus-low-rank matrix is dense); use 'bilinear' or 'gbt'")
+
+    @classmethod
+    def from_dict(cls, data: dict | None, section: str = "model") -> "SparseSSMConfig":
+        return from_dict(cls, data, section)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_yaml(path) -> dict:
+    """Read a YAML config file into a dict, with errors that name the file."""
+    import yaml
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist; pass an existing YAML file with --config "
+                                f"(for example config/default_config.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, training, ...), got {type(data).__name__}")
+    return data

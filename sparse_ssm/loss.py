@@ -1,0 +1,56 @@
+"""Fused LM head + cross-entropy, computed in row chunks.
+
+    loss = mean over tokens with target != ignore_index of  -log softmax(h W^T)[target]
+
+`linear_cross_entropy(h, W, targets)` equals `F.cross_entropy(h @ W.T, targets)` (the slow,
+obvious reference) without ever holding the (tokens, vocab) logits: each chunk of rows computes
+its logits, log-sum-exp and loss, and - when a gradient is needed - the gradients of h and W
+right away (softmax - one_hot is all the backward of cross-entropy needs).  The backward pass
+then only scales the stored gradients.  The matmul work equals that of forward + backward of
+the plain form; the memory for logits drops from tokens x vocab to chunk x vocab, and with it the
+page faults that a fresh 32 MB logits buffer costs on every step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, W, targets, ignore_index, chunk_rows):
+        needs_grad = h.requires_grad or W.requires_grad
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        hf, Wf = h.to(dtype), W.to(dtype)
+        valid = targets != ignore_index
+        count = valid.sum().clamp(min=1)
+        total = hf.new_zeros(())
+        grad_h = torch.empty_like(hf) if needs_grad else None
+        grad_W = torch.zeros_like(Wf) if needs_grad else None
+        for start in range(0, hf.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = hf[rows] @ Wf.T                                   # (chunk, vocab)
+            lse = torch.logsumexp(logits, dim=-1)
+            t = targets[rows].clamp(min=0)
+            v = valid[rows]
+            total = total + ((lse - logits.gather(1, t[:, None])[:, 0]) * v).sum()
+            if needs_grad:
+                g = torch.exp(logits - lse[:, None])                   # softmax, reusing the buffer size
+                g[torch.arange(g.shape[0]), t] -= 1.0
+                g *= (v.to(dtype) / count)[:, None]
+                grad_h[rows] = g @ Wf
+                grad_W += g.T @ hf[rows]
+        ctx.save_for_backward(grad_h, grad_W)
+        ctx.dtypes = (h.dtype, W.dtype)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_W = ctx.saved_tensors
+        return ((grad_h * grad_out).to(ctx.dtypes[0]), (grad_W * grad_out).to(ctx.dtypes[1]), None, None, None)
+
+
+def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -100, chunk_rows: int = 256) -> torch.Tensor:
+    """Mean cross-entropy of logits h @ W.T.  h (tokens, hidden), W (vocab, hidden), targets (tokens,)."""
+    return _LinearCrossEntropy.apply(h, W, targets, ignore_index, chunk_rows)

@@ -1,0 +1,1 @@
+from . import discretization, hippo, scan, structures

@@ -1,0 +1,191 @@
+"""The selective scan: the discrete recurrence of a selective SSM, per head.
+
+For each head, with state X_t of shape (N, P) (N states, P channels of the head):
+
+    A_bar_t, B_bar_t = discretize(A_t, B_t, dt_t)          (A_t structured, see structures.py)
+    X_t = A_bar_t X_{t-1} + B_bar_t u_t^T                  (N, N) @ (N, P) + (N, 1) (1, P)
+    y_t = X_t^T C_t + D_t u_t                              (P,)
+
+All functions here share one signature (like mamba_ssm's `selective_scan_ref`):
+
+    fn(u, dt, A, B, C, D, structure, method, alpha, initial_state=None) -> (y, final_state)
+
+    u  (batch, length, heads, P)   inputs            dt (batch, length, heads)   step sizes > 0
+    A  the structure's continuous A_t with leading dims (batch, length, heads)
+    B, C (batch, length, heads, N)                    D (batch, length, heads)   skip gains
+    initial_state, final_state (batch, heads, N, P);  y (batch, length, heads, P)
+
+- `selective_scan_ref`: the slow reference.  Dense N x N matrices from `structure.to_dense`,
+  dense `discretization.discretize`, one Python step per token.  Obviously correct, O(L N^3).
+- `selective_scan_sequential`: one step per token with the structured operators
+  (what recurrent decoding uses; `use_parallel_scan: false`).
+- `selective_scan_chunked`: the fast path.  The sequence is cut into chunks of T tokens.
+  * Diagonal A (the Mamba case) uses the matmul form of Mamba-2's SSD, with one decay per state:
+    inside a chunk, with l_t = log A_bar_t and the inclusive cumulative sum S_t = sum_{k<=t} l_k,
+        y_t = sum_{s<=t} [ sum_n C_t[n] B_bar_s[n] exp(S_t[n] - S_s[n]) ] u_s        (intra-chunk)
+            + (C_t * exp(S_t))^T X_start                                               (carried state)
+    and the chunk's end state is exp(S_T) * X_start + sum_s exp(S_T - S_s) B_bar_s u_s^T.
+    Only (T, T, N) decay tensors per chunk are formed, never (length, width, N) states.
+    (bilinear / gbt decays can be negative: magnitudes go through the logs, signs through the
+    parity of the number of negative factors.)
+  * Other structures use a two-level scan: inside every chunk (all chunks at once, T steps) the
+    local state from zero and the prefix operator P_t = A_bar_t ... A_bar_1 (block-diagonal for
+    block structures, N x N for low-rank); then the chunk boundary states (one step per chunk);
+    then y_t += (P_t^T C_t)^T X_start.  That is T + L / T Python steps instead of L.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .discretization import _alpha_for, discretize
+from .structures import DiagonalStructure
+
+
+def _zero_state(u, N):
+    b, _, h, p = u.shape
+    return u.new_zeros(b, h, N, p)
+
+
+def selective_scan_ref(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None):
+    """Slow reference: dense matrices, dense discretisation, a loop over tokens."""
+    A_dense = structure.to_dense(A)                                    # (b, L, h, N, N)
+    A_bar, B_bar = discretize(A_dense, B, dt, method, alpha)           # (b, L, h, N, N), (b, L, h, N)
+    X = _zero_state(u, B.shape[-1]) if initial_state is None else initial_state
+    ys = []
+    for t in range(u.shape[1]):
+        X = A_bar[:, t] @ X + B_bar[:, t, :, :, None] * u[:, t, :, None, :]
+        ys.append((C[:, t, :, :, None] * X).sum(-2) + D[:, t, :, None] * u[:, t])
+    return torch.stack(ys, 1), X
+
+
+def selective_scan_sequential(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None):
+    """One step per token with the structured discrete operators (recurrent mode)."""
+    A_bar, B_bar = structure.discretize(A, dt, B, method, alpha)
+    X = _zero_state(u, B.shape[-1]) if initial_state is None else initial_state
+    ys = []
+    steps = zip(*(t.unbind(1) for t in A_bar), B_bar.unbind(1), C.unbind(1), D.unbind(1), u.unbind(1))
+    for *op, b_t, c_t, d_t, u_t in steps:
+        X = structure.apply(op, X) + b_t[..., None] * u_t[..., None, :]
+        ys.append((c_t[..., None] * X).sum(-2) + d_t[..., None] * u_t)
+    return torch.stack(ys, 1), X
+
+
+def _chunk(x, T, pad_value=0.0):
+    """(b, L, ...) -> (b, L/T, T, ...) after padding the length to a multiple of T."""
+    L = x.shape[1]
+    pad = (-L) % T
+    if pad:
+        x = torch.cat([x, x.new_full((x.shape[0], pad, *x.shape[2:]), pad_value)], 1)
+    return x.reshape(x.shape[0], -1, T, *x.shape[2:])
+
+
+def _diagonal_log_decay(a, dt, method, alpha):
+    """log |A_bar| (b, L, h, N), negative-sign mask (or None), and the B_bar scale."""
+    dta = dt[..., None] * a
+    if method == "zoh":
+        return dta, None, torch.expm1(dta) / a
+    al = _alpha_for(method, alpha)
+    num = 1.0 + (1.0 - al) * dta
+    den = 1.0 - al * dta
+    tiny = torch.finfo(num.dtype).tiny
+    log_abs = torch.log(num.abs().clamp_min(tiny)) - torch.log(den)
+    return log_abs, (num < 0), dt[..., None] / den
+
+
+def _signed_exp(log_abs, parity):
+    out = torch.exp(log_abs)
+    return out if parity is None else out * (1.0 - 2.0 * torch.remainder(parity, 2.0))
+
+
+def _diagonal_chunked(u, dt, a, B, C, D, method, alpha, initial_state, T):
+    b, L, h, P = u.shape
+    N = a.shape[-1]
+    log_decay, negative, b_scale = _diagonal_log_decay(a, dt, method, alpha)
+    B_bar = b_scale * B
+    # (b, L, h, .) -> (b, h, c, T, .)
+    to_chunks = lambda x: _chunk(x, T).transpose(1, 3).transpose(2, 3)
+    ld, Bc, Cc, uc = to_chunks(log_decay), to_chunks(B_bar), to_chunks(C), to_chunks(u)
+    cum = ld.cumsum(3)                                                  # (b, h, c, T, N)
+    par = None
+    if negative is not None:
+        par = to_chunks(negative.to(u.dtype)).cumsum(3)
+    causal = torch.ones(T, T, dtype=torch.bool, device=u.device).tril()[..., None]
+    # intra-chunk: G[t, s] = sum_n C_t[n] B_s[n] exp(S_t[n] - S_s[n]),  s <= t
+    diff = cum[..., :, None, :] - cum[..., None, :, :]                 # (b, h, c, T, T, N)
+    diff = torch.where(causal, diff, float("-inf"))
+    decay = _signed_exp(diff, None if par is None else par[..., :, None, :] - par[..., None, :, :])
+    G = (Cc[..., :, None, :] * Bc[..., None, :, :] * decay).sum(-1)   # (b, h, c, T, T); einsum is 3x slower
+    y = G @ uc                                                          # (b, h, c, T, P)
+    # chunk states from zero start, and the carried states
+    last = cum[..., -1:, :]
+    plast = None if par is None else par[..., -1:, :]
+    to_end = _signed_exp(last - cum, None if par is None else plast - par)
+    local_end = (Bc * to_end).transpose(-1, -2) @ uc                    # (b, h, c, N, P)
+    chunk_decay = _signed_exp(last, plast)[..., 0, :]                   # (b, h, c, N)
+    X = _zero_state(u, N) if initial_state is None else initial_state
+    starts = []
+    # unbind, not indexing: the backward of x[:, :, k] would write a full-size zero tensor per chunk
+    for decay_k, end_k in zip(chunk_decay.unbind(2), local_end.unbind(2)):
+        starts.append(X)
+        X = decay_k[..., None] * X + end_k
+    X_start = torch.stack(starts, 2)                                    # (b, h, c, N, P)
+    y = y + (Cc * _signed_exp(cum, par)) @ X_start
+    y = y.reshape(b, h, -1, P)[:, :, :L].transpose(1, 2)
+    return y + D[..., None] * u, X
+
+
+def _pad_time(x, pad):
+    """Zero-pad dimension 1 of a tensor or of every tensor in a tuple."""
+    if isinstance(x, tuple):
+        return tuple(_pad_time(t, pad) for t in x)
+    return torch.cat([x, x.new_zeros(x.shape[0], pad, *x.shape[2:])], 1) if pad else x
+
+
+def _structured_chunked(u, dt, A, B, C, D, structure, method, alpha, initial_state, T):
+    b, L, h, P = u.shape
+    N = B.shape[-1]
+    # padding tokens get dt = 0 and A = 0: A_bar = I and B_bar = 0, so they leave the state alone
+    pad = (-L) % T
+    dt, A, B = _pad_time(dt, pad), _pad_time(A, pad), _pad_time(B, pad)
+    A_bar, B_bar = structure.discretize(A, dt, B, method, alpha)
+    n_chunks = (L + pad) // T
+    ops = tuple(t.reshape(b, n_chunks, T, *t.shape[2:]) for t in A_bar)   # (b, c, T, h, ...)
+    Bc, Cc, uc = _chunk(B_bar, T), _chunk(C, T), _chunk(u, T)
+    Z = u.new_zeros(b, n_chunks, h, N, P)
+    prefix = structure.identity(u, (b, n_chunks, h))
+    ys, pulled = [], []
+    steps = zip(*(x.unbind(2) for x in ops), Bc.unbind(2), Cc.unbind(2), uc.unbind(2))
+    for *op, b_t, c_t, u_t in steps:
+        Z = structure.apply(op, Z) + b_t[..., None] * u_t[..., None, :]
+        prefix = structure.compose(op, prefix)
+        ys.append((c_t[..., None] * Z).sum(-2))
+        pulled.append(structure.pull_back(prefix, c_t))
+    y = torch.stack(ys, 2)                                              # (b, c, T, h, P)
+    pulled = torch.stack(pulled, 2)                                     # (b, c, T, h, N)
+    X = _zero_state(u, N) if initial_state is None else initial_state
+    starts = []
+    for *chunk_op, z_k in zip(*(p.unbind(1) for p in prefix), Z.unbind(1)):
+        starts.append(X)
+        X = structure.transfer(chunk_op, X) + z_k
+    X_start = torch.stack(starts, 1)                                    # (b, c, h, N, P)
+    y = y + (pulled[..., None] * X_start[:, :, None]).sum(-2)
+    y = y.reshape(b, -1, h, P)[:, :L]
+    return y + D[..., None] * u, X
+
+
+def selective_scan_chunked(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None,
+                           chunk_size=8):
+    """Fast path (see the module docstring): chunked matmul scan."""
+    if isinstance(structure, DiagonalStructure):
+        return _diagonal_chunked(u, dt, A, B, C, D, method, alpha, initial_state, chunk_size)
+    return _structured_chunked(u, dt, A, B, C, D, structure, method, alpha, initial_state, chunk_size)
+
+
+def selective_scan(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None,
+                   use_parallel_scan=True, chunk_size=8):
+    """Dispatch: the chunked fast path, or the sequential scan when `use_parallel_scan` is off."""
+    if use_parallel_scan:
+        return selective_scan_chunked(u, dt, A, B, C, D, structure, method, alpha, initial_state, chunk_size)
+    return selective_scan_sequential(u, dt, A, B, C, D, structure, method, alpha, initial_state)

@@ -1,0 +1,70 @@
+"""Selective parameter generators: A_t, B_t, C_t, D_t and the step size dt_t as functions of u_t.
+
+For every head h and token t, from the layer's (convolved) input u_t in R^E:
+
+    [dt_raw, a_low, B_t, C_t, d_raw] = W u_t                     one fused linear map, no bias
+    a_raw = W_A a_low                                            rank-r bottleneck (r = a_generator_rank,
+                                                                 like Mamba's dt_rank): per-head
+                                                                 structured A needs H * raw_size values
+    dt_t = softplus(dt_raw + dt_bias)                            (heads,)        positive step
+    A_t  = structure.continuous(A_base + a_raw)                  stable by construction
+    B_t, C_t                                                     (groups, N), shared by the
+                                                                 heads of a group (Mamba-2's ngroups)
+    D_t  = D_base + d_raw                                        (heads,)        skip gain
+
+W_A and the rows of W that produce d_raw start at zero, so at initialisation A_t is exactly the
+HiPPO matrix projected onto the structure and D_t = 1; training makes them input dependent.
+dt_bias is initialised like Mamba: dt = exp(uniform(log dt_min, log dt_max)) and
+dt_bias = softplus^{-1}(dt) = dt + log(-expm1(-dt)); `SparseSSMForCausalLM._init_weights` does not
+touch it (or A_base, D_base).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .hippo import hippo
+
+
+class SelectiveParameterGenerator(nn.Module):
+    """u (batch, length, E) -> dt (b, L, H), A_t (structure layout, leading (b, L, H)),
+    B (b, L, H, N), C (b, L, H, N), D (b, L, H)."""
+
+    def __init__(self, inner_dim: int, num_heads: int, structure, hippo_init: str = "legs",
+                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4, num_groups: int = 1,
+                 a_rank: int = 16):
+        super().__init__()
+        self.num_heads, self.num_groups, self.structure = num_heads, num_groups, structure
+        N = structure.state_dim
+        self.sizes = [num_heads, a_rank, num_groups * N, num_groups * N, num_heads]
+        self.proj = nn.Linear(inner_dim, sum(self.sizes), bias=False)
+        self.a_up = nn.Linear(a_rank, num_heads * structure.raw_size, bias=False)
+        A_hippo, _ = hippo(hippo_init, N)
+        self.A_base = nn.Parameter(structure.raw_from_hippo(A_hippo).float().repeat(num_heads, 1))
+        self.D_base = nn.Parameter(torch.ones(num_heads))
+        dt = torch.exp(torch.rand(num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.reset_generator()
+
+    @torch.no_grad()
+    def reset_generator(self, std: float = 0.02):
+        """Random dt/A-bottleneck/B/C rows, zero D rows and zero W_A (so A_t and D_t start at
+        their base values while W_A still receives gradients)."""
+        nn.init.normal_(self.proj.weight, std=std)
+        self.proj.weight[-self.sizes[4]:].zero_()
+        nn.init.zeros_(self.a_up.weight)
+
+    def forward(self, u: torch.Tensor):
+        b, L, _ = u.shape
+        H, N = self.num_heads, self.structure.state_dim
+        dt_raw, a_low, B, C, d_raw = self.proj(u).split(self.sizes, dim=-1)
+        dt = F.softplus(dt_raw + self.dt_bias)
+        A = self.structure.continuous(self.A_base + self.a_up(a_low).reshape(b, L, H, -1))
+        G = self.num_groups
+        per_head = lambda x: x.reshape(b, L, G, 1, N).expand(b, L, G, H // G, N).reshape(b, L, H, N)
+        return dt, A, per_head(B), per_head(C), self.D_base + d_raw

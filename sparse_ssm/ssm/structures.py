@@ -1,0 +1,242 @@
+"""Structures of the selective state matrix A_t (one N x N matrix per head and token).
+
+Every structure turns a flat vector of *raw* parameters per head (a learned base plus what the
+selective generator adds for the token) into a continuous-time A_t that is stable by
+construction, discretises it without ever forming a dense N x N matrix, and applies the
+discrete operator A_bar_t to a state X of shape (..., N, K) at a cost that follows the structure.
+
+==============  ============================  ================  ==========================
+structure       A_t                           raw per head      apply A_bar to (N, K)
+==============  ============================  ================  ==========================
+diagonal        diag(a),  a = -exp(2 r)       N                 N K
+block (b x b)   -L L^T + (S - S^T) per block  N b               N b K
+low-rank (r)    diag(lam) + U V^T             N + 2 N r         about 4 N r K
+==============  ============================  ================  ==========================
+
+Stability by construction:
+
+- block-diagonal (and diagonal, b = 1; and dense, b = N): the raw block R (b x b) gives a
+  lower-triangular L with positive diagonal exp(diag R) (strict lower part of R) and a skew part
+  from the strict upper part of R.  The symmetric part of A is -L L^T, negative definite, so
+  every eigenvalue has a negative real part and ||exp(t A)|| <= 1.  The map is onto the
+  contractive set that `hippo.project_block_diagonal` projects into (Cholesky factor + skew
+  part), so the HiPPO projection is represented exactly.
+- low-rank: lam = -exp(d) - ||U||_F ||V||_F.  The symmetric part of U V^T has spectral norm at
+  most ||U||_F ||V||_F, so the symmetric part of A is <= -min(exp(d)) I < 0 for any U, V.
+  Its matrix exponential is dense, so this structure supports the bilinear / gbt methods only:
+  the inverse (I - alpha dt A)^{-1} is applied in O(N r) through the Woodbury identity.
+
+The discrete operators are tuples of tensors with leading dimensions (..., ) = the token dims.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .discretization import _alpha_for, discretize, discretize_diagonal
+from .hippo import block_size_for, project_block_diagonal, project_low_rank
+
+
+def _chol_skew_raw(blocks: torch.Tensor) -> torch.Tensor:
+    """Inverse of `BlockStructure.continuous` for contractive blocks (..., b, b)."""
+    sym = (blocks + blocks.transpose(-1, -2)) / 2
+    skew = (blocks - blocks.transpose(-1, -2)) / 2
+    L = torch.linalg.cholesky(-sym)
+    return torch.tril(L, -1) + torch.diag_embed(torch.log(torch.diagonal(L, dim1=-2, dim2=-1))) + torch.triu(skew, 1)
+
+
+class BlockStructure:
+    """Block-diagonal A with blocks of size b (b = N is the dense class)."""
+
+    def __init__(self, state_dim: int, block_size: int):
+        if state_dim % block_size:
+            raise ValueError(f"block_size {block_size} does not divide state_dim {state_dim}")
+        self.state_dim, self.block_size = state_dim, block_size
+        self.num_blocks = state_dim // block_size
+        self.name = "dense" if block_size == state_dim else f"block{block_size}"
+        self.raw_size = state_dim * block_size
+        self.supports_zoh = True
+
+    # --- continuous-time parameterisation -------------------------------------------------
+    def continuous(self, raw: torch.Tensor) -> torch.Tensor:
+        """raw (..., N*b) -> blocks (..., N/b, b, b)."""
+        b = self.block_size
+        R = raw.reshape(*raw.shape[:-1], self.num_blocks, b, b)
+        L = torch.tril(R, -1) + torch.diag_embed(torch.exp(torch.diagonal(R, dim1=-2, dim2=-1)))
+        K = torch.triu(R, 1)
+        return -(L @ L.transpose(-1, -2)) + K - K.transpose(-1, -2)
+
+    def raw_from_hippo(self, A: torch.Tensor) -> torch.Tensor:
+        """Raw vector (N*b,) representing the block projection of a HiPPO matrix A (N, N)."""
+        return _chol_skew_raw(project_block_diagonal(A, self.block_size)).reshape(-1)
+
+    def to_dense(self, blocks: torch.Tensor) -> torch.Tensor:
+        """(..., N/b, b, b) -> (..., N, N)."""
+        b, N = self.block_size, self.state_dim
+        dense = blocks.new_zeros(*blocks.shape[:-3], N, N)
+        for i in range(self.num_blocks):
+            dense[..., i * b:(i + 1) * b, i * b:(i + 1) * b] = blocks[..., i, :, :]
+        return dense
+
+    # --- discrete operator ------------------------------------------------------------------
+    def discretize(self, blocks, dt, B, method, alpha=0.5):
+        """blocks (..., N/b, b, b), dt (...), B (..., N) -> ((A_bar blocks,), B_bar (..., N))."""
+        Bb = B.reshape(*B.shape[:-1], self.num_blocks, self.block_size)
+        A_bar, B_bar = discretize(blocks, Bb, dt[..., None], method, alpha)
+        return (A_bar,), B_bar.reshape(B.shape)
+
+    def apply(self, A_bar, X: torch.Tensor) -> torch.Tensor:
+        """A_bar X for X (..., N, K)."""
+        (blocks,) = A_bar
+        Xb = X.reshape(*X.shape[:-2], self.num_blocks, self.block_size, X.shape[-1])
+        return (blocks @ Xb).reshape(X.shape)
+
+    def identity(self, like: torch.Tensor, lead) -> tuple:
+        eye = torch.eye(self.block_size, dtype=like.dtype, device=like.device)
+        return (eye.expand(*lead, self.num_blocks, self.block_size, self.block_size),)
+
+    # prefix products of a chunk stay block-diagonal, in the operator's own layout
+    def compose(self, A_bar, prefix):
+        return (A_bar[0] @ prefix[0],)
+
+    def transfer(self, prefix, X):
+        """prefix X for X (..., N, K)."""
+        return self.apply(prefix, X)
+
+    def pull_back(self, prefix, C: torch.Tensor) -> torch.Tensor:
+        """prefix^T C for C (..., N)."""
+        Cb = C.reshape(*C.shape[:-1], self.num_blocks, self.block_size, 1)
+        return (prefix[0].transpose(-1, -2) @ Cb).reshape(C.shape)
+
+    def flops_per_token(self, head_dim: int) -> dict:
+        N, b = self.state_dim, self.block_size
+        return {"build_A": 2 * N * b * b, "discretize": 12 * N * b * b, "apply": 2 * N * b * head_dim}
+
+
+class DiagonalStructure(BlockStructure):
+    """Block size 1: A = diag(a), a = -exp(2 r).  The layers run it through the chunked
+    matmul scan of `sparse_ssm.ssm.scan`; the operator methods here serve the sequential path."""
+
+    def __init__(self, state_dim: int):
+        super().__init__(state_dim, 1)
+        self.name = "diagonal"
+
+    def continuous(self, raw):
+        """raw (..., N) -> a (..., N)."""
+        return -torch.exp(2 * raw)
+
+    def to_dense(self, a):
+        return torch.diag_embed(a)
+
+    def discretize(self, a, dt, B, method, alpha=0.5):
+        A_bar, B_bar = discretize_diagonal(a, B, dt, method, alpha)
+        return (A_bar,), B_bar
+
+    def apply(self, A_bar, X):
+        return A_bar[0][..., None] * X
+
+    def identity(self, like, lead):
+        return (torch.ones(*lead, self.state_dim, dtype=like.dtype, device=like.device),)
+
+    def compose(self, A_bar, prefix):
+        return (A_bar[0] * prefix[0],)
+
+    def pull_back(self, prefix, C):
+        return prefix[0] * C
+
+    def flops_per_token(self, head_dim):
+        N = self.state_dim
+        return {"build_A": 2 * N, "discretize": 6 * N, "apply": 2 * N * head_dim}
+
+
+class LowRankStructure:
+    """A = diag(lam) + U V^T with lam = -exp(d) - ||U||_F ||V||_F (stable for any U, V)."""
+
+    def __init__(self, state_dim: int, rank: int):
+        if not 1 <= rank <= state_dim:
+            raise ValueError(f"low-rank rank must be in [1, {state_dim}], got {rank}")
+        self.state_dim, self.rank = state_dim, rank
+        self.name = f"lowrank{rank}"
+        self.raw_size = state_dim * (1 + 2 * rank)
+        self.supports_zoh = False
+
+    def continuous(self, raw):
+        """raw (..., N + 2 N r) -> (lam (..., N), U (..., N, r), V (..., N, r))."""
+        N, r = self.state_dim, self.rank
+        d = raw[..., :N]
+        U = raw[..., N:N + N * r].reshape(*raw.shape[:-1], N, r)
+        V = raw[..., N + N * r:].reshape(*raw.shape[:-1], N, r)
+        shift = U.flatten(-2).norm(dim=-1) * V.flatten(-2).norm(dim=-1)
+        lam = -torch.exp(d) - shift[..., None]
+        return lam, U, V
+
+    def raw_from_hippo(self, A):
+        lam, U, V = project_low_rank(A, self.rank)
+        shift = U.norm() * V.norm()
+        return torch.cat([torch.log(-lam - shift), U.reshape(-1), V.reshape(-1)])
+
+    def to_dense(self, A):
+        lam, U, V = A
+        return torch.diag_embed(lam) + U @ V.transpose(-1, -2)
+
+    def discretize(self, A, dt, B, method, alpha=0.5):
+        """Bilinear / gbt in O(N r):  A_bar = (I - a dt A)^{-1} (I + (1 - a) dt A),
+        (I - a dt A)^{-1} = D^{-1} + a dt D^{-1} U (I_r - a dt V^T D^{-1} U)^{-1} V^T D^{-1}
+        with D = I - a dt diag(lam) (Woodbury).  Returns the operator as a tuple and B_bar."""
+        if method == "zoh":
+            raise ValueError("the low_rank structure supports discretization 'bilinear' or 'gbt', not 'zoh' "
+                             "(the exponential of a diagonal-plus-low-rank matrix is dense)")
+        a = _alpha_for(method, alpha)
+        lam, U, V = A
+        dt_ = dt[..., None]
+        dinv = 1.0 / (1.0 - a * dt_ * lam)                                  # (..., N)
+        W = dinv[..., None] * V                                             # (..., N, r)
+        eye = torch.eye(self.rank, dtype=lam.dtype, device=lam.device)
+        cap = eye - (a * dt_)[..., None] * (W.transpose(-1, -2) @ U)        # (..., r, r)
+        K = (a * dt_)[..., None] * (dinv[..., None] * U) @ torch.linalg.inv(cap)
+        fwd = ((1.0 - a) * dt_)[..., None]                                  # (..., 1, 1)
+        op = (fwd, lam, U, V, dinv, K, W)
+        B_bar = self._solve(op, (dt_ * B)[..., None])[..., 0]
+        return op, B_bar
+
+    @staticmethod
+    def _solve(op, Y):
+        _, _, _, _, dinv, K, W = op
+        return dinv[..., None] * Y + K @ (W.transpose(-1, -2) @ Y)
+
+    def apply(self, op, X):
+        fwd, lam, U, V, _, _, _ = op
+        Y = X + fwd * (lam[..., None] * X + U @ (V.transpose(-1, -2) @ X))
+        return self._solve(op, Y)
+
+    # prefix products of diagonal-plus-low-rank operators are dense: carried as N x N
+    def identity(self, like, lead):
+        eye = torch.eye(self.state_dim, dtype=like.dtype, device=like.device)
+        return (eye.expand(*lead, self.state_dim, self.state_dim),)
+
+    def compose(self, op, prefix):
+        return (self.apply(op, prefix[0]),)
+
+    def transfer(self, prefix, X):
+        return prefix[0] @ X
+
+    def pull_back(self, prefix, C):
+        return (prefix[0].transpose(-1, -2) @ C[..., None])[..., 0]
+
+    def flops_per_token(self, head_dim):
+        N, r = self.state_dim, self.rank
+        return {"build_A": 4 * N * r, "discretize": 8 * N * r + 2 * r ** 3, "apply": (8 * r + 4) * N * head_dim}
+
+
+def make_structure(selective_param_class: str, state_dim: int, sparsity_level: float = 0.0,
+                   low_rank_rank: int = 1):
+    """Structure for a config: 'dense' (one N x N block), 'sparse' (block-diagonal, block size from
+    `hippo.block_size_for`; size 1 is the diagonal case) or 'low_rank'."""
+    if selective_param_class == "dense":
+        return BlockStructure(state_dim, state_dim)
+    if selective_param_class == "sparse":
+        b = block_size_for(state_dim, sparsity_level)
+        return DiagonalStructure(state_dim) if b == 1 else BlockStructure(state_dim, b)
+    if selective_param_class == "low_rank":
+        return LowRankStructure(state_dim, low_rank_rank)
+    raise ValueError(f"unknown selective_param_class {selective_param_class!r}")

@@ -1,0 +1,62 @@
+"""Stable parameterisations of the selective state matrix and their costs."""
+
+import pytest
+import torch
+
+from sparse_ssm.ssm.hippo import hippo, project_block_diagonal, project_low_rank
+from sparse_ssm.ssm.structures import (BlockStructure, DiagonalStructure, LowRankStructure, make_structure)
+
+STRUCTURES = [DiagonalStructure(8), BlockStructure(8, 2), BlockStructure(8, 8), LowRankStructure(8, 2)]
+
+
+@pytest.mark.parametrize("structure", STRUCTURES, ids=lambda s: s.name)
+def test_any_raw_vector_gives_a_stable_matrix(structure):
+    raw = torch.randn(200, structure.raw_size, dtype=torch.float64)
+    A = structure.to_dense(structure.continuous(raw))
+    sym = (A + A.transpose(-1, -2)) / 2
+    assert torch.linalg.eigvalsh(sym).max() < 0          # contractive, hence stable
+    assert torch.linalg.eigvals(A).real.max() < 0
+
+
+@pytest.mark.parametrize("kind", ["legs", "legt", "fourier"])
+@pytest.mark.parametrize("structure", STRUCTURES, ids=lambda s: s.name)
+def test_base_parameters_represent_the_hippo_projection(kind, structure):
+    A_hippo, _ = hippo(kind, 8)
+    A = structure.to_dense(structure.continuous(structure.raw_from_hippo(A_hippo)))
+    if isinstance(structure, LowRankStructure):
+        lam, U, V = project_low_rank(A_hippo, structure.rank)
+        expected = torch.diag(lam) + U @ V.T
+    else:
+        expected = BlockStructure(8, structure.block_size).to_dense(project_block_diagonal(A_hippo, structure.block_size))
+    assert torch.allclose(A, expected, atol=1e-10)
+
+
+def test_block_size_one_is_the_diagonal_case():
+    raw = torch.randn(5, 8, dtype=torch.float64)
+    assert torch.allclose(BlockStructure(8, 1).to_dense(BlockStructure(8, 1).continuous(raw)),
+                          DiagonalStructure(8).to_dense(DiagonalStructure(8).continuous(raw)))
+
+
+def test_make_structure_follows_the_config():
+    assert isinstance(make_structure("sparse", 16, 0.9), DiagonalStructure)
+    assert make_structure("sparse", 64, 0.9).block_size == 4
+    assert make_structure("dense", 16).block_size == 16
+    assert make_structure("low_rank", 16, low_rank_rank=3).rank == 3
+    with pytest.raises(ValueError):
+        make_structure("banded-ish", 16)
+
+
+def test_cost_follows_structure():
+    """Raw parameters and the apply cost scale with the number of nonzeros, not with N^2."""
+    N, P = 64, 64
+    dense, block, diag, lowrank = (BlockStructure(N, N), BlockStructure(N, 4), DiagonalStructure(N),
+                                   LowRankStructure(N, 2))
+    assert (dense.raw_size, block.raw_size, diag.raw_size) == (N * N, N * 4, N)
+    assert lowrank.raw_size == N * 5
+    flops = [s.flops_per_token(P)["apply"] for s in (dense, block, diag)]
+    assert flops == [2 * N * N * P, 2 * N * 4 * P, 2 * N * P]
+    assert lowrank.flops_per_token(P)["apply"] < dense.flops_per_token(P)["apply"] / 4
+    # the operator of the block structure stores only its blocks
+    A = block.continuous(torch.randn(2, block.raw_size))
+    (op,), _ = block.discretize(A, torch.full((2,), 0.1), torch.randn(2, N), "zoh")
+    assert op.numel() == 2 * N * 4
