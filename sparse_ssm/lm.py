@@ -79,7 +79,8 @@ class SparseSSMForCausalLM(nn.Module):
         if return_logits:
             logits = self.lm_head(h)
             if labels is not None:
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=-100)
+                flat = logits.flatten(0, 1)
+                loss = F.cross_entropy(flat.to(torch.promote_types(flat.dtype, torch.float32)), targets, ignore_index=-100)
         return CausalLMOutput(logits, loss, states)
 
     @torch.no_grad()

@@ -1,0 +1,66 @@
+"""Config validation: every error names the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparse_ssm import ConfigError, SparseSSMConfig
+from sparse_ssm.config import load_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"hidden_dimm": 3}, r"model\.hidden_dimm: unknown key"),
+    ({"state_dim": "16"}, r"model\.state_dim: expected int"),
+    ({"use_parallel_scan": 1}, r"model\.use_parallel_scan: expected bool"),
+    ({"dropout": 1.5}, r"model\.dropout: must be in"),
+    ({"selective_param_class": "block"}, r"model\.selective_param_class: 'block' is not one of"),
+    ({"hippo_init": "fourier", "state_dim": 15}, r"model\.hippo_init: 'fourier' needs an even state_dim"),
+    ({"selective_param_class": "low_rank", "discretization": "zoh"}, r"model\.discretization: 'zoh' is not available"),
+    ({"num_heads": 5}, r"model\.num_heads: must divide"),
+    ({"sparsity_level": 1.0}, r"model\.sparsity_level"),
+    ({"low_rank_rank": 500}, r"model\.low_rank_rank"),
+])
+def test_invalid_model_config_names_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        SparseSSMConfig.from_dict(data)
+
+
+def test_int_is_accepted_for_float_and_null_for_optional():
+    config = SparseSSMConfig.from_dict({"dropout": 0, "num_heads": None})
+    assert config.dropout == 0.0 and config.resolved_num_heads == 24
+
+
+def test_shipped_configs_are_valid():
+    for path in (ROOT / "config").glob("*.yaml"):
+        SparseSSMConfig.from_dict(load_yaml(path).get("model"))
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_yaml(bad)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_yaml(tmp_path / "missing.yaml")
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  state_dimm: 4\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "inspect", "--config", str(cfg)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "model.state_dimm: unknown key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_inspect_checks_recurrent_decoding():
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "inspect", "--config",
+                           str(ROOT / "config" / "small_cpu.yaml"), "--length", "24"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    diff = float(proc.stdout.split("max |logit diff| ")[1].split()[0])
+    assert diff < 1e-4
