@@ -69,7 +69,7 @@ class SparseSSMConfig:
     activation: typing.Literal["gelu", "gelu_tanh", "silu", "relu"] = "gelu"
     selective_param_class: typing.Literal["dense", "sparse", "low_rank"] = "sparse"
     sparsity_level: float = 0.9
-    sparsity_pattern: typing.Literal["block"] = "block"
+    sparsity_pattern: typing.Literal["block", "banded"] = "block"
     low_rank_rank: int = 2
     use_parallel_scan: bool = True
     scan_chunk_size: int = 8

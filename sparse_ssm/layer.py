@@ -40,7 +40,7 @@ class SelectiveSSMLayer(nn.Module):
         E, H = config.inner_dim, config.resolved_num_heads
         self.inner_dim, self.num_heads, self.head_dim = E, H, E // H
         self.structure = make_structure(config.selective_param_class, config.state_dim,
-                                        config.sparsity_level, config.low_rank_rank)
+                                        config.sparsity_level, config.low_rank_rank, config.sparsity_pattern)
         self.in_proj = nn.Linear(config.hidden_dim, 2 * E, bias=False)
         self.conv = nn.Conv1d(E, E, config.conv_kernel, groups=E, bias=True)
         self.generator = SelectiveParameterGenerator(E, H, self.structure, config.hippo_init,

@@ -11,6 +11,7 @@ from sparse_ssm.loss import linear_cross_entropy
 
 CLASSES = [dict(selective_param_class="sparse", sparsity_level=0.9),      # diagonal
            dict(selective_param_class="sparse", sparsity_level=0.5),      # 4 x 4 blocks
+           dict(selective_param_class="sparse", sparsity_level=0.5, sparsity_pattern="banded"),
            dict(selective_param_class="dense"),
            dict(selective_param_class="low_rank", discretization="bilinear", low_rank_rank=2)]
 
@@ -22,7 +23,7 @@ def tiny(**kw):
     return SparseSSMConfig(**base)
 
 
-@pytest.mark.parametrize("kw", CLASSES, ids=lambda k: k["selective_param_class"] + str(k.get("sparsity_level", "")))
+@pytest.mark.parametrize("kw", CLASSES, ids=lambda k: "-".join(str(v) for v in k.values()))
 def test_prefill_and_steps_equal_the_full_forward(kw):
     model = SparseSSMForCausalLM(tiny(**kw)).double().eval()
     ids = torch.randint(0, 97, (3, 19))
@@ -34,7 +35,7 @@ def test_prefill_and_steps_equal_the_full_forward(kw):
         assert torch.allclose(logits, full[:, t], atol=1e-10)
 
 
-@pytest.mark.parametrize("kw", CLASSES, ids=lambda k: k["selective_param_class"] + str(k.get("sparsity_level", "")))
+@pytest.mark.parametrize("kw", CLASSES, ids=lambda k: "-".join(str(v) for v in k.values()))
 def test_parallel_and_sequential_scan_give_the_same_model(kw):
     torch.manual_seed(1)
     fast = SparseSSMForCausalLM(tiny(**kw)).double()

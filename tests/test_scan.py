@@ -6,10 +6,10 @@ import torch
 from sparse_ssm.ssm.hippo import hippo
 from sparse_ssm.ssm.scan import (selective_scan, selective_scan_chunked, selective_scan_ref,
                                  selective_scan_sequential)
-from sparse_ssm.ssm.structures import BlockStructure, DiagonalStructure, LowRankStructure
+from sparse_ssm.ssm.structures import BandedStructure, BlockStructure, DiagonalStructure, LowRankStructure
 
 STRUCTURES = [DiagonalStructure(6), BlockStructure(6, 2), BlockStructure(6, 3), BlockStructure(6, 6),
-              LowRankStructure(6, 1), LowRankStructure(6, 2)]
+              BandedStructure(6, 2), BandedStructure(6, 3), LowRankStructure(6, 1), LowRankStructure(6, 2)]
 
 
 def make_inputs(structure, batch, length, heads=2, head_dim=3, dtype=torch.float64, dt_scale=0.5, seed=0):
@@ -63,7 +63,8 @@ def test_gradients_match_reference(structure):
         assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-8, atol=1e-9), k
 
 
-@pytest.mark.parametrize("structure", [DiagonalStructure(3), BlockStructure(4, 2), LowRankStructure(3, 1)],
+@pytest.mark.parametrize("structure", [DiagonalStructure(3), BlockStructure(4, 2), BandedStructure(4, 2),
+                                       LowRankStructure(3, 1)],
                          ids=lambda s: s.name)
 def test_gradcheck_chunked(structure):
     method = methods_for(structure)[-1]

@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from sparse_ssm.ssm.hippo import hippo, project_block_diagonal, project_low_rank
-from sparse_ssm.ssm.structures import (BlockStructure, DiagonalStructure, LowRankStructure, make_structure)
+from sparse_ssm.ssm.structures import (BandedStructure, BlockStructure, DiagonalStructure, LowRankStructure,
+                                       make_structure)
 
-STRUCTURES = [DiagonalStructure(8), BlockStructure(8, 2), BlockStructure(8, 8), LowRankStructure(8, 2)]
+STRUCTURES = [DiagonalStructure(8), BlockStructure(8, 2), BlockStructure(8, 8), BandedStructure(8, 2),
+              BandedStructure(8, 4), LowRankStructure(8, 2)]
 
 
 @pytest.mark.parametrize("structure", STRUCTURES, ids=lambda s: s.name)
@@ -26,6 +28,15 @@ def test_base_parameters_represent_the_hippo_projection(kind, structure):
     if isinstance(structure, LowRankStructure):
         lam, U, V = project_low_rank(A_hippo, structure.rank)
         expected = torch.diag(lam) + U @ V.T
+    elif isinstance(structure, BandedStructure):
+        # the band of A, split over the two partitions, each block projected: exact on the band
+        # where the projection changes nothing, always stable and confined to the pattern
+        idx = torch.arange(8)
+        band = (idx[:, None] - idx[None, :]).abs() <= structure.shift
+        assert torch.all(A[~band & ((idx[:, None] - idx[None, :]).abs() >= structure.block_size)] == 0)
+        sym = (A + A.T) / 2
+        assert torch.linalg.eigvalsh(sym).max() < 0
+        return
     else:
         expected = BlockStructure(8, structure.block_size).to_dense(project_block_diagonal(A_hippo, structure.block_size))
     assert torch.allclose(A, expected, atol=1e-10)
@@ -60,3 +71,14 @@ def test_cost_follows_structure():
     A = block.continuous(torch.randn(2, block.raw_size))
     (op,), _ = block.discretize(A, torch.full((2,), 0.1), torch.randn(2, N), "zoh")
     assert op.numel() == 2 * N * 4
+
+
+def test_banded_pattern_covers_the_band():
+    structure = BandedStructure(12, 4)
+    A = structure.to_dense(structure.continuous(torch.randn(structure.raw_size, dtype=torch.float64)))
+    idx = torch.arange(12)
+    dist = (idx[:, None] - idx[None, :]).abs()
+    assert torch.all(A[dist <= 2] != 0)          # half-bandwidth b // 2 is fully covered
+    assert torch.all(A[dist >= 4] == 0)          # nothing outside distance b - 1
+    assert make_structure("sparse", 16, 0.5, sparsity_pattern="banded").name == "banded4"
+    assert isinstance(make_structure("sparse", 16, 0.9, sparsity_pattern="banded"), DiagonalStructure)

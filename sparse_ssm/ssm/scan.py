@@ -15,8 +15,9 @@ All functions here share one signature (like mamba_ssm's `selective_scan_ref`):
     B, C (batch, length, heads, N)                    D (batch, length, heads)   skip gains
     initial_state, final_state (batch, heads, N, P);  y (batch, length, heads, P)
 
-- `selective_scan_ref`: the slow reference.  Dense N x N matrices from `structure.to_dense`,
-  dense `discretization.discretize`, one Python step per token.  Obviously correct, O(L N^3).
+- `selective_scan_ref`: the slow reference.  Dense N x N matrices from
+  `structure.dense_discretize` (dense `discretization.discretize` of the dense A_t), one Python
+  step per token.  Obviously correct, O(L N^3).
 - `selective_scan_sequential`: one step per token with the structured operators
   (what recurrent decoding uses; `use_parallel_scan: false`).
 - `selective_scan_chunked`: the fast path.  The sequence is cut into chunks of T tokens.
@@ -30,7 +31,7 @@ All functions here share one signature (like mamba_ssm's `selective_scan_ref`):
     parity of the number of negative factors.)
   * Other structures use a two-level scan: inside every chunk (all chunks at once, T steps) the
     local state from zero and the prefix operator P_t = A_bar_t ... A_bar_1 (block-diagonal for
-    block structures, N x N for low-rank); then the chunk boundary states (one step per chunk);
+    block structures, N x N for banded and low-rank); then the chunk boundary states (one step per chunk);
     then y_t += (P_t^T C_t)^T X_start.  That is T + L / T Python steps instead of L.
 """
 
@@ -39,7 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .discretization import _alpha_for, discretize
+from .discretization import _alpha_for
 from .structures import DiagonalStructure
 
 
@@ -50,8 +51,7 @@ def _zero_state(u, N):
 
 def selective_scan_ref(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None):
     """Slow reference: dense matrices, dense discretisation, a loop over tokens."""
-    A_dense = structure.to_dense(A)                                    # (b, L, h, N, N)
-    A_bar, B_bar = discretize(A_dense, B, dt, method, alpha)           # (b, L, h, N, N), (b, L, h, N)
+    A_bar, B_bar = structure.dense_discretize(A, dt, B, method, alpha)  # (b, L, h, N, N), (b, L, h, N)
     X = _zero_state(u, B.shape[-1]) if initial_state is None else initial_state
     ys = []
     for t in range(u.shape[1]):
