@@ -1,5 +1,7 @@
 """Command-line interface: a thin layer over the Python API.
 
+    python main.py train --config config/small_cpu.yaml [--output-dir DIR] [--seed N] [--resume [latest|PATH]]
+                         [--use-best-model] [--set training.num_epochs=1 ...]
     python main.py inspect --config config/small_cpu.yaml      # build the model, report its cost,
                                                               # check prefill + recurrent decoding
 """
@@ -13,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, SparseSSMConfig, load_yaml
+from .config import Config, ConfigError, SparseSSMConfig, load_yaml
+from .data import DataError
 from .lm import SparseSSMForCausalLM
 
 
@@ -48,9 +51,56 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .training import Trainer
+
+    overrides = list(args.set or [])
+    if args.output_dir:
+        overrides.append(f"training.output_dir={args.output_dir}")
+    if args.seed is not None:
+        overrides.append(f"training.seed={args.seed}")
+    config = Config.load(args.config, overrides)
+    if args.resume:
+        # continue with the checkpoint's own config (what exact resume needs); --set and the flags still apply
+        from .training import resolve_checkpoint
+        checkpoint = resolve_checkpoint(Path(config.training.output_dir), args.resume)
+        config = Config.load(checkpoint / "config.yaml", overrides)
+        args.resume = str(checkpoint)
+        print(f"resuming from {checkpoint} with its saved config (change values with --set)")
+    start = time.perf_counter()
+    trainer = Trainer(config, resume=args.resume)
+    result = trainer.train()
+    val = result["validation"]
+    print(f"done in {time.perf_counter() - start:.0f}s, {result['step']} steps: validation loss {val['loss']:.4f}, "
+          f"perplexity {val['perplexity']:.2f} (unigram baseline {result['unigram_validation_perplexity']:.1f})")
+    out = trainer.output_dir
+    print(f"checkpoints: {out / 'checkpoints'} (latest: {(out / 'latest').resolve()}, best: {out / 'best'}); "
+          f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+    if args.use_best_model:
+        test = trainer.evaluate_checkpoint("best")
+        print(f"best checkpoint (step {trainer.state['best_step']}) on the test split: loss {test['loss']:.4f}, "
+              f"perplexity {test['perplexity']:.2f}")
+        result["test_best"] = test
+        (out / "metrics.json").write_text(__import__("json").dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description="sparse-ssm: selective sparse state space LMs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    t = sub.add_parser("train", help="train a model (resumable; Ctrl-C saves a checkpoint)",
+                       description="Train on the dataset of the config.  Checkpoints, the tokenizer, TensorBoard "
+                                   "logs and metrics go to training.output_dir.")
+    t.add_argument("--config", required=True, type=Path, help="YAML config file")
+    t.add_argument("--output-dir", help="output directory (overrides training.output_dir)")
+    t.add_argument("--seed", type=int, help="random seed (overrides training.seed)")
+    t.add_argument("--resume", nargs="?", const="latest", metavar="latest|best|STEP|PATH",
+                   help="continue from a checkpoint of the output directory (default: latest)")
+    t.add_argument("--use-best-model", action="store_true",
+                   help="after training, evaluate the best checkpoint (lowest validation loss) on the test split")
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set training.num_epochs=1 (repeatable)")
+    t.set_defaults(func=cmd_train)
     p = sub.add_parser("inspect", help="build the model of a config, print its size and cost, and check that "
                                        "recurrent decoding matches the parallel forward pass")
     p.add_argument("--config", required=True, type=Path, help="YAML config file (its `model` section is used)")
@@ -64,6 +114,15 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"\n{e}" if str(e) else "\ninterrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        from .training import TrainingError
+        if isinstance(e, TrainingError):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise

@@ -154,3 +154,165 @@ def load_yaml(path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, training, ...), got {type(data).__name__}")
     return data
+
+
+@dataclass
+class TrainingConfig:
+    """The `training` section."""
+
+    num_epochs: int = 3
+    max_steps: typing.Optional[int] = None          # optimizer steps; stops before num_epochs when reached
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 2
+    max_grad_norm: float = 1.0                      # 0 disables clipping
+    logging_steps: int = 100
+    save_steps: int = 1000
+    eval_steps: int = 1000
+    eval_max_batches: typing.Optional[int] = None   # cap on validation batches per evaluation
+    save_total_limit: int = 3                       # step checkpoints kept (best/ is kept apart)
+    mixed_precision: typing.Literal["no", "fp16", "bf16"] = "fp16"
+    gradient_checkpointing: bool = True
+    compile: bool = False                           # torch.compile the model
+    seed: int = 42
+    output_dir: str = "outputs/sparse_ssm"
+    device: str = "auto"                            # auto | cpu | cuda | cuda:N | mps
+    max_consecutive_nonfinite: int = 10             # stop after this many non-finite losses in a row
+    progress_bar: bool = True
+
+    def validate(self, section: str = "training"):
+        k = lambda name: f"{section}.{name}"
+        for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
+                     "eval_steps", "save_total_limit", "max_consecutive_nonfinite"):
+            _require(getattr(self, name) >= 1, k(name), f"must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_max_batches"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, k(name), f"must be >= 1 or null, got {value}")
+        _require(self.max_grad_norm >= 0, k("max_grad_norm"), f"must be >= 0, got {self.max_grad_norm}")
+        _require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), k("device"),
+                 f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+
+@dataclass
+class OptimizerConfig:
+    """The `optimizer` section."""
+
+    name: typing.Literal["adamw"] = "adamw"
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.01
+    use_param_groups: bool = True
+    selective_param_lr_multiplier: float = 1.5
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+    def validate(self, section: str = "optimizer"):
+        _require(self.learning_rate > 0, f"{section}.learning_rate", f"must be > 0, got {self.learning_rate}")
+        _require(self.weight_decay >= 0, f"{section}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(self.selective_param_lr_multiplier > 0, f"{section}.selective_param_lr_multiplier",
+                 f"must be > 0, got {self.selective_param_lr_multiplier}")
+        for name in ("beta1", "beta2"):
+            _require(0 <= getattr(self, name) < 1, f"{section}.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass
+class SchedulerConfig:
+    """The `scheduler` section: linear warmup, then cosine / linear decay to min_lr_ratio, or constant."""
+
+    name: typing.Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 1000
+    min_lr_ratio: float = 0.1
+
+    def validate(self, section: str = "scheduler"):
+        _require(self.warmup_steps >= 0, f"{section}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(0 <= self.min_lr_ratio <= 1, f"{section}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class DatasetConfig:
+    """The `dataset` section."""
+
+    type: typing.Literal["synthetic", "wikitext103", "pile", "custom"] = "synthetic"
+    max_seq_len: int = 1024
+    stride: int = 512
+    data_path: typing.Optional[str] = "data/synthetic/phi4_dataset.json"
+    val_split: float = 0.1
+    test_split: float = 0.1
+    text_field: str = "text"
+    tokenizer_path: typing.Optional[str] = None     # an existing tokenizer.json; None: train a byte-level BPE
+    tokenizer_vocab_size: typing.Optional[int] = None  # None: model.vocab_size (capped for small data)
+    cache_dir: str = "data/cache"
+    split_seed: int = 1234
+    max_documents: typing.Optional[int] = None      # cap on documents read (streamed datasets: required)
+
+    def validate(self, section: str = "dataset"):
+        k = lambda name: f"{section}.{name}"
+        _require(self.max_seq_len >= 2, k("max_seq_len"), f"must be >= 2, got {self.max_seq_len}")
+        _require(1 <= self.stride <= self.max_seq_len, k("stride"),
+                 f"must be in [1, max_seq_len = {self.max_seq_len}], got {self.stride}")
+        _require(0 <= self.val_split < 1 and 0 <= self.test_split < 1 and self.val_split + self.test_split < 1,
+                 k("val_split"), f"val_split + test_split must be < 1, got {self.val_split} + {self.test_split}")
+        _require(self.tokenizer_vocab_size is None or self.tokenizer_vocab_size >= 260, k("tokenizer_vocab_size"),
+                 f"must be >= 260 (bytes + special tokens), got {self.tokenizer_vocab_size}")
+        _require(self.type in ("wikitext103", "pile") or self.data_path, k("data_path"),
+                 f"is required for dataset type {self.type!r}")
+
+
+SECTIONS = {"model": SparseSSMConfig, "training": TrainingConfig, "optimizer": OptimizerConfig,
+            "scheduler": SchedulerConfig, "dataset": DatasetConfig}
+
+
+@dataclass
+class Config:
+    """A whole configuration file: one typed section each."""
+
+    model: SparseSSMConfig
+    training: TrainingConfig
+    optimizer: OptimizerConfig
+    scheduler: SchedulerConfig
+    dataset: DatasetConfig
+    extra: dict = dataclasses.field(default_factory=dict)   # sections owned by other commands (synthetic, ...)
+
+    OTHER_SECTIONS = ("synthetic", "distillation", "generation")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Config":
+        unknown = sorted(set(data) - set(SECTIONS) - set(cls.OTHER_SECTIONS))
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown section; valid sections are: "
+                              f"{', '.join(list(SECTIONS) + list(cls.OTHER_SECTIONS))}")
+        sections = {name: from_dict(kind, data.get(name), name) for name, kind in SECTIONS.items()}
+        config = cls(**sections, extra={k: data[k] for k in cls.OTHER_SECTIONS if k in data})
+        config.check_consistency()
+        return config
+
+    def check_consistency(self):
+        _require(self.dataset.max_seq_len <= self.model.max_seq_len, "dataset.max_seq_len",
+                 f"({self.dataset.max_seq_len}) must not exceed model.max_seq_len ({self.model.max_seq_len})")
+
+    @classmethod
+    def load(cls, path, overrides: typing.Sequence[str] = ()) -> "Config":
+        """Read a YAML file and apply dotted overrides such as 'training.num_epochs=1'."""
+        import yaml
+
+        data = load_yaml(path)
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            parts = key.strip().split(".")
+            if not sep or len(parts) != 2 or not all(parts):
+                raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. training.num_epochs=1")
+            section = data.setdefault(parts[0], {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"{parts[0]}: expected a mapping, got {type(section).__name__}")
+            section[parts[1]] = yaml.safe_load(value)
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict:
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out.update(self.extra)
+        return out
+
+    def save(self, path):
+        import yaml
+        from pathlib import Path
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .block import SparseSSMBlock
 from .config import SparseSSMConfig
@@ -40,6 +41,7 @@ class SparseSSMForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.gradient_checkpointing = False
         self._init_weights()
 
     @torch.no_grad()
@@ -67,7 +69,11 @@ class SparseSSMForCausalLM(nn.Module):
         x = self.embed(input_ids)
         states = []
         for i, block in enumerate(self.blocks):
-            x, state = block(x, None if cache is None else cache[i])
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # recompute the block in backward instead of keeping its activations
+                x, state = checkpoint(block, x, None if cache is None else cache[i], use_reentrant=False)
+            else:
+                x, state = block(x, None if cache is None else cache[i])
             states.append(state)
         h = self.norm(x)
         loss = logits = None

@@ -1,0 +1,105 @@
+"""Cost of each selective state-matrix structure at one model size, on the CPU.
+
+    python bench/structures.py [--rounds 3] [--threads 1] [--state-dim 64] [--out bench/results]
+
+For hidden 256, 4 layers, state 64, expand 2, no FFN, vocab 4096, batch 8 x 256: parameters,
+analytic SSM FLOPs per token and layer (`SelectiveSSMLayer.ssm_cost_per_token`), the median
+forward+backward time of interleaved rounds, and the peak RSS of one step in a fresh process.
+The dense class runs at batch 1 (at batch 8 it needs about 25 GB: every token carries 64 x 64
+matrices and their matrix exponentials); compare it through tokens/s and RSS per sequence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM  # noqa: E402
+
+CLASSES = {
+    "dense": dict(selective_param_class="dense"),
+    "sparse block (0.9)": dict(selective_param_class="sparse", sparsity_level=0.9),
+    "sparse banded (0.9)": dict(selective_param_class="sparse", sparsity_level=0.9, sparsity_pattern="banded"),
+    "sparse diagonal (0.99)": dict(selective_param_class="sparse", sparsity_level=0.99),
+    "low_rank (r=2, bilinear)": dict(selective_param_class="low_rank", low_rank_rank=2, discretization="bilinear"),
+}
+BATCH, SEQ = 8, 256
+BATCH_OF = {"dense": 1}
+
+
+def build(name, state_dim):
+    cfg = SparseSSMConfig(vocab_size=4096, hidden_dim=256, state_dim=state_dim, ffn_dim=0, num_layers=4,
+                          expand=2, dropout=0.0, max_seq_len=SEQ, **CLASSES[name])
+    return SparseSSMForCausalLM(cfg)
+
+
+def fwd_bwd(model, ids):
+    model(ids, labels=ids, return_logits=False).loss.backward()
+
+
+def peak_rss_gb(name, state_dim, threads):
+    code = (f"import sys, resource, torch; torch.set_num_threads({threads});"
+            f"sys.path[:0]={[str(Path(__file__).parent), str(Path(__file__).parent.parent)]!r};"
+            f"import structures as s; m = s.build({name!r}, {state_dim});"
+            f"ids = torch.randint(0, 4096, (s.BATCH_OF.get({name!r}, s.BATCH), s.SEQ)); s.fwd_bwd(m, ids);"
+            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--state-dim", type=int, default=64)
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    models = {name: build(name, args.state_dim) for name in CLASSES}
+    ids = torch.randint(0, 4096, (BATCH, SEQ))
+    batch_ids = {name: ids[:BATCH_OF.get(name, BATCH)] for name in models}
+    for name, m in models.items():
+        fwd_bwd(m, batch_ids[name])
+    times = {name: [] for name in models}
+    for r in range(args.rounds):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            fwd_bwd(m, batch_ids[name])
+            times[name].append(time.perf_counter() - t0)
+        print(f"round {r + 1}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()), flush=True)
+    rows = []
+    for name, m in models.items():
+        cost = m.blocks[0].mixer.ssm_cost_per_token()
+        med = statistics.median(times[name])
+        batch = BATCH_OF.get(name, BATCH)
+        rows.append({"class": name, "structure": cost["structure"], "batch": batch, "params": m.num_parameters(),
+                     "generator_params_per_layer": cost["generator_params"],
+                     "ssm_flops_per_token_per_layer": cost["ssm_flops"], "fwd_bwd_s": med,
+                     "tokens_per_s": batch * SEQ / med, "peak_rss_gb": peak_rss_gb(name, args.state_dim, args.threads)})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    setup = {"hidden": 256, "layers": 4, "state": args.state_dim, "expand": 2, "ffn": 0, "vocab": 4096,
+             "batch": BATCH, "seq_len": SEQ, "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__}
+    (out / "structures.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+    lines = ["| class | structure | batch | params | generator params / layer | SSM MFLOP / token / layer | fwd+bwd (s) | tokens/s | peak RSS (GB) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['class']} | {r['structure']} | {r['batch']} | {r['params'] / 1e6:.2f} M | {r['generator_params_per_layer']:,} | "
+                     f"{r['ssm_flops_per_token_per_layer'] / 1e6:.2f} | {r['fwd_bwd_s']:.2f} | {r['tokens_per_s']:,.0f} | {r['peak_rss_gb']:.2f} |")
+    (out / "structures.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,429 @@
+"""Training: optimizer and schedule, the training loop, evaluation and checkpoints.
+
+    trainer = Trainer(Config.load("config/small_cpu.yaml"))
+    trainer.train()                      # resumable; Ctrl-C / SIGTERM save a checkpoint first
+
+Output directory layout:
+
+    OUTPUT/config.yaml, tokenizer.json          the resolved config and the tokenizer
+    OUTPUT/checkpoints/step-00000100/           model.safetensors, training_state.pt, config.yaml,
+                                                tokenizer.json  (the newest `save_total_limit` kept)
+    OUTPUT/latest -> checkpoints/step-...       symlink to the newest checkpoint
+    OUTPUT/best/                                the checkpoint with the lowest validation loss
+    OUTPUT/tensorboard/                         TensorBoard event files
+    OUTPUT/metrics.json                         final validation (and test) metrics
+
+Checkpoints are written to a temporary directory and renamed into place, so a crash never
+leaves a half-written checkpoint under its final name.  Resume is exact: the data order is a
+function of (seed, epoch) and the position, RNG, optimizer, scheduler and scaler states are saved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from .config import Config, ConfigError, OptimizerConfig, SchedulerConfig
+from .data import WindowDataset, collate, load_splits, tokenize_splits
+from .lm import SparseSSMForCausalLM
+from .tokenizer import EOS, PAD, capped_vocab_size, load_tokenizer, train_tokenizer
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what was kept."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"training.device: {name!r} but no CUDA device is available; use 'cpu' or 'auto'")
+    return device
+
+
+def lr_factor(step: int, total_steps: int, cfg: SchedulerConfig) -> float:
+    """Learning-rate multiplier at optimizer step `step` (0-based): linear warmup from 0 over
+    warmup_steps, then cosine or linear decay to min_lr_ratio at total_steps, or constant."""
+    if step < cfg.warmup_steps:
+        return step / cfg.warmup_steps
+    if cfg.name == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.name == "cosine" else 1.0 - progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def build_optimizer(model: SparseSSMForCausalLM, cfg: OptimizerConfig) -> torch.optim.AdamW:
+    """AdamW; with use_param_groups, no decay for norms/biases/embeddings/SSM bases and
+    lr * selective_param_lr_multiplier for the selective generators."""
+    if cfg.use_param_groups:
+        groups = model.parameter_groups(cfg.weight_decay, cfg.selective_param_lr_multiplier)
+    else:
+        groups = [{"name": "all", "params": list({id(p): p for p in model.parameters()}.values()),
+                   "weight_decay": cfg.weight_decay, "lr_multiplier": 1.0}]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["lr"] = cfg.learning_rate * g["lr_multiplier"]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def unigram_perplexity(train: np.ndarray, evaluate: np.ndarray, vocab_size: int) -> float:
+    """Perplexity on `evaluate` of the add-one-smoothed unigram distribution of `train`: the
+    baseline a language model must beat."""
+    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(np.exp(-logp[evaluate[1:]].mean()))
+
+
+def _atomic_symlink(target: str, link: Path):
+    tmp = link.with_name(link.name + ".tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def resolve_checkpoint(output_dir: Path, which: str) -> Path:
+    """'latest', 'best', a step number, or a path -> a checkpoint directory (checked)."""
+    if which == "latest":
+        path = output_dir / "latest"
+    elif which == "best":
+        path = output_dir / "best"
+    elif which.isdigit():
+        path = output_dir / "checkpoints" / f"step-{int(which):08d}"
+    else:
+        path = Path(which)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (look in {output_dir / 'checkpoints'})")
+    path = path.resolve()
+    missing = [f for f in ("model.safetensors", "config.yaml", "tokenizer.json") if not (path / f).is_file()]
+    if missing:
+        raise TrainingError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); "
+                            f"pick another checkpoint or delete this one")
+    return path
+
+
+def load_checkpoint_model(path: Path, device="cpu") -> tuple[SparseSSMForCausalLM, Config]:
+    """Model and config of a checkpoint directory, with clear errors for corrupt files."""
+    config = Config.load(path / "config.yaml")
+    model = SparseSSMForCausalLM(config.model)
+    try:
+        load_model(model, str(path / "model.safetensors"), device=str(device))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for damaged files
+        raise TrainingError(f"checkpoint {path}: model.safetensors is corrupt or does not match its config "
+                            f"({type(e).__name__}: {str(e)[:200]}); pick another checkpoint") from None
+    return model.to(device), config
+
+
+class Trainer:
+    def __init__(self, config: Config, resume: str | None = None, log=print):
+        self.config, self.log = config, log
+        tc = config.training
+        self.output_dir = Path(tc.output_dir)
+        self.device = resolve_device(tc.device)
+        if tc.mixed_precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("training.mixed_precision: 'fp16' needs a CUDA device (it trains with a gradient "
+                              f"scaler); on {self.device.type} use 'bf16' or 'no'")
+        self.resume_from = None
+        if resume:
+            self.resume_from = resolve_checkpoint(self.output_dir, resume)
+        torch.manual_seed(tc.seed)
+        self._prepare_data()
+        self.model = SparseSSMForCausalLM(config.model).to(self.device)
+        self.model.gradient_checkpointing = tc.gradient_checkpointing
+        self.forward = torch.compile(self.model) if tc.compile else self.model
+        self.optimizer = build_optimizer(self.model, config.optimizer)
+        steps_per_epoch = math.ceil(len(self.train_set) / (tc.batch_size * tc.gradient_accumulation_steps))
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * tc.num_epochs
+        if tc.max_steps:
+            self.total_steps = min(self.total_steps, tc.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, self.total_steps, config.scheduler))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=tc.mixed_precision == "fp16")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.mixed_precision)
+        self.state = {"step": 0, "epoch": 0, "micro_batch": 0, "best_val_loss": float("inf"), "best_step": None,
+                      "nonfinite_in_row": 0, "nonfinite_total": 0}
+        if self.resume_from:
+            self._load_training_state(self.resume_from)
+        self._stop_signal = None
+
+    # --- data ---------------------------------------------------------------------------
+    def _prepare_data(self):
+        cfg, ds = self.config, self.config.dataset
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        tok_path = self.output_dir / "tokenizer.json"
+        source = self.resume_from / "tokenizer.json" if self.resume_from else (
+            Path(ds.tokenizer_path) if ds.tokenizer_path else tok_path)
+        splits = None
+        if source.is_file():
+            tokenizer = load_tokenizer(source)
+            self.log(f"tokenizer: {source} ({tokenizer.get_vocab_size()} tokens)")
+        else:
+            splits = load_splits(ds)
+            chars = sum(len(t) for t in splits["train"])
+            requested = ds.tokenizer_vocab_size or cfg.model.vocab_size
+            size = capped_vocab_size(requested, chars)
+            self.log(f"training a byte-level BPE tokenizer on {chars:,} characters: vocab {size}"
+                     + (f" (capped from {requested} for this much text)" if size < requested else ""))
+            tokenizer = train_tokenizer(splits["train"], size)
+        self.tokenizer = tokenizer
+        tmp = tok_path.with_suffix(".tmp")
+        tokenizer.save(str(tmp))
+        os.replace(tmp, tok_path)
+        cfg.model.vocab_size = tokenizer.get_vocab_size()
+        self.pad_id = tokenizer.token_to_id(PAD)
+        if self.pad_id is None:
+            self.pad_id = tokenizer.token_to_id(EOS) or 0
+        self.streams = tokenize_splits(ds, splits, tokenizer)
+        L, stride = ds.max_seq_len, ds.stride
+        self.train_set = WindowDataset(self.streams["train"], L, stride)
+        self.val_set = WindowDataset(self.streams["validation"], L, stride, score_once=True)
+        self.test_set = WindowDataset(self.streams["test"], L, stride, score_once=True)
+        if len(self.train_set) == 0:
+            raise TrainingError(f"the training split has {len(self.streams['train'])} tokens: fewer than one window "
+                                f"of dataset.max_seq_len = {L}; add data or lower max_seq_len")
+        self.log(f"data: train {len(self.streams['train']):,} tokens ({len(self.train_set)} windows), "
+                 f"validation {len(self.streams['validation']):,}, test {len(self.streams['test']):,}")
+        cfg.save(self.output_dir / "config.yaml")
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.config.training.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.train_set), generator=g)
+
+    def _batch(self, dataset, indices):
+        ids, labels = collate([dataset[int(i)] for i in indices], self.pad_id)
+        return ids.to(self.device), labels.to(self.device)
+
+    # --- checkpoints --------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        step = self.state["step"]
+        root = self.output_dir / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{step:08d}"
+        tmp = root / f".tmp-step-{step:08d}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_model(self.model, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(), "state": dict(self.state),
+                    "rng_cpu": torch.get_rng_state(),
+                    "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   tmp / "training_state.pt")
+        self.config.save(tmp / "config.yaml")
+        self.tokenizer.save(str(tmp / "tokenizer.json"))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _atomic_symlink(os.path.relpath(final, self.output_dir), self.output_dir / "latest")
+        kept = sorted(root.glob("step-*"))
+        for old in kept[:-self.config.training.save_total_limit]:
+            shutil.rmtree(old)
+        return final
+
+    def _save_best(self, source: Path, metrics: dict):
+        best = self.output_dir / "best"
+        tmp = self.output_dir / ".tmp-best"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(source, tmp)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if best.exists():
+            shutil.rmtree(best)
+        tmp.rename(best)
+
+    def _load_training_state(self, path: Path):
+        try:
+            load_model(self.model, str(path / "model.safetensors"), device=str(self.device))
+            saved = torch.load(path / "training_state.pt", map_location=self.device, weights_only=False)
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.scaler.load_state_dict(saved["scaler"])
+        except Exception as e:  # noqa: BLE001
+            raise TrainingError(f"cannot resume from {path}: the checkpoint is corrupt or from a different model "
+                                f"({type(e).__name__}: {str(e)[:200]}); resume from another checkpoint") from None
+        self.state.update(saved["state"])
+        torch.set_rng_state(saved["rng_cpu"])
+        if saved["rng_cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng_cuda"])
+        self.log(f"resumed from {path} at step {self.state['step']}")
+
+    # --- evaluation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, dataset: WindowDataset, max_batches: int | None = None) -> dict:
+        """Mean loss (nats per token), perplexity and bits per token over the scored tokens."""
+        self.model.eval()
+        total, count = 0.0, 0
+        bs = self.config.training.batch_size
+        for b, start in enumerate(range(0, len(dataset), bs)):
+            if max_batches and b >= max_batches:
+                break
+            ids, labels = self._batch(dataset, range(start, min(start + bs, len(dataset))))
+            n = int((labels[:, 1:] != -100).sum())
+            if n == 0:
+                continue
+            with self._autocast():
+                loss = self.forward(ids, labels=labels, return_logits=False).loss
+            total += float(loss) * n
+            count += n
+        self.model.train()
+        if count == 0:
+            return {"loss": float("nan"), "perplexity": float("nan"), "tokens": 0}
+        mean = total / count
+        return {"loss": mean, "perplexity": math.exp(min(mean, 700)), "bits_per_token": mean / math.log(2),
+                "tokens": count}
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # --- the loop -----------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+        self.log(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint at the end of this step ...")
+
+    def train(self, until_step: int | None = None) -> dict:
+        """Train to the end of the schedule (or only until optimizer step `until_step`, then save a
+        checkpoint and return: the schedule stays that of the full run)."""
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        tc = self.config.training
+        writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+        baseline = unigram_perplexity(self.streams["train"], self.streams["validation"], self.config.model.vocab_size)
+        self.log(f"model: {self.model.num_parameters():,} parameters on {self.device}; "
+                 f"{self.total_steps} optimizer steps; unigram validation perplexity {baseline:.1f}")
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = tqdm(total=self.total_steps, initial=self.state["step"], disable=not tc.progress_bar,
+                   desc="training", unit="step", dynamic_ncols=True)
+        accum, bs = tc.gradient_accumulation_steps, tc.batch_size
+        window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+        last_saved = None
+        self.model.train()
+        try:
+            end = min(self.total_steps, until_step or self.total_steps)
+            while self.state["step"] < end and self._stop_signal is None:
+                order = self._epoch_order(self.state["epoch"])
+                batches = [order[i:i + bs] for i in range(0, len(order), bs)]
+                while self.state["micro_batch"] < len(batches) and self.state["step"] < end:
+                    group = batches[self.state["micro_batch"]:self.state["micro_batch"] + accum]
+                    self.state["micro_batch"] += len(group)
+                    weights = [len(b) for b in group]
+                    loss_sum, tokens, finite = 0.0, 0, True
+                    for indices, w in zip(group, weights):
+                        ids, labels = self._batch(self.train_set, indices)
+                        with self._autocast():
+                            loss = self._loss(ids, labels)
+                        if not torch.isfinite(loss):
+                            finite = False
+                            break
+                        self.scaler.scale(loss * w / sum(weights)).backward()
+                        loss_sum += float(loss.detach()) * w / sum(weights)
+                        tokens += ids.numel()
+                    grad_norm = self._optimizer_step(finite)
+                    if grad_norm is None:
+                        continue
+                    self.state["step"] += 1
+                    bar.update(1)
+                    window_loss += loss_sum
+                    window_steps += 1
+                    window_tokens += tokens
+                    step = self.state["step"]
+                    if step % tc.logging_steps == 0 or step == self.total_steps:
+                        elapsed = time.perf_counter() - window_start
+                        metrics = {"loss": window_loss / window_steps, "lr": self.scheduler.get_last_lr()[0],
+                                   "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                        for k, v in metrics.items():
+                            writer.add_scalar(f"train/{k}", v, step)
+                        bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
+                                        tok_s=f"{metrics['tokens_per_s']:.0f}")
+                        window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+                    evaluated = None
+                    if step % tc.eval_steps == 0 or step == self.total_steps:
+                        evaluated = self.evaluate(self.val_set, tc.eval_max_batches)
+                        writer.add_scalar("val/loss", evaluated["loss"], step)
+                        writer.add_scalar("val/perplexity", evaluated["perplexity"], step)
+                        bar.write(f"step {step}: validation loss {evaluated['loss']:.4f}, "
+                                  f"perplexity {evaluated['perplexity']:.2f} (unigram {baseline:.1f})")
+                    must_save = step % tc.save_steps == 0 or step == end or self._stop_signal
+                    if evaluated and evaluated["loss"] < self.state["best_val_loss"]:
+                        self.state["best_val_loss"], self.state["best_step"] = evaluated["loss"], step
+                        last_saved = self.save_checkpoint()
+                        self._save_best(last_saved, {"step": step, **evaluated})
+                    elif must_save:
+                        last_saved = self.save_checkpoint()
+                    if self._stop_signal:
+                        break
+                else:
+                    if self.state["micro_batch"] >= len(batches):
+                        self.state["epoch"] += 1
+                        self.state["micro_batch"] = 0
+        finally:
+            bar.close()
+            writer.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if self._stop_signal:
+            if last_saved is None or last_saved.name != f"step-{self.state['step']:08d}":
+                last_saved = self.save_checkpoint()
+            raise KeyboardInterrupt(f"interrupted at step {self.state['step']}: checkpoint saved in {last_saved}; "
+                                    f"continue with --resume latest")
+        final = self.evaluate(self.val_set, None)
+        result = {"step": self.state["step"], "validation": final, "unigram_validation_perplexity": baseline,
+                  "best_step": self.state["best_step"], "nonfinite_skipped": self.state["nonfinite_total"]}
+        (self.output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        return result
+
+    def _loss(self, ids, labels):
+        return self.forward(ids, labels=labels, return_logits=False).loss
+
+    def _optimizer_step(self, finite: bool):
+        """Clip, step, schedule.  Returns the gradient norm, or None when the step was skipped."""
+        tc = self.config.training
+        norm = None
+        if finite:
+            self.scaler.unscale_(self.optimizer)
+            max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
+            norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+            finite = math.isfinite(norm) or self.scaler.is_enabled()
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():
+                self.scaler.update()
+            self.state["nonfinite_in_row"] += 1
+            self.state["nonfinite_total"] += 1
+            self.log(f"step {self.state['step'] + 1}: non-finite loss or gradient, update skipped "
+                     f"({self.state['nonfinite_in_row']} in a row)")
+            if self.state["nonfinite_in_row"] >= tc.max_consecutive_nonfinite:
+                latest = self.output_dir / "latest"
+                kept = f"the last good checkpoint is {latest.resolve()}" if latest.exists() else "no checkpoint was saved yet"
+                raise TrainingError(f"{self.state['nonfinite_in_row']} non-finite losses in a row: training diverged; "
+                                    f"{kept}. Lower optimizer.learning_rate or use mixed_precision 'no'/'bf16'.")
+            return None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["nonfinite_in_row"] = 0
+        return norm
+
+    def evaluate_checkpoint(self, which: str = "best") -> dict:
+        """Load a checkpoint's weights into the model and evaluate it on the test split."""
+        path = resolve_checkpoint(self.output_dir, which)
+        load_model(self.model, str(path / "model.safetensors"), device=str(self.device))
+        return self.evaluate(self.test_set)

@@ -1,0 +1,47 @@
+"""Small real-text corpora and tiny configs for the data and training tests."""
+
+import random
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "It was the best of times, it was the worst of times, it was the age of wisdom.",
+    "Call me Ishmael, some years ago, never mind how long precisely, having little money.",
+    "In a hole in the ground there lived a small creature who liked quiet evenings.",
+    "All happy families are alike; each unhappy family is unhappy in its own way.",
+    "The sun rose slowly over the hills, and the village began to stir with life.",
+    "She opened the old book and found a letter folded between the yellowed pages.",
+    "A gentle rain fell on the roofs of the town while the children slept soundly.",
+    "He walked along the shore, counting the waves and thinking of distant lands.",
+    "The merchant sold spices, silk and tea to travellers who came from far away.",
+    "Numbers like 42, 1984 and 3.14159 appear in stories, songs and equations.",
+    "Café, naïve and coöperate keep their accents; emoji such as 🙂 survive too.",
+]
+
+
+def make_text(n_sentences: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n_sentences):
+        lines.append(rng.choice(SENTENCES))
+        if i % 5 == 4:
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def tiny_config(data_path, output_dir, dataset_type="custom", **sections):
+    from sparse_ssm.config import Config
+
+    data = {
+        "model": dict(vocab_size=300, hidden_dim=32, state_dim=8, ffn_dim=32, num_layers=2, max_seq_len=32,
+                      dropout=0.0, num_heads=2, scan_chunk_size=4),
+        "training": dict(num_epochs=1, batch_size=4, gradient_accumulation_steps=1, logging_steps=2, save_steps=3,
+                         eval_steps=3, eval_max_batches=4, mixed_precision="no", gradient_checkpointing=False,
+                         output_dir=str(output_dir), device="cpu", progress_bar=False, seed=7),
+        "optimizer": dict(learning_rate=3e-3),
+        "scheduler": dict(warmup_steps=2),
+        "dataset": dict(type=dataset_type, max_seq_len=32, stride=32, data_path=str(data_path), val_split=0.1,
+                        test_split=0.1, cache_dir=str(output_dir) + "-cache"),
+    }
+    for section, values in sections.items():
+        data[section].update(values)
+    return Config.from_dict(data)

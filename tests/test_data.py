@@ -1,0 +1,160 @@
+"""Dataset types on local files, the split, the tokenizer and the cache."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import SENTENCES, make_text
+from sparse_ssm.config import DatasetConfig
+from sparse_ssm.data import DataError, WindowDataset, load_splits, split_documents, tokenize_splits
+from sparse_ssm.tokenizer import EOS, capped_vocab_size, train_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cfg(tmp_path, **kw):
+    base = dict(type="custom", max_seq_len=16, stride=16, val_split=0.2, test_split=0.2, cache_dir=str(tmp_path / "cache"))
+    base.update(kw)
+    return DatasetConfig(**base)
+
+
+def records(n):
+    return [{"text": make_text(6, seed=i), "id": i} for i in range(n)]
+
+
+def all_text(splits):
+    return sorted(t for part in splits.values() for t in part)
+
+
+def test_custom_text_folder(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(10):
+        (folder / f"doc{i}.txt").write_text(make_text(8, seed=i))
+    (folder / "ATTRIBUTION").write_text("not a document")
+    splits = load_splits(cfg(tmp_path, data_path=str(folder)))
+    assert all_text(splits) == sorted(make_text(8, seed=i) for i in range(10))
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [6, 2, 2]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet"])
+def test_custom_record_files(tmp_path, kind):
+    recs = records(10)
+    path = tmp_path / f"data.{kind}"
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    elif kind == "json":
+        path.write_text(json.dumps(recs))
+    else:
+        pq.write_table(pa.Table.from_pylist(recs), path)
+    splits = load_splits(cfg(tmp_path, data_path=str(path)))
+    assert all_text(splits) == sorted(r["text"] for r in recs)
+
+
+def test_custom_missing_field_names_it(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(DataError, match="no field 'text'.*dataset.text_field"):
+        load_splits(cfg(tmp_path, data_path=str(path)))
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_synthetic_json(tmp_path, wrapped):
+    recs = [{"prompt": "p", "text": make_text(5, seed=i)} for i in range(10)]
+    path = tmp_path / "synthetic.json"
+    path.write_text(json.dumps({"version": 1, "records": recs} if wrapped else recs))
+    splits = load_splits(cfg(tmp_path, type="synthetic", data_path=str(path)))
+    assert all_text(splits) == sorted(r["text"] for r in recs)
+
+
+def test_wikitext_schema_from_local_files(tmp_path):
+    folder = tmp_path / "wikitext-103-raw-v1"
+    folder.mkdir()
+    lines = {s: [" = Title = ", " " + make_text(4, seed=i), ""] for i, s in enumerate(("train", "validation", "test"))}
+    for split, rows in lines.items():
+        pq.write_table(pa.Table.from_pylist([{"text": r} for r in rows]), folder / f"{split}-00000-of-00001.parquet")
+    splits = load_splits(cfg(tmp_path, type="wikitext103", data_path=str(folder)))
+    for split, rows in lines.items():
+        assert " = Title = " in splits[split][0] and rows[1].strip()[:20] in splits[split][0]
+
+
+def test_pile_schema_from_local_jsonl(tmp_path):
+    path = tmp_path / "pile.jsonl"
+    path.write_text("".join(json.dumps({"text": make_text(3, seed=i), "meta": {"pile_set_name": "x"}}) + "\n"
+                            for i in range(20)))
+    splits = load_splits(cfg(tmp_path, type="pile", data_path=str(path), max_documents=10))
+    assert sum(len(v) for v in splits.values()) == 10
+
+
+def test_hub_unreachable_gives_a_clear_error(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"dataset:\n  type: wikitext103\n  data_path: null\n  max_seq_len: 64\n  stride: 64\n"
+                      f"training:\n  output_dir: {tmp_path / 'out'}\n  device: cpu\n  mixed_precision: 'no'\n")
+    env = dict(__import__("os").environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "train", "--config", str(config)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2
+    assert "could not load Salesforce/wikitext" in proc.stderr and "dataset.data_path" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_data_path_names_the_fix(tmp_path):
+    with pytest.raises(DataError, match="python -m sparse_ssm.corpus"):
+        load_splits(cfg(tmp_path, data_path=str(tmp_path / "shakespeare")))
+
+
+def test_split_is_deterministic_and_disjoint():
+    docs = [make_text(400, seed=i) for i in range(5)]   # long documents are cut into segments
+    a = split_documents(docs, 0.1, 0.2, seed=3)
+    b = split_documents(docs, 0.1, 0.2, seed=3)
+    c = split_documents(docs, 0.1, 0.2, seed=4)
+    assert a == b and a != c
+    assert "".join(sorted(sum(a.values(), []))) == "".join(sorted(sum(c.values(), [])))
+    with pytest.raises(DataError, match="too few"):
+        split_documents(["one short doc"], 0.1, 0.1, seed=0)
+
+
+def test_tokenizer_round_trip_and_cap():
+    text = make_text(300)
+    tok = train_tokenizer([text], vocab_size=400)
+    assert tok.get_vocab_size() <= 400 and tok.token_to_id(EOS) is not None
+    for sample in SENTENCES + ["  leading spaces\tand tabs\n", "ünïcödé ✓ 中文"]:
+        assert tok.decode(tok.encode(sample).ids) == sample
+    assert capped_vocab_size(50000, 5_000_000) == 12500 and capped_vocab_size(50000, 10_000) == 512
+    assert capped_vocab_size(300, 10_000) == 300
+
+
+def test_tokenized_splits_are_cached(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(10):
+        (folder / f"doc{i}.txt").write_text(make_text(20, seed=i))
+    config = cfg(tmp_path, data_path=str(folder))
+    splits = load_splits(config)
+    tok = train_tokenizer(splits["train"], 300)
+    first = tokenize_splits(config, splits, tok)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    second = tokenize_splits(config, None, tok)          # served from the cache, source not read
+    for name in first:
+        assert np.array_equal(first[name], second[name])
+    (folder / "doc0.txt").write_text(make_text(21, seed=99))   # a changed source invalidates it
+    tokenize_splits(config, load_splits(config), tok)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_windows_and_score_once_labels():
+    stream = np.arange(50, dtype=np.int32)
+    train = WindowDataset(stream, length=10, stride=4)
+    assert [int(s) for s in train.starts] == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40]
+    ev = WindowDataset(stream, length=10, stride=4, score_once=True)
+    scored = []
+    for i in range(len(ev)):
+        ids, labels = ev[i]
+        scored += [int(t) for t in labels[1:] if t != -100]
+    assert scored == list(range(1, 50))                     # every token but the first scored once

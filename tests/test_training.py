@@ -1,0 +1,194 @@
+"""The trainer: schedule, accumulation, checkpoints, exact resume, non-finite losses, TensorBoard."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import make_text, tiny_config
+from sparse_ssm.config import Config, ConfigError, SchedulerConfig
+from sparse_ssm.training import Trainer, TrainingError, load_checkpoint_model, lr_factor, resolve_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"doc{i}.txt").write_text(make_text(120, seed=i))
+    return folder
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_schedules():
+    cos = SchedulerConfig(name="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, 110, cos) == 0.0 and lr_factor(5, 110, cos) == 0.5 and lr_factor(10, 110, cos) == 1.0
+    assert math.isclose(lr_factor(60, 110, cos), 0.55) and math.isclose(lr_factor(110, 110, cos), 0.1)
+    lin = SchedulerConfig(name="linear", warmup_steps=0, min_lr_ratio=0.0)
+    assert lr_factor(0, 100, lin) == 1.0 and math.isclose(lr_factor(25, 100, lin), 0.75)
+    const = SchedulerConfig(name="constant", warmup_steps=4, min_lr_ratio=0.5)
+    assert lr_factor(2, 100, const) == 0.5 and lr_factor(50, 100, const) == 1.0
+
+
+def test_config_sections_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  num_epochs: 2\noptimizer:\n  learning_rate: 1.0e-3\n")
+    config = Config.load(path, ["training.num_epochs=5", "scheduler.name=linear", "dataset.data_path=x.json"])
+    assert config.training.num_epochs == 5 and config.scheduler.name == "linear"
+    for bad, message in [(["training.num_epochs=0"], r"training\.num_epochs: must be >= 1"),
+                         (["training.batchsize=3"], r"training\.batchsize: unknown key"),
+                         (["training.mixed_precision=fp8"], r"training\.mixed_precision: 'fp8' is not one of"),
+                         (["dataset.max_seq_len=4096"], r"dataset\.max_seq_len: \(4096\) must not exceed"),
+                         (["optimizer.name=sgd"], r"optimizer\.name"),
+                         (["nosection"], r"expected SECTION\.KEY=VALUE")]:
+        with pytest.raises(ConfigError, match=message):
+            Config.load(path, bad)
+    path.write_text("trainin:\n  num_epochs: 2\n")
+    with pytest.raises(ConfigError, match="trainin: unknown section"):
+        Config.load(path)
+
+
+def test_fp16_on_cpu_is_refused(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="fp16.*CUDA"):
+        Trainer(tiny_config(corpus, tmp_path / "out", training={"mixed_precision": "fp16"}), log=lambda *_: None)
+
+
+def test_optimizer_groups_and_lr_multiplier(corpus, tmp_path):
+    trainer = Trainer(tiny_config(corpus, tmp_path / "out"), log=lambda *_: None)
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert groups["no_decay"]["weight_decay"] == 0 and groups["decay"]["weight_decay"] == 0.01
+    assert math.isclose(groups["selective"]["initial_lr"], 1.5 * groups["decay"]["initial_lr"])
+    assert groups["decay"]["initial_lr"] == 3e-3
+
+
+def test_gradient_accumulation_equals_one_big_batch(corpus, tmp_path):
+    big = Trainer(tiny_config(corpus, tmp_path / "a", training={"batch_size": 4, "max_steps": 1}), log=lambda *_: None)
+    small = Trainer(tiny_config(corpus, tmp_path / "b", training={"batch_size": 2, "gradient_accumulation_steps": 2,
+                                                                  "max_steps": 1}), log=lambda *_: None)
+    small.model.load_state_dict(big.model.state_dict())
+    # same epoch order: the first 4 sequences, as one batch or as two micro-batches
+    assert torch.equal(big._epoch_order(0), small._epoch_order(0))
+    big.train()
+    small.train()
+    for (name, a), b in zip(big.model.state_dict().items(), small.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_checkpoints_tensorboard_and_round_trip(corpus, tmp_path):
+    out = tmp_path / "out"
+    trainer = Trainer(tiny_config(corpus, out, training={"max_steps": 7, "save_total_limit": 2}), log=lambda *_: None)
+    result = trainer.train()
+    steps = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert steps == ["step-00000006", "step-00000007"]          # rotated to the newest two
+    assert (out / "latest").resolve() == (out / "checkpoints" / "step-00000007").resolve()
+    assert (out / "best" / "metrics.json").is_file() and (out / "tokenizer.json").is_file()
+    assert not list(out.rglob(".tmp*"))
+    model, config = load_checkpoint_model(resolve_checkpoint(out, "latest"))
+    ids = torch.randint(0, config.model.vocab_size, (2, 16))
+    trainer.model.eval()
+    assert torch.equal(model(ids).logits, trainer.model(ids).logits)
+    assert math.isfinite(result["validation"]["perplexity"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss", "val/perplexity"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 7]
+
+
+def test_corrupt_checkpoint_is_reported(corpus, tmp_path):
+    out = tmp_path / "out"
+    Trainer(tiny_config(corpus, out, training={"max_steps": 3}), log=lambda *_: None).train()
+    ckpt = resolve_checkpoint(out, "latest")
+    (ckpt / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(TrainingError, match="corrupt"):
+        load_checkpoint_model(ckpt)
+    with pytest.raises(TrainingError, match="cannot resume.*corrupt"):
+        Trainer(tiny_config(corpus, out, training={"max_steps": 6}), resume="latest", log=lambda *_: None)
+    (ckpt / "config.yaml").unlink()
+    with pytest.raises(TrainingError, match="incomplete"):
+        resolve_checkpoint(out, "latest")
+
+
+def test_resume_is_exact(corpus, tmp_path):
+    extra = {"max_steps": 9, "save_steps": 100, "eval_steps": 4}
+    model_kw = {"dropout": 0.1}                 # dropout exercises the saved RNG state
+    straight = Trainer(tiny_config(corpus, tmp_path / "a", training=extra, model=model_kw), log=lambda *_: None)
+    straight.train()
+    first = Trainer(tiny_config(corpus, tmp_path / "b", training=extra, model=model_kw), log=lambda *_: None)
+    first.train(until_step=5)
+    resumed = Trainer(tiny_config(corpus, tmp_path / "b", training=extra, model=model_kw), resume="latest",
+                      log=lambda *_: None)
+    assert resumed.state["step"] == 5
+    resumed.train()
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_non_finite_losses_are_skipped_then_stop(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    trainer = Trainer(tiny_config(corpus, out, training={"max_steps": 6, "max_consecutive_nonfinite": 3}),
+                      log=lambda *_: None)
+    calls = {"n": 0}
+    real = Trainer._loss
+
+    def flaky(self, ids, labels):
+        calls["n"] += 1
+        loss = real(self, ids, labels)
+        return loss * float("nan") if calls["n"] in (2, 3) else loss
+    monkeypatch.setattr(Trainer, "_loss", flaky)
+    result = trainer.train()
+    assert result["step"] == 6 and result["nonfinite_skipped"] == 2
+
+    trainer = Trainer(tiny_config(corpus, out, training={"max_steps": 12, "max_consecutive_nonfinite": 3}),
+                      resume="latest", log=lambda *_: None)
+    monkeypatch.setattr(Trainer, "_loss", lambda self, ids, labels: torch.tensor(float("inf"), requires_grad=True))
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row.*last good checkpoint is .*step-00000006"):
+        trainer.train()
+
+
+def test_sigterm_saves_a_checkpoint(corpus, tmp_path):
+    out = tmp_path / "out"
+    config = tmp_path / "c.yaml"
+    tiny_config(corpus, out, training={"max_steps": 100000, "num_epochs": 1000, "save_steps": 100000,
+                                       "eval_steps": 100000}).save(config)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "train", "--config", str(config)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import time
+    deadline = time.time() + 120
+    while not (out / "tensorboard").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err and "--resume latest" in err
+    step = int((out / "latest").resolve().name.split("-")[1])
+    assert step > 0 and load_file(str(out / "latest" / "model.safetensors"))
+
+
+def test_cli_train_resume_and_best_model(corpus, tmp_path):
+    config = tmp_path / "c.yaml"
+    tiny_config(corpus, tmp_path / "ignored", training={"max_steps": 4}).save(config)
+    run = lambda *args: subprocess.run([sys.executable, str(ROOT / "main.py"), "train", "--config", str(config),
+                                        "--output-dir", str(tmp_path / "cli"), *args],
+                                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = run("--seed", "3", "--use-best-model")
+    assert proc.returncode == 0, proc.stderr
+    assert "on the test split: loss" in proc.stdout and "checkpoints:" in proc.stdout
+    proc = run("--resume", "--set", "training.max_steps=6")   # the checkpoint config (seed 3) is kept
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "cli" / "latest").resolve().name == "step-00000006"
+    saved = Config.load(tmp_path / "cli" / "latest" / "config.yaml")
+    assert saved.training.seed == 3 and saved.training.max_steps == 6
