@@ -15,9 +15,12 @@ $(VENV)/.bench: $(VENV)/.installed requirements-bench.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
 	touch $@
 
-## the main job on the small embedded default (CPU, minutes)
-demo: $(VENV)/.installed
-	$(PY) main.py inspect --config config/small_cpu.yaml
+data/shakespeare/ATTRIBUTION: $(VENV)/.installed
+	$(PY) -m sparse_ssm.corpus data/shakespeare
+
+## the main job on the small embedded default (CPU, minutes): train on the embedded corpus
+demo: $(VENV)/.installed data/shakespeare/ATTRIBUTION
+	$(PY) main.py train --config config/small_cpu.yaml --use-best-model
 
 ## the test suite (what CI runs)
 test: $(VENV)/.installed
