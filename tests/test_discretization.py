@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.signal import cont2discrete
 
-from sparse_ssm.ssm.discretization import discretize, discretize_diagonal
+from sparse_ssm.ssm.discretization import discretize, discretize_diagonal, discretize_state_matrix
 from sparse_ssm.ssm.hippo import hippo
 from sparse_ssm.ssm.structures import BandedStructure, BlockStructure, DiagonalStructure, LowRankStructure
 
@@ -32,6 +32,8 @@ def test_dense_matches_scipy(name, kind, dt):
     Ad, Bd = discretize(A, B, dt, method, alpha if alpha is not None else 0.5)
     Ad_ref, Bd_ref = scipy_discretize(A.numpy(), B.numpy()[:, None], dt, method, alpha)
     np.testing.assert_allclose(Ad.numpy(), Ad_ref, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(discretize_state_matrix(A, dt, method, alpha if alpha is not None else 0.5).numpy(),
+                               Ad_ref, rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(Bd.numpy(), Bd_ref[:, 0], rtol=1e-9, atol=1e-11)
 
 

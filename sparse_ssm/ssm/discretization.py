@@ -64,6 +64,16 @@ def discretize(A: torch.Tensor, B: torch.Tensor, dt, method: str = "zoh", alpha:
     return A_bar, (B_bar.squeeze(-1) if vector_input else B_bar)
 
 
+def discretize_state_matrix(A: torch.Tensor, dt, method: str = "zoh", alpha: float = 0.5) -> torch.Tensor:
+    """A_bar alone (no input matrix): exp(dt A) or (I - a dt A)^{-1} (I + (1 - a) dt A).  A: (..., N, N)."""
+    dt_mat = torch.as_tensor(dt, dtype=A.dtype, device=A.device)[..., None, None]
+    if method == "zoh":
+        return torch.linalg.matrix_exp(dt_mat * A)
+    a = _alpha_for(method, alpha)
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    return torch.linalg.solve(eye - a * dt_mat * A, eye + (1 - a) * dt_mat * A)
+
+
 def discretize_diagonal(a: torch.Tensor, B: torch.Tensor, dt: torch.Tensor, method: str = "zoh",
                         alpha: float = 0.5):
     """Closed form for a diagonal A = diag(a).

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from .discretization import _alpha_for, discretize, discretize_diagonal
+from .discretization import _alpha_for, discretize, discretize_diagonal, discretize_state_matrix
 from .hippo import block_size_for, project_block_diagonal, project_low_rank
 
 
@@ -315,15 +315,14 @@ class BandedStructure:
         N, b = self.state_dim, self.block_size
         dense0 = BlockStructure(N, b).to_dense(A0)
         D0, B0 = discretize(dense0, B, dt, method, alpha)
-        D1, _ = discretize(self.to_dense(A) - dense0, B, dt, method, alpha)
+        D1 = discretize_state_matrix(self.to_dense(A) - dense0, dt, method, alpha)
         return D1 @ D0, (D1 @ B0[..., None])[..., 0]
 
     def discretize(self, A, dt, B, method, alpha=0.5):
         A0, A1 = A
         b = self.block_size
         A0_bar, B0_bar = discretize(A0, B.reshape(*B.shape[:-1], self.n0, b), dt[..., None], method, alpha)
-        eye = torch.eye(b, dtype=A1.dtype, device=A1.device)
-        A1_bar, _ = discretize(A1, eye.expand(*A1.shape[:-2], b, b), dt[..., None], method, alpha)
+        A1_bar = discretize_state_matrix(A1, dt[..., None], method, alpha)
         op = (A0_bar, A1_bar)
         return op, self._apply1(A1_bar, B0_bar.reshape(B.shape)[..., None])[..., 0]
 
