@@ -28,7 +28,7 @@ test: $(VENV)/.installed
 
 ## benchmarks against peers (writes bench/results/)
 bench: $(VENV)/.bench
-	$(PY) bench/train_step.py
+	$(PY) bench/train_step.py --compile
 	$(PY) bench/structures.py
 
 clean:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -48,11 +47,11 @@ def fwd_bwd(model, ids):
 
 
 def peak_rss_gb(name, state_dim, threads):
-    code = (f"import sys, resource, torch; torch.set_num_threads({threads});"
+    code = (f"import sys, torch; torch.set_num_threads({threads});"
             f"sys.path[:0]={[str(Path(__file__).parent), str(Path(__file__).parent.parent)]!r};"
             f"import structures as s; m = s.build({name!r}, {state_dim});"
             f"ids = torch.randint(0, 4096, (s.BATCH_OF.get({name!r}, s.BATCH), s.SEQ)); s.fwd_bwd(m, ids);"
-            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)")
+            f"print(int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1e6)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else float("nan")
 

@@ -1,6 +1,6 @@
 """Training-step throughput (forward + loss + backward + AdamW) against peers, on the CPU.
 
-    python bench/train_step.py [--rounds 5] [--threads 1] [--peers mamba2,gpt2,mambapy] [--out bench/results]
+    python bench/train_step.py [--rounds 5] [--threads 1] [--peers mamba2,gpt2,mambapy] [--compile] [--out bench/results]
 
 Models are built from configs with random weights at hidden 256, 4 layers, state 16, expand 2,
 vocab 4096, batch 8 x 256 (DEVELOPERS.md / shared/facts.md).  The models are timed in
@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,14 +32,21 @@ from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM  # noqa: E402
 VOCAB, HIDDEN, LAYERS, STATE, EXPAND, BATCH, SEQ = 4096, 256, 4, 16, 2, 8, 256
 
 
-def ours(**overrides):
+def ours(compile_model=False, **overrides):
     cfg = SparseSSMConfig(vocab_size=VOCAB, hidden_dim=HIDDEN, state_dim=STATE, num_layers=LAYERS,
                           expand=EXPAND, dropout=0.0, max_seq_len=SEQ, **overrides)
     model = SparseSSMForCausalLM(cfg)
-    return model, lambda ids: model(ids, labels=ids, return_logits=False).loss
+    run = torch.compile(model) if compile_model else model
+    return model, lambda ids: run(ids, labels=ids, return_logits=False).loss
 
 
-def builders(selected):
+def compiled_mamba2():
+    model, _ = peers.hf_mamba2(VOCAB, HIDDEN, LAYERS, STATE, EXPAND)
+    run = torch.compile(model)
+    return model, lambda ids: run(input_ids=ids, labels=ids).loss
+
+
+def builders(selected, compile_models=False):
     table = {
         "sparse-ssm (sparse 0.9, no FFN)": lambda: ours(ffn_dim=0),
         "sparse-ssm (sparse 0.9, FFN 512)": lambda: ours(ffn_dim=512),
@@ -49,7 +55,10 @@ def builders(selected):
         "mambapy": lambda: peers.mambapy(VOCAB, HIDDEN, LAYERS, STATE, EXPAND),
         "hf-mamba": lambda: peers.hf_mamba(VOCAB, HIDDEN, LAYERS, STATE, EXPAND),
     }
-    return {k: v for k, v in table.items() if k.startswith("sparse-ssm") or k in selected}
+    if compile_models:   # torch.compile for ours and the Mamba-2 peer alike
+        table["sparse-ssm (sparse 0.9, no FFN), compiled"] = lambda: ours(compile_model=True, ffn_dim=0)
+        table["mamba2, compiled"] = compiled_mamba2
+    return {k: v for k, v in table.items() if k.startswith("sparse-ssm") or k.split(",")[0] in selected}
 
 
 def make_step(model, loss_fn):
@@ -65,12 +74,12 @@ def make_step(model, loss_fn):
 
 def peak_rss_child(name: str, threads: int) -> float:
     """Peak RSS growth (GB) of one training step of one model, in a fresh process."""
-    code = (f"import sys, resource, torch; sys.argv=['x']; torch.set_num_threads({threads});"
+    code = (f"import sys, torch; sys.argv=['x']; torch.set_num_threads({threads});"
             f"sys.path[:0]={[str(Path(__file__).parent), str(Path(__file__).parent.parent)]!r};"
-            f"import train_step as b; m, f = b.builders({[name]!r})[{name!r}]();"
+            f"import train_step as b; m, f = b.builders({[name.split(',')[0]]!r}, True)[{name!r}]();"
             f"s = b.make_step(m, f); ids = torch.randint(0, b.VOCAB, (b.BATCH, b.SEQ));"
-            f"before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; s(ids); s(ids);"
-            f"print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1e6)")
+            f"s(ids); s(ids);"
+            f"print(int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1e6)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else float("nan")
 
@@ -82,11 +91,12 @@ def main():
     ap.add_argument("--peers", default="mamba2,gpt2,mambapy", help="comma list of: mamba2,gpt2,mambapy,hf-mamba")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-model peak-RSS processes")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile'd variants of ours and Mamba-2")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     models, steps = {}, {}
-    for name, build in builders(args.peers.split(",")).items():
+    for name, build in builders(args.peers.split(","), args.compile).items():
         try:
             model, loss_fn = build()
         except ImportError as e:
@@ -115,7 +125,8 @@ def main():
     result = {"setup": {"vocab": VOCAB, "hidden": HIDDEN, "layers": LAYERS, "state": STATE, "expand": EXPAND,
                         "batch": BATCH, "seq_len": SEQ, "threads": args.threads, "rounds": args.rounds,
                         "torch": torch.__version__, "machine": platform.machine(),
-                        "MALLOC_MMAP_MAX_": os.environ.get("MALLOC_MMAP_MAX_", "unset (glibc default)")},
+                        "MALLOC_MMAP_MAX_": os.environ.get("MALLOC_MMAP_MAX_", "unset (glibc default)"),
+                        "compile": args.compile},
                "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

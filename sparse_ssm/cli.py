@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -52,7 +53,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .training import Trainer
+    from .training import Trainer, atomic_write_text
 
     overrides = list(args.set or [])
     if args.output_dir:
@@ -81,7 +82,7 @@ def cmd_train(args) -> int:
         print(f"best checkpoint (step {trainer.state['best_step']}) on the test split: loss {test['loss']:.4f}, "
               f"perplexity {test['perplexity']:.2f}")
         result["test_best"] = test
-        (out / "metrics.json").write_text(__import__("json").dumps(result, indent=2))
+        atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
     return 0
 
 

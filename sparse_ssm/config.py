@@ -311,8 +311,12 @@ class Config:
         out.update(self.extra)
         return out
 
-    def save(self, path):
+    def to_yaml(self) -> str:
         import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path):
         from pathlib import Path
 
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(self.to_yaml())

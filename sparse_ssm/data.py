@@ -151,8 +151,14 @@ def load_splits(cfg: DatasetConfig) -> dict[str, list[str]]:
     """Documents of the train / validation / test splits for a dataset config."""
     path = Path(cfg.data_path) if cfg.data_path else None
     if path is not None and not path.exists():
-        hint = (" For the embedded corpus run: python -m sparse_ssm.corpus data/shakespeare (or make demo)."
-                if "shakespeare" in str(path) else "")
+        if "shakespeare" in str(path):
+            hint = " For the embedded corpus run: python -m sparse_ssm.corpus data/shakespeare (or make demo)."
+        elif cfg.type == "synthetic":
+            hint = (" dataset.type 'synthetic' reads a JSON list of records with a 'text' field (what create-synthetic "
+                    "writes); point dataset.data_path at one, use your own files with dataset.type 'custom', or "
+                    "train on the embedded corpus with config/small_cpu.yaml.")
+        else:
+            hint = ""
         raise DataError(f"dataset.data_path {path} does not exist.{hint}")
     if cfg.type == "wikitext103":
         if path is None:

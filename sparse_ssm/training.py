@@ -88,6 +88,13 @@ def unigram_perplexity(train: np.ndarray, evaluate: np.ndarray, vocab_size: int)
     return float(np.exp(-logp[evaluate[1:]].mean()))
 
 
+def atomic_write_text(path: Path, text: str):
+    """Write a file through a temporary name and a rename: readers never see half of it."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _atomic_symlink(target: str, link: Path):
     tmp = link.with_name(link.name + ".tmp")
     if tmp.is_symlink() or tmp.exists():
@@ -159,6 +166,10 @@ class Trainer:
                       "nonfinite_in_row": 0, "nonfinite_total": 0}
         if self.resume_from:
             self._load_training_state(self.resume_from)
+        elif (self.output_dir / "latest").exists():
+            self.log(f"note: {self.output_dir} holds checkpoints of an earlier run (latest: "
+                     f"{(self.output_dir / 'latest').resolve().name}); this new run replaces them as it saves "
+                     f"(continue the earlier run with --resume)")
         self._stop_signal = None
 
     # --- data ---------------------------------------------------------------------------
@@ -198,7 +209,7 @@ class Trainer:
                                 f"of dataset.max_seq_len = {L}; add data or lower max_seq_len")
         self.log(f"data: train {len(self.streams['train']):,} tokens ({len(self.train_set)} windows), "
                  f"validation {len(self.streams['validation']):,}, test {len(self.streams['test']):,}")
-        cfg.save(self.output_dir / "config.yaml")
+        atomic_write_text(self.output_dir / "config.yaml", cfg.to_yaml())
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.config.training.seed * 1_000_003 + epoch)
@@ -241,7 +252,7 @@ class Trainer:
         if tmp.exists():
             shutil.rmtree(tmp)
         shutil.copytree(source, tmp)
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))   # inside the temporary directory
         if best.exists():
             shutil.rmtree(best)
         tmp.rename(best)
@@ -386,7 +397,7 @@ class Trainer:
         final = self.evaluate(self.val_set, None)
         result = {"step": self.state["step"], "validation": final, "unigram_validation_perplexity": baseline,
                   "best_step": self.state["best_step"], "nonfinite_skipped": self.state["nonfinite_total"]}
-        (self.output_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        atomic_write_text(self.output_dir / "metrics.json", json.dumps(result, indent=2))
         return result
 
     def _loss(self, ids, labels):

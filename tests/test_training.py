@@ -192,3 +192,18 @@ def test_cli_train_resume_and_best_model(corpus, tmp_path):
     assert (tmp_path / "cli" / "latest").resolve().name == "step-00000006"
     saved = Config.load(tmp_path / "cli" / "latest" / "config.yaml")
     assert saved.training.seed == 3 and saved.training.max_steps == 6
+
+
+def test_bf16_and_gradient_checkpointing_train(corpus, tmp_path):
+    plain = Trainer(tiny_config(corpus, tmp_path / "a", training={"max_steps": 2}), log=lambda *_: None)
+    ckpt = Trainer(tiny_config(corpus, tmp_path / "b", training={"max_steps": 2, "gradient_checkpointing": True}),
+                   log=lambda *_: None)
+    ckpt.model.load_state_dict(plain.model.state_dict())
+    plain.train()
+    ckpt.train()
+    for (name, a), b in zip(plain.model.state_dict().items(), ckpt.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name          # recomputation changes nothing
+    bf16 = Trainer(tiny_config(corpus, tmp_path / "c", training={"max_steps": 3, "mixed_precision": "bf16"}),
+                   log=lambda *_: None)
+    result = bf16.train()
+    assert math.isfinite(result["validation"]["loss"]) and result["nonfinite_skipped"] == 0
