@@ -142,8 +142,9 @@ class Trainer:
         self.output_dir = Path(tc.output_dir)
         self.device = resolve_device(tc.device)
         if tc.mixed_precision == "fp16" and self.device.type != "cuda":
-            raise ConfigError("training.mixed_precision: 'fp16' needs a CUDA device (it trains with a gradient "
-                              f"scaler); on {self.device.type} use 'bf16' or 'no'")
+            log(f"note: training.mixed_precision 'fp16' needs a CUDA device (it trains with a gradient scaler); "
+                f"on {self.device.type} this run uses 'bf16' instead (set it to 'bf16' or 'no' to silence this)")
+            tc.mixed_precision = "bf16"
         self.resume_from = None
         if resume:
             self.resume_from = resolve_checkpoint(self.output_dir, resume)

@@ -59,9 +59,12 @@ def test_config_sections_and_overrides(tmp_path):
         Config.load(path)
 
 
-def test_fp16_on_cpu_is_refused(corpus, tmp_path):
-    with pytest.raises(ConfigError, match="fp16.*CUDA"):
-        Trainer(tiny_config(corpus, tmp_path / "out", training={"mixed_precision": "fp16"}), log=lambda *_: None)
+def test_fp16_without_cuda_falls_back_to_bf16_with_a_note(corpus, tmp_path):
+    notes = []
+    trainer = Trainer(tiny_config(corpus, tmp_path / "out", training={"mixed_precision": "fp16"}), log=notes.append)
+    assert any("'fp16' needs a CUDA device" in n for n in notes)
+    assert trainer.autocast_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
+    assert Config.load(tmp_path / "out" / "config.yaml").training.mixed_precision == "bf16"
 
 
 def test_optimizer_groups_and_lr_multiplier(corpus, tmp_path):
