@@ -28,10 +28,26 @@ def hf_gpt2(vocab, hidden, layers, seq_len):
 
 
 def mambapy(vocab, hidden, layers, state, expand):
+    """mambapy's Mamba stack (parallel scan `pscan`) with tied embedding / head and a final norm, as
+    its `lm.LM` builds it (importing `mambapy.lm` needs mamba_ssm for its Mamba-2 part)."""
+    import torch.nn as nn
     import torch.nn.functional as F
-    from mambapy.lm import LM, MambaConfig
-    model = LM(MambaConfig(d_model=hidden, n_layers=layers, d_state=state, expand_factor=expand, pscan=True),
-               vocab_size=vocab)
+    from mambapy.mamba import Mamba, MambaConfig, RMSNorm
+
+    class MambaPyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            cfg = MambaConfig(d_model=hidden, n_layers=layers, d_state=state, expand_factor=expand, pscan=True)
+            self.embedding = nn.Embedding(vocab, hidden)
+            self.mamba = Mamba(cfg)
+            self.norm_f = RMSNorm(hidden)
+            self.lm_head = nn.Linear(hidden, vocab, bias=False)
+            self.lm_head.weight = self.embedding.weight
+
+        def forward(self, ids):
+            return self.lm_head(self.norm_f(self.mamba(self.embedding(ids))))
+
+    model = MambaPyLM()
 
     def loss(ids):
         logits = model(ids)

@@ -105,7 +105,7 @@ def _diagonal_chunked(u, dt, a, B, C, D, method, alpha, initial_state, T):
     log_decay, negative, b_scale = _diagonal_log_decay(a, dt, method, alpha)
     B_bar = b_scale * B
     # (b, L, h, .) -> (b, h, c, T, .)
-    to_chunks = lambda x: _chunk(x, T).transpose(1, 3).transpose(2, 3)
+    to_chunks = lambda x: _chunk(x, T).permute(0, 3, 1, 2, 4).contiguous()
     ld, Bc, Cc, uc = to_chunks(log_decay), to_chunks(B_bar), to_chunks(C), to_chunks(u)
     cum = ld.cumsum(3)                                                  # (b, h, c, T, N)
     par = None
