@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import peak_rss_gb  # noqa: E402
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM  # noqa: E402
 
 CLASSES = {
@@ -46,14 +47,10 @@ def fwd_bwd(model, ids):
     model(ids, labels=ids, return_logits=False).loss.backward()
 
 
-def peak_rss_gb(name, state_dim, threads):
-    code = (f"import sys, torch; torch.set_num_threads({threads});"
-            f"sys.path[:0]={[str(Path(__file__).parent), str(Path(__file__).parent.parent)]!r};"
-            f"import structures as s; m = s.build({name!r}, {state_dim});"
-            f"ids = torch.randint(0, 4096, (s.BATCH_OF.get({name!r}, s.BATCH), s.SEQ)); s.fwd_bwd(m, ids);"
-            f"print(int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1e6)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else float("nan")
+def peak_rss(name, state_dim, threads):
+    return peak_rss_gb(f"import structures as s; m = s.build({name!r}, {state_dim});"
+                       f"ids = torch.randint(0, 4096, (s.BATCH_OF.get({name!r}, s.BATCH), s.SEQ)); s.fwd_bwd(m, ids)",
+                       threads)
 
 
 def main():
@@ -85,7 +82,7 @@ def main():
         rows.append({"class": name, "structure": cost["structure"], "batch": batch, "params": m.num_parameters(),
                      "generator_params_per_layer": cost["generator_params"],
                      "ssm_flops_per_token_per_layer": cost["ssm_flops"], "fwd_bwd_s": med,
-                     "tokens_per_s": batch * SEQ / med, "peak_rss_gb": peak_rss_gb(name, args.state_dim, args.threads)})
+                     "tokens_per_s": batch * SEQ / med, "peak_rss_gb": peak_rss(name, args.state_dim, args.threads)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     setup = {"hidden": 256, "layers": 4, "state": args.state_dim, "expand": 2, "ffn": 0, "vocab": 4096,

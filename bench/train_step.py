@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402
+from common import peak_rss_gb  # noqa: E402
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, STATE, EXPAND, BATCH, SEQ = 4096, 256, 4, 16, 2, 8, 256
@@ -73,15 +73,10 @@ def make_step(model, loss_fn):
 
 
 def peak_rss_child(name: str, threads: int) -> float:
-    """Peak RSS growth (GB) of one training step of one model, in a fresh process."""
-    code = (f"import sys, torch; sys.argv=['x']; torch.set_num_threads({threads});"
-            f"sys.path[:0]={[str(Path(__file__).parent), str(Path(__file__).parent.parent)]!r};"
-            f"import train_step as b; m, f = b.builders({[name.split(',')[0]]!r}, True)[{name!r}]();"
-            f"s = b.make_step(m, f); ids = torch.randint(0, b.VOCAB, (b.BATCH, b.SEQ));"
-            f"s(ids); s(ids);"
-            f"print(int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1e6)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else float("nan")
+    """Peak RSS (GB) of a process that builds one model and runs two training steps."""
+    return peak_rss_gb(f"import train_step as b; m, f = b.builders({[name.split(',')[0]]!r}, True)[{name!r}]();"
+                       f"s = b.make_step(m, f); ids = torch.randint(0, b.VOCAB, (b.BATCH, b.SEQ)); s(ids); s(ids)",
+                       threads)
 
 
 def main():

@@ -154,7 +154,25 @@ class DiagonalStructure(BlockStructure):
         return {"build_A": 2 * N, "discretize": 6 * N, "apply": 2 * N * head_dim}
 
 
-class LowRankStructure:
+class DensePrefix:
+    """Prefix operators for the chunked scan of structures whose products fill in (banded,
+    low-rank): carried as dense N x N matrices, built by applying each step to the identity."""
+
+    def identity(self, like, lead):
+        eye = torch.eye(self.state_dim, dtype=like.dtype, device=like.device)
+        return (eye.expand(*lead, self.state_dim, self.state_dim),)
+
+    def compose(self, op, prefix):
+        return (self.apply(op, prefix[0]),)
+
+    def transfer(self, prefix, X):
+        return prefix[0] @ X
+
+    def pull_back(self, prefix, C):
+        return (prefix[0].transpose(-1, -2) @ C[..., None])[..., 0]
+
+
+class LowRankStructure(DensePrefix):
     """A = diag(lam) + U V^T with lam = -exp(d) - ||U||_F ||V||_F (stable for any U, V)."""
 
     def __init__(self, state_dim: int, rank: int):
@@ -219,26 +237,12 @@ class LowRankStructure:
         Y = X + fwd * (lam[..., None] * X + U @ (V.transpose(-1, -2) @ X))
         return self._solve(op, Y)
 
-    # prefix products of diagonal-plus-low-rank operators are dense: carried as N x N
-    def identity(self, like, lead):
-        eye = torch.eye(self.state_dim, dtype=like.dtype, device=like.device)
-        return (eye.expand(*lead, self.state_dim, self.state_dim),)
-
-    def compose(self, op, prefix):
-        return (self.apply(op, prefix[0]),)
-
-    def transfer(self, prefix, X):
-        return prefix[0] @ X
-
-    def pull_back(self, prefix, C):
-        return (prefix[0].transpose(-1, -2) @ C[..., None])[..., 0]
-
     def flops_per_token(self, head_dim):
         N, r = self.state_dim, self.rank
         return {"build_A": 4 * N * r, "discretize": 8 * N * r + 2 * r ** 3, "apply": (8 * r + 4) * N * head_dim}
 
 
-class BandedStructure:
+class BandedStructure(DensePrefix):
     """Banded A = A0 + A1: A0 block-diagonal with b x b blocks, A1 the same pattern shifted by
     h = b // 2 (its first and last blocks are cut at the matrix edge).  Every entry with
     |i - j| <= h is in the pattern (and some up to |i - j| = b - 1): a band of half-width h, with
@@ -333,19 +337,6 @@ class BandedStructure:
         A0_bar, A1_bar = op
         Xb = X.reshape(*X.shape[:-2], self.n0, self.block_size, X.shape[-1])
         return self._apply1(A1_bar, (A0_bar @ Xb).reshape(X.shape))
-
-    def identity(self, like, lead):
-        eye = torch.eye(self.state_dim, dtype=like.dtype, device=like.device)
-        return (eye.expand(*lead, self.state_dim, self.state_dim),)
-
-    def compose(self, op, prefix):
-        return (self.apply(op, prefix[0]),)
-
-    def transfer(self, prefix, X):
-        return prefix[0] @ X
-
-    def pull_back(self, prefix, C):
-        return (prefix[0].transpose(-1, -2) @ C[..., None])[..., 0]
 
     def flops_per_token(self, head_dim):
         N, b = self.state_dim, self.block_size

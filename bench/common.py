@@ -1,0 +1,20 @@
+"""Shared by the benchmarks: peak memory of a piece of work in a fresh process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def peak_rss_gb(setup: str, threads: int) -> float:
+    """Run `setup` (Python source, with bench/ and the repository on sys.path) in a new process
+    and return its peak resident set size (VmHWM) in GB, or nan when it fails.  A fresh process,
+    since ru_maxrss would include the parent's peak (it is inherited through fork)."""
+    code = (f"import sys, torch; sys.argv = ['x']; torch.set_num_threads({threads});"
+            f"sys.path[:0] = {[str(HERE), str(HERE.parent)]!r};\n{setup}\n"
+            f"print(int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1e6)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else float("nan")
