@@ -2,6 +2,7 @@
 
     python main.py train --config config/small_cpu.yaml [--output-dir DIR] [--seed N] [--resume [latest|PATH]]
                          [--use-best-model] [--set training.num_epochs=1 ...]
+    python main.py generate --config config/small_cpu.yaml --model-dir outputs/small_cpu --prompt "To be"
     python main.py inspect --config config/small_cpu.yaml      # build the model, report its cost,
                                                               # check prefill + recurrent decoding
 """
@@ -86,6 +87,76 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import dataclasses
+
+    from .generation import SamplingSettings, generate_text
+    from .tokenizer import load_tokenizer
+    from .training import load_checkpoint_model, resolve_checkpoint, resolve_device
+
+    user = Config.load(args.config) if args.config else None
+    model_dir = Path(args.model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist; train one first "
+                                f"(python main.py train --config ... --output-dir {model_dir})")
+    which = args.checkpoint or ("best" if (model_dir / "best").exists() else "latest")
+    checkpoint = resolve_checkpoint(model_dir, which)
+    device = resolve_device(args.device)
+    model, saved = load_checkpoint_model(checkpoint, device)
+    tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
+    if user is not None:
+        mine, theirs = dataclasses.asdict(user.model), dataclasses.asdict(saved.model)
+        differ = [f"{k}: {mine[k]!r} (config) vs {theirs[k]!r} (checkpoint)" for k in mine
+                  if k != "vocab_size" and mine[k] != theirs[k]]
+        if differ:
+            print(f"note: {args.config} describes another model than the checkpoint; the checkpoint's model config "
+                  f"is used ({'; '.join(differ[:4])}{'; ...' if len(differ) > 4 else ''})", file=sys.stderr)
+    defaults = (user or saved).generation
+    pick = lambda flag, default: default if flag is None else flag
+    settings = SamplingSettings(
+        max_new_tokens=pick(args.max_length, defaults.max_length), temperature=pick(args.temperature, defaults.temperature),
+        top_k=pick(args.top_k, defaults.top_k), top_p=pick(args.top_p, defaults.top_p),
+        repetition_penalty=pick(args.repetition_penalty, defaults.repetition_penalty),
+        seed=pick(args.seed, defaults.seed), stop_strings=args.stop if args.stop else list(defaults.stop_strings))
+    settings.validate()
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        lines = Path(args.prompts_file).read_text().splitlines()
+        prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError("prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    if any(not p.strip() for p in prompts):
+        raise ConfigError("prompt: empty prompt; give some text to continue")
+    n = pick(args.num_return_sequences, defaults.num_return_sequences)
+    stream = not args.no_stream and len(prompts) * n == 1
+    if stream:
+        print(prompts[0], end="", flush=True)
+    start = time.perf_counter()
+    texts = generate_text(model, tokenizer, prompts, settings, n,
+                          on_text=(lambda i, piece: print(piece, end="", flush=True)) if stream else None)
+    elapsed = time.perf_counter() - start
+    if stream:
+        print()
+    else:
+        for i, text in enumerate(texts):
+            print(f"--- [{i // n + 1}.{i % n + 1}] ---\n{prompts[i // n]}{text}")
+    new_tokens = sum(len(tokenizer.encode(t).ids) for t in texts)
+    print(f"({len(texts)} sequence(s), {new_tokens} new tokens in {elapsed:.2f}s from {checkpoint})", file=sys.stderr)
+    if args.output_file:
+        out = Path(args.output_file)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if args.output_format == "jsonl":
+            rows = [{"prompt": prompts[i // n], "completion": t, "checkpoint": str(checkpoint),
+                     "settings": dataclasses.asdict(settings)} for i, t in enumerate(texts)]
+            body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        else:
+            body = "\n\n".join(prompts[i // n] + t for i, t in enumerate(texts)) + "\n"
+        from .training import atomic_write_text
+        atomic_write_text(out, body)
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description="sparse-ssm: selective sparse state space LMs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -102,6 +173,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set training.num_epochs=1 (repeatable)")
     t.set_defaults(func=cmd_train)
+    g = sub.add_parser("generate", help="generate text from a trained model (streams to the terminal)",
+                       description="Continue prompts with a trained checkpoint: the prompt is prefilled in one "
+                                   "parallel pass, then each new token is one recurrent step.  The checkpoint's own "
+                                   "model config and tokenizer are used; --config supplies generation defaults.")
+    g.add_argument("--config", type=Path, help="YAML config: its `generation` section gives defaults for the flags below")
+    g.add_argument("--model-dir", required=True, help="a training output directory")
+    g.add_argument("--checkpoint", help="best | latest | STEP | PATH (default: best if present, else latest)")
+    g.add_argument("--prompt", action="append", help="text to continue (repeatable: a batch)")
+    g.add_argument("--prompts-file", help="a file with one prompt per line")
+    g.add_argument("--max-length", type=int, help="number of NEW tokens to generate (default 100)")
+    g.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default 1.0)")
+    g.add_argument("--top-k", type=int, help="keep the k most likely tokens, 0 = off (default 0)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1], 1 = off (default 1.0)")
+    g.add_argument("--repetition-penalty", type=float, help="penalty > 1 discourages repeated tokens (default 1.0)")
+    g.add_argument("--seed", type=int, help="seed for reproducible sampling (sequence i uses seed + i)")
+    g.add_argument("--stop", action="append", help="stop string (repeatable); generation also stops at end-of-text")
+    g.add_argument("--num-return-sequences", type=int, help="continuations per prompt (default 1)")
+    g.add_argument("--output-file", help="write the results to this file")
+    g.add_argument("--output-format", choices=["text", "jsonl"], default="text",
+                   help="text: prompt + continuation per sequence; jsonl: one record with the settings per sequence")
+    g.add_argument("--no-stream", action="store_true", help="print the results at the end instead of streaming")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default auto)")
+    g.set_defaults(func=cmd_generate)
     p = sub.add_parser("inspect", help="build the model of a config, print its size and cost, and check that "
                                        "recurrent decoding matches the parallel forward pass")
     p.add_argument("--config", required=True, type=Path, help="YAML config file (its `model` section is used)")
@@ -115,7 +209,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, DataError) as e:
+    except (ConfigError, FileNotFoundError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

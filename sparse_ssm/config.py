@@ -22,6 +22,11 @@ def _check_type(key: str, value, annotation):
         if value is None and type(None) in options:
             return None
         annotation = next(a for a in options if a is not type(None))
+    if origin is list:
+        item = typing.get_args(annotation)[0]
+        if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
+            raise ConfigError(f"{key}: expected a list of {item.__name__}, got {value!r}")
+        return value
     if origin is typing.Literal:
         if value not in typing.get_args(annotation):
             raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(annotation))}")
@@ -257,8 +262,31 @@ class DatasetConfig:
                  f"is required for dataset type {self.type!r}")
 
 
+@dataclass
+class GenerationConfig:
+    """The `generation` section: defaults of `main.py generate` (its flags override them)."""
+
+    max_length: int = 100                  # new tokens
+    temperature: float = 1.0               # 0: greedy
+    top_k: int = 0                         # 0: off
+    top_p: float = 1.0                     # 1: off
+    repetition_penalty: float = 1.0        # 1: off
+    seed: typing.Optional[int] = None
+    stop_strings: typing.List[str] = dataclasses.field(default_factory=list)
+    num_return_sequences: int = 1
+
+    def validate(self, section: str = "generation"):
+        from .generation import SamplingSettings
+        try:
+            SamplingSettings(self.max_length, self.temperature, self.top_k, self.top_p, self.repetition_penalty).validate()
+        except ConfigError as e:
+            raise ConfigError(f"{section}.{e}") from None
+        _require(self.num_return_sequences >= 1, f"{section}.num_return_sequences",
+                 f"must be >= 1, got {self.num_return_sequences}")
+
+
 SECTIONS = {"model": SparseSSMConfig, "training": TrainingConfig, "optimizer": OptimizerConfig,
-            "scheduler": SchedulerConfig, "dataset": DatasetConfig}
+            "scheduler": SchedulerConfig, "dataset": DatasetConfig, "generation": GenerationConfig}
 
 
 @dataclass
@@ -270,9 +298,10 @@ class Config:
     optimizer: OptimizerConfig
     scheduler: SchedulerConfig
     dataset: DatasetConfig
+    generation: GenerationConfig
     extra: dict = dataclasses.field(default_factory=dict)   # sections owned by other commands (synthetic, ...)
 
-    OTHER_SECTIONS = ("synthetic", "distillation", "generation")
+    OTHER_SECTIONS = ("synthetic", "distillation")
 
     @classmethod
     def from_dict(cls, data: dict) -> "Config":

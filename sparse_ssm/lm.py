@@ -101,21 +101,26 @@ class SparseSSMForCausalLM(nn.Module):
         out = self(token_ids[:, None], cache=cache)
         return out.logits[:, -1], out.cache
 
+    def stream(self, prompts, **settings):
+        """Iterator over generation steps for a batch of token-id prompts (any lengths): see
+        `sparse_ssm.generation.stream_generate`; settings are those of `SamplingSettings`
+        (plus eos_token_id)."""
+        from .generation import SamplingSettings, stream_generate
+        eos = settings.pop("eos_token_id", None)
+        return stream_generate(self, prompts, SamplingSettings(**settings), eos)
+
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Greedy (temperature 0) or sampled continuation: returns (b, L + max_new_tokens) ids."""
-        logits, cache = self.prefill(input_ids)
-        out = [input_ids]
-        for _ in range(max_new_tokens):
-            if temperature > 0:
-                probs = torch.softmax(logits.float() / temperature, dim=-1)
-                token = torch.multinomial(probs, 1, generator=generator)[:, 0]
-            else:
-                token = logits.argmax(-1)
-            out.append(token[:, None])
-            logits, cache = self.step(token, cache)
-        return torch.cat(out, 1)
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 eos_token_id: int | None = None) -> torch.Tensor:
+        """Continue prompts (b, L): (b, L + new) ids; rows that ended at eos_token_id are padded
+        with it.  Temperature 0 is greedy."""
+        steps = list(self.stream(input_ids.tolist(), max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+                                 eos_token_id=eos_token_id))
+        new = torch.stack([s.tokens for s in steps], 1).to(input_ids.device)
+        new = torch.where(new < 0, eos_token_id if eos_token_id is not None else 0, new)
+        return torch.cat([input_ids, new], 1)
 
     def parameter_groups(self, weight_decay: float, selective_lr_multiplier: float = 1.0) -> list[dict]:
         """Optimizer groups.  No weight decay for norms, biases, embeddings and the SSM's A base,
