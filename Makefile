@@ -30,6 +30,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.bench
 	$(PY) bench/train_step.py --compile
 	$(PY) bench/structures.py
+	$(PY) bench/generation.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,104 @@
+"""Decoding speed against context length: our recurrent step vs. GPT-2 with a KV cache.
+
+    python bench/generation.py [--contexts 64,256,1024,4096] [--batches 1,8] [--new-tokens 32] [--rounds 3]
+
+Ours: hidden 256, 4 layers, state 16, expand 2, no FFN, vocab 4096 (2.8 M parameters), prompt
+prefilled in one parallel pass, then one recurrent step per token.  Peer: `transformers` GPT-2
+with 2 layers of width 256 (matched parameters but for its position table) and its KV cache.
+Random weights, greedy tokens, 1 thread; for every (batch, context) the two models alternate
+for --rounds rounds and the median ms per new token (decode only, after the prefill) is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM  # noqa: E402
+
+VOCAB = 4096
+
+
+@torch.no_grad()
+def ours_decode(model, ctx, new_tokens):
+    logits, cache = model.prefill(ctx)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        logits, cache = model.step(logits.argmax(-1), cache)
+    return (time.perf_counter() - start) / new_tokens
+
+
+@torch.no_grad()
+def gpt2_decode(model, ctx, new_tokens):
+    out = model(input_ids=ctx, use_cache=True)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=out.logits[:, -1].argmax(-1)[:, None], past_key_values=out.past_key_values, use_cache=True)
+    return (time.perf_counter() - start) / new_tokens
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", default="64,256,1024,4096")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    ours = SparseSSMForCausalLM(SparseSSMConfig(vocab_size=VOCAB, hidden_dim=256, state_dim=16, ffn_dim=0, num_layers=4,
+                                                dropout=0.0, max_seq_len=max(contexts) + args.new_tokens)).eval()
+    models = {"sparse-ssm": (ours, ours_decode)}
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+        gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=256, n_layer=2, n_head=4,
+                                          n_positions=max(contexts) + args.new_tokens, attn_implementation="sdpa")).eval()
+        models["gpt2 (KV cache)"] = (gpt2, gpt2_decode)
+    except ImportError as e:
+        print(f"skipping gpt2: {e}")
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        for length in contexts:
+            ctx = torch.randint(0, VOCAB, (batch, length))
+            times = {name: [] for name in models}
+            for _ in range(args.rounds):
+                for name, (model, decode) in models.items():
+                    times[name].append(decode(model, ctx, args.new_tokens))
+            for name, ts in times.items():
+                ms = 1000 * statistics.median(ts)
+                rows.append({"model": name, "batch": batch, "context": length, "ms_per_token": ms,
+                             "tokens_per_s": batch * 1000 / ms})
+                print(f"batch {batch} context {length:5d} {name:16s} {ms:7.2f} ms/token  {batch * 1000 / ms:8.1f} tok/s",
+                      flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    setup = {"threads": args.threads, "new_tokens": args.new_tokens, "rounds": args.rounds, "torch": torch.__version__,
+             "params": {name: sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
+                        for name, (m, _) in models.items()}}
+    (out / "generation.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+    names = list(models)
+    lines = ["| batch | context | " + " | ".join(f"{n} ms/token (tok/s)" for n in names) + " |",
+             "|---:|---:|" + "---:|" * len(names)]
+    for batch in sorted({r["batch"] for r in rows}):
+        for length in contexts:
+            cells = [next(r for r in rows if r["model"] == n and r["batch"] == batch and r["context"] == length)
+                     for n in names]
+            lines.append(f"| {batch} | {length} | " + " | ".join(f"{c['ms_per_token']:.2f} ({c['tokens_per_s']:.0f})"
+                                                                 for c in cells) + " |")
+    (out / "generation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
