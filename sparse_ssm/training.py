@@ -316,11 +316,11 @@ class Trainer:
         from tqdm.auto import tqdm
 
         tc = self.config.training
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         writer = SummaryWriter(str(self.output_dir / "tensorboard"))
         baseline = unigram_perplexity(self.streams["train"], self.streams["validation"], self.config.model.vocab_size)
         self.log(f"model: {self.model.num_parameters():,} parameters on {self.device}; "
                  f"{self.total_steps} optimizer steps; unigram validation perplexity {baseline:.1f}")
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=self.total_steps, initial=self.state["step"], disable=not tc.progress_bar,
                    desc="training", unit="step", dynamic_ncols=True)
         accum, bs = tc.gradient_accumulation_steps, tc.batch_size
