@@ -56,7 +56,8 @@ class SelectiveSSMLayer(nn.Module):
         u = u.transpose(1, 2)                                            # (b, E, L)
         past = u.new_zeros(b, self.inner_dim, K - 1) if state is None else state.conv.to(u.dtype)
         u = torch.cat([past, u], dim=-1)
-        conv_state = u[..., -(K - 1):] if K > 1 else u[..., :0]
+        # a copy, not a view: the state must not keep the whole (b, E, L) input alive
+        conv_state = u[..., -(K - 1):].clone() if K > 1 else u[..., :0]
         u = F.silu(self.conv(u)).transpose(1, 2)                         # (b, L, E)
 
         # the scan runs in (at least) float32, as Mamba's kernels do, whatever the autocast dtype

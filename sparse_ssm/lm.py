@@ -61,11 +61,13 @@ class SparseSSMForCausalLM(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=std)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: list[LayerState] | None = None, return_logits: bool = True) -> CausalLMOutput:
+                cache: list[LayerState] | None = None, return_logits: bool = True,
+                last_logits_only: bool = False) -> CausalLMOutput:
         """input_ids (b, L) -> logits (b, L, vocab).  labels (b, L): the loss predicts labels[:, 1:]
         from positions [:, :-1] (pass labels = input_ids); -100 is ignored.  With labels and
         return_logits=False the loss comes from the fused chunked head (`loss.linear_cross_entropy`)
-        and the logits are never materialised (logits is None): what training uses."""
+        and the logits are never materialised (logits is None): what training uses.
+        last_logits_only: logits for the last position only, (b, 1, vocab) (what prefill needs)."""
         x = self.embed(input_ids)
         states = []
         for i, block in enumerate(self.blocks):
@@ -83,7 +85,7 @@ class SparseSSMForCausalLM(nn.Module):
             if not return_logits:
                 loss = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets)
         if return_logits:
-            logits = self.lm_head(h)
+            logits = self.lm_head(h[:, -1:] if last_logits_only else h)
             if labels is not None:
                 flat = logits.flatten(0, 1)
                 loss = F.cross_entropy(flat.to(torch.promote_types(flat.dtype, torch.float32)), targets, ignore_index=-100)
@@ -92,7 +94,7 @@ class SparseSSMForCausalLM(nn.Module):
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor):
         """Run a prompt (b, L) in one parallel pass: (logits of the last token (b, vocab), cache)."""
-        out = self(input_ids)
+        out = self(input_ids, last_logits_only=True)
         return out.logits[:, -1], out.cache
 
     @torch.no_grad()
