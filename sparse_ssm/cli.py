@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -68,22 +69,30 @@ def cmd_train(args) -> int:
         checkpoint = resolve_checkpoint(Path(config.training.output_dir), args.resume)
         config = Config.load(checkpoint / "config.yaml", overrides)
         args.resume = str(checkpoint)
-        print(f"resuming from {checkpoint} with its saved config (change values with --set)")
+        if os.environ.get("RANK", "0") == "0":
+            print(f"resuming from {checkpoint} with its saved config (change values with --set)")
     start = time.perf_counter()
     trainer = Trainer(config, resume=args.resume)
-    result = trainer.train()
-    val = result["validation"]
-    print(f"done in {time.perf_counter() - start:.0f}s, {result['step']} steps: validation loss {val['loss']:.4f}, "
-          f"perplexity {val['perplexity']:.2f} (unigram baseline {result['unigram_validation_perplexity']:.1f})")
-    out = trainer.output_dir
-    print(f"checkpoints: {out / 'checkpoints'} (latest: {(out / 'latest').resolve()}, best: {out / 'best'}); "
-          f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
-    if args.use_best_model:
-        test = trainer.evaluate_checkpoint("best")
-        print(f"best checkpoint (step {trainer.state['best_step']}) on the test split: loss {test['loss']:.4f}, "
-              f"perplexity {test['perplexity']:.2f}")
-        result["test_best"] = test
-        atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+    say = print if trainer.main else (lambda *a, **k: None)      # under torchrun only rank 0 reports
+    try:
+        result = trainer.train()
+        val = result["validation"]
+        say(f"done in {time.perf_counter() - start:.0f}s, {result['step']} steps: validation loss {val['loss']:.4f}, "
+            f"perplexity {val['perplexity']:.2f} (unigram baseline {result['unigram_validation_perplexity']:.1f})")
+        out = trainer.output_dir
+        say(f"checkpoints: {out / 'checkpoints'} (latest: {(out / 'latest').resolve()}, best: {out / 'best'}); "
+            f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+        if args.use_best_model:
+            test = trainer.evaluate_checkpoint("best")
+            say(f"best checkpoint (step {trainer.state['best_step']}) on the test split: loss {test['loss']:.4f}, "
+                f"perplexity {test['perplexity']:.2f}")
+            result["test_best"] = test
+            if trainer.main:
+                atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+    finally:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

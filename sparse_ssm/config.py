@@ -182,12 +182,13 @@ class TrainingConfig:
     output_dir: str = "outputs/sparse_ssm"
     device: str = "auto"                            # auto | cpu | cuda | cuda:N | mps
     max_consecutive_nonfinite: int = 10             # stop after this many non-finite losses in a row
+    distributed_timeout_s: int = 600                # torchrun: a collective waiting longer ends the job
     progress_bar: bool = True
 
     def validate(self, section: str = "training"):
         k = lambda name: f"{section}.{name}"
         for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
-                     "eval_steps", "save_total_limit", "max_consecutive_nonfinite"):
+                     "eval_steps", "save_total_limit", "max_consecutive_nonfinite", "distributed_timeout_s"):
             _require(getattr(self, name) >= 1, k(name), f"must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "eval_max_batches"):
             value = getattr(self, name)

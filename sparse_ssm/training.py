@@ -31,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_model, save_model
+from torch.nn.parallel import DistributedDataParallel
 
 from .config import Config, ConfigError, OptimizerConfig, SchedulerConfig
 from .data import WindowDataset, collate, load_splits, tokenize_splits
@@ -52,6 +54,23 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"training.device: {name!r} but no CUDA device is available; use 'cpu' or 'auto'")
     return device
+
+
+def init_distributed(tc) -> tuple[int, int, int]:
+    """(rank, world size, local rank).  Under torchrun (WORLD_SIZE > 1) this joins the process
+    group: NCCL on CUDA, gloo on CPU, with training.distributed_timeout_s so that a lost rank
+    ends the job instead of hanging it."""
+    from datetime import timedelta
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and tc.device in ("auto", "cuda") or tc.device.startswith("cuda")
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                timeout=timedelta(seconds=tc.distributed_timeout_s))
+    return dist.get_rank(), dist.get_world_size(), local
 
 
 def lr_factor(step: int, total_steps: int, cfg: SchedulerConfig) -> float:
@@ -137,10 +156,16 @@ def load_checkpoint_model(path: Path, device="cpu") -> tuple[SparseSSMForCausalL
 
 class Trainer:
     def __init__(self, config: Config, resume: str | None = None, log=print):
-        self.config, self.log = config, log
         tc = config.training
+        self.rank, self.world, local_rank = init_distributed(tc)
+        self.main = self.rank == 0                    # only the main process writes files and logs
+        self.config, self.log = config, (log if self.main else (lambda *_: None))
+        log = self.log
         self.output_dir = Path(tc.output_dir)
         self.device = resolve_device(tc.device)
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
         if tc.mixed_precision == "fp16" and self.device.type != "cuda":
             log(f"note: training.mixed_precision 'fp16' needs a CUDA device (it trains with a gradient scaler); "
                 f"on {self.device.type} this run uses 'bf16' instead (set it to 'bf16' or 'no' to silence this)")
@@ -149,12 +174,23 @@ class Trainer:
         if resume:
             self.resume_from = resolve_checkpoint(self.output_dir, resume)
         torch.manual_seed(tc.seed)
+        if not self.main:
+            self._barrier()                           # the main process trains the tokenizer and fills the cache
         self._prepare_data()
-        self.model = SparseSSMForCausalLM(config.model).to(self.device)
+        if self.main:
+            self._barrier()
+        self.model = SparseSSMForCausalLM(config.model).to(self.device)   # same seed: same weights on every rank
         self.model.gradient_checkpointing = tc.gradient_checkpointing
         self.forward = torch.compile(self.model) if tc.compile else self.model
+        self.train_forward = self.forward
+        if self.world > 1:
+            ddp = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            self.ddp = ddp
+            self.train_forward = torch.compile(ddp) if tc.compile else ddp
         self.optimizer = build_optimizer(self.model, config.optimizer)
-        steps_per_epoch = math.ceil(len(self.train_set) / (tc.batch_size * tc.gradient_accumulation_steps))
+        # a global micro-batch is batch_size sequences on each of the world-size processes
+        self.global_batch = tc.batch_size * self.world
+        steps_per_epoch = math.ceil(len(self.train_set) / (self.global_batch * tc.gradient_accumulation_steps))
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = steps_per_epoch * tc.num_epochs
         if tc.max_steps:
@@ -163,8 +199,8 @@ class Trainer:
             self.optimizer, lambda step: lr_factor(step, self.total_steps, config.scheduler))
         self.scaler = torch.amp.GradScaler("cuda", enabled=tc.mixed_precision == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.mixed_precision)
-        self.state = {"step": 0, "epoch": 0, "micro_batch": 0, "best_val_loss": float("inf"), "best_step": None,
-                      "nonfinite_in_row": 0, "nonfinite_total": 0}
+        self.state = {"step": 0, "epoch": 0, "micro_batch": 0, "global_batch": self.global_batch,
+                      "best_val_loss": float("inf"), "best_step": None, "nonfinite_in_row": 0, "nonfinite_total": 0}
         if self.resume_from:
             self._load_training_state(self.resume_from)
         elif (self.output_dir / "latest").exists():
@@ -193,9 +229,10 @@ class Trainer:
                      + (f" (capped from {requested} for this much text)" if size < requested else ""))
             tokenizer = train_tokenizer(splits["train"], size)
         self.tokenizer = tokenizer
-        tmp = tok_path.with_suffix(".tmp")
-        tokenizer.save(str(tmp))
-        os.replace(tmp, tok_path)
+        if self.main:
+            tmp = tok_path.with_suffix(".tmp")
+            tokenizer.save(str(tmp))
+            os.replace(tmp, tok_path)
         cfg.model.vocab_size = tokenizer.get_vocab_size()
         self.pad_id = tokenizer.token_to_id(PAD)
         if self.pad_id is None:
@@ -210,7 +247,22 @@ class Trainer:
                                 f"of dataset.max_seq_len = {L}; add data or lower max_seq_len")
         self.log(f"data: train {len(self.streams['train']):,} tokens ({len(self.train_set)} windows), "
                  f"validation {len(self.streams['validation']):,}, test {len(self.streams['test']):,}")
-        atomic_write_text(self.output_dir / "config.yaml", cfg.to_yaml())
+        if self.main:
+            atomic_write_text(self.output_dir / "config.yaml", cfg.to_yaml())
+
+    # --- processes ----------------------------------------------------------------------
+    def _barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def _all(self, value: float, op) -> float:
+        """`value` reduced over the processes (identity without torch.distributed)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64,
+                         device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=op)
+        return float(t)
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.config.training.seed * 1_000_003 + epoch)
@@ -222,10 +274,14 @@ class Trainer:
 
     # --- checkpoints --------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
+        """Write a checkpoint (the main process; the others wait for it) and return its path."""
         step = self.state["step"]
         root = self.output_dir / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{step:08d}"
+        if not self.main:
+            self._barrier()
+            return final
+        root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".tmp-step-{step:08d}"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -245,9 +301,12 @@ class Trainer:
         kept = sorted(root.glob("step-*"))
         for old in kept[:-self.config.training.save_total_limit]:
             shutil.rmtree(old)
+        self._barrier()
         return final
 
     def _save_best(self, source: Path, metrics: dict):
+        if not self.main:
+            return
         best = self.output_dir / "best"
         tmp = self.output_dir / ".tmp-best"
         if tmp.exists():
@@ -269,6 +328,12 @@ class Trainer:
             raise TrainingError(f"cannot resume from {path}: the checkpoint is corrupt or from a different model "
                                 f"({type(e).__name__}: {str(e)[:200]}); resume from another checkpoint") from None
         self.state.update(saved["state"])
+        old_global = self.state.get("global_batch", self.global_batch)
+        if old_global != self.global_batch:   # another number of processes: keep the position in sequences
+            self.log(f"resuming with a global micro-batch of {self.global_batch} sequences instead of {old_global}: "
+                     f"the data position is kept, the run is no longer bitwise identical to an uninterrupted one")
+            self.state["micro_batch"] = self.state["micro_batch"] * old_global // self.global_batch
+            self.state["global_batch"] = self.global_batch
         torch.set_rng_state(saved["rng_cpu"])
         if saved["rng_cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng_cuda"])
@@ -281,9 +346,8 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         bs = self.config.training.batch_size
-        for b, start in enumerate(range(0, len(dataset), bs)):
-            if max_batches and b >= max_batches:
-                break
+        starts = list(range(0, len(dataset), bs))[:max_batches]
+        for start in starts[self.rank::self.world]:         # batches shared out over the processes
             ids, labels = self._batch(dataset, range(start, min(start + bs, len(dataset))))
             n = int((labels[:, 1:] != -100).sum())
             if n == 0:
@@ -293,6 +357,7 @@ class Trainer:
             total += float(loss) * n
             count += n
         self.model.train()
+        total, count = self._all(total, dist.ReduceOp.SUM), int(self._all(count, dist.ReduceOp.SUM))
         if count == 0:
             return {"loss": float("nan"), "perplexity": float("nan"), "tokens": 0}
         mean = total / count
@@ -317,11 +382,11 @@ class Trainer:
 
         tc = self.config.training
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+        writer = SummaryWriter(str(self.output_dir / "tensorboard")) if self.main else None
         baseline = unigram_perplexity(self.streams["train"], self.streams["validation"], self.config.model.vocab_size)
         self.log(f"model: {self.model.num_parameters():,} parameters on {self.device}; "
                  f"{self.total_steps} optimizer steps; unigram validation perplexity {baseline:.1f}")
-        bar = tqdm(total=self.total_steps, initial=self.state["step"], disable=not tc.progress_bar,
+        bar = tqdm(total=self.total_steps, initial=self.state["step"], disable=not (tc.progress_bar and self.main),
                    desc="training", unit="step", dynamic_ncols=True)
         accum, bs = tc.gradient_accumulation_steps, tc.batch_size
         window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
@@ -331,20 +396,28 @@ class Trainer:
             end = min(self.total_steps, until_step or self.total_steps)
             while self.state["step"] < end and self._stop_signal is None:
                 order = self._epoch_order(self.state["epoch"])
-                batches = [order[i:i + bs] for i in range(0, len(order), bs)]
+                gb = self.global_batch
+                batches = [order[i:i + gb] for i in range(0, len(order), gb)]
+                if self.world > 1 and len(batches[-1]) < gb:
+                    batches.pop()          # every process needs a full share of each micro-batch
+                batches = [b[self.rank * bs:(self.rank + 1) * bs] for b in batches]
                 while self.state["micro_batch"] < len(batches) and self.state["step"] < end:
                     group = batches[self.state["micro_batch"]:self.state["micro_batch"] + accum]
                     self.state["micro_batch"] += len(group)
                     weights = [len(b) for b in group]
                     loss_sum, tokens, finite = 0.0, 0, True
-                    for indices, w in zip(group, weights):
+                    for j, (indices, w) in enumerate(zip(group, weights)):
                         ids, labels = self._batch(self.train_set, indices)
                         with self._autocast():
                             loss = self._loss(ids, labels)
-                        if not torch.isfinite(loss):
+                        # every process must take the same branch (a backward on some only would hang DDP)
+                        if not self._all(float(torch.isfinite(loss)), dist.ReduceOp.MIN):
                             finite = False
                             break
-                        self.scaler.scale(loss * w / sum(weights)).backward()
+                        last = j == len(group) - 1
+                        sync = nullcontext() if self.world == 1 or last else self.ddp.no_sync()
+                        with sync:
+                            self.scaler.scale(loss * w / sum(weights)).backward()
                         loss_sum += float(loss.detach()) * w / sum(weights)
                         tokens += ids.numel()
                     grad_norm = self._optimizer_step(finite)
@@ -358,20 +431,27 @@ class Trainer:
                     step = self.state["step"]
                     if step % tc.logging_steps == 0 or step == self.total_steps:
                         elapsed = time.perf_counter() - window_start
-                        metrics = {"loss": window_loss / window_steps, "lr": self.scheduler.get_last_lr()[0],
-                                   "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                        loss_all = self._all(window_loss, dist.ReduceOp.SUM) / self.world   # mean over processes
+                        tokens_all = self._all(window_tokens, dist.ReduceOp.SUM)
+                        metrics = {"loss": loss_all / window_steps, "lr": self.scheduler.get_last_lr()[0],
+                                   "grad_norm": grad_norm, "tokens_per_s": tokens_all / max(elapsed, 1e-9)}
                         for k, v in metrics.items():
-                            writer.add_scalar(f"train/{k}", v, step)
+                            if writer:
+                                writer.add_scalar(f"train/{k}", v, step)
                         bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
                                         tok_s=f"{metrics['tokens_per_s']:.0f}")
                         window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
                     evaluated = None
                     if step % tc.eval_steps == 0 or step == self.total_steps:
                         evaluated = self.evaluate(self.val_set, tc.eval_max_batches)
-                        writer.add_scalar("val/loss", evaluated["loss"], step)
-                        writer.add_scalar("val/perplexity", evaluated["perplexity"], step)
-                        bar.write(f"step {step}: validation loss {evaluated['loss']:.4f}, "
-                                  f"perplexity {evaluated['perplexity']:.2f} (unigram {baseline:.1f})")
+                        if writer:
+                            writer.add_scalar("val/loss", evaluated["loss"], step)
+                            writer.add_scalar("val/perplexity", evaluated["perplexity"], step)
+                        if self.main:
+                            bar.write(f"step {step}: validation loss {evaluated['loss']:.4f}, "
+                                      f"perplexity {evaluated['perplexity']:.2f} (unigram {baseline:.1f})")
+                    if self._all(1.0 if self._stop_signal else 0.0, dist.ReduceOp.MAX) and not self._stop_signal:
+                        self._stop_signal = signal.SIGTERM          # another process was told to stop
                     must_save = step % tc.save_steps == 0 or step == end or self._stop_signal
                     if evaluated and evaluated["loss"] < self.state["best_val_loss"]:
                         self.state["best_val_loss"], self.state["best_step"] = evaluated["loss"], step
@@ -387,7 +467,8 @@ class Trainer:
                         self.state["micro_batch"] = 0
         finally:
             bar.close()
-            writer.close()
+            if writer:
+                writer.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
         if self._stop_signal:
@@ -398,11 +479,12 @@ class Trainer:
         final = self.evaluate(self.val_set, None)
         result = {"step": self.state["step"], "validation": final, "unigram_validation_perplexity": baseline,
                   "best_step": self.state["best_step"], "nonfinite_skipped": self.state["nonfinite_total"]}
-        atomic_write_text(self.output_dir / "metrics.json", json.dumps(result, indent=2))
+        if self.main:
+            atomic_write_text(self.output_dir / "metrics.json", json.dumps(result, indent=2))
         return result
 
     def _loss(self, ids, labels):
-        return self.forward(ids, labels=labels, return_logits=False).loss
+        return self.train_forward(ids, labels=labels, return_logits=False).loss
 
     def _optimizer_step(self, finite: bool):
         """Clip, step, schedule.  Returns the gradient norm, or None when the step was skipped."""

@@ -1,0 +1,100 @@
+"""torchrun with real processes on the CPU (gloo, 2 ranks): equivalence, one writer, failures, resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import make_text, tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"doc{i}.txt").write_text(make_text(120, seed=i))
+    return folder
+
+
+def torchrun(nproc, config, *args, wait=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "main.py"), "train", "--config", str(config), *args]
+    if nproc == 1:
+        cmd = [sys.executable, str(ROOT / "main.py"), "train", "--config", str(config), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def scalars(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_two_ranks_match_one_rank_with_the_same_global_batch(corpus, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    training = {"max_steps": 6, "logging_steps": 1, "eval_steps": 3, "save_steps": 3}
+    tiny_config(corpus, one, training={**training, "batch_size": 4}).save(tmp_path / "one.yaml")
+    tiny_config(corpus, two, training={**training, "batch_size": 2}).save(tmp_path / "two.yaml")
+    p1 = torchrun(1, tmp_path / "one.yaml")
+    p2 = torchrun(2, tmp_path / "two.yaml")
+    assert p1.returncode == 0, p1.stderr[-2000:]
+    assert p2.returncode == 0, p2.stderr[-2000:]
+    assert p2.stdout.count("done in") == 1                       # only rank 0 reports
+    a, b = load_file(str(one / "latest" / "model.safetensors")), load_file(str(two / "latest" / "model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    l1, l2 = scalars(one, "train/loss"), scalars(two, "train/loss")
+    assert [s for s, _ in l1] == [s for s, _ in l2] == list(range(1, 7))
+    for (_, x), (_, y) in zip(l1, l2):
+        assert abs(x - y) < 1e-4
+    # one writer: the same files as the single-process run, nothing half-written
+    listing = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if "tensorboard" not in p.parts)
+    assert listing(one) == listing(two)
+    assert len(list((two / "tensorboard").iterdir())) == 1
+
+
+def test_a_dying_rank_ends_the_job(corpus, tmp_path):
+    run = tmp_path / "run"
+    tiny_config(corpus, run, training={"max_steps": 100000, "num_epochs": 1000, "save_steps": 100000,
+                                       "eval_steps": 100000, "distributed_timeout_s": 60}).save(tmp_path / "c.yaml")
+    proc = torchrun(2, tmp_path / "c.yaml", wait=False)
+    deadline = time.time() + 120
+    while not (run / "tensorboard").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)
+    def rank_of(pid):
+        pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\x00")
+        return dict(p.split(b"=", 1) for p in pairs if b"=" in p).get(b"RANK")
+
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    victim = next(int(pid) for pid in children if rank_of(pid) == b"1")
+    os.kill(victim, signal.SIGKILL)
+    start = time.time()
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    assert time.time() - start < 120
+    assert "Signal 9" in err or "SIGKILL" in err or "failed" in err.lower()
+
+
+def test_resume_with_another_number_of_processes(corpus, tmp_path):
+    run = tmp_path / "run"
+    tiny_config(corpus, run, training={"max_steps": 4, "batch_size": 2}).save(tmp_path / "c.yaml")
+    first = torchrun(2, tmp_path / "c.yaml")
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = torchrun(1, tmp_path / "c.yaml", "--resume", "--set", "training.max_steps=6")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "global micro-batch of 2 sequences instead of 4" in second.stdout + second.stderr
+    assert (run / "latest").resolve().name == "step-00000006"
