@@ -183,6 +183,7 @@ class TrainingConfig:
     device: str = "auto"                            # auto | cpu | cuda | cuda:N | mps
     max_consecutive_nonfinite: int = 10             # stop after this many non-finite losses in a row
     distributed_timeout_s: int = 600                # torchrun: a collective waiting longer ends the job
+    distributed: typing.Literal["ddp", "fsdp"] = "ddp"   # torchrun: replicate (DDP) or shard (FSDP2) the model
     progress_bar: bool = True
 
     def validate(self, section: str = "training"):

@@ -32,7 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import Config, ConfigError, OptimizerConfig, SchedulerConfig
@@ -181,9 +183,18 @@ class Trainer:
             self._barrier()
         self.model = SparseSSMForCausalLM(config.model).to(self.device)   # same seed: same weights on every rank
         self.model.gradient_checkpointing = tc.gradient_checkpointing
+        self.fsdp = self.world > 1 and tc.distributed == "fsdp"
+        if self.fsdp:
+            # parameters, gradients and optimizer state sharded over the processes, block by block
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+            mesh = init_device_mesh(self.device.type, (self.world,))
+            for block in self.model.blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
         self.forward = torch.compile(self.model) if tc.compile else self.model
         self.train_forward = self.forward
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:
             ddp = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
             self.ddp = ddp
             self.train_forward = torch.compile(ddp) if tc.compile else ddp
@@ -273,11 +284,35 @@ class Trainer:
         return ids.to(self.device), labels.to(self.device)
 
     # --- checkpoints --------------------------------------------------------------------
+    _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def _full_model_state(self) -> dict:
+        """Unsharded weights (on the main process; empty elsewhere under FSDP), tied copies dropped."""
+        state = get_model_state_dict(self.model, options=self._FULL)
+        if self.config.model.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        return {k: v.contiguous() for k, v in state.items()}
+
+    def _load_options(self) -> StateDictOptions:
+        # under FSDP rank 0's full tensors are scattered into every process's shards
+        return StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.fsdp)
+
+    def _load_model_file(self, path: Path):
+        if self.fsdp:
+            self.model.reshard()   # the root keeps its parameters gathered after a forward pass
+        state = load_file(str(path), device="cpu")
+        if self.config.model.tie_embeddings and "lm_head.weight" not in state:
+            state["lm_head.weight"] = state["embed.weight"]
+        set_model_state_dict(self.model, state, options=self._load_options())
+
     def save_checkpoint(self) -> Path:
-        """Write a checkpoint (the main process; the others wait for it) and return its path."""
+        """Write a checkpoint (the main process; the others take part in gathering the sharded
+        states under FSDP, then wait for it) and return its path."""
         step = self.state["step"]
         root = self.output_dir / "checkpoints"
         final = root / f"step-{step:08d}"
+        weights = self._full_model_state()
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=self._FULL)
         if not self.main:
             self._barrier()
             return final
@@ -286,8 +321,8 @@ class Trainer:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        save_model(self.model, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        save_file(weights, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                     "scaler": self.scaler.state_dict(), "state": dict(self.state),
                     "rng_cpu": torch.get_rng_state(),
                     "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -319,9 +354,9 @@ class Trainer:
 
     def _load_training_state(self, path: Path):
         try:
-            load_model(self.model, str(path / "model.safetensors"), device=str(self.device))
-            saved = torch.load(path / "training_state.pt", map_location=self.device, weights_only=False)
-            self.optimizer.load_state_dict(saved["optimizer"])
+            self._load_model_file(path / "model.safetensors")
+            saved = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
+            set_optimizer_state_dict(self.model, self.optimizer, saved["optimizer"], options=self._load_options())
             self.scheduler.load_state_dict(saved["scheduler"])
             self.scaler.load_state_dict(saved["scaler"])
         except Exception as e:  # noqa: BLE001
@@ -347,7 +382,10 @@ class Trainer:
         total, count = 0.0, 0
         bs = self.config.training.batch_size
         starts = list(range(0, len(dataset), bs))[:max_batches]
-        for start in starts[self.rank::self.world]:         # batches shared out over the processes
+        # batches shared out over the processes; under FSDP every process runs every batch (its
+        # forward passes gather parameters collectively, so all must run the same number)
+        shared = self.world > 1 and not self.fsdp
+        for start in (starts[self.rank::self.world] if shared else starts):
             ids, labels = self._batch(dataset, range(start, min(start + bs, len(dataset))))
             n = int((labels[:, 1:] != -100).sum())
             if n == 0:
@@ -357,7 +395,8 @@ class Trainer:
             total += float(loss) * n
             count += n
         self.model.train()
-        total, count = self._all(total, dist.ReduceOp.SUM), int(self._all(count, dist.ReduceOp.SUM))
+        if shared:
+            total, count = self._all(total, dist.ReduceOp.SUM), int(self._all(count, dist.ReduceOp.SUM))
         if count == 0:
             return {"loss": float("nan"), "perplexity": float("nan"), "tokens": 0}
         mean = total / count
@@ -415,7 +454,9 @@ class Trainer:
                             finite = False
                             break
                         last = j == len(group) - 1
-                        sync = nullcontext() if self.world == 1 or last else self.ddp.no_sync()
+                        if self.fsdp:
+                            self.model.set_requires_gradient_sync(last)
+                        sync = nullcontext() if self.world == 1 or self.fsdp or last else self.ddp.no_sync()
                         with sync:
                             self.scaler.scale(loss * w / sum(weights)).backward()
                         loss_sum += float(loss.detach()) * w / sum(weights)
@@ -493,7 +534,8 @@ class Trainer:
         if finite:
             self.scaler.unscale_(self.optimizer)
             max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
-            norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)   # a DTensor under FSDP
             finite = math.isfinite(norm) or self.scaler.is_enabled()
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
@@ -519,5 +561,5 @@ class Trainer:
     def evaluate_checkpoint(self, which: str = "best") -> dict:
         """Load a checkpoint's weights into the model and evaluate it on the test split."""
         path = resolve_checkpoint(self.output_dir, which)
-        load_model(self.model, str(path / "model.safetensors"), device=str(self.device))
+        self._load_model_file(path / "model.safetensors")
         return self.evaluate(self.test_set)

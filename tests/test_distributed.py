@@ -98,3 +98,25 @@ def test_resume_with_another_number_of_processes(corpus, tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert "global micro-batch of 2 sequences instead of 4" in second.stdout + second.stderr
     assert (run / "latest").resolve().name == "step-00000006"
+
+
+def test_fsdp_shards_and_matches_one_rank_and_resumes(corpus, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "fsdp"
+    training = {"max_steps": 4, "gradient_accumulation_steps": 2, "eval_steps": 2}
+    tiny_config(corpus, one, training={**training, "batch_size": 4}).save(tmp_path / "one.yaml")
+    tiny_config(corpus, two, training={**training, "batch_size": 2, "distributed": "fsdp"}).save(tmp_path / "fsdp.yaml")
+    p1 = torchrun(1, tmp_path / "one.yaml")
+    p2 = torchrun(2, tmp_path / "fsdp.yaml", "--use-best-model")
+    assert p1.returncode == 0, p1.stderr[-2000:]
+    assert p2.returncode == 0, p2.stderr[-2000:]
+    assert "on the test split" in p2.stdout
+    a, b = load_file(str(one / "latest" / "model.safetensors")), load_file(str(two / "latest" / "model.safetensors"))
+    assert sorted(a) == sorted(b)                          # full, unsharded weights on disk
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    again = torchrun(2, tmp_path / "fsdp.yaml", "--resume", "--set", "training.max_steps=6")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (two / "latest").resolve().name == "step-00000006"
+    gen = subprocess.run([sys.executable, str(ROOT / "main.py"), "generate", "--model-dir", str(two), "--prompt", "The",
+                          "--max-length", "5", "--temperature", "0"], capture_output=True, text=True, cwd=ROOT)
+    assert gen.returncode == 0, gen.stderr
