@@ -7,22 +7,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_text, tiny_config
+from helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for i in range(12):
-        (folder / f"doc{i}.txt").write_text(make_text(120, seed=i))
-    return folder
 
 
 def torchrun(nproc, config, *args, wait=True):

@@ -1,7 +1,6 @@
 """Generation: exact filters, greedy = argmax of the full forward, seeds, batching, stop rules, CLI."""
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path

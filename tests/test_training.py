@@ -1,7 +1,6 @@
 """The trainer: schedule, accumulation, checkpoints, exact resume, non-finite losses, TensorBoard."""
 
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -11,20 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_text, tiny_config
+from helpers import tiny_config
 from sparse_ssm.config import Config, ConfigError, SchedulerConfig
 from sparse_ssm.training import Trainer, TrainingError, load_checkpoint_model, lr_factor, resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for i in range(12):
-        (folder / f"doc{i}.txt").write_text(make_text(120, seed=i))
-    return folder
 
 
 def weights(model):

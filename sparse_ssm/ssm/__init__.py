@@ -1,1 +1,5 @@
-from . import discretization, hippo, scan, structures
+"""The SSM core: HiPPO, discretisation, state-matrix structures, selective generators, the scan."""
+
+from . import discretization, hippo, scan, selective, structures
+
+__all__ = ["discretization", "hippo", "scan", "selective", "structures"]

@@ -38,7 +38,6 @@ All functions here share one signature (like mamba_ssm's `selective_scan_ref`):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .discretization import _alpha_for
 from .structures import DiagonalStructure
