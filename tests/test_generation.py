@@ -169,3 +169,11 @@ def test_cli_generate_errors(trained, args, message):
 def test_cli_generate_missing_model_dir(tmp_path):
     proc = run_cli("--model-dir", str(tmp_path / "nope"), "--prompt", "x")
     assert proc.returncode == 2 and "does not exist; train one first" in proc.stderr
+
+
+def test_cli_prompts_file(trained, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The sun\n\nA gentle\n")
+    proc = run_cli("--model-dir", str(trained), "--prompts-file", str(prompts), "--max-length", "4", "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "--- [1.1] ---\nThe sun" in proc.stdout and "--- [2.1] ---\nA gentle" in proc.stdout
