@@ -3,6 +3,7 @@
     python main.py train --config config/small_cpu.yaml [--output-dir DIR] [--seed N] [--resume [latest|PATH]]
                          [--use-best-model] [--set training.num_epochs=1 ...]
     python main.py generate --config config/small_cpu.yaml --model-dir outputs/small_cpu --prompt "To be"
+    python main.py evaluate --model-dir outputs/small_cpu --task perplexity --data FILE
     python main.py inspect --config config/small_cpu.yaml      # build the model, report its cost,
                                                               # check prefill + recurrent decoding
 """
@@ -166,6 +167,29 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .evaluation import perplexity_on_file
+    from .tokenizer import load_tokenizer
+    from .training import atomic_write_text, load_checkpoint_model, resolve_checkpoint, resolve_device
+
+    model_dir = Path(args.model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist; train one first")
+    checkpoint = resolve_checkpoint(model_dir, args.checkpoint or ("best" if (model_dir / "best").exists() else "latest"))
+    model, saved = load_checkpoint_model(checkpoint, resolve_device(args.device))
+    tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
+    length = args.max_seq_len or saved.dataset.max_seq_len
+    result = perplexity_on_file(model, tokenizer, args.data, length, args.stride or max(1, length // 2),
+                                args.batch_size, args.text_field)
+    result["checkpoint"] = str(checkpoint)
+    print(f"{result['file']}: {result['tokens_scored']:,} tokens, loss {result['loss']:.4f}, perplexity "
+          f"{result['perplexity']:.2f}, {result['bits_per_token']:.3f} bits/token, {result['bits_per_byte']:.3f} bits/byte "
+          f"(window {result['max_seq_len']}, stride {result['stride']}, {checkpoint})")
+    if args.output_file:
+        atomic_write_text(Path(args.output_file), json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description="sparse-ssm: selective sparse state space LMs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -205,6 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-stream", action="store_true", help="print the results at the end instead of streaming")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default auto)")
     g.set_defaults(func=cmd_generate)
+    e = sub.add_parser("evaluate", help="loss, perplexity and bits per byte of a checkpoint on a file",
+                       description="Score a text/JSONL/JSON/parquet file with a trained checkpoint, with sliding "
+                                   "windows (every token predicted once).")
+    e.add_argument("--model-dir", required=True, help="a training output directory")
+    e.add_argument("--checkpoint", help="best | latest | STEP | PATH (default: best if present, else latest)")
+    e.add_argument("--task", choices=["perplexity"], default="perplexity", help="what to evaluate (default perplexity)")
+    e.add_argument("--data", required=True, help="file to score")
+    e.add_argument("--max-seq-len", type=int, help="window length (default: the checkpoint's dataset.max_seq_len)")
+    e.add_argument("--stride", type=int, help="window step (default: half the window)")
+    e.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    e.add_argument("--text-field", default="text", help="record field of JSON/JSONL/parquet files (default text)")
+    e.add_argument("--output-file", help="write the result as JSON")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default auto)")
+    e.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("inspect", help="build the model of a config, print its size and cost, and check that "
                                        "recurrent decoding matches the parallel forward pass")
     p.add_argument("--config", required=True, type=Path, help="YAML config file (its `model` section is used)")

@@ -1,6 +1,7 @@
 """Generation: exact filters, greedy = argmax of the full forward, seeds, batching, stop rules, CLI."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +178,34 @@ def test_cli_prompts_file(trained, tmp_path):
     proc = run_cli("--model-dir", str(trained), "--prompts-file", str(prompts), "--max-length", "4", "--temperature", "0")
     assert proc.returncode == 0, proc.stderr
     assert "--- [1.1] ---\nThe sun" in proc.stdout and "--- [2.1] ---\nA gentle" in proc.stdout
+
+
+def test_evaluate_perplexity_matches_a_direct_computation(trained, tmp_path):
+    import torch.nn.functional as F
+
+    from sparse_ssm.evaluation import perplexity_on_file
+    from sparse_ssm.tokenizer import EOS, load_tokenizer
+    from sparse_ssm.training import load_checkpoint_model, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(trained, "latest")
+    m, _ = load_checkpoint_model(ckpt)
+    tok = load_tokenizer(ckpt / "tokenizer.json")
+    text = make_text(3, seed=11)
+    path = tmp_path / "eval.txt"
+    path.write_text(text)
+    ids = torch.tensor([tok.encode(text).ids + [tok.token_to_id(EOS)]])
+    with torch.no_grad():
+        logits = m(ids).logits[0]
+    direct = F.cross_entropy(logits[:-1], ids[0, 1:]).item()
+    one_window = perplexity_on_file(m, tok, path, max_seq_len=ids.shape[1])
+    assert math.isclose(one_window["loss"], direct, rel_tol=1e-5)
+    assert math.isclose(one_window["bits_per_byte"], direct * (ids.shape[1] - 1) / math.log(2) / len(text.encode()),
+                        rel_tol=1e-5)
+    # sliding windows score every token once, with less context: same count, close loss
+    sliding = perplexity_on_file(m, tok, path, max_seq_len=16, stride=8)
+    assert sliding["tokens_scored"] == ids.shape[1] - 1
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "evaluate", "--model-dir", str(trained), "--task",
+                           "perplexity", "--data", str(path), "--output-file", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["tokens_scored"] == ids.shape[1] - 1
