@@ -71,12 +71,16 @@ def selective_scan_sequential(u, dt, A, B, C, D, structure, method="zoh", alpha=
     return torch.stack(ys, 1), X
 
 
-def _chunk(x, T, pad_value=0.0):
-    """(b, L, ...) -> (b, L/T, T, ...) after padding the length to a multiple of T."""
-    L = x.shape[1]
-    pad = (-L) % T
-    if pad:
-        x = torch.cat([x, x.new_full((x.shape[0], pad, *x.shape[2:]), pad_value)], 1)
+def _pad_time(x, pad):
+    """Zero-pad dimension 1 of a tensor or of every tensor in a tuple."""
+    if isinstance(x, tuple):
+        return tuple(_pad_time(t, pad) for t in x)
+    return torch.cat([x, x.new_zeros(x.shape[0], pad, *x.shape[2:])], 1) if pad else x
+
+
+def _chunk(x, T):
+    """(b, L, ...) -> (b, L/T, T, ...) after zero-padding the length to a multiple of T."""
+    x = _pad_time(x, (-x.shape[1]) % T)
     return x.reshape(x.shape[0], -1, T, *x.shape[2:])
 
 
@@ -133,13 +137,6 @@ def _diagonal_chunked(u, dt, a, B, C, D, method, alpha, initial_state, T):
     y = y + (Cc * _signed_exp(cum, par)) @ X_start
     y = y.reshape(b, h, -1, P)[:, :, :L].transpose(1, 2)
     return y + D[..., None] * u, X
-
-
-def _pad_time(x, pad):
-    """Zero-pad dimension 1 of a tensor or of every tensor in a tuple."""
-    if isinstance(x, tuple):
-        return tuple(_pad_time(t, pad) for t in x)
-    return torch.cat([x, x.new_zeros(x.shape[0], pad, *x.shape[2:])], 1) if pad else x
 
 
 def _structured_chunked(u, dt, A, B, C, D, structure, method, alpha, initial_state, T):
