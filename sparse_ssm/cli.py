@@ -167,11 +167,59 @@ def cmd_generate(args) -> int:
     return 0
 
 
+TASK_VARIANTS = {
+    "diagonal": dict(selective_param_class="sparse", sparsity_level=0.9),
+    "block": dict(selective_param_class="sparse", sparsity_level=0.5),
+    "dense": dict(selective_param_class="dense"),
+    "low_rank": dict(selective_param_class="low_rank", discretization="bilinear"),
+    "lti": dict(selective_param_class="sparse", sparsity_level=0.9, selective=False),
+}
+
+
+def cmd_task(args) -> int:
+    """The paper's synthetic tasks: train each variant with the same budget, report accuracy."""
+    from .tasks import run_task
+
+    copying = args.task == "selective-copying"
+    test_lengths = [int(x) for x in (args.test_lengths or str(args.length)).split(",")]
+    rows = []
+    for name in args.variants.split(","):
+        if name not in TASK_VARIANTS:
+            raise ConfigError(f"--variants: unknown variant {name!r}; choose from {', '.join(TASK_VARIANTS)}")
+        config = SparseSSMConfig(vocab_size=16, hidden_dim=64, state_dim=16, ffn_dim=0, num_layers=2, dropout=0.0,
+                                 num_heads=2, max_seq_len=max(test_lengths) + 64, **TASK_VARIANTS[name])
+        print(f"{args.task}, {name}: {args.steps} steps at length {args.length} ...", flush=True)
+        result = run_task(args.task, config, args.steps, args.batch_size, args.length, test_lengths,
+                          seed=args.seed, num_memorize=args.num_memorize)
+        rows.append({"variant": name, "accuracy": result.accuracy, "seconds": result.seconds, "loss": result.final_loss})
+        print("   " + ", ".join(f"length {L}: {a:.1%}" for L, a in result.accuracy.items()) + f"  ({result.seconds:.0f}s)")
+    chance = 1 / (16 - 3) if copying else 1 / (16 - 2)
+    lines = [f"| variant | " + " | ".join(f"acc. @ {L}" for L in test_lengths) + " |",
+             "|---|" + "---:|" * len(test_lengths)]
+    lines += [f"| {r['variant']} | " + " | ".join(f"{r['accuracy'][L]:.1%}" for L in test_lengths) + " |" for r in rows]
+    table = "\n".join(lines) + f"\n\nchance: {chance:.1%}; {args.steps} steps, batch {args.batch_size}, train length {args.length}\n"
+    print(table)
+    if args.output_dir:
+        from .training import atomic_write_text
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / f"{args.task}.json", json.dumps({"task": args.task, "steps": args.steps,
+                                                                 "train_length": args.length, "chance": chance,
+                                                                 "rows": rows}, indent=2))
+        atomic_write_text(out / f"{args.task}.md", table)
+        print(f"wrote {out / (args.task + '.json')} and .md")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
+    if args.task != "perplexity":
+        return cmd_task(args)
     from .evaluation import perplexity_on_file
     from .tokenizer import load_tokenizer
     from .training import atomic_write_text, load_checkpoint_model, resolve_checkpoint, resolve_device
 
+    if not args.model_dir or not args.data:
+        raise ConfigError("--task perplexity needs --model-dir and --data")
     model_dir = Path(args.model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist; train one first")
@@ -229,18 +277,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-stream", action="store_true", help="print the results at the end instead of streaming")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default auto)")
     g.set_defaults(func=cmd_generate)
-    e = sub.add_parser("evaluate", help="loss, perplexity and bits per byte of a checkpoint on a file",
-                       description="Score a text/JSONL/JSON/parquet file with a trained checkpoint, with sliding "
-                                   "windows (every token predicted once).")
-    e.add_argument("--model-dir", required=True, help="a training output directory")
-    e.add_argument("--checkpoint", help="best | latest | STEP | PATH (default: best if present, else latest)")
-    e.add_argument("--task", choices=["perplexity"], default="perplexity", help="what to evaluate (default perplexity)")
-    e.add_argument("--data", required=True, help="file to score")
+    e = sub.add_parser("evaluate", help="perplexity of a checkpoint on a file, or the paper's synthetic tasks",
+                       description="--task perplexity: score a text/JSONL/JSON/parquet file with a trained checkpoint, "
+                                   "with sliding windows (every token predicted once).  --task selective-copying | "
+                                   "induction-heads: train small models of each variant (and the ablation without "
+                                   "selection, 'lti') with the same budget and report their accuracy.")
+    e.add_argument("--task", choices=["perplexity", "selective-copying", "induction-heads"], default="perplexity",
+                   help="what to evaluate (default perplexity)")
+    e.add_argument("--model-dir", help="perplexity: a training output directory")
+    e.add_argument("--checkpoint", help="perplexity: best | latest | STEP | PATH (default: best, else latest)")
+    e.add_argument("--data", help="perplexity: file to score")
     e.add_argument("--max-seq-len", type=int, help="window length (default: the checkpoint's dataset.max_seq_len)")
     e.add_argument("--stride", type=int, help="window step (default: half the window)")
-    e.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    e.add_argument("--batch-size", type=int, default=32, help="perplexity: windows per forward pass; tasks: "
+                                                             "sequences per training step (default 32)")
     e.add_argument("--text-field", default="text", help="record field of JSON/JSONL/parquet files (default text)")
-    e.add_argument("--output-file", help="write the result as JSON")
+    e.add_argument("--output-file", help="perplexity: write the result as JSON")
+    e.add_argument("--variants", default=",".join(TASK_VARIANTS),
+                   help=f"tasks: comma list of {', '.join(TASK_VARIANTS)} (default all)")
+    e.add_argument("--steps", type=int, default=600, help="tasks: training steps per variant (default 600)")
+    e.add_argument("--length", type=int, default=32, help="tasks: training sequence length (default 32)")
+    e.add_argument("--test-lengths", help="tasks: comma list of test lengths (default: the training length)")
+    e.add_argument("--num-memorize", type=int, default=4, help="selective copying: tokens to copy (default 4)")
+    e.add_argument("--seed", type=int, default=0, help="tasks: seed of data and weights (default 0)")
+    e.add_argument("--output-dir", help="tasks: write <task>.json and <task>.md here")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default auto)")
     e.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("inspect", help="build the model of a config, print its size and cost, and check that "

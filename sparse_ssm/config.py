@@ -77,6 +77,7 @@ class SparseSSMConfig:
     sparsity_pattern: typing.Literal["block", "banded"] = "block"
     low_rank_rank: int = 2
     use_parallel_scan: bool = True
+    selective: bool = True                   # false: the time-invariant ablation (dt, A, B, C, D not input-dependent)
     scan_chunk_size: int = 8
     expand: int = 2
     num_heads: typing.Optional[int] = None   # None: expand * hidden_dim / 64

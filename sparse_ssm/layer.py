@@ -45,7 +45,8 @@ class SelectiveSSMLayer(nn.Module):
         self.conv = nn.Conv1d(E, E, config.conv_kernel, groups=E, bias=True)
         self.generator = SelectiveParameterGenerator(E, H, self.structure, config.hippo_init,
                                                      config.dt_min, config.dt_max, num_groups=config.num_groups,
-                                                     a_rank=config.resolved_a_generator_rank)
+                                                     a_rank=config.resolved_a_generator_rank,
+                                                     selective=config.selective)
         self.out_proj = nn.Linear(E, config.hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor, state: LayerState | None = None):

@@ -36,8 +36,9 @@ class SelectiveParameterGenerator(nn.Module):
 
     def __init__(self, inner_dim: int, num_heads: int, structure, hippo_init: str = "legs",
                  dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4, num_groups: int = 1,
-                 a_rank: int = 16):
+                 a_rank: int = 16, selective: bool = True):
         super().__init__()
+        self.selective = selective
         self.num_heads, self.num_groups, self.structure = num_heads, num_groups, structure
         N = structure.state_dim
         self.sizes = [num_heads, a_rank, num_groups * N, num_groups * N, num_heads]
@@ -49,6 +50,9 @@ class SelectiveParameterGenerator(nn.Module):
         dt = torch.exp(torch.rand(num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp(min=dt_init_floor)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        # the ablation without selection (a time-invariant SSM): the generators read a learned
+        # constant instead of the token, so dt, A, B, C, D are parameters, the same at every step
+        self.lti_input = None if selective else nn.Parameter(torch.randn(inner_dim) / math.sqrt(inner_dim))
         self.reset_generator()
 
     @torch.no_grad()
@@ -62,7 +66,8 @@ class SelectiveParameterGenerator(nn.Module):
     def forward(self, u: torch.Tensor):
         b, L, _ = u.shape
         H, N = self.num_heads, self.structure.state_dim
-        dt_raw, a_low, B, C, d_raw = self.proj(u).split(self.sizes, dim=-1)
+        source = u if self.selective else self.lti_input.to(u.dtype).expand_as(u)
+        dt_raw, a_low, B, C, d_raw = self.proj(source).split(self.sizes, dim=-1)
         dt = F.softplus(dt_raw + self.dt_bias)
         A = self.structure.continuous(self.A_base + self.a_up(a_low).reshape(b, L, H, -1))
         G = self.num_groups

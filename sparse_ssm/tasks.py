@@ -1,0 +1,103 @@
+"""The Mamba paper's synthetic tasks (Gu & Dao, 2023, section 4.1), scaled down for a CPU.
+
+- Selective copying: `num_memorize` data tokens (ids 1 .. vocab-3) scattered at random positions
+  among `length` noise tokens (id 0), then a separator (vocab-2) and `num_memorize` answer slots
+  (vocab-1); the model must emit the data tokens in order at the answer slots.  Content-aware
+  selection is needed: where the tokens are changes from sequence to sequence.
+- Induction heads: random tokens (ids 2 .. vocab-1) with a trigger (id 1) at a random position
+  followed by a target token; the sequence ends with the trigger again and the model must predict
+  the target after it.  Trained at one length, tested at longer ones (extrapolation).
+
+`selective_copying_batch` / `induction_heads_batch` return (inputs, labels) with labels -100
+everywhere except the positions scored; `run_task` trains a model on fresh batches and reports
+accuracy (a token is right when the arg-max prediction equals its label).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import SparseSSMConfig
+from .lm import SparseSSMForCausalLM
+
+
+def selective_copying_batch(batch: int, length: int, num_memorize: int, vocab: int, generator: torch.Generator):
+    """inputs, labels: (batch, length + 1 + num_memorize).  labels[t] is the token to predict at t
+    (next-token convention of the model: the loss compares labels[:, 1:] with predictions [:, :-1])."""
+    if vocab < 4 or num_memorize > length:
+        raise ValueError("selective copying needs vocab >= 4 and num_memorize <= length")
+    data = torch.randint(1, vocab - 2, (batch, num_memorize), generator=generator)
+    positions = torch.rand(batch, length, generator=generator).argsort(-1)[:, :num_memorize].sort(-1).values
+    noise = torch.zeros(batch, length, dtype=torch.long).scatter(1, positions, data)
+    tail = torch.full((batch, 1 + num_memorize), vocab - 1, dtype=torch.long)
+    tail[:, 0] = vocab - 2
+    inputs = torch.cat([noise, tail], 1)
+    labels = torch.full_like(inputs, -100)
+    labels[:, length + 1:] = data          # at answer slot k the k-th data token is due
+    # shift: the model predicts labels[:, t] from inputs[:, :t]; answer k is predicted at the slot before
+    return inputs, labels
+
+
+def induction_heads_batch(batch: int, length: int, vocab: int, generator: torch.Generator):
+    """inputs, labels: (batch, length + 1); only the last label (the target) is scored."""
+    inputs = torch.randint(2, vocab, (batch, length + 1), generator=generator)
+    where = torch.randint(0, length - 2, (batch,), generator=generator)
+    rows = torch.arange(batch)
+    inputs[rows, where] = 1
+    target = inputs[rows, where + 1]
+    inputs[:, -2] = 1                      # the trigger again ...
+    labels = torch.full_like(inputs, -100)
+    labels[:, -1] = target                 # ... and the target after it
+    inputs[:, -1] = target
+    return inputs, labels
+
+
+@dataclass
+class TaskResult:
+    name: str
+    accuracy: dict          # test length -> accuracy
+    seconds: float
+    final_loss: float
+
+
+def accuracy(model, inputs, labels) -> float:
+    with torch.no_grad():
+        pred = model(inputs).logits[:, :-1].argmax(-1)
+    target = labels[:, 1:]
+    mask = target != -100
+    return float((pred[mask] == target[mask]).float().mean())
+
+
+def run_task(task: str, model_config: SparseSSMConfig, steps: int, batch: int, length: int, test_lengths,
+             lr: float = 3e-3, seed: int = 0, num_memorize: int = 16, log=None) -> TaskResult:
+    """Train a fresh model for `steps` Adam steps on fresh batches, then measure accuracy on 256
+    fresh sequences at each test length."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    vocab = model_config.vocab_size
+    make = {"selective-copying": lambda n, L: selective_copying_batch(n, L, num_memorize, vocab, g),
+            "induction-heads": lambda n, L: induction_heads_batch(n, L, vocab, g)}[task]
+    model = SparseSSMForCausalLM(model_config)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    start = time.perf_counter()
+    loss = torch.tensor(float("nan"))
+    for step in range(steps):
+        inputs, labels = make(batch, length)
+        loss = model(inputs, labels=labels, return_logits=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if log and (step + 1) % max(1, steps // 10) == 0:
+            log(f"  step {step + 1}/{steps}: loss {float(loss):.4f}")
+    model.eval()
+    result = {}
+    for L in test_lengths:
+        inputs, labels = make(256, L)
+        result[L] = accuracy(model, inputs, labels)
+    return TaskResult(task, result, time.perf_counter() - start, float(loss.detach()))
