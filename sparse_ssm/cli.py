@@ -194,7 +194,7 @@ def cmd_task(args) -> int:
         rows.append({"variant": name, "accuracy": result.accuracy, "seconds": result.seconds, "loss": result.final_loss})
         print("   " + ", ".join(f"length {L}: {a:.1%}" for L, a in result.accuracy.items()) + f"  ({result.seconds:.0f}s)")
     chance = 1 / (16 - 3) if copying else 1 / (16 - 2)
-    lines = [f"| variant | " + " | ".join(f"acc. @ {L}" for L in test_lengths) + " |",
+    lines = ["| variant | " + " | ".join(f"acc. @ {L}" for L in test_lengths) + " |",
              "|---|" + "---:|" * len(test_lengths)]
     lines += [f"| {r['variant']} | " + " | ".join(f"{r['accuracy'][L]:.1%}" for L in test_lengths) + " |" for r in rows]
     table = "\n".join(lines) + f"\n\nchance: {chance:.1%}; {args.steps} steps, batch {args.batch_size}, train length {args.length}\n"
