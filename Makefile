@@ -31,6 +31,7 @@ bench: $(VENV)/.bench
 	$(PY) bench/train_step.py --compile
 	$(PY) bench/structures.py
 	$(PY) bench/generation.py
+	$(PY) bench/length_scaling.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
