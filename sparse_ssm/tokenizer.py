@@ -36,7 +36,3 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file {path} does not exist")
     return Tokenizer.from_file(str(path))
-
-
-def special_id(tokenizer: Tokenizer, token: str) -> int | None:
-    return tokenizer.token_to_id(token)
