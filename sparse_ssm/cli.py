@@ -56,7 +56,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .training import Trainer, atomic_write_text
+    from .training import Trainer, atomic_write_text, shutdown_distributed
 
     overrides = list(args.set or [])
     if args.output_dir:
@@ -73,9 +73,10 @@ def cmd_train(args) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"resuming from {checkpoint} with its saved config (change values with --set)")
     start = time.perf_counter()
-    trainer = Trainer(config, resume=args.resume)
-    say = print if trainer.main else (lambda *a, **k: None)      # under torchrun only rank 0 reports
+    trainer = None
     try:
+        trainer = Trainer(config, resume=args.resume)
+        say = print if trainer.main else (lambda *a, **k: None)      # under torchrun only rank 0 reports
         result = trainer.train()
         val = result["validation"]
         say(f"done in {time.perf_counter() - start:.0f}s, {result['step']} steps: validation loss {val['loss']:.4f}, "
@@ -91,9 +92,8 @@ def cmd_train(args) -> int:
             if trainer.main:
                 atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
     finally:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        del trainer          # its DistributedDataParallel wrapper must go before the process group
+        shutdown_distributed()
     return 0
 
 

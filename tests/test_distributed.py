@@ -26,6 +26,12 @@ def torchrun(nproc, config, *args, wait=True):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
+def failure(proc) -> str:
+    """The ranks' own error lines first (torchrun's summary alone hides them), then the tail."""
+    lines = [l for l in proc.stderr.splitlines() if any(w in l for w in ("Error", "terminate", "what()"))]
+    return "\n".join(lines[:20]) + "\n...\n" + proc.stderr[-1500:]
+
+
 def scalars(run_dir, tag):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run_dir / "tensorboard"))
@@ -40,8 +46,8 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(corpus, tmp_path):
     tiny_config(corpus, two, training={**training, "batch_size": 2}).save(tmp_path / "two.yaml")
     p1 = torchrun(1, tmp_path / "one.yaml")
     p2 = torchrun(2, tmp_path / "two.yaml")
-    assert p1.returncode == 0, p1.stderr[-2000:]
-    assert p2.returncode == 0, p2.stderr[-2000:]
+    assert p1.returncode == 0, failure(p1)
+    assert p2.returncode == 0, failure(p2)
     assert p2.stdout.count("done in") == 1                       # only rank 0 reports
     a, b = load_file(str(one / "latest" / "model.safetensors")), load_file(str(two / "latest" / "model.safetensors"))
     for k in a:
@@ -83,9 +89,9 @@ def test_resume_with_another_number_of_processes(corpus, tmp_path):
     run = tmp_path / "run"
     tiny_config(corpus, run, training={"max_steps": 4, "batch_size": 2}).save(tmp_path / "c.yaml")
     first = torchrun(2, tmp_path / "c.yaml")
-    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.returncode == 0, failure(first)
     second = torchrun(1, tmp_path / "c.yaml", "--resume", "--set", "training.max_steps=6")
-    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.returncode == 0, failure(second)
     assert "global micro-batch of 2 sequences instead of 4" in second.stdout + second.stderr
     assert (run / "latest").resolve().name == "step-00000006"
 
@@ -97,15 +103,15 @@ def test_fsdp_shards_and_matches_one_rank_and_resumes(corpus, tmp_path):
     tiny_config(corpus, two, training={**training, "batch_size": 2, "distributed": "fsdp"}).save(tmp_path / "fsdp.yaml")
     p1 = torchrun(1, tmp_path / "one.yaml")
     p2 = torchrun(2, tmp_path / "fsdp.yaml", "--use-best-model")
-    assert p1.returncode == 0, p1.stderr[-2000:]
-    assert p2.returncode == 0, p2.stderr[-2000:]
+    assert p1.returncode == 0, failure(p1)
+    assert p2.returncode == 0, failure(p2)
     assert "on the test split" in p2.stdout
     a, b = load_file(str(one / "latest" / "model.safetensors")), load_file(str(two / "latest" / "model.safetensors"))
     assert sorted(a) == sorted(b)                          # full, unsharded weights on disk
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
     again = torchrun(2, tmp_path / "fsdp.yaml", "--resume", "--set", "training.max_steps=6")
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.returncode == 0, failure(again)
     assert (two / "latest").resolve().name == "step-00000006"
     gen = subprocess.run([sys.executable, str(ROOT / "main.py"), "generate", "--model-dir", str(two), "--prompt", "The",
                           "--max-length", "5", "--temperature", "0"], capture_output=True, text=True, cwd=ROOT)
