@@ -229,12 +229,14 @@ def tokenize_splits(cfg: DatasetConfig, splits: dict[str, list[str]] | None, tok
 @dataclass
 class WindowDataset(torch.utils.data.Dataset):
     """Windows of `length` tokens every `stride` tokens of a stream.  With `score_once`, labels
-    are -100 on the tokens an earlier window already scored (for evaluation)."""
+    are -100 on the tokens an earlier window already scored (for evaluation).  With `targets`,
+    items also carry the teacher rows of their tokens (ids, labels, top_ids, top_logprobs)."""
 
     stream: np.ndarray
     length: int
     stride: int
     score_once: bool = False
+    targets: tuple[np.ndarray, np.ndarray] | None = None   # distillation: per-token teacher top ids, log-probs (N, k)
 
     def __post_init__(self):
         last = max(len(self.stream) - self.length, 0)
@@ -254,14 +256,27 @@ class WindowDataset(torch.utils.data.Dataset):
         if self.score_once and i > 0:
             prev_end = int(self.starts[i - 1]) + self.length
             labels[:max(prev_end - start, 0)] = -100   # tokens start .. prev_end - 1 were scored before
-        return ids, labels
+        if self.targets is None:
+            return ids, labels
+        top_ids, top_logprobs = (torch.from_numpy(t[start:start + self.length]) for t in self.targets)
+        return ids, labels, top_ids.long(), top_logprobs
 
 
 def collate(batch, pad_id: int):
-    length = max(len(ids) for ids, _ in batch)
+    """Stack items of different lengths: ids padded with pad_id, labels with -100 (and teacher
+    rows with -1 ids / -inf log-probabilities)."""
+    length = max(len(item[0]) for item in batch)
     ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), length), -100, dtype=torch.long)
-    for row, (i, l) in enumerate(batch):
+    for row, (i, l, *_) in enumerate(batch):
         ids[row, :len(i)] = i
         labels[row, :len(l)] = l
-    return ids, labels
+    if len(batch[0]) == 2:
+        return ids, labels
+    k = batch[0][2].shape[-1]
+    top_ids = torch.full((len(batch), length, k), -1, dtype=torch.long)
+    top_logprobs = torch.full((len(batch), length, k), float("-inf"))
+    for row, (_, _, t, lp) in enumerate(batch):
+        top_ids[row, :len(t)] = t
+        top_logprobs[row, :len(lp)] = lp
+    return ids, labels, top_ids, top_logprobs

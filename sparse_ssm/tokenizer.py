@@ -32,7 +32,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer.json; with a vocab_map.json beside it (a distilled model), the teacher's
+    tokenizer seen through the student's compacted vocabulary."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file {path} does not exist")
+    from .distillation import VOCAB_MAP, CompactTokenizer
+    if (path.parent / VOCAB_MAP).is_file():
+        return CompactTokenizer.load(path)
     return Tokenizer.from_file(str(path))

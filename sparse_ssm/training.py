@@ -239,8 +239,17 @@ class Trainer:
         tok_path = self.output_dir / "tokenizer.json"
         source = self.resume_from / "tokenizer.json" if self.resume_from else (
             Path(ds.tokenizer_path) if ds.tokenizer_path else tok_path)
-        splits = None
-        if source.is_file():
+        splits, targets = None, None
+        if cfg.distillation.enabled:
+            from . import distillation
+            if ds.type != "synthetic":
+                raise TrainingError(f"distillation.enabled needs dataset.type 'synthetic' (a create-synthetic "
+                                    f"--distillation dataset), got {ds.type!r}")
+            tokenizer, self.streams, targets = distillation.prepare(ds)
+            self.log(f"distillation from {ds.data_path}: the teacher's tokenizer compacted to the "
+                     f"{tokenizer.get_vocab_size():,} ids in use; alpha {cfg.distillation.alpha}, "
+                     f"temperature {cfg.distillation.temperature}")
+        elif source.is_file():
             tokenizer = load_tokenizer(source)
             self.log(f"tokenizer: {source} ({tokenizer.get_vocab_size()} tokens)")
         else:
@@ -260,9 +269,10 @@ class Trainer:
         self.pad_id = tokenizer.token_to_id(PAD)
         if self.pad_id is None:
             self.pad_id = tokenizer.token_to_id(EOS) or 0
-        self.streams = tokenize_splits(ds, splits, tokenizer)
+        if targets is None:
+            self.streams = tokenize_splits(ds, splits, tokenizer)
         L, stride = ds.max_seq_len, ds.stride
-        self.train_set = WindowDataset(self.streams["train"], L, stride)
+        self.train_set = WindowDataset(self.streams["train"], L, stride, targets=targets and targets["train"])
         self.val_set = WindowDataset(self.streams["validation"], L, stride, score_once=True)
         self.test_set = WindowDataset(self.streams["test"], L, stride, score_once=True)
         if len(self.train_set) == 0:
@@ -292,8 +302,8 @@ class Trainer:
         return torch.randperm(len(self.train_set), generator=g)
 
     def _batch(self, dataset, indices):
-        ids, labels = collate([dataset[int(i)] for i in indices], self.pad_id)
-        return ids.to(self.device), labels.to(self.device)
+        """(ids, labels) or, with teacher targets, (ids, labels, top_ids, top_logprobs) on the device."""
+        return tuple(t.to(self.device) for t in collate([dataset[int(i)] for i in indices], self.pad_id))
 
     # --- checkpoints --------------------------------------------------------------------
     _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -398,7 +408,7 @@ class Trainer:
         # forward passes gather parameters collectively, so all must run the same number)
         shared = self.world > 1 and not self.fsdp
         for start in (starts[self.rank::self.world] if shared else starts):
-            ids, labels = self._batch(dataset, range(start, min(start + bs, len(dataset))))
+            ids, labels = self._batch(dataset, range(start, min(start + bs, len(dataset))))[:2]
             n = int((labels[:, 1:] != -100).sum())
             if n == 0:
                 continue
@@ -441,6 +451,7 @@ class Trainer:
                    desc="training", unit="step", dynamic_ncols=True)
         accum, bs = tc.gradient_accumulation_steps, tc.batch_size
         window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+        window_terms: dict[str, float] = {}      # distillation: the cross-entropy and KL terms
         last_saved = None
         self.model.train()
         try:
@@ -458,9 +469,9 @@ class Trainer:
                     weights = [len(b) for b in group]
                     loss_sum, tokens, finite = 0.0, 0, True
                     for j, (indices, w) in enumerate(zip(group, weights)):
-                        ids, labels = self._batch(self.train_set, indices)
+                        ids, labels, *teacher = self._batch(self.train_set, indices)
                         with self._autocast():
-                            loss = self._loss(ids, labels)
+                            loss = self._loss(ids, labels, *teacher)
                         # every process must take the same branch (a backward on some only would hang DDP)
                         if not self._all(float(torch.isfinite(loss)), dist.ReduceOp.MIN):
                             finite = False
@@ -472,6 +483,8 @@ class Trainer:
                         with sync:
                             self.scaler.scale(loss * w / sum(weights)).backward()
                         loss_sum += float(loss.detach()) * w / sum(weights)
+                        for name, value in self._terms.items():
+                            window_terms[name] = window_terms.get(name, 0.0) + value * w / sum(weights)
                         tokens += ids.numel()
                     grad_norm = self._optimizer_step(finite)
                     if grad_norm is None:
@@ -488,6 +501,9 @@ class Trainer:
                         tokens_all = self._all(window_tokens, dist.ReduceOp.SUM)
                         metrics = {"loss": loss_all / window_steps, "lr": self.scheduler.get_last_lr()[0],
                                    "grad_norm": grad_norm, "tokens_per_s": tokens_all / max(elapsed, 1e-9)}
+                        for name, value in sorted(window_terms.items()):
+                            metrics[name] = self._all(value, dist.ReduceOp.SUM) / self.world / window_steps
+                        window_terms = {}
                         for k, v in metrics.items():
                             if writer:
                                 writer.add_scalar(f"train/{k}", v, step)
@@ -536,8 +552,17 @@ class Trainer:
             atomic_write_text(self.output_dir / "metrics.json", json.dumps(result, indent=2))
         return result
 
-    def _loss(self, ids, labels):
-        return self.train_forward(ids, labels=labels, return_logits=False).loss
+    def _loss(self, ids, labels, top_ids=None, top_logprobs=None):
+        """The training loss; with teacher rows, the distillation loss (its two terms kept in self._terms)."""
+        if top_ids is None:
+            self._terms = {}
+            return self.train_forward(ids, labels=labels, return_logits=False).loss
+        from .distillation import distillation_loss
+        d = self.config.distillation
+        logits = self.train_forward(ids).logits
+        loss, ce, kd = distillation_loss(logits, labels, top_ids, top_logprobs, d.alpha, d.temperature)
+        self._terms = {"ce_loss": float(ce.detach()), "kd_loss": float(kd.detach())}
+        return loss
 
     def _optimizer_step(self, finite: bool):
         """Clip, step, schedule.  Returns the gradient norm, or None when the step was skipped."""

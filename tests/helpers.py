@@ -43,5 +43,5 @@ def tiny_config(data_path, output_dir, dataset_type="custom", **sections):
                         test_split=0.1, cache_dir=str(output_dir) + "-cache"),
     }
     for section, values in sections.items():
-        data[section].update(values)
+        data.setdefault(section, {}).update(values)
     return Config.from_dict(data)
