@@ -251,11 +251,11 @@ def cmd_create_synthetic(args) -> int:
     if args.distillation:
         overrides.append("synthetic.distillation=true")
     cfg = Config.load(args.config, overrides).synthetic
-    print(f"teacher: {cfg.backend} {cfg.resolved_model()}; {cfg.num_samples} samples of up to {cfg.max_new_tokens} tokens"
+    print(f"teacher: {cfg.backend} {cfg.resolved_model(cfg.backend)}; {cfg.num_samples} samples of up to {cfg.max_new_tokens} tokens"
           f"{f', top-{cfg.top_logprobs} log-probabilities for distillation' if cfg.distillation else ''}")
     start = time.perf_counter()
     teacher = make_teacher(cfg)
-    print(f"teacher ready in {time.perf_counter() - start:.1f}s")
+    print(f"teacher ready in {time.perf_counter() - start:.1f}s: {json.dumps(teacher.describe())}")
     try:
         stats = create_synthetic(cfg, teacher, resume=args.resume, overwrite=args.overwrite)
     finally:
@@ -345,8 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output-file", help="dataset file name, .json (default phi4_dataset.json)")
     c.add_argument("--distillation", action="store_true",
                    help="also store the teacher's top-k token ids and log-probabilities, and its tokenizer")
-    c.add_argument("--backend", choices=["ollama", "llama_cpp", "transformers"],
-                   help="teacher backend (default ollama; llama_cpp and transformers run a GGUF file here)")
+    c.add_argument("--backend", choices=["auto", "ollama", "llama_cpp", "transformers"],
+                   help="teacher backend (default auto: Ollama when a server answers with the model, else a local "
+                        "GGUF teacher; llama_cpp and transformers run a GGUF file in this process)")
     c.add_argument("--model", help="ollama: model name (default phi4-mini); llama_cpp/transformers: a .gguf path or "
                                    "gemma3-270m (the bundled Gemma 3 270M, the default for those backends)")
     c.add_argument("--host", help="Ollama server (default $OLLAMA_HOST or http://127.0.0.1:11434)")

@@ -308,9 +308,13 @@ class SyntheticConfig:
     instruction-tuned teacher (Ollama's phi4-mini) with `instruction` ("Write a {style} about
     {topic}."), "opening" gives a base model (the bundled Gemma 3 270M) the start of a text from
     `openings` to continue; "auto" picks instruction for ollama and opening for the local GGUF backends.
+
+    backend "auto": the Ollama server when one answers with the model, otherwise a local GGUF
+    teacher (llama.cpp when llama-cpp-python is installed, else transformers): the Ollama model's
+    own blob when the local model store has it, else the bundled Gemma 3 270M.
     """
 
-    backend: typing.Literal["ollama", "llama_cpp", "transformers"] = "ollama"
+    backend: typing.Literal["auto", "ollama", "llama_cpp", "transformers"] = "auto"
     model: typing.Optional[str] = None  # ollama: a model name (None: phi4-mini); llama_cpp/transformers: a .gguf
                                         # path or "gemma3-270m" (None: that bundled Gemma 3 270M)
     host: typing.Optional[str] = None  # ollama server; None: $OLLAMA_HOST or http://127.0.0.1:11434
@@ -354,15 +358,16 @@ class SyntheticConfig:
         for name in ("topics", "styles", "openings"):
             _require(len(getattr(self, name)) > 0, k(name), "must not be empty")
 
-    def resolved_model(self) -> str:
+    def resolved_model(self, backend: str) -> str:
         if self.model:
             return self.model
-        return "phi4-mini" if self.backend == "ollama" else "gemma3-270m"
+        return "phi4-mini" if backend in ("ollama", "auto") else "gemma3-270m"
 
-    def resolved_prompt_style(self) -> str:
+    def resolved_prompt_style(self, backend: str) -> str:
+        """The prompt style for the teacher's actual backend."""
         if self.prompt_style != "auto":
             return self.prompt_style
-        return "instruction" if self.backend == "ollama" else "opening"
+        return "instruction" if backend == "ollama" else "opening"
 
 
 @dataclass

@@ -75,15 +75,16 @@ def _prompts_from_file(path: str) -> list[str]:
     return prompts
 
 
-def make_prompt(cfg: SyntheticConfig, index: int, file_prompts: list[str] | None = None) -> dict:
-    """The prompt of request `index` (deterministic in synthetic.seed and index, so a resumed run
-    asks what the uninterrupted one would have)."""
+def make_prompt(cfg: SyntheticConfig, index: int, file_prompts: list[str] | None = None,
+                prompt_style: str = "opening") -> dict:
+    """The prompt of request `index` in `prompt_style` ("instruction" | "opening"); deterministic in
+    synthetic.seed and index, so a resumed run asks what the uninterrupted one would have."""
     if file_prompts:
         return {"prompt": file_prompts[index % len(file_prompts)], "topic": None, "style": None}
     rng = random.Random(cfg.seed * 1_000_003 + index)
     topic, style = rng.choice(cfg.topics), rng.choice(cfg.styles)
     fields = {"topic": topic, "style": style, "Topic": topic[:1].upper() + topic[1:]}
-    template = cfg.instruction if cfg.resolved_prompt_style() == "instruction" else rng.choice(cfg.openings)
+    template = cfg.instruction if prompt_style == "instruction" else rng.choice(cfg.openings)
     try:
         prompt = template.format(**fields)
     except (KeyError, IndexError, ValueError) as e:
@@ -190,7 +191,7 @@ def _settings(cfg: SyntheticConfig, teacher: Teacher) -> dict:
     return {"teacher": teacher.describe(),
             "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
                          "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
-            "prompt_style": cfg.resolved_prompt_style(),
+            "prompt_style": cfg.resolved_prompt_style(teacher.backend),
             "distillation": {"top_k": cfg.top_logprobs} if cfg.distillation else None}
 
 
@@ -256,7 +257,7 @@ def create_synthetic(cfg: SyntheticConfig, teacher: Teacher, resume: bool = Fals
     opening = settings["prompt_style"] == "opening"
 
     def ask(index: int):
-        prompt = make_prompt(cfg, index, file_prompts)
+        prompt = make_prompt(cfg, index, file_prompts, settings["prompt_style"])
         request = Request(prompt=prompt["prompt"], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                           top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed * 7919 + index, top_logprobs=k)
         return prompt, teacher.complete(request)

@@ -434,10 +434,30 @@ class OllamaTeacher(Teacher):
         return self._mapper.unmapped if self._mapper else 0
 
 
-def make_teacher(cfg: SyntheticConfig) -> Teacher:
-    model = cfg.resolved_model()
+def make_teacher(cfg: SyntheticConfig, log=print) -> Teacher:
+    """The teacher of the `synthetic` section (see SyntheticConfig for backend "auto")."""
+    model = cfg.resolved_model(cfg.backend)
     if cfg.backend == "ollama":
         return OllamaTeacher(model, cfg.host, cfg.timeout_s)
-    if cfg.backend == "llama_cpp":
+    if cfg.backend == "auto":
+        try:
+            return OllamaTeacher(model, cfg.host, cfg.timeout_s)
+        except TeacherError as e:
+            reason = str(e).split(":")[0]
+        if model != BUNDLED_GGUF and not model.endswith(".gguf"):
+            try:
+                model = str(ollama_model_blob(model))
+            except TeacherError:
+                model = BUNDLED_GGUF
+        try:
+            import llama_cpp  # noqa: F401
+            backend = "llama_cpp"
+        except ImportError:
+            backend = "transformers"
+        log(f"note: {reason}; using the local teacher instead: {backend} with {model} "
+            f"(choose with --backend / --model)")
+    else:
+        backend = cfg.backend
+    if backend == "llama_cpp":
         return LlamaCppTeacher(model, cfg.threads, context=max(512, cfg.max_new_tokens + 256))
     return TransformersTeacher(model, cfg.threads)

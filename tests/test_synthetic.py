@@ -78,14 +78,14 @@ def config(tmp_path, **kw):
 
 def test_prompts_are_deterministic_diverse_and_follow_the_style():
     cfg = SyntheticConfig(backend="llama_cpp")
-    prompts = [make_prompt(cfg, i) for i in range(40)]
-    assert prompts == [make_prompt(cfg, i) for i in range(40)]
+    prompts = [make_prompt(cfg, i, prompt_style="opening") for i in range(40)]
+    assert prompts == [make_prompt(cfg, i, prompt_style="opening") for i in range(40)]
     assert len({p["topic"] for p in prompts}) > 10 and len({p["prompt"] for p in prompts}) > 30
     assert all(p["topic"] in p["prompt"] or p["topic"].capitalize() in p["prompt"] for p in prompts)
-    instruct = make_prompt(SyntheticConfig(backend="ollama"), 3)
+    instruct = make_prompt(SyntheticConfig(), 3, prompt_style="instruction")
     assert instruct["prompt"].startswith("Write a ") and instruct["style"] in instruct["prompt"]
     with pytest.raises(SyntheticError, match="only"):
-        make_prompt(SyntheticConfig(backend="ollama", instruction="About {subject}"), 0)
+        make_prompt(SyntheticConfig(instruction="About {subject}"), 0, prompt_style="instruction")
 
 
 def test_quality_filters():
@@ -234,10 +234,20 @@ def test_ollama_errors_say_what_to_do(server, tmp_path, capsys):
     server.malformed = True
     with pytest.raises(TeacherError, match="bad answer"):
         teacher.complete(Request("x", 4, 1.0, 1.0, 0, 0))
-    code = cli.main(["create-synthetic", "--config", "config/default_config.yaml", "--host",
+    code = cli.main(["create-synthetic", "--config", "config/default_config.yaml", "--backend", "ollama", "--host",
                      f"http://127.0.0.1:{_free_port()}", "--output-dir", str(tmp_path / "none")])
     assert code == 1 and "ollama serve" in capsys.readouterr().err
-    assert not (tmp_path / "none" / "phi4_dataset.json").exists()
+    assert not (tmp_path / "none").exists() or not list((tmp_path / "none").iterdir())
+
+
+def test_auto_backend_falls_back_to_a_local_teacher_when_ollama_is_absent(tmp_path):
+    from sparse_ssm.teachers import make_teacher
+
+    notes = []
+    cfg = SyntheticConfig(host=f"http://127.0.0.1:{_free_port()}", model=str(tmp_path / "missing.gguf"))
+    with pytest.raises(TeacherError, match="missing.gguf does not exist"):
+        make_teacher(cfg, log=notes.append)        # it went on to the local GGUF backend
+    assert "no Ollama server answers" in notes[0] and "local teacher" in notes[0]
 
 
 def test_ollama_model_store_lookup(tmp_path):
