@@ -1,0 +1,153 @@
+"""Language modelling at equal wall-clock: our small model against a GPT-2 of matched size.
+
+    python -m sparse_ssm.corpus data/shakespeare        # the embedded corpus (make demo does it)
+    python bench/wallclock_lm.py --seconds 240          # writes bench/results/wallclock_lm.{json,md,png}
+
+Both models see the same data: the embedded corpus, the same byte-level BPE tokenizer (trained on
+its training split), the same windows of 128 tokens in the same order, batch 16, AdamW at the same
+learning rate (linear warm-up, then constant).  They train in lockstep, one step each in turn, and
+each stops when its own summed step time reaches the budget, so a busy machine slows both alike.
+Then both are scored on the same validation windows (every token once).  1 torch thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from sparse_ssm.config import Config  # noqa: E402
+from sparse_ssm.data import WindowDataset, collate, load_splits, tokenize_splits  # noqa: E402
+from sparse_ssm.lm import SparseSSMForCausalLM  # noqa: E402
+from sparse_ssm.tokenizer import PAD, capped_vocab_size, train_tokenizer  # noqa: E402
+
+
+def gpt2_matched(vocab, target_params, seq_len):
+    """The GPT-2 (width 128, 2 heads) whose layer count brings it closest to target_params."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    best = None
+    for layers in range(1, 13):
+        cfg = GPT2Config(vocab_size=vocab, n_embd=128, n_layer=layers, n_head=2, n_positions=seq_len,
+                         attn_implementation="sdpa", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        n = sum(p.numel() for p in GPT2LMHeadModel(cfg).parameters())
+        if best is None or abs(n - target_params) < abs(best[1] - target_params):
+            best = (cfg, n)
+    return GPT2LMHeadModel(best[0])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="config/small_cpu.yaml")
+    parser.add_argument("--seconds", type=float, default=240.0, help="training time budget per model")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--eval-windows", type=int, default=200)
+    parser.add_argument("--out", default=str(HERE / "results"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = Config.load(args.config)
+    ds = cfg.dataset
+    splits = load_splits(ds)
+    tokenizer = train_tokenizer(splits["train"], capped_vocab_size(cfg.model.vocab_size, sum(map(len, splits["train"]))))
+    streams = tokenize_splits(ds, splits, tokenizer)
+    vocab, L = tokenizer.get_vocab_size(), ds.max_seq_len
+    cfg.model.vocab_size = vocab
+    train, val = WindowDataset(streams["train"], L, ds.stride), WindowDataset(streams["validation"], L, L, score_once=True)
+    pad = tokenizer.token_to_id(PAD)
+
+    ours = SparseSSMForCausalLM(cfg.model)
+    n_ours = ours.num_parameters()
+    gpt2 = gpt2_matched(vocab, n_ours, L)
+    models = {"sparse-ssm": (ours, lambda ids: ours(ids, labels=ids, return_logits=False).loss),
+              "gpt2": (gpt2, lambda ids: gpt2(input_ids=ids, labels=ids).loss)}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
+            for k, (m, _) in models.items()}
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+    spent, steps, losses = {k: 0.0 for k in models}, {k: 0 for k in models}, {k: [] for k in models}
+    warmup, bs, i = 30, cfg.training.batch_size, 0
+    while any(spent[k] < args.seconds for k in models):
+        idx = order[(i * bs) % len(order):(i * bs) % len(order) + bs]
+        ids, _ = collate([train[int(j)] for j in idx], pad)
+        i += 1
+        for name, (model, loss_fn) in models.items():
+            if spent[name] >= args.seconds:
+                continue
+            for group in opts[name].param_groups:
+                group["lr"] = args.lr * min(1.0, (steps[name] + 1) / warmup)
+            start = time.perf_counter()
+            loss = loss_fn(ids)
+            opts[name].zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opts[name].step()
+            spent[name] += time.perf_counter() - start
+            steps[name] += 1
+            losses[name].append((spent[name], float(loss)))
+        if i % 50 == 0:
+            print({k: (steps[k], round(spent[k]), round(losses[k][-1][1], 3)) for k in models}, flush=True)
+
+    rows = []
+    windows = range(min(args.eval_windows, len(val)))
+    for name, (model, _) in models.items():
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(windows), 16):
+                ids, labels = collate([val[j] for j in windows[start:start + 16]], pad)
+                logits = model(ids).logits if name == "sparse-ssm" else model(input_ids=ids).logits
+                lp = torch.log_softmax(logits[:, :-1].float(), -1)
+                target = labels[:, 1:]
+                mask = target != -100
+                total += float(-lp.gather(-1, target.clamp(min=0)[..., None])[..., 0][mask].sum())
+                count += int(mask.sum())
+        params = sum(p.numel() for p in model.parameters()) if name == "gpt2" else n_ours
+        rows.append({"model": name, "params": params, "steps": steps[name], "train_seconds": round(spent[name], 1),
+                     "tokens_per_s": steps[name] * bs * L / spent[name], "validation_loss": total / count,
+                     "validation_perplexity": math.exp(total / count), "validation_tokens": count})
+        print(json.dumps(rows[-1]))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.machine()}, 1 torch thread, torch {torch.__version__}"
+    (out / "wallclock_lm.json").write_text(json.dumps({"budget_s": args.seconds, "config": args.config,
+                                                       "machine": machine, "rows": rows,
+                                                       "curves": {k: v[::5] for k, v in losses.items()}}, indent=2))
+    base = rows[1]["validation_perplexity"]
+    lines = [f"# Equal wall-clock language modelling: sparse-ssm vs. GPT-2 ({args.seconds:.0f} s of training each)", "",
+             f"Embedded corpus (Shakespeare), BPE vocab {vocab}, windows of {L}, batch {bs}, lr {args.lr}; {machine}.", "",
+             "| model | parameters | steps | tokens/s | validation loss | perplexity | vs. GPT-2 |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['params']:,} | {r['steps']} | {r['tokens_per_s']:,.0f} | {r['validation_loss']:.4f} | "
+              f"{r['validation_perplexity']:.2f} | {r['validation_perplexity'] / base:.3f}x |" for r in rows]
+    (out / "wallclock_lm.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for name, curve in losses.items():
+            t, v = np.array(curve).T
+            k = 20
+            smooth = np.convolve(v, np.ones(k) / k, mode="valid")
+            ax.plot(t[k - 1:], smooth, label=name)
+        ax.set_xlabel("training seconds (1 CPU thread)")
+        ax.set_ylabel("training loss (20-step mean)")
+        ax.set_title("Equal wall-clock: sparse-ssm vs. GPT-2 of matched size")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "wallclock_lm.png", dpi=110)
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+
+
+if __name__ == "__main__":
+    main()
