@@ -263,3 +263,17 @@ def test_ollama_model_store_lookup(tmp_path):
         assert ollama_model_blob(name, tmp_path) == blob
     with pytest.raises(TeacherError, match="ollama pull qwen"):
         ollama_model_blob("qwen", tmp_path)
+
+
+def test_the_local_server_speaks_ollamas_streaming_and_listing_api(server):
+    import ollama
+
+    client = ollama.Client(host=server.host)
+    assert [m.model for m in client.list().models] == ["phi4-mini:latest"]
+    options = {"temperature": 0.9, "num_predict": 10, "seed": 11}
+    whole = client.generate(model="phi4-mini", prompt="Hello", options=options, logprobs=True, top_logprobs=2)
+    parts = list(client.generate(model="phi4-mini", prompt="Hello", options=options, stream=True, logprobs=True,
+                                 top_logprobs=2))
+    assert "".join(p.response for p in parts) == whole.response and parts[-1].done
+    assert [lp.token for p in parts for lp in (p.logprobs or [])] == [lp.token for lp in whole.logprobs]
+    assert all(len(lp.top_logprobs) == 2 for lp in whole.logprobs)
