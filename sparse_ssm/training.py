@@ -355,8 +355,10 @@ class Trainer:
             shutil.rmtree(final)
         tmp.rename(final)
         _atomic_symlink(os.path.relpath(final, self.output_dir), self.output_dir / "latest")
-        kept = sorted(root.glob("step-*"))
-        for old in kept[:-self.config.training.save_total_limit]:
+        # rotation: keep the newest save_total_limit written (by time, so that the checkpoints of an
+        # earlier run in this directory go first, even with higher step numbers); never this one
+        others = sorted((p for p in root.glob("step-*") if p != final), key=lambda p: p.stat().st_mtime_ns)
+        for old in others[:max(0, len(others) - (self.config.training.save_total_limit - 1))]:
             shutil.rmtree(old)
         self._barrier()
         return final
