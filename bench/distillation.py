@@ -47,10 +47,10 @@ def student_config(data: str, output: Path, steps: int, alpha: float, temperatur
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/synthetic/gemma_distill.json")
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--alphas", default="0,0.5,0.9")
-    parser.add_argument("--temperature", type=float, default=2.0)
-    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--work", default="outputs/bench-distillation")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()

@@ -378,7 +378,7 @@ class DistillationConfig:
 
     enabled: bool = False
     alpha: float = 0.5
-    temperature: float = 2.0
+    temperature: float = 1.0          # > 1 softens, but then the unknown tail mass counts as one token
 
     def validate(self, section: str = "distillation"):
         _require(0 <= self.alpha <= 1, f"{section}.alpha", f"must be in [0, 1], got {self.alpha}")
