@@ -330,6 +330,7 @@ class SyntheticConfig:
     top_logprobs: int = 8             # k of the distillation targets (Ollama allows at most 20)
     workers: int = 1                  # concurrent requests (ollama); the local backends run one at a time
     threads: int = 1                  # CPU threads of the local backends (1 is fastest on a busy machine)
+    batch_size: int = 8               # transformers backend: samples decoded together (llama_cpp: one at a time)
     timeout_s: float = 600.0          # per request (ollama)
     prompt_style: typing.Literal["auto", "instruction", "opening"] = "auto"
     instruction: str = "Write a {style} about {topic}. Use plain prose, about 150 words."
@@ -343,7 +344,7 @@ class SyntheticConfig:
 
     def validate(self, section: str = "synthetic"):
         k = lambda name: f"{section}.{name}"
-        for name in ("num_samples", "max_new_tokens", "workers", "threads", "max_attempts_factor"):
+        for name in ("num_samples", "max_new_tokens", "workers", "threads", "batch_size", "max_attempts_factor"):
             _require(getattr(self, name) >= 1, k(name), f"must be >= 1, got {getattr(self, name)}")
         _require(self.temperature >= 0, k("temperature"), f"must be >= 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, k("top_p"), f"must be in (0, 1], got {self.top_p}")

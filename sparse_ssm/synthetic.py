@@ -253,14 +253,26 @@ def create_synthetic(cfg: SyntheticConfig, teacher: Teacher, resume: bool = Fals
     kept = sum(1 for line in lines if line["rejected"] is None)
     max_attempts = cfg.num_samples * cfg.max_attempts_factor
     k = cfg.top_logprobs if cfg.distillation else 0
-    workers = cfg.workers if teacher.concurrent else 1
+    # a wave of requests: concurrent ones to a server, or one batch decoded together in this process
+    workers = cfg.workers if teacher.concurrent else getattr(teacher, "max_batch", 1)
     opening = settings["prompt_style"] == "opening"
 
-    def ask(index: int):
+    def request(index: int):
         prompt = make_prompt(cfg, index, file_prompts, settings["prompt_style"])
-        request = Request(prompt=prompt["prompt"], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                          top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed * 7919 + index, top_logprobs=k)
-        return prompt, teacher.complete(request)
+        return prompt, Request(prompt=prompt["prompt"], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                               top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed * 7919 + index, top_logprobs=k)
+
+    def ask(index: int):
+        prompt, req = request(index)
+        return prompt, teacher.complete(req)
+
+    def ask_wave(wave: range):
+        if teacher.concurrent and workers > 1:
+            return list(pool.map(ask, wave))
+        if workers > 1:                                   # a batching local teacher
+            prompts, requests = zip(*map(request, wave))
+            return list(zip(prompts, teacher.complete_batch(list(requests))))
+        return [ask(i) for i in wave]
 
     bar = tqdm(total=cfg.num_samples, initial=kept, desc="synthetic", unit="sample", disable=not progress,
                dynamic_ncols=True)
@@ -270,7 +282,7 @@ def create_synthetic(cfg: SyntheticConfig, teacher: Teacher, resume: bool = Fals
         with open(paths["partial"], "a") as sidecar, ThreadPoolExecutor(max_workers=workers) as pool:
             while kept < cfg.num_samples and index < max_attempts:
                 wave = range(index, min(max_attempts, index + min(workers, cfg.num_samples - kept)))
-                results = list(pool.map(ask, wave)) if workers > 1 else [ask(i) for i in wave]
+                results = ask_wave(wave)
                 for i, (prompt, completion) in zip(wave, results):
                     text = (prompt["prompt"] + completion.text) if opening and not file_prompts else completion.text
                     problem = quality_problem(completion.text, cfg.min_words)

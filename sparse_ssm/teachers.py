@@ -223,44 +223,69 @@ class _LocalTeacher(Teacher):
     def describe(self) -> dict:
         return {"backend": self.backend, "model": self.model_name, "gguf": str(self.gguf)}
 
-    # the backend supplies these three
+    max_batch = 1            # requests decoded together by complete_batch
+
+    # the backend supplies these four
     def _tokenize(self, text: str) -> list[int]:
         raise NotImplementedError
 
-    def _feed(self, ids: list[int], reset: bool) -> torch.Tensor:
-        """Run `ids` through the model (after the cached context unless reset); next-token logits (vocab,)."""
+    def _start(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Run the prompts (a fresh context each); next-token logits (n, vocab)."""
+        raise NotImplementedError
+
+    def _next(self, tokens: list[int]) -> torch.Tensor:
+        """Append one token to each sequence; next-token logits (n, vocab)."""
         raise NotImplementedError
 
     def _detokenize(self, ids: list[int]) -> str:
         raise NotImplementedError
 
     def complete(self, request: Request) -> Completion:
+        return self.complete_batch([request])[0]
+
+    def complete_batch(self, requests: list[Request]) -> list[Completion]:
+        """Decode up to max_batch requests together: each row samples with its own settings and
+        generator (seeded by its request), stops on its own, and records its own top-k."""
         from .generation import SamplingSettings, next_token
 
-        settings = SamplingSettings(max_new_tokens=request.max_new_tokens, temperature=request.temperature,
-                                    top_k=request.top_k, top_p=request.top_p)
-        generator = torch.Generator().manual_seed(request.seed)
-        prompt_ids = self._tokenize(request.prompt)
-        logits = self._feed(prompt_ids, reset=True)
+        n = len(requests)
+        settings = [SamplingSettings(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
+                                     top_p=r.top_p) for r in requests]
+        generators = [torch.Generator().manual_seed(r.seed) for r in requests]
+        prompts = [self._tokenize(r.prompt) for r in requests]
+        logits = self._start(prompts)
         seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
-        ids, top_ids, top_lp, finish = [], [], [], "length"
-        for _ in range(request.max_new_tokens):
-            token = next_token(logits, seen, settings, generator)
-            if request.top_logprobs:
-                i, lp = top_k_of_logits(logits, request.top_logprobs)
-                top_ids.append(i)
-                top_lp.append(lp)
-            if token in self.stop_ids:
-                top_ids, top_lp = top_ids[:len(ids)], top_lp[:len(ids)]   # the end token is not text
-                finish = "stop"
-                break
-            ids.append(token)
-            logits = self._feed([token], reset=False)
-        k = request.top_logprobs
-        return Completion(text=self._detokenize(ids), finish_reason=finish, num_tokens=len(ids),
-                          token_ids=ids if k else None, prompt_ids=prompt_ids,
-                          top_ids=np.array(top_ids, dtype=np.int32).reshape(-1, k) if k else None,
-                          top_logprobs=np.array(top_lp, dtype=np.float32).reshape(-1, k) if k else None)
+        ids, tops, lps = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+        finish = ["length"] * n
+        active = [r.max_new_tokens > 0 for r in requests]
+        while any(active):
+            feed = []
+            for i, r in enumerate(requests):
+                if not active[i]:
+                    feed.append(self.pad_id)
+                    continue
+                token = next_token(logits[i], seen, settings[i], generators[i])
+                if token in self.stop_ids:
+                    finish[i], active[i] = "stop", False        # the end token is not text: no target row
+                    feed.append(self.pad_id)
+                    continue
+                if r.top_logprobs:
+                    top, lp = top_k_of_logits(logits[i], r.top_logprobs)
+                    tops[i].append(top)
+                    lps[i].append(lp)
+                ids[i].append(token)
+                active[i] = len(ids[i]) < r.max_new_tokens
+                feed.append(token)
+            if any(active):
+                logits = self._next(feed)
+        out = []
+        for i, r in enumerate(requests):
+            k = r.top_logprobs
+            out.append(Completion(text=self._detokenize(ids[i]), finish_reason=finish[i], num_tokens=len(ids[i]),
+                                  token_ids=ids[i] if k else None, prompt_ids=prompts[i],
+                                  top_ids=np.array(tops[i], dtype=np.int32).reshape(-1, k) if k else None,
+                                  top_logprobs=np.array(lps[i], dtype=np.float32).reshape(-1, k) if k else None))
+        return out
 
 
 class LlamaCppTeacher(_LocalTeacher):
@@ -281,19 +306,27 @@ class LlamaCppTeacher(_LocalTeacher):
             raise TeacherError(f"llama.cpp cannot load {self.gguf}: {e}") from None
         self.context = context
         self.stop_ids = {self.llm.token_eos()}
+        self.pad_id = self.llm.token_eos()
 
     def _tokenize(self, text):
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
-    def _feed(self, ids, reset):
-        if reset:
-            self.llm.reset()
+    def _start(self, prompts):
+        if len(prompts) != 1:
+            raise ValueError("the llama_cpp teacher decodes one sequence at a time")
+        self.llm.reset()
+        return self._eval(prompts[0])
+
+    def _next(self, tokens):
+        return self._eval(tokens)
+
+    def _eval(self, ids):
         if self.llm.n_tokens + len(ids) > self.context:
             raise TeacherError(f"prompt + new tokens exceed the teacher's context of {self.context} tokens; "
                                f"lower synthetic.max_new_tokens")
         self.llm.eval(ids)
         pointer = self._lib.llama_get_logits_ith(self.llm.ctx, -1)
-        return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).copy())
+        return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),)).copy())[None]
 
     def _detokenize(self, ids):
         return self.llm.detokenize(ids).decode("utf-8", errors="replace")
@@ -305,8 +338,9 @@ class LlamaCppTeacher(_LocalTeacher):
 class TransformersTeacher(_LocalTeacher):
     backend = "transformers"
 
-    def __init__(self, model: str, threads: int = 1):
+    def __init__(self, model: str, threads: int = 1, batch_size: int = 8):
         super().__init__(model, threads)
+        self.max_batch = batch_size
         try:
             from transformers import AutoModelForCausalLM
             from transformers.utils import logging as hf_logging
@@ -324,6 +358,8 @@ class TransformersTeacher(_LocalTeacher):
             raise TeacherError(f"transformers cannot load {self.gguf}: {type(e).__name__}: {e}") from None
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos])
+        pad = self.model.generation_config.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.stop_ids)
         self._past = None
         # the key/value cache argument: `cache` since transformers 5.2x, `past_key_values` before
         self._cache_name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
@@ -332,13 +368,30 @@ class TransformersTeacher(_LocalTeacher):
         return self.tokenizer.encode(text).ids         # the post-processor adds <bos>
 
     @torch.no_grad()
-    def _feed(self, ids, reset):
-        if reset:
-            self._past = None
+    def _start(self, prompts):
+        """Left-padded batch: padding masked out, positions counted from each prompt's first token."""
+        longest = max(map(len, prompts))
+        ids = torch.full((len(prompts), longest), self.pad_id)
+        self._mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, longest - len(prompt):] = torch.tensor(prompt)
+            self._mask[row, longest - len(prompt):] = 1
+        self._positions = (self._mask.cumsum(-1) - 1).clamp(min=0)
+        self._past = None
+        return self._forward(ids)
+
+    @torch.no_grad()
+    def _next(self, tokens):
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(tokens), 1)], -1)
+        self._positions = self._positions[:, -1:] + 1
+        return self._forward(torch.tensor(tokens)[:, None])
+
+    def _forward(self, ids):
         with _threads(self.threads):
-            out = self.model(input_ids=torch.tensor([ids]), use_cache=True, **{self._cache_name: self._past})
+            out = self.model(input_ids=ids, attention_mask=self._mask, position_ids=self._positions,
+                             use_cache=True, **{self._cache_name: self._past})
         self._past = getattr(out, self._cache_name)
-        return out.logits[0, -1]
+        return out.logits[:, -1].float()
 
     def _detokenize(self, ids):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -466,4 +519,4 @@ def make_teacher(cfg: SyntheticConfig, log=print) -> Teacher:
         backend = cfg.backend
     if backend == "llama_cpp":
         return LlamaCppTeacher(model, cfg.threads, context=max(512, cfg.max_new_tokens + 256))
-    return TransformersTeacher(model, cfg.threads)
+    return TransformersTeacher(model, cfg.threads, cfg.batch_size)

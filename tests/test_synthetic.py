@@ -38,6 +38,7 @@ class SSMTeacher(_LocalTeacher):
                                                           state_dim=8, ffn_dim=0, num_layers=2, max_seq_len=512,
                                                           dropout=0.0)).eval()
         self.stop_ids = {self.tokenizer.token_to_id(EOS)}
+        self.pad_id = self.tokenizer.token_to_id(EOS)
         self.fail_after, self.calls = fail_after, 0
 
     def describe(self):
@@ -56,12 +57,14 @@ class SSMTeacher(_LocalTeacher):
         return self.tokenizer.encode(text).ids
 
     @torch.no_grad()
-    def _feed(self, ids, reset):
-        if reset:
-            logits, self.cache = self.model.prefill(torch.tensor([ids]))
-        else:
-            logits, self.cache = self.model.step(torch.tensor(ids), self.cache)
-        return logits[0]
+    def _start(self, prompts):
+        logits, self.cache = self.model.prefill(torch.tensor(prompts))
+        return logits
+
+    @torch.no_grad()
+    def _next(self, tokens):
+        logits, self.cache = self.model.step(torch.tensor(tokens), self.cache)
+        return logits
 
     def _detokenize(self, ids):
         return self.tokenizer.decode(ids)

@@ -113,3 +113,15 @@ def test_llama_cpp_backend_agrees_with_transformers(gemma):
     assert a.token_ids[:3] == b.token_ids[:3]           # greedy: the same first tokens
     assert np.abs(np.exp(a.top_logprobs[0]) - np.exp(b.top_logprobs[0])).max() < 0.05
     llama.close()
+
+
+def test_batched_decoding_equals_one_by_one(gemma):
+    prompts = ["Once upon a time, in a story about bees,", "The railway", "Dear friend,\n\nI am writing to you about"]
+    requests = [Request(p, 12, 0.0, 1.0, 0, seed=i, top_logprobs=3) for i, p in enumerate(prompts)]
+    requests.append(Request("It was early morning when", 12, 0.9, 0.95, 40, seed=7, top_logprobs=3))   # sampled
+    batch = gemma.complete_batch(requests)
+    for request, together in zip(requests, batch):
+        alone = gemma.complete(request)
+        assert together.token_ids == alone.token_ids and together.text == alone.text
+        assert np.array_equal(together.top_ids, alone.top_ids)
+        assert np.allclose(together.top_logprobs, alone.top_logprobs, atol=1e-4)
