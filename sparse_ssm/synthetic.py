@@ -240,12 +240,14 @@ def create_synthetic(cfg: SyntheticConfig, teacher: Teacher, resume: bool = Fals
     if paths["json"].exists() and not (resume and paths["partial"].exists()) and not overwrite:
         raise SyntheticError(f"{paths['json']} already exists: pass --overwrite to replace it, or choose another "
                              f"--output-file")
+    if cfg.distillation:
+        teacher.tokenizer_json()          # fail before any request when the teacher's tokenizer is out of reach
+    file_prompts = _prompts_from_file(cfg.prompts_file) if cfg.prompts_file else None
     lines = _read_partial(paths["partial"], settings) if resume and paths["partial"].exists() else []
     if resume and lines:
         log(f"resuming: {len(lines)} requests already done ({sum(1 for r in lines if r['rejected'] is None)} kept)")
     elif not lines:
         paths["partial"].write_text(json.dumps({"settings": settings}) + "\n")
-    file_prompts = _prompts_from_file(cfg.prompts_file) if cfg.prompts_file else None
     dedup = NearDuplicates(cfg.near_duplicate_threshold)
     for line in lines:
         if line["rejected"] is None:
@@ -306,6 +308,10 @@ def create_synthetic(cfg: SyntheticConfig, teacher: Teacher, resume: bool = Fals
                 index = wave.stop
     except KeyboardInterrupt:
         interrupted = True
+    except Exception:
+        if not lines:                     # nothing done yet: leave nothing behind
+            paths["partial"].unlink(missing_ok=True)
+        raise
     finally:
         bar.close()
     if interrupted:

@@ -280,3 +280,19 @@ def test_the_local_server_speaks_ollamas_streaming_and_listing_api(server):
     assert "".join(p.response for p in parts) == whole.response and parts[-1].done
     assert [lp.token for p in parts for lp in (p.logprobs or [])] == [lp.token for lp in whole.logprobs]
     assert all(len(lp.top_logprobs) == 2 for lp in whole.logprobs)
+
+
+def test_a_failing_teacher_leaves_nothing_behind_and_distillation_needs_its_tokenizer(server, tmp_path, monkeypatch):
+    cfg = config(tmp_path, backend="ollama")
+    teacher = OllamaTeacher("phi4-mini", host=server.host)
+    server.malformed = True
+    with pytest.raises(TeacherError, match="bad answer"):
+        create_synthetic(cfg, teacher, progress=False, log=lambda *_: None)
+    assert not list(Path(cfg.output_dir).iterdir())
+    server.malformed = False
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "empty-store"))
+    requests_before = len(server.requests)
+    with pytest.raises(TeacherError, match="ollama pull phi4-mini"):
+        create_synthetic(config(tmp_path, backend="ollama", distillation=True), teacher, progress=False,
+                         log=lambda *_: None)
+    assert len(server.requests) == requests_before          # stopped before asking anything
