@@ -18,3 +18,25 @@ def peak_rss_gb(setup: str, threads: int) -> float:
             f"print(int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1e6)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else float("nan")
+
+
+def write_results(out: Path, name: str, payload: dict, lines: list[str]):
+    """bench/results-style output: NAME.json (payload) and NAME.md (lines), also printed."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a note) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -e '.[bench]')")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt

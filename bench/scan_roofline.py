@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from common import pyplot, write_results  # noqa: E402
 from sparse_ssm.ssm.scan import selective_scan_chunked, selective_scan_sequential  # noqa: E402
 from sparse_ssm.ssm.structures import DiagonalStructure  # noqa: E402
 
@@ -145,12 +146,8 @@ def main():
                      "bound": "memory" if nbytes / bandwidth > flops / gflops else "compute"})
         print(json.dumps(rows[-1]))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     setup = {k: getattr(args, k) for k in ("batch", "length", "channels", "state", "heads", "rounds", "threads")}
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    (out / "scan_roofline.json").write_text(json.dumps({"setup": setup, "machine": machine,
-                                                        "copy_gb_s": bandwidth, "matmul_gflop_s": gflops,
-                                                        "rows": rows}, indent=2))
     lines = ["# Selective scan against the roofline", "",
              f"batch {args.batch}, length {args.length}, {args.channels} channels, state {args.state} "
              f"({args.heads} heads for Mamba-2 layouts); {args.threads} thread; {machine}; measured copy "
@@ -159,26 +156,22 @@ def main():
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['scan']} | {r['floor_forward_ms']:.2f} | {r['forward_ms']:.1f} | {r['forward_fraction']:.1%} | "
               f"{r['forward_backward_ms']:.1f} | {r['forward_backward_fraction']:.1%} |" for r in rows]
-    (out / "scan_roofline.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        names = [r["scan"] for r in rows]
-        y = range(len(rows))
-        ax.barh([i + 0.2 for i in y], [100 * r["forward_fraction"] for r in rows], 0.4, label="forward")
-        ax.barh([i - 0.2 for i in y], [100 * r["forward_backward_fraction"] for r in rows], 0.4, label="forward+backward")
-        ax.set_yticks(list(y), names)
-        ax.invert_yaxis()
-        ax.set_xlabel("% of the roofline (higher is better)")
-        ax.set_title(f"Selective scan, B{args.batch} L{args.length} D{args.channels} N{args.state}, 1 CPU thread")
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        fig.savefig(out / "scan_roofline.png", dpi=110)
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install -e '.[bench]')")
+    write_results(out, "scan_roofline", {"setup": setup, "machine": machine, "copy_gb_s": bandwidth,
+                                         "matmul_gflop_s": gflops, "rows": rows}, lines)
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    y = range(len(rows))
+    ax.barh([i + 0.2 for i in y], [100 * r["forward_fraction"] for r in rows], 0.4, label="forward")
+    ax.barh([i - 0.2 for i in y], [100 * r["forward_backward_fraction"] for r in rows], 0.4, label="forward+backward")
+    ax.set_yticks(list(y), [r["scan"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("% of the roofline (higher is better)")
+    ax.set_title(f"Selective scan, B{args.batch} L{args.length} D{args.channels} N{args.state}, 1 CPU thread")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "scan_roofline.png", dpi=110)
 
 
 if __name__ == "__main__":

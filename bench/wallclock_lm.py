@@ -26,6 +26,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from common import pyplot, write_results  # noqa: E402
 from sparse_ssm.config import Config  # noqa: E402
 from sparse_ssm.data import WindowDataset, collate, load_splits, tokenize_splits  # noqa: E402
 from sparse_ssm.lm import SparseSSMForCausalLM  # noqa: E402
@@ -92,7 +93,7 @@ def main():
             opts[name].step()
             spent[name] += time.perf_counter() - start
             steps[name] += 1
-            losses[name].append((spent[name], float(loss)))
+            losses[name].append((spent[name], float(loss.detach())))
         if i % 50 == 0:
             print({k: (steps[k], round(spent[k]), round(losses[k][-1][1], 3)) for k in models}, flush=True)
 
@@ -115,38 +116,30 @@ def main():
                      "tokens_per_s": steps[name] * bs * L / spent[name], "validation_loss": total / count,
                      "validation_perplexity": math.exp(total / count), "validation_tokens": count})
         print(json.dumps(rows[-1]))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}, 1 torch thread, torch {torch.__version__}"
-    (out / "wallclock_lm.json").write_text(json.dumps({"budget_s": args.seconds, "config": args.config,
-                                                       "machine": machine, "rows": rows,
-                                                       "curves": {k: v[::5] for k, v in losses.items()}}, indent=2))
     base = rows[1]["validation_perplexity"]
     lines = [f"# Equal wall-clock language modelling: sparse-ssm vs. GPT-2 ({args.seconds:.0f} s of training each)", "",
              f"Embedded corpus (Shakespeare), BPE vocab {vocab}, windows of {L}, batch {bs}, lr {args.lr}; {machine}.", "",
              "| model | parameters | steps | tokens/s | validation loss | perplexity | vs. GPT-2 |", "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['model']} | {r['params']:,} | {r['steps']} | {r['tokens_per_s']:,.0f} | {r['validation_loss']:.4f} | "
               f"{r['validation_perplexity']:.2f} | {r['validation_perplexity'] / base:.3f}x |" for r in rows]
-    (out / "wallclock_lm.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for name, curve in losses.items():
-            t, v = np.array(curve).T
-            k = 20
-            smooth = np.convolve(v, np.ones(k) / k, mode="valid")
-            ax.plot(t[k - 1:], smooth, label=name)
-        ax.set_xlabel("training seconds (1 CPU thread)")
-        ax.set_ylabel("training loss (20-step mean)")
-        ax.set_title("Equal wall-clock: sparse-ssm vs. GPT-2 of matched size")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "wallclock_lm.png", dpi=110)
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    out = Path(args.out)
+    write_results(out, "wallclock_lm", {"budget_s": args.seconds, "config": args.config, "machine": machine,
+                                        "rows": rows, "curves": {k: v[::5] for k, v in losses.items()}}, lines)
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, curve in losses.items():
+        t, v = np.array(curve).T
+        k = min(20, len(v))
+        ax.plot(t[k - 1:], np.convolve(v, np.ones(k) / k, mode="valid"), label=name)
+    ax.set_xlabel("training seconds (1 CPU thread)")
+    ax.set_ylabel("training loss (20-step mean)")
+    ax.set_title("Equal wall-clock: sparse-ssm vs. GPT-2 of matched size")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "wallclock_lm.png", dpi=110)
 
 
 if __name__ == "__main__":

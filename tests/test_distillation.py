@@ -1,7 +1,6 @@
 """Distillation: the loss against a hand computation, the compacted teacher vocabulary, and a
 distillation run end to end on a dataset written by create-synthetic."""
 
-import json
 import math
 
 import numpy as np
