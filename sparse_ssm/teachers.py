@@ -37,7 +37,12 @@ OLLAMA_MODEL_MEDIA_TYPE = "application/vnd.ollama.image.model"
 
 
 class TeacherError(RuntimeError):
-    """The teacher cannot be reached or used; the message says how to fix it."""
+    """The teacher cannot be reached or used; the message says how to fix it (`summary`: what
+    went wrong, in a few words)."""
+
+    def __init__(self, message: str, summary: str | None = None):
+        super().__init__(message)
+        self.summary = summary or message
 
 
 @dataclass
@@ -431,11 +436,13 @@ class OllamaTeacher(Teacher):
         except ConnectionError:
             raise TeacherError(f"no Ollama server answers at {self.host}: start it with `ollama serve` (install: "
                                f"https://ollama.com/download), point --host / OLLAMA_HOST at it, or use the offline "
-                               f"teacher: --backend llama_cpp --model {BUNDLED_GGUF}") from None
+                               f"teacher: --backend llama_cpp --model {BUNDLED_GGUF}",
+                               summary=f"no Ollama server answers at {self.host}") from None
         except ollama.ResponseError as e:
             if e.status_code == 404:
                 raise TeacherError(f"the Ollama server at {self.host} does not have the model {model!r}: "
-                                   f"run `ollama pull {model}`, or pick another with --model") from None
+                                   f"run `ollama pull {model}`, or pick another with --model",
+                                   summary=f"the Ollama server at {self.host} does not have {model!r}") from None
             raise TeacherError(f"Ollama at {self.host} refused /api/show for {model!r}: {e.error} "
                                f"(HTTP {e.status_code})") from None
 
@@ -502,7 +509,7 @@ def make_teacher(cfg: SyntheticConfig, log=print) -> Teacher:
         try:
             return OllamaTeacher(model, cfg.host, cfg.timeout_s)
         except TeacherError as e:
-            reason = str(e).split(":")[0]
+            reason = e.summary
         if model != BUNDLED_GGUF and not model.endswith(".gguf"):
             try:
                 model = str(ollama_model_blob(model))
