@@ -25,6 +25,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from common import write_results  # noqa: E402
 from sparse_ssm.config import Config  # noqa: E402
 from sparse_ssm.training import Trainer  # noqa: E402
 
@@ -50,7 +51,7 @@ def main():
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--alphas", default="0,0.5,0.9")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--work", default="outputs/bench-distillation")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
@@ -79,11 +80,9 @@ def main():
     summary = {a: {"test_loss": sum(r["test_loss"] for r in rs) / len(rs),
                    "test_perplexity": sum(r["test_perplexity"] for r in rs) / len(rs)} for a, rs in by_alpha.items()}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch thread, torch {torch.__version__}"
     payload = {"teacher": meta.get("teacher"), "dataset": {"path": args.data, **meta.get("stats", {})},
                "machine": machine, "rows": rows, "mean_by_alpha": summary}
-    (out / "distillation.json").write_text(json.dumps(payload, indent=2))
     base = summary[min(summary)]["test_perplexity"]
     lines = [f"# Distillation vs. plain training on teacher text ({meta['teacher'].get('model')})", "",
              f"Data: {args.data} ({meta['stats']['samples']} samples, {meta['stats']['teacher_tokens']:,} teacher tokens, "
@@ -97,8 +96,7 @@ def main():
               "|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['alpha']} | {r['seed']} | {r['best_step']} | {r['validation_best_loss']:.4f} | "
               f"{r['test_perplexity']:.2f} | {r['seconds']} |" for r in rows]
-    (out / "distillation.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(out, "distillation", payload, lines)
 
 
 if __name__ == "__main__":

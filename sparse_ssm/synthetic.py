@@ -46,6 +46,7 @@ import numpy as np
 
 from .config import SyntheticConfig
 from .teachers import Completion, Request, Teacher
+from .training import atomic_write_text
 
 FORMAT_VERSION = 1
 
@@ -174,12 +175,6 @@ def text_statistics(texts: list[str]) -> dict:
 
 
 # --- the run -----------------------------------------------------------------------------------
-def _atomic_json(path: Path, payload: dict):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=1))
-    os.replace(tmp, path)
-
-
 def output_paths(cfg: SyntheticConfig) -> dict[str, Path]:
     folder = Path(cfg.output_dir)
     stem = Path(cfg.output_file).stem
@@ -253,6 +248,7 @@ def create_synthetic(cfg: SyntheticConfig, teacher: Teacher, resume: bool = Fals
         if line["rejected"] is None:
             dedup.check_and_add(line["text"])
     kept = sum(1 for line in lines if line["rejected"] is None)
+    rejected = len(lines) - kept
     max_attempts = cfg.num_samples * cfg.max_attempts_factor
     k = cfg.top_logprobs if cfg.distillation else 0
     # a wave of requests: concurrent ones to a server, or one batch decoded together in this process
@@ -302,9 +298,10 @@ def create_synthetic(cfg: SyntheticConfig, teacher: Teacher, resume: bool = Fals
                     if problem is None:
                         kept += 1
                         bar.update(1)
+                    else:
+                        rejected += 1
                     elapsed = time.perf_counter() - start
-                    bar.set_postfix(tok_s=f"{new_tokens / max(elapsed, 1e-9):.1f}",
-                                    rejected=sum(1 for r in lines if r["rejected"]))
+                    bar.set_postfix(tok_s=f"{new_tokens / max(elapsed, 1e-9):.1f}", rejected=rejected)
                 index = wave.stop
     except KeyboardInterrupt:
         interrupted = True
@@ -340,7 +337,7 @@ def create_synthetic(cfg: SyntheticConfig, teacher: Teacher, resume: bool = Fals
         _write_teacher_file(paths["teacher"], records, k, opening and not file_prompts)
         shutil.copyfile(teacher.tokenizer_json(), paths["tokenizer"])
         payload["distillation"] = {"file": paths["teacher"].name, "tokenizer": paths["tokenizer"].name, "top_k": k}
-    _atomic_json(paths["json"], payload)
+    atomic_write_text(paths["json"], json.dumps(payload, ensure_ascii=False, indent=1))
     paths["partial"].unlink()
     return {**stats, "path": str(paths["json"])}
 

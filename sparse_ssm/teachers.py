@@ -495,10 +495,6 @@ class OllamaTeacher(Teacher):
         return Completion(text=text, finish_reason=finish, num_tokens=len(entries), token_ids=token_ids,
                           top_ids=top_ids, top_logprobs=top_lp)
 
-    @property
-    def unmapped_tokens(self) -> int:
-        return self._mapper.unmapped if self._mapper else 0
-
 
 def make_teacher(cfg: SyntheticConfig, log=print) -> Teacher:
     """The teacher of the `synthetic` section (see SyntheticConfig for backend "auto")."""
