@@ -16,7 +16,7 @@ $(VENV)/.bench: $(VENV)/.installed requirements-bench.txt
 	touch $@
 
 data/shakespeare/ATTRIBUTION: $(VENV)/.installed
-	$(PY) -m sparse_ssm.corpus data/shakespeare
+	$(PY) -m sparse_ssm.data.corpus data/shakespeare
 
 ## the main job on the small embedded default (CPU, minutes): train on the embedded corpus
 demo: $(VENV)/.installed data/shakespeare/ATTRIBUTION

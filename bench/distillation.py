@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from common import write_results  # noqa: E402
 from sparse_ssm.config import Config  # noqa: E402
-from sparse_ssm.training import Trainer  # noqa: E402
+from sparse_ssm.train import Trainer  # noqa: E402
 
 
 def student_config(data: str, output: Path, steps: int, alpha: float, temperature: float, seed: int) -> Config:
@@ -67,11 +67,11 @@ def main():
             result = trainer.train()
             test = trainer.evaluate_checkpoint("best")
             row = {"alpha": alpha, "temperature": args.temperature, "seed": seed, "steps": result["step"],
-                   "best_step": result["best_step"], "validation_best_loss": trainer.state["best_val_loss"],
+                   "best_step": result["best_step"], "validation_best_loss": trainer.state.best_val_loss,
                    "validation_final_loss": result["validation"]["loss"], "test_loss": test["loss"],
                    "test_perplexity": test["perplexity"], "seconds": round(time.perf_counter() - start, 1),
                    "student_vocab": trainer.config.model.vocab_size,
-                   "train_tokens": int(len(trainer.streams["train"])), "test_tokens": test["tokens"]}
+                   "train_tokens": int(len(trainer.data.streams["train"])), "test_tokens": test["tokens"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
     by_alpha = {}

@@ -1,6 +1,6 @@
 """Language modelling at equal wall-clock: our small model against a GPT-2 of matched size.
 
-    python -m sparse_ssm.corpus data/shakespeare        # the embedded corpus (make demo does it)
+    python -m sparse_ssm.data.corpus data/shakespeare        # the embedded corpus (make demo does it)
     python bench/wallclock_lm.py --seconds 240          # writes bench/results/wallclock_lm.{json,md,png}
 
 Both models see the same data: the embedded corpus, the same byte-level BPE tokenizer (trained on
@@ -27,10 +27,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from common import pyplot, write_results  # noqa: E402
+from sparse_ssm import SparseSSMForCausalLM  # noqa: E402
 from sparse_ssm.config import Config  # noqa: E402
-from sparse_ssm.data import WindowDataset, collate, load_splits, tokenize_splits  # noqa: E402
-from sparse_ssm.lm import SparseSSMForCausalLM  # noqa: E402
-from sparse_ssm.tokenizer import PAD, capped_vocab_size, train_tokenizer  # noqa: E402
+from sparse_ssm.data import collate, prepare_lm_data  # noqa: E402
 
 
 def gpt2_matched(vocab, target_params, seq_len):
@@ -58,13 +57,10 @@ def main():
     torch.manual_seed(0)
     cfg = Config.load(args.config)
     ds = cfg.dataset
-    splits = load_splits(ds)
-    tokenizer = train_tokenizer(splits["train"], capped_vocab_size(cfg.model.vocab_size, sum(map(len, splits["train"]))))
-    streams = tokenize_splits(ds, splits, tokenizer)
-    vocab, L = tokenizer.get_vocab_size(), ds.max_seq_len
+    data = prepare_lm_data(ds, cfg.model.vocab_size)          # the trainer's own data preparation
+    vocab, L, pad = data.vocab_size, ds.max_seq_len, data.pad_id
     cfg.model.vocab_size = vocab
-    train, val = WindowDataset(streams["train"], L, ds.stride), WindowDataset(streams["validation"], L, L, score_once=True)
-    pad = tokenizer.token_to_id(PAD)
+    train, val = data.windows("train", L, ds.stride), data.windows("validation", L, L)
 
     ours = SparseSSMForCausalLM(cfg.model)
     n_ours = ours.num_parameters()

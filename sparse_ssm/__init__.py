@@ -1,7 +1,11 @@
-"""sparse-ssm: selective state space language models with structured-sparse state matrices."""
+"""sparse-ssm: selective state space language models with structured-sparse state matrices.
 
-from .config import ConfigError, SparseSSMConfig
-from .lm import CausalLMOutput, SparseSSMForCausalLM
+Floors, each importing only the ones below it (see the README's Design section):
+`util` < `ssm` < `model` < `data`, `generate`, `train`, `teacher` < `config`, `cli`.
+"""
 
-__all__ = ["ConfigError", "SparseSSMConfig", "SparseSSMForCausalLM", "CausalLMOutput"]
+from .model import CausalLMOutput, SparseSSMConfig, SparseSSMForCausalLM
+from .util.errors import ConfigError, SparseSSMError
+
+__all__ = ["ConfigError", "SparseSSMError", "SparseSSMConfig", "SparseSSMForCausalLM", "CausalLMOutput"]
 __version__ = "0.1.0"

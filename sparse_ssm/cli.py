@@ -1,9 +1,11 @@
-"""Command-line interface: a thin layer over the Python API.
+"""Command-line interface: argparse and one `cmd_*` per command, each a thin layer over the
+Python API; every `SparseSSMError` is reported in one place (`main`) without a traceback.
 
     python main.py train --config config/small_cpu.yaml [--output-dir DIR] [--seed N] [--resume [latest|PATH]]
                          [--use-best-model] [--set training.num_epochs=1 ...]
     python main.py generate --config config/small_cpu.yaml --model-dir outputs/small_cpu --prompt "To be"
     python main.py evaluate --model-dir outputs/small_cpu --task perplexity --data FILE
+    python main.py create-synthetic --config config/default_config.yaml [--distillation]
     python main.py inspect --config config/small_cpu.yaml      # build the model, report its cost,
                                                               # check prefill + recurrent decoding
 """
@@ -19,14 +21,17 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError, SparseSSMConfig, load_yaml
-from .data import DataError
-from .lm import SparseSSMForCausalLM
+from .config import Config, SparseSSMConfig, load_yaml
+from .generate import GenerationConfig, generate, generate_text, load_checkpoint
+from .model import SparseSSMForCausalLM
+from .model.checkpoint import resolve_checkpoint
+from .train.tasks import TASKS, VARIANTS
+from .util.errors import ConfigError, SparseSSMError
+from .util.files import atomic_write_text
 
 
 def cmd_inspect(args) -> int:
-    raw = load_yaml(args.config)
-    config = SparseSSMConfig.from_dict(raw.get("model"))
+    config = SparseSSMConfig.from_dict(load_yaml(args.config).get("model"))
     torch.manual_seed(args.seed)
     model = SparseSSMForCausalLM(config).eval()
     layer = model.blocks[0].mixer
@@ -50,13 +55,13 @@ def cmd_inspect(args) -> int:
         logits, cache = model.step(ids[:, t], cache)
         worst = max(worst, (logits - full[:, t]).abs().max().item())
     print(f"prefill {half} tokens + {length - half} recurrent steps vs. full forward: max |logit diff| {worst:.2e}")
-    sample = model.generate(ids[:, :4], max_new_tokens=8)
+    sample = generate(model, ids[:, :4], max_new_tokens=8)
     print(f"greedy continuation (random weights): {sample[0].tolist()}")
     return 0
 
 
 def cmd_train(args) -> int:
-    from .training import Trainer, atomic_write_text, shutdown_distributed
+    from .train import Trainer, shutdown_distributed
 
     overrides = list(args.set or [])
     if args.output_dir:
@@ -66,8 +71,7 @@ def cmd_train(args) -> int:
     config = Config.load(args.config, overrides)
     if args.resume:
         # continue with the checkpoint's own config (what exact resume needs); --set and the flags still apply
-        from .training import resolve_checkpoint
-        checkpoint = resolve_checkpoint(Path(config.training.output_dir), args.resume)
+        checkpoint = resolve_checkpoint(config.training.output_dir, args.resume)
         config = Config.load(checkpoint / "config.yaml", overrides)
         args.resume = str(checkpoint)
         if os.environ.get("RANK", "0") == "0":
@@ -76,20 +80,20 @@ def cmd_train(args) -> int:
     trainer = None
     try:
         trainer = Trainer(config, resume=args.resume)
-        say = print if trainer.main else (lambda *a, **k: None)      # under torchrun only rank 0 reports
+        say = print if trainer.procs.main else (lambda *a, **k: None)      # under torchrun only rank 0 reports
         result = trainer.train()
         val = result["validation"]
         say(f"done in {time.perf_counter() - start:.0f}s, {result['step']} steps: validation loss {val['loss']:.4f}, "
             f"perplexity {val['perplexity']:.2f} (unigram baseline {result['unigram_validation_perplexity']:.1f})")
         out = trainer.output_dir
-        say(f"checkpoints: {out / 'checkpoints'} (latest: {(out / 'latest').resolve()}, best: {out / 'best'}); "
+        say(f"checkpoints: {out / 'checkpoints'} (latest: {trainer.checkpoints.latest}, best: {out / 'best'}); "
             f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
         if args.use_best_model:
             test = trainer.evaluate_checkpoint("best")
-            say(f"best checkpoint (step {trainer.state['best_step']}) on the test split: loss {test['loss']:.4f}, "
+            say(f"best checkpoint (step {trainer.state.best_step}) on the test split: loss {test['loss']:.4f}, "
                 f"perplexity {test['perplexity']:.2f}")
             result["test_best"] = test
-            if trainer.main:
+            if trainer.procs.main:
                 atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
     finally:
         del trainer          # its DistributedDataParallel wrapper must go before the process group
@@ -97,52 +101,53 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise ConfigError(f"--prompts-file: {path} does not exist")
+        prompts += [line for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    if any(not p.strip() for p in prompts):
+        raise ConfigError("prompt: empty prompt; give some text to continue")
+    return prompts
+
+
+def _generation_settings(args, defaults: GenerationConfig) -> GenerationConfig:
+    """The `generation` defaults with the flags that were given."""
+    flags = {"max_length": args.max_length, "temperature": args.temperature, "top_k": args.top_k,
+             "top_p": args.top_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+             "stop_strings": args.stop, "num_return_sequences": args.num_return_sequences}
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        return GenerationConfig(**{**defaults.to_dict(), **given})
+    except ConfigError as e:                     # name the flag the user typed, not the config key
+        key = str(e).split(":")[0].removeprefix("generation.")
+        flag = {"stop_strings": "--stop", "max_length": "--max-length"}.get(key, "--" + key.replace("_", "-"))
+        raise ConfigError(f"{flag}{str(e)[len('generation.' + key):]}" if key in given else str(e)) from None
+
+
 def cmd_generate(args) -> int:
-    import dataclasses
-
-    from .generation import SamplingSettings, generate_text
-    from .tokenizer import load_tokenizer
-    from .training import load_checkpoint_model, resolve_checkpoint, resolve_device
-
     user = Config.load(args.config) if args.config else None
-    model_dir = Path(args.model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory {model_dir} does not exist; train one first "
-                                f"(python main.py train --config ... --output-dir {model_dir})")
-    which = args.checkpoint or ("best" if (model_dir / "best").exists() else "latest")
-    checkpoint = resolve_checkpoint(model_dir, which)
-    device = resolve_device(args.device)
-    model, saved = load_checkpoint_model(checkpoint, device)
-    tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
+    loaded = load_checkpoint(args.model_dir, args.checkpoint, args.device)
+    checkpoint, saved = loaded.path, Config.load(loaded.path / "config.yaml")
     if user is not None:
-        mine, theirs = dataclasses.asdict(user.model), dataclasses.asdict(saved.model)
+        mine, theirs = user.model.to_dict(), saved.model.to_dict()
         differ = [f"{k}: {mine[k]!r} (config) vs {theirs[k]!r} (checkpoint)" for k in mine
                   if k != "vocab_size" and mine[k] != theirs[k]]
         if differ:
             print(f"note: {args.config} describes another model than the checkpoint; the checkpoint's model config "
                   f"is used ({'; '.join(differ[:4])}{'; ...' if len(differ) > 4 else ''})", file=sys.stderr)
-    defaults = (user or saved).generation
-    pick = lambda flag, default: default if flag is None else flag
-    settings = SamplingSettings(
-        max_new_tokens=pick(args.max_length, defaults.max_length), temperature=pick(args.temperature, defaults.temperature),
-        top_k=pick(args.top_k, defaults.top_k), top_p=pick(args.top_p, defaults.top_p),
-        repetition_penalty=pick(args.repetition_penalty, defaults.repetition_penalty),
-        seed=pick(args.seed, defaults.seed), stop_strings=args.stop if args.stop else list(defaults.stop_strings))
-    settings.validate()
-    prompts = list(args.prompt or [])
-    if args.prompts_file:
-        lines = Path(args.prompts_file).read_text().splitlines()
-        prompts += [line for line in lines if line.strip()]
-    if not prompts:
-        raise ConfigError("prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
-    if any(not p.strip() for p in prompts):
-        raise ConfigError("prompt: empty prompt; give some text to continue")
-    n = pick(args.num_return_sequences, defaults.num_return_sequences)
+    settings = _generation_settings(args, (user or saved).generation)
+    prompts = _read_prompts(args)
+    n = settings.num_return_sequences
     stream = not args.no_stream and len(prompts) * n == 1
     if stream:
         print(prompts[0], end="", flush=True)
     start = time.perf_counter()
-    texts = generate_text(model, tokenizer, prompts, settings, n,
+    texts = generate_text(loaded.model, loaded.tokenizer, prompts, settings, n,
                           on_text=(lambda i, piece: print(piece, end="", flush=True)) if stream else None)
     elapsed = time.perf_counter() - start
     if stream:
@@ -150,57 +155,46 @@ def cmd_generate(args) -> int:
     else:
         for i, text in enumerate(texts):
             print(f"--- [{i // n + 1}.{i % n + 1}] ---\n{prompts[i // n]}{text}")
-    new_tokens = sum(len(tokenizer.encode(t).ids) for t in texts)
+    new_tokens = sum(len(loaded.tokenizer.encode(t).ids) for t in texts)
     print(f"({len(texts)} sequence(s), {new_tokens} new tokens in {elapsed:.2f}s from {checkpoint})", file=sys.stderr)
     if args.output_file:
         out = Path(args.output_file)
         out.parent.mkdir(parents=True, exist_ok=True)
         if args.output_format == "jsonl":
             rows = [{"prompt": prompts[i // n], "completion": t, "checkpoint": str(checkpoint),
-                     "settings": dataclasses.asdict(settings)} for i, t in enumerate(texts)]
+                     "settings": settings.to_dict()} for i, t in enumerate(texts)]
             body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         else:
             body = "\n\n".join(prompts[i // n] + t for i, t in enumerate(texts)) + "\n"
-        from .training import atomic_write_text
         atomic_write_text(out, body)
         print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
-TASK_VARIANTS = {
-    "diagonal": dict(selective_param_class="sparse", sparsity_level=0.9),
-    "block": dict(selective_param_class="sparse", sparsity_level=0.5),
-    "dense": dict(selective_param_class="dense"),
-    "low_rank": dict(selective_param_class="low_rank", discretization="bilinear"),
-    "lti": dict(selective_param_class="sparse", sparsity_level=0.9, selective=False),
-}
-
-
 def cmd_task(args) -> int:
     """The paper's synthetic tasks: train each variant with the same budget, report accuracy."""
-    from .tasks import run_task
+    from .train.tasks import chance_accuracy, run_task, task_model_config
 
-    copying = args.task == "selective-copying"
     test_lengths = [int(x) for x in (args.test_lengths or str(args.length)).split(",")]
+    names = args.variants.split(",")
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"--variants: unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
     rows = []
-    for name in args.variants.split(","):
-        if name not in TASK_VARIANTS:
-            raise ConfigError(f"--variants: unknown variant {name!r}; choose from {', '.join(TASK_VARIANTS)}")
-        config = SparseSSMConfig(vocab_size=16, hidden_dim=64, state_dim=16, ffn_dim=0, num_layers=2, dropout=0.0,
-                                 num_heads=2, max_seq_len=max(test_lengths) + 64, **TASK_VARIANTS[name])
+    for name in names:
+        config = task_model_config(name, max(test_lengths) + 64)
         print(f"{args.task}, {name}: {args.steps} steps at length {args.length} ...", flush=True)
         result = run_task(args.task, config, args.steps, args.batch_size, args.length, test_lengths,
                           seed=args.seed, num_memorize=args.num_memorize)
         rows.append({"variant": name, "accuracy": result.accuracy, "seconds": result.seconds, "loss": result.final_loss})
         print("   " + ", ".join(f"length {L}: {a:.1%}" for L, a in result.accuracy.items()) + f"  ({result.seconds:.0f}s)")
-    chance = 1 / (16 - 3) if copying else 1 / (16 - 2)
+    chance = chance_accuracy(args.task)
     lines = ["| variant | " + " | ".join(f"acc. @ {L}" for L in test_lengths) + " |",
              "|---|" + "---:|" * len(test_lengths)]
     lines += [f"| {r['variant']} | " + " | ".join(f"{r['accuracy'][L]:.1%}" for L in test_lengths) + " |" for r in rows]
     table = "\n".join(lines) + f"\n\nchance: {chance:.1%}; {args.steps} steps, batch {args.batch_size}, train length {args.length}\n"
     print(table)
     if args.output_dir:
-        from .training import atomic_write_text
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / f"{args.task}.json", json.dumps({"task": args.task, "steps": args.steps,
@@ -214,33 +208,25 @@ def cmd_task(args) -> int:
 def cmd_evaluate(args) -> int:
     if args.task != "perplexity":
         return cmd_task(args)
-    from .evaluation import perplexity_on_file
-    from .tokenizer import load_tokenizer
-    from .training import atomic_write_text, load_checkpoint_model, resolve_checkpoint, resolve_device
+    from .train.evaluation import perplexity_on_file
 
     if not args.model_dir or not args.data:
         raise ConfigError("--task perplexity needs --model-dir and --data")
-    model_dir = Path(args.model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory {model_dir} does not exist; train one first")
-    checkpoint = resolve_checkpoint(model_dir, args.checkpoint or ("best" if (model_dir / "best").exists() else "latest"))
-    model, saved = load_checkpoint_model(checkpoint, resolve_device(args.device))
-    tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
-    length = args.max_seq_len or saved.dataset.max_seq_len
-    result = perplexity_on_file(model, tokenizer, args.data, length, args.stride or max(1, length // 2),
+    loaded = load_checkpoint(args.model_dir, args.checkpoint, args.device)
+    length = args.max_seq_len or Config.load(loaded.path / "config.yaml").dataset.max_seq_len
+    result = perplexity_on_file(loaded.model, loaded.tokenizer, args.data, length, args.stride or max(1, length // 2),
                                 args.batch_size, args.text_field)
-    result["checkpoint"] = str(checkpoint)
+    result["checkpoint"] = str(loaded.path)
     print(f"{result['file']}: {result['tokens_scored']:,} tokens, loss {result['loss']:.4f}, perplexity "
           f"{result['perplexity']:.2f}, {result['bits_per_token']:.3f} bits/token, {result['bits_per_byte']:.3f} bits/byte "
-          f"(window {result['max_seq_len']}, stride {result['stride']}, {checkpoint})")
+          f"(window {result['max_seq_len']}, stride {result['stride']}, {loaded.path})")
     if args.output_file:
         atomic_write_text(Path(args.output_file), json.dumps(result, indent=2))
     return 0
 
 
 def cmd_create_synthetic(args) -> int:
-    from .synthetic import create_synthetic
-    from .teachers import make_teacher
+    from .teacher import create_synthetic, make_teacher
 
     overrides = list(args.set or [])
     flags = {"num_samples": args.num_samples, "temperature": args.temperature, "output_dir": args.output_dir,
@@ -268,9 +254,7 @@ def cmd_create_synthetic(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="main.py", description="sparse-ssm: selective sparse state space LMs")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_train_parser(sub):
     t = sub.add_parser("train", help="train a model (resumable; Ctrl-C saves a checkpoint)",
                        description="Train on the dataset of the config.  Checkpoints, the tokenizer, TensorBoard "
                                    "logs and metrics go to training.output_dir.")
@@ -284,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set training.num_epochs=1 (repeatable)")
     t.set_defaults(func=cmd_train)
+
+
+def _add_generate_parser(sub):
     g = sub.add_parser("generate", help="generate text from a trained model (streams to the terminal)",
                        description="Continue prompts with a trained checkpoint: the prompt is prefilled in one "
                                    "parallel pass, then each new token is one recurrent step.  The checkpoint's own "
@@ -307,12 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-stream", action="store_true", help="print the results at the end instead of streaming")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default auto)")
     g.set_defaults(func=cmd_generate)
+
+
+def _add_evaluate_parser(sub):
     e = sub.add_parser("evaluate", help="perplexity of a checkpoint on a file, or the paper's synthetic tasks",
                        description="--task perplexity: score a text/JSONL/JSON/parquet file with a trained checkpoint, "
                                    "with sliding windows (every token predicted once).  --task selective-copying | "
                                    "induction-heads: train small models of each variant (and the ablation without "
                                    "selection, 'lti') with the same budget and report their accuracy.")
-    e.add_argument("--task", choices=["perplexity", "selective-copying", "induction-heads"], default="perplexity",
+    e.add_argument("--task", choices=["perplexity", *TASKS], default="perplexity",
                    help="what to evaluate (default perplexity)")
     e.add_argument("--model-dir", help="perplexity: a training output directory")
     e.add_argument("--checkpoint", help="perplexity: best | latest | STEP | PATH (default: best, else latest)")
@@ -323,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "sequences per training step (default 32)")
     e.add_argument("--text-field", default="text", help="record field of JSON/JSONL/parquet files (default text)")
     e.add_argument("--output-file", help="perplexity: write the result as JSON")
-    e.add_argument("--variants", default=",".join(TASK_VARIANTS),
-                   help=f"tasks: comma list of {', '.join(TASK_VARIANTS)} (default all)")
+    e.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"tasks: comma list of {', '.join(VARIANTS)} (default all)")
     e.add_argument("--steps", type=int, default=600, help="tasks: training steps per variant (default 600)")
     e.add_argument("--length", type=int, default=32, help="tasks: training sequence length (default 32)")
     e.add_argument("--test-lengths", help="tasks: comma list of test lengths (default: the training length)")
@@ -333,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output-dir", help="tasks: write <task>.json and <task>.md here")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default auto)")
     e.set_defaults(func=cmd_evaluate)
+
+
+def _add_create_synthetic_parser(sub):
     c = sub.add_parser("create-synthetic", help="write a synthetic training dataset with a teacher LM (resumable)",
                        description="Ask a teacher LM (Ollama, or a local GGUF model through llama.cpp or transformers) "
                                    "for diverse samples, filter and de-duplicate them, and write one JSON dataset that "
@@ -361,12 +354,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing dataset file")
     c.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     c.set_defaults(func=cmd_create_synthetic)
+
+
+def _add_inspect_parser(sub):
     p = sub.add_parser("inspect", help="build the model of a config, print its size and cost, and check that "
                                        "recurrent decoding matches the parallel forward pass")
     p.add_argument("--config", required=True, type=Path, help="YAML config file (its `model` section is used)")
     p.add_argument("--length", type=int, default=64, help="tokens in the check sequence (default 64)")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and tokens (default 0)")
     p.set_defaults(func=cmd_inspect)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="main.py", description="sparse-ssm: selective sparse state space LMs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_parser(sub)
+    _add_generate_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_create_synthetic_parser(sub)
+    _add_inspect_parser(sub)
     return parser
 
 
@@ -374,17 +380,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, DataError, ValueError) as e:
+    except SparseSSMError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt as e:
         print(f"\n{e}" if str(e) else "\ninterrupted", file=sys.stderr)
         return 130
-    except RuntimeError as e:
-        from .synthetic import SyntheticError
-        from .teachers import TeacherError
-        from .training import TrainingError
-        if isinstance(e, (TrainingError, TeacherError, SyntheticError)):
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        raise

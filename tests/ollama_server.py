@@ -103,7 +103,7 @@ def _now() -> str:
 def model_backed(teacher, token_text):
     """A generate_fn from one of our local teachers (a real LM): `token_text(id)` turns an id into
     the decoded text Ollama would return for it."""
-    from sparse_ssm.teachers import Request
+    from sparse_ssm.teacher import Request
 
     lock = threading.Lock()
 

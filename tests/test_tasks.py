@@ -3,7 +3,7 @@
 import torch
 
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM
-from sparse_ssm.tasks import induction_heads_batch, run_task, selective_copying_batch
+from sparse_ssm.train.tasks import induction_heads_batch, run_task, selective_copying_batch
 
 
 def test_selective_copying_batches():

@@ -14,9 +14,11 @@ from safetensors.numpy import load_file
 from helpers import tiny_config
 from ollama_server import OllamaAPIServer, model_backed
 from sparse_ssm import cli
-from sparse_ssm.config import SyntheticConfig
-from sparse_ssm.synthetic import create_synthetic, output_paths
-from sparse_ssm.teachers import Request, TransformersTeacher, resolve_gguf
+from sparse_ssm.teacher.config import SyntheticConfig
+from sparse_ssm.teacher.synthetic import create_synthetic, output_paths
+from sparse_ssm.teacher import Request
+from sparse_ssm.teacher.backends import TransformersTeacher
+from sparse_ssm.teacher.gguf import resolve_gguf
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +33,6 @@ def dataset(gemma, tmp_path_factory):
     folder = tmp_path_factory.mktemp("gemma")
     cfg = SyntheticConfig(backend="transformers", num_samples=3, max_new_tokens=24, min_words=5, distillation=True,
                           top_logprobs=4, output_dir=str(folder), output_file="gemma.json")
-    cfg.validate()
     stats = create_synthetic(cfg, gemma, progress=False, log=lambda *_: None)
     return cfg, stats
 
@@ -86,7 +87,7 @@ def test_ollama_backend_maps_gemma_token_strings_through_the_model_store(gemma, 
 
 
 def test_student_distils_from_the_gemma_dataset(dataset, tmp_path, capsys):
-    from sparse_ssm.training import Trainer
+    from sparse_ssm.train import Trainer
 
     cfg, _ = dataset
     run = tmp_path / "student"
@@ -103,7 +104,7 @@ def test_student_distils_from_the_gemma_dataset(dataset, tmp_path, capsys):
 
 def test_llama_cpp_backend_agrees_with_transformers(gemma):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llama-cpp]')")
-    from sparse_ssm.teachers import LlamaCppTeacher
+    from sparse_ssm.teacher.backends import LlamaCppTeacher
 
     llama = LlamaCppTeacher("gemma3-270m", threads=1)
     request = Request(prompt="The capital of France is", max_new_tokens=6, temperature=0.0, top_p=1.0, top_k=0,

@@ -11,8 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import tiny_config
-from sparse_ssm.config import Config, ConfigError, SchedulerConfig
-from sparse_ssm.training import Trainer, TrainingError, load_checkpoint_model, lr_factor, resolve_checkpoint
+from sparse_ssm.config import Config, ConfigError
+from sparse_ssm.model.checkpoint import load_model, resolve_checkpoint
+from sparse_ssm.train import SchedulerConfig, Trainer
+from sparse_ssm.train.optim import lr_factor
+from sparse_ssm.util.errors import CheckpointError, TrainingError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,29 +56,46 @@ def test_fp16_without_cuda_falls_back_to_bf16_with_a_note(corpus, tmp_path):
     notes = []
     trainer = Trainer(tiny_config(corpus, tmp_path / "out", training={"mixed_precision": "fp16"}), log=notes.append)
     assert any("'fp16' needs a CUDA device" in n for n in notes)
-    assert trainer.autocast_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
+    assert trainer.autocast_dtype == torch.bfloat16 and not trainer.opt.scaler.is_enabled()
     assert Config.load(tmp_path / "out" / "config.yaml").training.mixed_precision == "bf16"
 
 
 def test_optimizer_groups_and_lr_multiplier(corpus, tmp_path):
     trainer = Trainer(tiny_config(corpus, tmp_path / "out"), log=lambda *_: None)
-    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    groups = {g["name"]: g for g in trainer.opt.optimizer.param_groups}
     assert groups["no_decay"]["weight_decay"] == 0 and groups["decay"]["weight_decay"] == 0.01
     assert math.isclose(groups["selective"]["initial_lr"], 1.5 * groups["decay"]["initial_lr"])
     assert groups["decay"]["initial_lr"] == 3e-3
 
 
 def test_gradient_accumulation_equals_one_big_batch(corpus, tmp_path):
-    big = Trainer(tiny_config(corpus, tmp_path / "a", training={"batch_size": 4, "max_steps": 1}), log=lambda *_: None)
+    """Two micro-batches of 2 accumulate the gradient of one batch of 4 (compared before the
+    optimizer step, which then moves the weights: no warm-up, so the step is not zero)."""
+    sections = {"scheduler": {"warmup_steps": 0}}
+    big = Trainer(tiny_config(corpus, tmp_path / "a", training={"batch_size": 4, "max_steps": 1}, **sections),
+                  log=lambda *_: None)
     small = Trainer(tiny_config(corpus, tmp_path / "b", training={"batch_size": 2, "gradient_accumulation_steps": 2,
-                                                                  "max_steps": 1}), log=lambda *_: None)
+                                                                  "max_steps": 1}, **sections), log=lambda *_: None)
     small.model.load_state_dict(big.model.state_dict())
+    initial = weights(big.model)
     # same epoch order: the first 4 sequences, as one batch or as two micro-batches
-    assert torch.equal(big._epoch_order(0), small._epoch_order(0))
-    big.train()
-    small.train()
-    for (name, a), b in zip(big.model.state_dict().items(), small.model.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-6), name
+    assert torch.equal(torch.cat(big.batches.epoch(0)), torch.cat(small.batches.epoch(0)))
+    grads = {}
+    for name, trainer in (("big", big), ("small", small)):
+        real_step = trainer.opt.step
+
+        def step(finite=True, trainer=trainer, name=name, real_step=real_step):
+            grads[name] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+            return real_step(finite)
+        trainer.opt.step = step
+        trainer.train()
+    assert grads["big"].keys() == grads["small"].keys() and len(grads["big"]) > 10
+    for name, g in grads["big"].items():
+        assert g.abs().max() > 0 or "a_up" in name or "D" in name, name
+        assert torch.allclose(g, grads["small"][name], rtol=1e-4, atol=1e-7), name
+    moved = [n for n, w in weights(big.model).items() if not torch.equal(w, initial[n])]
+    assert len(moved) > 10                       # the step was taken (Adam's first step is lr * sign(g) almost
+                                                 # everywhere, so the weights are not compared: tiny g flip it)
 
 
 def test_checkpoints_tensorboard_and_round_trip(corpus, tmp_path):
@@ -86,9 +106,9 @@ def test_checkpoints_tensorboard_and_round_trip(corpus, tmp_path):
     assert steps == ["step-00000006", "step-00000007"]          # rotated to the newest two
     assert (out / "latest").resolve() == (out / "checkpoints" / "step-00000007").resolve()
     assert (out / "best" / "metrics.json").is_file() and (out / "tokenizer.json").is_file()
-    assert not list(out.rglob(".tmp*"))
-    model, config = load_checkpoint_model(resolve_checkpoint(out, "latest"))
-    ids = torch.randint(0, config.model.vocab_size, (2, 16))
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name or ".old" in p.name]
+    model = load_model(resolve_checkpoint(out, "latest"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
     trainer.model.eval()
     assert torch.equal(model(ids).logits, trainer.model(ids).logits)
     assert math.isfinite(result["validation"]["perplexity"])
@@ -115,12 +135,12 @@ def test_corrupt_checkpoint_is_reported(corpus, tmp_path):
     Trainer(tiny_config(corpus, out, training={"max_steps": 3}), log=lambda *_: None).train()
     ckpt = resolve_checkpoint(out, "latest")
     (ckpt / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(TrainingError, match="corrupt"):
-        load_checkpoint_model(ckpt)
-    with pytest.raises(TrainingError, match="cannot resume.*corrupt"):
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(ckpt)
+    with pytest.raises(CheckpointError, match="cannot resume.*corrupt"):
         Trainer(tiny_config(corpus, out, training={"max_steps": 6}), resume="latest", log=lambda *_: None)
     (ckpt / "config.yaml").unlink()
-    with pytest.raises(TrainingError, match="incomplete"):
+    with pytest.raises(CheckpointError, match="incomplete"):
         resolve_checkpoint(out, "latest")
 
 
@@ -133,7 +153,7 @@ def test_resume_is_exact(corpus, tmp_path):
     first.train(until_step=5)
     resumed = Trainer(tiny_config(corpus, tmp_path / "b", training=extra, model=model_kw), resume="latest",
                       log=lambda *_: None)
-    assert resumed.state["step"] == 5
+    assert resumed.state.step == 5
     resumed.train()
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
@@ -148,15 +168,15 @@ def test_non_finite_losses_are_skipped_then_stop(corpus, tmp_path, monkeypatch):
 
     def flaky(self, ids, labels):
         calls["n"] += 1
-        loss = real(self, ids, labels)
-        return loss * float("nan") if calls["n"] in (2, 3) else loss
+        loss, terms = real(self, ids, labels)
+        return (loss * float("nan") if calls["n"] in (2, 3) else loss), terms
     monkeypatch.setattr(Trainer, "_loss", flaky)
     result = trainer.train()
     assert result["step"] == 6 and result["nonfinite_skipped"] == 2
 
     trainer = Trainer(tiny_config(corpus, out, training={"max_steps": 12, "max_consecutive_nonfinite": 3}),
                       resume="latest", log=lambda *_: None)
-    monkeypatch.setattr(Trainer, "_loss", lambda self, ids, labels: torch.tensor(float("inf"), requires_grad=True))
+    monkeypatch.setattr(Trainer, "_loss", lambda self, ids, labels: (torch.tensor(float("inf"), requires_grad=True), {}))
     with pytest.raises(TrainingError, match="3 non-finite losses in a row.*last good checkpoint is .*step-00000006"):
         trainer.train()
 
@@ -210,3 +230,24 @@ def test_bf16_and_gradient_checkpointing_train(corpus, tmp_path):
                    log=lambda *_: None)
     result = bf16.train()
     assert math.isfinite(result["validation"]["loss"]) and result["nonfinite_skipped"] == 0
+
+
+def test_parameter_groups_exclude_ssm_bases_norms_biases_embeddings_from_decay():
+    from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM
+    from sparse_ssm.train.optim import parameter_groups
+
+    model = SparseSSMForCausalLM(SparseSSMConfig(vocab_size=97, hidden_dim=32, state_dim=8, ffn_dim=48, num_layers=2,
+                                                 dropout=0.0, num_heads=2))
+    groups = {g["name"]: g for g in parameter_groups(model, 0.1, selective_lr_multiplier=1.5)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
+    assert groups["no_decay"]["weight_decay"] == 0.0
+    for suffix in ("A_base", "D_base", "dt_bias", "mixer_norm.weight", "conv.bias", "embed.weight", "ffn.up.bias"):
+        assert any(n.endswith(suffix) for n in no_decay), suffix
+    selective = {names[id(p)] for p in groups["selective"]["params"]}
+    assert selective and all(".generator." in n for n in selective)
+    assert groups["selective"]["lr_multiplier"] == 1.5
+    decay = {names[id(p)] for p in groups["decay"]["params"]}
+    assert any(n.endswith("in_proj.weight") for n in decay)
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == len({id(p) for p in model.parameters()})

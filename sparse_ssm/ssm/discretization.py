@@ -25,7 +25,8 @@ import torch
 METHODS = ("zoh", "bilinear", "gbt")
 
 
-def _alpha_for(method: str, alpha: float) -> float:
+def alpha_for(method: str, alpha: float) -> float:
+    """The GBT parameter of a method: 0.5 for bilinear, `alpha` (checked) for gbt."""
     if method == "bilinear":
         return 0.5
     if method == "gbt":
@@ -56,7 +57,7 @@ def discretize(A: torch.Tensor, B: torch.Tensor, dt, method: str = "zoh", alpha:
         E = torch.linalg.matrix_exp(aug)
         A_bar, B_bar = E[..., :N, :N], E[..., :N, N:]
     else:
-        a = _alpha_for(method, alpha)
+        a = alpha_for(method, alpha)
         eye = torch.eye(N, dtype=A.dtype, device=A.device)
         lhs = eye - a * dt_mat * A
         A_bar = torch.linalg.solve(lhs, eye + (1 - a) * dt_mat * A)
@@ -69,7 +70,7 @@ def discretize_state_matrix(A: torch.Tensor, dt, method: str = "zoh", alpha: flo
     dt_mat = torch.as_tensor(dt, dtype=A.dtype, device=A.device)[..., None, None]
     if method == "zoh":
         return torch.linalg.matrix_exp(dt_mat * A)
-    a = _alpha_for(method, alpha)
+    a = alpha_for(method, alpha)
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     return torch.linalg.solve(eye - a * dt_mat * A, eye + (1 - a) * dt_mat * A)
 
@@ -84,6 +85,6 @@ def discretize_diagonal(a: torch.Tensor, B: torch.Tensor, dt: torch.Tensor, meth
     dta = dt[..., None] * a
     if method == "zoh":
         return torch.exp(dta), torch.expm1(dta) / a * B
-    al = _alpha_for(method, alpha)
+    al = alpha_for(method, alpha)
     inv = 1.0 / (1.0 - al * dta)
     return (1.0 + (1.0 - al) * dta) * inv, dt[..., None] * inv * B

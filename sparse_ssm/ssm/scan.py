@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from .discretization import _alpha_for
+from .discretization import alpha_for
 from .structures import DiagonalStructure
 
 
@@ -89,7 +89,7 @@ def _diagonal_log_decay(a, dt, method, alpha):
     dta = dt[..., None] * a
     if method == "zoh":
         return dta, None, torch.expm1(dta) / a
-    al = _alpha_for(method, alpha)
+    al = alpha_for(method, alpha)
     num = 1.0 + (1.0 - al) * dta
     den = 1.0 - al * dta
     tiny = torch.finfo(num.dtype).tiny

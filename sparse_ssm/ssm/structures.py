@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from .discretization import _alpha_for, discretize, discretize_diagonal, discretize_state_matrix
+from .discretization import alpha_for, discretize, discretize_diagonal, discretize_state_matrix
 from .hippo import block_size_for, project_block_diagonal, project_low_rank
 
 
@@ -214,7 +214,7 @@ class LowRankStructure(DensePrefix):
         if method == "zoh":
             raise ValueError("the low_rank structure supports discretization 'bilinear' or 'gbt', not 'zoh' "
                              "(the exponential of a diagonal-plus-low-rank matrix is dense)")
-        a = _alpha_for(method, alpha)
+        a = alpha_for(method, alpha)
         lam, U, V = A
         dt_ = dt[..., None]
         dinv = 1.0 / (1.0 - a * dt_ * lam)                                  # (..., N)

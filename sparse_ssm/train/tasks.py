@@ -10,7 +10,8 @@
 
 `selective_copying_batch` / `induction_heads_batch` return (inputs, labels) with labels -100
 everywhere except the positions scored; `run_task` trains a model on fresh batches and reports
-accuracy (a token is right when the arg-max prediction equals its label).
+accuracy (a token is right when the arg-max prediction equals its label); `task_model_config`
+builds the small model of each variant (`VARIANTS`) that `main.py evaluate --task` compares.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import SparseSSMConfig
-from .lm import SparseSSMForCausalLM
+from ..model import SparseSSMConfig, SparseSSMForCausalLM
 
 
 def selective_copying_batch(batch: int, length: int, num_memorize: int, vocab: int, generator: torch.Generator):
@@ -53,6 +53,26 @@ def induction_heads_batch(batch: int, length: int, vocab: int, generator: torch.
     labels[:, -1] = target                 # ... and the target after it
     inputs[:, -1] = target
     return inputs, labels
+
+
+VARIANTS = {
+    "diagonal": dict(selective_param_class="sparse", sparsity_level=0.9),
+    "block": dict(selective_param_class="sparse", sparsity_level=0.5),
+    "dense": dict(selective_param_class="dense"),
+    "low_rank": dict(selective_param_class="low_rank", discretization="bilinear"),
+    "lti": dict(selective_param_class="sparse", sparsity_level=0.9, selective=False),
+}
+TASKS = ("selective-copying", "induction-heads")
+
+
+def task_model_config(variant: str, max_len: int, vocab: int = 16) -> SparseSSMConfig:
+    """The small model (2 layers, width 64, state 16) of a variant, for sequences up to max_len."""
+    return SparseSSMConfig(vocab_size=vocab, hidden_dim=64, state_dim=16, ffn_dim=0, num_layers=2, dropout=0.0,
+                           num_heads=2, max_seq_len=max_len, **VARIANTS[variant])
+
+
+def chance_accuracy(task: str, vocab: int = 16) -> float:
+    return 1 / (vocab - 3) if task == "selective-copying" else 1 / (vocab - 2)
 
 
 @dataclass

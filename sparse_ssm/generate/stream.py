@@ -13,76 +13,16 @@ same text as the same prompts one by one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 
-from .layer import LayerState
-
-
-@dataclass
-class SamplingSettings:
-    max_new_tokens: int = 100
-    temperature: float = 1.0          # 0: greedy
-    top_k: int = 0                    # 0: off
-    top_p: float = 1.0                # 1: off
-    repetition_penalty: float = 1.0   # 1: off
-    seed: int | None = None
-    stop_strings: list[str] = field(default_factory=list)
-
-    def validate(self):
-        from .config import ConfigError
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_length: must be >= 1 new token, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k: must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ConfigError(f"repetition_penalty: must be > 0 (1 = off), got {self.repetition_penalty}")
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty on tokens already in the sequence: positive logits / penalty, negative
-    logits * penalty.  logits (vocab,), seen: bool (vocab,)."""
-    if penalty == 1.0:
-        return logits
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
-
-
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits (ties at the k-th value are kept), -inf elsewhere.  (..., vocab)"""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p (the most
-    likely token is always kept), -inf elsewhere.  (..., vocab)"""
-    if p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    before = torch.cumsum(probs, dim=-1) - probs            # mass of the strictly more likely tokens
-    drop_sorted = before >= p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def next_token(logits: torch.Tensor, seen: torch.Tensor, settings: SamplingSettings,
-               generator: torch.Generator | None) -> int:
-    """One token id from the logits (vocab,) of one sequence."""
-    logits = apply_repetition_penalty(logits.float(), seen, settings.repetition_penalty)
-    if settings.temperature == 0:
-        return int(logits.argmax())
-    logits = top_p_filter(top_k_filter(logits / settings.temperature, settings.top_k), settings.top_p)
-    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+from ..data.tokenizer import EOS
+from ..model import LayerState
+from ..util.errors import ConfigError
+from .sampling import next_token
+from .settings import GenerationConfig
 
 
 @dataclass
@@ -97,14 +37,13 @@ def _stack(caches: list[list[LayerState]]) -> list[LayerState]:
 
 
 @torch.no_grad()
-def stream_generate(model, prompts: Sequence[Sequence[int]], settings: SamplingSettings,
+def stream_generate(model, prompts: Sequence[Sequence[int]], settings: GenerationConfig,
                     eos_token_id: int | None = None, stop=None) -> Iterator[Step]:
     """Yield one `Step` per new token for a batch of prompts (lists of token ids, any lengths).
 
     `stop(i, ids)` may return True to finish sequence i (e.g. when its text hit a stop string)."""
-    settings.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise ConfigError("prompt: every prompt needs at least one token")
     model.eval()
     device = next(model.parameters()).device
     caches, last = [], []
@@ -122,7 +61,7 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], settings: SamplingS
                   for i in range(len(prompts))]
     finished = torch.zeros(len(prompts), dtype=torch.bool)
     generated: list[list[int]] = [[] for _ in prompts]
-    for _ in range(settings.max_new_tokens):
+    for _ in range(settings.max_length):
         tokens = torch.full((len(prompts),), -1, dtype=torch.long)
         for i in range(len(prompts)):
             if finished[i]:
@@ -140,17 +79,29 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], settings: SamplingS
         logits, cache = model.step(feed, cache)
 
 
-def generate_text(model, tokenizer, prompts: Sequence[str], settings: SamplingSettings,
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+             eos_token_id: int | None = None) -> torch.Tensor:
+    """Continue prompts (b, L): (b, L + new) ids; rows that ended at eos_token_id are padded with
+    it.  Temperature 0 is greedy."""
+    settings = GenerationConfig(max_length=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty, seed=seed)
+    steps = list(stream_generate(model, input_ids.tolist(), settings, eos_token_id))
+    new = torch.stack([s.tokens for s in steps], 1).to(input_ids.device)
+    new = torch.where(new < 0, eos_token_id if eos_token_id is not None else 0, new)
+    return torch.cat([input_ids, new], 1)
+
+
+def generate_text(model, tokenizer, prompts: Sequence[str], settings: GenerationConfig,
                   num_return_sequences: int = 1, on_text=None) -> list[str]:
     """Generate continuations of text prompts (num_return_sequences each, in prompt order).
 
     Stops at <|endoftext|> or at a stop string (the text is cut before it).  `on_text(i, piece)`
     receives new text of sequence i as it is produced (held back while it could still become a
     stop string or ends inside a multi-byte character)."""
-    from .tokenizer import EOS
-
     if not prompts or any(not p for p in prompts):
-        raise ValueError("empty prompt: give a non-empty --prompt (or non-empty lines in --prompts-file)")
+        raise ConfigError("prompt: empty prompt; give a non-empty --prompt (or non-empty lines in --prompts-file)")
     eos = tokenizer.token_to_id(EOS)
     expanded = [p for p in prompts for _ in range(num_return_sequences)]
     encoded = [tokenizer.encode(p).ids for p in expanded]

@@ -20,9 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import SparseSSMConfig
-from .ssm.scan import selective_scan
-from .ssm.structures import make_structure
-from .ssm.selective import SelectiveParameterGenerator
+from ..ssm.scan import selective_scan
+from ..ssm.structures import make_structure
+from ..ssm.selective import SelectiveParameterGenerator
 
 
 @dataclass

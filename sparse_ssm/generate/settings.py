@@ -1,0 +1,25 @@
+"""The `generation` section: the one class of sampling settings, used by `main.py generate` (whose
+flags override it), `generate.stream_generate`, the teachers' own decoding and the server."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+from pydantic import Field
+
+from ..util.schema import Section
+
+
+class GenerationConfig(Section):
+    """Sampling per sequence: repetition penalty -> temperature -> top-k -> top-p -> draw."""
+
+    section = "generation"
+
+    max_length: int = Field(100, ge=1)                  # number of NEW tokens
+    temperature: float = Field(1.0, ge=0.0)             # 0: greedy
+    top_k: int = Field(0, ge=0)                         # 0: off
+    top_p: float = Field(1.0, gt=0.0, le=1.0)           # 1: off
+    repetition_penalty: float = Field(1.0, gt=0.0)      # 1: off
+    seed: Optional[int] = None                          # sequence i draws from a generator seeded seed + i
+    stop_strings: List[str] = Field(default_factory=list)
+    num_return_sequences: int = Field(1, ge=1)

@@ -1,0 +1,83 @@
+"""The `model` section: the architecture of a sparse-ssm language model.
+
+Defaults are the seed document's (a GPU-size model); `config/small_cpu.yaml` is a small one.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from ..util.schema import Section
+
+POSITIVE = Field(ge=1)
+
+
+class SparseSSMConfig(Section):
+    """Hyper-parameters of `SparseSSMForCausalLM` (see the README's `model` table)."""
+
+    section = "model"
+
+    vocab_size: int = Field(50000, ge=1)
+    hidden_dim: int = Field(768, ge=1)
+    state_dim: int = Field(128, ge=1)
+    ffn_dim: int = Field(2048, ge=0)                 # 0: no feed-forward sublayer (a pure Mamba-style block)
+    num_layers: int = Field(12, ge=1)
+    max_seq_len: int = Field(1024, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    activation: Literal["gelu", "gelu_tanh", "silu", "relu"] = "gelu"
+    selective_param_class: Literal["dense", "sparse", "low_rank"] = "sparse"
+    sparsity_level: float = Field(0.9, ge=0.0, lt=1.0)
+    sparsity_pattern: Literal["block", "banded"] = "block"
+    low_rank_rank: int = Field(2, ge=1)
+    use_parallel_scan: bool = True
+    selective: bool = True                           # false: the time-invariant ablation
+    scan_chunk_size: int = Field(8, ge=1)
+    expand: int = Field(2, ge=1)
+    num_heads: Optional[int] = Field(None, ge=1)     # None: expand * hidden_dim / 64
+    num_groups: int = Field(1, ge=1)                 # B_t, C_t are shared by the heads of a group
+    a_generator_rank: Optional[int] = Field(None, ge=1)   # bottleneck of the A_t generator; None: ceil(hidden/16)
+    conv_kernel: int = Field(4, ge=1)
+    hippo_init: Literal["legs", "legt", "fourier", "random"] = "legs"
+    discretization: Literal["zoh", "bilinear", "gbt"] = "zoh"
+    gbt_alpha: float = Field(0.5, ge=0.0, le=1.0)
+    dt_min: float = Field(0.001, gt=0.0)
+    dt_max: float = Field(0.1, gt=0.0)
+    tie_embeddings: bool = True
+    norm_eps: float = Field(1e-5, gt=0.0)
+    initializer_range: float = Field(0.02, ge=0.0)
+
+    @property
+    def inner_dim(self) -> int:
+        return self.expand * self.hidden_dim
+
+    @property
+    def resolved_num_heads(self) -> int:
+        return self.num_heads if self.num_heads is not None else max(1, self.inner_dim // 64)
+
+    @property
+    def resolved_a_generator_rank(self) -> int:
+        return self.a_generator_rank if self.a_generator_rank is not None else -(-self.hidden_dim // 16)
+
+    @property
+    def head_dim(self) -> int:
+        return self.inner_dim // self.resolved_num_heads
+
+    @model_validator(mode="after")
+    def _check_relations(self):
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"dt_min: need dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+        if self.num_heads is not None and self.inner_dim % self.num_heads:
+            raise ValueError(f"num_heads: must divide expand * hidden_dim = {self.inner_dim}, got {self.num_heads}")
+        if self.resolved_num_heads % self.num_groups:
+            raise ValueError(f"num_groups: must divide the number of heads ({self.resolved_num_heads}), "
+                             f"got {self.num_groups}")
+        if self.low_rank_rank > self.state_dim:
+            raise ValueError(f"low_rank_rank: must be <= state_dim ({self.state_dim}), got {self.low_rank_rank}")
+        if self.hippo_init == "fourier" and self.state_dim % 2:
+            raise ValueError(f"hippo_init: 'fourier' needs an even state_dim, got {self.state_dim}")
+        if self.selective_param_class == "low_rank" and self.discretization == "zoh":
+            raise ValueError("discretization: 'zoh' is not available for selective_param_class 'low_rank' (the "
+                             "exponential of a diagonal-plus-low-rank matrix is dense); use 'bilinear' or 'gbt'")
+        return self

@@ -1,0 +1,102 @@
+"""AdamW with parameter groups, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import OptimizerConfig, SchedulerConfig
+
+NO_DECAY_SUFFIXES = ("A_base", "D_base", "dt_bias")
+SELECTIVE_SUFFIXES = ("generator.proj.weight", "generator.a_up.weight")
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float, selective_lr_multiplier: float = 1.0) -> list[dict]:
+    """Optimizer groups.  No weight decay for norms, biases, embeddings and the SSM's A base,
+    D base and dt bias; the selective generators' weights get lr * selective_lr_multiplier (the
+    key `lr_multiplier`).  Tied parameters appear once; empty groups are dropped."""
+    groups = {"decay": [], "no_decay": [], "selective": []}
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        if name.endswith(SELECTIVE_SUFFIXES):
+            groups["selective"].append(p)
+        elif p.dim() < 2 or "embed" in name or name.endswith(NO_DECAY_SUFFIXES):
+            groups["no_decay"].append(p)
+        else:
+            groups["decay"].append(p)
+    out = [{"name": "decay", "params": groups["decay"], "weight_decay": weight_decay, "lr_multiplier": 1.0},
+           {"name": "no_decay", "params": groups["no_decay"], "weight_decay": 0.0, "lr_multiplier": 1.0},
+           {"name": "selective", "params": groups["selective"], "weight_decay": weight_decay,
+            "lr_multiplier": selective_lr_multiplier}]
+    return [g for g in out if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
+    """AdamW; with use_param_groups the groups above, else one group with weight decay for all."""
+    if cfg.use_param_groups:
+        groups = parameter_groups(model, cfg.weight_decay, cfg.selective_param_lr_multiplier)
+    else:
+        groups = [{"name": "all", "params": list({id(p): p for p in model.parameters()}.values()),
+                   "weight_decay": cfg.weight_decay, "lr_multiplier": 1.0}]
+    for g in groups:
+        g["lr"] = cfg.learning_rate * g["lr_multiplier"]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def lr_factor(step: int, total_steps: int, cfg: SchedulerConfig) -> float:
+    """Learning-rate multiplier at optimizer step `step` (0-based): linear warmup from 0 over
+    warmup_steps, then cosine or linear decay to min_lr_ratio at total_steps, or constant."""
+    if step < cfg.warmup_steps:
+        return step / cfg.warmup_steps
+    if cfg.name == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.name == "cosine" else 1.0 - progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def build_scheduler(optimizer, total_steps: int, cfg: SchedulerConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+
+
+class OptimizerStep:
+    """One optimizer step: the gradient scaler (fp16 on CUDA), clipping, AdamW and the schedule.
+
+    opt.backward(loss) per micro-batch, then opt.step(finite) -> the gradient norm, or None when
+    the loss or the gradient was not finite (the step is skipped, the gradients dropped)."""
+
+    def __init__(self, model: torch.nn.Module, ocfg: OptimizerConfig, scfg: SchedulerConfig, total_steps: int,
+                 max_grad_norm: float, fp16: bool):
+        self.model, self.max_grad_norm = model, max_grad_norm or float("inf")
+        self.optimizer = build_optimizer(model, ocfg)
+        self.scheduler = build_scheduler(self.optimizer, total_steps, scfg)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+
+    def backward(self, loss: torch.Tensor):
+        self.scaler.scale(loss).backward()
+
+    def step(self, finite: bool = True) -> float | None:
+        norm = None
+        if finite:
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)   # a DTensor under FSDP
+            finite = math.isfinite(norm) or self.scaler.is_enabled()
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():
+                self.scaler.update()
+            return None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]

@@ -1,0 +1,252 @@
+"""The training loop: a Trainer that composes the data, the model, the optimizer step, the
+processes, the checkpoint manager, the monitor and the evaluation.
+
+    trainer = Trainer(Config.load("config/small_cpu.yaml"))
+    trainer.train()                      # resumable; Ctrl-C / SIGTERM save a checkpoint first
+
+Resume is exact: the data order is a function of (seed, epoch) and the position, RNG, optimizer,
+scheduler and scaler states are saved with every checkpoint (see `checkpoints`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from ..data import collate, prepare_lm_data
+from ..data.tokenizer import save_tokenizer
+from ..model import SparseSSMForCausalLM
+from ..model.checkpoint import CONFIG, TOKENIZER
+from ..util.errors import DataError, TrainingError
+from ..util.files import atomic_write_text
+from .batches import EpochBatches
+from .checkpoints import CheckpointManager
+from .distributed import Processes
+from .evaluation import loss_metrics, loss_sum, unigram_perplexity
+from .losses import distillation_loss
+from .monitor import Monitor
+from .optim import OptimizerStep
+
+
+@dataclasses.dataclass
+class LoopState:
+    """What a checkpoint keeps of the loop (the data position counts micro-batches of the epoch)."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_batch: int = 0
+    global_batch: int = 0
+    best_val_loss: float = float("inf")
+    best_step: int | None = None
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+
+
+class Trainer:
+    def __init__(self, config, resume: str | None = None, log=print):
+        """config: the aggregate `sparse_ssm.config.Config`; resume: latest | best | STEP | PATH."""
+        tc = config.training
+        self.config, self.procs = config, Processes.start(tc)
+        self.log, self.device = (log if self.procs.main else (lambda *_: None)), self.procs.device
+        if tc.mixed_precision == "fp16" and self.device.type != "cuda":
+            self.log(f"note: training.mixed_precision 'fp16' needs a CUDA device (it trains with a gradient scaler); "
+                     f"on {self.device.type} this run uses 'bf16' instead (set it to 'bf16' or 'no' to silence this)")
+            tc.mixed_precision = "bf16"
+        self.output_dir = Path(tc.output_dir)
+        self.checkpoints = CheckpointManager(self.output_dir, self.procs, tc.save_total_limit)
+        resume_from = self.checkpoints.resolve(resume) if resume else None
+        torch.manual_seed(tc.seed)
+        self.data = self.procs.main_first(lambda: self._prepare_data(resume_from))
+        self.model = SparseSSMForCausalLM(config.model).to(self.device)   # same seed: same weights on every rank
+        self.model.gradient_checkpointing = tc.gradient_checkpointing
+        self.forward, self.train_forward = self.procs.wrap(self.model, tc.compile)
+        self.batches = EpochBatches(len(self.train_set), tc.seed, tc.batch_size, tc.gradient_accumulation_steps,
+                                    self.procs)
+        self.total_steps = min(self.batches.steps_per_epoch() * tc.num_epochs, tc.max_steps or math.inf)
+        self.opt = OptimizerStep(self.model, config.optimizer, config.scheduler, self.total_steps, tc.max_grad_norm,
+                                 fp16=tc.mixed_precision == "fp16")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.mixed_precision)
+        self.state = LoopState(global_batch=self.batches.global_batch)
+        if resume_from:
+            self._resume(resume_from)
+        elif self.checkpoints.latest:
+            self.log(f"note: {self.output_dir} holds checkpoints of an earlier run (latest: "
+                     f"{self.checkpoints.latest.name}); this new run replaces them as it saves "
+                     f"(continue the earlier run with --resume)")
+        self.stop_signal = None
+
+    def _prepare_data(self, resume_from: Path | None):
+        cfg, ds = self.config, self.config.dataset
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer_file = resume_from / TOKENIZER if resume_from else (
+            Path(ds.tokenizer_path) if ds.tokenizer_path else self.output_dir / TOKENIZER)
+        data = prepare_lm_data(ds, ds.tokenizer_vocab_size or cfg.model.vocab_size, tokenizer_file,
+                               cfg.distillation.enabled, self.log)
+        if cfg.distillation.enabled:
+            self.log(f"distillation: alpha {cfg.distillation.alpha}, temperature {cfg.distillation.temperature}")
+        cfg.model.vocab_size = data.vocab_size
+        self.train_set, self.val_set, self.test_set = (data.windows(split, ds.max_seq_len, ds.stride)
+                                                       for split in ("train", "validation", "test"))
+        if len(self.train_set) == 0:
+            raise DataError(f"the training split has {len(data.streams['train'])} tokens: fewer than one window of "
+                            f"dataset.max_seq_len = {ds.max_seq_len}; add data or lower max_seq_len")
+        self.log(f"data: train {len(data.streams['train']):,} tokens ({len(self.train_set)} windows), "
+                 f"validation {len(data.streams['validation']):,}, test {len(data.streams['test']):,}")
+        if self.procs.main:
+            save_tokenizer(data.tokenizer, self.output_dir / TOKENIZER)
+            atomic_write_text(self.output_dir / CONFIG, cfg.to_yaml())
+        return data
+
+    def _resume(self, path: Path):
+        opt = self.opt
+        self.state = LoopState(**self.checkpoints.resume(path, self.model, opt.optimizer, opt.scheduler, opt.scaler))
+        if self.state.global_batch != self.batches.global_batch:   # another number of processes
+            self.log(f"resuming with a global micro-batch of {self.batches.global_batch} sequences instead of "
+                     f"{self.state.global_batch}: the data position is kept, the run is no longer bitwise "
+                     f"identical to an uninterrupted one")
+            self.state.micro_batch = self.state.micro_batch * self.state.global_batch // self.batches.global_batch
+            self.state.global_batch = self.batches.global_batch
+        self.log(f"resumed from {path} at step {self.state.step}")
+
+    # --- one optimizer step ---------------------------------------------------------------
+    def _autocast(self):
+        return nullcontext() if self.autocast_dtype is None else torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _loss(self, ids, labels, top_ids=None, top_logprobs=None) -> tuple[torch.Tensor, dict]:
+        """The training loss and its named terms (distillation: the cross-entropy and the KL)."""
+        if top_ids is None:
+            return self.train_forward(ids, labels=labels, return_logits=False).loss, {}
+        d = self.config.distillation
+        loss, ce, kd = distillation_loss(self.train_forward(ids).logits, labels, top_ids, top_logprobs, d.alpha,
+                                         d.temperature)
+        return loss, {"ce_loss": float(ce.detach()), "kd_loss": float(kd.detach())}
+
+    def _train_step(self, group) -> dict | None:
+        """Forward and backward over the micro-batches of `group`, then the optimizer step: the
+        step's loss, tokens, terms and gradient norm, or None when it was skipped (non-finite)."""
+        weights = [len(b) / sum(len(b) for b in group) for b in group]
+        out, finite = {"loss": 0.0, "tokens": 0, "terms": {}}, True
+        for j, (indices, w) in enumerate(zip(group, weights)):
+            batch = collate([self.train_set[int(i)] for i in indices], self.data.pad_id)
+            ids, labels, *teacher = (t.to(self.device) for t in batch)
+            with self._autocast():
+                loss, terms = self._loss(ids, labels, *teacher)
+            # every process must take the same branch (a backward on some only would hang DDP)
+            if not self.procs.all_reduce(float(torch.isfinite(loss)), "min"):
+                finite = False
+                break
+            with self.procs.no_sync(self.train_forward, j == len(group) - 1, self.model):
+                self.opt.backward(loss * w)
+            out["loss"] += float(loss.detach()) * w
+            out["tokens"] += ids.numel()
+            for name, value in terms.items():
+                out["terms"][name] = out["terms"].get(name, 0.0) + value * w
+        out["grad_norm"] = self.opt.step(finite)
+        if out["grad_norm"] is None:
+            self._skipped_step()
+            return None
+        self.state.nonfinite_in_row = 0
+        return out
+
+    def _skipped_step(self):
+        tc, state = self.config.training, self.state
+        state.nonfinite_in_row += 1
+        state.nonfinite_total += 1
+        self.log(f"step {state.step + 1}: non-finite loss or gradient, update skipped ({state.nonfinite_in_row} in a row)")
+        if state.nonfinite_in_row >= tc.max_consecutive_nonfinite:
+            latest = self.checkpoints.latest
+            kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved yet"
+            raise TrainingError(f"{state.nonfinite_in_row} non-finite losses in a row: training diverged; {kept}. "
+                                f"Lower optimizer.learning_rate or use mixed_precision 'no'/'bf16'.")
+
+    # --- evaluation and checkpoints -------------------------------------------------------
+    def evaluate(self, windows, max_batches: int | None = None) -> dict:
+        """Mean loss (nats per token), perplexity and bits per token over the scored tokens.
+        Batches are shared out over the processes; under FSDP every process runs every batch
+        (its forward passes gather parameters collectively, so all must run the same number)."""
+        bs = self.config.training.batch_size
+        starts = list(range(0, len(windows), bs))[:max_batches]
+        shared = self.procs.world > 1 and not self.procs.fsdp
+        self.model.eval()
+        total, count = loss_sum(self.forward, windows, self.data.pad_id, self.device,
+                                self.procs.shard(starts) if shared else starts, bs, self._autocast)
+        self.model.train()
+        if shared:
+            total, count = self.procs.all_reduce(total), int(self.procs.all_reduce(count))
+        return loss_metrics(total, count)
+
+    def save_checkpoint(self) -> Path:
+        opt = self.opt
+        return self.checkpoints.save(self.state.step, self.model, opt.optimizer, opt.scheduler, opt.scaler,
+                                     dataclasses.asdict(self.state), self.config, self.data.tokenizer)
+
+    def _checkpoint_after_step(self, step: int, end: int, evaluated: dict | None) -> Path | None:
+        """Save when due (every save_steps, at the end, on a stop signal) or when validation improved
+        (then also as best/); the path saved, if any."""
+        if evaluated and evaluated["loss"] < self.state.best_val_loss:
+            self.state.best_val_loss, self.state.best_step = evaluated["loss"], step
+            path = self.save_checkpoint()
+            self.checkpoints.save_best(path, {"step": step, **evaluated})
+            return path
+        if step % self.config.training.save_steps == 0 or step == end or self.stop_signal:
+            return self.save_checkpoint()
+        return None
+
+    def evaluate_checkpoint(self, which: str = "best") -> dict:
+        """Load a checkpoint's weights into the model and evaluate it on the test split."""
+        self.checkpoints.load_weights(self.model, self.checkpoints.resolve(which))
+        return self.evaluate(self.test_set)
+
+    # --- the loop -----------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        self.stop_signal = signum
+        self.log(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint at the end of this step ...")
+
+    def train(self, until_step: int | None = None) -> dict:
+        """Train to the end of the schedule (or only until optimizer step `until_step`, then save a
+        checkpoint and return: the schedule stays that of the full run)."""
+        tc = self.config.training
+        end = min(self.total_steps, until_step or self.total_steps)
+        baseline = unigram_perplexity(self.data.streams["train"], self.data.streams["validation"], self.data.vocab_size)
+        self.log(f"model: {self.model.num_parameters():,} parameters on {self.device}; "
+                 f"{self.total_steps} optimizer steps; unigram validation perplexity {baseline:.1f}")
+        last_saved = None
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.model.train()
+        try:
+            with Monitor(self.output_dir, self.procs, tc, self.total_steps, self.state.step, baseline) as monitor:
+                for group in self.batches.groups(self.state, end, stopped=lambda: self.stop_signal is not None):
+                    result = self._train_step(group)
+                    if result is None:
+                        continue
+                    self.state.step += 1
+                    step = self.state.step
+                    monitor.step(step, result, self.opt.lr)
+                    evaluated = None
+                    if step % tc.eval_steps == 0 or step == self.total_steps:
+                        evaluated = monitor.validation(step, self.evaluate(self.val_set, tc.eval_max_batches))
+                    if self.procs.all_reduce(1.0 if self.stop_signal else 0.0, "max") and not self.stop_signal:
+                        self.stop_signal = signal.SIGTERM          # another process was told to stop
+                    last_saved = self._checkpoint_after_step(step, end, evaluated) or last_saved
+                    if self.stop_signal:
+                        break
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if self.stop_signal:
+            if last_saved is None or last_saved.name != f"step-{self.state.step:08d}":
+                last_saved = self.save_checkpoint()
+            raise KeyboardInterrupt(f"interrupted at step {self.state.step}: checkpoint saved in {last_saved}; "
+                                    f"continue with --resume latest")
+        result = {"step": self.state.step, "validation": self.evaluate(self.val_set),
+                  "unigram_validation_perplexity": baseline, "best_step": self.state.best_step,
+                  "nonfinite_skipped": self.state.nonfinite_total}
+        if self.procs.main:
+            atomic_write_text(self.output_dir / "metrics.json", json.dumps(result, indent=2))
+        return result

@@ -1,0 +1,32 @@
+"""Checkpoints written before the package redesign still load: the fixture was written by the
+previous layout (see tests/fixtures/checkpoint_v0/README.md), with the logits it gave."""
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from sparse_ssm.generate import load_checkpoint
+from sparse_ssm.model.checkpoint import load_model
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "checkpoint_v0"
+
+
+def test_a_checkpoint_of_the_previous_layout_gives_its_logits():
+    expected = load_file(str(FIXTURE / "expected_logits.safetensors"))
+    model = load_model(FIXTURE)
+    with torch.no_grad():
+        logits = model(expected["input_ids"]).logits
+    assert torch.equal(logits, expected["logits"])
+
+
+def test_a_checkpoint_of_the_previous_layout_generates_from_an_output_directory(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE, run / "checkpoints" / "step-00000002")
+    (run / "latest").symlink_to("checkpoints/step-00000002")
+    loaded = load_checkpoint(run, None, "cpu")
+    ids = loaded.tokenizer.encode("The quick brown fox").ids
+    assert ids and loaded.model.config.vocab_size == 300
+    with torch.no_grad():
+        assert loaded.model(torch.tensor([ids])).logits.shape == (1, len(ids), 300)
