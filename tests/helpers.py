@@ -1,6 +1,10 @@
 """Small real-text corpora and tiny configs for the data and training tests."""
 
 import random
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent          # the repository
+FIXTURES = ROOT / "tests" / "fixtures"
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog near the river bank.",

@@ -2,14 +2,14 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+
+from helpers import ROOT
 
 from sparse_ssm import ConfigError, SparseSSMConfig
 from sparse_ssm.config import load_yaml
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("data, message", [

@@ -2,15 +2,16 @@
 previous layout (see tests/fixtures/checkpoint_v0/README.md), with the logits it gave."""
 
 import shutil
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from helpers import FIXTURES
+
 from sparse_ssm.generate import load_checkpoint
 from sparse_ssm.model.checkpoint import load_model
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "checkpoint_v0"
+FIXTURE = FIXTURES / "checkpoint_v0"
 
 
 def test_a_checkpoint_of_the_previous_layout_gives_its_logits():

@@ -10,9 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from helpers import tiny_config
+from helpers import ROOT, tiny_config
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def torchrun(nproc, config, *args, wait=True):

@@ -4,17 +4,15 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import make_text, tiny_config
+from helpers import ROOT, make_text, tiny_config
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM
 from sparse_ssm.generate import GenerationConfig, generate, generate_text, load_checkpoint, stream_generate
 from sparse_ssm.generate.sampling import apply_repetition_penalty, next_token, top_k_filter, top_p_filter
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def model(**kw):

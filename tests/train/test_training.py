@@ -4,20 +4,18 @@ import math
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import tiny_config
+from helpers import ROOT, tiny_config
 from sparse_ssm.config import Config, ConfigError
 from sparse_ssm.model.checkpoint import load_model, resolve_checkpoint
 from sparse_ssm.train import SchedulerConfig, Trainer
 from sparse_ssm.train.optim import lr_factor
 from sparse_ssm.util.errors import CheckpointError, TrainingError
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def weights(model):

@@ -3,14 +3,13 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import SENTENCES, make_text
+from helpers import ROOT, SENTENCES, make_text
 from sparse_ssm.data.config import DatasetConfig
 from sparse_ssm.data.sources import load_splits, split_documents
 from sparse_ssm.data.streams import tokenize_splits
@@ -18,7 +17,6 @@ from sparse_ssm.data.windows import WindowDataset
 from sparse_ssm.util.errors import DataError
 from sparse_ssm.data.tokenizer import EOS, capped_vocab_size, train_tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def cfg(tmp_path, **kw):
