@@ -12,7 +12,8 @@ All functions here share one signature (like mamba_ssm's `selective_scan_ref`):
 
     u  (batch, length, heads, P)   inputs            dt (batch, length, heads)   step sizes > 0
     A  the structure's continuous A_t with leading dims (batch, length, heads)
-    B, C (batch, length, heads, N)                    D (batch, length, heads)   skip gains
+    B, C (batch, length, groups, N): shared by the heads of a group (groups divides heads;
+         groups = heads gives every head its own)        D (batch, length, heads)   skip gains
     initial_state, final_state (batch, heads, N, P);  y (batch, length, heads, P)
 
 - `selective_scan_ref`: the slow reference.  Dense N x N matrices from
@@ -20,7 +21,10 @@ All functions here share one signature (like mamba_ssm's `selective_scan_ref`):
   step per token.  Obviously correct, O(L N^3).
 - `selective_scan_sequential`: one step per token with the structured operators
   (what recurrent decoding uses; `use_parallel_scan: false`).
-- `selective_scan_chunked`: the fast path.  The sequence is cut into chunks of T tokens.
+- `selective_scan_fused` (`fused.py`): the fast path on CPUs for the diagonal structure, a native
+  kernel that walks the sequence once with the state in registers (`selective_scan` uses it
+  whenever it is available; otherwise the chunked path below).
+- `selective_scan_chunked`: the pure-PyTorch fast path.  The sequence is cut into chunks of T tokens.
   * Diagonal A (the Mamba case) uses the matmul form of Mamba-2's SSD, with one decay per state:
     inside a chunk, with l_t = log A_bar_t and the inclusive cumulative sum S_t = sum_{k<=t} l_k,
         y_t = sum_{s<=t} [ sum_n C_t[n] B_bar_s[n] exp(S_t[n] - S_s[n]) ] u_s        (intra-chunk)
@@ -39,8 +43,14 @@ from __future__ import annotations
 
 import torch
 
+from . import fused
 from .discretization import alpha_for
 from .structures import DiagonalStructure
+
+
+def _per_head(X, heads: int):
+    """B or C per group (b, L, G, N) -> per head (b, L, heads, N)."""
+    return X if X.shape[2] == heads else X.repeat_interleave(heads // X.shape[2], dim=2)
 
 
 def _zero_state(u, N):
@@ -50,6 +60,7 @@ def _zero_state(u, N):
 
 def selective_scan_ref(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None):
     """Slow reference: dense matrices, dense discretisation, a loop over tokens."""
+    B, C = _per_head(B, u.shape[2]), _per_head(C, u.shape[2])
     A_bar, B_bar = structure.dense_discretize(A, dt, B, method, alpha)  # (b, L, h, N, N), (b, L, h, N)
     X = _zero_state(u, B.shape[-1]) if initial_state is None else initial_state
     ys = []
@@ -61,6 +72,7 @@ def selective_scan_ref(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, in
 
 def selective_scan_sequential(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None):
     """One step per token with the structured discrete operators (recurrent mode)."""
+    B, C = _per_head(B, u.shape[2]), _per_head(C, u.shape[2])
     A_bar, B_bar = structure.discretize(A, dt, B, method, alpha)
     X = _zero_state(u, B.shape[-1]) if initial_state is None else initial_state
     ys = []
@@ -173,7 +185,8 @@ def _structured_chunked(u, dt, A, B, C, D, structure, method, alpha, initial_sta
 
 def selective_scan_chunked(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None,
                            chunk_size=8):
-    """Fast path (see the module docstring): chunked matmul scan."""
+    """Pure-PyTorch fast path (see the module docstring): chunked matmul scan."""
+    B, C = _per_head(B, u.shape[2]), _per_head(C, u.shape[2])
     if isinstance(structure, DiagonalStructure):
         return _diagonal_chunked(u, dt, A, B, C, D, method, alpha, initial_state, chunk_size)
     return _structured_chunked(u, dt, A, B, C, D, structure, method, alpha, initial_state, chunk_size)
@@ -181,7 +194,10 @@ def selective_scan_chunked(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5
 
 def selective_scan(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None,
                    use_parallel_scan=True, chunk_size=8):
-    """Dispatch: the chunked fast path, or the sequential scan when `use_parallel_scan` is off."""
+    """Dispatch: the fused kernel where it applies, else the chunked path; the sequential scan when
+    `use_parallel_scan` is off."""
     if use_parallel_scan:
+        if fused.available(u, structure):
+            return fused.selective_scan_fused(u, dt, A, B, C, D, structure, method, alpha, initial_state)
         return selective_scan_chunked(u, dt, A, B, C, D, structure, method, alpha, initial_state, chunk_size)
     return selective_scan_sequential(u, dt, A, B, C, D, structure, method, alpha, initial_state)

@@ -9,7 +9,8 @@ For every head h and token t, from the layer's (convolved) input u_t in R^E:
     dt_t = softplus(dt_raw + dt_bias)                            (heads,)        positive step
     A_t  = structure.continuous(A_base + a_raw)                  stable by construction
     B_t, C_t                                                     (groups, N), shared by the
-                                                                 heads of a group (Mamba-2's ngroups)
+                                                                 heads of a group (Mamba-2's ngroups;
+                                                                 the scans take them per group)
     D_t  = D_base + d_raw                                        (heads,)        skip gain
 
 W_A and the rows of W that produce d_raw start at zero, so at initialisation A_t is exactly the
@@ -32,7 +33,7 @@ from .hippo import hippo
 
 class SelectiveParameterGenerator(nn.Module):
     """u (batch, length, E) -> dt (b, L, H), A_t (structure layout, leading (b, L, H)),
-    B (b, L, H, N), C (b, L, H, N), D (b, L, H)."""
+    B (b, L, G, N), C (b, L, G, N), D (b, L, H)."""
 
     def __init__(self, inner_dim: int, num_heads: int, structure, hippo_init: str = "legs",
                  dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4, num_groups: int = 1,
@@ -71,5 +72,4 @@ class SelectiveParameterGenerator(nn.Module):
         dt = F.softplus(dt_raw + self.dt_bias)
         A = self.structure.continuous(self.A_base + self.a_up(a_low).reshape(b, L, H, -1))
         G = self.num_groups
-        per_head = lambda x: x.reshape(b, L, G, 1, N).expand(b, L, G, H // G, N).reshape(b, L, H, N)
-        return dt, A, per_head(B), per_head(C), self.D_base + d_raw
+        return dt, A, B.reshape(b, L, G, N), C.reshape(b, L, G, N), self.D_base + d_raw

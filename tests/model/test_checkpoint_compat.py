@@ -19,7 +19,8 @@ def test_a_checkpoint_of_the_previous_layout_gives_its_logits():
     model = load_model(FIXTURE)
     with torch.no_grad():
         logits = model(expected["input_ids"]).logits
-    assert torch.equal(logits, expected["logits"])
+    # the same numbers up to float32 rounding (the scan that computes them may differ from the one that wrote them)
+    assert torch.allclose(logits, expected["logits"], rtol=1e-5, atol=1e-5)
 
 
 def test_a_checkpoint_of_the_previous_layout_generates_from_an_output_directory(tmp_path):

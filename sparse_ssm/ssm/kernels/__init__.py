@@ -1,0 +1,89 @@
+"""The native CPU kernels of the scan, built on first use and loaded with ctypes.
+
+`native_library()` returns the loaded library, or None when it cannot be had (no C++ compiler,
+a failed build, or ``SPARSE_SSM_NATIVE=0`` in the environment); callers then use the pure-PyTorch
+scan, and a one-time note says why.  The source (`selective_scan.cpp`, plain C++ with C entry
+points and no PyTorch headers, so it builds in seconds) is compiled by
+`torch.utils.cpp_extension.load` (ninja; the build is cached under ~/.cache/sparse_ssm/kernels,
+keyed by the source, the compiler flags and the CPU, and guarded by a file lock so that
+several processes build it once).  It is compiled for the machine it runs on (-march=native).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import sys
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("selective_scan.cpp")
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-pthread"]
+ABI_VERSION = 1
+
+_state = {"tried": False, "lib": None, "reason": None}
+
+
+def _cpu_signature() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        flags = ""
+    return f"{platform.machine()}:{platform.processor()}:{flags}"
+
+
+def _build() -> Path:
+    import shutil
+
+    from torch.utils.cpp_extension import load
+
+    if shutil.which("ninja") is None:          # the `ninja` wheel (a dependency) when no system ninja is on PATH
+        import ninja
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_signature().encode()).hexdigest()[:12]
+    name = f"sparse_ssm_scan_{key}"
+    folder = Path(os.environ.get("SPARSE_SSM_CACHE", Path.home() / ".cache" / "sparse_ssm")) / "kernels" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    library = folder / f"{name}.so"
+    if not library.is_file():
+        print("sparse-ssm: compiling the fused CPU scan kernel (once, a few seconds) ...", file=sys.stderr, flush=True)
+    return Path(load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-pthread"], build_directory=str(folder),
+                     is_python_module=False, verbose=False))
+
+
+def _bind(lib: ctypes.CDLL):
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    dims = [i64] * 6 + [ctypes.c_int, ctypes.c_double, ctypes.c_int]
+    for suffix in ("f32", "f64"):
+        fwd = getattr(lib, f"ssm_diag_forward_{suffix}")
+        fwd.argtypes, fwd.restype = [ptr] * 10 + dims, ctypes.c_int
+        bwd = getattr(lib, f"ssm_diag_backward_{suffix}")
+        bwd.argtypes, bwd.restype = [ptr] * 16 + dims, ctypes.c_int
+    lib.ssm_kernel_abi_version.restype = ctypes.c_int
+    if lib.ssm_kernel_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"the built kernel has ABI {lib.ssm_kernel_abi_version()}, expected {ABI_VERSION}")
+    return lib
+
+
+def native_library():
+    """The ctypes library of the fused kernels, or None (the pure-PyTorch scan is used)."""
+    if not _state["tried"]:
+        _state["tried"] = True
+        if os.environ.get("SPARSE_SSM_NATIVE", "1") == "0":
+            _state["reason"] = "SPARSE_SSM_NATIVE=0"
+        else:
+            try:
+                _state["lib"] = _bind(ctypes.CDLL(str(_build())))
+            except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: all mean "fall back"
+                _state["reason"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}"
+                print(f"sparse-ssm: the fused CPU scan kernel is not available ({_state['reason']}); using the "
+                      f"pure-PyTorch scan (correct, slower). Install a C++ compiler (g++) and ninja to get it.",
+                      file=sys.stderr, flush=True)
+    return _state["lib"]
+
+
+def unavailable_reason() -> str | None:
+    """Why `native_library()` returned None (after it was called), else None."""
+    return _state["reason"]
