@@ -42,3 +42,10 @@ class SparseSSMBlock(nn.Module):
         if self.ffn is not None:
             x = x + self.dropout(self.ffn(self.ffn_norm(x)))
         return x, state
+
+    def step(self, x: torch.Tensor, state: LayerState) -> torch.Tensor:
+        """One token x (b, hidden) -> (b, hidden); `state` is advanced in place."""
+        x = x + self.mixer.step(self.mixer_norm(x), state)
+        if self.ffn is not None:
+            x = x + self.ffn(self.ffn_norm(x))
+        return x

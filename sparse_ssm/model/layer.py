@@ -1,14 +1,16 @@
 """The selective SSM layer (the token mixer of a block).
 
     x (batch, length, hidden) --in_proj--> u, z (b, L, E)         E = expand * hidden
-    u --causal depthwise conv (kernel K) + SiLU--> u
+    u --causal depthwise conv (kernel K) + SiLU--> u              (ssm.conv: fused on CPUs)
     u --SelectiveParameterGenerator--> dt, A_t, B_t, C_t, D_t     per head (H heads of P = E/H channels)
-    y = selective_scan(u, ...)                                    (b, L, H, P) -> (b, L, E)
-    out = out_proj(y * SiLU(z))                                   (b, L, hidden)
+    y = selective_scan(u, ..., z) = scan(u) * SiLU(z)            (b, L, H, P) -> (b, L, E), the gate fused
+    out = out_proj(y)                                             (b, L, hidden)
 
 `forward(x, state)` runs the whole sequence (the parallel scan) from an optional `LayerState`
-and returns the state after the last token, so a prompt is prefilled in one pass; a call with
-length 1 is one recurrent step (the sequential scan: O(1) in the context length).
+and returns the state after the last token, so a prompt is prefilled in one pass.  `step(x, state)`
+is the decoding path: one token per row, the state advanced in place (the conv inputs as a rolling
+buffer, the SSM state by the fused kernel's one-token scan), no sequence dimension anywhere:
+O(1) in the context length and few operations per token.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import SparseSSMConfig
-from ..ssm.scan import selective_scan
+from ..ssm.conv import causal_conv_silu, conv_step
+from ..ssm.scan import selective_scan, selective_scan_step
 from ..ssm.structures import make_structure
 from ..ssm.selective import SelectiveParameterGenerator
 
@@ -29,8 +32,12 @@ from ..ssm.selective import SelectiveParameterGenerator
 class LayerState:
     """Recurrent state of one layer: the last K-1 conv inputs and the SSM state."""
 
-    conv: torch.Tensor  # (batch, E, K - 1)
+    conv: torch.Tensor  # (batch, K - 1, E), oldest input first
     ssm: torch.Tensor   # (batch, heads, N, P), float32
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 class SelectiveSSMLayer(nn.Module):
@@ -52,26 +59,33 @@ class SelectiveSSMLayer(nn.Module):
     def forward(self, x: torch.Tensor, state: LayerState | None = None):
         """x (b, L, hidden) -> (out (b, L, hidden), LayerState after the last token)."""
         b, L, _ = x.shape
-        u, z = self.in_proj(x).chunk(2, dim=-1)
-        K = self.config.conv_kernel
-        u = u.transpose(1, 2)                                            # (b, E, L)
-        past = u.new_zeros(b, self.inner_dim, K - 1) if state is None else state.conv.to(u.dtype)
-        u = torch.cat([past, u], dim=-1)
-        # a copy, not a view: the state must not keep the whole (b, E, L) input alive
-        conv_state = u[..., -(K - 1):].clone() if K > 1 else u[..., :0]
-        u = F.silu(self.conv(u)).transpose(1, 2)                         # (b, L, E)
-
-        # the scan runs in (at least) float32, as Mamba's kernels do, whatever the autocast dtype
+        u, z = self.in_proj(x).chunk(2, dim=-1)                          # views (b, L, E)
+        # the conv and the scan run in (at least) float32, as Mamba's kernels do, whatever the autocast dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
-            uf = u.float() if u.dtype in (torch.float16, torch.bfloat16) else u
-            dt, A, B, C, D = self.generator(uf)
-            cfg = self.config
+            u, z = _at_least_float32(u), _at_least_float32(z)
+            u, conv_state = causal_conv_silu(u, self.conv.weight[:, 0], self.conv.bias,
+                                             None if state is None else state.conv)
+            dt, A, B, C, D = self.generator(u)
+            cfg, heads = self.config, (b, L, self.num_heads, self.head_dim)
             y, ssm_state = selective_scan(
-                uf.reshape(b, L, self.num_heads, self.head_dim), dt, A, B, C, D, self.structure,
-                cfg.discretization, cfg.gbt_alpha, None if state is None else state.ssm,
+                u.view(heads), dt, A, B, C, D, self.structure, cfg.discretization, cfg.gbt_alpha,
+                None if state is None else state.ssm, z.reshape(heads),
                 use_parallel_scan=cfg.use_parallel_scan and L > 1, chunk_size=cfg.scan_chunk_size)
-        y = y.reshape(b, L, self.inner_dim).to(z.dtype) * F.silu(z)
-        return self.out_proj(y), LayerState(conv_state, ssm_state)
+        out = self.out_proj(y.reshape(b, L, self.inner_dim).to(self.out_proj.weight.dtype))
+        return out, LayerState(conv_state, ssm_state)
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, state: LayerState) -> torch.Tensor:
+        """One token x (b, hidden) -> out (b, hidden); `state` is advanced in place."""
+        b = x.shape[0]
+        u, z = self.in_proj(x).chunk(2, dim=-1)                          # (b, E) each
+        u = conv_step(_at_least_float32(u), self.conv.weight[:, 0], self.conv.bias, state.conv)
+        dt, A, B, C, D = self.generator(u[:, None])
+        A = tuple(t[:, 0] for t in A) if isinstance(A, tuple) else A[:, 0]
+        cfg, heads = self.config, (b, self.num_heads, self.head_dim)
+        y = selective_scan_step(u.view(heads), dt[:, 0], A, B[:, 0], C[:, 0], D[:, 0], self.structure,
+                                cfg.discretization, cfg.gbt_alpha, state.ssm, _at_least_float32(z).reshape(heads))
+        return self.out_proj(y.reshape(b, self.inner_dim).to(self.out_proj.weight.dtype))
 
     def ssm_cost_per_token(self) -> dict:
         """Analytic cost of the selective SSM per token (multiply-adds counted as 2 FLOPs).

@@ -4,7 +4,7 @@
 
 Recurrent inference: `prefill(input_ids)` runs the prompt through the parallel scan once and
 returns the per-layer `LayerState`s; `step(token_ids, cache)` advances every layer by one token
-with the recurrent update (cost independent of the context length).  Sampling loops live in
+with the recurrent update, in place (cost independent of the context length).  Sampling loops live in
 `sparse_ssm.generate`; optimizer groups in `sparse_ssm.train.optim`.
 """
 
@@ -99,9 +99,12 @@ class SparseSSMForCausalLM(nn.Module):
 
     @torch.no_grad()
     def step(self, token_ids: torch.Tensor, cache: list[LayerState]):
-        """One recurrent step for tokens (b,): (logits (b, vocab), new cache)."""
-        out = self(token_ids[:, None], cache=cache)
-        return out.logits[:, -1], out.cache
+        """One recurrent step for tokens (b,): (logits (b, vocab), cache).  The cache is advanced in
+        place and returned (copy it first to keep the state before the step)."""
+        x = self.embed(token_ids)
+        for block, state in zip(self.blocks, cache):
+            x = block.step(x, state)
+        return self.lm_head(self.norm(x)), cache
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

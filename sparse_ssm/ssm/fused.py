@@ -1,12 +1,13 @@
 """The fused CPU selective scan (native kernel) behind the common scan signature.
 
-    selective_scan_fused(u, dt, a, B, C, D, structure, method, alpha, initial_state) -> (y, final_state)
+    selective_scan_fused(u, dt, a, B, C, D, structure, method, alpha, initial_state, z) -> (y, final_state)
 
 Diagonal structure only: one pass over the sequence per (batch row, head) with the state in
 registers and L1 (`kernels/selective_scan.cpp` states the exact equations); the backward pass
 recomputes the states of one chunk of 32 tokens at a time from chunk-start states saved by the
 forward (1/32 of a (batch, length, channels, state) tensor) instead of storing per-token tensors.
-B and C may be given per group (b, L, G, N) with G dividing the number of heads.  It is a
+B and C may be given per group (b, L, G, N) with G dividing the number of heads; the output gate
+y * silu(z) is applied in the same pass (z may be a view into a wider tensor).  It is a
 `torch.library` custom op with its own autograd formula, so it also runs under torch.compile.
 `available(...)` says whether a call can take this path (CPU tensors, float32/float64, the
 library built); `sparse_ssm.ssm.scan.selective_scan` dispatches to it.
@@ -39,91 +40,121 @@ def available(u: torch.Tensor, structure) -> bool:
             and native_library() is not None)
 
 
-def _dims(u, B, method_id, alpha):
+def _gate(z: torch.Tensor | None, u: torch.Tensor):
+    """z as the kernel reads it (rows of H * P contiguous values, any token stride) and its stride."""
+    if z is None:
+        return None, 0
     b, L, H, P = u.shape
-    return [b, L, H, P, B.shape[-1], B.shape[2], method_id, alpha, torch.get_num_threads()]
+    if z.stride(3) != 1 or z.stride(2) != P or (L > 1 and z.stride(0) != L * z.stride(1)):
+        z = z.contiguous()
+    return z, (z.stride(1) if L > 1 else z.stride(0))     # the kernel steps (row * L + token) * stride
 
 
-def _forward(u, dt, a, B, C, D, h0, method_id: int, alpha: float, save: bool):
+def _dims(u, B, z_stride, method_id, alpha):
+    b, L, H, P = u.shape
+    return [b, L, H, P, B.shape[-1], B.shape[2], z_stride, method_id, alpha, torch.get_num_threads()]
+
+
+def _forward(u, dt, a, B, C, D, h0, z, method_id: int, alpha: float, save: bool, hT=None):
+    """(y, final state, chunk-start states, ungated output) from the kernel; the last two only with save."""
     b, L, H, P = u.shape
     N = B.shape[-1]
+    z, z_stride = _gate(z, u)
     y = torch.empty_like(u)
-    hT = u.new_empty(b, H, N, P)
-    chunks = -(-L // 32)
-    saved = u.new_empty(b, H, chunks, N, P) if save else u.new_empty(0)
+    hT = u.new_empty(b, H, N, P) if hT is None else hT
+    saved = u.new_empty(b, H, -(-L // 32), N, P) if save else u.new_empty(0)
+    ypre = torch.empty_like(u) if save and z is not None else u.new_empty(0)
     fn = getattr(native_library(), f"ssm_diag_forward_{_SUFFIX[u.dtype]}")
-    err = fn(*map(_ptr, (u, dt, a, B, C, D, h0, y, hT, saved if save else None)), *_dims(u, B, method_id, alpha))
+    err = fn(*map(_ptr, (u, dt, a, B, C, D, h0, z, y, hT, saved if save else None, ypre if ypre.numel() else None)),
+             *_dims(u, B, z_stride, method_id, alpha))
     if err:
         raise ValueError(f"fused scan: invalid shapes (code {err})")
-    return y, hT, saved
+    return y, hT, saved, ypre
 
 
 @torch.library.custom_op("sparse_ssm::diag_scan", mutates_args=())
 def diag_scan(u: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
-              h0: Optional[torch.Tensor], method_id: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y (b, L, H, P), final state (b, H, N, P), chunk-start states for the backward)."""
-    return _forward(u, dt, a, B, C, D, h0, method_id, alpha, save=True)
+              h0: Optional[torch.Tensor], z: Optional[torch.Tensor], method_id: int,
+              alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y (b, L, H, P), final state (b, H, N, P), chunk-start states and ungated y for the backward)."""
+    return _forward(u, dt, a, B, C, D, h0, z, method_id, alpha, save=True)
 
 
 @diag_scan.register_fake
-def _(u, dt, a, B, C, D, h0, method_id, alpha):
+def _(u, dt, a, B, C, D, h0, z, method_id, alpha):
     b, L, H, P = u.shape
     N = B.shape[-1]
-    return torch.empty_like(u), u.new_empty(b, H, N, P), u.new_empty(b, H, -(-L // 32), N, P)
+    ypre = torch.empty_like(u) if z is not None else u.new_empty(0)
+    return torch.empty_like(u), u.new_empty(b, H, N, P), u.new_empty(b, H, -(-L // 32), N, P), ypre
 
 
 @torch.library.custom_op("sparse_ssm::diag_scan_backward", mutates_args=())
 def diag_scan_backward(u: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                       D: torch.Tensor, saved: torch.Tensor, dy: torch.Tensor, dhT: Optional[torch.Tensor],
-                       method_id: int, alpha: float) -> list[torch.Tensor]:
-    """Gradients of u, dt, a, B, C (per group), D and of the initial state."""
+                       D: torch.Tensor, saved: torch.Tensor, z: Optional[torch.Tensor], ypre: torch.Tensor,
+                       dy: torch.Tensor, dhT: Optional[torch.Tensor], method_id: int,
+                       alpha: float) -> list[torch.Tensor]:
+    """Gradients of u, dt, a, B, C (per group), D, the initial state and z (empty without a gate)."""
     b, L, H, P = u.shape
     G, N = B.shape[2], B.shape[3]
+    z, z_stride = _gate(z, u)
     du, ddt, da, dD = torch.empty_like(u), torch.empty_like(dt), torch.empty_like(a), torch.empty_like(D)
     dB_head, dC_head = u.new_empty(b, L, H, N), u.new_empty(b, L, H, N)
     dh0 = u.new_empty(b, H, N, P)
+    dz = torch.empty_like(u) if z is not None else u.new_empty(0)
     fn = getattr(native_library(), f"ssm_diag_backward_{_SUFFIX[u.dtype]}")
-    err = fn(*map(_ptr, (u, dt, a, B, C, D, saved, dy, dhT, du, ddt, da, dB_head, dC_head, dD, dh0)),
-             *_dims(u, B, method_id, alpha))
+    err = fn(*map(_ptr, (u, dt, a, B, C, D, saved, z, ypre if z is not None else None, dy, dhT, du, ddt, da, dB_head,
+                         dC_head, dD, dh0, dz if z is not None else None)), *_dims(u, B, z_stride, method_id, alpha))
     if err:
         raise ValueError(f"fused scan backward: invalid shapes (code {err})")
     per_group = lambda g: g.view(b, L, G, H // G, N).sum(3)
-    return [du, ddt, da, per_group(dB_head), per_group(dC_head), dD, dh0]
+    return [du, ddt, da, per_group(dB_head), per_group(dC_head), dD, dh0, dz]
 
 
 @diag_scan_backward.register_fake
-def _(u, dt, a, B, C, D, saved, dy, dhT, method_id, alpha):
+def _(u, dt, a, B, C, D, saved, z, ypre, dy, dhT, method_id, alpha):
     b, L, H, P = u.shape
     return [torch.empty_like(u), torch.empty_like(dt), torch.empty_like(a), torch.empty_like(B), torch.empty_like(C),
-            torch.empty_like(D), u.new_empty(b, H, B.shape[-1], P)]
+            torch.empty_like(D), u.new_empty(b, H, B.shape[-1], P),
+            torch.empty_like(u) if z is not None else u.new_empty(0)]
 
 
 def _setup_context(ctx, inputs, output):
-    u, dt, a, B, C, D, h0, method_id, alpha = inputs
-    ctx.save_for_backward(u, dt, a, B, C, D, output[2])
+    u, dt, a, B, C, D, h0, z, method_id, alpha = inputs
+    ctx.save_for_backward(u, dt, a, B, C, D, output[2], z, output[3])
     ctx.method = (method_id, alpha)
     ctx.has_h0 = h0 is not None
 
 
-def _backward(ctx, dy, dhT, _saved_grad):
-    u, dt, a, B, C, D, saved = ctx.saved_tensors
+def _backward(ctx, dy, dhT, _saved_grad, _ypre_grad):
+    u, dt, a, B, C, D, saved, z, ypre = ctx.saved_tensors
     dy = torch.zeros_like(u) if dy is None else dy.contiguous()
     dhT = None if dhT is None else dhT.contiguous()
-    du, ddt, da, dB, dC, dD, dh0 = diag_scan_backward(u, dt, a, B, C, D, saved, dy, dhT, *ctx.method)
-    return du, ddt, da, dB, dC, dD, (dh0 if ctx.has_h0 else None), None, None
+    du, ddt, da, dB, dC, dD, dh0, dz = diag_scan_backward(u, dt, a, B, C, D, saved, z, ypre, dy, dhT, *ctx.method)
+    return du, ddt, da, dB, dC, dD, (dh0 if ctx.has_h0 else None), (dz if z is not None else None), None, None
 
 
 diag_scan.register_autograd(_backward, setup_context=_setup_context)
 
 
-def selective_scan_fused(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None):
-    """The common scan signature (see `scan.py`); A is the diagonal (b, L, H, N); B, C (b, L, G, N)."""
+def step_in_place(u, dt, A, B, C, D, method, alpha, state, z=None):
+    """One token per row without autograd: u (b, H, P), dt (b, H), A (b, H, N), B/C (b, G, N),
+    D (b, H), z (b, H, P) or None; `state` (b, H, N, P), contiguous, is advanced in place.
+    Returns y (b, H, P)."""
+    method_id, al = _method(method, alpha)
+    args = [t.contiguous().unsqueeze(1) for t in (u, dt, A, B, C, D)]
+    z = None if z is None else z.unsqueeze(1)
+    return _forward(*args, state, z, method_id, al, save=False, hT=state)[0][:, 0]
+
+
+def selective_scan_fused(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
+    """The common scan signature (see `scan.py`); A is the diagonal (b, L, H, N); B, C (b, L, G, N);
+    z (b, L, H, P) or None: the output gate."""
     method_id, al = _method(method, alpha)
     args = [t.contiguous() for t in (u, dt, A, B, C, D)]
     h0 = None if initial_state is None else initial_state.contiguous()
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*args, h0) if t is not None)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*args, h0, z) if t is not None)
     if needs_grad or torch.compiler.is_compiling():
-        y, hT, _ = diag_scan(*args, h0, method_id, al)
+        y, hT, _, _ = diag_scan(*args, h0, z, method_id, al)
     else:                                # inference: the kernel directly, no saved states, no dispatch
-        y, hT, _ = _forward(*args, h0, method_id, al, save=False)
+        y, hT, _, _ = _forward(*args, h0, z, method_id, al, save=False)
     return y, hT

@@ -8,13 +8,14 @@ For each head, with state X_t of shape (N, P) (N states, P channels of the head)
 
 All functions here share one signature (like mamba_ssm's `selective_scan_ref`):
 
-    fn(u, dt, A, B, C, D, structure, method, alpha, initial_state=None) -> (y, final_state)
+    fn(u, dt, A, B, C, D, structure, method, alpha, initial_state=None, z=None) -> (y, final_state)
 
     u  (batch, length, heads, P)   inputs            dt (batch, length, heads)   step sizes > 0
     A  the structure's continuous A_t with leading dims (batch, length, heads)
     B, C (batch, length, groups, N): shared by the heads of a group (groups divides heads;
          groups = heads gives every head its own)        D (batch, length, heads)   skip gains
     initial_state, final_state (batch, heads, N, P);  y (batch, length, heads, P)
+    z  (batch, length, heads, P) or None: Mamba's output gate, y <- y * silu(z)
 
 - `selective_scan_ref`: the slow reference.  Dense N x N matrices from
   `structure.dense_discretize` (dense `discretization.discretize` of the dense A_t), one Python
@@ -42,6 +43,7 @@ All functions here share one signature (like mamba_ssm's `selective_scan_ref`):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import fused
 from .discretization import alpha_for
@@ -53,12 +55,16 @@ def _per_head(X, heads: int):
     return X if X.shape[2] == heads else X.repeat_interleave(heads // X.shape[2], dim=2)
 
 
+def _gated(y, z):
+    return y if z is None else y * F.silu(z)
+
+
 def _zero_state(u, N):
     b, _, h, p = u.shape
     return u.new_zeros(b, h, N, p)
 
 
-def selective_scan_ref(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None):
+def selective_scan_ref(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
     """Slow reference: dense matrices, dense discretisation, a loop over tokens."""
     B, C = _per_head(B, u.shape[2]), _per_head(C, u.shape[2])
     A_bar, B_bar = structure.dense_discretize(A, dt, B, method, alpha)  # (b, L, h, N, N), (b, L, h, N)
@@ -67,10 +73,10 @@ def selective_scan_ref(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, in
     for t in range(u.shape[1]):
         X = A_bar[:, t] @ X + B_bar[:, t, :, :, None] * u[:, t, :, None, :]
         ys.append((C[:, t, :, :, None] * X).sum(-2) + D[:, t, :, None] * u[:, t])
-    return torch.stack(ys, 1), X
+    return _gated(torch.stack(ys, 1), z), X
 
 
-def selective_scan_sequential(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None):
+def selective_scan_sequential(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
     """One step per token with the structured discrete operators (recurrent mode)."""
     B, C = _per_head(B, u.shape[2]), _per_head(C, u.shape[2])
     A_bar, B_bar = structure.discretize(A, dt, B, method, alpha)
@@ -80,7 +86,7 @@ def selective_scan_sequential(u, dt, A, B, C, D, structure, method="zoh", alpha=
     for *op, b_t, c_t, d_t, u_t in steps:
         X = structure.apply(op, X) + b_t[..., None] * u_t[..., None, :]
         ys.append((c_t[..., None] * X).sum(-2) + d_t[..., None] * u_t)
-    return torch.stack(ys, 1), X
+    return _gated(torch.stack(ys, 1), z), X
 
 
 def _pad_time(x, pad):
@@ -183,21 +189,36 @@ def _structured_chunked(u, dt, A, B, C, D, structure, method, alpha, initial_sta
     return y + D[..., None] * u, X
 
 
-def selective_scan_chunked(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None,
+def selective_scan_chunked(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None,
                            chunk_size=8):
     """Pure-PyTorch fast path (see the module docstring): chunked matmul scan."""
     B, C = _per_head(B, u.shape[2]), _per_head(C, u.shape[2])
     if isinstance(structure, DiagonalStructure):
-        return _diagonal_chunked(u, dt, A, B, C, D, method, alpha, initial_state, chunk_size)
-    return _structured_chunked(u, dt, A, B, C, D, structure, method, alpha, initial_state, chunk_size)
+        y, X = _diagonal_chunked(u, dt, A, B, C, D, method, alpha, initial_state, chunk_size)
+    else:
+        y, X = _structured_chunked(u, dt, A, B, C, D, structure, method, alpha, initial_state, chunk_size)
+    return _gated(y, z), X
 
 
-def selective_scan(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None,
+def selective_scan(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None,
                    use_parallel_scan=True, chunk_size=8):
     """Dispatch: the fused kernel where it applies, else the chunked path; the sequential scan when
     `use_parallel_scan` is off."""
     if use_parallel_scan:
         if fused.available(u, structure):
-            return fused.selective_scan_fused(u, dt, A, B, C, D, structure, method, alpha, initial_state)
-        return selective_scan_chunked(u, dt, A, B, C, D, structure, method, alpha, initial_state, chunk_size)
-    return selective_scan_sequential(u, dt, A, B, C, D, structure, method, alpha, initial_state)
+            return fused.selective_scan_fused(u, dt, A, B, C, D, structure, method, alpha, initial_state, z)
+        return selective_scan_chunked(u, dt, A, B, C, D, structure, method, alpha, initial_state, z, chunk_size)
+    return selective_scan_sequential(u, dt, A, B, C, D, structure, method, alpha, initial_state, z)
+
+
+def selective_scan_step(u, dt, A, B, C, D, structure, method, alpha, state, z=None):
+    """One recurrent step in place (decoding): u (b, H, P), dt (b, H), A_t with leading (b, H),
+    B/C (b, G, N), D (b, H), z (b, H, P) or None; `state` (b, H, N, P) is advanced in place.
+    Returns y (b, H, P)."""
+    if fused.available(u, structure) and state.is_contiguous() and state.dtype == u.dtype:
+        return fused.step_in_place(u, dt, A, B, C, D, method, alpha, state, z)
+    A1 = tuple(t[:, None] for t in A) if isinstance(A, tuple) else A[:, None]
+    y, new = selective_scan_sequential(u[:, None], dt[:, None], A1, B[:, None], C[:, None], D[:, None], structure,
+                                       method, alpha, state, None if z is None else z[:, None])
+    state.copy_(new)
+    return y[:, 0]

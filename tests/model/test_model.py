@@ -24,9 +24,23 @@ def tiny(**kw):
     return SparseSSMConfig(**base)
 
 
-@pytest.mark.parametrize("kw", CLASSES, ids=lambda k: "-".join(str(v) for v in k.values()))
+def randomise_generators(model, std=0.3):
+    """Input-dependent A_t and D_t (their generator rows start at zero: constant at initialisation)."""
+    for module in model.modules():
+        if hasattr(module, "a_up"):
+            torch.nn.init.normal_(module.a_up.weight, std=std)
+            torch.nn.init.normal_(module.proj.weight, std=std)
+    return model
+
+
+LAYER_OPTIONS = [dict(num_groups=2), dict(conv_kernel=1), dict(conv_kernel=2, activation="silu"), dict(ffn_dim=0),
+                 dict(hippo_init="legt"), dict(hippo_init="fourier"), dict(hippo_init="random"),
+                 dict(discretization="gbt", gbt_alpha=0.25), dict(discretization="bilinear")]
+
+
+@pytest.mark.parametrize("kw", CLASSES + LAYER_OPTIONS, ids=lambda k: "-".join(f"{n}={v}" for n, v in k.items()))
 def test_prefill_and_steps_equal_the_full_forward(kw):
-    model = SparseSSMForCausalLM(tiny(**kw)).double().eval()
+    model = randomise_generators(SparseSSMForCausalLM(tiny(**kw)).double().eval())
     ids = torch.randint(0, 97, (3, 19))
     full = model(ids).logits
     logits, cache = model.prefill(ids[:, :7])
@@ -34,6 +48,19 @@ def test_prefill_and_steps_equal_the_full_forward(kw):
     for t in range(7, 19):
         logits, cache = model.step(ids[:, t], cache)
         assert torch.allclose(logits, full[:, t], atol=1e-10)
+
+
+def test_step_advances_the_cache_in_place_like_a_forward_from_it():
+    model = randomise_generators(SparseSSMForCausalLM(tiny()).eval())
+    ids = torch.randint(0, 97, (2, 9))
+    _, cache = model.prefill(ids[:, :8])
+    before = [(s.conv.clone(), s.ssm.clone()) for s in cache]
+    expected = model(ids[:, 8:], cache=[type(s)(c, h) for s, (c, h) in zip(cache, before)]).cache
+    _, same = model.step(ids[:, 8], cache)
+    assert same is cache
+    for state, want, old in zip(cache, expected, before):
+        assert torch.allclose(state.ssm, want.ssm, atol=1e-6) and torch.allclose(state.conv, want.conv, atol=1e-6)
+        assert not torch.equal(state.ssm, old[1])
 
 
 @pytest.mark.parametrize("kw", CLASSES, ids=lambda k: "-".join(str(v) for v in k.values()))

@@ -115,3 +115,36 @@ def test_the_pure_pytorch_fallback_when_the_kernel_is_off(tmp_path):
     assert proc.returncode == 0, proc.stderr
     reason, err = proc.stdout.split()
     assert reason == "SPARSE_SSM_NATIVE=0" and float(err) < 1e-5
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("L", [1, 37])
+def test_the_fused_output_gate_matches_the_reference(dtype, tol, L):
+    """y * silu(z) in the kernel, z a view into a wider tensor (as the projection produces it)."""
+    xs = inputs(2, L, 2, 8, 6, 1, torch.float64)
+    z_full = torch.randn(2, L, 2 * 2 * 8, dtype=torch.float64)
+    xs = [None if x is None else x.to(dtype) for x in xs]
+    z = z_full.to(dtype)[..., 16:].reshape(2, L, 2, 8)
+    results = []
+    for fn in (fused.selective_scan_fused, selective_scan_ref):
+        leaves = [None if x is None else x.clone().requires_grad_() for x in xs + [z]]
+        y, h = fn(*leaves[:6], DiagonalStructure(6), "zoh", 0.5, leaves[6], leaves[7])
+        w = torch.linspace(-1, 1, y.numel(), dtype=dtype).reshape(y.shape)
+        grads = torch.autograd.grad((y * w).sum() + h.sum(), leaves)
+        results.append((y.detach(), h.detach(), grads))
+    (y, h, grads), (y_ref, h_ref, grads_ref) = results
+    assert torch.allclose(y, y_ref, atol=tol, rtol=tol) and torch.allclose(h, h_ref, atol=tol, rtol=tol)
+    for g, g_ref in zip(grads, grads_ref):
+        assert torch.allclose(g, g_ref, atol=tol * 10, rtol=tol * 10)
+
+
+def test_one_step_in_place_with_the_gate():
+    from sparse_ssm.ssm.scan import selective_scan_step
+
+    xs = inputs(3, 1, 2, 8, 6, 2, torch.float32)
+    z = torch.randn(3, 2, 8)
+    state = xs[6].clone()
+    y = selective_scan_step(xs[0][:, 0], xs[1][:, 0], xs[2][:, 0], xs[3][:, 0], xs[4][:, 0], xs[5][:, 0],
+                            DiagonalStructure(6), "zoh", 0.5, state, z)
+    y_ref, h_ref = selective_scan_ref(*xs[:6], DiagonalStructure(6), "zoh", 0.5, xs[6], z[:, None])
+    assert torch.allclose(y, y_ref[:, 0], atol=1e-5) and torch.allclose(state, h_ref, atol=1e-5)

@@ -2,8 +2,10 @@
 
 `native_library()` returns the loaded library, or None when it cannot be had (no C++ compiler,
 a failed build, or ``SPARSE_SSM_NATIVE=0`` in the environment); callers then use the pure-PyTorch
-scan, and a one-time note says why.  The source (`selective_scan.cpp`, plain C++ with C entry
-points and no PyTorch headers, so it builds in seconds) is compiled by
+paths, and a one-time note says why.  The sources (`selective_scan.cpp`: the diagonal selective
+scan with its output gate; `causal_conv.cpp`: the causal depthwise convolution + SiLU; `vec.h`:
+their vector utilities — plain C++ with C entry points and no PyTorch headers, so they build in
+seconds) are compiled by
 `torch.utils.cpp_extension.load` (ninja; the build is cached under ~/.cache/sparse_ssm/kernels,
 keyed by the source, the compiler flags and the CPU, and guarded by a file lock so that
 several processes build it once).  It is compiled for the machine it runs on (-march=native).
@@ -18,9 +20,11 @@ import platform
 import sys
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("selective_scan.cpp")
+HERE = Path(__file__).resolve().parent
+SOURCES = [HERE / "selective_scan.cpp", HERE / "causal_conv.cpp"]
+HEADERS = [HERE / "vec.h"]
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-pthread"]
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _state = {"tried": False, "lib": None, "reason": None}
 
@@ -42,25 +46,29 @@ def _build() -> Path:
         import ninja
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_signature().encode()).hexdigest()[:12]
+    text = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
+    key = hashlib.sha256(text + " ".join(CFLAGS).encode() + _cpu_signature().encode()).hexdigest()[:12]
     name = f"sparse_ssm_scan_{key}"
     folder = Path(os.environ.get("SPARSE_SSM_CACHE", Path.home() / ".cache" / "sparse_ssm")) / "kernels" / name
     folder.mkdir(parents=True, exist_ok=True)
     library = folder / f"{name}.so"
     if not library.is_file():
         print("sparse-ssm: compiling the fused CPU scan kernel (once, a few seconds) ...", file=sys.stderr, flush=True)
-    return Path(load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-pthread"], build_directory=str(folder),
-                     is_python_module=False, verbose=False))
+    return Path(load(name, [str(p) for p in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-pthread"],
+                     extra_include_paths=[str(HERE)], build_directory=str(folder), is_python_module=False,
+                     verbose=False))
 
 
 def _bind(lib: ctypes.CDLL):
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    dims = [i64] * 6 + [ctypes.c_int, ctypes.c_double, ctypes.c_int]
-    for suffix in ("f32", "f64"):
-        fwd = getattr(lib, f"ssm_diag_forward_{suffix}")
-        fwd.argtypes, fwd.restype = [ptr] * 10 + dims, ctypes.c_int
-        bwd = getattr(lib, f"ssm_diag_backward_{suffix}")
-        bwd.argtypes, bwd.restype = [ptr] * 16 + dims, ctypes.c_int
+    ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    scan_dims = [i64] * 7 + [c_int, ctypes.c_double, c_int]           # b, L, H, P, N, G, z_stride, method, alpha, threads
+    conv_dims = [i64] * 5 + [c_int]                                    # b, L, E, K, x_stride, threads
+    signatures = {"ssm_diag_forward": [ptr] * 12 + scan_dims, "ssm_diag_backward": [ptr] * 19 + scan_dims,
+                  "ssm_conv_forward": [ptr] * 6 + conv_dims, "ssm_conv_backward": [ptr] * 9 + conv_dims}
+    for name, argtypes in signatures.items():
+        for suffix in ("f32", "f64"):
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes, fn.restype = argtypes, c_int
     lib.ssm_kernel_abi_version.restype = ctypes.c_int
     if lib.ssm_kernel_abi_version() != ABI_VERSION:
         raise RuntimeError(f"the built kernel has ABI {lib.ssm_kernel_abi_version()}, expected {ABI_VERSION}")

@@ -9,93 +9,27 @@
 //   gbt(al): A_bar = (1 + (1 - al) x) / (1 - al x),  beta = dt / (1 - al x)     (bilinear: al = 1/2)
 //   S_t[n, p] = A_bar[t, n] S_{t-1}[n, p] + beta[t, n] B[t, g, n] u[t, p]
 //   y[t, p]   = sum_n C[t, g, n] S_t[n, p] + D[t] u[t, p]
+//   with a gate z (optional): y[t, p] <- y[t, p] * silu(z[t, p])      (Mamba's output gate, fused)
 //
 // Layouts (contiguous): u, y (b, L, H, P); dt, D (b, L, H); a (b, L, H, N); B, C (b, L, G, N);
-// states h0, hT (b, H, N, P); saved chunk-start states (b, H, chunks, N, P).
+// states h0, hT (b, H, N, P); saved chunk-start states (b, H, chunks, N, P); z (b, L, H, P) with
+// `z_stride` elements from one token to the next (a view into a wider projection output); the
+// ungated output (b, L, H, P) is kept for the backward of the gate.
 // The backward recomputes the states of one chunk at a time from the saved chunk-start state and
 // walks the chunk in reverse; gradients of B and C come out per head (b, L, H, N) and are summed
 // over the heads of a group by the caller.
 //
-// Vectorisation: GCC/Clang vector extensions (8 floats or 4 doubles per vector; AVX2 with
-// -march=native, two SSE halves or NEON elsewhere) over the P channels of a head; the state size
-// is padded to a multiple of 8 inside the kernel.  Parallel over (batch, head) with std::thread.
+// Vectorisation (vec.h) over the P channels of a head; the state size is padded to a multiple of 8
+// inside the kernel.  Parallel over (batch, head).
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <thread>
-#include <vector>
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
+#include "vec.h"
 
 namespace {
 
-template <typename T> struct Vec;
-template <> struct Vec<float> {
-  typedef float type __attribute__((vector_size(32)));
-  typedef int32_t itype __attribute__((vector_size(32)));
-  static constexpr int lanes = 8;
-};
-template <> struct Vec<double> {
-  typedef double type __attribute__((vector_size(32)));
-  typedef int64_t itype __attribute__((vector_size(32)));
-  static constexpr int lanes = 4;
-};
-
-template <typename T> using V = typename Vec<T>::type;
-
-template <typename T> inline V<T> vload(const T* p) { V<T> v; std::memcpy(&v, p, sizeof v); return v; }
-template <typename T> inline void vstore(T* p, V<T> v) { std::memcpy(p, &v, sizeof v); }
-template <typename T> inline V<T> vsplat(T x) { return V<T>{} + x; }
-template <typename T> inline T hsum(V<T> v) {
-  T s = 0;
-  for (int i = 0; i < Vec<T>::lanes; ++i) s += v[i];
-  return s;
-}
-#if defined(__AVX__)
-template <> inline float hsum<float>(V<float> v) {
-  __m256 x;
-  std::memcpy(&x, &v, sizeof x);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
-}
-#endif
+using namespace ssmk;
 
 constexpr int NB = 8;            // state rows kept in registers at once (the state is padded to a multiple)
 constexpr int64_t CHUNK = 32;    // tokens per chunk: the chunk's operators and outputs stay in L1
-
-// exp of a float vector (Cephes' expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp)
-inline V<float> vexp(V<float> x) {
-  typedef Vec<float>::itype VI;
-  x = x < -87.3f ? vsplat(-87.3f) : x;
-  x = x > 88.7f ? vsplat(88.7f) : x;
-  V<float> fx = x * 1.44269504088896341f + 0.5f;
-  VI n = __builtin_convertvector(fx, VI);
-  V<float> fn = __builtin_convertvector(n, V<float>);
-  n = fn > fx ? n - 1 : n;                                  // floor
-  fn = __builtin_convertvector(n, V<float>);
-  V<float> r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
-  V<float> p = vsplat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  VI bits = (n + 127) << 23;
-  V<float> scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
-inline V<double> vexp(V<double> x) {
-  V<double> out;
-  for (int i = 0; i < Vec<double>::lanes; ++i) out[i] = std::exp(x[i]);
-  return out;
-}
 
 // phi(x) = expm1(x) / x and psi(x) = (x e^x - expm1(x)) / x^2 given e = exp(x); series near 0
 template <typename T> inline V<T> phi_of(V<T> x, V<T> e) {
@@ -125,7 +59,7 @@ template <> inline V<double> psi_of<double>(V<double> x, V<double> e) {
 }
 
 struct Dims {
-  int64_t b, L, H, P, N, G;
+  int64_t b, L, H, P, N, G, z_stride;
   int method;      // 0: zoh, 1: gbt with alpha (bilinear = 0.5)
   double alpha;
   int64_t Np() const { return (N + NB - 1) / NB * NB; }
@@ -133,11 +67,38 @@ struct Dims {
 };
 
 template <typename T> struct Tensors {
-  const T *u, *dt, *a, *B, *C, *D, *h0;      // inputs (h0 may be null: zero initial state)
-  T *y, *hT, *saved;                          // forward outputs (saved may be null: no backward)
-  const T *saved_in, *dy, *dhT;               // backward inputs (dhT may be null)
-  T *du, *ddt, *da, *dB, *dC, *dD, *dh0;      // backward outputs (dB, dC per head)
+  const T *u, *dt, *a, *B, *C, *D, *h0, *z;  // inputs (h0, z may be null: zero initial state, no gate)
+  T *y, *hT, *saved, *ypre;                   // forward outputs (saved, ypre may be null: no backward)
+  const T *saved_in, *ypre_in, *dy, *dhT;     // backward inputs (dhT may be null)
+  T *du, *ddt, *da, *dB, *dC, *dD, *dh0, *dz; // backward outputs (dB, dC per head)
 };
+
+// out[p] = y[p] * silu(z[p]) for p < P
+template <typename T> void gate_row(const T* y, const T* z, T* out, int64_t P) {
+  constexpr int W = Vec<T>::lanes;
+  int64_t p = 0;
+  for (; p + W <= P; p += W) {
+    const V<T> zv = vload(z + p);
+    vstore(out + p, vload(y + p) * zv * vsigmoid<T>(zv));
+  }
+  for (; p < P; ++p) out[p] = y[p] * z[p] / (1 + std::exp(-z[p]));
+}
+
+// the gate's backward: dyp = dy * silu(z), dz = dy * y * silu'(z), silu'(z) = s (1 + z (1 - s))
+template <typename T> void gate_row_backward(const T* dy, const T* y, const T* z, T* dyp, T* dz, int64_t P) {
+  constexpr int W = Vec<T>::lanes;
+  int64_t p = 0;
+  for (; p + W <= P; p += W) {
+    const V<T> zv = vload(z + p), s = vsigmoid<T>(zv), g = vload(dy + p);
+    vstore(dyp + p, g * zv * s);
+    vstore(dz + p, g * vload(y + p) * s * (1 + zv * (1 - s)));
+  }
+  for (; p < P; ++p) {
+    const T s = 1 / (1 + std::exp(-z[p]));
+    dyp[p] = dy[p] * z[p] * s;
+    dz[p] = dy[p] * y[p] * s * (1 + z[p] * (1 - s));
+  }
+}
 
 // The operators of tokens [t0, t0 + tc) of head (bi, hi), each row padded to Np:
 // Ab = A_bar, Bb = beta * B (the input weight), Cc = C; with derivatives, also beta, and the
@@ -276,24 +237,17 @@ template <typename T> void forward_head(const Dims& d, const Tensors<T>& x, int6
       for (int64_t p = 0; p < P; ++p) ych[t * P + p] = Dt * u0[t * H * P + p];
     }
     advance(d, u0, H * P, ops, tc, S.data(), ych.data(), (T*)nullptr);
-    for (int64_t t = 0; t < tc; ++t)
-      std::memcpy(x.y + ((bi * d.L + t0 + t) * H + hi) * P, &ych[t * P], sizeof(T) * P);
+    for (int64_t t = 0; t < tc; ++t) {
+      const int64_t row = ((bi * d.L + t0 + t) * H + hi) * P;
+      if (x.ypre) std::memcpy(x.ypre + row, &ych[t * P], sizeof(T) * P);
+      if (x.z)
+        gate_row(&ych[t * P], x.z + (bi * d.L + t0 + t) * d.z_stride + hi * P, x.y + row, P);
+      else
+        std::memcpy(x.y + row, &ych[t * P], sizeof(T) * P);
+    }
   }
   std::memcpy(x.hT + (bi * H + hi) * d.N * P, S.data(), sizeof(T) * d.N * P);
 }
-
-// Four sums at once: (sum v0, sum v1, sum v2, sum v3)
-template <typename T> inline void hsum4(V<T> v0, V<T> v1, V<T> v2, V<T> v3, T* out) {
-  out[0] = hsum<T>(v0), out[1] = hsum<T>(v1), out[2] = hsum<T>(v2), out[3] = hsum<T>(v3);
-}
-#if defined(__AVX__)
-template <> inline void hsum4<float>(V<float> v0, V<float> v1, V<float> v2, V<float> v3, float* out) {
-  __m256 a, b, c, e;
-  std::memcpy(&a, &v0, 32), std::memcpy(&b, &v1, 32), std::memcpy(&c, &v2, 32), std::memcpy(&e, &v3, 32);
-  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, e));
-  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
-}
-#endif
 
 // One token of the reverse walk for K state rows n0 .. n0 + K - 1 (K = 1 or 2, sharing the loads
 // of dy, u and du): dS (Np x P) holds the adjoint of the state after token t from the later tokens;
@@ -397,7 +351,7 @@ T chain_rule(const Dims& d, const Ops<T>& ops, int64_t t, const T* B, const T* g
 
 template <typename T> void backward_head(const Dims& d, const Tensors<T>& x, int64_t bi, int64_t hi) {
   const int64_t Np = d.Np(), P = d.P, H = d.H, N = d.N, g = hi / (d.H / d.G);
-  std::vector<T> S(Np * P), states((CHUNK + 1) * Np * P), dS(Np * P, T(0)), gC(Np), gB(Np), gA(Np);
+  std::vector<T> S(Np * P), states((CHUNK + 1) * Np * P), dS(Np * P, T(0)), gC(Np), gB(Np), gA(Np), dyp(P);
   Ops<T> ops;
   ops.resize(CHUNK * Np, true);
   if (x.dhT)
@@ -413,6 +367,10 @@ template <typename T> void backward_head(const Dims& d, const Tensors<T>& x, int
       const int64_t tok = bi * d.L + t0 + t, row = tok * H + hi;
       const T* u = u0 + t * H * P;
       const T* dy = x.dy + row * P;
+      if (x.z) {                                          // through the gate: the ungated output's gradient
+        gate_row_backward(dy, x.ypre_in + row * P, x.z + tok * d.z_stride + hi * P, dyp.data(), x.dz + row * P, P);
+        dy = dyp.data();
+      }
       reverse_token(d, ops, t, &states[(t + 1) * Np * P], &states[t * Np * P], u, dy, x.D[row], dS.data(),
                     x.du + row * P, gC.data(), gB.data(), gA.data());
       x.dD[row] = dot(dy, u, P);
@@ -423,21 +381,6 @@ template <typename T> void backward_head(const Dims& d, const Tensors<T>& x, int
   if (x.dh0) std::memcpy(x.dh0 + (bi * H + hi) * N * P, dS.data(), sizeof(T) * N * P);
 }
 
-template <typename F> void parallel_heads(const Dims& d, int threads, F work) {
-  const int64_t tasks = d.b * d.H;
-  threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, tasks));
-  auto run = [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) work(i / d.H, i % d.H);
-  };
-  if (threads == 1) {
-    run(0, tasks);
-    return;
-  }
-  std::vector<std::thread> pool;
-  for (int k = 0; k < threads; ++k) pool.emplace_back(run, tasks * k / threads, tasks * (k + 1) / threads);
-  for (auto& t : pool) t.join();
-}
-
 template <typename T> int checked(const Dims& d) {
   if (d.b < 0 || d.L < 0 || d.H < 1 || d.P < 1 || d.N < 1 || d.G < 1 || d.H % d.G) return 1;
   if (d.method != 0 && d.method != 1) return 2;
@@ -446,31 +389,36 @@ template <typename T> int checked(const Dims& d) {
 
 }  // namespace
 
-#define SSM_EXPORT(T, SUFFIX)                                                                                    \
-  extern "C" int ssm_diag_forward_##SUFFIX(const T* u, const T* dt, const T* a, const T* B, const T* C, const T* D,  \
-                                           const T* h0, T* y, T* hT, T* saved, int64_t b, int64_t L, int64_t H,     \
-                                           int64_t P, int64_t N, int64_t G, int method, double alpha, int threads) { \
-    Dims d{b, L, H, P, N, G, method, alpha};                                                                     \
-    if (int err = checked<T>(d)) return err;                                                                     \
-    Tensors<T> x{};                                                                                              \
-    x.u = u, x.dt = dt, x.a = a, x.B = B, x.C = C, x.D = D, x.h0 = h0, x.y = y, x.hT = hT, x.saved = saved;     \
-    parallel_heads(d, threads, [&](int64_t bi, int64_t hi) { forward_head(d, x, bi, hi); });                    \
-    return 0;                                                                                                    \
-  }                                                                                                              \
-  extern "C" int ssm_diag_backward_##SUFFIX(                                                                     \
-      const T* u, const T* dt, const T* a, const T* B, const T* C, const T* D, const T* saved, const T* dy,      \
-      const T* dhT, T* du, T* ddt, T* da, T* dB, T* dC, T* dD, T* dh0, int64_t b, int64_t L, int64_t H,        \
-      int64_t P, int64_t N, int64_t G, int method, double alpha, int threads) {                                  \
-    Dims d{b, L, H, P, N, G, method, alpha};                                                                     \
-    if (int err = checked<T>(d)) return err;                                                                     \
-    Tensors<T> x{};                                                                                              \
-    x.u = u, x.dt = dt, x.a = a, x.B = B, x.C = C, x.D = D, x.saved_in = saved, x.dy = dy, x.dhT = dhT;         \
-    x.du = du, x.ddt = ddt, x.da = da, x.dB = dB, x.dC = dC, x.dD = dD, x.dh0 = dh0;                             \
-    parallel_heads(d, threads, [&](int64_t bi, int64_t hi) { backward_head(d, x, bi, hi); });                   \
-    return 0;                                                                                                    \
+#define SSM_EXPORT(T, SUFFIX)                                                                                   \
+  extern "C" int ssm_diag_forward_##SUFFIX(const T* u, const T* dt, const T* a, const T* B, const T* C, const T* D, \
+                                           const T* h0, const T* z, T* y, T* hT, T* saved, T* ypre, int64_t b,      \
+                                           int64_t L, int64_t H, int64_t P, int64_t N, int64_t G, int64_t z_stride, \
+                                           int method, double alpha, int threads) {                                 \
+    Dims d{b, L, H, P, N, G, z_stride, method, alpha};                                                          \
+    if (int err = checked<T>(d)) return err;                                                                    \
+    Tensors<T> x{};                                                                                             \
+    x.u = u, x.dt = dt, x.a = a, x.B = B, x.C = C, x.D = D, x.h0 = h0, x.z = z;                                 \
+    x.y = y, x.hT = hT, x.saved = saved, x.ypre = ypre;                                                         \
+    parallel_for(d.b * d.H, threads, [&](int64_t i) { forward_head(d, x, i / d.H, i % d.H); });                 \
+    return 0;                                                                                                   \
+  }                                                                                                             \
+  extern "C" int ssm_diag_backward_##SUFFIX(                                                                    \
+      const T* u, const T* dt, const T* a, const T* B, const T* C, const T* D, const T* saved, const T* z,       \
+      const T* ypre, const T* dy, const T* dhT, T* du, T* ddt, T* da, T* dB, T* dC, T* dD, T* dh0, T* dz,       \
+      int64_t b, int64_t L, int64_t H, int64_t P, int64_t N, int64_t G, int64_t z_stride, int method,           \
+      double alpha, int threads) {                                                                              \
+    Dims d{b, L, H, P, N, G, z_stride, method, alpha};                                                          \
+    if (int err = checked<T>(d)) return err;                                                                    \
+    if (z && !ypre) return 3;                                                                                   \
+    Tensors<T> x{};                                                                                             \
+    x.u = u, x.dt = dt, x.a = a, x.B = B, x.C = C, x.D = D, x.saved_in = saved, x.z = z, x.ypre_in = ypre;      \
+    x.dy = dy, x.dhT = dhT, x.du = du, x.ddt = ddt, x.da = da, x.dB = dB, x.dC = dC, x.dD = dD, x.dh0 = dh0;    \
+    x.dz = dz;                                                                                                  \
+    parallel_for(d.b * d.H, threads, [&](int64_t i) { backward_head(d, x, i / d.H, i % d.H); });                \
+    return 0;                                                                                                   \
   }
 
 SSM_EXPORT(float, f32)
 SSM_EXPORT(double, f64)
 
-extern "C" int ssm_kernel_abi_version() { return 1; }
+extern "C" int ssm_kernel_abi_version() { return 2; }

@@ -1,0 +1,110 @@
+// Vector utilities of the native kernels: GCC/Clang vector extensions (8 floats or 4 doubles:
+// AVX2 with -march=native, two SSE halves or NEON elsewhere), horizontal sums, a vectorised exp and
+// sigmoid, and a parallel loop over independent tasks.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+namespace ssmk {
+
+template <typename T> struct Vec;
+template <> struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+  typedef int32_t itype __attribute__((vector_size(32)));
+  static constexpr int lanes = 8;
+};
+template <> struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+  typedef int64_t itype __attribute__((vector_size(32)));
+  static constexpr int lanes = 4;
+};
+
+template <typename T> using V = typename Vec<T>::type;
+
+template <typename T> inline V<T> vload(const T* p) { V<T> v; std::memcpy(&v, p, sizeof v); return v; }
+template <typename T> inline void vstore(T* p, V<T> v) { std::memcpy(p, &v, sizeof v); }
+template <typename T> inline V<T> vsplat(T x) { return V<T>{} + x; }
+template <typename T> inline T hsum(V<T> v) {
+  T s = 0;
+  for (int i = 0; i < Vec<T>::lanes; ++i) s += v[i];
+  return s;
+}
+#if defined(__AVX__)
+template <> inline float hsum<float>(V<float> v) {
+  __m256 x;
+  std::memcpy(&x, &v, sizeof x);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+#endif
+
+// exp of a float vector (Cephes' expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp)
+inline V<float> vexp(V<float> x) {
+  typedef Vec<float>::itype VI;
+  x = x < -87.3f ? vsplat(-87.3f) : x;
+  x = x > 88.7f ? vsplat(88.7f) : x;
+  V<float> fx = x * 1.44269504088896341f + 0.5f;
+  VI n = __builtin_convertvector(fx, VI);
+  V<float> fn = __builtin_convertvector(n, V<float>);
+  n = fn > fx ? n - 1 : n;                                  // floor
+  fn = __builtin_convertvector(n, V<float>);
+  V<float> r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+  V<float> p = vsplat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  VI bits = (n + 127) << 23;
+  V<float> scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline V<double> vexp(V<double> x) {
+  V<double> out;
+  for (int i = 0; i < Vec<double>::lanes; ++i) out[i] = std::exp(x[i]);
+  return out;
+}
+
+template <typename T> inline V<T> vsigmoid(V<T> x) { return 1 / (1 + vexp(-x)); }
+
+// Four sums at once: (sum v0, sum v1, sum v2, sum v3)
+template <typename T> inline void hsum4(V<T> v0, V<T> v1, V<T> v2, V<T> v3, T* out) {
+  out[0] = hsum<T>(v0), out[1] = hsum<T>(v1), out[2] = hsum<T>(v2), out[3] = hsum<T>(v3);
+}
+#if defined(__AVX__)
+template <> inline void hsum4<float>(V<float> v0, V<float> v1, V<float> v2, V<float> v3, float* out) {
+  __m256 a, b, c, e;
+  std::memcpy(&a, &v0, 32), std::memcpy(&b, &v1, 32), std::memcpy(&c, &v2, 32), std::memcpy(&e, &v3, 32);
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, e));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+}
+#endif
+
+// Run work(task) for task in [0, tasks) on up to `threads` threads (contiguous ranges each).
+template <typename F> void parallel_for(int64_t tasks, int threads, F work) {
+  threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, tasks));
+  auto run = [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) work(i);
+  };
+  if (threads == 1) {
+    run(0, tasks);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (int k = 0; k < threads; ++k) pool.emplace_back(run, tasks * k / threads, tasks * (k + 1) / threads);
+  for (auto& t : pool) t.join();
+}
+
+}  // namespace ssmk
