@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import SparseSSMConfig
 from ..ssm.conv import causal_conv_silu, conv_step

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from .discretization import alpha_for
-from .kernels import native_library, unavailable_reason  # noqa: F401 - part of this module's interface
+from .kernels import native_library
 from .structures import DiagonalStructure
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}

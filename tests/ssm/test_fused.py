@@ -107,7 +107,8 @@ def test_the_pure_pytorch_fallback_when_the_kernel_is_off(tmp_path):
             "DiagonalStructure; torch.manual_seed(0); s = DiagonalStructure(4);"
             "x = [torch.randn(1, 9, 2, 8), torch.rand(1, 9, 2) * 0.3, -torch.rand(1, 9, 2, 4) - 0.1, "
             "torch.randn(1, 9, 1, 4), torch.randn(1, 9, 1, 4), torch.randn(1, 9, 2)];"
-            "assert not fused.available(x[0], s); print(fused.unavailable_reason());"
+            "from sparse_ssm.ssm.kernels import unavailable_reason;"
+            "assert not fused.available(x[0], s); print(unavailable_reason());"
             "y = scan.selective_scan(*x, s, 'zoh')[0]; r = scan.selective_scan_ref(*x, s, 'zoh')[0];"
             "print(float((y - r).abs().max()))")
     env = {**os.environ, "SPARSE_SSM_NATIVE": "0"}
