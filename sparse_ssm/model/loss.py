@@ -15,6 +15,26 @@ from __future__ import annotations
 
 import torch
 
+from ..ssm.kernels import cross_entropy_rows_
+
+
+def _chunk_loss(logits, targets, valid, scale: float, grad: bool):
+    """(summed loss of the valid rows, gradient scale * (softmax - onehot) or None) of a chunk of
+    logits (rows, vocab), whose buffer the gradient may reuse."""
+    losses = cross_entropy_rows_(logits, torch.where(valid, targets, -1), scale, grad) \
+        if logits.device.type == "cpu" else None
+    if losses is not None:
+        return losses.sum(), (logits if grad else None)
+    t = targets.clamp(min=0)
+    lse = torch.logsumexp(logits, dim=-1)
+    total = ((lse - logits.gather(1, t[:, None])[:, 0]) * valid).sum()
+    if not grad:
+        return total, None
+    g = torch.exp(logits - lse[:, None])
+    g[torch.arange(g.shape[0]), t] -= 1.0
+    g *= (valid.to(g.dtype) * scale)[:, None]
+    return total, g
+
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -23,23 +43,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.promote_types(h.dtype, torch.float32)
         hf, Wf = h.to(dtype), W.to(dtype)
         valid = targets != ignore_index
-        count = valid.sum().clamp(min=1)
+        count = int(valid.sum().clamp(min=1))
         total = hf.new_zeros(())
         grad_h = torch.empty_like(hf) if needs_grad else None
         grad_W = torch.zeros_like(Wf) if needs_grad else None
         for start in range(0, hf.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             logits = hf[rows] @ Wf.T                                   # (chunk, vocab)
-            lse = torch.logsumexp(logits, dim=-1)
-            t = targets[rows].clamp(min=0)
-            v = valid[rows]
-            total = total + ((lse - logits.gather(1, t[:, None])[:, 0]) * v).sum()
+            loss, g = _chunk_loss(logits, targets[rows], valid[rows], 1.0 / count, needs_grad)
+            total = total + loss
             if needs_grad:
-                g = torch.exp(logits - lse[:, None])                   # softmax, reusing the buffer size
-                g[torch.arange(g.shape[0]), t] -= 1.0
-                g *= (v.to(dtype) / count)[:, None]
-                grad_h[rows] = g @ Wf
-                grad_W += g.T @ hf[rows]
+                torch.mm(g, Wf, out=grad_h[rows])
+                grad_W.addmm_(g.T, hf[rows])
         ctx.save_for_backward(grad_h, grad_W)
         ctx.dtypes = (h.dtype, W.dtype)
         return total / count

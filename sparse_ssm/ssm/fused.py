@@ -4,7 +4,7 @@
 
 Diagonal structure only: one pass over the sequence per (batch row, head) with the state in
 registers and L1 (`kernels/selective_scan.cpp` states the exact equations); the backward pass
-recomputes the states of one chunk of 32 tokens at a time from chunk-start states saved by the
+recomputes the states of one chunk of tokens (32) at a time from chunk-start states saved by the
 forward (1/32 of a (batch, length, channels, state) tensor) instead of storing per-token tensors.
 B and C may be given per group (b, L, G, N) with G dividing the number of heads; the output gate
 y * silu(z) is applied in the same pass (z may be a view into a wider tensor).  It is a
@@ -40,6 +40,11 @@ def available(u: torch.Tensor, structure) -> bool:
             and native_library() is not None)
 
 
+def _chunks(L: int) -> int:
+    """Chunk-start states the forward saves for a sequence of L tokens (the kernel's chunk size)."""
+    return -(-L // native_library().ssm_scan_chunk())
+
+
 def _gate(z: torch.Tensor | None, u: torch.Tensor):
     """z as the kernel reads it (rows of H * P contiguous values, any token stride) and its stride."""
     if z is None:
@@ -62,7 +67,7 @@ def _forward(u, dt, a, B, C, D, h0, z, method_id: int, alpha: float, save: bool,
     z, z_stride = _gate(z, u)
     y = torch.empty_like(u)
     hT = u.new_empty(b, H, N, P) if hT is None else hT
-    saved = u.new_empty(b, H, -(-L // 32), N, P) if save else u.new_empty(0)
+    saved = u.new_empty(b, H, _chunks(L), N, P) if save else u.new_empty(0)
     ypre = torch.empty_like(u) if save and z is not None else u.new_empty(0)
     fn = getattr(native_library(), f"ssm_diag_forward_{_SUFFIX[u.dtype]}")
     err = fn(*map(_ptr, (u, dt, a, B, C, D, h0, z, y, hT, saved if save else None, ypre if ypre.numel() else None)),
@@ -85,7 +90,7 @@ def _(u, dt, a, B, C, D, h0, z, method_id, alpha):
     b, L, H, P = u.shape
     N = B.shape[-1]
     ypre = torch.empty_like(u) if z is not None else u.new_empty(0)
-    return torch.empty_like(u), u.new_empty(b, H, N, P), u.new_empty(b, H, -(-L // 32), N, P), ypre
+    return torch.empty_like(u), u.new_empty(b, H, N, P), u.new_empty(b, H, _chunks(L), N, P), ypre
 
 
 @torch.library.custom_op("sparse_ssm::diag_scan_backward", mutates_args=())

@@ -3,8 +3,9 @@
 `native_library()` returns the loaded library, or None when it cannot be had (no C++ compiler,
 a failed build, or ``SPARSE_SSM_NATIVE=0`` in the environment); callers then use the pure-PyTorch
 paths, and a one-time note says why.  The sources (`selective_scan.cpp`: the diagonal selective
-scan with its output gate; `causal_conv.cpp`: the causal depthwise convolution + SiLU; `vec.h`:
-their vector utilities — plain C++ with C entry points and no PyTorch headers, so they build in
+scan with its output gate; `causal_conv.cpp`: the causal depthwise convolution + SiLU;
+`cross_entropy.cpp`: the softmax cross-entropy of the LM head's logits, in place; `vec.h`: their
+vector utilities — plain C++ with C entry points and no PyTorch headers, so they build in
 seconds) are compiled by
 `torch.utils.cpp_extension.load` (ninja; the build is cached under ~/.cache/sparse_ssm/kernels,
 keyed by the source, the compiler flags and the CPU, and guarded by a file lock so that
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = [HERE / "selective_scan.cpp", HERE / "causal_conv.cpp"]
+SOURCES = [HERE / "selective_scan.cpp", HERE / "causal_conv.cpp", HERE / "cross_entropy.cpp"]
 HEADERS = [HERE / "vec.h"]
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-pthread"]
 ABI_VERSION = 2
@@ -64,12 +65,14 @@ def _bind(lib: ctypes.CDLL):
     scan_dims = [i64] * 7 + [c_int, ctypes.c_double, c_int]           # b, L, H, P, N, G, z_stride, method, alpha, threads
     conv_dims = [i64] * 5 + [c_int]                                    # b, L, E, K, x_stride, threads
     signatures = {"ssm_diag_forward": [ptr] * 12 + scan_dims, "ssm_diag_backward": [ptr] * 19 + scan_dims,
-                  "ssm_conv_forward": [ptr] * 6 + conv_dims, "ssm_conv_backward": [ptr] * 9 + conv_dims}
+                  "ssm_conv_forward": [ptr] * 6 + conv_dims, "ssm_conv_backward": [ptr] * 9 + conv_dims,
+                  "ssm_cross_entropy": [ptr] * 3 + [i64, i64, ctypes.c_double, c_int, c_int]}
     for name, argtypes in signatures.items():
         for suffix in ("f32", "f64"):
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes, fn.restype = argtypes, c_int
     lib.ssm_kernel_abi_version.restype = ctypes.c_int
+    lib.ssm_scan_chunk.restype = ctypes.c_int64
     if lib.ssm_kernel_abi_version() != ABI_VERSION:
         raise RuntimeError(f"the built kernel has ABI {lib.ssm_kernel_abi_version()}, expected {ABI_VERSION}")
     return lib
@@ -95,3 +98,24 @@ def native_library():
 def unavailable_reason() -> str | None:
     """Why `native_library()` returned None (after it was called), else None."""
     return _state["reason"]
+
+
+def cross_entropy_rows_(logits, targets, scale: float, grad: bool):
+    """Per-row softmax cross-entropy of logits (rows, V) (float32/64, contiguous, CPU) against
+    targets (rows,) (negative: ignored), computed by the native kernel: returns the losses (rows,)
+    and, with `grad`, overwrites the logits with scale * (softmax - onehot).  None when the kernel
+    is unavailable."""
+    import torch
+
+    lib = native_library()
+    if lib is None or logits.dtype not in (torch.float32, torch.float64) or not logits.is_contiguous():
+        return None
+    losses = logits.new_empty(logits.shape[0])
+    targets = targets.to(torch.int64).contiguous()
+    fn = getattr(lib, f"ssm_cross_entropy_{'f32' if logits.dtype == torch.float32 else 'f64'}")
+    err = fn(ctypes.c_void_p(logits.data_ptr()), ctypes.c_void_p(targets.data_ptr()),
+             ctypes.c_void_p(losses.data_ptr()), logits.shape[0], logits.shape[1], float(scale), int(grad),
+             torch.get_num_threads())
+    if err:
+        raise ValueError(f"cross entropy kernel: a target is outside the vocabulary of {logits.shape[1]} (code {err})")
+    return losses

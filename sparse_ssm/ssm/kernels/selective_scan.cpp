@@ -422,3 +422,4 @@ SSM_EXPORT(float, f32)
 SSM_EXPORT(double, f64)
 
 extern "C" int ssm_kernel_abi_version() { return 2; }
+extern "C" int64_t ssm_scan_chunk() { return CHUNK; }   // tokens per saved chunk-start state
