@@ -1,13 +1,17 @@
-"""Decoding speed against context length: our recurrent step vs. GPT-2 with a KV cache.
+"""Decoding speed against context length: our recurrent step vs. GPT-2 with a KV cache, mamba.py's
+step and transformers' Mamba-2 with its cache.
 
     python bench/generation.py [--contexts 64,256,1024,4096] [--batches 1,8] [--new-tokens 32] [--rounds 3]
 
 Ours: hidden 256, 4 layers, state 16, expand 2, no FFN, vocab 4096 (2.8 M parameters), prompt
-prefilled in one parallel pass, then one recurrent step per token.  Peer: `transformers` GPT-2
-with 2 layers of width 256 (matched parameters but for its position table) and its KV cache.
-Random weights, greedy tokens, 1 thread; for every (batch, context) the two models alternate
-for --rounds rounds and the median over all decode steps of the ms per new token is reported
-(the first steps after a long prefill also pay for releasing its memory).
+prefilled in one parallel pass, then `model.step` per token (the in-place decode path).  Peers of
+the same size: `transformers` GPT-2 (2 layers of width 256: matched parameters but for its position
+table) with its KV cache; mamba.py's `Mamba.step` (its caches start at zeros: the cost of a step
+does not depend on the state's values, and stepping through a 4,096-token prompt would take
+minutes); `transformers` Mamba2ForCausalLM prefilled with its forward, then decoding with its cache.
+Random weights, greedy tokens, 1 thread; for every (batch, context) the models alternate for
+--rounds rounds and the median over all decode steps of the ms per new token is reported (the
+first steps after a long prefill also pay for releasing its memory).
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import peers  # noqa: E402
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM  # noqa: E402
 
 VOCAB = 4096
@@ -51,6 +57,54 @@ def gpt2_decode(model, ctx, new_tokens):
     return times
 
 
+@torch.no_grad()
+def mambapy_decode(model, ctx, new_tokens):
+    """mamba.py: embedding -> Mamba.step per layer -> norm -> head, from zero caches."""
+    batch = ctx.shape[0]
+    cfg = model.mamba.config
+    caches = [(torch.zeros(batch, cfg.d_inner, cfg.d_state), torch.zeros(batch, cfg.d_inner, cfg.d_conv - 1))
+              for _ in range(cfg.n_layers)]
+    token = ctx[:, -1]
+    times = []
+    for _ in range(new_tokens):
+        start = time.perf_counter()
+        x, caches = model.mamba.step(model.embedding(token), caches)
+        token = model.lm_head(model.norm_f(x)).argmax(-1)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+@torch.no_grad()
+def mamba2_decode(model, ctx, new_tokens):
+    out = model(input_ids=ctx, use_cache=True)
+    times = []
+    for _ in range(new_tokens):
+        start = time.perf_counter()
+        out = model(input_ids=out.logits[:, -1].argmax(-1)[:, None], cache=out.cache, use_cache=True)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def build_peers(max_len: int) -> dict:
+    """name -> (model, decode function) of the peers that are installed."""
+    table = {}
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=256, n_layer=2, n_head=4, n_positions=max_len,
+                                          attn_implementation="sdpa")).eval()
+        table["gpt2 (KV cache)"] = (gpt2, gpt2_decode)
+        table["mamba2 (HF, cache)"] = (peers.hf_mamba2(VOCAB, 256, 4, 16, 2)[0].eval(), mamba2_decode)
+    except ImportError as e:
+        print(f"skipping the transformers peers: {e}")
+    try:
+        table["mamba.py (step)"] = (peers.mambapy(VOCAB, 256, 4, 16, 2)[0].eval(), mambapy_decode)
+    except ImportError as e:
+        print(f"skipping mamba.py: {e}")
+    return table
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", default="64,256,1024,4096")
@@ -65,14 +119,7 @@ def main():
     contexts = [int(c) for c in args.contexts.split(",")]
     ours = SparseSSMForCausalLM(SparseSSMConfig(vocab_size=VOCAB, hidden_dim=256, state_dim=16, ffn_dim=0, num_layers=4,
                                                 dropout=0.0, max_seq_len=max(contexts) + args.new_tokens)).eval()
-    models = {"sparse-ssm": (ours, ours_decode)}
-    try:
-        from transformers import GPT2Config, GPT2LMHeadModel
-        gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=256, n_layer=2, n_head=4,
-                                          n_positions=max(contexts) + args.new_tokens, attn_implementation="sdpa")).eval()
-        models["gpt2 (KV cache)"] = (gpt2, gpt2_decode)
-    except ImportError as e:
-        print(f"skipping gpt2: {e}")
+    models = {"sparse-ssm": (ours, ours_decode), **build_peers(max(contexts) + args.new_tokens)}
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         for length in contexts:
@@ -102,6 +149,14 @@ def main():
                      for n in names]
             lines.append(f"| {batch} | {length} | " + " | ".join(f"{c['ms_per_token']:.2f} ({c['tokens_per_s']:.0f})"
                                                                  for c in cells) + " |")
+    peers_present = [n for n in names if n != "sparse-ssm"]
+    lines += ["", "| batch | context | " + " | ".join(f"sparse-ssm / {n}" for n in peers_present) + " |",
+              "|---:|---:|" + "---:|" * len(peers_present)]
+    for batch in sorted({r["batch"] for r in rows}):
+        for length in contexts:
+            speed = {r["model"]: r["tokens_per_s"] for r in rows if r["batch"] == batch and r["context"] == length}
+            lines.append(f"| {batch} | {length} | " + " | ".join(f"{speed['sparse-ssm'] / speed[n]:.2f}x"
+                                                                 for n in peers_present) + " |")
     (out / "generation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from .config import SparseSSMConfig
 from ..ssm.conv import causal_conv_silu, conv_step
+from ..ssm.fused import decode_layer_step
 from ..ssm.scan import selective_scan, selective_scan_step
 from ..ssm.structures import make_structure
 from ..ssm.selective import SelectiveParameterGenerator
@@ -77,7 +78,15 @@ class SelectiveSSMLayer(nn.Module):
     def step(self, x: torch.Tensor, state: LayerState) -> torch.Tensor:
         """One token x (b, hidden) -> out (b, hidden); `state` is advanced in place."""
         b = x.shape[0]
-        u, z = self.in_proj(x).chunk(2, dim=-1)                          # (b, E) each
+        xz = self.in_proj(x)
+        weights = self.generator.decode_weights()
+        if weights is not None:                                          # one native call (diagonal A)
+            cfg = self.config
+            y = decode_layer_step(xz, self.conv.weight[:, 0], self.conv.bias, weights, state.conv, state.ssm,
+                                  cfg.discretization, cfg.gbt_alpha)
+            if y is not None:
+                return self.out_proj(y)
+        u, z = xz.chunk(2, dim=-1)                                       # (b, E) each
         u = conv_step(_at_least_float32(u), self.conv.weight[:, 0], self.conv.bias, state.conv)
         dt, A, B, C, D = self.generator(u[:, None])
         A = tuple(t[:, 0] for t in A) if isinstance(A, tuple) else A[:, 0]

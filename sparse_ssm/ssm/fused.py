@@ -163,3 +163,30 @@ def selective_scan_fused(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, 
     else:                                # inference: the kernel directly, no saved states, no dispatch
         y, hT, _, _ = _forward(*args, h0, z, method_id, al, save=False)
     return y, hT
+
+
+def decode_layer_step(xz, conv_weight, conv_bias, weights: dict, conv_state, ssm_state, method, alpha):
+    """A whole decoding step of a diagonal layer between its projections (`kernels/layer_step.cpp`):
+    xz (b, 2E) = in_proj(x); conv_state (b, K - 1, E) and ssm_state (b, H, N, P) advanced in place;
+    `weights` from `SelectiveParameterGenerator.decode_weights()` (parameters: contiguous, of the
+    layer's dtype).  Returns y (b, E), gated; None when the kernel cannot take it (then the caller
+    runs the step operation by operation)."""
+    lib = native_library()
+    dtype = xz.dtype
+    if (lib is None or dtype not in _SUFFIX or xz.device.type != "cpu" or conv_weight.dtype != dtype
+            or conv_state.dtype != dtype or ssm_state.dtype != dtype or not xz.is_contiguous()
+            or not conv_state.is_contiguous() or not ssm_state.is_contiguous()):
+        return None
+    b, H, N, P = ssm_state.shape
+    E, K = conv_weight.shape
+    y = xz.new_empty(b, E)
+    method_id, al = _method(method, alpha)
+    Wa = weights["Wa"]
+    err = getattr(lib, f"ssm_layer_step_{_SUFFIX[dtype]}")(
+        xz.data_ptr(), conv_state.data_ptr(), conv_weight.data_ptr(), conv_bias.data_ptr(), weights["Wg"].data_ptr(),
+        weights["dt_bias"].data_ptr(), Wa.data_ptr(), weights["A_base"].data_ptr(), weights["D_base"].data_ptr(),
+        None if weights["lti"] is None else weights["lti"].data_ptr(), ssm_state.data_ptr(), y.data_ptr(),
+        b, E, H, P, N, weights["groups"], Wa.shape[1], K, method_id, al, torch.get_num_threads())
+    if err:
+        raise ValueError(f"fused layer step: invalid shapes (code {err})")
+    return y

@@ -73,3 +73,15 @@ class SelectiveParameterGenerator(nn.Module):
         A = self.structure.continuous(self.A_base + self.a_up(a_low).reshape(b, L, H, -1))
         G = self.num_groups
         return dt, A, B.reshape(b, L, G, N), C.reshape(b, L, G, N), self.D_base + d_raw
+
+    def decode_weights(self) -> dict | None:
+        """The generator's tensors in the layout of the fused decoding step
+        (`ssm.kernels.layer_step.cpp`), or None when this generator is not the one it implements
+        (a non-diagonal structure)."""
+        from .structures import DiagonalStructure
+
+        if type(self.structure) is not DiagonalStructure:
+            return None
+        return {"Wg": self.proj.weight, "dt_bias": self.dt_bias, "Wa": self.a_up.weight,
+                "A_base": self.A_base, "D_base": self.D_base, "groups": self.num_groups,
+                "lti": None if self.selective else self.lti_input}

@@ -35,7 +35,7 @@ def randomise_generators(model, std=0.3):
 
 LAYER_OPTIONS = [dict(num_groups=2), dict(conv_kernel=1), dict(conv_kernel=2, activation="silu"), dict(ffn_dim=0),
                  dict(hippo_init="legt"), dict(hippo_init="fourier"), dict(hippo_init="random"),
-                 dict(discretization="gbt", gbt_alpha=0.25), dict(discretization="bilinear")]
+                 dict(discretization="gbt", gbt_alpha=0.25), dict(discretization="bilinear"), dict(selective=False)]
 
 
 @pytest.mark.parametrize("kw", CLASSES + LAYER_OPTIONS, ids=lambda k: "-".join(f"{n}={v}" for n, v in k.items()))
@@ -48,6 +48,24 @@ def test_prefill_and_steps_equal_the_full_forward(kw):
     for t in range(7, 19):
         logits, cache = model.step(ids[:, t], cache)
         assert torch.allclose(logits, full[:, t], atol=1e-10)
+
+
+@pytest.mark.parametrize("fused_step", [True, False], ids=["one-native-call", "operation-by-operation"])
+def test_both_decode_paths_of_the_diagonal_layer(fused_step, monkeypatch):
+    import sparse_ssm.model.layer as layer_module
+
+    calls = []
+    real = layer_module.decode_layer_step
+    monkeypatch.setattr(layer_module, "decode_layer_step",
+                        lambda *a: calls.append(1) or (real(*a) if fused_step else None))
+    model = randomise_generators(SparseSSMForCausalLM(tiny(num_groups=2)).double().eval())
+    ids = torch.randint(0, 97, (2, 12))
+    full = model(ids).logits
+    logits, cache = model.prefill(ids[:, :5])
+    for t in range(5, 12):
+        logits, cache = model.step(ids[:, t], cache)
+        assert torch.allclose(logits, full[:, t], atol=1e-10)
+    assert len(calls) == 7 * 2                          # every layer of every step asked the native path
 
 
 def test_step_advances_the_cache_in_place_like_a_forward_from_it():

@@ -4,8 +4,9 @@
 a failed build, or ``SPARSE_SSM_NATIVE=0`` in the environment); callers then use the pure-PyTorch
 paths, and a one-time note says why.  The sources (`selective_scan.cpp`: the diagonal selective
 scan with its output gate; `causal_conv.cpp`: the causal depthwise convolution + SiLU;
-`cross_entropy.cpp`: the softmax cross-entropy of the LM head's logits, in place; `vec.h`: their
-vector utilities — plain C++ with C entry points and no PyTorch headers, so they build in
+`cross_entropy.cpp`: the softmax cross-entropy of the LM head's logits, in place;
+`layer_step.cpp`: a whole decoding step of a diagonal layer between its projections; `vec.h`:
+their vector utilities — plain C++ with C entry points and no PyTorch headers, so they build in
 seconds) are compiled by
 `torch.utils.cpp_extension.load` (ninja; the build is cached under ~/.cache/sparse_ssm/kernels,
 keyed by the source, the compiler flags and the CPU, and guarded by a file lock so that
@@ -22,7 +23,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = [HERE / "selective_scan.cpp", HERE / "causal_conv.cpp", HERE / "cross_entropy.cpp"]
+SOURCES = [HERE / "selective_scan.cpp", HERE / "causal_conv.cpp", HERE / "cross_entropy.cpp", HERE / "layer_step.cpp"]
 HEADERS = [HERE / "vec.h"]
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-pthread"]
 ABI_VERSION = 2
@@ -66,7 +67,8 @@ def _bind(lib: ctypes.CDLL):
     conv_dims = [i64] * 5 + [c_int]                                    # b, L, E, K, x_stride, threads
     signatures = {"ssm_diag_forward": [ptr] * 12 + scan_dims, "ssm_diag_backward": [ptr] * 19 + scan_dims,
                   "ssm_conv_forward": [ptr] * 6 + conv_dims, "ssm_conv_backward": [ptr] * 9 + conv_dims,
-                  "ssm_cross_entropy": [ptr] * 3 + [i64, i64, ctypes.c_double, c_int, c_int]}
+                  "ssm_cross_entropy": [ptr] * 3 + [i64, i64, ctypes.c_double, c_int, c_int],
+                  "ssm_layer_step": [ptr] * 12 + [i64] * 8 + [c_int, ctypes.c_double, c_int]}
     for name, argtypes in signatures.items():
         for suffix in ("f32", "f64"):
             fn = getattr(lib, f"{name}_{suffix}")
