@@ -4,9 +4,9 @@
 
 For hidden 256, 4 layers, state 64, expand 2, no FFN, vocab 4096, batch 8 x 256: parameters,
 analytic SSM FLOPs per token and layer (`SelectiveSSMLayer.ssm_cost_per_token`), the median
-forward+backward time of interleaved rounds, and the peak RSS of one step in a fresh process.
-The dense class runs at batch 1 (at batch 8 it needs about 25 GB: every token carries 64 x 64
-matrices and their matrix exponentials); compare it through tokens/s and RSS per sequence.
+forward+backward time of interleaved rounds, the speed relative to the diagonal class in the
+same rounds, and the peak RSS of one step in a fresh process.  Every class at its default
+discretisation (`auto`: ZOH for diagonal and rotation, bilinear for the others).
 """
 
 from __future__ import annotations
@@ -26,15 +26,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import peak_rss_gb  # noqa: E402
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM  # noqa: E402
 
-CLASSES = {
-    "dense": dict(selective_param_class="dense"),
-    "sparse block (0.9)": dict(selective_param_class="sparse", sparsity_level=0.9),
-    "sparse banded (0.9)": dict(selective_param_class="sparse", sparsity_level=0.9, sparsity_pattern="banded"),
+CLASSES = {      # sparsity levels that give block sizes 1, 2, 4, 8 at state 64 (hippo.block_size_for)
     "sparse diagonal (0.99)": dict(selective_param_class="sparse", sparsity_level=0.99),
-    "low_rank (r=2, bilinear)": dict(selective_param_class="low_rank", low_rank_rank=2, discretization="bilinear"),
+    "rotation (2 x 2)": dict(selective_param_class="rotation"),
+    "sparse block (0.96)": dict(selective_param_class="sparse", sparsity_level=0.96),
+    "sparse block (0.93)": dict(selective_param_class="sparse", sparsity_level=0.93),
+    "sparse block (0.87)": dict(selective_param_class="sparse", sparsity_level=0.87),
+    "sparse banded (0.93)": dict(selective_param_class="sparse", sparsity_level=0.93, sparsity_pattern="banded"),
+    "low_rank (r=2)": dict(selective_param_class="low_rank", low_rank_rank=2),
+    "dense": dict(selective_param_class="dense"),
 }
 BATCH, SEQ = 8, 256
-BATCH_OF = {"dense": 1}
+BATCH_OF: dict[str, int] = {}
 
 
 def build(name, state_dim):
@@ -75,6 +78,7 @@ def main():
             times[name].append(time.perf_counter() - t0)
         print(f"round {r + 1}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()), flush=True)
     rows = []
+    diagonal = "sparse diagonal (0.99)"
     for name, m in models.items():
         cost = m.blocks[0].mixer.ssm_cost_per_token()
         med = statistics.median(times[name])
@@ -82,17 +86,23 @@ def main():
         rows.append({"class": name, "structure": cost["structure"], "batch": batch, "params": m.num_parameters(),
                      "generator_params_per_layer": cost["generator_params"],
                      "ssm_flops_per_token_per_layer": cost["ssm_flops"], "fwd_bwd_s": med,
-                     "tokens_per_s": batch * SEQ / med, "peak_rss_gb": peak_rss(name, args.state_dim, args.threads)})
+                     "tokens_per_s": batch * SEQ / med,
+                     "speed_vs_diagonal": statistics.median(d / t for d, t in zip(times[diagonal], times[name]))
+                     * BATCH_OF.get(name, BATCH) / BATCH_OF.get(diagonal, BATCH),
+                     "peak_rss_gb": peak_rss(name, args.state_dim, args.threads)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     setup = {"hidden": 256, "layers": 4, "state": args.state_dim, "expand": 2, "ffn": 0, "vocab": 4096,
              "batch": BATCH, "seq_len": SEQ, "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__}
     (out / "structures.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
-    lines = ["| class | structure | batch | params | generator params / layer | SSM MFLOP / token / layer | fwd+bwd (s) | tokens/s | peak RSS (GB) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| class | structure | batch | params | generator params / layer | SSM MFLOP / token / layer | fwd+bwd (s) | "
+             "tokens/s | × diagonal | peak RSS (GB) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['class']} | {r['structure']} | {r['batch']} | {r['params'] / 1e6:.2f} M | {r['generator_params_per_layer']:,} | "
-                     f"{r['ssm_flops_per_token_per_layer'] / 1e6:.2f} | {r['fwd_bwd_s']:.2f} | {r['tokens_per_s']:,.0f} | {r['peak_rss_gb']:.2f} |")
+        lines.append(f"| {r['class']} | {r['structure']} | {r['batch']} | {r['params'] / 1e6:.2f} M | "
+                     f"{r['generator_params_per_layer']:,} | {r['ssm_flops_per_token_per_layer'] / 1e6:.2f} | "
+                     f"{r['fwd_bwd_s']:.2f} | {r['tokens_per_s']:,.0f} | {r['speed_vs_diagonal']:.2f} | "
+                     f"{r['peak_rss_gb']:.2f} |")
     (out / "structures.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

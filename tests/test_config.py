@@ -23,10 +23,19 @@ from sparse_ssm.config import load_yaml
     ({"num_heads": 5}, r"model\.num_heads: must divide"),
     ({"sparsity_level": 1.0}, r"model\.sparsity_level"),
     ({"low_rank_rank": 500}, r"model\.low_rank_rank"),
+    ({"eigenvalue_range": "signed", "sparsity_level": 0.5}, r"model\.eigenvalue_range: 'signed' applies to the diagonal"),
+    ({"selective_param_class": "rotation", "state_dim": 7, "hippo_init": "legs"}, r"model\.state_dim: 'rotation' pairs"),
 ])
 def test_invalid_model_config_names_the_key(data, message):
     with pytest.raises(ConfigError, match=message):
         SparseSSMConfig.from_dict(data)
+
+
+def test_auto_discretization_is_exact_where_it_is_cheap():
+    resolved = lambda **kw: SparseSSMConfig(state_dim=16, **kw).resolved_discretization
+    assert resolved() == "zoh" and resolved(selective_param_class="rotation") == "zoh"
+    assert resolved(sparsity_level=0.5) == resolved(selective_param_class="dense") == "bilinear"
+    assert resolved(sparsity_level=0.5, discretization="zoh") == "zoh"
 
 
 def test_int_is_accepted_for_float_and_null_for_optional():

@@ -27,7 +27,7 @@ class SparseSSMConfig(Section):
     max_seq_len: int = Field(1024, ge=1)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     activation: Literal["gelu", "gelu_tanh", "silu", "relu"] = "gelu"
-    selective_param_class: Literal["dense", "sparse", "low_rank"] = "sparse"
+    selective_param_class: Literal["dense", "sparse", "low_rank", "rotation"] = "sparse"
     sparsity_level: float = Field(0.9, ge=0.0, lt=1.0)
     sparsity_pattern: Literal["block", "banded"] = "block"
     low_rank_rank: int = Field(2, ge=1)
@@ -40,7 +40,8 @@ class SparseSSMConfig(Section):
     a_generator_rank: Optional[int] = Field(None, ge=1)   # bottleneck of the A_t generator; None: ceil(hidden/16)
     conv_kernel: int = Field(4, ge=1)
     hippo_init: Literal["legs", "legt", "fourier", "random"] = "legs"
-    discretization: Literal["zoh", "bilinear", "gbt"] = "zoh"
+    discretization: Literal["auto", "zoh", "bilinear", "gbt"] = "auto"   # auto: zoh for diagonal/rotation, else bilinear
+    eigenvalue_range: Literal["positive", "signed"] = "positive"   # diagonal: exp(dt a) in (0, 1], or 2 exp(dt a) - 1
     gbt_alpha: float = Field(0.5, ge=0.0, le=1.0)
     dt_min: float = Field(0.001, gt=0.0)
     dt_max: float = Field(0.1, gt=0.0)
@@ -64,6 +65,21 @@ class SparseSSMConfig(Section):
     def head_dim(self) -> int:
         return self.inner_dim // self.resolved_num_heads
 
+    @property
+    def is_diagonal(self) -> bool:
+        """The sparse class at a sparsity whose blocks have size 1 (the Mamba case)."""
+        from ..ssm.hippo import block_size_for
+        return self.selective_param_class == "sparse" and block_size_for(self.state_dim, self.sparsity_level) == 1
+
+    @property
+    def resolved_discretization(self) -> str:
+        """`auto`: the exact zero-order hold where it is cheap (diagonal, rotation), the bilinear
+        transform for block, banded, dense and low-rank A_t (its fused kernel solves a small system
+        per block; ZOH would need a matrix exponential per token)."""
+        if self.discretization != "auto":
+            return self.discretization
+        return "zoh" if self.is_diagonal or self.selective_param_class == "rotation" else "bilinear"
+
     @model_validator(mode="after")
     def _check_relations(self):
         if self.dt_min > self.dt_max:
@@ -77,6 +93,12 @@ class SparseSSMConfig(Section):
             raise ValueError(f"low_rank_rank: must be <= state_dim ({self.state_dim}), got {self.low_rank_rank}")
         if self.hippo_init == "fourier" and self.state_dim % 2:
             raise ValueError(f"hippo_init: 'fourier' needs an even state_dim, got {self.state_dim}")
+        if self.selective_param_class == "rotation" and self.state_dim % 2:
+            raise ValueError(f"state_dim: 'rotation' pairs the states and needs an even state_dim, got {self.state_dim}")
+        if self.eigenvalue_range == "signed" and not self.is_diagonal:
+            raise ValueError("eigenvalue_range: 'signed' applies to the diagonal structure (selective_param_class "
+                             "'sparse' with blocks of 1); rotation blocks reach negative eigenvalues through their "
+                             "angle, block/dense/low-rank ones through the bilinear discretisation")
         if self.selective_param_class == "low_rank" and self.discretization == "zoh":
             raise ValueError("discretization: 'zoh' is not available for selective_param_class 'low_rank' (the "
                              "exponential of a diagonal-plus-low-rank matrix is dense); use 'bilinear' or 'gbt'")

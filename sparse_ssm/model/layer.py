@@ -46,8 +46,10 @@ class SelectiveSSMLayer(nn.Module):
         self.config = config
         E, H = config.inner_dim, config.resolved_num_heads
         self.inner_dim, self.num_heads, self.head_dim = E, H, E // H
-        self.structure = make_structure(config.selective_param_class, config.state_dim,
-                                        config.sparsity_level, config.low_rank_rank, config.sparsity_pattern)
+        self.structure = make_structure(config.selective_param_class, config.state_dim, config.sparsity_level,
+                                        config.low_rank_rank, config.sparsity_pattern,
+                                        signed=config.eigenvalue_range == "signed")
+        self.discretization = config.resolved_discretization
         self.in_proj = nn.Linear(config.hidden_dim, 2 * E, bias=False)
         self.conv = nn.Conv1d(E, E, config.conv_kernel, groups=E, bias=True)
         self.generator = SelectiveParameterGenerator(E, H, self.structure, config.hippo_init,
@@ -65,10 +67,10 @@ class SelectiveSSMLayer(nn.Module):
             u, z = _at_least_float32(u), _at_least_float32(z)
             u, conv_state = causal_conv_silu(u, self.conv.weight[:, 0], self.conv.bias,
                                              None if state is None else state.conv)
-            dt, A, B, C, D = self.generator(u)
+            dt, A_raw, B, C, D = self.generator(u)
             cfg, heads = self.config, (b, L, self.num_heads, self.head_dim)
             y, ssm_state = selective_scan(
-                u.view(heads), dt, A, B, C, D, self.structure, cfg.discretization, cfg.gbt_alpha,
+                u.view(heads), dt, A_raw, B, C, D, self.structure, self.discretization, cfg.gbt_alpha,
                 None if state is None else state.ssm, z.reshape(heads),
                 use_parallel_scan=cfg.use_parallel_scan and L > 1, chunk_size=cfg.scan_chunk_size)
         out = self.out_proj(y.reshape(b, L, self.inner_dim).to(self.out_proj.weight.dtype))
@@ -83,16 +85,15 @@ class SelectiveSSMLayer(nn.Module):
         if weights is not None:                                          # one native call (diagonal A)
             cfg = self.config
             y = decode_layer_step(xz, self.conv.weight[:, 0], self.conv.bias, weights, state.conv, state.ssm,
-                                  cfg.discretization, cfg.gbt_alpha)
+                                  self.discretization, cfg.gbt_alpha)
             if y is not None:
                 return self.out_proj(y)
         u, z = xz.chunk(2, dim=-1)                                       # (b, E) each
         u = conv_step(_at_least_float32(u), self.conv.weight[:, 0], self.conv.bias, state.conv)
-        dt, A, B, C, D = self.generator(u[:, None])
-        A = tuple(t[:, 0] for t in A) if isinstance(A, tuple) else A[:, 0]
+        dt, A_raw, B, C, D = self.generator(u[:, None])
         cfg, heads = self.config, (b, self.num_heads, self.head_dim)
-        y = selective_scan_step(u.view(heads), dt[:, 0], A, B[:, 0], C[:, 0], D[:, 0], self.structure,
-                                cfg.discretization, cfg.gbt_alpha, state.ssm, _at_least_float32(z).reshape(heads))
+        y = selective_scan_step(u.view(heads), dt[:, 0], A_raw[:, 0], B[:, 0], C[:, 0], D[:, 0], self.structure,
+                                self.discretization, cfg.gbt_alpha, state.ssm, _at_least_float32(z).reshape(heads))
         return self.out_proj(y.reshape(b, self.inner_dim).to(self.out_proj.weight.dtype))
 
     def ssm_cost_per_token(self) -> dict:

@@ -39,6 +39,12 @@ def _chunk_loss(logits, targets, valid, scale: float, grad: bool):
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, W, targets, ignore_index, chunk_rows):
+        """In (at least) float32 whatever the autocast dtype: logits, softmax and the gradients."""
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return _LinearCrossEntropy._forward(ctx, h, W, targets, ignore_index, chunk_rows)
+
+    @staticmethod
+    def _forward(ctx, h, W, targets, ignore_index, chunk_rows):
         needs_grad = h.requires_grad or W.requires_grad
         dtype = torch.promote_types(h.dtype, torch.float32)
         hf, Wf = h.to(dtype), W.to(dtype)

@@ -17,15 +17,13 @@ op with its own autograd formula.  `conv_step` is the one-token update of decodi
 
 from __future__ import annotations
 
-import ctypes
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .kernels import native_library
+from .kernels import native_library, ptr, suffix, token_rows
 
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _LANES = {torch.float32: 8, torch.float64: 4}
 
 
@@ -39,27 +37,15 @@ def causal_conv_silu_ref(x, weight, bias, state=None):
     return out, full[:, L:].clone() if K > 1 else x.new_zeros(b, 0, E)
 
 
-def _ptr(t):
-    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
-
-
-def _native(x):
-    """x as the kernel reads it (rows of E contiguous values, any token stride) and that stride."""
-    b, L, E = x.shape
-    if x.stride(2) != 1 or (L > 1 and x.stride(0) != L * x.stride(1)):
-        x = x.contiguous()
-    return x, (x.stride(1) if L > 1 else x.stride(0))     # the kernel steps (row * L + token) * stride
-
-
 @torch.library.custom_op("sparse_ssm::causal_conv_silu", mutates_args=())
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
           state: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     b, L, E = x.shape
     K = weight.shape[1]
-    x, stride = _native(x)
+    x, stride = token_rows(x)
     out, final = x.new_empty(b, L, E), x.new_empty(b, K - 1, E)
-    fn = getattr(native_library(), f"ssm_conv_forward_{_SUFFIX[x.dtype]}")
-    err = fn(*map(_ptr, (x, weight, bias, state, out, final)), b, L, E, K, stride, torch.get_num_threads())
+    fn = getattr(native_library(), f"ssm_conv_forward_{suffix(x.dtype)}")
+    err = fn(*map(ptr, (x, weight, bias, state, out, final)), b, L, E, K, stride, torch.get_num_threads())
     if err:
         raise ValueError(f"fused causal conv: unsupported shapes (code {err})")
     return out, final
@@ -76,10 +62,10 @@ def _conv_backward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, st
                    dout: torch.Tensor) -> list[torch.Tensor]:
     b, L, E = x.shape
     K = weight.shape[1]
-    x, stride = _native(x)
+    x, stride = token_rows(x)
     dx, dw, dbias, dstate = torch.empty_like(dout), torch.empty_like(weight), torch.empty_like(bias), x.new_empty(b, K - 1, E)
-    fn = getattr(native_library(), f"ssm_conv_backward_{_SUFFIX[x.dtype]}")
-    err = fn(*map(_ptr, (x, weight, bias, state, dout, dx, dw, dbias, dstate)), b, L, E, K, stride,
+    fn = getattr(native_library(), f"ssm_conv_backward_{suffix(x.dtype)}")
+    err = fn(*map(ptr, (x, weight, bias, state, dout, dx, dw, dbias, dstate)), b, L, E, K, stride,
              torch.get_num_threads())
     if err:
         raise ValueError(f"fused causal conv backward: unsupported shapes (code {err})")
@@ -111,7 +97,7 @@ def causal_conv_silu(x, weight, bias, state=None):
     """See the module docstring; the native kernel on CPUs, else the reference.  A final state whose
     gradient is needed takes the reference path (the kernel's backward covers out and the inputs)."""
     E, K = weight.shape
-    if (x.device.type == "cpu" and x.dtype in _SUFFIX and weight.dtype == x.dtype and bias is not None
+    if (x.device.type == "cpu" and suffix(x.dtype) is not None and weight.dtype == x.dtype and bias is not None
             and E % _LANES[x.dtype] == 0 and 1 <= K <= 8 and native_library() is not None):
         weight, bias = weight.contiguous(), bias.contiguous()
         state = None if state is None else state.to(x.dtype).contiguous()

@@ -15,63 +15,40 @@ library built); `sparse_ssm.ssm.scan.selective_scan` dispatches to it.
 
 from __future__ import annotations
 
-import ctypes
 from typing import Optional
 
 import torch
 
-from .discretization import alpha_for
-from .kernels import native_library
+from .fused_block import selective_scan_fused_block, supports
+from .kernels import method_id, native_library, ptr, saved_chunks, suffix, token_rows
 from .structures import DiagonalStructure
 
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+def available(u: torch.Tensor, structure, method: str = "zoh") -> bool:
+    """Can the native kernels run this scan (CPU tensors, float32/64, a supported structure and
+    discretisation, the library built)?"""
+    if u.device.type != "cpu" or suffix(u.dtype) is None or native_library() is None:
+        return False
+    return isinstance(structure, DiagonalStructure) or supports(structure, method)
 
 
-def _ptr(t: torch.Tensor | None):
-    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
-
-
-def _method(method: str, alpha: float) -> tuple[int, float]:
-    return (0, 0.0) if method == "zoh" else (1, alpha_for(method, alpha))
-
-
-def available(u: torch.Tensor, structure) -> bool:
-    return (isinstance(structure, DiagonalStructure) and u.device.type == "cpu" and u.dtype in _SUFFIX
-            and native_library() is not None)
-
-
-def _chunks(L: int) -> int:
-    """Chunk-start states the forward saves for a sequence of L tokens (the kernel's chunk size)."""
-    return -(-L // native_library().ssm_scan_chunk())
-
-
-def _gate(z: torch.Tensor | None, u: torch.Tensor):
-    """z as the kernel reads it (rows of H * P contiguous values, any token stride) and its stride."""
-    if z is None:
-        return None, 0
+def _dims(u, B, z_stride, code, alpha):
     b, L, H, P = u.shape
-    if z.stride(3) != 1 or z.stride(2) != P or (L > 1 and z.stride(0) != L * z.stride(1)):
-        z = z.contiguous()
-    return z, (z.stride(1) if L > 1 else z.stride(0))     # the kernel steps (row * L + token) * stride
+    return [b, L, H, P, B.shape[-1], B.shape[2], z_stride, code, alpha, torch.get_num_threads()]
 
 
-def _dims(u, B, z_stride, method_id, alpha):
-    b, L, H, P = u.shape
-    return [b, L, H, P, B.shape[-1], B.shape[2], z_stride, method_id, alpha, torch.get_num_threads()]
-
-
-def _forward(u, dt, a, B, C, D, h0, z, method_id: int, alpha: float, save: bool, hT=None):
+def _forward(u, dt, a, B, C, D, h0, z, code: int, alpha: float, save: bool, hT=None):
     """(y, final state, chunk-start states, ungated output) from the kernel; the last two only with save."""
     b, L, H, P = u.shape
     N = B.shape[-1]
-    z, z_stride = _gate(z, u)
+    z, z_stride = token_rows(z) if z is not None else (None, 0)
     y = torch.empty_like(u)
     hT = u.new_empty(b, H, N, P) if hT is None else hT
-    saved = u.new_empty(b, H, _chunks(L), N, P) if save else u.new_empty(0)
+    saved = u.new_empty(b, H, saved_chunks(L), N, P) if save else u.new_empty(0)
     ypre = torch.empty_like(u) if save and z is not None else u.new_empty(0)
-    fn = getattr(native_library(), f"ssm_diag_forward_{_SUFFIX[u.dtype]}")
-    err = fn(*map(_ptr, (u, dt, a, B, C, D, h0, z, y, hT, saved if save else None, ypre if ypre.numel() else None)),
-             *_dims(u, B, z_stride, method_id, alpha))
+    fn = getattr(native_library(), f"ssm_diag_forward_{suffix(u.dtype)}")
+    err = fn(*map(ptr, (u, dt, a, B, C, D, h0, z, y, hT, saved if save else None, ypre if ypre.numel() else None)),
+             *_dims(u, B, z_stride, code, alpha))
     if err:
         raise ValueError(f"fused scan: invalid shapes (code {err})")
     return y, hT, saved, ypre
@@ -79,36 +56,36 @@ def _forward(u, dt, a, B, C, D, h0, z, method_id: int, alpha: float, save: bool,
 
 @torch.library.custom_op("sparse_ssm::diag_scan", mutates_args=())
 def diag_scan(u: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
-              h0: Optional[torch.Tensor], z: Optional[torch.Tensor], method_id: int,
+              h0: Optional[torch.Tensor], z: Optional[torch.Tensor], code: int,
               alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y (b, L, H, P), final state (b, H, N, P), chunk-start states and ungated y for the backward)."""
-    return _forward(u, dt, a, B, C, D, h0, z, method_id, alpha, save=True)
+    return _forward(u, dt, a, B, C, D, h0, z, code, alpha, save=True)
 
 
 @diag_scan.register_fake
-def _(u, dt, a, B, C, D, h0, z, method_id, alpha):
+def _(u, dt, a, B, C, D, h0, z, code, alpha):
     b, L, H, P = u.shape
     N = B.shape[-1]
     ypre = torch.empty_like(u) if z is not None else u.new_empty(0)
-    return torch.empty_like(u), u.new_empty(b, H, N, P), u.new_empty(b, H, _chunks(L), N, P), ypre
+    return torch.empty_like(u), u.new_empty(b, H, N, P), u.new_empty(b, H, saved_chunks(L), N, P), ypre
 
 
 @torch.library.custom_op("sparse_ssm::diag_scan_backward", mutates_args=())
 def diag_scan_backward(u: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                        D: torch.Tensor, saved: torch.Tensor, z: Optional[torch.Tensor], ypre: torch.Tensor,
-                       dy: torch.Tensor, dhT: Optional[torch.Tensor], method_id: int,
+                       dy: torch.Tensor, dhT: Optional[torch.Tensor], code: int,
                        alpha: float) -> list[torch.Tensor]:
     """Gradients of u, dt, a, B, C (per group), D, the initial state and z (empty without a gate)."""
     b, L, H, P = u.shape
     G, N = B.shape[2], B.shape[3]
-    z, z_stride = _gate(z, u)
+    z, z_stride = token_rows(z) if z is not None else (None, 0)
     du, ddt, da, dD = torch.empty_like(u), torch.empty_like(dt), torch.empty_like(a), torch.empty_like(D)
     dB_head, dC_head = u.new_empty(b, L, H, N), u.new_empty(b, L, H, N)
     dh0 = u.new_empty(b, H, N, P)
     dz = torch.empty_like(u) if z is not None else u.new_empty(0)
-    fn = getattr(native_library(), f"ssm_diag_backward_{_SUFFIX[u.dtype]}")
-    err = fn(*map(_ptr, (u, dt, a, B, C, D, saved, z, ypre if z is not None else None, dy, dhT, du, ddt, da, dB_head,
-                         dC_head, dD, dh0, dz if z is not None else None)), *_dims(u, B, z_stride, method_id, alpha))
+    fn = getattr(native_library(), f"ssm_diag_backward_{suffix(u.dtype)}")
+    err = fn(*map(ptr, (u, dt, a, B, C, D, saved, z, ypre if z is not None else None, dy, dhT, du, ddt, da, dB_head,
+                         dC_head, dD, dh0, dz if z is not None else None)), *_dims(u, B, z_stride, code, alpha))
     if err:
         raise ValueError(f"fused scan backward: invalid shapes (code {err})")
     per_group = lambda g: g.view(b, L, G, H // G, N).sum(3)
@@ -116,7 +93,7 @@ def diag_scan_backward(u: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, B: to
 
 
 @diag_scan_backward.register_fake
-def _(u, dt, a, B, C, D, saved, z, ypre, dy, dhT, method_id, alpha):
+def _(u, dt, a, B, C, D, saved, z, ypre, dy, dhT, code, alpha):
     b, L, H, P = u.shape
     return [torch.empty_like(u), torch.empty_like(dt), torch.empty_like(a), torch.empty_like(B), torch.empty_like(C),
             torch.empty_like(D), u.new_empty(b, H, B.shape[-1], P),
@@ -124,9 +101,9 @@ def _(u, dt, a, B, C, D, saved, z, ypre, dy, dhT, method_id, alpha):
 
 
 def _setup_context(ctx, inputs, output):
-    u, dt, a, B, C, D, h0, z, method_id, alpha = inputs
+    u, dt, a, B, C, D, h0, z, code, alpha = inputs
     ctx.save_for_backward(u, dt, a, B, C, D, output[2], z, output[3])
-    ctx.method = (method_id, alpha)
+    ctx.method = (code, alpha)
     ctx.has_h0 = h0 is not None
 
 
@@ -141,27 +118,29 @@ def _backward(ctx, dy, dhT, _saved_grad, _ypre_grad):
 diag_scan.register_autograd(_backward, setup_context=_setup_context)
 
 
-def step_in_place(u, dt, A, B, C, D, method, alpha, state, z=None):
+def step_in_place(u, dt, A, B, C, D, method, alpha, state, z=None, structure=None):
     """One token per row without autograd: u (b, H, P), dt (b, H), A (b, H, N), B/C (b, G, N),
     D (b, H), z (b, H, P) or None; `state` (b, H, N, P), contiguous, is advanced in place.
     Returns y (b, H, P)."""
-    method_id, al = _method(method, alpha)
+    code, al = method_id(method, alpha, structure)
     args = [t.contiguous().unsqueeze(1) for t in (u, dt, A, B, C, D)]
     z = None if z is None else z.unsqueeze(1)
-    return _forward(*args, state, z, method_id, al, save=False, hT=state)[0][:, 0]
+    return _forward(*args, state, z, code, al, save=False, hT=state)[0][:, 0]
 
 
-def selective_scan_fused(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
-    """The common scan signature (see `scan.py`); A is the diagonal (b, L, H, N); B, C (b, L, G, N);
-    z (b, L, H, P) or None: the output gate."""
-    method_id, al = _method(method, alpha)
-    args = [t.contiguous() for t in (u, dt, A, B, C, D)]
+def selective_scan_fused(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
+    """The common scan signature (see `scan.py`); B, C (b, L, G, N); z (b, L, H, P) or None: the
+    output gate.  Block-diagonal and rotation structures go to `fused_block`."""
+    if not isinstance(structure, DiagonalStructure):
+        return selective_scan_fused_block(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z)
+    code, al = method_id(method, alpha, structure)
+    args = [t.contiguous() for t in (u, dt, structure.continuous(A_raw), B, C, D)]
     h0 = None if initial_state is None else initial_state.contiguous()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*args, h0, z) if t is not None)
     if needs_grad or torch.compiler.is_compiling():
-        y, hT, _, _ = diag_scan(*args, h0, z, method_id, al)
+        y, hT, _, _ = diag_scan(*args, h0, z, code, al)
     else:                                # inference: the kernel directly, no saved states, no dispatch
-        y, hT, _, _ = _forward(*args, h0, z, method_id, al, save=False)
+        y, hT, _, _ = _forward(*args, h0, z, code, al, save=False)
     return y, hT
 
 
@@ -173,20 +152,20 @@ def decode_layer_step(xz, conv_weight, conv_bias, weights: dict, conv_state, ssm
     runs the step operation by operation)."""
     lib = native_library()
     dtype = xz.dtype
-    if (lib is None or dtype not in _SUFFIX or xz.device.type != "cpu" or conv_weight.dtype != dtype
+    if (lib is None or suffix(dtype) is None or xz.device.type != "cpu" or conv_weight.dtype != dtype
             or conv_state.dtype != dtype or ssm_state.dtype != dtype or not xz.is_contiguous()
             or not conv_state.is_contiguous() or not ssm_state.is_contiguous()):
         return None
     b, H, N, P = ssm_state.shape
     E, K = conv_weight.shape
     y = xz.new_empty(b, E)
-    method_id, al = _method(method, alpha)
+    code, al = method_id(method, alpha, weights.get("structure"))
     Wa = weights["Wa"]
-    err = getattr(lib, f"ssm_layer_step_{_SUFFIX[dtype]}")(
+    err = getattr(lib, f"ssm_layer_step_{suffix(dtype)}")(
         xz.data_ptr(), conv_state.data_ptr(), conv_weight.data_ptr(), conv_bias.data_ptr(), weights["Wg"].data_ptr(),
         weights["dt_bias"].data_ptr(), Wa.data_ptr(), weights["A_base"].data_ptr(), weights["D_base"].data_ptr(),
         None if weights["lti"] is None else weights["lti"].data_ptr(), ssm_state.data_ptr(), y.data_ptr(),
-        b, E, H, P, N, weights["groups"], Wa.shape[1], K, method_id, al, torch.get_num_threads())
+        b, E, H, P, N, weights["groups"], Wa.shape[1], K, code, al, torch.get_num_threads())
     if err:
         raise ValueError(f"fused layer step: invalid shapes (code {err})")
     return y

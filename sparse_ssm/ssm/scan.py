@@ -8,10 +8,12 @@ For each head, with state X_t of shape (N, P) (N states, P channels of the head)
 
 All functions here share one signature (like mamba_ssm's `selective_scan_ref`):
 
-    fn(u, dt, A, B, C, D, structure, method, alpha, initial_state=None, z=None) -> (y, final_state)
+    fn(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state=None, z=None) -> (y, final_state)
 
     u  (batch, length, heads, P)   inputs            dt (batch, length, heads)   step sizes > 0
-    A  the structure's continuous A_t with leading dims (batch, length, heads)
+    A_raw (batch, length, heads, structure.raw_size): the raw parameters of A_t per token and head;
+       structure.continuous(A_raw) is the continuous A_t (built inside, so that a fused kernel
+       can build it in registers)
     B, C (batch, length, groups, N): shared by the heads of a group (groups divides heads;
          groups = heads gives every head its own)        D (batch, length, heads)   skip gains
     initial_state, final_state (batch, heads, N, P);  y (batch, length, heads, P)
@@ -64,10 +66,10 @@ def _zero_state(u, N):
     return u.new_zeros(b, h, N, p)
 
 
-def selective_scan_ref(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
+def selective_scan_ref(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
     """Slow reference: dense matrices, dense discretisation, a loop over tokens."""
     B, C = _per_head(B, u.shape[2]), _per_head(C, u.shape[2])
-    A_bar, B_bar = structure.dense_discretize(A, dt, B, method, alpha)  # (b, L, h, N, N), (b, L, h, N)
+    A_bar, B_bar = structure.dense_discretize(structure.continuous(A_raw), dt, B, method, alpha)  # (b, L, h, N, N), (b, L, h, N)
     X = _zero_state(u, B.shape[-1]) if initial_state is None else initial_state
     ys = []
     for t in range(u.shape[1]):
@@ -76,10 +78,11 @@ def selective_scan_ref(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, in
     return _gated(torch.stack(ys, 1), z), X
 
 
-def selective_scan_sequential(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
+def selective_scan_sequential(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None,
+                              z=None):
     """One step per token with the structured discrete operators (recurrent mode)."""
     B, C = _per_head(B, u.shape[2]), _per_head(C, u.shape[2])
-    A_bar, B_bar = structure.discretize(A, dt, B, method, alpha)
+    A_bar, B_bar = structure.discretize(structure.continuous(A_raw), dt, B, method, alpha)
     X = _zero_state(u, B.shape[-1]) if initial_state is None else initial_state
     ys = []
     steps = zip(*(t.unbind(1) for t in A_bar), B_bar.unbind(1), C.unbind(1), D.unbind(1), u.unbind(1))
@@ -102,15 +105,21 @@ def _chunk(x, T):
     return x.reshape(x.shape[0], -1, T, *x.shape[2:])
 
 
-def _diagonal_log_decay(a, dt, method, alpha):
-    """log |A_bar| (b, L, h, N), negative-sign mask (or None), and the B_bar scale."""
+def _diagonal_log_decay(a, dt, method, alpha, signed=False):
+    """log |A_bar| (b, L, h, N), negative-sign mask (or None), and the B_bar scale.  `signed`:
+    A_bar is 2 A_bar - 1 (eigenvalues in (-1, 1])."""
     dta = dt[..., None] * a
+    tiny = torch.finfo(dta.dtype).tiny
     if method == "zoh":
-        return dta, None, torch.expm1(dta) / a
+        if not signed:
+            return dta, None, torch.expm1(dta) / a
+        value = 2 * torch.exp(dta) - 1
+        return torch.log(value.abs().clamp_min(tiny)), value < 0, torch.expm1(dta) / a
     al = alpha_for(method, alpha)
     num = 1.0 + (1.0 - al) * dta
     den = 1.0 - al * dta
-    tiny = torch.finfo(num.dtype).tiny
+    if signed:                                   # 2 num / den - 1 = (2 num - den) / den
+        num = 2 * num - den
     log_abs = torch.log(num.abs().clamp_min(tiny)) - torch.log(den)
     return log_abs, (num < 0), dt[..., None] / den
 
@@ -120,10 +129,10 @@ def _signed_exp(log_abs, parity):
     return out if parity is None else out * (1.0 - 2.0 * torch.remainder(parity, 2.0))
 
 
-def _diagonal_chunked(u, dt, a, B, C, D, method, alpha, initial_state, T):
+def _diagonal_chunked(u, dt, a, B, C, D, method, alpha, initial_state, T, signed=False):
     b, L, h, P = u.shape
     N = a.shape[-1]
-    log_decay, negative, b_scale = _diagonal_log_decay(a, dt, method, alpha)
+    log_decay, negative, b_scale = _diagonal_log_decay(a, dt, method, alpha, signed)
     B_bar = b_scale * B
     # (b, L, h, .) -> (b, h, c, T, .)
     to_chunks = lambda x: _chunk(x, T).permute(0, 3, 1, 2, 4).contiguous()
@@ -157,13 +166,13 @@ def _diagonal_chunked(u, dt, a, B, C, D, method, alpha, initial_state, T):
     return y + D[..., None] * u, X
 
 
-def _structured_chunked(u, dt, A, B, C, D, structure, method, alpha, initial_state, T):
+def _structured_chunked(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, T):
     b, L, h, P = u.shape
     N = B.shape[-1]
-    # padding tokens get dt = 0 and A = 0: A_bar = I and B_bar = 0, so they leave the state alone
+    # padding tokens get dt = 0: A_bar = I and B_bar = 0, so they leave the state alone
     pad = (-L) % T
-    dt, A, B = _pad_time(dt, pad), _pad_time(A, pad), _pad_time(B, pad)
-    A_bar, B_bar = structure.discretize(A, dt, B, method, alpha)
+    dt, A_raw, B = _pad_time(dt, pad), _pad_time(A_raw, pad), _pad_time(B, pad)
+    A_bar, B_bar = structure.discretize(structure.continuous(A_raw), dt, B, method, alpha)
     n_chunks = (L + pad) // T
     ops = tuple(t.reshape(b, n_chunks, T, *t.shape[2:]) for t in A_bar)   # (b, c, T, h, ...)
     Bc, Cc, uc = _chunk(B_bar, T), _chunk(C, T), _chunk(u, T)
@@ -189,36 +198,41 @@ def _structured_chunked(u, dt, A, B, C, D, structure, method, alpha, initial_sta
     return y + D[..., None] * u, X
 
 
-def selective_scan_chunked(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None,
+def selective_scan_chunked(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None,
                            chunk_size=8):
     """Pure-PyTorch fast path (see the module docstring): chunked matmul scan."""
     B, C = _per_head(B, u.shape[2]), _per_head(C, u.shape[2])
     if isinstance(structure, DiagonalStructure):
-        y, X = _diagonal_chunked(u, dt, A, B, C, D, method, alpha, initial_state, chunk_size)
+        y, X = _diagonal_chunked(u, dt, structure.continuous(A_raw), B, C, D, method, alpha, initial_state, chunk_size,
+                                 structure.signed)
     else:
-        y, X = _structured_chunked(u, dt, A, B, C, D, structure, method, alpha, initial_state, chunk_size)
+        y, X = _structured_chunked(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, chunk_size)
     return _gated(y, z), X
 
 
-def selective_scan(u, dt, A, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None,
+def selective_scan(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None,
                    use_parallel_scan=True, chunk_size=8):
     """Dispatch: the fused kernel where it applies, else the chunked path; the sequential scan when
     `use_parallel_scan` is off."""
     if use_parallel_scan:
-        if fused.available(u, structure):
-            return fused.selective_scan_fused(u, dt, A, B, C, D, structure, method, alpha, initial_state, z)
-        return selective_scan_chunked(u, dt, A, B, C, D, structure, method, alpha, initial_state, z, chunk_size)
-    return selective_scan_sequential(u, dt, A, B, C, D, structure, method, alpha, initial_state, z)
+        if fused.available(u, structure, method):
+            return fused.selective_scan_fused(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z)
+        return selective_scan_chunked(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z, chunk_size)
+    return selective_scan_sequential(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z)
 
 
-def selective_scan_step(u, dt, A, B, C, D, structure, method, alpha, state, z=None):
-    """One recurrent step in place (decoding): u (b, H, P), dt (b, H), A_t with leading (b, H),
+def selective_scan_step(u, dt, A_raw, B, C, D, structure, method, alpha, state, z=None):
+    """One recurrent step in place (decoding): u (b, H, P), dt (b, H), A_raw (b, H, raw_size),
     B/C (b, G, N), D (b, H), z (b, H, P) or None; `state` (b, H, N, P) is advanced in place.
     Returns y (b, H, P)."""
-    if fused.available(u, structure) and state.is_contiguous() and state.dtype == u.dtype:
-        return fused.step_in_place(u, dt, A, B, C, D, method, alpha, state, z)
-    A1 = tuple(t[:, None] for t in A) if isinstance(A, tuple) else A[:, None]
-    y, new = selective_scan_sequential(u[:, None], dt[:, None], A1, B[:, None], C[:, None], D[:, None], structure,
-                                       method, alpha, state, None if z is None else z[:, None])
+    if fused.available(u, structure, method) and state.is_contiguous() and state.dtype == u.dtype:
+        if isinstance(structure, DiagonalStructure):
+            return fused.step_in_place(u, dt, structure.continuous(A_raw), B, C, D, method, alpha, state, z, structure)
+        y, new = fused.selective_scan_fused(u[:, None], dt[:, None], A_raw[:, None], B[:, None], C[:, None], D[:, None],
+                                            structure, method, alpha, state, None if z is None else z[:, None])
+        state.copy_(new)
+        return y[:, 0]
+    y, new = selective_scan_sequential(u[:, None], dt[:, None], A_raw[:, None], B[:, None], C[:, None], D[:, None],
+                                       structure, method, alpha, state, None if z is None else z[:, None])
     state.copy_(new)
     return y[:, 0]

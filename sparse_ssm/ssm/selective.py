@@ -7,7 +7,8 @@ For every head h and token t, from the layer's (convolved) input u_t in R^E:
                                                                  like Mamba's dt_rank): per-head
                                                                  structured A needs H * raw_size values
     dt_t = softplus(dt_raw + dt_bias)                            (heads,)        positive step
-    A_t  = structure.continuous(A_base + a_raw)                  stable by construction
+    A_raw_t = A_base + a_raw;  A_t = structure.continuous(A_raw_t)   stable by construction (the scans
+                                                                 build A_t from A_raw_t themselves)
     B_t, C_t                                                     (groups, N), shared by the
                                                                  heads of a group (Mamba-2's ngroups;
                                                                  the scans take them per group)
@@ -32,7 +33,7 @@ from .hippo import hippo
 
 
 class SelectiveParameterGenerator(nn.Module):
-    """u (batch, length, E) -> dt (b, L, H), A_t (structure layout, leading (b, L, H)),
+    """u (batch, length, E) -> dt (b, L, H), A_raw (b, L, H, structure.raw_size),
     B (b, L, G, N), C (b, L, G, N), D (b, L, H)."""
 
     def __init__(self, inner_dim: int, num_heads: int, structure, hippo_init: str = "legs",
@@ -70,9 +71,9 @@ class SelectiveParameterGenerator(nn.Module):
         source = u if self.selective else self.lti_input.to(u.dtype).expand_as(u)
         dt_raw, a_low, B, C, d_raw = self.proj(source).split(self.sizes, dim=-1)
         dt = F.softplus(dt_raw + self.dt_bias)
-        A = self.structure.continuous(self.A_base + self.a_up(a_low).reshape(b, L, H, -1))
+        A_raw = self.A_base + self.a_up(a_low).reshape(b, L, H, -1)
         G = self.num_groups
-        return dt, A, B.reshape(b, L, G, N), C.reshape(b, L, G, N), self.D_base + d_raw
+        return dt, A_raw, B.reshape(b, L, G, N), C.reshape(b, L, G, N), self.D_base + d_raw
 
     def decode_weights(self) -> dict | None:
         """The generator's tensors in the layout of the fused decoding step
@@ -84,4 +85,4 @@ class SelectiveParameterGenerator(nn.Module):
             return None
         return {"Wg": self.proj.weight, "dt_bias": self.dt_bias, "Wa": self.a_up.weight,
                 "A_base": self.A_base, "D_base": self.D_base, "groups": self.num_groups,
-                "lti": None if self.selective else self.lti_input}
+                "lti": None if self.selective else self.lti_input, "structure": self.structure}

@@ -9,9 +9,18 @@ discrete operator A_bar_t to a state X of shape (..., N, K) at a cost that follo
 structure       A_t                           raw per head      apply A_bar to (N, K)
 ==============  ============================  ================  ==========================
 diagonal        diag(a),  a = -exp(2 r)       N                 N K
+rotation        [[-l, -w], [w, -l]] per pair  N                 2 N K
 block (b x b)   -L L^T + (S - S^T) per block  N b               N b K
 low-rank (r)    diag(lam) + U V^T             N + 2 N r         about 4 N r K
 ==============  ============================  ================  ==========================
+
+Eigenvalues of A_bar: the diagonal's exp(dt a) lie in (0, 1] (Mamba); with `signed=True` the
+diagonal maps them to 2 exp(dt a) - 1 in (-1, 1] (Grazzi et al., ICLR 2025: what parity needs),
+still a contraction.  Rotation pairs (l = exp(2 r0) > 0, w = r1) are complex eigenvalues
+exp(dt (-l + i w)): any angle, so counting modulo m is a rotation by 2 pi / m.  Block and dense
+A_t with bilinear / gbt discretisation are Cayley transforms of a matrix whose symmetric part is
+negative definite: inside the unit disc, orthogonal in the limit of a small symmetric part, and
+reflection-like (an eigenvalue near -1) for a large one along a direction.
 
 Stability by construction:
 
@@ -34,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from .discretization import alpha_for, discretize, discretize_diagonal, discretize_state_matrix
-from .hippo import block_size_for, project_block_diagonal, project_low_rank
+from .hippo import STABILITY_MARGIN, block_size_for, project_block_diagonal, project_low_rank
 
 
 def _chol_skew_raw(blocks: torch.Tensor) -> torch.Tensor:
@@ -119,12 +128,20 @@ class BlockStructure:
 
 
 class DiagonalStructure(BlockStructure):
-    """Block size 1: A = diag(a), a = -exp(2 r).  The layers run it through the chunked
-    matmul scan of `sparse_ssm.ssm.scan`; the operator methods here serve the sequential path."""
+    """Block size 1: A = diag(a), a = -exp(2 r).  The layers run it through the fused or chunked
+    scan of `sparse_ssm.ssm.scan`; the operator methods here serve the sequential and reference
+    paths.  `signed`: the discrete eigenvalues 2 exp(dt a) - 1 in (-1, 1] instead of exp(dt a)."""
 
-    def __init__(self, state_dim: int):
+    def __init__(self, state_dim: int, signed: bool = False):
         super().__init__(state_dim, 1)
-        self.name = "diagonal"
+        self.signed = signed
+        self.name = "diagonal-signed" if signed else "diagonal"
+
+    def dense_discretize(self, A, dt, B, method, alpha=0.5):
+        A_bar, B_bar = super().dense_discretize(A, dt, B, method, alpha)
+        if self.signed:
+            A_bar = 2 * A_bar - torch.eye(self.state_dim, dtype=A_bar.dtype, device=A_bar.device)
+        return A_bar, B_bar
 
     def continuous(self, raw):
         """raw (..., N) -> a (..., N)."""
@@ -135,7 +152,7 @@ class DiagonalStructure(BlockStructure):
 
     def discretize(self, a, dt, B, method, alpha=0.5):
         A_bar, B_bar = discretize_diagonal(a, B, dt, method, alpha)
-        return (A_bar,), B_bar
+        return ((2 * A_bar - 1) if self.signed else A_bar,), B_bar
 
     def apply(self, A_bar, X):
         return A_bar[0][..., None] * X
@@ -152,6 +169,38 @@ class DiagonalStructure(BlockStructure):
     def flops_per_token(self, head_dim):
         N = self.state_dim
         return {"build_A": 2 * N, "discretize": 6 * N, "apply": 2 * N * head_dim}
+
+
+class RotationStructure(BlockStructure):
+    """2 x 2 scaled-rotation blocks A = [[-l, -w], [w, -l]], l = exp(2 r0) > 0, w = r1: each pair
+    of states is one complex state with eigenvalue -l + i w (Mamba-3's complex transitions).  ZOH
+    has the closed form exp(dt A) = exp(-dt l) R(dt w) (the fused kernel uses it; the reference
+    methods inherited from the block structure compute the same through the dense formulas)."""
+
+    def __init__(self, state_dim: int):
+        if state_dim % 2:
+            raise ValueError(f"rotation blocks pair the states: state_dim must be even, got {state_dim}")
+        super().__init__(state_dim, 2)
+        self.name = "rotation"
+        self.raw_size = state_dim
+
+    def continuous(self, raw):
+        """raw (..., N) -> blocks (..., N/2, 2, 2)."""
+        r = raw.reshape(*raw.shape[:-1], self.num_blocks, 2)
+        lam, w = torch.exp(2 * r[..., 0]), r[..., 1]
+        return torch.stack([torch.stack([-lam, -w], -1), torch.stack([w, -lam], -1)], -2)
+
+    def raw_from_hippo(self, A):
+        """The Frobenius-nearest scaled rotation of each 2 x 2 diagonal block (its components along
+        I and J), with the decay kept >= the stability margin."""
+        blocks = torch.stack([A[2 * i:2 * i + 2, 2 * i:2 * i + 2] for i in range(self.num_blocks)])
+        lam = (-(blocks[:, 0, 0] + blocks[:, 1, 1]) / 2).clamp(min=STABILITY_MARGIN)
+        w = (blocks[:, 1, 0] - blocks[:, 0, 1]) / 2
+        return torch.stack([torch.log(lam) / 2, w], -1).reshape(-1)
+
+    def flops_per_token(self, head_dim):
+        N = self.state_dim
+        return {"build_A": 2 * N, "discretize": 10 * N, "apply": 4 * N * head_dim}
 
 
 class DensePrefix:
@@ -344,16 +393,19 @@ class BandedStructure(DensePrefix):
 
 
 def make_structure(selective_param_class: str, state_dim: int, sparsity_level: float = 0.0,
-                   low_rank_rank: int = 1, sparsity_pattern: str = "block"):
+                   low_rank_rank: int = 1, sparsity_pattern: str = "block", signed: bool = False):
     """Structure for a config: 'dense' (one N x N block), 'sparse' (block size b from
     `hippo.block_size_for`; pattern 'block' = block-diagonal, 'banded' = half-bandwidth b // 2;
-    b = 1 is the diagonal case for both) or 'low_rank'."""
+    b = 1 is the diagonal case for both, whose eigenvalue range `signed` chooses), 'rotation'
+    (2 x 2 scaled-rotation blocks) or 'low_rank'."""
     if selective_param_class == "dense":
         return BlockStructure(state_dim, state_dim)
+    if selective_param_class == "rotation":
+        return RotationStructure(state_dim)
     if selective_param_class == "sparse":
         b = block_size_for(state_dim, sparsity_level)
         if b == 1:
-            return DiagonalStructure(state_dim)
+            return DiagonalStructure(state_dim, signed)
         if sparsity_pattern == "banded":
             return BandedStructure(state_dim, b)
         if sparsity_pattern != "block":

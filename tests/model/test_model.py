@@ -14,7 +14,9 @@ CLASSES = [dict(selective_param_class="sparse", sparsity_level=0.9),      # diag
            dict(selective_param_class="sparse", sparsity_level=0.5),      # 4 x 4 blocks
            dict(selective_param_class="sparse", sparsity_level=0.5, sparsity_pattern="banded"),
            dict(selective_param_class="dense"),
-           dict(selective_param_class="low_rank", discretization="bilinear", low_rank_rank=2)]
+           dict(selective_param_class="low_rank", discretization="bilinear", low_rank_rank=2),
+           dict(selective_param_class="rotation"),                            # 2 x 2 scaled rotations, zoh
+           dict(selective_param_class="sparse", sparsity_level=0.9, eigenvalue_range="signed")]
 
 
 def tiny(**kw):

@@ -28,7 +28,7 @@ def inputs(b, L, H, P, N, G, dtype, seed=0, with_state=True):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
     dt = torch.nn.functional.softplus(r(b, L, H) - 1)
-    a = -torch.exp(r(b, L, H, N))
+    a = 0.5 * r(b, L, H, N)                                    # raw: A_t = -exp(2 raw)
     h0 = r(b, H, N, P) if with_state else None
     return [r(b, L, H, P), dt, a, r(b, L, G, N), r(b, L, G, N), r(b, L, H), h0]
 
@@ -105,7 +105,7 @@ def test_the_pure_pytorch_fallback_when_the_kernel_is_off(tmp_path):
     chunked path, and the reason is known."""
     code = ("import torch; from sparse_ssm.ssm import fused, scan; from sparse_ssm.ssm.structures import "
             "DiagonalStructure; torch.manual_seed(0); s = DiagonalStructure(4);"
-            "x = [torch.randn(1, 9, 2, 8), torch.rand(1, 9, 2) * 0.3, -torch.rand(1, 9, 2, 4) - 0.1, "
+            "x = [torch.randn(1, 9, 2, 8), torch.rand(1, 9, 2) * 0.3, torch.randn(1, 9, 2, 4), "
             "torch.randn(1, 9, 1, 4), torch.randn(1, 9, 1, 4), torch.randn(1, 9, 2)];"
             "from sparse_ssm.ssm.kernels import unavailable_reason;"
             "assert not fused.available(x[0], s); print(unavailable_reason());"

@@ -27,8 +27,7 @@ def make_inputs(structure, batch, length, heads=2, head_dim=3, dtype=torch.float
 
 def run(fn, structure, inputs, method, **kw):
     x = dict(inputs)
-    A = structure.continuous(x.pop("raw"))
-    return fn(x["u"], x["dt"], A, x["B"], x["C"], x["D"], structure, method, 0.3, x["initial_state"], **kw)
+    return fn(x["u"], x["dt"], x["raw"], x["B"], x["C"], x["D"], structure, method, 0.3, x["initial_state"], **kw)
 
 
 def methods_for(structure):
@@ -112,12 +111,27 @@ def test_low_precision_inputs_follow_float64(dtype, tol):
     assert ((y.double() - y64).abs().max() / y64.abs().max()) < tol
 
 
-def test_dispatch_uses_sequential_when_parallel_scan_is_off():
-    structure = BlockStructure(6, 2)
+@pytest.mark.parametrize("structure, method", [(BlockStructure(6, 2), "zoh"), (DiagonalStructure(6), "zoh")],
+                         ids=["block-zoh", "diagonal"])
+def test_dispatch_follows_use_parallel_scan(structure, method, monkeypatch):
+    """use_parallel_scan=False runs the sequential scan; True runs a fast path (fused when the kernel
+    takes the structure, else chunked) - checked by which function ran, and the values agree."""
+    import sparse_ssm.ssm.scan as scan_module
+
+    ran = []
+    for name in ("selective_scan_sequential", "selective_scan_chunked"):
+        real = getattr(scan_module, name)
+        monkeypatch.setattr(scan_module, name, lambda *a, _real=real, _name=name, **k: ran.append(_name) or _real(*a, **k))
+    real_fused = scan_module.fused.selective_scan_fused
+    monkeypatch.setattr(scan_module.fused, "selective_scan_fused",
+                        lambda *a, **k: ran.append("fused") or real_fused(*a, **k))
     inputs = make_inputs(structure, 1, 6)
     x = dict(inputs)
-    A = structure.continuous(x.pop("raw"))
-    args = (x["u"], x["dt"], A, x["B"], x["C"], x["D"], structure, "zoh", 0.5, x["initial_state"])
-    y_par, _ = selective_scan(*args, use_parallel_scan=True, chunk_size=4)
+    args = (x["u"], x["dt"], x["raw"], x["B"], x["C"], x["D"], structure, method, 0.5, x["initial_state"])
     y_seq, _ = selective_scan(*args, use_parallel_scan=False)
+    assert ran == ["selective_scan_sequential"]
+    ran.clear()
+    y_par, _ = selective_scan(*args, use_parallel_scan=True, chunk_size=4)
+    fast = "fused" if scan_module.fused.available(x["u"], structure, method) else "selective_scan_chunked"
+    assert ran == [fast]
     assert torch.allclose(y_par, y_seq, atol=1e-10)

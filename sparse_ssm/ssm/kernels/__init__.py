@@ -3,7 +3,8 @@
 `native_library()` returns the loaded library, or None when it cannot be had (no C++ compiler,
 a failed build, or ``SPARSE_SSM_NATIVE=0`` in the environment); callers then use the pure-PyTorch
 paths, and a one-time note says why.  The sources (`selective_scan.cpp`: the diagonal selective
-scan with its output gate; `causal_conv.cpp`: the causal depthwise convolution + SiLU;
+scan with its output gate; `block_scan.cpp`: the same for block-diagonal and rotation structures,
+their operators built in the kernel; `causal_conv.cpp`: the causal depthwise convolution + SiLU;
 `cross_entropy.cpp`: the softmax cross-entropy of the LM head's logits, in place;
 `layer_step.cpp`: a whole decoding step of a diagonal layer between its projections; `vec.h`:
 their vector utilities — plain C++ with C entry points and no PyTorch headers, so they build in
@@ -23,7 +24,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = [HERE / "selective_scan.cpp", HERE / "causal_conv.cpp", HERE / "cross_entropy.cpp", HERE / "layer_step.cpp"]
+SOURCES = [HERE / name for name in ("selective_scan.cpp", "block_scan.cpp", "causal_conv.cpp", "cross_entropy.cpp",
+                                    "layer_step.cpp")]
 HEADERS = [HERE / "vec.h"]
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-pthread"]
 ABI_VERSION = 2
@@ -65,7 +67,9 @@ def _bind(lib: ctypes.CDLL):
     ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     scan_dims = [i64] * 7 + [c_int, ctypes.c_double, c_int]           # b, L, H, P, N, G, z_stride, method, alpha, threads
     conv_dims = [i64] * 5 + [c_int]                                    # b, L, E, K, x_stride, threads
+    block_dims = [i64] * 8 + [c_int, c_int, ctypes.c_double, c_int]  # b, L, H, P, N, G, bs, z_stride, kind, method, ...
     signatures = {"ssm_diag_forward": [ptr] * 12 + scan_dims, "ssm_diag_backward": [ptr] * 19 + scan_dims,
+                  "ssm_block_forward": [ptr] * 12 + block_dims, "ssm_block_backward": [ptr] * 19 + block_dims,
                   "ssm_conv_forward": [ptr] * 6 + conv_dims, "ssm_conv_backward": [ptr] * 9 + conv_dims,
                   "ssm_cross_entropy": [ptr] * 3 + [i64, i64, ctypes.c_double, c_int, c_int],
                   "ssm_layer_step": [ptr] * 12 + [i64] * 8 + [c_int, ctypes.c_double, c_int]}
@@ -121,3 +125,47 @@ def cross_entropy_rows_(logits, targets, scale: float, grad: bool):
     if err:
         raise ValueError(f"cross entropy kernel: a target is outside the vocabulary of {logits.shape[1]} (code {err})")
     return losses
+
+
+# --- the conventions of the kernels' arguments, shared by their Python wrappers -------------------
+
+SUFFIX = {"torch.float32": "f32", "torch.float64": "f64"}
+
+
+def suffix(dtype) -> str | None:
+    """The kernel name suffix of a dtype (float32, float64), or None."""
+    return SUFFIX.get(str(dtype))
+
+
+def saved_chunks(length: int) -> int:
+    """How many chunk-start states the scans' forward saves for a sequence (the kernels' chunk)."""
+    return -(-length // native_library().ssm_scan_chunk())
+
+
+def ptr(t) -> ctypes.c_void_p:
+    """A tensor's data pointer for ctypes (null for None)."""
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+def method_id(method: str, alpha: float, structure=None) -> tuple[int, float]:
+    """The scans' discretisation code (bit 0: gbt, else zoh; bit 1: the diagonal's signed range)
+    and alpha (0.5 for bilinear)."""
+    from ..discretization import alpha_for
+
+    signed = 2 if getattr(structure, "signed", False) else 0
+    return (signed, 0.0) if method == "zoh" else (1 + signed, alpha_for(method, alpha))
+
+
+def token_rows(x):
+    """x (b, L, ..., row) as the kernels read it: every token's values contiguous, tokens any stride
+    apart (a view into a wider projection output is kept); returns (x, elements between tokens)."""
+    L = x.shape[1]
+    inner = x.shape[2:]
+    expected = 1
+    contiguous_inner = True
+    for size, stride in zip(reversed(inner), reversed(x.stride()[2:])):
+        contiguous_inner &= size == 1 or stride == expected
+        expected *= size
+    if not contiguous_inner or (L > 1 and x.stride(0) != L * x.stride(1)):
+        x = x.contiguous()
+    return x, (x.stride(1) if L > 1 else x.stride(0))

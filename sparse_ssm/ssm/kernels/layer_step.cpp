@@ -9,7 +9,8 @@
 //   dt     = softplus(dt_raw + dt_bias)
 //   a      = -exp(2 (A_base + Wa @ a_low))        (H, N)                 the diagonal continuous A_t
 //   D      = D_base + d_raw
-//   per head h (group g = h / (H / G)) and state n: (A_bar, beta) = discretize(dt_h, a_hn)  (zoh / gbt)
+//   per head h (group g = h / (H / G)) and state n: (A_bar, beta) = discretize(dt_h, a_hn)  (zoh / gbt,
+//   method bit 1: the signed range 2 A_bar - 1, as in selective_scan.cpp)
 //   S[h, n, :] = A_bar S[h, n, :] + beta B[g, n] u[h, :]
 //   y[h, :]    = (sum_n C[g, n] S[h, n, :] + D_h u[h, :]) * silu(z[h, :])
 //
@@ -34,16 +35,6 @@ template <typename T> struct StepArgs {
   const T *xz, *conv_w, *conv_b, *Wg, *dt_bias, *Wa, *A_base, *D_base, *lti;
   T *conv_state, *ssm_state, *y;
 };
-
-template <typename T> T dot(const T* x, const T* y, int64_t n) {
-  constexpr int W = Vec<T>::lanes;
-  V<T> acc = vsplat(T(0));
-  int64_t i = 0;
-  for (; i + W <= n; i += W) acc += vload(x + i) * vload(y + i);
-  T s = hsum<T>(acc);
-  for (; i < n; ++i) s += x[i] * y[i];
-  return s;
-}
 
 template <typename T> inline T silu(T v) { return v / (1 + std::exp(-v)); }
 
@@ -78,7 +69,7 @@ template <typename T> void step_row(const StepDims& d, const StepArgs<T>& x, int
     for (int64_t n = 0; n < N; ++n) {
       const T an = a[h * N + n], xx = dt * an;
       T Abar, beta;
-      if (d.method == 0) {
+      if ((d.method & 1) == 0) {
         Abar = std::exp(xx);
         beta = xx == 0 ? dt : std::expm1(xx) / an;
       } else {
@@ -86,6 +77,7 @@ template <typename T> void step_row(const StepDims& d, const StepArgs<T>& x, int
         Abar = (1 + (1 - al) * xx) / den;
         beta = dt / den;
       }
+      if (d.method & 2) Abar = 2 * Abar - 1;                     // the signed range
       const T bn = beta * Bv[grp * N + n], cn = Cv[grp * N + n];
       T* Sn = S + n * P;
       for (int64_t p = 0; p < P; ++p) {

@@ -7,6 +7,7 @@
 //   x_tn     = dt[t] * a[t, n]                           a < 0: the continuous diagonal A_t
 //   zoh:     A_bar = exp(x),  beta = expm1(x) / a        (exact zero-order hold, beta -> dt as a -> 0)
 //   gbt(al): A_bar = (1 + (1 - al) x) / (1 - al x),  beta = dt / (1 - al x)     (bilinear: al = 1/2)
+//   signed range (method bit 2): A_bar <- 2 A_bar - 1, eigenvalues in (-1, 1] instead of (0, 1]
 //   S_t[n, p] = A_bar[t, n] S_{t-1}[n, p] + beta[t, n] B[t, g, n] u[t, p]
 //   y[t, p]   = sum_n C[t, g, n] S_t[n, p] + D[t] u[t, p]
 //   with a gate z (optional): y[t, p] <- y[t, p] * silu(z[t, p])      (Mamba's output gate, fused)
@@ -60,7 +61,7 @@ template <> inline V<double> psi_of<double>(V<double> x, V<double> e) {
 
 struct Dims {
   int64_t b, L, H, P, N, G, z_stride;
-  int method;      // 0: zoh, 1: gbt with alpha (bilinear = 0.5)
+  int method;      // bit 0: gbt with alpha (bilinear = 0.5), else zoh; bit 1: the signed range
   double alpha;
   int64_t Np() const { return (N + NB - 1) / NB * NB; }
   int64_t chunks() const { return (L + CHUNK - 1) / CHUNK; }
@@ -138,7 +139,7 @@ void discretize_chunk(const Dims& d, const Tensors<T>& x, int64_t bi, int64_t hi
         av = vload(arow), Bv = vload(brow), Cv = vload(crow);
       }
       V<T> dtv = vsplat(dt), xv = dtv * av, Abar, beta, Adt, Ada, bdt, bda;
-      if (d.method == 0) {
+      if ((d.method & 1) == 0) {
         V<T> e = vexp(xv);
         Abar = e;
         beta = dtv * phi_of<T>(xv, e);
@@ -150,6 +151,7 @@ void discretize_chunk(const Dims& d, const Tensors<T>& x, int64_t bi, int64_t hi
         beta = dtv * inv;
         Adt = av * inv2, Ada = dtv * inv2, bdt = inv2, bda = al * dtv * dtv * inv2;
       }
+      if (d.method & 2) Abar = 2 * Abar - 1, Adt = 2 * Adt, Ada = 2 * Ada;     // the signed range
       const int64_t o = t * Np + n0;
       vstore(&ops.Ab[o], Abar);
       vstore(&ops.Bb[o], beta * Bv);
@@ -312,16 +314,6 @@ void reverse_token(const Dims& d, const Ops<T>& ops, int64_t t, const T* S_now, 
   if (n < d.N) reverse_rows<T, 1>(d, ops, t, n, S_now, S_prev, u, dy, dS, du, gC, gB, gA);
 }
 
-template <typename T> T dot(const T* x, const T* y, int64_t n) {
-  constexpr int W = Vec<T>::lanes;
-  V<T> acc = vsplat(T(0));
-  int64_t i = 0;
-  for (; i + W <= n; i += W) acc += vload(x + i) * vload(y + i);
-  T s = hsum<T>(acc);
-  for (; i < n; ++i) s += x[i] * y[i];
-  return s;
-}
-
 // The gradients of one token's a, B (per head), C (per head) and dt from those of its A_bar rows
 // (gA), input weights beta * B (gB) and C rows (gC); returns d dt.  gA, gB, gC are padded to Np.
 template <typename T>
@@ -383,7 +375,7 @@ template <typename T> void backward_head(const Dims& d, const Tensors<T>& x, int
 
 template <typename T> int checked(const Dims& d) {
   if (d.b < 0 || d.L < 0 || d.H < 1 || d.P < 1 || d.N < 1 || d.G < 1 || d.H % d.G) return 1;
-  if (d.method != 0 && d.method != 1) return 2;
+  if (d.method < 0 || d.method > 3) return 2;
   return 0;
 }
 

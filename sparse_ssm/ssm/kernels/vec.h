@@ -93,6 +93,17 @@ template <> inline void hsum4<float>(V<float> v0, V<float> v1, V<float> v2, V<fl
 }
 #endif
 
+// sum_i x[i] y[i]
+template <typename T> T dot(const T* x, const T* y, int64_t n) {
+  constexpr int W = Vec<T>::lanes;
+  V<T> acc = vsplat(T(0));
+  int64_t i = 0;
+  for (; i + W <= n; i += W) acc += vload(x + i) * vload(y + i);
+  T s = hsum<T>(acc);
+  for (; i < n; ++i) s += x[i] * y[i];
+  return s;
+}
+
 // Run work(task) for task in [0, tasks) on up to `threads` threads (contiguous ranges each).
 template <typename F> void parallel_for(int64_t tasks, int threads, F work) {
   threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, tasks));

@@ -1,0 +1,140 @@
+"""The fused CPU scan for block-diagonal (and dense) and rotation structures, behind the common
+scan signature.
+
+    selective_scan_fused_block(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z)
+
+The kernel (`kernels/block_scan.cpp`, which states the exact equations) builds every token's
+operator from its raw parameters in registers — the block's A = -L L^T + (K - K^T) and its
+bilinear / gbt discretisation by a small LU solve, or a rotation pair's closed-form exponential
+(ZOH) or Cayley transform — applies it to the state, and in the backward pass recomputes states
+and operators chunk by chunk and walks back through the solve and the parameterisation.  No
+per-token operator tensor is stored, so the memory is that of the diagonal scan.  Supported:
+`RotationStructure` with zoh, bilinear or gbt; `BlockStructure` (block sizes up to the whole
+state: the dense class) and `BandedStructure` (two partitions of blocks, the Lie-Trotter product)
+with bilinear or gbt (ZOH of a general block needs a matrix exponential per token: that stays on
+the pure-PyTorch path).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .kernels import method_id, native_library, ptr, saved_chunks, suffix, token_rows
+from .structures import BandedStructure, BlockStructure, DiagonalStructure, RotationStructure
+
+
+def _kind(structure) -> int | None:
+    if isinstance(structure, RotationStructure):
+        return 1
+    if isinstance(structure, BlockStructure) and not isinstance(structure, DiagonalStructure):
+        return 0
+    if isinstance(structure, BandedStructure):
+        return 2
+    return None
+
+
+def supports(structure, method: str) -> bool:
+    kind = _kind(structure)
+    return kind == 1 or (kind in (0, 2) and method != "zoh")
+
+
+def _dims(u, B, bs, z_stride, kind, code, alpha):
+    b, L, H, P = u.shape
+    return [b, L, H, P, B.shape[-1], B.shape[2], bs, z_stride, kind, code, alpha, torch.get_num_threads()]
+
+
+def _forward(u, dt, raw, B, C, D, h0, z, bs, kind, code, alpha, save):
+    b, L, H, P = u.shape
+    N = B.shape[-1]
+    z, z_stride = token_rows(z) if z is not None else (None, 0)
+    y, hT = torch.empty_like(u), u.new_empty(b, H, N, P)
+    saved = u.new_empty(b, H, saved_chunks(L), N, P) if save else u.new_empty(0)
+    ypre = torch.empty_like(u) if save and z is not None else u.new_empty(0)
+    fn = getattr(native_library(), f"ssm_block_forward_{suffix(u.dtype)}")
+    err = fn(*map(ptr, (u, dt, raw, B, C, D, h0, z, y, hT, saved if save else None, ypre if ypre.numel() else None)),
+             *_dims(u, B, bs, z_stride, kind, code, alpha))
+    if err:
+        raise ValueError(f"fused block scan: unsupported shapes or discretisation (code {err})")
+    return y, hT, saved, ypre
+
+
+@torch.library.custom_op("sparse_ssm::block_scan", mutates_args=())
+def block_scan(u: torch.Tensor, dt: torch.Tensor, raw: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+               D: torch.Tensor, h0: Optional[torch.Tensor], z: Optional[torch.Tensor], bs: int, kind: int, code: int,
+               alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, final state, chunk-start states and ungated y for the backward)."""
+    return _forward(u, dt, raw, B, C, D, h0, z, bs, kind, code, alpha, save=True)
+
+
+@block_scan.register_fake
+def _(u, dt, raw, B, C, D, h0, z, bs, kind, code, alpha):
+    b, L, H, P = u.shape
+    N = B.shape[-1]
+    ypre = torch.empty_like(u) if z is not None else u.new_empty(0)
+    return torch.empty_like(u), u.new_empty(b, H, N, P), u.new_empty(b, H, saved_chunks(L), N, P), ypre
+
+
+@torch.library.custom_op("sparse_ssm::block_scan_backward", mutates_args=())
+def block_scan_backward(u: torch.Tensor, dt: torch.Tensor, raw: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                        D: torch.Tensor, saved: torch.Tensor, z: Optional[torch.Tensor], ypre: torch.Tensor,
+                        dy: torch.Tensor, dhT: Optional[torch.Tensor], bs: int, kind: int, code: int,
+                        alpha: float) -> list[torch.Tensor]:
+    """Gradients of u, dt, raw, B, C (per group), D, the initial state and z (empty without a gate)."""
+    b, L, H, P = u.shape
+    G, N = B.shape[2], B.shape[3]
+    z, z_stride = token_rows(z) if z is not None else (None, 0)
+    du, ddt, draw, dD = torch.empty_like(u), torch.empty_like(dt), torch.empty_like(raw), torch.empty_like(D)
+    dB_head, dC_head, dh0 = u.new_empty(b, L, H, N), u.new_empty(b, L, H, N), u.new_empty(b, H, N, P)
+    dz = torch.empty_like(u) if z is not None else u.new_empty(0)
+    fn = getattr(native_library(), f"ssm_block_backward_{suffix(u.dtype)}")
+    err = fn(*map(ptr, (u, dt, raw, B, C, D, saved, z, ypre if z is not None else None, dy, dhT, du, ddt, draw,
+                         dB_head, dC_head, dD, dh0, dz if z is not None else None)),
+             *_dims(u, B, bs, z_stride, kind, code, alpha))
+    if err:
+        raise ValueError(f"fused block scan backward: unsupported shapes (code {err})")
+    per_group = lambda g: g.view(b, L, G, H // G, N).sum(3)
+    return [du, ddt, draw, per_group(dB_head), per_group(dC_head), dD, dh0, dz]
+
+
+@block_scan_backward.register_fake
+def _(u, dt, raw, B, C, D, saved, z, ypre, dy, dhT, bs, kind, code, alpha):
+    b, L, H, P = u.shape
+    return [torch.empty_like(u), torch.empty_like(dt), torch.empty_like(raw), torch.empty_like(B), torch.empty_like(C),
+            torch.empty_like(D), u.new_empty(b, H, B.shape[-1], P),
+            torch.empty_like(u) if z is not None else u.new_empty(0)]
+
+
+def _setup_context(ctx, inputs, output):
+    u, dt, raw, B, C, D, h0, z, bs, kind, code, alpha = inputs
+    ctx.save_for_backward(u, dt, raw, B, C, D, output[2], z, output[3])
+    ctx.args = (bs, kind, code, alpha)
+    ctx.has_h0 = h0 is not None
+
+
+def _backward(ctx, dy, dhT, _saved_grad, _ypre_grad):
+    u, dt, raw, B, C, D, saved, z, ypre = ctx.saved_tensors
+    dy = torch.zeros_like(u) if dy is None else dy.contiguous()
+    dhT = None if dhT is None else dhT.contiguous()
+    du, ddt, draw, dB, dC, dD, dh0, dz = block_scan_backward(u, dt, raw, B, C, D, saved, z, ypre, dy, dhT, *ctx.args)
+    return (du, ddt, draw, dB, dC, dD, (dh0 if ctx.has_h0 else None), (dz if z is not None else None),
+            None, None, None, None)
+
+
+block_scan.register_autograd(_backward, setup_context=_setup_context)
+
+
+def selective_scan_fused_block(u, dt, A_raw, B, C, D, structure, method="bilinear", alpha=0.5, initial_state=None,
+                               z=None):
+    """The common scan signature (see `scan.py`) for `supports(structure, method)`."""
+    code, al = method_id(method, alpha)
+    kind = _kind(structure)
+    args = [t.contiguous() for t in (u, dt, A_raw, B, C, D)]
+    h0 = None if initial_state is None else initial_state.contiguous()
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*args, h0, z) if t is not None)
+    if needs_grad or torch.compiler.is_compiling():
+        y, hT, _, _ = block_scan(*args, h0, z, structure.block_size, kind, code, al)
+    else:
+        y, hT, _, _ = _forward(*args, h0, z, structure.block_size, kind, code, al, save=False)
+    return y, hT
