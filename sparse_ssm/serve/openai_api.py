@@ -45,7 +45,8 @@ def number(body: dict, key: str, kind=(int, float)):
 
 def jobs_of(served: Served, body: dict, prompts: list[str], max_key: str, default_max: int | None, extra_stops=()):
     """One Job per prompt and choice: sampling from temperature / top_p / seed / stop / max tokens."""
-    n = number(body, "n", int) or 1
+    n = number(body, "n", int)
+    n = 1 if n is None else n
     if not 1 <= n <= MAX_CHOICES:
         raise RequestError(400, f"n: must be between 1 and {MAX_CHOICES}, got {n}", "n")
     max_tokens = number(body, max_key, int)
