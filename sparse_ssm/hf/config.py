@@ -22,7 +22,6 @@ class SparseSSMHFConfig(PretrainedConfig):
     def __init__(self, **kwargs):
         for name, field in SparseSSMConfig.model_fields.items():
             setattr(self, name, kwargs.pop(name, field.get_default(call_default_factory=True)))
-        kwargs.setdefault("use_cache", True)
         super().__init__(**kwargs)
 
     def to_sparse_ssm(self) -> SparseSSMConfig:

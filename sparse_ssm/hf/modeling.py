@@ -127,7 +127,7 @@ class SparseSSMHFForCausalLM(PreTrainedModel, GenerationMixin):
             if cache.get_seq_length() > 0:
                 raise ValueError(f"{type(cache).__name__} holds attention keys/values; sparse-ssm needs a SparseSSMHFCache")
             cache = None                                        # an empty default cache of transformers
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
         past = cache.states if cache is not None else None
         padded = attention_mask is not None and past is None and bool((attention_mask == 0).any())
         if padded:
