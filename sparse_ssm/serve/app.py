@@ -72,6 +72,7 @@ def serve(model_dir: str | Path, checkpoint: str | None, limits: ServeConfig, lo
     sock = socket.socket(socket.AF_INET6 if ":" in limits.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((limits.host, limits.port))
+    sock.listen(2048)                     # connections wait from now on, not refused while uvicorn starts
     port = sock.getsockname()[1]
     config = uvicorn.Config(create_app(served), log_level="warning", timeout_graceful_shutdown=10)
     log(f"serving {name} ({loaded.path}) on http://{limits.host}:{port} — Ollama API /api/*, OpenAI API /v1/*; "
