@@ -107,3 +107,13 @@ def test_cli_export(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "export", "--model-dir", str(tmp_path / "none"),
                            "--output", str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_import_sparse_ssm_leaves_transformers_alone_and_the_lazy_names_register():
+    script = ("import sys, sparse_ssm\nassert 'transformers' not in sys.modules\n"
+              "cls = sparse_ssm.SparseSSMHFForCausalLM\n"
+              "from transformers import AutoConfig\n"
+              "print(type(AutoConfig.for_model('sparse_ssm', vocab_size=10)).__name__, cls.__name__)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["SparseSSMHFConfig", "SparseSSMHFForCausalLM"]
