@@ -177,8 +177,8 @@ class BatchEngine:
             job.new_tokens += 1
             stopped = token == self.eos_token_id or job.stream.push(token)
             done = "stop" if stopped else ("length" if job.new_tokens >= job.settings.max_length else None)
-            logprobs = [self._logprob(rows[i], token, job.top_logprobs)] if job.top_logprobs >= 0 and not (
-                token == self.eos_token_id) else []
+            wants = job.top_logprobs >= 0 and token != self.eos_token_id        # end-of-text is not text
+            logprobs = [self._logprob(rows[i], token, job.top_logprobs)] if wants else []
             self._emit(job, Event(job.stream.take(final=done is not None), logprobs, done, len(job.prompt_ids),
                                   job.new_tokens))
             tokens[i] = token
