@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench eval clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ bench: $(VENV)/.bench data/shakespeare/ATTRIBUTION
 	$(PY) bench/scan_roofline.py
 	$(PY) bench/wallclock_lm.py
 	$(PY) bench/plots.py
+
+## lm-evaluation-harness on a trained model, exported to the Hugging Face format (standard tasks download
+## their datasets: needs the network).  make eval MODEL_DIR=outputs/small_cpu EVAL_TASKS=lambada_openai,hellaswag
+MODEL_DIR ?= outputs/small_cpu
+EVAL_TASKS ?= lambada_openai,hellaswag,piqa,arc_easy
+eval: $(VENV)/.installed
+	$(PY) main.py export --model-dir $(MODEL_DIR) --format hf --output $(MODEL_DIR)/hf
+	$(PY) -m lm_eval --model hf --model_args pretrained=$(MODEL_DIR)/hf,trust_remote_code=True \
+		--tasks $(EVAL_TASKS) --device cpu --batch_size 8 --output_path $(MODEL_DIR)/lm_eval
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -8,6 +8,8 @@ Python API; every `SparseSSMError` is reported in one place (`main`) without a t
     python main.py create-synthetic --config config/default_config.yaml [--distillation]
     python main.py inspect --config config/small_cpu.yaml      # build the model, report its cost,
                                                               # check prefill + recurrent decoding
+    python main.py export --model-dir outputs/small_cpu --format hf --output hf/small_cpu
+    python main.py serve --model-dir outputs/small_cpu [--host 127.0.0.1 --port 11434]
 """
 
 from __future__ import annotations
@@ -254,6 +256,25 @@ def cmd_create_synthetic(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .hf import export_checkpoint
+
+    out = export_checkpoint(args.model_dir, args.checkpoint, args.output)
+    print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True) "
+          f"(or after `import sparse_ssm.hf` without trust_remote_code) and AutoTokenizer.from_pretrained")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import ServeConfig, serve
+
+    flags = {"host": args.host, "port": args.port, "name": args.name, "max_batch": args.max_batch,
+             "max_waiting": args.max_waiting, "max_tokens": args.max_tokens,
+             "max_prompt_tokens": args.max_prompt_tokens, "device": args.device}
+    serve(args.model_dir, args.checkpoint, ServeConfig(**{k: v for k, v in flags.items() if v is not None}))
+    return 0
+
+
 def _add_train_parser(sub):
     t = sub.add_parser("train", help="train a model (resumable; Ctrl-C saves a checkpoint)",
                        description="Train on the dataset of the config.  Checkpoints, the tokenizer, TensorBoard "
@@ -365,6 +386,35 @@ def _add_inspect_parser(sub):
     p.set_defaults(func=cmd_inspect)
 
 
+def _add_export_serve_parsers(sub):
+    x = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory",
+                       description="Write config.json, model.safetensors, the tokenizer (tokenizer.json) and the "
+                                   "auto_map files, for transformers' AutoModelForCausalLM / AutoTokenizer and "
+                                   "lm-evaluation-harness (--model hf --model_args pretrained=DIR,trust_remote_code=True).")
+    x.add_argument("--model-dir", required=True, help="a training output directory")
+    x.add_argument("--checkpoint", help="best | latest | STEP | PATH (default: best if present, else latest)")
+    x.add_argument("--format", choices=["hf"], default="hf", help="output format (hf: Hugging Face transformers)")
+    x.add_argument("--output", required=True, help="the directory to write (replaced as a whole)")
+    x.set_defaults(func=cmd_export)
+    s = sub.add_parser("serve", help="serve a model over the Ollama and OpenAI HTTP APIs",
+                       description="An Ollama-compatible (/api/generate, /api/chat, /api/tags, /api/show) and "
+                                   "OpenAI-compatible (/v1/completions, /v1/chat/completions, /v1/models) server. "
+                                   "Concurrent requests are decoded together in one batch on the recurrent state. "
+                                   "Stop it with Ctrl-C or SIGTERM.")
+    s.add_argument("--model-dir", required=True, help="a training output directory")
+    s.add_argument("--checkpoint", help="best | latest | STEP | PATH (default: best if present, else latest)")
+    s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default 11434, Ollama's; 0: any free port, printed at start)")
+    s.add_argument("--name", help="model name in the APIs (default: the model directory's name)")
+    s.add_argument("--max-batch", type=int, help="sequences decoded together (default 16)")
+    s.add_argument("--max-waiting", type=int, help="requests queued beyond those; more are refused with 503 (default 64)")
+    s.add_argument("--max-tokens", type=int, help="new tokens per request at most; larger requests are refused "
+                                                  "(default 1024)")
+    s.add_argument("--max-prompt-tokens", type=int, help="prompt tokens per request at most (default 4096)")
+    s.add_argument("--device", help="auto | cpu | cuda[:N] | mps (default auto)")
+    s.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description="sparse-ssm: selective sparse state space LMs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -373,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_parser(sub)
     _add_create_synthetic_parser(sub)
     _add_inspect_parser(sub)
+    _add_export_serve_parsers(sub)
     return parser
 
 

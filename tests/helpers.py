@@ -49,3 +49,33 @@ def tiny_config(data_path, output_dir, dataset_type="custom", **sections):
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
     return Config.from_dict(data)
+
+
+def write_checkpoint(folder, model, tokenizer):
+    """A checkpoint directory as training writes one (model.safetensors, config.yaml, tokenizer.json)."""
+    import yaml
+
+    from sparse_ssm.data.tokenizer import save_tokenizer
+    from sparse_ssm.model.checkpoint import save_weights, weights_of
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(folder / "model.safetensors", weights_of(model))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"model": model.config.to_dict()}))
+    save_tokenizer(tokenizer, folder / "tokenizer.json")
+    return folder
+
+
+def tiny_language_model(seed: int = 0, vocab: int = 300, **model):
+    """A small model (random weights) and a BPE tokenizer trained on `make_text`."""
+    import torch
+
+    from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM
+    from sparse_ssm.data.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer([make_text(300, seed=seed)], vocab)
+    config = dict(vocab_size=tokenizer.get_vocab_size(), hidden_dim=32, state_dim=8, ffn_dim=32, num_layers=2,
+                  dropout=0.0, num_heads=2, scan_chunk_size=4, max_seq_len=256)
+    config.update(model)
+    torch.manual_seed(seed)
+    return SparseSSMForCausalLM(SparseSSMConfig(**config)).eval(), tokenizer

@@ -19,21 +19,17 @@ from typing import Iterator, Sequence
 import torch
 
 from ..data.tokenizer import EOS
-from ..model import LayerState
 from ..util.errors import ConfigError
+from .cache import stack_rows
 from .sampling import next_token
 from .settings import GenerationConfig
+from .text import TextStream
 
 
 @dataclass
 class Step:
     tokens: torch.Tensor      # (batch,) the token each sequence produced at this step (-1 once finished)
     finished: torch.Tensor    # (batch,) bool
-
-
-def _stack(caches: list[list[LayerState]]) -> list[LayerState]:
-    return [LayerState(torch.cat([c[i].conv for c in caches]), torch.cat([c[i].ssm for c in caches]))
-            for i in range(len(caches[0]))]
 
 
 @torch.no_grad()
@@ -51,7 +47,7 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], settings: Generatio
         logits, cache = model.prefill(torch.tensor([list(p)], device=device))
         caches.append(cache)
         last.append(logits[0])
-    cache = _stack(caches)
+    cache = stack_rows(caches)
     logits = torch.stack(last)
     vocab = logits.shape[-1]
     seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
@@ -99,39 +95,26 @@ def generate_text(model, tokenizer, prompts: Sequence[str], settings: Generation
 
     Stops at <|endoftext|> or at a stop string (the text is cut before it).  `on_text(i, piece)`
     receives new text of sequence i as it is produced (held back while it could still become a
-    stop string or ends inside a multi-byte character)."""
+    stop string or ends inside a multi-byte character: `TextStream`)."""
     if not prompts or any(not p for p in prompts):
         raise ConfigError("prompt: empty prompt; give a non-empty --prompt (or non-empty lines in --prompts-file)")
     eos = tokenizer.token_to_id(EOS)
     expanded = [p for p in prompts for _ in range(num_return_sequences)]
     encoded = [tokenizer.encode(p).ids for p in expanded]
-    ids: list[list[int]] = [[] for _ in expanded]
-    shown = [0] * len(expanded)
-    hold = max((len(s) for s in settings.stop_strings), default=1) - 1
-
-    def cut(text):
-        ends = [text.find(s) for s in settings.stop_strings if s in text]
-        return text[:min(ends)] if ends else text
+    texts = [TextStream(tokenizer, settings.stop_strings, eos) for _ in expanded]
 
     def stop(i, token_ids):
-        return bool(settings.stop_strings) and cut(tokenizer.decode(token_ids)) != tokenizer.decode(token_ids)
+        return texts[i].push(token_ids[-1])
 
     for step in stream_generate(model, encoded, settings, eos, stop):
         for i, token in enumerate(step.tokens.tolist()):
-            if token >= 0 and token != eos:
-                ids[i].append(token)
-            if on_text is None or token < 0:
-                continue
-            text = cut(tokenizer.decode(ids[i]))
-            ready = len(text) if step.finished[i] else max(len(text) - hold, 0)
-            while ready > shown[i] and text[ready - 1] == "\ufffd" and not step.finished[i]:
-                ready -= 1
-            if ready > shown[i]:
-                on_text(i, text[shown[i]:ready])
-                shown[i] = ready
-    texts = [cut(tokenizer.decode(t)) for t in ids]
+            if on_text is not None and token >= 0:
+                piece = texts[i].take(final=bool(step.finished[i]))
+                if piece:
+                    on_text(i, piece)
     if on_text is not None:
         for i, text in enumerate(texts):
-            if len(text) > shown[i]:
-                on_text(i, text[shown[i]:])
-    return texts
+            piece = text.take(final=True)
+            if piece:
+                on_text(i, piece)
+    return [t.text for t in texts]

@@ -1,0 +1,22 @@
+"""The `serve` section: where the server listens, the name it serves the model under, and its limits."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import Field
+
+from ..util.schema import Section
+
+
+class ServeConfig(Section):
+    section = "serve"
+
+    host: str = "127.0.0.1"
+    port: int = Field(11434, ge=0, le=65535)          # 0: any free port (printed at start)
+    name: Optional[str] = None                        # model name in the APIs; None: the model directory's name
+    max_batch: int = Field(16, ge=1)                  # sequences decoded together
+    max_waiting: int = Field(64, ge=0)                # requests queued beyond those; more are refused (503)
+    max_tokens: int = Field(1024, ge=1)               # new tokens per request at most (num_predict / max_tokens)
+    max_prompt_tokens: int = Field(4096, ge=1)        # prompt tokens per request at most
+    device: str = "auto"

@@ -1,0 +1,200 @@
+"""Continuous batching on the recurrent state: one decode loop (a thread) advances every running
+sequence by one token per step, whatever request it belongs to.
+
+    job = engine.submit(Job(prompt_ids, settings, top_logprobs=k), on_event)    # any thread
+    ... on_event(Event(text=..., token=..., done=...)) per new token, then once with done set ...
+    job.cancel()                                  # e.g. the client went away: the row is dropped
+
+Between two steps, new jobs join (each prompt is prefilled on its own with the parallel scan and
+its `LayerState` rows are stacked onto the batch: `generate.cache.stack_rows`) and finished or
+cancelled ones leave (`select_rows`).  A row's state has a constant size, so a join or a leave
+costs one copy of the (b, H, N, P) states and nothing grows with the context.  At most
+`max_batch` jobs run; further ones wait in arrival order (at most `max_waiting`, else
+`submit` raises `EngineFull`).  Sampling per row is `generate.sampling.next_token` with the
+job's own settings and generator, so a request decodes as `generate_text` would on its own.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generate.cache import select_rows, stack_rows
+from ..generate.sampling import next_token
+from ..generate.settings import GenerationConfig
+from ..generate.text import TextStream
+
+
+class EngineFull(Exception):
+    """More jobs wait than the engine accepts."""
+
+
+@dataclass
+class TokenLogprob:
+    token: str                   # the token's own text
+    logprob: float               # log-probability under the model (temperature 1, unfiltered)
+    top: list[tuple[str, float]] = field(default_factory=list)     # the k most likely (text, logprob)
+
+
+@dataclass
+class Event:
+    text: str = ""                        # new text safe to show ("" if none)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    done: str | None = None               # "stop", "length" or "cancelled" on the last event
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    settings: GenerationConfig            # max_length (new tokens), temperature, top-k/p, penalty, seed, stops
+    top_logprobs: int = -1                # -1: no log-probabilities; k >= 0: the token's and the top k
+    on_event: object = None               # called from the engine thread with each Event
+    cancelled: bool = False
+    # set by the engine
+    stream: TextStream | None = None
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None
+    new_tokens: int = 0
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class BatchEngine:
+    def __init__(self, model, tokenizer, eos_token_id: int | None, max_batch: int = 16, max_waiting: int = 64):
+        self.model, self.tokenizer, self.eos_token_id = model.eval(), tokenizer, eos_token_id
+        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.device = next(model.parameters()).device
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.running: list[Job] = []
+        self.steps = 0                        # decode steps taken (batched)
+        self.changed = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="sparse-ssm-decode", daemon=True)
+
+    def start(self) -> "BatchEngine":
+        self._thread.start()
+        return self
+
+    def stop(self, wait: bool = True):
+        """Finish every job with done="cancelled" and end the decode thread (`wait`: join it)."""
+        with self.changed:
+            self._stopping = True
+            self.changed.notify_all()
+        if wait and self._thread.is_alive():
+            self._thread.join()
+
+    def submit(self, job: Job) -> Job:
+        with self.changed:
+            if self._stopping:
+                raise EngineFull("the server is shutting down")
+            if len(self.waiting) >= self.max_waiting and len(self.running) >= self.max_batch:
+                raise EngineFull(f"{len(self.running)} requests are running and {len(self.waiting)} waiting "
+                                 f"(the limits are --max-batch {self.max_batch} and --max-waiting {self.max_waiting})")
+            self.waiting.append(job)
+            self.changed.notify_all()
+        return job
+
+    def status(self) -> dict:
+        with self.changed:
+            return self._status()
+
+    def wait_until(self, predicate, timeout: float) -> bool:
+        """Block until predicate(status()) holds (checked whenever the batch changes)."""
+        with self.changed:
+            return self.changed.wait_for(lambda: predicate(self._status()), timeout)
+
+    def _status(self) -> dict:
+        return {"running": len(self.running), "waiting": len(self.waiting), "max_batch": self.max_batch,
+                "max_waiting": self.max_waiting, "steps": self.steps}
+
+    # --- the decode thread ---------------------------------------------------------------
+    @torch.no_grad()
+    def _loop(self):
+        cache, logits = None, None
+        while True:
+            with self.changed:
+                while not self._stopping and not self.running and not self.waiting:
+                    self.changed.wait()
+                if self._stopping:
+                    break
+                joining = []
+                while self.waiting and len(self.running) + len(joining) < self.max_batch:
+                    joining.append(self.waiting.popleft())
+            for job in joining:
+                cache, logits = self._join(job, cache, logits)
+            tokens, keep = self._sample(logits)
+            with self.changed:
+                if len(keep) < len(self.running):
+                    self.running = [self.running[i] for i in keep]
+                self.steps += 1
+                self.changed.notify_all()
+            if not keep:
+                cache, logits = None, None
+                continue
+            if len(keep) < len(tokens):
+                cache, tokens = select_rows(cache, keep), tokens[keep]
+            logits, cache = self.model.step(tokens.to(self.device), cache)
+        with self.changed:
+            for job in [*self.running, *self.waiting]:
+                self._emit(job, Event(done="cancelled"))
+            self.running, self.waiting = [], collections.deque()
+            self.changed.notify_all()
+
+    def _join(self, job: Job, cache, logits):
+        """Prefill `job`'s prompt and append its rows to the batch."""
+        settings = job.settings
+        job.stream = TextStream(self.tokenizer, settings.stop_strings, self.eos_token_id)
+        job.generator = torch.Generator().manual_seed(settings.seed if settings.seed is not None
+                                                      else random.getrandbits(63))
+        last, state = self.model.prefill(torch.tensor([job.prompt_ids], device=self.device))
+        job.seen = torch.zeros(last.shape[-1], dtype=torch.bool)
+        job.seen[torch.tensor(job.prompt_ids).clamp(max=last.shape[-1] - 1)] = True
+        with self.changed:
+            self.running.append(job)
+        if cache is None:
+            return state, last
+        return stack_rows([cache, state]), torch.cat([logits, last])
+
+    def _sample(self, logits: torch.Tensor):
+        """One token per running row: (tokens (b,), indices of the rows that go on)."""
+        rows = logits.float().cpu()
+        tokens = torch.zeros(len(self.running), dtype=torch.long)
+        keep = []
+        for i, job in enumerate(list(self.running)):
+            if job.cancelled:
+                self._emit(job, Event(done="cancelled", prompt_tokens=len(job.prompt_ids),
+                                      completion_tokens=job.new_tokens))
+                continue
+            token = next_token(rows[i], job.seen, job.settings, job.generator)
+            job.seen[token] = True
+            job.new_tokens += 1
+            stopped = token == self.eos_token_id or job.stream.push(token)
+            done = "stop" if stopped else ("length" if job.new_tokens >= job.settings.max_length else None)
+            wants = job.top_logprobs >= 0 and token != self.eos_token_id        # end-of-text is not text
+            logprobs = [self._logprob(rows[i], token, job.top_logprobs)] if wants else []
+            self._emit(job, Event(job.stream.take(final=done is not None), logprobs, done, len(job.prompt_ids),
+                                  job.new_tokens))
+            tokens[i] = token
+            if done is None:
+                keep.append(i)
+        return tokens, keep
+
+    def _logprob(self, logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+        logp = torch.log_softmax(logits, dim=-1)
+        top = []
+        if k > 0:
+            values, ids = torch.topk(logp, min(k, logp.shape[-1]))
+            top = [(self.tokenizer.decode([int(t)]), float(v)) for v, t in zip(values, ids)]
+        return TokenLogprob(self.tokenizer.decode([token]), float(logp[token]), top)
+
+    @staticmethod
+    def _emit(job: Job, event: Event):
+        if job.on_event is not None:
+            job.on_event(event)
