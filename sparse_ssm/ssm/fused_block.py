@@ -10,9 +10,10 @@ bilinear / gbt discretisation by a small LU solve, or a rotation pair's closed-f
 and operators chunk by chunk and walks back through the solve and the parameterisation.  No
 per-token operator tensor is stored, so the memory is that of the diagonal scan.  Supported:
 `RotationStructure` with zoh, bilinear or gbt; `BlockStructure` (block sizes up to the whole
-state: the dense class) and `BandedStructure` (two partitions of blocks, the Lie-Trotter product)
-with bilinear or gbt (ZOH of a general block needs a matrix exponential per token: that stays on
-the pure-PyTorch path).
+state: the dense class), `BandedStructure` (two partitions of blocks, the Lie-Trotter product) and
+`LowRankStructure` (`kernels/lowrank_scan.cpp`: the bilinear inverse by Woodbury, O(N r) per
+channel) with bilinear or gbt (ZOH of a general block needs a matrix exponential per token: that
+stays on the pure-PyTorch path).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Optional
 import torch
 
 from .kernels import method_id, native_library, ptr, saved_chunks, suffix, token_rows
-from .structures import BandedStructure, BlockStructure, DiagonalStructure, RotationStructure
+from .structures import BandedStructure, BlockStructure, DiagonalStructure, LowRankStructure, RotationStructure
 
 
 def _kind(structure) -> int | None:
@@ -32,16 +33,30 @@ def _kind(structure) -> int | None:
         return 0
     if isinstance(structure, BandedStructure):
         return 2
+    if isinstance(structure, LowRankStructure):
+        return 3
     return None
 
 
 def supports(structure, method: str) -> bool:
     kind = _kind(structure)
-    return kind == 1 or (kind in (0, 2) and method != "zoh")
+    return kind == 1 or (kind in (0, 2, 3) and method != "zoh")
+
+
+def _size(structure) -> int:
+    """The kernels' size parameter: the block size, or the rank of a low-rank structure."""
+    return structure.rank if isinstance(structure, LowRankStructure) else structure.block_size
+
+
+def _kernel(kind: int, direction: str, dtype):
+    family = "lowrank" if kind == 3 else "block"
+    return getattr(native_library(), f"ssm_{family}_{direction}_{suffix(dtype)}")
 
 
 def _dims(u, B, bs, z_stride, kind, code, alpha):
     b, L, H, P = u.shape
+    if kind == 3:                                         # the low-rank kernel: gbt only, by alpha
+        return [b, L, H, P, B.shape[-1], B.shape[2], bs, z_stride, alpha, torch.get_num_threads()]
     return [b, L, H, P, B.shape[-1], B.shape[2], bs, z_stride, kind, code, alpha, torch.get_num_threads()]
 
 
@@ -52,7 +67,7 @@ def _forward(u, dt, raw, B, C, D, h0, z, bs, kind, code, alpha, save):
     y, hT = torch.empty_like(u), u.new_empty(b, H, N, P)
     saved = u.new_empty(b, H, saved_chunks(L), N, P) if save else u.new_empty(0)
     ypre = torch.empty_like(u) if save and z is not None else u.new_empty(0)
-    fn = getattr(native_library(), f"ssm_block_forward_{suffix(u.dtype)}")
+    fn = _kernel(kind, "forward", u.dtype)
     err = fn(*map(ptr, (u, dt, raw, B, C, D, h0, z, y, hT, saved if save else None, ypre if ypre.numel() else None)),
              *_dims(u, B, bs, z_stride, kind, code, alpha))
     if err:
@@ -88,7 +103,7 @@ def block_scan_backward(u: torch.Tensor, dt: torch.Tensor, raw: torch.Tensor, B:
     du, ddt, draw, dD = torch.empty_like(u), torch.empty_like(dt), torch.empty_like(raw), torch.empty_like(D)
     dB_head, dC_head, dh0 = u.new_empty(b, L, H, N), u.new_empty(b, L, H, N), u.new_empty(b, H, N, P)
     dz = torch.empty_like(u) if z is not None else u.new_empty(0)
-    fn = getattr(native_library(), f"ssm_block_backward_{suffix(u.dtype)}")
+    fn = _kernel(kind, "backward", u.dtype)
     err = fn(*map(ptr, (u, dt, raw, B, C, D, saved, z, ypre if z is not None else None, dy, dhT, du, ddt, draw,
                          dB_head, dC_head, dD, dh0, dz if z is not None else None)),
              *_dims(u, B, bs, z_stride, kind, code, alpha))
@@ -134,7 +149,7 @@ def selective_scan_fused_block(u, dt, A_raw, B, C, D, structure, method="bilinea
     h0 = None if initial_state is None else initial_state.contiguous()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*args, h0, z) if t is not None)
     if needs_grad or torch.compiler.is_compiling():
-        y, hT, _, _ = block_scan(*args, h0, z, structure.block_size, kind, code, al)
+        y, hT, _, _ = block_scan(*args, h0, z, _size(structure), kind, code, al)
     else:
-        y, hT, _, _ = _forward(*args, h0, z, structure.block_size, kind, code, al, save=False)
+        y, hT, _, _ = _forward(*args, h0, z, _size(structure), kind, code, al, save=False)
     return y, hT

@@ -9,14 +9,14 @@ from sparse_ssm.ssm import fused
 from sparse_ssm.ssm.fused_block import selective_scan_fused_block, supports
 from sparse_ssm.ssm.hippo import hippo
 from sparse_ssm.ssm.scan import selective_scan_ref
-from sparse_ssm.ssm.structures import BandedStructure, BlockStructure, RotationStructure
+from sparse_ssm.ssm.structures import BandedStructure, BlockStructure, LowRankStructure, RotationStructure
 
 pytestmark = pytest.mark.skipif(not fused.available(torch.zeros(1, 1, 1, 1), RotationStructure(2)),
                                 reason="the native kernel could not be built here (no C++ compiler)")
 
 STRUCTURES = [BlockStructure(8, 2), BlockStructure(8, 4), BlockStructure(8, 8), BlockStructure(9, 3),
               RotationStructure(8), RotationStructure(6), BandedStructure(8, 2), BandedStructure(8, 4),
-              BandedStructure(9, 3)]
+              BandedStructure(9, 3), LowRankStructure(8, 1), LowRankStructure(8, 2), LowRankStructure(7, 3)]
 METHODS = {"block": [("bilinear", 0.5), ("gbt", 0.3), ("gbt", 1.0)],
            "rotation": [("zoh", 0.5), ("bilinear", 0.5), ("gbt", 0.8)]}
 SHAPES = [(1, 1, 1, 3, 1), (2, 7, 2, 8, 2), (1, 40, 2, 5, 1), (2, 33, 4, 16, 2)]    # b, L, H, P, G
@@ -59,8 +59,8 @@ def test_fused_block_scan_matches_the_reference_in_float64(structure, shape):
             assert torch.allclose(a, b, rtol=1e-8, atol=1e-9), (method, name)
 
 
-@pytest.mark.parametrize("structure", [BlockStructure(8, 4), RotationStructure(8), BandedStructure(8, 4)],
-                         ids=lambda s: s.name)
+@pytest.mark.parametrize("structure", [BlockStructure(8, 4), RotationStructure(8), BandedStructure(8, 4),
+                                       LowRankStructure(8, 2)], ids=lambda s: s.name)
 def test_fused_block_scan_in_float32_with_the_gate_and_no_initial_state(structure):
     method, alpha = methods(structure)[0]
     x64 = inputs(structure, 2, 37, 2, 8, 1, torch.float64, with_state=False)
@@ -76,8 +76,9 @@ def test_fused_block_scan_in_float32_with_the_gate_and_no_initial_state(structur
 
 
 @pytest.mark.parametrize("structure, method", [(BlockStructure(6, 3), "bilinear"), (RotationStructure(4), "zoh"),
-                                               (RotationStructure(4), "gbt"), (BandedStructure(6, 2), "bilinear")],
-                         ids=["block3-bilinear", "rotation-zoh", "rotation-gbt", "banded-bilinear"])
+                                               (RotationStructure(4), "gbt"), (BandedStructure(6, 2), "bilinear"),
+                                               (LowRankStructure(5, 2), "gbt")],
+                         ids=["block3-bilinear", "rotation-zoh", "rotation-gbt", "banded-bilinear", "lowrank-gbt"])
 def test_fused_block_scan_gradcheck(structure, method):
     xs = [x.requires_grad_() for x in inputs(structure, 1, 34, 2, 3, 1, torch.float64)]
     fn = lambda *t: selective_scan_fused_block(*t[:6], structure, method, 0.3, t[6])
@@ -86,5 +87,5 @@ def test_fused_block_scan_gradcheck(structure, method):
 
 def test_what_the_block_kernel_takes():
     assert supports(RotationStructure(4), "zoh") and supports(BlockStructure(8, 4), "bilinear")
-    assert supports(BandedStructure(8, 4), "gbt")
+    assert supports(BandedStructure(8, 4), "gbt") and supports(LowRankStructure(8, 2), "bilinear")
     assert not supports(BlockStructure(8, 4), "zoh")          # a general block's ZOH stays on the PyTorch path

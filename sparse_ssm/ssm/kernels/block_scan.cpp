@@ -358,10 +358,6 @@ void advance_blocks(const BDims& d, const std::vector<BlockRef>& refs, const T* 
   }
 }
 
-template <typename T> void gate_rows(const T* y, const T* z, T* out, int64_t P) {
-  for (int64_t p = 0; p < P; ++p) out[p] = y[p] * z[p] / (1 + std::exp(-z[p]));
-}
-
 template <typename T> void block_forward_head(const BDims& d, const BTensors<T>& x, int64_t bi, int64_t hi) {
   const int64_t N = d.N, P = d.P, H = d.H;
   const std::vector<BlockRef> refs = block_refs(d);
@@ -384,7 +380,7 @@ template <typename T> void block_forward_head(const BDims& d, const BTensors<T>&
       const int64_t row = ((bi * d.L + t0 + t) * H + hi) * P;
       if (x.ypre) std::memcpy(x.ypre + row, &ych[t * P], sizeof(T) * P);
       if (x.z)
-        gate_rows(&ych[t * P], x.z + (bi * d.L + t0 + t) * d.z_stride + hi * P, x.y + row, P);
+        gate_row(&ych[t * P], x.z + (bi * d.L + t0 + t) * d.z_stride + hi * P, x.y + row, P);
       else
         std::memcpy(x.y + row, &ych[t * P], sizeof(T) * P);
     }
@@ -443,14 +439,8 @@ template <typename T> void block_backward_head(const BDims& d, const BTensors<T>
       const T* u = u0 + t * H * P;
       const T* dy = x.dy + row * P;
       const T* S_prev = &states[t * N * P];
-      if (x.z) {                                       // through the gate
-        const T* z = x.z + tok * d.z_stride + hi * P;
-        const T* yp = x.ypre_in + row * P;
-        for (int64_t p = 0; p < P; ++p) {
-          const T s = 1 / (1 + std::exp(-z[p]));
-          dyp[p] = dy[p] * z[p] * s;
-          x.dz[row * P + p] = dy[p] * yp[p] * s * (1 + z[p] * (1 - s));
-        }
+      if (x.z) {                                       // through the gate: the ungated output's gradient
+        gate_row_backward(dy, x.ypre_in + row * P, x.z + tok * d.z_stride + hi * P, dyp.data(), x.dz + row * P, P);
         dy = dyp.data();
       }
       T* du = x.du + row * P;

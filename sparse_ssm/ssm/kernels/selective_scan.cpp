@@ -74,33 +74,6 @@ template <typename T> struct Tensors {
   T *du, *ddt, *da, *dB, *dC, *dD, *dh0, *dz; // backward outputs (dB, dC per head)
 };
 
-// out[p] = y[p] * silu(z[p]) for p < P
-template <typename T> void gate_row(const T* y, const T* z, T* out, int64_t P) {
-  constexpr int W = Vec<T>::lanes;
-  int64_t p = 0;
-  for (; p + W <= P; p += W) {
-    const V<T> zv = vload(z + p);
-    vstore(out + p, vload(y + p) * zv * vsigmoid<T>(zv));
-  }
-  for (; p < P; ++p) out[p] = y[p] * z[p] / (1 + std::exp(-z[p]));
-}
-
-// the gate's backward: dyp = dy * silu(z), dz = dy * y * silu'(z), silu'(z) = s (1 + z (1 - s))
-template <typename T> void gate_row_backward(const T* dy, const T* y, const T* z, T* dyp, T* dz, int64_t P) {
-  constexpr int W = Vec<T>::lanes;
-  int64_t p = 0;
-  for (; p + W <= P; p += W) {
-    const V<T> zv = vload(z + p), s = vsigmoid<T>(zv), g = vload(dy + p);
-    vstore(dyp + p, g * zv * s);
-    vstore(dz + p, g * vload(y + p) * s * (1 + zv * (1 - s)));
-  }
-  for (; p < P; ++p) {
-    const T s = 1 / (1 + std::exp(-z[p]));
-    dyp[p] = dy[p] * z[p] * s;
-    dz[p] = dy[p] * y[p] * s * (1 + z[p] * (1 - s));
-  }
-}
-
 // The operators of tokens [t0, t0 + tc) of head (bi, hi), each row padded to Np:
 // Ab = A_bar, Bb = beta * B (the input weight), Cc = C; with derivatives, also beta, and the
 // partial derivatives of A_bar and beta by dt and by a.

@@ -104,6 +104,33 @@ template <typename T> T dot(const T* x, const T* y, int64_t n) {
   return s;
 }
 
+// out[p] = y[p] * silu(z[p]) for p < P
+template <typename T> void gate_row(const T* y, const T* z, T* out, int64_t P) {
+  constexpr int W = Vec<T>::lanes;
+  int64_t p = 0;
+  for (; p + W <= P; p += W) {
+    const V<T> zv = vload(z + p);
+    vstore(out + p, vload(y + p) * zv * vsigmoid<T>(zv));
+  }
+  for (; p < P; ++p) out[p] = y[p] * z[p] / (1 + std::exp(-z[p]));
+}
+
+// the gate's backward: dyp = dy * silu(z), dz = dy * y * silu'(z), silu'(z) = s (1 + z (1 - s))
+template <typename T> void gate_row_backward(const T* dy, const T* y, const T* z, T* dyp, T* dz, int64_t P) {
+  constexpr int W = Vec<T>::lanes;
+  int64_t p = 0;
+  for (; p + W <= P; p += W) {
+    const V<T> zv = vload(z + p), s = vsigmoid<T>(zv), g = vload(dy + p);
+    vstore(dyp + p, g * zv * s);
+    vstore(dz + p, g * vload(y + p) * s * (1 + zv * (1 - s)));
+  }
+  for (; p < P; ++p) {
+    const T s = 1 / (1 + std::exp(-z[p]));
+    dyp[p] = dy[p] * z[p] * s;
+    dz[p] = dy[p] * y[p] * s * (1 + z[p] * (1 - s));
+  }
+}
+
 // Run work(task) for task in [0, tasks) on up to `threads` threads (contiguous ranges each).
 template <typename F> void parallel_for(int64_t tasks, int threads, F work) {
   threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, tasks));
