@@ -255,6 +255,56 @@ template <typename T> void build_rotation(const T* r, T dt, const T* Bv, int met
   Bbar[0] = bb.real(), Bbar[1] = bb.imag();
 }
 
+// complex helpers on pairs of vectors (re, im)
+template <typename T> struct CV {
+  V<T> re, im;
+};
+template <typename T> inline CV<T> cmul(CV<T> a, CV<T> b) { return {a.re * b.re - a.im * b.im, a.re * b.im + a.im * b.re}; }
+template <typename T> inline CV<T> cdiv(CV<T> a, CV<T> b) {
+  const V<T> den = b.re * b.re + b.im * b.im;
+  return {(a.re * b.re + a.im * b.im) / den, (a.im * b.re - a.re * b.im) / den};
+}
+
+// Every rotation block of one token at once (W blocks per vector): A_bar (2 x 2 each) and B_bar.
+template <typename T>
+void build_rotations(const T* raw, T dt, const T* Bv, int64_t nb, int method, T al, T* Ab, T* Bb) {
+  constexpr int W = Vec<T>::lanes;
+  const T small = sizeof(T) == 4 ? T(0.01) : T(1e-6);      // |x|^2 below which phi's series is used
+  int64_t j = 0;
+  for (; j + W <= nb; j += W) {
+    V<T> r0, r1, b0, b1;
+    for (int i = 0; i < W; ++i)
+      r0[i] = raw[2 * (j + i)], r1[i] = raw[2 * (j + i) + 1], b0[i] = Bv[2 * (j + i)], b1[i] = Bv[2 * (j + i) + 1];
+    const CV<T> x{-dt * vexp(2 * r0), dt * r1};
+    CV<T> e, beta;
+    if (method == 0) {
+      V<T> sn, cs;
+      vsincos(x.im, sn, cs);
+      const V<T> m = vexp(x.re);
+      e = {m * cs, m * sn};
+      const CV<T> direct = cdiv(CV<T>{e.re - 1, e.im}, x);
+      CV<T> series{vsplat(T(1) / 720), vsplat(T(0))};      // 1 + x/2 + x^2/6 + ... + x^5/720
+      for (T coef : {T(1) / 120, T(1) / 24, T(1) / 6, T(1) / 2, T(1)}) {
+        series = cmul(series, x);
+        series.re += coef;
+      }
+      const auto use_series = (x.re * x.re + x.im * x.im) < small;
+      beta = {dt * (use_series ? series.re : direct.re), dt * (use_series ? series.im : direct.im)};
+    } else {
+      const CV<T> num{1 + (1 - al) * x.re, (1 - al) * x.im}, den{1 - al * x.re, -al * x.im};
+      e = cdiv(num, den);
+      beta = cdiv(CV<T>{vsplat(dt), vsplat(T(0))}, den);
+    }
+    const CV<T> bb = cmul(beta, CV<T>{b0, b1});
+    for (int i = 0; i < W; ++i) {
+      T* A = Ab + (j + i) * 4;
+      A[0] = e.re[i], A[1] = -e.im[i], A[2] = e.im[i], A[3] = e.re[i];
+      Bb[2 * (j + i)] = bb.re[i], Bb[2 * (j + i) + 1] = bb.im[i];
+    }
+  }
+  for (; j < nb; ++j) build_rotation(raw + 2 * j, dt, Bv + 2 * j, method, al, Ab + 4 * j, Bb + 2 * j);
+}
+
 template <typename T>
 void build_rotation_backward(const T* r, T dt, const T* Bv, int method, T al, const T* gA, const T* gb, T* gR, T& gdt,
                              T* gB) {
@@ -285,12 +335,14 @@ void build_chunk(const BDims& d, const std::vector<BlockRef>& refs, const BTenso
     const T* raw = x.raw + (tok * d.H + hi) * d.R();
     const T* B = x.B + (tok * d.G + g) * N;
     std::memcpy(&ops.Cc[t * N], x.C + (tok * d.G + g) * N, sizeof(T) * N);
+    if (d.kind == 1) {                                // all rotation blocks of the token, vectorised
+      build_rotations(raw, dt, B, nr, d.method, T(d.alpha), &ops.Ab[t * nr * 4], &ops.Bb[t * N]);
+      continue;
+    }
     for (int64_t k = 0; k < nr; ++k) {
       const BlockRef& r = refs[k];
       T* Ab = &ops.Ab[(t * nr + k) * bs * bs];
-      if (d.kind == 1)
-        build_rotation(raw + r.raw_index * 2, dt, B + r.state0, d.method, T(d.alpha), Ab, &ops.Bb[t * N + r.state0]);
-      else if (r.stage == 0)
+      if (r.stage == 0)
         build_block(raw + r.raw_index * bs * bs, dt, B + r.state0, bs, T(d.alpha), Ab, &ops.Bb[t * N + r.state0], s,
                     r.lo, r.size);
       else                                            // the shifted partition: no input of its own
@@ -300,10 +352,42 @@ void build_chunk(const BDims& d, const std::vector<BlockRef>& refs, const BTenso
   }
 }
 
+// apply_block for a whole block of compile-time size BS (the loops unrolled, the rows in registers)
+template <typename T, int BS>
+void apply_fixed(const BlockRef& r, int64_t P, const T* A, const T* Bb, const T* u, T* S) {
+  constexpr int W = Vec<T>::lanes;
+  T* rows = S + r.state0 * P;
+  int64_t p = 0;
+  for (; p + W <= P; p += W) {
+    V<T> old[BS], acc[BS];
+    for (int k = 0; k < BS; ++k) old[k] = vload(rows + k * P + p);
+    const V<T> uv = Bb ? vload(u + p) : vsplat(T(0));
+    for (int i = 0; i < BS; ++i) {
+      acc[i] = Bb ? uv * Bb[i] : vsplat(T(0));
+      for (int k = 0; k < BS; ++k) acc[i] += old[k] * A[i * BS + k];
+    }
+    for (int i = 0; i < BS; ++i) vstore(rows + i * P + p, acc[i]);
+  }
+  for (; p < P; ++p) {
+    T old[BS];
+    for (int k = 0; k < BS; ++k) old[k] = rows[k * P + p];
+    for (int i = 0; i < BS; ++i) {
+      T acc = Bb ? u[p] * Bb[i] : T(0);
+      for (int k = 0; k < BS; ++k) acc += old[k] * A[i * BS + k];
+      rows[i * P + p] = acc;
+    }
+  }
+}
+
 // rows [state0, state0 + size) of S <- A_sub S_rows (+ Bb_rows u^T), A_sub the block's sub-block
 template <typename T>
 void apply_block(const BlockRef& r, int64_t bs, int64_t P, const T* A, const T* Bb, const T* u, T* S, T* next) {
   constexpr int W = Vec<T>::lanes;
+  if (r.lo == 0 && r.size == bs) {
+    if (bs == 2) return apply_fixed<T, 2>(r, P, A, Bb, u, S);
+    if (bs == 4) return apply_fixed<T, 4>(r, P, A, Bb, u, S);
+    if (bs == 8) return apply_fixed<T, 8>(r, P, A, Bb, u, S);
+  }
   T* rows = S + r.state0 * P;
   const int64_t n = r.size;
   int64_t p = 0;

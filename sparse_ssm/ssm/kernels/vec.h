@@ -80,6 +80,33 @@ inline V<double> vexp(V<double> x) {
 
 template <typename T> inline V<T> vsigmoid(V<T> x) { return 1 / (1 + vexp(-x)); }
 
+// sin and cos of a float vector (Cephes' sinf/cosf: reduction by pi/4 in three parts, degree-5/6
+// polynomials; accurate to a few ulp for |x| < 8192)
+inline void vsincos(V<float> x, V<float>& s, V<float>& c) {
+  typedef Vec<float>::itype VI;
+  const VI negative = x < 0.0f;
+  V<float> ax = negative ? -x : x;
+  VI j = __builtin_convertvector(ax * 1.27323954473516f, VI);   // 4 / pi
+  j = (j + 1) & ~1;
+  const V<float> y = __builtin_convertvector(j, V<float>);
+  ax = ((ax - y * 0.78515625f) - y * 2.4187564849853515625e-4f) - y * 3.77489497744594108e-8f;
+  const V<float> z = ax * ax;
+  const V<float> pc = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z
+                      - 0.5f * z + 1.0f;
+  const V<float> ps = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * ax + ax;
+  const VI swap = (j & 2) != 0;
+  s = swap ? pc : ps;
+  c = swap ? ps : pc;
+  const VI sin_negative = ((j & 4) != 0) != negative;
+  const VI cos_negative = ((j + 2) & 4) != 0;
+  s = sin_negative ? -s : s;
+  c = cos_negative ? -c : c;
+}
+
+inline void vsincos(V<double> x, V<double>& s, V<double>& c) {
+  for (int i = 0; i < Vec<double>::lanes; ++i) s[i] = std::sin(x[i]), c[i] = std::cos(x[i]);
+}
+
 // Four sums at once: (sum v0, sum v1, sum v2, sum v3)
 template <typename T> inline void hsum4(V<T> v0, V<T> v1, V<T> v2, V<T> v3, T* out) {
   out[0] = hsum<T>(v0), out[1] = hsum<T>(v1), out[2] = hsum<T>(v2), out[3] = hsum<T>(v3);
