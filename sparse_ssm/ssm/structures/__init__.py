@@ -1,0 +1,74 @@
+"""Structures of the selective state matrix A_t (one N x N matrix per head and token).
+
+Every structure turns a flat vector of *raw* parameters per head (a learned base plus what the
+selective generator adds for the token) into a continuous-time A_t that is stable by
+construction, discretises it without ever forming a dense N x N matrix, and applies the
+discrete operator A_bar_t to a state X of shape (..., N, K) at a cost that follows the structure.
+
+==============  ============================  ================  ==========================
+structure       A_t                           raw per head      apply A_bar to (N, K)
+==============  ============================  ================  ==========================
+diagonal        diag(a),  a = -exp(2 r)       N                 N K
+rotation        [[-l, -w], [w, -l]] per pair  N                 2 N K
+block (b x b)   -L L^T + (S - S^T) per block  N b               N b K
+low-rank (r)    diag(lam) + U V^T             N + 2 N r         about 4 N r K
+==============  ============================  ================  ==========================
+
+Eigenvalues of A_bar: the diagonal's exp(dt a) lie in (0, 1] (Mamba); with `signed=True` the
+diagonal maps them to 2 exp(dt a) - 1 in (-1, 1] (Grazzi et al., ICLR 2025: what parity needs),
+still a contraction.  Rotation pairs (l = exp(2 r0) > 0, w = r1) are complex eigenvalues
+exp(dt (-l + i w)): any angle, so counting modulo m is a rotation by 2 pi / m.  Block and dense
+A_t with bilinear / gbt discretisation are Cayley transforms of a matrix whose symmetric part is
+negative definite: inside the unit disc, orthogonal in the limit of a small symmetric part, and
+reflection-like (an eigenvalue near -1) for a large one along a direction.
+
+Stability by construction:
+
+- block-diagonal (and diagonal, b = 1; and dense, b = N): the raw block R (b x b) gives a
+  lower-triangular L with positive diagonal exp(diag R) (strict lower part of R) and a skew part
+  from the strict upper part of R.  The symmetric part of A is -L L^T, negative definite, so
+  every eigenvalue has a negative real part and ||exp(t A)|| <= 1.  The map is onto the
+  contractive set that `hippo.project_block_diagonal` projects into (Cholesky factor + skew
+  part), so the HiPPO projection is represented exactly.
+- low-rank: lam = -exp(d) - ||U||_F ||V||_F.  The symmetric part of U V^T has spectral norm at
+  most ||U||_F ||V||_F, so the symmetric part of A is <= -min(exp(d)) I < 0 for any U, V.
+  Its matrix exponential is dense, so this structure supports the bilinear / gbt methods only:
+  the inverse (I - alpha dt A)^{-1} is applied in O(N r) through the Woodbury identity.
+
+The discrete operators are tuples of tensors with leading dimensions (..., ) = the token dims.
+"""
+
+from __future__ import annotations
+
+from ..hippo import block_size_for
+from .banded import BandedStructure
+from .block import BlockStructure, DiagonalStructure, RotationStructure
+from .dense_prefix import DensePrefix
+from .low_rank import LowRankStructure
+
+__all__ = ["BlockStructure", "DiagonalStructure", "RotationStructure", "BandedStructure", "LowRankStructure",
+           "DensePrefix", "make_structure"]
+
+
+def make_structure(selective_param_class: str, state_dim: int, sparsity_level: float = 0.0,
+                   low_rank_rank: int = 1, sparsity_pattern: str = "block", signed: bool = False):
+    """Structure for a config: 'dense' (one N x N block), 'sparse' (block size b from
+    `hippo.block_size_for`; pattern 'block' = block-diagonal, 'banded' = half-bandwidth b // 2;
+    b = 1 is the diagonal case for both, whose eigenvalue range `signed` chooses), 'rotation'
+    (2 x 2 scaled-rotation blocks) or 'low_rank'."""
+    if selective_param_class == "dense":
+        return BlockStructure(state_dim, state_dim)
+    if selective_param_class == "rotation":
+        return RotationStructure(state_dim)
+    if selective_param_class == "sparse":
+        b = block_size_for(state_dim, sparsity_level)
+        if b == 1:
+            return DiagonalStructure(state_dim, signed)
+        if sparsity_pattern == "banded":
+            return BandedStructure(state_dim, b)
+        if sparsity_pattern != "block":
+            raise ValueError(f"unknown sparsity_pattern {sparsity_pattern!r}")
+        return BlockStructure(state_dim, b)
+    if selective_param_class == "low_rank":
+        return LowRankStructure(state_dim, low_rank_rank)
+    raise ValueError(f"unknown selective_param_class {selective_param_class!r}")
