@@ -29,6 +29,7 @@
 // head (b, L, H, N); the caller sums them over the heads of a group.
 
 #include <complex>
+#include <type_traits>
 
 #include "vec.h"
 
@@ -78,17 +79,15 @@ template <typename T> struct BTensors {
 
 // ---- small dense linear algebra (row-major bs x bs) -------------------------------------------
 
-// Solve M X = Y in place for n x n M (destroyed: its LU) and n x m Y (row-major), partial pivoting.
-template <typename T> void solve_in_place(T* M, T* Y, int64_t n, int64_t m, int64_t* piv) {
+// The systems solved here have M = I - alpha dt A with A's symmetric part negative definite, so
+// M's symmetric part is positive definite: so are those of all its leading blocks, and Gaussian
+// elimination needs no pivoting.  BS > 0: the size known at compile time (loops unrolled).
+
+// Solve M X = Y in place for n x n M (destroyed: its LU, unit lower L below the diagonal) and
+// n x m Y (row-major).
+template <typename T, int BS> void solve_in_place(T* M, T* Y, int64_t n_, int64_t m) {
+  const int64_t n = BS ? BS : n_;
   for (int64_t k = 0; k < n; ++k) {
-    int64_t p = k;
-    for (int64_t i = k + 1; i < n; ++i)
-      if (std::fabs(M[i * n + k]) > std::fabs(M[p * n + k])) p = i;
-    piv[k] = p;
-    if (p != k) {
-      for (int64_t j = 0; j < n; ++j) std::swap(M[k * n + j], M[p * n + j]);
-      for (int64_t j = 0; j < m; ++j) std::swap(Y[k * m + j], Y[p * m + j]);
-    }
     const T inv = 1 / M[k * n + k];
     for (int64_t i = k + 1; i < n; ++i) {
       const T f = M[i * n + k] * inv;
@@ -98,37 +97,49 @@ template <typename T> void solve_in_place(T* M, T* Y, int64_t n, int64_t m, int6
     }
   }
   for (int64_t k = n - 1; k >= 0; --k) {
+    const T inv = 1 / M[k * n + k];
     for (int64_t j = 0; j < m; ++j) {
       T s = Y[k * m + j];
       for (int64_t i = k + 1; i < n; ++i) s -= M[k * n + i] * Y[i * m + j];
-      Y[k * m + j] = s / M[k * n + k];
+      Y[k * m + j] = s * inv;
     }
   }
 }
 
-// Solve M^T X = Y given the LU of M (with pivots) from solve_in_place; Y (n x m) in place.
-template <typename T> void solve_transposed(const T* LU, const int64_t* piv, T* Y, int64_t n, int64_t m) {
-  for (int64_t k = 0; k < n; ++k)                     // U^T z = y
+// Solve M^T X = Y given the LU of M from solve_in_place; Y (n x m) in place.
+template <typename T, int BS> void solve_transposed(const T* LU, T* Y, int64_t n_, int64_t m) {
+  const int64_t n = BS ? BS : n_;
+  for (int64_t k = 0; k < n; ++k) {                   // U^T z = y
+    const T inv = 1 / LU[k * n + k];
     for (int64_t j = 0; j < m; ++j) {
       T s = Y[k * m + j];
       for (int64_t i = 0; i < k; ++i) s -= LU[i * n + k] * Y[i * m + j];
-      Y[k * m + j] = s / LU[k * n + k];
+      Y[k * m + j] = s * inv;
     }
+  }
   for (int64_t k = n - 1; k >= 0; --k)                // L^T w = z (unit diagonal)
     for (int64_t j = 0; j < m; ++j) {
       T s = Y[k * m + j];
       for (int64_t i = k + 1; i < n; ++i) s -= LU[i * n + k] * Y[i * m + j];
       Y[k * m + j] = s;
     }
-  for (int64_t k = n - 1; k >= 0; --k)                // undo the row swaps: P^T
-    if (piv[k] != k)
-      for (int64_t j = 0; j < m; ++j) std::swap(Y[k * m + j], Y[piv[k] * m + j]);
+}
+
+// Call f with the block size as a compile-time constant where one is specialised (else 0).
+template <typename F> void with_block_size(int64_t bs, F f) {
+  switch (bs) {
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 8: f(std::integral_constant<int, 8>()); break;
+    default: f(std::integral_constant<int, 0>());
+  }
 }
 
 // ---- the two kinds of block: operators from raw parameters, and their backward -----------------
 
 // A of a kind-0 block from its raw R (bs x bs); also L (for the backward)
-template <typename T> void block_matrix(const T* R, int64_t n, T* A, T* Lm) {
+template <typename T, int BS> void block_matrix(const T* R, int64_t n_, T* A, T* Lm) {
+  const int64_t n = BS ? BS : n_;
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < n; ++j) Lm[i * n + j] = i > j ? R[i * n + j] : (i == j ? std::exp(R[i * n + i]) : T(0));
   for (int64_t i = 0; i < n; ++i)
@@ -142,9 +153,8 @@ template <typename T> void block_matrix(const T* R, int64_t n, T* A, T* Lm) {
 
 template <typename T> struct Scratch {               // per-thread work space of the block builders
   std::vector<T> A, Lm, M, X, W, G, no_input, b_bar;
-  std::vector<int64_t> piv;
   explicit Scratch(int64_t n)
-      : A(n * n), Lm(n * n), M(n * n), X(n * (n + 1)), W(n * (n + 1)), G(n * n), no_input(n), b_bar(n), piv(n) {}
+      : A(n * n), Lm(n * n), M(n * n), X(n * (n + 1)), W(n * (n + 1)), G(n * n), no_input(n), b_bar(n) {}
 };
 
 // rows and columns outside [lo, lo + size) of a block's A set to zero (a banded edge block)
@@ -156,10 +166,11 @@ template <typename T> void mask_block(T* A, int64_t n, int64_t lo, int64_t size)
 }
 
 // kind 0 forward: A_bar (n x n) and B_bar (n) of one block (Bv null: no input)
-template <typename T>
-void build_block(const T* R, T dt, const T* Bv, int64_t n, T al, T* Abar, T* Bbar, Scratch<T>& s, int64_t lo,
+template <typename T, int BS>
+void build_block(const T* R, T dt, const T* Bv, int64_t n_, T al, T* Abar, T* Bbar, Scratch<T>& s, int64_t lo,
                  int64_t size) {
-  block_matrix(R, n, s.A.data(), s.Lm.data());
+  const int64_t n = BS ? BS : n_;
+  block_matrix<T, BS>(R, n, s.A.data(), s.Lm.data());
   mask_block(s.A.data(), n, lo, size);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < n; ++j) {
@@ -168,7 +179,7 @@ void build_block(const T* R, T dt, const T* Bv, int64_t n, T al, T* Abar, T* Bba
       s.X[i * (n + 1) + j] = id + (1 - al) * dt * a;
     }
   for (int64_t i = 0; i < n; ++i) s.X[i * (n + 1) + n] = Bv ? dt * Bv[i] : T(0);
-  solve_in_place(s.M.data(), s.X.data(), n, n + 1, s.piv.data());
+  solve_in_place<T, BS>(s.M.data(), s.X.data(), n, n + 1);
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t j = 0; j < n; ++j) Abar[i * n + j] = s.X[i * (n + 1) + j];
     Bbar[i] = s.X[i * (n + 1) + n];
@@ -176,10 +187,11 @@ void build_block(const T* R, T dt, const T* Bv, int64_t n, T al, T* Abar, T* Bba
 }
 
 // kind 0 backward: from gA (gradient of A_bar, n x n) and gb (of B_bar, n) to the raw block, dt, B
-template <typename T>
-void build_block_backward(const T* R, T dt, const T* Bv, int64_t n, T al, const T* Abar, const T* Bbar, const T* gA,
+template <typename T, int BS>
+void build_block_backward(const T* R, T dt, const T* Bv, int64_t n_, T al, const T* Abar, const T* Bbar, const T* gA,
                           const T* gb, T* gR, T& gdt, T* gB, Scratch<T>& s, int64_t lo, int64_t size) {
-  block_matrix(R, n, s.A.data(), s.Lm.data());
+  const int64_t n = BS ? BS : n_;
+  block_matrix<T, BS>(R, n, s.A.data(), s.Lm.data());
   mask_block(s.A.data(), n, lo, size);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < n; ++j) s.M[i * n + j] = (i == j ? T(1) : T(0)) - al * dt * s.A[i * n + j];
@@ -187,9 +199,8 @@ void build_block_backward(const T* R, T dt, const T* Bv, int64_t n, T al, const 
     for (int64_t j = 0; j < n; ++j) s.W[i * (n + 1) + j] = gA[i * n + j];
     s.W[i * (n + 1) + n] = gb[i];
   }
-  std::fill(s.X.begin(), s.X.end(), T(0));
-  solve_in_place(s.M.data(), s.X.data(), n, n + 1, s.piv.data());   // only the LU of M (X is a dummy)
-  solve_transposed(s.M.data(), s.piv.data(), s.W.data(), n, n + 1);
+  solve_in_place<T, BS>(s.M.data(), s.X.data(), n, 0);               // only the LU of M
+  solve_transposed<T, BS>(s.M.data(), s.W.data(), n, n + 1);
   // G_Q = W_A;  G_M = -(W_A A_bar^T + W_b B_bar^T);  G_A = (1 - al) dt G_Q - al dt G_M
   gdt = 0;
   for (int64_t i = 0; i < n; ++i) {
@@ -342,12 +353,15 @@ void build_chunk(const BDims& d, const std::vector<BlockRef>& refs, const BTenso
     for (int64_t k = 0; k < nr; ++k) {
       const BlockRef& r = refs[k];
       T* Ab = &ops.Ab[(t * nr + k) * bs * bs];
-      if (r.stage == 0)
-        build_block(raw + r.raw_index * bs * bs, dt, B + r.state0, bs, T(d.alpha), Ab, &ops.Bb[t * N + r.state0], s,
-                    r.lo, r.size);
-      else                                            // the shifted partition: no input of its own
-        build_block(raw + r.raw_index * bs * bs, dt, (const T*)nullptr, bs, T(d.alpha), Ab, s.no_input.data(), s,
-                    r.lo, r.size);
+      with_block_size(bs, [&](auto K) {
+        constexpr int BS = decltype(K)::value;
+        if (r.stage == 0)
+          build_block<T, BS>(raw + r.raw_index * bs * bs, dt, B + r.state0, bs, T(d.alpha), Ab,
+                             &ops.Bb[t * N + r.state0], s, r.lo, r.size);
+        else                                          // the shifted partition: no input of its own
+          build_block<T, BS>(raw + r.raw_index * bs * bs, dt, (const T*)nullptr, bs, T(d.alpha), Ab,
+                             s.no_input.data(), s, r.lo, r.size);
+      });
     }
   }
 }
@@ -563,9 +577,12 @@ template <typename T> void block_backward_head(const BDims& d, const BTensors<T>
             std::memcpy(b_bar, &ops.Bb[t * N + r.state0], sizeof(T) * bs);
           else
             std::fill(b_bar, b_bar + bs, T(0));
-          build_block_backward(raw + r.raw_index * bs * bs, dt, r.stage == 0 ? B + r.state0 : (const T*)nullptr, bs,
-                               T(d.alpha), Ab, b_bar, &gA[k * bs * bs], r.stage == 0 ? &gb[k * bs] : b_bar,
-                               graw.data(), gdt, gBblk.data(), scratch, r.lo, r.size);
+          with_block_size(bs, [&](auto K) {
+            build_block_backward<T, decltype(K)::value>(
+                raw + r.raw_index * bs * bs, dt, r.stage == 0 ? B + r.state0 : (const T*)nullptr, bs, T(d.alpha), Ab,
+                b_bar, &gA[k * bs * bs], r.stage == 0 ? &gb[k * bs] : b_bar, graw.data(), gdt, gBblk.data(), scratch,
+                r.lo, r.size);
+          });
           if (r.stage != 0) std::fill(gBblk.begin(), gBblk.end(), T(0));
           T* dst = x.draw + row * d.R() + r.raw_index * bs * bs;
           for (int64_t i = 0; i < bs * bs; ++i) dst[i] += graw[i];
