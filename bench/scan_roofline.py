@@ -4,8 +4,9 @@
 
 Shapes (the Mamba-1 paper's block at small scale): batch 4, length 1024, 512 channels, state 16;
 Mamba-2 style layouts use 8 heads of 64 channels.  Scans compared, interleaved round by round:
-- sparse-ssm chunked diagonal scan (`selective_scan_chunked`, the model's fast path; A per head
-  and state, B/C per head), and its sequential loop (`selective_scan_sequential`);
+- sparse-ssm's fused kernel (`selective_scan_fused`, the model's path on CPUs: A per head and
+  state, B/C shared by the heads), its pure-PyTorch chunked scan (`selective_scan_chunked`, the
+  fallback without a compiler) and its sequential loop (`selective_scan_sequential`);
 - transformers' Mamba-2 pure-torch SSD (`mamba2_chunk_scan`, chunk 64; A per head);
 - mambapy's parallel scan (`pscan` on (B, L, ED, N) tensors; A per channel and state).
 
@@ -34,6 +35,7 @@ sys.path.insert(0, str(HERE.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common import pyplot, write_results  # noqa: E402
+from sparse_ssm.ssm.fused import selective_scan_fused  # noqa: E402
 from sparse_ssm.ssm.scan import selective_scan_chunked, selective_scan_sequential  # noqa: E402
 from sparse_ssm.ssm.structures import DiagonalStructure  # noqa: E402
 
@@ -60,14 +62,17 @@ def cases(batch, length, channels, state, heads):
     r = lambda *shape: torch.randn(*shape, generator=g)
     out = {}
 
-    # ours: u (b, L, h, P), dt (b, L, h), a (b, L, h, N), B/C (b, L, h, N), D (b, L, h)
+    # ours: u (b, L, h, P), dt (b, L, h), A's raw parameters (b, L, h, N) (A = -exp(2 raw)),
+    # B/C (b, L, groups = 1, N) shared by the heads as in Mamba-2, D (b, L, h)
     u, dt = r(batch, length, heads, P), torch.nn.functional.softplus(r(batch, length, heads) - 3)
-    a = -torch.exp(0.5 * r(batch, length, heads, state))
-    B, C, D = r(batch, length, heads, state), r(batch, length, heads, state), r(batch, length, heads)
-    ours_inputs = [u, dt, a, B, C, D]
+    raw = 0.25 * r(batch, length, heads, state)
+    B, C, D = r(batch, length, 1, state), r(batch, length, 1, state), r(batch, length, heads)
+    ours_inputs = [u, dt, raw, B, C, D]
     structure = DiagonalStructure(state)
-    ours_bytes = 4 * (2 * u.numel() + dt.numel() + a.numel() + B.numel() + C.numel() + D.numel())
-    out["sparse-ssm chunked (diagonal)"] = (
+    ours_bytes = 4 * (2 * u.numel() + dt.numel() + raw.numel() + B.numel() + C.numel() + D.numel())
+    out["sparse-ssm fused (diagonal, the model's path)"] = (
+        lambda u, dt, a, B, C, D: selective_scan_fused(u, dt, a, B, C, D, structure, "zoh")[0], ours_inputs, ours_bytes)
+    out["sparse-ssm chunked (pure PyTorch)"] = (
         lambda u, dt, a, B, C, D: selective_scan_chunked(u, dt, a, B, C, D, structure, "zoh", chunk_size=8)[0],
         ours_inputs, ours_bytes)
     out["sparse-ssm sequential"] = (
