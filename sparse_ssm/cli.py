@@ -229,6 +229,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_create_synthetic(args) -> int:
     from .teacher import create_synthetic, make_teacher
+    from .teacher.synthetic import check_inputs
 
     overrides = list(args.set or [])
     flags = {"num_samples": args.num_samples, "temperature": args.temperature, "output_dir": args.output_dir,
@@ -239,6 +240,7 @@ def cmd_create_synthetic(args) -> int:
     if args.distillation:
         overrides.append("synthetic.distillation=true")
     cfg = Config.load(args.config, overrides).synthetic
+    check_inputs(cfg, resume=args.resume, overwrite=args.overwrite)      # before the teacher loads (tens of seconds)
     print(f"teacher: {cfg.backend} {cfg.resolved_model(cfg.backend)}; {cfg.num_samples} samples of up to {cfg.max_new_tokens} tokens"
           f"{f', top-{cfg.top_logprobs} log-probabilities for distillation' if cfg.distillation else ''}")
     start = time.perf_counter()
