@@ -175,13 +175,10 @@ def cmd_generate(args) -> int:
 
 def cmd_task(args) -> int:
     """The paper's synthetic tasks: train each variant with the same budget, report accuracy."""
-    from .train.tasks import chance_accuracy, run_task, task_model_config
+    from .train.tasks import chance_accuracy, check_task_inputs, run_task, task_model_config
 
-    test_lengths = [int(x) for x in (args.test_lengths or str(args.length)).split(",")]
-    names = args.variants.split(",")
-    unknown = [name for name in names if name not in VARIANTS]
-    if unknown:
-        raise ConfigError(f"--variants: unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    names, test_lengths = [name.strip() for name in args.variants.split(",")], args.test_lengths or [args.length]
+    check_task_inputs(args.task, names, args.length, test_lengths, args.num_memorize)
     rows = []
     for name in names:
         config = task_model_config(name, max(test_lengths) + 64)
@@ -216,8 +213,12 @@ def cmd_evaluate(args) -> int:
         raise ConfigError("--task perplexity needs --model-dir and --data")
     loaded = load_checkpoint(args.model_dir, args.checkpoint, args.device)
     length = args.max_seq_len or Config.load(loaded.path / "config.yaml").dataset.max_seq_len
-    result = perplexity_on_file(loaded.model, loaded.tokenizer, args.data, length, args.stride or max(1, length // 2),
-                                args.batch_size, args.text_field)
+    stride = args.stride if args.stride is not None else max(1, length // 2)
+    if stride > length:
+        raise ConfigError(f"--stride: must be at most the window of {length} tokens (--max-seq-len, default the "
+                          f"checkpoint's dataset.max_seq_len), got {stride}")
+    result = perplexity_on_file(loaded.model, loaded.tokenizer, args.data, length, stride, args.batch_size,
+                                args.text_field)
     result["checkpoint"] = str(loaded.path)
     print(f"{result['file']}: {result['tokens_scored']:,} tokens, loss {result['loss']:.4f}, perplexity "
           f"{result['perplexity']:.2f}, {result['bits_per_token']:.3f} bits/token, {result['bits_per_byte']:.3f} bits/byte "
@@ -277,6 +278,20 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _int_at_least(low: int, many: bool = False):
+    """An argparse type: an integer >= low (`many`: a comma list of them); the message says what is wrong."""
+    def parse(text: str):
+        try:
+            values = [int(x) for x in text.split(",")] if many else [int(text)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a comma list of integers' if many else 'an integer'}, "
+                                             f"got {text!r}") from None
+        if min(values) < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {min(values)}")
+        return values if many else values[0]
+    return parse
+
+
 def _add_train_parser(sub):
     t = sub.add_parser("train", help="train a model (resumable; Ctrl-C saves a checkpoint)",
                        description="Train on the dataset of the config.  Checkpoints, the tokenizer, TensorBoard "
@@ -330,18 +345,21 @@ def _add_evaluate_parser(sub):
     e.add_argument("--model-dir", help="perplexity: a training output directory")
     e.add_argument("--checkpoint", help="perplexity: best | latest | STEP | PATH (default: best, else latest)")
     e.add_argument("--data", help="perplexity: file to score")
-    e.add_argument("--max-seq-len", type=int, help="window length (default: the checkpoint's dataset.max_seq_len)")
-    e.add_argument("--stride", type=int, help="window step (default: half the window)")
-    e.add_argument("--batch-size", type=int, default=32, help="perplexity: windows per forward pass; tasks: "
-                                                             "sequences per training step (default 32)")
+    e.add_argument("--max-seq-len", type=_int_at_least(2),
+                   help="window length (default: the checkpoint's dataset.max_seq_len)")
+    e.add_argument("--stride", type=_int_at_least(1), help="window step, 1 .. the window (default: half the window)")
+    e.add_argument("--batch-size", type=_int_at_least(1), default=32,
+                   help="perplexity: windows per forward pass; tasks: sequences per training step (default 32)")
     e.add_argument("--text-field", default="text", help="record field of JSON/JSONL/parquet files (default text)")
     e.add_argument("--output-file", help="perplexity: write the result as JSON")
     e.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"tasks: comma list of {', '.join(VARIANTS)} (default all)")
-    e.add_argument("--steps", type=int, default=600, help="tasks: training steps per variant (default 600)")
-    e.add_argument("--length", type=int, default=32, help="tasks: training sequence length (default 32)")
-    e.add_argument("--test-lengths", help="tasks: comma list of test lengths (default: the training length)")
-    e.add_argument("--num-memorize", type=int, default=4, help="selective copying: tokens to copy (default 4)")
+    e.add_argument("--steps", type=_int_at_least(1), default=600, help="tasks: training steps per variant (default 600)")
+    e.add_argument("--length", type=_int_at_least(3), default=32, help="tasks: training sequence length (default 32)")
+    e.add_argument("--test-lengths", type=_int_at_least(3, many=True),
+                   help="tasks: comma list of test lengths (default: the training length)")
+    e.add_argument("--num-memorize", type=_int_at_least(1), default=4,
+                   help="selective copying: tokens to copy (default 4)")
     e.add_argument("--seed", type=int, default=0, help="tasks: seed of data and weights (default 0)")
     e.add_argument("--output-dir", help="tasks: write <task>.json and <task>.md here")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default auto)")
