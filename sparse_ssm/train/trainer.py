@@ -5,7 +5,8 @@ processes, the checkpoint manager, the monitor and the evaluation.
     trainer.train()                      # resumable; Ctrl-C / SIGTERM save a checkpoint first
 
 Resume is exact: the data order is a function of (seed, epoch) and the position, RNG, optimizer,
-scheduler and scaler states are saved with every checkpoint (see `checkpoints`).
+scheduler and scaler states are saved with every checkpoint (see `checkpoints`).  What a resumed
+run keeps and which config values may change is in `resume`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..data import collate, prepare_lm_data
 from ..data.tokenizer import save_tokenizer
 from ..model import SparseSSMForCausalLM
 from ..model.checkpoint import CONFIG, TOKENIZER
-from ..util.errors import DataError, TrainingError
+from ..util.errors import CheckpointError, DataError, TrainingError
 from ..util.files import atomic_write_text
 from .batches import EpochBatches
 from .checkpoints import CheckpointManager
@@ -32,6 +33,7 @@ from .evaluation import loss_metrics, loss_sum, unigram_perplexity
 from .losses import distillation_loss
 from .monitor import Monitor
 from .optim import OptimizerStep
+from .resume import resume_changes
 
 
 @dataclasses.dataclass
@@ -61,6 +63,10 @@ class Trainer:
         self.output_dir = Path(tc.output_dir)
         self.checkpoints = CheckpointManager(self.output_dir, self.procs, tc.save_total_limit)
         resume_from = self.checkpoints.resolve(resume) if resume else None
+        if resume_from:
+            changes = resume_changes(type(config).load(resume_from / CONFIG).to_dict(), config.to_dict())
+            if changes:
+                self.log(f"resuming with changed settings, applied from the first resumed step: {'; '.join(changes)}")
         torch.manual_seed(tc.seed)
         self.data = self.procs.main_first(lambda: self._prepare_data(resume_from))
         self.model = SparseSSMForCausalLM(config.model).to(self.device)   # same seed: same weights on every rank
@@ -104,8 +110,12 @@ class Trainer:
         return data
 
     def _resume(self, path: Path):
-        opt = self.opt
-        self.state = LoopState(**self.checkpoints.resume(path, self.model, opt.optimizer, opt.scheduler, opt.scaler))
+        saved = self.checkpoints.resume(path, self.model, self.opt)
+        try:
+            self.state = LoopState(**saved)
+        except TypeError as e:
+            raise CheckpointError(f"cannot resume from {path}: its loop state does not fit this version ({e}); "
+                                  f"resume from another checkpoint") from None
         if self.state.global_batch != self.batches.global_batch:   # another number of processes
             self.log(f"resuming with a global micro-batch of {self.batches.global_batch} sequences instead of "
                      f"{self.state.global_batch}: the data position is kept, the run is no longer bitwise "
