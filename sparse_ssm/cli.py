@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -62,9 +64,22 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    from .train import Trainer, shutdown_distributed
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM ends the command like Ctrl-C (cleanup runs: the output directory's lock is released);
+    during the training loop the trainer's own handler saves a checkpoint first."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("terminated (SIGTERM)")
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
+
+def _train_config(args) -> Config:
+    """The config of `train`: the file with --set and the flags, or on --resume the checkpoint's own
+    config with them (the trainer refuses values the checkpoint fixes and reports the others)."""
     overrides = list(args.set or [])
     if args.output_dir:
         overrides.append(f"training.output_dir={args.output_dir}")
@@ -72,32 +87,50 @@ def cmd_train(args) -> int:
         overrides.append(f"training.seed={args.seed}")
     config = Config.load(args.config, overrides)
     if args.resume:
-        # continue with the checkpoint's own config (what exact resume needs); --set and the flags still apply
         checkpoint = resolve_checkpoint(config.training.output_dir, args.resume)
         config = Config.load(checkpoint / "config.yaml", overrides)
         args.resume = str(checkpoint)
         if os.environ.get("RANK", "0") == "0":
-            print(f"resuming from {checkpoint} with its saved config (change values with --set)")
+            print(f"resuming from {checkpoint} with its saved config (--set changes what the checkpoint does not fix)")
+    ds = config.dataset
+    if args.use_best_model and ds.type != "wikitext103" and not (ds.val_split > 0 and ds.test_split > 0):
+        raise ConfigError(f"--use-best-model evaluates the checkpoint with the lowest validation loss on the test split: "
+                          f"it needs dataset.val_split > 0 and dataset.test_split > 0 (got {ds.val_split} and "
+                          f"{ds.test_split})")
+    return config
+
+
+def _report_training(trainer, result: dict, seconds: float, use_best_model: bool, say):
+    val, out = result["validation"], trainer.output_dir
+    quality = (f"validation loss {val['loss']:.4f}, perplexity {val['perplexity']:.2f} (unigram baseline "
+               f"{result['unigram_validation_perplexity']:.1f})" if val else "no validation data")
+    say(f"done in {seconds:.0f}s, {result['step']} steps: {quality}")
+    best = f", best: {out / 'best'}" if trainer.state.best_step is not None else ""
+    say(f"checkpoints: {out / 'checkpoints'} (latest: {trainer.checkpoints.latest}{best}); "
+        f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+    test = trainer.test_best(result) if use_best_model else None
+    if test:
+        say(f"best checkpoint (step {trainer.state.best_step}) on the test split: loss {test['loss']:.4f}, "
+            f"perplexity {test['perplexity']:.2f}")
+    elif use_best_model:
+        say("no best checkpoint to evaluate: no validation loss was finite")
+
+
+def cmd_train(args) -> int:
+    from .train import Trainer, shutdown_distributed
+
+    config = _train_config(args)
     start = time.perf_counter()
     trainer = None
     try:
-        trainer = Trainer(config, resume=args.resume)
-        say = print if trainer.procs.main else (lambda *a, **k: None)      # under torchrun only rank 0 reports
-        result = trainer.train()
-        val = result["validation"]
-        say(f"done in {time.perf_counter() - start:.0f}s, {result['step']} steps: validation loss {val['loss']:.4f}, "
-            f"perplexity {val['perplexity']:.2f} (unigram baseline {result['unigram_validation_perplexity']:.1f})")
-        out = trainer.output_dir
-        say(f"checkpoints: {out / 'checkpoints'} (latest: {trainer.checkpoints.latest}, best: {out / 'best'}); "
-            f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
-        if args.use_best_model:
-            test = trainer.evaluate_checkpoint("best")
-            say(f"best checkpoint (step {trainer.state.best_step}) on the test split: loss {test['loss']:.4f}, "
-                f"perplexity {test['perplexity']:.2f}")
-            result["test_best"] = test
-            if trainer.procs.main:
-                atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+        with _sigterm_as_interrupt():
+            trainer = Trainer(config, resume=args.resume)
+            say = print if trainer.procs.main else (lambda *a, **k: None)      # under torchrun only rank 0 reports
+            result = trainer.train()
+            _report_training(trainer, result, time.perf_counter() - start, args.use_best_model, say)
     finally:
+        if trainer is not None:
+            trainer.close()  # the output directory's lock
         del trainer          # its DistributedDataParallel wrapper must go before the process group
         shutdown_distributed()
     return 0
