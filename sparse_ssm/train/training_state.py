@@ -85,10 +85,6 @@ def write_training_state(folder: Path, state: dict):
     atomic_write_text(folder / STATE_JSON, json.dumps(body, indent=1, allow_nan=False))
 
 
-def has_training_state(folder: Path) -> bool:
-    return (folder / STATE_JSON).is_file() or (folder / LEGACY_STATE).is_file()
-
-
 def read_training_state(folder: Path) -> dict:
     """The resume state of checkpoint `folder`: from training_state.json + .safetensors, or from
     the pickled training_state.pt of an older checkpoint when it holds only tensors and plain values."""
