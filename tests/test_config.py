@@ -90,15 +90,6 @@ def test_set_values_keep_signs_ints_and_strings():
     assert parse_value("1000") == 1000 and isinstance(parse_value("1000"), int) and parse_value("1e3x") == "1e3x"
 
 
-def test_cli_accepts_1e_3_as_the_readme_shows(tmp_path):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("model:\n  vocab_size: 64\n  hidden_dim: 16\n  state_dim: 4\n  ffn_dim: 0\n  num_layers: 1\n"
-                   "  num_heads: 1\n  norm_eps: 1e-5\n  initializer_range: 2e-2\n")
-    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "inspect", "--config", str(cfg), "--length", "8"],
-                          capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-
-
 @pytest.mark.parametrize("text", ["", "# only a comment\n", "---\n"])
 def test_an_empty_config_file_is_refused(tmp_path, text):
     path = tmp_path / "empty.yaml"

@@ -37,7 +37,7 @@ def gone_pid() -> int:
     return child.pid
 
 
-def test_a_second_run_into_the_same_directory_is_refused_and_the_first_can_resume(corpus, tmp_path):
+def test_a_second_run_into_the_same_directory_is_refused_and_the_first_releases_it(corpus, tmp_path):
     out = tmp_path / "out"
     tiny_config(corpus, out, training={"max_steps": 100000, "num_epochs": 1000, "save_steps": 100000,
                                        "eval_steps": 100000}).save(tmp_path / "c.yaml")
@@ -58,13 +58,8 @@ def test_a_second_run_into_the_same_directory_is_refused_and_the_first_can_resum
         first.send_signal(signal.SIGTERM)
         _, err = first.communicate(timeout=180)
     assert first.returncode == 130, err[-2000:]
-    assert not (out / LOCK_FILE).exists()                      # released on SIGTERM
-    step = int((out / "latest").resolve().name.split("-")[1])
-    again = subprocess.run([sys.executable, str(ROOT / "main.py"), "train", "--config", str(tmp_path / "c.yaml"),
-                            "--resume", "--set", f"training.max_steps={step + 1}"],
-                           capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert (out / "latest").resolve().name == f"step-{step + 1:08d}" and not (out / LOCK_FILE).exists()
+    assert not (out / LOCK_FILE).exists()                      # released on SIGTERM: --resume may continue it
+    assert "checkpoint saved" in err                           # (test_cli_train_resume_and_best_model resumes)
 
 
 def test_a_stale_lock_is_taken_over_with_a_note_and_released(corpus, tmp_path):

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import ROOT, tiny_config
+from sparse_ssm import cli
 from sparse_ssm.config import Config, ConfigError
 from sparse_ssm.model.checkpoint import load_model, resolve_checkpoint
 from sparse_ssm.train import SchedulerConfig, Trainer
@@ -269,15 +270,14 @@ def test_divergence_names_a_checkpoint_whose_weights_give_a_finite_loss(corpus, 
     assert math.isfinite(loss(named)) and named.name == "step-00000001"
 
 
-def test_training_without_a_validation_split(corpus, tmp_path):
+def test_training_without_a_validation_split(corpus, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     tiny_config(corpus, tmp_path / "out", training={"max_steps": 3},
                 dataset={"val_split": 0.0, "test_split": 0.0}).save(config)
-    run = lambda *args: subprocess.run([sys.executable, str(ROOT / "main.py"), "train", "--config", str(config), *args],
-                                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    refused = run("--use-best-model")
-    assert refused.returncode == 2 and "--use-best-model" in refused.stderr and "dataset.val_split > 0" in refused.stderr
-    proc = run()
+    assert cli.main(["train", "--config", str(config), "--use-best-model"]) == 2
+    assert "--use-best-model evaluates" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "train", "--config", str(config)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "no validation data (dataset.val_split = 0.0)" in proc.stdout and "3 steps: no validation data" in proc.stdout
     assert "best:" not in proc.stdout and not (tmp_path / "out" / "best").exists()
