@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -62,9 +64,22 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    from .train import Trainer, shutdown_distributed
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM ends the command like Ctrl-C (cleanup runs: the output directory's lock is released);
+    during the training loop the trainer's own handler saves a checkpoint first."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("terminated (SIGTERM)")
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
+
+def _train_config(args) -> Config:
+    """The config of `train`: the file with --set and the flags, or on --resume the checkpoint's own
+    config with them (the trainer refuses values the checkpoint fixes and reports the others)."""
     overrides = list(args.set or [])
     if args.output_dir:
         overrides.append(f"training.output_dir={args.output_dir}")
@@ -72,32 +87,50 @@ def cmd_train(args) -> int:
         overrides.append(f"training.seed={args.seed}")
     config = Config.load(args.config, overrides)
     if args.resume:
-        # continue with the checkpoint's own config (what exact resume needs); --set and the flags still apply
         checkpoint = resolve_checkpoint(config.training.output_dir, args.resume)
         config = Config.load(checkpoint / "config.yaml", overrides)
         args.resume = str(checkpoint)
         if os.environ.get("RANK", "0") == "0":
-            print(f"resuming from {checkpoint} with its saved config (change values with --set)")
+            print(f"resuming from {checkpoint} with its saved config (--set changes what the checkpoint does not fix)")
+    ds = config.dataset
+    if args.use_best_model and ds.type != "wikitext103" and not (ds.val_split > 0 and ds.test_split > 0):
+        raise ConfigError(f"--use-best-model evaluates the checkpoint with the lowest validation loss on the test split: "
+                          f"it needs dataset.val_split > 0 and dataset.test_split > 0 (got {ds.val_split} and "
+                          f"{ds.test_split})")
+    return config
+
+
+def _report_training(trainer, result: dict, seconds: float, use_best_model: bool, say):
+    val, out = result["validation"], trainer.output_dir
+    quality = (f"validation loss {val['loss']:.4f}, perplexity {val['perplexity']:.2f} (unigram baseline "
+               f"{result['unigram_validation_perplexity']:.1f})" if val else "no validation data")
+    say(f"done in {seconds:.0f}s, {result['step']} steps: {quality}")
+    best = f", best: {out / 'best'}" if trainer.state.best_step is not None else ""
+    say(f"checkpoints: {out / 'checkpoints'} (latest: {trainer.checkpoints.latest}{best}); "
+        f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+    test = trainer.test_best(result) if use_best_model else None
+    if test:
+        say(f"best checkpoint (step {trainer.state.best_step}) on the test split: loss {test['loss']:.4f}, "
+            f"perplexity {test['perplexity']:.2f}")
+    elif use_best_model:
+        say("no best checkpoint to evaluate: no validation loss was finite")
+
+
+def cmd_train(args) -> int:
+    from .train import Trainer, shutdown_distributed
+
+    config = _train_config(args)
     start = time.perf_counter()
     trainer = None
     try:
-        trainer = Trainer(config, resume=args.resume)
-        say = print if trainer.procs.main else (lambda *a, **k: None)      # under torchrun only rank 0 reports
-        result = trainer.train()
-        val = result["validation"]
-        say(f"done in {time.perf_counter() - start:.0f}s, {result['step']} steps: validation loss {val['loss']:.4f}, "
-            f"perplexity {val['perplexity']:.2f} (unigram baseline {result['unigram_validation_perplexity']:.1f})")
-        out = trainer.output_dir
-        say(f"checkpoints: {out / 'checkpoints'} (latest: {trainer.checkpoints.latest}, best: {out / 'best'}); "
-            f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
-        if args.use_best_model:
-            test = trainer.evaluate_checkpoint("best")
-            say(f"best checkpoint (step {trainer.state.best_step}) on the test split: loss {test['loss']:.4f}, "
-                f"perplexity {test['perplexity']:.2f}")
-            result["test_best"] = test
-            if trainer.procs.main:
-                atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+        with _sigterm_as_interrupt():
+            trainer = Trainer(config, resume=args.resume)
+            say = print if trainer.procs.main else (lambda *a, **k: None)      # under torchrun only rank 0 reports
+            result = trainer.train()
+            _report_training(trainer, result, time.perf_counter() - start, args.use_best_model, say)
     finally:
+        if trainer is not None:
+            trainer.close()  # the output directory's lock
         del trainer          # its DistributedDataParallel wrapper must go before the process group
         shutdown_distributed()
     return 0
@@ -175,13 +208,10 @@ def cmd_generate(args) -> int:
 
 def cmd_task(args) -> int:
     """The paper's synthetic tasks: train each variant with the same budget, report accuracy."""
-    from .train.tasks import chance_accuracy, run_task, task_model_config
+    from .train.tasks import chance_accuracy, check_task_inputs, run_task, task_model_config
 
-    test_lengths = [int(x) for x in (args.test_lengths or str(args.length)).split(",")]
-    names = args.variants.split(",")
-    unknown = [name for name in names if name not in VARIANTS]
-    if unknown:
-        raise ConfigError(f"--variants: unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    names, test_lengths = [name.strip() for name in args.variants.split(",")], args.test_lengths or [args.length]
+    check_task_inputs(args.task, names, args.length, test_lengths, args.num_memorize)
     rows = []
     for name in names:
         config = task_model_config(name, max(test_lengths) + 64)
@@ -216,8 +246,12 @@ def cmd_evaluate(args) -> int:
         raise ConfigError("--task perplexity needs --model-dir and --data")
     loaded = load_checkpoint(args.model_dir, args.checkpoint, args.device)
     length = args.max_seq_len or Config.load(loaded.path / "config.yaml").dataset.max_seq_len
-    result = perplexity_on_file(loaded.model, loaded.tokenizer, args.data, length, args.stride or max(1, length // 2),
-                                args.batch_size, args.text_field)
+    stride = args.stride if args.stride is not None else max(1, length // 2)
+    if stride > length:
+        raise ConfigError(f"--stride: must be at most the window of {length} tokens (--max-seq-len, default the "
+                          f"checkpoint's dataset.max_seq_len), got {stride}")
+    result = perplexity_on_file(loaded.model, loaded.tokenizer, args.data, length, stride, args.batch_size,
+                                args.text_field)
     result["checkpoint"] = str(loaded.path)
     print(f"{result['file']}: {result['tokens_scored']:,} tokens, loss {result['loss']:.4f}, perplexity "
           f"{result['perplexity']:.2f}, {result['bits_per_token']:.3f} bits/token, {result['bits_per_byte']:.3f} bits/byte "
@@ -229,6 +263,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_create_synthetic(args) -> int:
     from .teacher import create_synthetic, make_teacher
+    from .teacher.synthetic import check_inputs
 
     overrides = list(args.set or [])
     flags = {"num_samples": args.num_samples, "temperature": args.temperature, "output_dir": args.output_dir,
@@ -239,6 +274,7 @@ def cmd_create_synthetic(args) -> int:
     if args.distillation:
         overrides.append("synthetic.distillation=true")
     cfg = Config.load(args.config, overrides).synthetic
+    check_inputs(cfg, resume=args.resume, overwrite=args.overwrite)      # before the teacher loads (tens of seconds)
     print(f"teacher: {cfg.backend} {cfg.resolved_model(cfg.backend)}; {cfg.num_samples} samples of up to {cfg.max_new_tokens} tokens"
           f"{f', top-{cfg.top_logprobs} log-probabilities for distillation' if cfg.distillation else ''}")
     start = time.perf_counter()
@@ -273,6 +309,20 @@ def cmd_serve(args) -> int:
              "max_prompt_tokens": args.max_prompt_tokens, "device": args.device}
     serve(args.model_dir, args.checkpoint, ServeConfig(**{k: v for k, v in flags.items() if v is not None}))
     return 0
+
+
+def _int_at_least(low: int, many: bool = False):
+    """An argparse type: an integer >= low (`many`: a comma list of them); the message says what is wrong."""
+    def parse(text: str):
+        try:
+            values = [int(x) for x in text.split(",")] if many else [int(text)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a comma list of integers' if many else 'an integer'}, "
+                                             f"got {text!r}") from None
+        if min(values) < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {min(values)}")
+        return values if many else values[0]
+    return parse
 
 
 def _add_train_parser(sub):
@@ -328,18 +378,21 @@ def _add_evaluate_parser(sub):
     e.add_argument("--model-dir", help="perplexity: a training output directory")
     e.add_argument("--checkpoint", help="perplexity: best | latest | STEP | PATH (default: best, else latest)")
     e.add_argument("--data", help="perplexity: file to score")
-    e.add_argument("--max-seq-len", type=int, help="window length (default: the checkpoint's dataset.max_seq_len)")
-    e.add_argument("--stride", type=int, help="window step (default: half the window)")
-    e.add_argument("--batch-size", type=int, default=32, help="perplexity: windows per forward pass; tasks: "
-                                                             "sequences per training step (default 32)")
+    e.add_argument("--max-seq-len", type=_int_at_least(2),
+                   help="window length (default: the checkpoint's dataset.max_seq_len)")
+    e.add_argument("--stride", type=_int_at_least(1), help="window step, 1 .. the window (default: half the window)")
+    e.add_argument("--batch-size", type=_int_at_least(1), default=32,
+                   help="perplexity: windows per forward pass; tasks: sequences per training step (default 32)")
     e.add_argument("--text-field", default="text", help="record field of JSON/JSONL/parquet files (default text)")
     e.add_argument("--output-file", help="perplexity: write the result as JSON")
     e.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"tasks: comma list of {', '.join(VARIANTS)} (default all)")
-    e.add_argument("--steps", type=int, default=600, help="tasks: training steps per variant (default 600)")
-    e.add_argument("--length", type=int, default=32, help="tasks: training sequence length (default 32)")
-    e.add_argument("--test-lengths", help="tasks: comma list of test lengths (default: the training length)")
-    e.add_argument("--num-memorize", type=int, default=4, help="selective copying: tokens to copy (default 4)")
+    e.add_argument("--steps", type=_int_at_least(1), default=600, help="tasks: training steps per variant (default 600)")
+    e.add_argument("--length", type=_int_at_least(3), default=32, help="tasks: training sequence length (default 32)")
+    e.add_argument("--test-lengths", type=_int_at_least(3, many=True),
+                   help="tasks: comma list of test lengths (default: the training length)")
+    e.add_argument("--num-memorize", type=_int_at_least(1), default=4,
+                   help="selective copying: tokens to copy (default 4)")
     e.add_argument("--seed", type=int, default=0, help="tasks: seed of data and weights (default 0)")
     e.add_argument("--output-dir", help="tasks: write <task>.json and <task>.md here")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default auto)")

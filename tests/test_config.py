@@ -8,7 +8,8 @@ import pytest
 from helpers import ROOT
 
 from sparse_ssm import ConfigError, SparseSSMConfig
-from sparse_ssm.config import load_yaml
+from sparse_ssm.config import Config, load_yaml
+from sparse_ssm.util.schema import parse_value
 
 
 
@@ -73,3 +74,25 @@ def test_cli_inspect_checks_recurrent_decoding():
     assert proc.returncode == 0, proc.stderr
     diff = float(proc.stdout.split("max |logit diff| ")[1].split()[0])
     assert diff < 1e-4
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("5E+4", 5e4), ("2.5e-2", 0.025), (".5", 0.5), ("3.", 3.0)])
+def test_floats_follow_yaml_1_2_in_files_and_set(tmp_path, text, value):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"optimizer:\n  learning_rate: {text}\n")
+    assert Config.load(path).optimizer.learning_rate == value
+    path.write_text("training:\n  seed: 3\n")
+    assert Config.load(path, [f"optimizer.learning_rate={text}"]).optimizer.learning_rate == value
+
+
+def test_set_values_keep_signs_ints_and_strings():
+    assert parse_value("-2.5e-2") == -0.025 and parse_value("-.inf") == float("-inf") and parse_value("null") is None
+    assert parse_value("1000") == 1000 and isinstance(parse_value("1000"), int) and parse_value("1e3x") == "1e3x"
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "---\n"])
+def test_an_empty_config_file_is_refused(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="empty.yaml is empty: a config file holds sections"):
+        load_yaml(path)

@@ -1,9 +1,9 @@
 """Documents of each dataset type, and a deterministic train / validation / test split.
 
 Dataset types (`dataset.type`):
-- ``custom``: local .txt/.md (one document per file), .jsonl/.json and .parquet files (one
-  document per record, field `dataset.text_field`), or a folder of them; read with the `datasets`
-  local loaders.
+- ``custom``: local .txt/.md (UTF-8, one document per file), .jsonl/.json (JSON Lines, or a JSON
+  list of records) and .parquet files (one document per record, field `dataset.text_field`), or
+  a folder of them.  A file that cannot be read is reported with its line and what is wrong.
 - ``synthetic``: the JSON file of `create-synthetic`: a list of records with a `text` field, or
   an object with such a list under `records`.
 - ``wikitext103``: `Salesforce/wikitext`, config `wikitext-103-raw-v1`, its own train /
@@ -30,41 +30,109 @@ from .config import DatasetConfig
 SEGMENT_CHARS = 8192
 TEXT_SUFFIXES = {".txt", ".text", ".md"}
 JSON_SUFFIXES = {".json", ".jsonl"}
+SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | {".parquet"}
+KINDS = "text files (.txt, .text, .md), record files (.jsonl, .json, .parquet) or a folder of them"
 HUB = {"wikitext103": ("Salesforce/wikitext", "wikitext-103-raw-v1"), "pile": ("monology/pile-uncopyrighted", None)}
+
+
+def _check_suffix(path: Path):
+    if path.suffix not in SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; the data must be {KINDS}")
 
 
 def data_files(path: Path) -> list[Path]:
     if path.is_file():
+        _check_suffix(path)
         return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | JSON_SUFFIXES | {".parquet"}
-                   and not p.name.startswith("."))
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES and not p.name.startswith("."))
     if not files:
-        raise DataError(f"{path} holds no .txt/.md/.json/.jsonl/.parquet files")
+        others = sorted({p.suffix or "(no suffix)" for p in path.rglob("*") if p.is_file()})
+        raise DataError(f"{path} holds no .txt/.text/.md/.json/.jsonl/.parquet files"
+                        + (f" (only {', '.join(others)})" if others else " (it is empty)"))
     return files
 
 
-def read_documents(files: list[Path], text_field: str, limit: int | None = None) -> list[str]:
-    """Non-empty documents of local files (see the module docstring), through the `datasets` loaders."""
-    import datasets
+def _decode(path: Path, text_file: bool) -> str:
+    """A file's UTF-8 text (a text file's with universal newlines), or a DataError naming the line."""
+    data = path.read_bytes()
+    if text_file and b"\0" in data:
+        line = data[:data.index(b"\0")].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: a NUL byte: a binary file (or UTF-16 text), not UTF-8 text; remove it "
+                        f"from the data or save it as UTF-8")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8 text, "
+                        f"or remove it from the data") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n") if text_file else text
 
-    datasets.disable_progress_bars()
-    docs: list[str] = []
-    by_kind = {"text": [f for f in files if f.suffix in TEXT_SUFFIXES],
-               "json": [f for f in files if f.suffix in JSON_SUFFIXES],
-               "parquet": [f for f in files if f.suffix == ".parquet"]}
-    for kind, group in by_kind.items():
-        if not group:
-            continue
-        kwargs = {"sample_by": "document"} if kind == "text" else {}
+
+def _json_records(path: Path) -> list[tuple[str, object]]:
+    """(where, record) of a .jsonl file (JSON Lines) or a .json file (a list of records, or JSON Lines)."""
+    text = _decode(path, text_file=False)
+    if path.suffix == ".json":
         try:
-            ds = datasets.load_dataset(kind, data_files=[str(f) for f in group], split="train", **kwargs)
-        except Exception as e:  # noqa: BLE001 - the loaders raise many kinds; report the file group
-            raise DataError(f"could not read {', '.join(map(str, group[:3]))}: {e}") from None
-        field = "text" if kind == "text" else text_field
-        if field not in ds.column_names:
-            raise DataError(f"{group[0]}: records have no field {field!r} (fields: {ds.column_names}); "
-                            f"set dataset.text_field")
-        docs.extend(t for t in ds[field] if isinstance(t, str) and t.strip())
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":          # (a .json file of JSON Lines is read line by line below)
+                raise DataError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        else:
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a list of records (JSON objects), got a {type(data).__name__}")
+            return [(f"{path}: record {i + 1}", r) for i, r in enumerate(data)]
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"{path}: line {number}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {number}: not valid JSON ({e.msg}, column {e.colno}); every line of a "
+                            f"JSON Lines file is one record (a JSON object)") from None
+    return records
+
+
+def _record_texts(path: Path, field: str) -> list:
+    """The `field` of every record of a .jsonl / .json / .parquet file (None where a record lacks it)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            names = pq.read_schema(path).names
+            column = pq.read_table(path, columns=[field]).column(field) if field in names else None
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for damaged files
+            raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {str(e)[:200]})") from None
+        if column is None:
+            raise DataError(f"{path}: records have no field {field!r} (fields: {names}); set dataset.text_field")
+        if not (str(column.type).startswith(("string", "large_string")) or column.null_count == len(column)):
+            raise DataError(f"{path}: field {field!r} holds {column.type}, not text; set dataset.text_field")
+        return column.to_pylist()
+    texts, fields = [], set()
+    for where, record in _json_records(path):
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object (a record with a {field!r} field), got a "
+                            f"{type(record).__name__}")
+        fields.update(record)
+        value = record.get(field)
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{where}: field {field!r} is not text ({type(value).__name__} {value!r:.40})")
+        texts.append(value)
+    if texts and field not in fields:
+        raise DataError(f"{path}: records have no field {field!r} (fields: {sorted(fields)}); set dataset.text_field")
+    return texts
+
+
+def read_documents(files: list[Path], text_field: str, limit: int | None = None) -> list[str]:
+    """Non-empty documents of local files (see the module docstring): the text files first, then
+    the JSON, then the parquet files, each group in the order given."""
+    for f in files:
+        _check_suffix(f)
+    docs: list[str] = [_decode(f, text_file=True) for f in files if f.suffix in TEXT_SUFFIXES]
+    for group in ([f for f in files if f.suffix in JSON_SUFFIXES], [f for f in files if f.suffix == ".parquet"]):
+        for f in group:
+            docs.extend(_record_texts(f, text_field))
+    docs = [d for d in docs if isinstance(d, str) and d.strip()]
     return docs[:limit] if limit else docs
 
 
@@ -166,7 +234,7 @@ def load_splits(cfg: DatasetConfig) -> dict[str, list[str]]:
     else:
         docs = read_documents(data_files(path), cfg.text_field, cfg.max_documents)
     if not docs:
-        raise DataError(f"{path}: no non-empty documents")
+        raise DataError(f"{path}: no non-empty documents (every file or record is empty or blank)")
     return split_documents(docs, cfg.val_split, cfg.test_split, cfg.split_seed)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import random
 import shutil
 import time
@@ -49,8 +50,13 @@ def _prompts_from_file(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise SyntheticError(f"prompts file {file} does not exist (--prompts / synthetic.prompts_file)")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SyntheticError(f"prompts file {file} is unreadable ({e}); give a UTF-8 text file with one prompt per "
+                             f"line (or JSONL with \"prompt\")") from None
     prompts = []
-    for number, line in enumerate(file.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         if file.suffix == ".jsonl":
@@ -128,23 +134,38 @@ def _read_partial(path: Path, settings: dict) -> list[dict]:
     return records
 
 
+def check_inputs(cfg: SyntheticConfig, resume: bool = False, overwrite: bool = False) -> list[str] | None:
+    """Check what a run needs besides its teacher (call it before loading one): the output folder
+    (created) is writable, no interrupted run or existing dataset is in the way, the prompts file
+    is readable; returns the prompts of the file (None without one)."""
+    paths = output_paths(cfg)
+    folder = paths["json"].parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SyntheticError(f"output directory {folder}: cannot create it ({e.strerror}); choose another "
+                             f"--output-dir") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SyntheticError(f"output directory {folder} is not writable; choose another --output-dir")
+    if paths["partial"].exists() and not resume:
+        raise SyntheticError(f"an interrupted run left {paths['partial']}: continue it with --resume, or delete it "
+                             f"to start again")
+    if paths["json"].exists() and not (resume and paths["partial"].exists()) and not overwrite:
+        raise SyntheticError(f"{paths['json']} already exists: pass --overwrite to replace it, or choose another "
+                             f"--output-file")
+    return _prompts_from_file(cfg.prompts_file) if cfg.prompts_file else None
+
+
 class _Run:
     """One create-synthetic run: the sidecar of finished requests, the filters, the waves of requests."""
 
     def __init__(self, cfg: SyntheticConfig, teacher: Teacher, resume: bool, overwrite: bool, log):
         self.cfg, self.teacher, self.log = cfg, teacher, log
         self.paths = paths = output_paths(cfg)
-        paths["json"].parent.mkdir(parents=True, exist_ok=True)
+        self.file_prompts = check_inputs(cfg, resume, overwrite)
         self.settings = _settings(cfg, teacher)
-        if paths["partial"].exists() and not resume:
-            raise SyntheticError(f"an interrupted run left {paths['partial']}: continue it with --resume, or delete it "
-                                 f"to start again")
-        if paths["json"].exists() and not (resume and paths["partial"].exists()) and not overwrite:
-            raise SyntheticError(f"{paths['json']} already exists: pass --overwrite to replace it, or choose another "
-                                 f"--output-file")
         if cfg.distillation:
             teacher.tokenizer_json()          # fail before any request when the teacher's tokenizer is out of reach
-        self.file_prompts = _prompts_from_file(cfg.prompts_file) if cfg.prompts_file else None
         self.lines = _read_partial(paths["partial"], self.settings) if resume and paths["partial"].exists() else []
         if resume and self.lines:
             log(f"resuming: {len(self.lines)} requests already done "

@@ -70,7 +70,7 @@ def perplexity_on_file(model, tokenizer, path, max_seq_len: int, stride: int | N
     docs = read_documents([path], text_field)
     if not docs:
         raise DataError(f"{path}: no non-empty documents")
-    stride = stride or max_seq_len
+    stride = max_seq_len if stride is None else stride
     if not 1 <= stride <= max_seq_len:
         raise ConfigError(f"stride: must be in [1, max_seq_len = {max_seq_len}], got {stride}")
     windows = WindowDataset(encode_documents(tokenizer, docs).astype(np.int64), max_seq_len, stride, score_once=True)

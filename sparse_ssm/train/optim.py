@@ -75,6 +75,28 @@ class OptimizerStep:
         self.optimizer = build_optimizer(model, ocfg)
         self.scheduler = build_scheduler(self.optimizer, total_steps, scfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        # what the config decides for each group: everything but its parameters and the current lr
+        self.configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
+
+    def restore(self, scheduler_state: dict, scaler_state: dict):
+        """Continue from a checkpoint, once the optimizer's state (moments, step counts and the
+        hyperparameters saved with them) is loaded: the schedule's position and the gradient
+        scaler come from the checkpoint; the hyperparameters (learning rate, weight decay, betas,
+        eps, multipliers, the schedule itself) are the config's again, so that a value changed on
+        resume applies from the first resumed step.  Unchanged values give back exactly what was saved."""
+        unknown = set(scheduler_state) - set(self.scheduler.state_dict())
+        if unknown:
+            raise ValueError(f"unknown scheduler state {sorted(unknown)}")
+        for group, configured in zip(self.optimizer.param_groups, self.configured, strict=True):
+            group.update(configured)
+        base_lrs = [g["initial_lr"] for g in self.configured]
+        step = scheduler_state["last_epoch"]
+        lrs = [base * factor(step) for base, factor in zip(base_lrs, self.scheduler.lr_lambdas)]
+        self.scheduler.load_state_dict({**scheduler_state, "base_lrs": base_lrs, "_last_lr": lrs})
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        if self.scaler.is_enabled() and scaler_state:     # (an fp16 run resumed from a bf16 one starts a new scale)
+            self.scaler.load_state_dict(scaler_state)
 
     def backward(self, loss: torch.Tensor):
         self.scaler.scale(loss).backward()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model import SparseSSMConfig, SparseSSMForCausalLM
+from ..util.errors import ConfigError
 
 
 def selective_copying_batch(batch: int, length: int, num_memorize: int, vocab: int, generator: torch.Generator):
@@ -63,6 +64,18 @@ VARIANTS = {
     "lti": dict(selective_param_class="sparse", sparsity_level=0.9, selective=False),
 }
 TASKS = ("selective-copying", "induction-heads")
+
+
+def check_task_inputs(task: str, variants: list[str], length: int, test_lengths: list[int], num_memorize: int):
+    """A ConfigError (naming the `evaluate` flag) for inputs no variant could train on; call it
+    before the first variant trains."""
+    unknown = [name for name in variants if name not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"--variants: unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    shortest = min([length, *test_lengths])
+    if task == "selective-copying" and num_memorize > shortest:
+        raise ConfigError(f"--num-memorize: the {num_memorize} tokens to copy must fit the sequence: at most "
+                          f"--length and every --test-lengths ({shortest})")
 
 
 def task_model_config(variant: str, max_len: int, vocab: int = 16) -> SparseSSMConfig:

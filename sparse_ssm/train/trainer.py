@@ -1,11 +1,16 @@
 """The training loop: a Trainer that composes the data, the model, the optimizer step, the
 processes, the checkpoint manager, the monitor and the evaluation.
 
-    trainer = Trainer(Config.load("config/small_cpu.yaml"))
-    trainer.train()                      # resumable; Ctrl-C / SIGTERM save a checkpoint first
+    with Trainer(Config.load("config/small_cpu.yaml")) as trainer:   # takes the output directory's lock
+        trainer.train()                  # resumable; Ctrl-C / SIGTERM save a checkpoint first
 
 Resume is exact: the data order is a function of (seed, epoch) and the position, RNG, optimizer,
-scheduler and scaler states are saved with every checkpoint (see `checkpoints`).
+scheduler and scaler states are saved with every checkpoint (see `checkpoints`).  What a resumed
+run keeps and which config values may change is in `resume`.
+
+One process writes to an output directory: the trainer holds its lock (`util.lock`; under torchrun
+rank 0 holds it) from before its first write until `close()` (or the end of a `with` block, the
+trainer's garbage collection, the process's exit).
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
 import signal
+import sys
+import weakref
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -22,9 +30,10 @@ import torch
 from ..data import collate, prepare_lm_data
 from ..data.tokenizer import save_tokenizer
 from ..model import SparseSSMForCausalLM
-from ..model.checkpoint import CONFIG, TOKENIZER
-from ..util.errors import DataError, TrainingError
+from ..model.checkpoint import CONFIG, TOKENIZER, step_dir
+from ..util.errors import CheckpointError, DataError, SparseSSMError, TrainingError
 from ..util.files import atomic_write_text
+from ..util.lock import DirectoryLock
 from .batches import EpochBatches
 from .checkpoints import CheckpointManager
 from .distributed import Processes
@@ -32,11 +41,14 @@ from .evaluation import loss_metrics, loss_sum, unigram_perplexity
 from .losses import distillation_loss
 from .monitor import Monitor
 from .optim import OptimizerStep
+from .resume import resume_changes
 
 
 @dataclasses.dataclass
 class LoopState:
-    """What a checkpoint keeps of the loop (the data position counts micro-batches of the epoch)."""
+    """What a checkpoint keeps of the loop (the data position counts micro-batches of the epoch;
+    good_step: the newest checkpoint known to be good, i.e. with finite weights that gave a finite
+    validation loss or a finite training loss and gradient)."""
 
     step: int = 0
     epoch: int = 0
@@ -46,6 +58,7 @@ class LoopState:
     best_step: int | None = None
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
+    good_step: int | None = None
 
 
 class Trainer:
@@ -59,8 +72,46 @@ class Trainer:
                      f"on {self.device.type} this run uses 'bf16' instead (set it to 'bf16' or 'no' to silence this)")
             tc.mixed_precision = "bf16"
         self.output_dir = Path(tc.output_dir)
+        lock = self._lock_output_dir()                 # before anything is written there
+        self._unlock = weakref.finalize(self, lock.release) if lock else (lambda: None)
+        try:
+            self._setup(resume)
+        except BaseException:
+            self.close()
+            raise
+        self.stop_signal = None
+
+    def _lock_output_dir(self) -> DirectoryLock | None:
+        """The output directory's lock (rank 0 takes it); every process fails when it is held."""
+        lock, refused = None, None
+        if self.procs.main:
+            try:
+                lock = DirectoryLock.acquire(self.output_dir, shlex.join(sys.argv), self.log)
+            except SparseSSMError as e:
+                refused = e
+        if not self.procs.all_reduce(0.0 if refused else 1.0, "min"):
+            raise refused or TrainingError(f"the main process could not take the lock of {self.output_dir} "
+                                           f"(see its message)")
+        return lock
+
+    def close(self):
+        """Release the output directory (its lock) for other runs; the trainer writes no more."""
+        self._unlock()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _setup(self, resume: str | None):
+        config, tc = self.config, self.config.training
         self.checkpoints = CheckpointManager(self.output_dir, self.procs, tc.save_total_limit)
         resume_from = self.checkpoints.resolve(resume) if resume else None
+        if resume_from:
+            changes = resume_changes(type(config).load(resume_from / CONFIG).to_dict(), config.to_dict())
+            if changes:
+                self.log(f"resuming with changed settings, applied from the first resumed step: {'; '.join(changes)}")
         torch.manual_seed(tc.seed)
         self.data = self.procs.main_first(lambda: self._prepare_data(resume_from))
         self.model = SparseSSMForCausalLM(config.model).to(self.device)   # same seed: same weights on every rank
@@ -73,13 +124,13 @@ class Trainer:
                                  fp16=tc.mixed_precision == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.mixed_precision)
         self.state = LoopState(global_batch=self.batches.global_batch)
+        self.unconfirmed = None        # the newest checkpoint (saved or resumed from) not yet known to be good
         if resume_from:
             self._resume(resume_from)
         elif self.checkpoints.latest:
             self.log(f"note: {self.output_dir} holds checkpoints of an earlier run (latest: "
                      f"{self.checkpoints.latest.name}); this new run replaces them as it saves "
                      f"(continue the earlier run with --resume)")
-        self.stop_signal = None
 
     def _prepare_data(self, resume_from: Path | None):
         cfg, ds = self.config, self.config.dataset
@@ -93,6 +144,10 @@ class Trainer:
         cfg.model.vocab_size = data.vocab_size
         self.train_set, self.val_set, self.test_set = (data.windows(split, ds.max_seq_len, ds.stride)
                                                        for split in ("train", "validation", "test"))
+        self.has_validation = len(self.val_set) > 0
+        if not self.has_validation:
+            self.log(f"note: no validation data (dataset.val_split = {ds.val_split}): the run reports no validation "
+                     f"loss and keeps no best/ checkpoint")
         if len(self.train_set) == 0:
             raise DataError(f"the training split has {len(data.streams['train'])} tokens: fewer than one window of "
                             f"dataset.max_seq_len = {ds.max_seq_len}; add data or lower max_seq_len")
@@ -104,8 +159,14 @@ class Trainer:
         return data
 
     def _resume(self, path: Path):
-        opt = self.opt
-        self.state = LoopState(**self.checkpoints.resume(path, self.model, opt.optimizer, opt.scheduler, opt.scaler))
+        saved = self.checkpoints.resume(path, self.model, self.opt)
+        try:
+            self.state = LoopState(**saved)
+        except TypeError as e:
+            raise CheckpointError(f"cannot resume from {path}: its loop state does not fit this version ({e}); "
+                                  f"resume from another checkpoint") from None
+        if self.state.good_step != self.state.step:
+            self.unconfirmed = self.state.step
         if self.state.global_batch != self.batches.global_batch:   # another number of processes
             self.log(f"resuming with a global micro-batch of {self.batches.global_batch} sequences instead of "
                      f"{self.state.global_batch}: the data position is kept, the run is no longer bitwise "
@@ -160,10 +221,21 @@ class Trainer:
         state.nonfinite_total += 1
         self.log(f"step {state.step + 1}: non-finite loss or gradient, update skipped ({state.nonfinite_in_row} in a row)")
         if state.nonfinite_in_row >= tc.max_consecutive_nonfinite:
-            latest = self.checkpoints.latest
-            kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved yet"
+            good = self._good_checkpoint()
+            kept = (f"the last good checkpoint is {good} (continue from it with --resume {state.good_step} --set "
+                    f"optimizer.learning_rate=...)" if good else "no good checkpoint was saved")
             raise TrainingError(f"{state.nonfinite_in_row} non-finite losses in a row: training diverged; {kept}. "
                                 f"Lower optimizer.learning_rate or use mixed_precision 'no'/'bf16'.")
+
+    def _good_checkpoint(self) -> Path | None:
+        good = self.state.good_step
+        path = step_dir(self.output_dir, good) if good is not None else None
+        return path if path is not None and path.is_dir() else None
+
+    def _weights_finite(self) -> bool:
+        local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())   # FSDP: the shards
+                    for p in self.model.parameters())
+        return bool(self.procs.all_reduce(float(local), "min"))
 
     # --- evaluation and checkpoints -------------------------------------------------------
     def evaluate(self, windows, max_batches: int | None = None) -> dict:
@@ -181,27 +253,49 @@ class Trainer:
             total, count = self.procs.all_reduce(total), int(self.procs.all_reduce(count))
         return loss_metrics(total, count)
 
-    def save_checkpoint(self) -> Path:
-        opt = self.opt
-        return self.checkpoints.save(self.state.step, self.model, opt.optimizer, opt.scheduler, opt.scaler,
-                                     dataclasses.asdict(self.state), self.config, self.data.tokenizer)
+    def save_checkpoint(self, validated: bool = False) -> Path:
+        """Save the current step; `validated`: its weights just gave a finite validation loss, so
+        the checkpoint is good at once (otherwise it is once the next step's loss is finite)."""
+        opt, step = self.opt, self.state.step
+        finite = self._weights_finite()
+        if finite and validated:
+            self.state.good_step = step
+        path = self.checkpoints.save(step, self.model, opt.optimizer, opt.scheduler, opt.scaler,
+                                     dataclasses.asdict(self.state), self.config, self.data.tokenizer,
+                                     keep=self._good_checkpoint())
+        self.unconfirmed = step if finite and not validated else None
+        if not finite:
+            self.log(f"warning: step {step}: the weights are not finite; {path.name} is saved but is not a good "
+                     f"checkpoint")
+        return path
 
     def _checkpoint_after_step(self, step: int, end: int, evaluated: dict | None) -> Path | None:
         """Save when due (every save_steps, at the end, on a stop signal) or when validation improved
         (then also as best/); the path saved, if any."""
-        if evaluated and evaluated["loss"] < self.state.best_val_loss:
+        validated = evaluated is not None and math.isfinite(evaluated["loss"])
+        if validated and evaluated["loss"] < self.state.best_val_loss:
             self.state.best_val_loss, self.state.best_step = evaluated["loss"], step
-            path = self.save_checkpoint()
+            path = self.save_checkpoint(validated)
             self.checkpoints.save_best(path, {"step": step, **evaluated})
             return path
         if step % self.config.training.save_steps == 0 or step == end or self.stop_signal:
-            return self.save_checkpoint()
+            return self.save_checkpoint(validated)
         return None
 
     def evaluate_checkpoint(self, which: str = "best") -> dict:
         """Load a checkpoint's weights into the model and evaluate it on the test split."""
         self.checkpoints.load_weights(self.model, self.checkpoints.resolve(which))
         return self.evaluate(self.test_set)
+
+    def test_best(self, result: dict) -> dict | None:
+        """The test-split metrics of this run's best checkpoint (lowest validation loss), added to
+        `result` (what `train` returned) and metrics.json as `test_best`; None without one."""
+        if self.state.best_step is None:
+            return None
+        result["test_best"] = test = self.evaluate_checkpoint("best")
+        if self.procs.main:
+            atomic_write_text(self.output_dir / "metrics.json", json.dumps(result, indent=2))
+        return test
 
     # --- the loop -----------------------------------------------------------------------
     def _on_signal(self, signum, frame):
@@ -213,9 +307,10 @@ class Trainer:
         checkpoint and return: the schedule stays that of the full run)."""
         tc = self.config.training
         end = min(self.total_steps, until_step or self.total_steps)
-        baseline = unigram_perplexity(self.data.streams["train"], self.data.streams["validation"], self.data.vocab_size)
-        self.log(f"model: {self.model.num_parameters():,} parameters on {self.device}; "
-                 f"{self.total_steps} optimizer steps; unigram validation perplexity {baseline:.1f}")
+        baseline = (unigram_perplexity(self.data.streams["train"], self.data.streams["validation"], self.data.vocab_size)
+                    if self.has_validation else None)
+        self.log(f"model: {self.model.num_parameters():,} parameters on {self.device}; {self.total_steps} optimizer "
+                 f"steps" + (f"; unigram validation perplexity {baseline:.1f}" if baseline else ""))
         last_saved = None
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.model.train()
@@ -225,11 +320,13 @@ class Trainer:
                     result = self._train_step(group)
                     if result is None:
                         continue
+                    if self.unconfirmed is not None:    # this step's finite loss came from its weights
+                        self.state.good_step, self.unconfirmed = self.unconfirmed, None
                     self.state.step += 1
                     step = self.state.step
                     monitor.step(step, result, self.opt.lr)
                     evaluated = None
-                    if step % tc.eval_steps == 0 or step == self.total_steps:
+                    if self.has_validation and (step % tc.eval_steps == 0 or step == self.total_steps):
                         evaluated = monitor.validation(step, self.evaluate(self.val_set, tc.eval_max_batches))
                     if self.procs.all_reduce(1.0 if self.stop_signal else 0.0, "max") and not self.stop_signal:
                         self.stop_signal = signal.SIGTERM          # another process was told to stop
@@ -244,7 +341,7 @@ class Trainer:
                 last_saved = self.save_checkpoint()
             raise KeyboardInterrupt(f"interrupted at step {self.state.step}: checkpoint saved in {last_saved}; "
                                     f"continue with --resume latest")
-        result = {"step": self.state.step, "validation": self.evaluate(self.val_set),
+        result = {"step": self.state.step, "validation": self.evaluate(self.val_set) if self.has_validation else None,
                   "unigram_validation_perplexity": baseline, "best_step": self.state.best_step,
                   "nonfinite_skipped": self.state.nonfinite_total}
         if self.procs.main:

@@ -1,2 +1,2 @@
-"""The ground floor of the package: errors, atomic file writes, device resolution and the
-typed-section machinery of the configuration.  Imports nothing else of sparse_ssm."""
+"""The ground floor of the package: errors, atomic file writes, directory locks, device resolution
+and the typed-section machinery of the configuration.  Imports nothing else of sparse_ssm."""

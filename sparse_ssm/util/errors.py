@@ -30,6 +30,13 @@ class CheckpointError(SparseSSMError):
     exit_code = 2
 
 
+class DirectoryLockedError(SparseSSMError):
+    """Another process writes to the directory (it holds the directory's lock); the message names
+    that process and what to do."""
+
+    exit_code = 2
+
+
 class TrainingError(SparseSSMError):
     """Training cannot go on; the message says why and what was kept."""
 

@@ -53,7 +53,9 @@ def load_yaml(path) -> dict:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (not UTF-8); pass a YAML config") from None
     if data is None:
-        return {}
+        raise ConfigError(f"{path} is empty: a config file holds sections (model, training, optimizer, scheduler, "
+                          f"dataset, generation, synthetic, distillation); start from config/default_config.yaml or "
+                          f"config/small_cpu.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, training, ...), got {type(data).__name__}")
     return data

@@ -159,3 +159,50 @@ def test_windows_and_score_once_labels():
         ids, labels = ev[i]
         scored += [int(t) for t in labels[1:] if t != -100]
     assert scored == list(range(1, 50))                     # every token but the first scored once
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("latin1.txt", "line one\ncaf\xe9\n".encode("latin-1"), r"latin1.txt: line 2: not UTF-8 \(byte 0xe9\); save the file as UTF-8"),
+    ("image.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", r"image.txt: line 3: a NUL byte: a binary file"),
+    ("notes.csv", b"text\nhello\n", r"notes.csv: unsupported file type '.csv'; the data must be text files"),
+    ("README", b"hello\n", r"README: unsupported file type '\(no suffix\)'"),
+    ("d.jsonl", b'{"text": "a"}\n\n{"text": "b",}\n', r"d.jsonl: line 3: not valid JSON \(Expecting property name"),
+    ("d.jsonl", b'{"text": "a"}\n["b"]\n', r"d.jsonl: line 2: expected a JSON object .*got a list"),
+    ("d.jsonl", b'{"text": "a"}\n{"text": 5}\n', r"d.jsonl: line 2: field 'text' is not text \(int 5\)"),
+    ("d.json", b'[{"text": "a"},\n {"text": "b"\n]', r"d.json: line 3: not valid JSON \(Expecting ','"),
+    ("d.json", b'{"text": "a"}', r"d.json: expected a list of records"),
+    ("d.parquet", b"PAR1 not really", r"d.parquet: not a readable parquet file"),
+])
+def test_unreadable_data_names_the_file_the_line_and_the_problem(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        load_splits(cfg(tmp_path, data_path=str(path)))
+
+
+def test_folders_skip_other_files_but_say_when_nothing_is_left(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.csv").write_text("x")
+    (folder / "b.pdf").write_bytes(b"%PDF")
+    with pytest.raises(DataError, match=r"holds no .*files \(only .csv, .pdf\)"):
+        load_splits(cfg(tmp_path, data_path=str(folder)))
+    (folder / "c.txt").write_text("   \n")
+    with pytest.raises(DataError, match="no non-empty documents"):
+        load_splits(cfg(tmp_path, data_path=str(folder)))
+
+
+def test_text_files_read_as_before_and_json_lines_in_a_json_file(tmp_path):
+    (tmp_path / "crlf.txt").write_bytes("\ufeffone\r\ntwo\rthree\n".encode())
+    (tmp_path / "lines.json").write_text('{"text": "first"}\n{"text": "second", "x": 1}\n{"other": 2}\n')
+    from sparse_ssm.data.sources import read_documents
+    docs = read_documents([tmp_path / "crlf.txt", tmp_path / "lines.json"], "text")
+    assert docs == ["\ufeffone\ntwo\nthree\n", "first", "second"]     # universal newlines, like open(); BOM kept
+
+
+def test_evaluate_names_a_bad_data_file_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    from sparse_ssm.train.evaluation import perplexity_on_file
+    with pytest.raises(DataError, match=r"bad.jsonl: line 2: not valid JSON"):
+        perplexity_on_file(None, None, bad, 16)

@@ -155,6 +155,7 @@ def test_cli_generate_streams_and_writes_files(trained, tmp_path):
     (["--prompt", "x", "--top-p", "1.5"], "--top-p: must be <= 1"),
     (["--prompt", "x", "--temperature", "-1"], "--temperature: must be >= 0"),
     (["--prompt", "x", "--checkpoint", "12345"], "does not exist"),
+    (["--prompt", "x", "--num-return-sequences", "0"], "--num-return-sequences: must be >= 1, got 0"),
 ])
 def test_cli_generate_errors(trained, args, message):
     proc = run_cli("--model-dir", str(trained), *args)

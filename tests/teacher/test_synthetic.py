@@ -297,3 +297,23 @@ def test_a_failing_teacher_leaves_nothing_behind_and_distillation_needs_its_toke
         create_synthetic(config(tmp_path, backend="ollama", distillation=True), teacher, progress=False,
                          log=lambda *_: None)
     assert len(server.requests) == requests_before          # stopped before asking anything
+
+
+def test_create_synthetic_checks_its_inputs_before_the_teacher_loads(tmp_path, monkeypatch, capsys):
+    def make_teacher(*_, **__):
+        raise AssertionError("the teacher was loaded before the inputs were checked")
+    monkeypatch.setattr("sparse_ssm.teacher.make_teacher", make_teacher)
+    (tmp_path / "file").write_text("a regular file")
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "d.json").write_text("{}")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00")
+    base = ["create-synthetic", "--config", "config/default_config.yaml", "--output-file", "d.json"]
+    for args, message in [(["--output-dir", str(tmp_path / "file" / "sub")], "/file/sub: cannot create it"),
+                          (["--output-dir", str(tmp_path / "out"), "--prompts", str(tmp_path / "none.txt")],
+                           "none.txt does not exist"),
+                          (["--output-dir", str(tmp_path / "out"), "--prompts", str(tmp_path / "binary.txt")],
+                           "binary.txt is unreadable"),
+                          (["--output-dir", str(tmp_path / "done")], "d.json already exists: pass --overwrite")]:
+        assert cli.main([*base, *args]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err

@@ -1,5 +1,6 @@
 """The trainer: schedule, accumulation, checkpoints, exact resume, non-finite losses, TensorBoard."""
 
+import json
 import math
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import ROOT, tiny_config
+from sparse_ssm import cli
 from sparse_ssm.config import Config, ConfigError
 from sparse_ssm.model.checkpoint import load_model, resolve_checkpoint
 from sparse_ssm.train import SchedulerConfig, Trainer
@@ -249,3 +251,35 @@ def test_parameter_groups_exclude_ssm_bases_norms_biases_embeddings_from_decay()
     assert any(n.endswith("in_proj.weight") for n in decay)
     total = sum(len(g["params"]) for g in groups.values())
     assert total == len({id(p) for p in model.parameters()})
+
+
+def test_divergence_names_a_checkpoint_whose_weights_give_a_finite_loss(corpus, tmp_path):
+    """lr 1e5: the update of step 2 leaves finite weights that give NaN, so step-2 (the latest) is
+    not a good checkpoint; the stop names step-1 (and rotation kept it despite save_total_limit 1)."""
+    out = tmp_path / "out"
+    trainer = Trainer(tiny_config(corpus, out, training={"max_steps": 30, "save_steps": 1, "eval_steps": 1000,
+                                                         "max_consecutive_nonfinite": 2, "save_total_limit": 1},
+                                  optimizer={"learning_rate": 1e5}), log=lambda *_: None)
+    with pytest.raises(TrainingError, match="diverged; the last good checkpoint is") as stop:
+        trainer.train()
+    named = resolve_checkpoint(out, str(stop.value).split("good checkpoint is ")[1].split()[0])
+    latest = resolve_checkpoint(out, "latest")
+    ids = torch.tensor([trainer.train_set[0][0].tolist()])
+    loss = lambda path: float(load_model(path)(ids, labels=ids, return_logits=False).loss.detach())
+    assert latest != named and not math.isfinite(loss(latest))
+    assert math.isfinite(loss(named)) and named.name == "step-00000001"
+
+
+def test_training_without_a_validation_split(corpus, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    tiny_config(corpus, tmp_path / "out", training={"max_steps": 3},
+                dataset={"val_split": 0.0, "test_split": 0.0}).save(config)
+    assert cli.main(["train", "--config", str(config), "--use-best-model"]) == 2
+    assert "--use-best-model evaluates" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "train", "--config", str(config)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no validation data (dataset.val_split = 0.0)" in proc.stdout and "3 steps: no validation data" in proc.stdout
+    assert "best:" not in proc.stdout and not (tmp_path / "out" / "best").exists()
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text(), parse_constant=pytest.fail)   # no NaN
+    assert metrics["validation"] is None and metrics["step"] == 3
