@@ -56,8 +56,8 @@ def test_ollama_chat_tags_show_and_logprobs(server):
     assert client.show("tiny").details.family == "sparse_ssm"
     reply = client.chat(model="tiny", messages=[{"role": "user", "content": "Hello"}], options={"num_predict": 8})
     assert reply.message.role == "assistant" and reply.done
-    chunks = list(client.chat(model="tiny", messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 8},
-                              stream=True))
+    chunks = list(client.chat(model="tiny", messages=[{"role": "user", "content": "Hi"}],   # greedy: its text is
+                              options={"num_predict": 8, "temperature": 0}, stream=True))  # whole characters early
     assert chunks[-1].done and not chunks[0].done
     answer = client.generate(model="tiny", prompt="The sun", options={"num_predict": 6, "temperature": 0},
                              logprobs=True, top_logprobs=3)
