@@ -34,27 +34,27 @@ from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM  # noqa: E402
 VOCAB = 4096
 
 
-@torch.no_grad()
-def ours_decode(model, ctx, new_tokens):
-    """Seconds of each decode step after the prefill."""
-    logits, cache = model.prefill(ctx)
+def timed_steps(step, state, new_tokens):
+    """Seconds of each of `new_tokens` calls state = step(state) (one decode step each)."""
     times = []
     for _ in range(new_tokens):
         start = time.perf_counter()
-        logits, cache = model.step(logits.argmax(-1), cache)
+        state = step(state)
         times.append(time.perf_counter() - start)
     return times
+
+
+@torch.no_grad()
+def ours_decode(model, ctx, new_tokens):
+    """Seconds of each decode step after the prefill."""
+    return timed_steps(lambda s: model.step(s[0].argmax(-1), s[1]), model.prefill(ctx), new_tokens)
 
 
 @torch.no_grad()
 def gpt2_decode(model, ctx, new_tokens):
-    out = model(input_ids=ctx, use_cache=True)
-    times = []
-    for _ in range(new_tokens):
-        start = time.perf_counter()
-        out = model(input_ids=out.logits[:, -1].argmax(-1)[:, None], past_key_values=out.past_key_values, use_cache=True)
-        times.append(time.perf_counter() - start)
-    return times
+    step = lambda out: model(input_ids=out.logits[:, -1].argmax(-1)[:, None], past_key_values=out.past_key_values,
+                             use_cache=True)
+    return timed_steps(step, model(input_ids=ctx, use_cache=True), new_tokens)
 
 
 @torch.no_grad()
@@ -64,25 +64,18 @@ def mambapy_decode(model, ctx, new_tokens):
     cfg = model.mamba.config
     caches = [(torch.zeros(batch, cfg.d_inner, cfg.d_state), torch.zeros(batch, cfg.d_inner, cfg.d_conv - 1))
               for _ in range(cfg.n_layers)]
-    token = ctx[:, -1]
-    times = []
-    for _ in range(new_tokens):
-        start = time.perf_counter()
+
+    def step(state):
+        token, caches = state
         x, caches = model.mamba.step(model.embedding(token), caches)
-        token = model.lm_head(model.norm_f(x)).argmax(-1)
-        times.append(time.perf_counter() - start)
-    return times
+        return model.lm_head(model.norm_f(x)).argmax(-1), caches
+    return timed_steps(step, (ctx[:, -1], caches), new_tokens)
 
 
 @torch.no_grad()
 def mamba2_decode(model, ctx, new_tokens):
-    out = model(input_ids=ctx, use_cache=True)
-    times = []
-    for _ in range(new_tokens):
-        start = time.perf_counter()
-        out = model(input_ids=out.logits[:, -1].argmax(-1)[:, None], cache=out.cache, use_cache=True)
-        times.append(time.perf_counter() - start)
-    return times
+    step = lambda out: model(input_ids=out.logits[:, -1].argmax(-1)[:, None], cache=out.cache, use_cache=True)
+    return timed_steps(step, model(input_ids=ctx, use_cache=True), new_tokens)
 
 
 def build_peers(max_len: int) -> dict:

@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 
 from .fused_block import selective_scan_fused_block, supports
-from .kernels import method_id, native_library, ptr, saved_chunks, suffix, token_rows
+from .kernels import (gradient_buffers, method_id, native_library, ptr, scan_buffers, suffix, sum_heads_per_group,
+                      token_rows)
 from .structures import DiagonalStructure
 
 
@@ -39,13 +40,8 @@ def _dims(u, B, z_stride, code, alpha):
 
 def _forward(u, dt, a, B, C, D, h0, z, code: int, alpha: float, save: bool, hT=None):
     """(y, final state, chunk-start states, ungated output) from the kernel; the last two only with save."""
-    b, L, H, P = u.shape
-    N = B.shape[-1]
+    y, hT, saved, ypre = scan_buffers(u, B, z, save, hT)
     z, z_stride = token_rows(z) if z is not None else (None, 0)
-    y = torch.empty_like(u)
-    hT = u.new_empty(b, H, N, P) if hT is None else hT
-    saved = u.new_empty(b, H, saved_chunks(L), N, P) if save else u.new_empty(0)
-    ypre = torch.empty_like(u) if save and z is not None else u.new_empty(0)
     fn = getattr(native_library(), f"ssm_diag_forward_{suffix(u.dtype)}")
     err = fn(*map(ptr, (u, dt, a, B, C, D, h0, z, y, hT, saved if save else None, ypre if ypre.numel() else None)),
              *_dims(u, B, z_stride, code, alpha))
@@ -64,10 +60,7 @@ def diag_scan(u: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, B: torch.Tenso
 
 @diag_scan.register_fake
 def _(u, dt, a, B, C, D, h0, z, code, alpha):
-    b, L, H, P = u.shape
-    N = B.shape[-1]
-    ypre = torch.empty_like(u) if z is not None else u.new_empty(0)
-    return torch.empty_like(u), u.new_empty(b, H, N, P), u.new_empty(b, H, saved_chunks(L), N, P), ypre
+    return scan_buffers(u, B, z, save=True)
 
 
 @torch.library.custom_op("sparse_ssm::diag_scan_backward", mutates_args=())
@@ -76,28 +69,20 @@ def diag_scan_backward(u: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, B: to
                        dy: torch.Tensor, dhT: Optional[torch.Tensor], code: int,
                        alpha: float) -> list[torch.Tensor]:
     """Gradients of u, dt, a, B, C (per group), D, the initial state and z (empty without a gate)."""
-    b, L, H, P = u.shape
-    G, N = B.shape[2], B.shape[3]
+    du, ddt, da, dB_head, dC_head, dD, dh0, dz = gradient_buffers(u, dt, a, B, D, z)
     z, z_stride = token_rows(z) if z is not None else (None, 0)
-    du, ddt, da, dD = torch.empty_like(u), torch.empty_like(dt), torch.empty_like(a), torch.empty_like(D)
-    dB_head, dC_head = u.new_empty(b, L, H, N), u.new_empty(b, L, H, N)
-    dh0 = u.new_empty(b, H, N, P)
-    dz = torch.empty_like(u) if z is not None else u.new_empty(0)
     fn = getattr(native_library(), f"ssm_diag_backward_{suffix(u.dtype)}")
     err = fn(*map(ptr, (u, dt, a, B, C, D, saved, z, ypre if z is not None else None, dy, dhT, du, ddt, da, dB_head,
                          dC_head, dD, dh0, dz if z is not None else None)), *_dims(u, B, z_stride, code, alpha))
     if err:
         raise ValueError(f"fused scan backward: invalid shapes (code {err})")
-    per_group = lambda g: g.view(b, L, G, H // G, N).sum(3)
-    return [du, ddt, da, per_group(dB_head), per_group(dC_head), dD, dh0, dz]
+    G = B.shape[2]
+    return [du, ddt, da, sum_heads_per_group(dB_head, G), sum_heads_per_group(dC_head, G), dD, dh0, dz]
 
 
 @diag_scan_backward.register_fake
 def _(u, dt, a, B, C, D, saved, z, ypre, dy, dhT, code, alpha):
-    b, L, H, P = u.shape
-    return [torch.empty_like(u), torch.empty_like(dt), torch.empty_like(a), torch.empty_like(B), torch.empty_like(C),
-            torch.empty_like(D), u.new_empty(b, H, B.shape[-1], P),
-            torch.empty_like(u) if z is not None else u.new_empty(0)]
+    return gradient_buffers(u, dt, a, B, D, z, per_head=False)
 
 
 def _setup_context(ctx, inputs, output):

@@ -22,7 +22,8 @@ from typing import Optional
 
 import torch
 
-from .kernels import method_id, native_library, ptr, saved_chunks, suffix, token_rows
+from .kernels import (gradient_buffers, method_id, native_library, ptr, scan_buffers, suffix, sum_heads_per_group,
+                      token_rows)
 from .structures import BandedStructure, BlockStructure, DiagonalStructure, LowRankStructure, RotationStructure
 
 
@@ -61,12 +62,8 @@ def _dims(u, B, bs, z_stride, kind, code, alpha):
 
 
 def _forward(u, dt, raw, B, C, D, h0, z, bs, kind, code, alpha, save):
-    b, L, H, P = u.shape
-    N = B.shape[-1]
+    y, hT, saved, ypre = scan_buffers(u, B, z, save)
     z, z_stride = token_rows(z) if z is not None else (None, 0)
-    y, hT = torch.empty_like(u), u.new_empty(b, H, N, P)
-    saved = u.new_empty(b, H, saved_chunks(L), N, P) if save else u.new_empty(0)
-    ypre = torch.empty_like(u) if save and z is not None else u.new_empty(0)
     fn = _kernel(kind, "forward", u.dtype)
     err = fn(*map(ptr, (u, dt, raw, B, C, D, h0, z, y, hT, saved if save else None, ypre if ypre.numel() else None)),
              *_dims(u, B, bs, z_stride, kind, code, alpha))
@@ -85,10 +82,7 @@ def block_scan(u: torch.Tensor, dt: torch.Tensor, raw: torch.Tensor, B: torch.Te
 
 @block_scan.register_fake
 def _(u, dt, raw, B, C, D, h0, z, bs, kind, code, alpha):
-    b, L, H, P = u.shape
-    N = B.shape[-1]
-    ypre = torch.empty_like(u) if z is not None else u.new_empty(0)
-    return torch.empty_like(u), u.new_empty(b, H, N, P), u.new_empty(b, H, saved_chunks(L), N, P), ypre
+    return scan_buffers(u, B, z, save=True)
 
 
 @torch.library.custom_op("sparse_ssm::block_scan_backward", mutates_args=())
@@ -97,28 +91,21 @@ def block_scan_backward(u: torch.Tensor, dt: torch.Tensor, raw: torch.Tensor, B:
                         dy: torch.Tensor, dhT: Optional[torch.Tensor], bs: int, kind: int, code: int,
                         alpha: float) -> list[torch.Tensor]:
     """Gradients of u, dt, raw, B, C (per group), D, the initial state and z (empty without a gate)."""
-    b, L, H, P = u.shape
-    G, N = B.shape[2], B.shape[3]
+    du, ddt, draw, dB_head, dC_head, dD, dh0, dz = gradient_buffers(u, dt, raw, B, D, z)
     z, z_stride = token_rows(z) if z is not None else (None, 0)
-    du, ddt, draw, dD = torch.empty_like(u), torch.empty_like(dt), torch.empty_like(raw), torch.empty_like(D)
-    dB_head, dC_head, dh0 = u.new_empty(b, L, H, N), u.new_empty(b, L, H, N), u.new_empty(b, H, N, P)
-    dz = torch.empty_like(u) if z is not None else u.new_empty(0)
     fn = _kernel(kind, "backward", u.dtype)
     err = fn(*map(ptr, (u, dt, raw, B, C, D, saved, z, ypre if z is not None else None, dy, dhT, du, ddt, draw,
                          dB_head, dC_head, dD, dh0, dz if z is not None else None)),
              *_dims(u, B, bs, z_stride, kind, code, alpha))
     if err:
         raise ValueError(f"fused block scan backward: unsupported shapes (code {err})")
-    per_group = lambda g: g.view(b, L, G, H // G, N).sum(3)
-    return [du, ddt, draw, per_group(dB_head), per_group(dC_head), dD, dh0, dz]
+    G = B.shape[2]
+    return [du, ddt, draw, sum_heads_per_group(dB_head, G), sum_heads_per_group(dC_head, G), dD, dh0, dz]
 
 
 @block_scan_backward.register_fake
 def _(u, dt, raw, B, C, D, saved, z, ypre, dy, dhT, bs, kind, code, alpha):
-    b, L, H, P = u.shape
-    return [torch.empty_like(u), torch.empty_like(dt), torch.empty_like(raw), torch.empty_like(B), torch.empty_like(C),
-            torch.empty_like(D), u.new_empty(b, H, B.shape[-1], P),
-            torch.empty_like(u) if z is not None else u.new_empty(0)]
+    return gradient_buffers(u, dt, raw, B, D, z, per_head=False)
 
 
 def _setup_context(ctx, inputs, output):

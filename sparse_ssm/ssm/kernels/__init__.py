@@ -24,6 +24,8 @@ import platform
 import sys
 from pathlib import Path
 
+import torch
+
 HERE = Path(__file__).resolve().parent
 SOURCES = [HERE / name for name in ("selective_scan.cpp", "block_scan.cpp", "lowrank_scan.cpp", "causal_conv.cpp",
                                     "cross_entropy.cpp", "layer_step.cpp")]
@@ -114,7 +116,6 @@ def cross_entropy_rows_(logits, targets, scale: float, grad: bool):
     targets (rows,) (negative: ignored), computed by the native kernel: returns the losses (rows,)
     and, with `grad`, overwrites the logits with scale * (softmax - onehot).  None when the kernel
     is unavailable."""
-    import torch
 
     lib = native_library()
     if lib is None or logits.dtype not in (torch.float32, torch.float64) or not logits.is_contiguous():
@@ -172,3 +173,31 @@ def token_rows(x):
     if not contiguous_inner or (L > 1 and x.stride(0) != L * x.stride(1)):
         x = x.contiguous()
     return x, (x.stride(1) if L > 1 else x.stride(0))
+
+
+def scan_buffers(u, B, z, save: bool, hT=None):
+    """Empty outputs of a scan kernel over u (b, L, H, P) with B (b, L, G, N): y (b, L, H, P), the
+    final state (b, H, N, P) (`hT` if given: written in place), and with `save` the chunk-start states
+    (b, H, chunks, N, P) and, with a gate z, the ungated y; those two are empty tensors otherwise."""
+    b, L, H, P = u.shape
+    N = B.shape[-1]
+    hT = u.new_empty(b, H, N, P) if hT is None else hT
+    saved = u.new_empty(b, H, saved_chunks(L), N, P) if save else u.new_empty(0)
+    ypre = torch.empty_like(u) if save and z is not None else u.new_empty(0)
+    return torch.empty_like(u), hT, saved, ypre
+
+
+def gradient_buffers(u, dt, a, B, D, z, per_head: bool = True):
+    """Empty gradients of a scan: du, ddt, da (like the transition parameters a), dB and dC ((b, L, H, N)
+    per head as the kernels write them, else like B), dD, dh0 (b, H, N, P), dz (empty without a gate)."""
+    b, L, H, P = u.shape
+    N = B.shape[-1]
+    dB, dC = (u.new_empty(b, L, H, N), u.new_empty(b, L, H, N)) if per_head else (torch.empty_like(B), torch.empty_like(B))
+    return [torch.empty_like(u), torch.empty_like(dt), torch.empty_like(a), dB, dC, torch.empty_like(D),
+            u.new_empty(b, H, N, P), torch.empty_like(u) if z is not None else u.new_empty(0)]
+
+
+def sum_heads_per_group(grad, groups: int):
+    """A per-head gradient (b, L, H, N) summed over the heads that share a group: (b, L, G, N)."""
+    b, L, H, N = grad.shape
+    return grad.view(b, L, groups, H // groups, N).sum(3)

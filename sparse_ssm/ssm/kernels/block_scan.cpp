@@ -469,19 +469,11 @@ template <typename T> void block_forward_head(const BDims& d, const BTensors<T>&
     if (x.saved) std::memcpy(x.saved + ((bi * H + hi) * d.chunks() + c) * N * P, S.data(), sizeof(T) * N * P);
     build_chunk(d, refs, x, bi, hi, t0, tc, ops, scratch);
     const T* u0 = x.u + ((bi * d.L + t0) * H + hi) * P;
-    for (int64_t t = 0; t < tc; ++t) {
-      const T Dt = x.D[(bi * d.L + t0 + t) * H + hi];
-      for (int64_t p = 0; p < P; ++p) ych[t * P + p] = Dt * u0[t * H * P + p];
-    }
+    skip_rows(x.D + (bi * d.L + t0) * H + hi, H, u0, H * P, tc, P, ych.data());
     advance_blocks(d, refs, u0, H * P, ops, tc, S.data(), ych.data(), (T*)nullptr);
-    for (int64_t t = 0; t < tc; ++t) {
-      const int64_t row = ((bi * d.L + t0 + t) * H + hi) * P;
-      if (x.ypre) std::memcpy(x.ypre + row, &ych[t * P], sizeof(T) * P);
-      if (x.z)
-        gate_row(&ych[t * P], x.z + (bi * d.L + t0 + t) * d.z_stride + hi * P, x.y + row, P);
-      else
-        std::memcpy(x.y + row, &ych[t * P], sizeof(T) * P);
-    }
+    const int64_t row0 = ((bi * d.L + t0) * H + hi) * P;
+    store_rows(ych.data(), tc, P, x.y + row0, x.ypre ? x.ypre + row0 : nullptr, H * P,
+               x.z ? x.z + (bi * d.L + t0) * d.z_stride + hi * P : nullptr, d.z_stride);
   }
   std::memcpy(x.hT + (bi * H + hi) * N * P, S.data(), sizeof(T) * N * P);
 }

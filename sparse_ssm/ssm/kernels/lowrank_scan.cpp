@@ -169,11 +169,8 @@ template <typename T> void lr_forward_head(const LRDims& d, const LRTensors<T>& 
     for (int64_t p = 0; p < P; ++p) yrow[p] = x.D[row] * u[p];
     for (int64_t n = 0; n < N; ++n)
       for (int64_t p = 0; p < P; ++p) yrow[p] += C[n] * S[n * P + p];
-    if (x.ypre) std::memcpy(x.ypre + row * P, yrow.data(), sizeof(T) * P);
-    if (x.z)
-      gate_row(yrow.data(), x.z + tok * d.z_stride + hi * P, x.y + row * P, P);
-    else
-      std::memcpy(x.y + row * P, yrow.data(), sizeof(T) * P);
+    store_rows(yrow.data(), 1, P, x.y + row * P, x.ypre ? x.ypre + row * P : nullptr, P,
+               x.z ? x.z + tok * d.z_stride + hi * P : nullptr, d.z_stride);
   }
   std::memcpy(x.hT + (bi * H + hi) * N * P, S.data(), sizeof(T) * N * P);
 }

@@ -158,6 +158,26 @@ template <typename T> void gate_row_backward(const T* dy, const T* y, const T* z
   }
 }
 
+// The skip term of tc tokens of one head: ych[t, p] = D[t * D_stride] * u[t * u_stride + p]
+template <typename T>
+void skip_rows(const T* D, int64_t D_stride, const T* u, int64_t u_stride, int64_t tc, int64_t P, T* ych) {
+  for (int64_t t = 0; t < tc; ++t)
+    for (int64_t p = 0; p < P; ++p) ych[t * P + p] = D[t * D_stride] * u[t * u_stride + p];
+}
+
+// Store tc rows ych (tc, P) of one head: to ypre (if any, the ungated output the backward needs) and
+// to y, gated by z if given (y * silu(z)); y, ypre and z advance by their strides from token to token.
+template <typename T>
+void store_rows(const T* ych, int64_t tc, int64_t P, T* y, T* ypre, int64_t y_stride, const T* z, int64_t z_stride) {
+  for (int64_t t = 0; t < tc; ++t) {
+    if (ypre) std::memcpy(ypre + t * y_stride, &ych[t * P], sizeof(T) * P);
+    if (z)
+      gate_row(&ych[t * P], z + t * z_stride, y + t * y_stride, P);
+    else
+      std::memcpy(y + t * y_stride, &ych[t * P], sizeof(T) * P);
+  }
+}
+
 // Run work(task) for task in [0, tasks) on up to `threads` threads (contiguous ranges each).
 template <typename F> void parallel_for(int64_t tasks, int threads, F work) {
   threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, tasks));
