@@ -56,10 +56,14 @@ class SelectiveParameterGenerator(nn.Module):
         self.reset_generator()
 
     @torch.no_grad()
-    def reset_generator(self, std: float = 0.02):
+    def reset_generator(self, std: float | None = 0.02):
         """Random dt/A-bottleneck/B/C rows, zero D rows and zero W_A (so A_t and D_t start at
-        their base values while W_A still receives gradients)."""
-        nn.init.normal_(self.proj.weight, std=std)
+        their base values while W_A still receives gradients).  The random rows are N(0, std), or
+        with std None nn.Linear's own init, uniform(+-1/sqrt(E)), as Mamba's x_proj."""
+        if std is None:
+            self.proj.reset_parameters()
+        else:
+            nn.init.normal_(self.proj.weight, std=std)
         self.proj.weight[-self.sizes[4]:].zero_()
         nn.init.zeros_(self.a_up.weight)
 
