@@ -2,7 +2,8 @@
 
     python bench/selective_copying.py [--variants default,mambapy,...] [--seeds 0,1,2] [--steps 600]
                                       [--length 32] [--num-memorize 4] [--test-lengths 32,128]
-                                      [--name selective_copying] [--out bench/results] [--no-speed]
+                                      [--speed-rounds 3] [--speed-only] [--name selective_copying]
+                                      [--out bench/results]
 
 Every variant is trained with `sparse_ssm.train.tasks.run_task` (the harness of `main.py evaluate
 --task`): 2 layers, width 64, state 16, vocab 16, batch 32, AdamW lr 3e-3 with a one-cycle
@@ -14,8 +15,10 @@ default (`weight_init: mamba`) or the previous one (`weight_init: gpt2`).
 Beside the accuracy per seed: parameters, CPU seconds per run, and the training throughput of
 the LM-sized model of bench/train_step.py (hidden 256, 4 layers, state 16, expand 2, vocab 4096,
 batch 8 x 256, 1 thread) built with the same change (head widths kept: `num_heads: 8` at width 64
-is 16 channels per head, 32 heads at width 256).  Results go to NAME.json / NAME.md under --out;
-rows of variants not run this time are kept from an earlier file, so rows can be re-run alone.
+is 16 channels per head, 32 heads at width 256), timed in interleaved rounds with the default as
+the reference (`--speed-only` re-times the variants of an existing results file).  Results go to
+NAME.json / NAME.md under --out; rows of variants not run this time are kept from an earlier file
+with the same setup, so rows can be re-run alone.
 """
 
 from __future__ import annotations
@@ -72,6 +75,11 @@ def gpt2_in_proj(model):
         nn.init.normal_(block.mixer.in_proj.weight, std=0.02)
 
 
+def zero_conv_bias(model):
+    for block in model.blocks:
+        nn.init.zeros_(block.mixer.conv.bias)
+
+
 def embedding_n01(model):
     nn.init.normal_(model.embed.weight, std=1.0)
 
@@ -114,6 +122,7 @@ VARIANTS = {
     "gpt2+mamba-out-proj": ("previous, out_proj Kaiming-uniform / sqrt(layers)", GPT2, None, (mamba_out_proj,)),
     "gpt2+kaiming-generator": ("previous, generator dt/B/C rows Kaiming-uniform", GPT2, None, (kaiming_generator,)),
     "gpt2+embed-n01": ("previous, embedding N(0, 1)", GPT2, None, (embedding_n01,)),
+    "gpt2+conv-bias0": ("previous, conv bias starts at 0 (not uniform(+-0.5))", GPT2, None, (zero_conv_bias,)),
     "gpt2+range0.1": ("previous, initializer_range 0.1", {**GPT2, "initializer_range": 0.1}, None, ()),
     "gpt2-heads32": ("previous, 32 heads of 4 channels", GPT2, 4, ()),
 }
@@ -150,8 +159,9 @@ def task_builder(name: str, max_len: int):
     return build
 
 
-def lm_tokens_per_s(name: str, steps: int) -> float:
-    """Training tokens/s of the LM-sized model of bench/train_step.py with the variant's change."""
+def lm_step(name: str):
+    """One training step (forward, loss, backward, AdamW) of the LM-sized model of
+    bench/train_step.py with the variant's change, as a callable of the token ids."""
     _, keys, head_dim, patches = VARIANTS[name]
     if keys is None:
         model, loss_fn = peers.mambapy(train_step.VOCAB, train_step.HIDDEN, train_step.LAYERS, train_step.STATE,
@@ -161,15 +171,24 @@ def lm_tokens_per_s(name: str, steps: int) -> float:
         model, loss_fn = train_step.ours(ffn_dim=0, **keys, **heads)
         for patch in patches:
             patch(model)
-    step = train_step.make_step(model, loss_fn)
+    return train_step.make_step(model, loss_fn)
+
+
+def lm_tokens_per_s(names: list[str], rounds: int) -> dict[str, float]:
+    """Median training tokens/s of each variant's LM-sized model, timed in interleaved rounds (one
+    step of every model per round) so that a busy phase of the machine hits all of them alike."""
+    steps = {name: lm_step(name) for name in names}
     ids = torch.randint(0, train_step.VOCAB, (train_step.BATCH, train_step.SEQ))
-    step(ids)                                            # warm-up
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
+    times = {name: [] for name in names}
+    for step in steps.values():                          # warm-up
         step(ids)
-        times.append(time.perf_counter() - t0)
-    return train_step.BATCH * train_step.SEQ / statistics.median(times)
+    for r in range(rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step(ids)
+            times[name].append(time.perf_counter() - t0)
+        print(f"speed round {r + 1}/{rounds}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()), flush=True)
+    return {name: train_step.BATCH * train_step.SEQ / statistics.median(ts) for name, ts in times.items()}
 
 
 def run_variant(name: str, args) -> dict:
@@ -187,21 +206,22 @@ def run_variant(name: str, args) -> dict:
         print(f"{name} seed {seed}: " + ", ".join(f"@{L} {a:.1%}" for L, a in result.accuracy.items())
               + f" ({runs[-1]['cpu_s']:.0f} CPU s)", flush=True)
     mean = {str(L): statistics.mean(r["accuracy"][str(L)] for r in runs) for L in test_lengths}
-    speed = None if args.no_speed else lm_tokens_per_s(name, args.speed_steps)
     return {"variant": name, "what": VARIANTS[name][0], "params": params, "runs": runs, "mean_accuracy": mean,
-            "lm_train_tokens_per_s": speed}
+            "lm_train_tokens_per_s": None}
 
 
 def markdown(rows: list[dict], setup: dict) -> list[str]:
     lengths = setup["test_lengths"]
     first = str(lengths[0])
     lines = [f"| variant | what changes | params | acc. @ {first} per seed | mean @ {first} | "
-             + "".join(f"mean @ {L} | " for L in lengths[1:]) + "LM train tokens/s |",
-             "|---|---|---:|---|---:|" + "---:|" * (len(lengths) - 1) + "---:|"]
+             + "".join(f"mean @ {L} | " for L in lengths[1:]) + "LM train tokens/s | × default |",
+             "|---|---|---:|---|---:|" + "---:|" * (len(lengths) - 1) + "---:|---:|"]
+    reference = next((r["lm_train_tokens_per_s"] for r in rows if r["variant"] == "default"), None)
     for row in rows:
         seeds = " / ".join(f"{r['accuracy'][first]:.1%}" for r in row["runs"])
         rest = "".join(f"{row['mean_accuracy'][str(L)]:.1%} | " for L in lengths[1:])
-        speed = "-" if row["lm_train_tokens_per_s"] is None else f"{row['lm_train_tokens_per_s']:,.0f}"
+        tps = row["lm_train_tokens_per_s"]
+        speed = "- | -" if tps is None else f"{tps:,.0f} | " + (f"{tps / reference:.2f}" if reference else "-")
         lines.append(f"| {row['variant']} | {row['what']} | {row['params']:,} | {seeds} | "
                      f"{row['mean_accuracy'][first]:.1%} | {rest}{speed} |")
     lines += ["", f"chance: {chance_accuracy('selective-copying', VOCAB):.1%}; {setup['steps']} steps, batch 32, "
@@ -217,8 +237,10 @@ def main():
     ap.add_argument("--length", type=int, default=32)
     ap.add_argument("--num-memorize", type=int, default=4)
     ap.add_argument("--test-lengths", default="32,128")
-    ap.add_argument("--speed-steps", type=int, default=3, help="timed LM training steps per variant")
-    ap.add_argument("--no-speed", action="store_true", help="skip the LM-sized throughput")
+    ap.add_argument("--speed-rounds", type=int, default=3,
+                    help="interleaved rounds of LM-sized training steps for the throughput (0: skip)")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="only (re)measure the throughput of variants whose accuracy rows are in the results file")
     ap.add_argument("--name", default="selective_copying", help="results file stem")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
@@ -235,11 +257,19 @@ def main():
     same = {k: v for k, v in earlier.get("setup", {}).items() if k != "torch"} == \
         {k: v for k, v in setup.items() if k != "torch"}
     rows = {r["variant"]: r for r in earlier.get("rows", [])} if same else {}
-    for name in names:
+    write = lambda: write_results(Path(args.out), args.name, {"setup": setup, "rows": [rows[n] for n in VARIANTS if n in rows]},
+                                  markdown([rows[n] for n in VARIANTS if n in rows], setup))
+    if args.speed_only and any(n not in rows for n in names):
+        ap.error(f"--speed-only: no accuracy row for {[n for n in names if n not in rows][0]} in {path}; run it first")
+    for name in [] if args.speed_only else names:
         rows[name] = run_variant(name, args)
-        ordered = [rows[n] for n in VARIANTS if n in rows]
-        write_results(Path(args.out), args.name, {"setup": setup, "rows": ordered}, markdown(ordered, setup))
-
+        write()
+    if args.speed_rounds:
+        timed = ["default", *(n for n in names if n != "default")]       # the reference is always timed
+        for name, speed in lm_tokens_per_s(timed, args.speed_rounds).items():
+            if name in rows:
+                rows[name]["lm_train_tokens_per_s"] = speed
+        write()
 
 if __name__ == "__main__":
     main()
