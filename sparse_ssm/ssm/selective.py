@@ -13,10 +13,11 @@ For every head h and token t, from the layer's (convolved) input u_t in R^E:
     D_t  = D_base + d_raw                                        (heads,)        skip gain
 
 W_A and the rows of W that produce d_raw start at zero, so at initialisation A_t is exactly the
-HiPPO matrix projected onto the structure and D_t = 1; training makes them input dependent.
-dt_bias is initialised like Mamba: dt = exp(uniform(log dt_min, log dt_max)) and
-dt_bias = softplus^{-1}(dt) = dt + log(-expm1(-dt)); `SparseSSMForCausalLM._init_weights` does not
-touch it (or A_base, D_base).
+HiPPO matrix projected onto the structure and D_t = 1; training makes them input dependent.  The
+other rows of W are random (`reset_generator`: N(0, 0.02), or Mamba's x_proj init, which the
+model's default `weight_init: mamba` picks).  dt_bias is initialised like Mamba:
+dt = exp(uniform(log dt_min, log dt_max)) and dt_bias = softplus^{-1}(dt) = dt + log(-expm1(-dt));
+`SparseSSMForCausalLM._init_weights` does not touch it (or A_base, D_base).
 """
 
 from __future__ import annotations
