@@ -201,7 +201,8 @@ def run_variant(name: str, args) -> dict:
     for seed in [int(s) for s in args.seeds.split(",")]:
         cpu0 = time.process_time()
         result = run_task("selective-copying", build, args.steps, 32, args.length, test_lengths, seed=seed,
-                          num_memorize=args.num_memorize, vocab=VOCAB)
+                          num_memorize=args.num_memorize, vocab=VOCAB,
+                          log=lambda line: print(f"{name} seed {seed}{line}", flush=True))
         runs.append({"seed": seed, "accuracy": {str(L): a for L, a in result.accuracy.items()},
                      "final_loss": result.final_loss, "cpu_s": time.process_time() - cpu0})
         print(f"{name} seed {seed}: " + ", ".join(f"@{L} {a:.1%}" for L, a in result.accuracy.items())
