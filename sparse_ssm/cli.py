@@ -88,7 +88,7 @@ def _train_config(args) -> Config:
     config = Config.load(args.config, overrides)
     if args.resume:
         checkpoint = resolve_checkpoint(config.training.output_dir, args.resume)
-        config = Config.load(checkpoint / "config.yaml", overrides)
+        config = Config.load(checkpoint / "config.yaml", overrides, saved=True)
         args.resume = str(checkpoint)
         if os.environ.get("RANK", "0") == "0":
             print(f"resuming from {checkpoint} with its saved config (--set changes what the checkpoint does not fix)")
@@ -167,7 +167,7 @@ def _generation_settings(args, defaults: GenerationConfig) -> GenerationConfig:
 def cmd_generate(args) -> int:
     user = Config.load(args.config) if args.config else None
     loaded = load_checkpoint(args.model_dir, args.checkpoint, args.device)
-    checkpoint, saved = loaded.path, Config.load(loaded.path / "config.yaml")
+    checkpoint, saved = loaded.path, Config.load(loaded.path / "config.yaml", saved=True)
     if user is not None:
         mine, theirs = user.model.to_dict(), saved.model.to_dict()
         differ = [f"{k}: {mine[k]!r} (config) vs {theirs[k]!r} (checkpoint)" for k in mine
@@ -245,7 +245,7 @@ def cmd_evaluate(args) -> int:
     if not args.model_dir or not args.data:
         raise ConfigError("--task perplexity needs --model-dir and --data")
     loaded = load_checkpoint(args.model_dir, args.checkpoint, args.device)
-    length = args.max_seq_len or Config.load(loaded.path / "config.yaml").dataset.max_seq_len
+    length = args.max_seq_len or Config.load(loaded.path / "config.yaml", saved=True).dataset.max_seq_len
     stride = args.stride if args.stride is not None else max(1, length // 2)
     if stride > length:
         raise ConfigError(f"--stride: must be at most the window of {length} tokens (--max-seq-len, default the "

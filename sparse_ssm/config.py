@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .data.config import DatasetConfig
 from .generate.settings import GenerationConfig
-from .model.config import SparseSSMConfig
+from .model.config import SparseSSMConfig, complete_saved
 from .teacher.config import SyntheticConfig
 from .train.config import DistillationConfig, OptimizerConfig, SchedulerConfig, TrainingConfig
 from .util.errors import ConfigError
@@ -58,9 +58,13 @@ class Config(BaseModel):
             raise config_error(e, cls, "") from None
 
     @classmethod
-    def load(cls, path, overrides: Sequence[str] = ()) -> "Config":
-        """Read a YAML file and apply dotted overrides such as 'training.num_epochs=1'."""
+    def load(cls, path, overrides: Sequence[str] = (), saved: bool = False) -> "Config":
+        """Read a YAML file and apply dotted overrides such as 'training.num_epochs=1'.  saved: the
+        file is a run's or checkpoint's own config.yaml, whose model section lacks only keys added
+        since it was written; those take the values that describe it (`model.config.SAVED_BEFORE_KEY`)."""
         data = load_yaml(path)
+        if saved and "model" in data:
+            data["model"] = complete_saved(data["model"])
         for item in overrides:
             key, sep, value = item.partition("=")
             parts = key.strip().split(".")

@@ -82,8 +82,9 @@ def read_weights(path: str | Path, tie_embeddings: bool) -> dict:
 
 
 def load_model_config(path: str | Path) -> SparseSSMConfig:
-    """The `model` section of a checkpoint's config.yaml."""
-    return SparseSSMConfig.from_dict(load_yaml(Path(path) / CONFIG).get("model"))
+    """The `model` section of a checkpoint's config.yaml (keys added since it was written take the
+    values that describe it: `SparseSSMConfig.from_saved`)."""
+    return SparseSSMConfig.from_saved(load_yaml(Path(path) / CONFIG).get("model"))
 
 
 def load_model(path: str | Path, device="cpu") -> SparseSSMForCausalLM:

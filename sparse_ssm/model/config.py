@@ -13,6 +13,11 @@ from ..util.schema import Section
 
 POSITIVE = Field(ge=1)
 
+# Keys added after runs first saved their config, with the value that describes a run whose saved
+# config.yaml (a complete dump of this section when it was written) lacks them.  A config file a user
+# writes takes the current defaults instead: only `from_saved` fills these in.
+SAVED_BEFORE_KEY = {"weight_init": "gpt2"}
+
 
 class SparseSSMConfig(Section):
     """Hyper-parameters of `SparseSSMForCausalLM` (see the README's `model` table)."""
@@ -48,6 +53,12 @@ class SparseSSMConfig(Section):
     tie_embeddings: bool = True
     norm_eps: float = Field(1e-5, gt=0.0)
     initializer_range: float = Field(0.02, ge=0.0)
+    weight_init: Literal["mamba", "gpt2"] = "mamba"  # linear maps: mamba_ssm's init, or N(0, initializer_range)
+
+    @classmethod
+    def from_saved(cls, data: dict | None) -> "SparseSSMConfig":
+        """The model section of a run's or checkpoint's saved config.yaml (see SAVED_BEFORE_KEY)."""
+        return cls.from_dict(complete_saved(data))
 
     @property
     def inner_dim(self) -> int:
@@ -103,3 +114,9 @@ class SparseSSMConfig(Section):
             raise ValueError("discretization: 'zoh' is not available for selective_param_class 'low_rank' (the "
                              "exponential of a diagonal-plus-low-rank matrix is dense); use 'bilinear' or 'gbt'")
         return self
+
+
+def complete_saved(data):
+    """A saved model section with the keys added since it was written (SAVED_BEFORE_KEY) set to the
+    values that describe it; anything that is not a mapping is returned as is (for the error)."""
+    return {**SAVED_BEFORE_KEY, **data} if isinstance(data, dict) else data

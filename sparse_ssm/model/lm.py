@@ -22,6 +22,7 @@ from .block import SparseSSMBlock
 from .config import SparseSSMConfig
 from .layer import LayerState
 from .loss import linear_cross_entropy
+from ..ssm.selective import SelectiveParameterGenerator
 
 
 @dataclass
@@ -46,19 +47,36 @@ class SparseSSMForCausalLM(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self):
-        """GPT-2 style: N(0, 0.02) for linear maps and embeddings, residual outputs scaled by
-        1/sqrt(2 * num_layers).  The selective generators keep their own initialisation
-        (zero A/D rows, the Mamba dt bias, the HiPPO A base)."""
-        std = self.config.initializer_range
-        nn.init.normal_(self.embed.weight, std=std)
+        """Embeddings N(0, initializer_range); the linear maps by `config.weight_init`:
+
+        - `mamba` (mamba_ssm's `_init_weights`): nn.Linear's own Kaiming-uniform init,
+          uniform(+-1/sqrt(fan_in)), for every linear map including the generator's dt/B/C rows,
+          and the residual outputs (out_proj, ffn.down) divided by sqrt(residuals per layer *
+          num_layers);
+        - `gpt2`: N(0, initializer_range) for every linear map but the generator's (which keeps
+          its N(0, 0.02) rows), residual outputs scaled by 1/sqrt(2 * num_layers).
+
+        Either way the generator's A/D rows start at zero and dt bias, A base, D base keep their
+        Mamba / HiPPO initialisation (`SelectiveParameterGenerator`)."""
+        cfg = self.config
+        mamba = cfg.weight_init == "mamba"
+        residual_scale = 1 / math.sqrt((2 if cfg.ffn_dim or not mamba else 1) * cfg.num_layers)
+        nn.init.normal_(self.embed.weight, std=cfg.initializer_range)
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear) and ".generator." not in name and module is not self.lm_head:
-                scale = 1 / math.sqrt(2 * self.config.num_layers) if name.endswith(("out_proj", "ffn.down")) else 1.0
-                nn.init.normal_(module.weight, std=std * scale)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        if not self.config.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=std)
+            if mamba and isinstance(module, SelectiveParameterGenerator):
+                module.reset_generator(std=None)
+            if not isinstance(module, nn.Linear) or ".generator." in name or module is self.lm_head:
+                continue
+            scale = residual_scale if name.endswith(("out_proj", "ffn.down")) else 1.0
+            if mamba:
+                module.reset_parameters()
+                module.weight *= scale
+            else:
+                nn.init.normal_(module.weight, std=cfg.initializer_range * scale)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=cfg.initializer_range)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 cache: list[LayerState] | None = None, return_logits: bool = True,

@@ -15,10 +15,11 @@ For every head h and token t, from the layer's (convolved) input u_t in R^E:
     D_t  = D_base + d_raw                                        (heads,)        skip gain
 
 W_A and the rows of W that produce d_raw start at zero, so at initialisation A_t is exactly the
-HiPPO matrix projected onto the structure and D_t = 1; training makes them input dependent.
-dt_bias is initialised like Mamba: dt = exp(uniform(log dt_min, log dt_max)) and
-dt_bias = softplus^{-1}(dt) = dt + log(-expm1(-dt)); `SparseSSMForCausalLM._init_weights` does not
-touch it (or A_base, D_base).
+HiPPO matrix projected onto the structure and D_t = 1; training makes them input dependent.  The
+other rows of W are random (`reset_generator`: N(0, 0.02), or Mamba's x_proj init, which the
+model's default `weight_init: mamba` picks).  dt_bias is initialised like Mamba:
+dt = exp(uniform(log dt_min, log dt_max)) and dt_bias = softplus^{-1}(dt) = dt + log(-expm1(-dt));
+`SparseSSMForCausalLM._init_weights` does not touch it (or A_base, D_base).
 """
 
 from __future__ import annotations
@@ -58,10 +59,14 @@ class SelectiveParameterGenerator(nn.Module):
         self.reset_generator()
 
     @torch.no_grad()
-    def reset_generator(self, std: float = 0.02):
+    def reset_generator(self, std: float | None = 0.02):
         """Random dt/A-bottleneck/B/C rows, zero D rows and zero W_A (so A_t and D_t start at
-        their base values while W_A still receives gradients)."""
-        nn.init.normal_(self.proj.weight, std=std)
+        their base values while W_A still receives gradients).  The random rows are N(0, std), or
+        with std None nn.Linear's own init, uniform(+-1/sqrt(E)), as Mamba's x_proj."""
+        if std is None:
+            self.proj.reset_parameters()
+        else:
+            nn.init.normal_(self.proj.weight, std=std)
         self.proj.weight[-self.sizes[4]:].zero_()
         nn.init.zeros_(self.a_up.weight)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -78,10 +79,12 @@ def check_task_inputs(task: str, variants: list[str], length: int, test_lengths:
                           f"--length and every --test-lengths ({shortest})")
 
 
-def task_model_config(variant: str, max_len: int, vocab: int = 16) -> SparseSSMConfig:
-    """The small model (2 layers, width 64, state 16) of a variant, for sequences up to max_len."""
-    return SparseSSMConfig(vocab_size=vocab, hidden_dim=64, state_dim=16, ffn_dim=0, num_layers=2, dropout=0.0,
-                           num_heads=2, max_seq_len=max_len, **VARIANTS[variant])
+def task_model_config(variant: str, max_len: int, vocab: int = 16, **overrides) -> SparseSSMConfig:
+    """The small model (2 layers, width 64, state 16) of a variant, for sequences up to max_len;
+    `overrides` replace any other key (the ablations of bench/selective_copying.py)."""
+    keys = dict(vocab_size=vocab, hidden_dim=64, state_dim=16, ffn_dim=0, num_layers=2, dropout=0.0, num_heads=2,
+                max_seq_len=max_len, **VARIANTS[variant])
+    return SparseSSMConfig(**{**keys, **overrides})
 
 
 def chance_accuracy(task: str, vocab: int = 16) -> float:
@@ -104,16 +107,24 @@ def accuracy(model, inputs, labels) -> float:
     return float((pred[mask] == target[mask]).float().mean())
 
 
-def run_task(task: str, model_config: SparseSSMConfig, steps: int, batch: int, length: int, test_lengths,
-             lr: float = 3e-3, seed: int = 0, num_memorize: int = 16, log=None) -> TaskResult:
-    """Train a fresh model for `steps` Adam steps on fresh batches, then measure accuracy on 256
-    fresh sequences at each test length."""
+def run_task(task: str, model_config: SparseSSMConfig | Callable[[], torch.nn.Module], steps: int, batch: int,
+             length: int, test_lengths, lr: float = 3e-3, seed: int = 0, num_memorize: int = 16, log=None,
+             vocab: int | None = None) -> TaskResult:
+    """Train a fresh model for `steps` AdamW steps on fresh batches, then measure accuracy on 256
+    fresh sequences at each test length.
+
+    `model_config` is a `SparseSSMConfig`, or a callable that builds any model with the same
+    interface (`model(ids, labels=..., return_logits=False).loss`, `model(ids).logits`; then pass
+    `vocab`): it is called after seeding, so the same seed gives every model the same batches."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    vocab = model_config.vocab_size
+    if isinstance(model_config, SparseSSMConfig):
+        vocab = model_config.vocab_size
+        model = SparseSSMForCausalLM(model_config)
+    else:
+        model = model_config()
     make = {"selective-copying": lambda n, L: selective_copying_batch(n, L, num_memorize, vocab, g),
             "induction-heads": lambda n, L: induction_heads_batch(n, L, vocab, g)}[task]
-    model = SparseSSMForCausalLM(model_config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     start = time.perf_counter()

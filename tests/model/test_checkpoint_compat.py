@@ -8,8 +8,9 @@ from safetensors.torch import load_file
 
 from helpers import FIXTURES
 
+from sparse_ssm.config import Config
 from sparse_ssm.generate import load_checkpoint
-from sparse_ssm.model.checkpoint import load_model
+from sparse_ssm.model.checkpoint import load_model, load_model_config
 
 FIXTURE = FIXTURES / "checkpoint_v0"
 
@@ -32,3 +33,12 @@ def test_a_checkpoint_of_the_previous_layout_generates_from_an_output_directory(
     assert ids and loaded.model.config.vocab_size == 300
     with torch.no_grad():
         assert loaded.model(torch.tensor([ids])).logits.shape == (1, len(ids), 300)
+
+
+def test_keys_added_since_a_checkpoint_was_written_take_the_values_that_describe_it():
+    """The fixture's config.yaml predates `weight_init` (its weights were initialised GPT-2 style);
+    a config file a user writes without the key gets today's default."""
+    assert "weight_init" not in (FIXTURE / "config.yaml").read_text()
+    assert load_model_config(FIXTURE).weight_init == "gpt2"
+    assert Config.load(FIXTURE / "config.yaml", saved=True).model.weight_init == "gpt2"
+    assert Config.load(FIXTURE / "config.yaml").model.weight_init == "mamba"

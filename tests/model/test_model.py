@@ -119,6 +119,42 @@ def test_dt_bias_and_ssm_bases_survive_the_weight_init():
         assert torch.allclose(gen.A_base, expected.float().expand_as(gen.A_base))
 
 
+@pytest.mark.parametrize("ffn_dim", [0, 48])
+def test_mamba_weight_init_is_mamba_ssms(ffn_dim):
+    """Kaiming-uniform linear maps (bound 1/sqrt(fan_in)), residual outputs divided by
+    sqrt(residuals per layer * layers), the generator's dt/B/C rows like Mamba's x_proj."""
+    config = tiny(hidden_dim=64, num_layers=3, ffn_dim=ffn_dim, weight_init="mamba", initializer_range=0.05)
+    model = SparseSSMForCausalLM(config).requires_grad_(False)
+    E, residuals = config.inner_dim, 2 if ffn_dim else 1
+
+    def assert_uniform(w, bound):       # uniform(-bound, bound): max near the bound, std bound / sqrt(3)
+        assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
+        assert abs(float(w.std()) - bound / math.sqrt(3)) < 0.1 * bound / math.sqrt(3)
+    assert abs(float(model.embed.weight.std()) - 0.05) < 0.005
+    for block in model.blocks:
+        mixer, gen = block.mixer, block.mixer.generator
+        assert_uniform(mixer.in_proj.weight, 1 / math.sqrt(64))
+        assert_uniform(mixer.out_proj.weight, 1 / math.sqrt(E) / math.sqrt(residuals * 3))
+        if ffn_dim:
+            assert_uniform(block.ffn.up.weight, 1 / math.sqrt(64))
+            assert_uniform(block.ffn.down.weight, 1 / math.sqrt(ffn_dim) / math.sqrt(2 * 3))
+            assert torch.all(block.ffn.up.bias == 0) and torch.all(block.ffn.down.bias == 0)
+        d_rows = gen.sizes[-1]
+        assert_uniform(gen.proj.weight[:-d_rows], 1 / math.sqrt(E))
+        assert torch.all(gen.proj.weight[-d_rows:] == 0) and torch.all(gen.a_up.weight == 0)
+
+
+def test_gpt2_weight_init_is_the_previous_default():
+    config = tiny(hidden_dim=64, num_layers=3, weight_init="gpt2")
+    model = SparseSSMForCausalLM(config).requires_grad_(False)
+    close = lambda w, std: abs(float(w.std()) - std) < 0.05 * std
+    assert close(model.embed.weight, 0.02)
+    for block in model.blocks:
+        gen = block.mixer.generator
+        assert close(block.mixer.in_proj.weight, 0.02) and close(block.mixer.out_proj.weight, 0.02 / math.sqrt(6))
+        assert close(block.ffn.down.weight, 0.02 / math.sqrt(6)) and close(gen.proj.weight[:-gen.sizes[-1]], 0.02)
+
+
 def test_tied_and_untied_embeddings():
     tied = SparseSSMForCausalLM(tiny())
     assert tied.lm_head.weight is tied.embed.weight

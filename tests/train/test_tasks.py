@@ -37,8 +37,10 @@ def test_lti_ablation_generates_the_same_parameters_at_every_step():
         assert torch.allclose(x, x[:1, :1].expand_as(x))
 
 
-def test_selective_copying_smoke_learns_above_chance():
+def test_the_default_layer_learns_selective_copying_in_seconds():
+    """150 steps of the default layer (2 layers, width 32): far above chance (1 in 5 data tokens).
+    The previous default initialisation (weight_init: gpt2) stays near chance with this budget (36%)."""
     config = SparseSSMConfig(vocab_size=8, hidden_dim=32, state_dim=8, ffn_dim=0, num_layers=2, dropout=0.0,
-                             num_heads=1, max_seq_len=64)
-    result = run_task("selective-copying", config, steps=300, batch=32, length=16, test_lengths=[16], num_memorize=2)
-    assert result.accuracy[16] > 0.2 + 0.1          # chance: 1 of 5 data tokens
+                             max_seq_len=64)
+    result = run_task("selective-copying", config, steps=150, batch=32, length=16, test_lengths=[16], num_memorize=2)
+    assert result.accuracy[16] > 0.6
