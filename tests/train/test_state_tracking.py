@@ -7,10 +7,10 @@ from functools import reduce
 import pytest
 import torch
 
-from sparse_ssm import SparseSSMConfig, cli
+from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM, cli
 from sparse_ssm.train.state_tracking import (GROUPS, alternating_group, compose, cyclic_group, group_from_permutations,
                                              group_word_batch, is_even, symmetric_group, task_group)
-from sparse_ssm.train.tasks import chance_accuracy, run_task, task_vocab
+from sparse_ssm.train.tasks import accuracy, chance_accuracy, run_task, task_vocab
 
 ALL_GROUPS = {"Z2": lambda: cyclic_group(2), "Z3": lambda: cyclic_group(3), "Z5": lambda: cyclic_group(5),
               "S3": lambda: symmetric_group(3), "A5": lambda: alternating_group(5), "S5": lambda: symmetric_group(5)}
@@ -135,3 +135,12 @@ def test_evaluate_refuses_a_modulus_below_two_and_an_unknown_group(capsys, args,
     with pytest.raises(SystemExit) as exit_:
         cli.main(["evaluate", *args])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_accuracy_scores_every_labelled_position_once_across_slices():
+    config = SparseSSMConfig(vocab_size=6, hidden_dim=16, state_dim=4, ffn_dim=0, num_layers=1, num_heads=1)
+    model = SparseSSMForCausalLM(config).eval()
+    inputs, labels = group_word_batch(symmetric_group(3), 10, 12, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        right = model(inputs).logits[:, :-1].argmax(-1) == labels[:, 1:]
+    assert accuracy(model, inputs, labels, max_tokens=39) == pytest.approx(float(right.float().mean()))   # 3 rows a slice
