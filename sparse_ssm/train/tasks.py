@@ -157,7 +157,8 @@ def run_task(task: str, model_config: SparseSSMConfig, steps: int, batch: int, l
     make = task_batches(task, model_config.vocab_size, g, num_memorize, modulus, group)
     model = SparseSSMForCausalLM(model_config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    warm_up = 0.1 if 0.1 * steps != 1 else 0.15          # OneCycleLR divides by warm_up * steps - 1
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=warm_up)
     start = time.perf_counter()
     loss = torch.tensor(float("nan"))
     for step in range(steps):

@@ -116,8 +116,9 @@ def test_state_tracking_smoke_learns_above_chance_at_the_training_length(task, m
 
 
 def test_evaluate_command_runs_a_state_tracking_task_and_writes_its_files(tmp_path, capsys):
+    # (10 steps: a one-cycle schedule whose warm-up would end on step 1 divided by zero)
     code = cli.main(["evaluate", "--task", "modular-counting", "--modulus", "5", "--variants", "diagonal,lti",
-                     "--steps", "2", "--length", "4", "--test-lengths", "4,16", "--output-dir", str(tmp_path)])
+                     "--steps", "10", "--length", "4", "--test-lengths", "4,16", "--output-dir", str(tmp_path)])
     assert code == 0
     data = json.loads((tmp_path / "modular-counting-mod5.json").read_text())
     assert data["chance"] == 0.2 and data["train_length"] == 4
