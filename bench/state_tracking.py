@@ -44,7 +44,7 @@ TASKS = {"parity": dict(task="parity"),
          "a5": dict(task="permutation-composition", group="a5"),
          "s5": dict(task="permutation-composition", group="s5")}
 DEFAULT_TASKS = ("parity", "mod3", "mod5", "s3", "a5")
-DEFAULT_VARIANTS = ("diagonal", "block2", "block4", "dense", "low_rank", "lti")
+DEFAULT_VARIANTS = ("diagonal", "diagonal_signed", "rotation", "block4", "dense", "low_rank", "lti")
 MULTIPLES = (1, 4, 16)
 
 
@@ -60,7 +60,7 @@ def run_cell(name: str, variant: str, seed: int, setup: dict) -> dict:
     result = run_task(spec["task"], config, setup["steps"], setup["batch"], setup["length"], lengths,
                       lr=setup["lr"], seed=seed, **options)
     return {"task": name, "variant": variant, "seed": seed, "structure": structure,
-            "discretization": config.discretization, "classes": vocab,
+            "discretization": config.resolved_discretization, "classes": vocab,
             "chance": chance_accuracy(spec["task"], vocab), "accuracy": {str(L): a for L, a in result.accuracy.items()},
             "final_loss": result.final_loss, "steps": setup["steps"],
             "cpu_seconds": time.process_time() - cpu, "wall_seconds": time.perf_counter() - wall}

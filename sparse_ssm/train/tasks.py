@@ -64,9 +64,8 @@ def induction_heads_batch(batch: int, length: int, vocab: int, generator: torch.
 # 0.9 -> b = 1 (diagonal), 0.875 -> 2, 0.75 -> 4, 0.5 -> 8.
 VARIANTS = {
     "diagonal": dict(selective_param_class="sparse", sparsity_level=0.9),      # Mamba: eigenvalues in (0, 1]
-    # PENDING (issue 12, parts 1-2): enable when sparse_ssm/model/config.py has these keys
-    # "diagonal_signed": dict(selective_param_class="sparse", sparsity_level=0.9, eigenvalue_range="signed"),
-    # "rotation": dict(selective_param_class="rotation"),                        # 2 x 2 scaled-rotation blocks
+    "diagonal_signed": dict(selective_param_class="sparse", sparsity_level=0.9, eigenvalue_range="signed"),  # (-1, 1]
+    "rotation": dict(selective_param_class="rotation"),                          # 2 x 2 scaled rotations
     "block2": dict(selective_param_class="sparse", sparsity_level=0.875),
     "block4": dict(selective_param_class="sparse", sparsity_level=0.75),
     "block": dict(selective_param_class="sparse", sparsity_level=0.5),           # b = 8
