@@ -102,7 +102,7 @@ def markdown(setup: dict, cells: list[dict]) -> list[str]:
                          + f" | {len(runs)} | {minutes:.2f} |")
         lines.append("")
     total = sum(c["cpu_seconds"] for c in cells) / 60
-    lines.append(f"{len(cells)} runs, {total:.0f} CPU minutes in all.")
+    lines.append(f"{len(cells)} runs, {total:.1f} CPU minutes in all.")
     return lines
 
 
