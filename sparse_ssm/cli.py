@@ -29,6 +29,7 @@ from .config import Config, SparseSSMConfig, load_yaml
 from .generate import GenerationConfig, generate, generate_text, load_checkpoint
 from .model import SparseSSMForCausalLM
 from .model.checkpoint import resolve_checkpoint
+from .train.state_tracking import GROUPS
 from .train.tasks import TASKS, VARIANTS
 from .util.errors import ConfigError, SparseSSMError
 from .util.files import atomic_write_text
@@ -206,21 +207,28 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _task_label(args) -> str:
+    """The name of a task run's files and tables: the task, with its modulus or group."""
+    suffix = {"modular-counting": f"-mod{args.modulus}", "permutation-composition": f"-{args.group}"}
+    return args.task + suffix.get(args.task, "")
+
+
 def cmd_task(args) -> int:
-    """The paper's synthetic tasks: train each variant with the same budget, report accuracy."""
-    from .train.tasks import chance_accuracy, check_task_inputs, run_task, task_model_config
+    """The synthetic tasks: train each variant with the same budget, report accuracy."""
+    from .train.tasks import chance_accuracy, check_task_inputs, run_task, task_model_config, task_vocab
 
     names, test_lengths = [name.strip() for name in args.variants.split(",")], args.test_lengths or [args.length]
     check_task_inputs(args.task, names, args.length, test_lengths, args.num_memorize)
+    vocab, label = task_vocab(args.task, args.modulus, args.group), _task_label(args)
     rows = []
     for name in names:
-        config = task_model_config(name, max(test_lengths) + 64)
-        print(f"{args.task}, {name}: {args.steps} steps at length {args.length} ...", flush=True)
+        config = task_model_config(name, max(test_lengths) + 64, vocab)
+        print(f"{label}, {name}: {args.steps} steps at length {args.length} ...", flush=True)
         result = run_task(args.task, config, args.steps, args.batch_size, args.length, test_lengths,
-                          seed=args.seed, num_memorize=args.num_memorize)
+                          seed=args.seed, num_memorize=args.num_memorize, modulus=args.modulus, group=args.group)
         rows.append({"variant": name, "accuracy": result.accuracy, "seconds": result.seconds, "loss": result.final_loss})
         print("   " + ", ".join(f"length {L}: {a:.1%}" for L, a in result.accuracy.items()) + f"  ({result.seconds:.0f}s)")
-    chance = chance_accuracy(args.task)
+    chance = chance_accuracy(args.task, vocab)
     lines = ["| variant | " + " | ".join(f"acc. @ {L}" for L in test_lengths) + " |",
              "|---|" + "---:|" * len(test_lengths)]
     lines += [f"| {r['variant']} | " + " | ".join(f"{r['accuracy'][L]:.1%}" for L in test_lengths) + " |" for r in rows]
@@ -229,11 +237,11 @@ def cmd_task(args) -> int:
     if args.output_dir:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / f"{args.task}.json", json.dumps({"task": args.task, "steps": args.steps,
-                                                                 "train_length": args.length, "chance": chance,
-                                                                 "rows": rows}, indent=2))
-        atomic_write_text(out / f"{args.task}.md", table)
-        print(f"wrote {out / (args.task + '.json')} and .md")
+        atomic_write_text(out / f"{label}.json", json.dumps({"task": label, "steps": args.steps,
+                                                             "train_length": args.length, "chance": chance,
+                                                             "rows": rows}, indent=2))
+        atomic_write_text(out / f"{label}.md", table)
+        print(f"wrote {out / (label + '.json')} and .md")
     return 0
 
 
@@ -368,11 +376,15 @@ def _add_generate_parser(sub):
 
 
 def _add_evaluate_parser(sub):
-    e = sub.add_parser("evaluate", help="perplexity of a checkpoint on a file, or the paper's synthetic tasks",
+    e = sub.add_parser("evaluate", help="perplexity of a checkpoint on a file, or the synthetic tasks",
                        description="--task perplexity: score a text/JSONL/JSON/parquet file with a trained checkpoint, "
-                                   "with sliding windows (every token predicted once).  --task selective-copying | "
-                                   "induction-heads: train small models of each variant (and the ablation without "
-                                   "selection, 'lti') with the same budget and report their accuracy.")
+                                   "with sliding windows (every token predicted once).  The other tasks train small "
+                                   "models of each variant (and the ablation without selection, 'lti') with the same "
+                                   "budget and report their accuracy at each test length: selective-copying and "
+                                   "induction-heads (the Mamba paper's), and the state-tracking tasks, scored at every "
+                                   "position: parity (running parity of a bit string), modular-counting (running sum "
+                                   "mod --modulus of tokens 0 .. m-1) and permutation-composition (running product "
+                                   "of --group elements).")
     e.add_argument("--task", choices=["perplexity", *TASKS], default="perplexity",
                    help="what to evaluate (default perplexity)")
     e.add_argument("--model-dir", help="perplexity: a training output directory")
@@ -386,15 +398,23 @@ def _add_evaluate_parser(sub):
     e.add_argument("--text-field", default="text", help="record field of JSON/JSONL/parquet files (default text)")
     e.add_argument("--output-file", help="perplexity: write the result as JSON")
     e.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"tasks: comma list of {', '.join(VARIANTS)} (default all)")
+                   help=f"tasks: comma list of {', '.join(VARIANTS)} (default all; state 16: diagonal has Mamba's "
+                        f"transition eigenvalues in (0, 1], diagonal_signed in (-1, 1], rotation 2 x 2 scaled "
+                        f"rotations, blockB B x B blocks, block 8 x 8, lti no selection)")
     e.add_argument("--steps", type=_int_at_least(1), default=600, help="tasks: training steps per variant (default 600)")
     e.add_argument("--length", type=_int_at_least(3), default=32, help="tasks: training sequence length (default 32)")
     e.add_argument("--test-lengths", type=_int_at_least(3, many=True),
                    help="tasks: comma list of test lengths (default: the training length)")
     e.add_argument("--num-memorize", type=_int_at_least(1), default=4,
                    help="selective copying: tokens to copy (default 4)")
+    e.add_argument("--modulus", type=_int_at_least(2), default=3, help="modular-counting: the modulus m (default 3)")
+    e.add_argument("--group", choices=list(GROUPS), default="s3",
+                   help="permutation-composition: s3 (order 6, the smallest non-abelian group), a5 (order 60, the "
+                        "smallest non-solvable one) or s5 (order 120); product g_0 g_1 ... g_t, each new element "
+                        "applied after the product so far (default s3)")
     e.add_argument("--seed", type=int, default=0, help="tasks: seed of data and weights (default 0)")
-    e.add_argument("--output-dir", help="tasks: write <task>.json and <task>.md here")
+    e.add_argument("--output-dir", help="tasks: write <task>.json and <task>.md here (modular-counting-modM, "
+                                             "permutation-composition-GROUP)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default auto)")
     e.set_defaults(func=cmd_evaluate)
 

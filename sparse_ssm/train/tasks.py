@@ -1,4 +1,5 @@
-"""The Mamba paper's synthetic tasks (Gu & Dao, 2023, section 4.1), scaled down for a CPU.
+"""Synthetic tasks: the Mamba paper's (Gu & Dao, 2023, section 4.1), scaled down for a CPU, and
+the state-tracking tasks of `state_tracking` (parity, modular counting, permutation composition).
 
 - Selective copying: `num_memorize` data tokens (ids 1 .. vocab-3) scattered at random positions
   among `length` noise tokens (id 0), then a separator (vocab-2) and `num_memorize` answer slots
@@ -7,11 +8,13 @@
 - Induction heads: random tokens (ids 2 .. vocab-1) with a trigger (id 1) at a random position
   followed by a target token; the sequence ends with the trigger again and the model must predict
   the target after it.  Trained at one length, tested at longer ones (extrapolation).
+- State tracking: a word of group elements and, at every position, the running product (the
+  vocabulary is the group: input token and label class k are both element k).
 
-`selective_copying_batch` / `induction_heads_batch` return (inputs, labels) with labels -100
-everywhere except the positions scored; `run_task` trains a model on fresh batches and reports
-accuracy (a token is right when the arg-max prediction equals its label); `task_model_config`
-builds the small model of each variant (`VARIANTS`) that `main.py evaluate --task` compares.
+The batch functions return (inputs, labels) with labels -100 everywhere except the positions
+scored; `run_task` trains a model on fresh batches and reports accuracy (a position is right when
+the arg-max prediction equals its label); `task_model_config` builds the small model of each
+variant (`VARIANTS`) that `main.py evaluate --task` compares.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 from ..model import SparseSSMConfig, SparseSSMForCausalLM
 from ..util.errors import ConfigError
+from .state_tracking import STATE_TRACKING_TASKS, group_word_batch, task_group
 
 
 def selective_copying_batch(batch: int, length: int, num_memorize: int, vocab: int, generator: torch.Generator):
@@ -57,14 +61,22 @@ def induction_heads_batch(batch: int, length: int, vocab: int, generator: torch.
     return inputs, labels
 
 
+# At state 16 the sparse class's block size b follows the sparsity level (`ssm.hippo.block_size_for`):
+# 0.9 -> b = 1 (diagonal), 0.875 -> 2, 0.75 -> 4, 0.5 -> 8.
 VARIANTS = {
-    "diagonal": dict(selective_param_class="sparse", sparsity_level=0.9),
-    "block": dict(selective_param_class="sparse", sparsity_level=0.5),
+    "diagonal": dict(selective_param_class="sparse", sparsity_level=0.9),      # Mamba: eigenvalues in (0, 1]
+    "diagonal_signed": dict(selective_param_class="sparse", sparsity_level=0.9, eigenvalue_range="signed"),  # (-1, 1]
+    "rotation": dict(selective_param_class="rotation"),                          # 2 x 2 scaled rotations
+    "block2": dict(selective_param_class="sparse", sparsity_level=0.875),
+    "block4": dict(selective_param_class="sparse", sparsity_level=0.75),
+    "block": dict(selective_param_class="sparse", sparsity_level=0.5),           # b = 8
     "dense": dict(selective_param_class="dense"),
     "low_rank": dict(selective_param_class="low_rank", discretization="bilinear"),
     "lti": dict(selective_param_class="sparse", sparsity_level=0.9, selective=False),
 }
-TASKS = ("selective-copying", "induction-heads")
+PAPER_TASKS = ("selective-copying", "induction-heads")
+TASKS = (*PAPER_TASKS, *STATE_TRACKING_TASKS)
+PAPER_VOCAB = 16
 
 
 def check_task_inputs(task: str, variants: list[str], length: int, test_lengths: list[int], num_memorize: int):
@@ -79,7 +91,7 @@ def check_task_inputs(task: str, variants: list[str], length: int, test_lengths:
                           f"--length and every --test-lengths ({shortest})")
 
 
-def task_model_config(variant: str, max_len: int, vocab: int = 16, **overrides) -> SparseSSMConfig:
+def task_model_config(variant: str, max_len: int, vocab: int = PAPER_VOCAB, **overrides) -> SparseSSMConfig:
     """The small model (2 layers, width 64, state 16) of a variant, for sequences up to max_len;
     `overrides` replace any other key (the ablations of bench/selective_copying.py)."""
     keys = dict(vocab_size=vocab, hidden_dim=64, state_dim=16, ffn_dim=0, num_layers=2, dropout=0.0, num_heads=2,
@@ -87,8 +99,16 @@ def task_model_config(variant: str, max_len: int, vocab: int = 16, **overrides) 
     return SparseSSMConfig(**{**keys, **overrides})
 
 
-def chance_accuracy(task: str, vocab: int = 16) -> float:
-    return 1 / (vocab - 3) if task == "selective-copying" else 1 / (vocab - 2)
+def task_vocab(task: str, modulus: int = 3, group: str = "s3") -> int:
+    """The model vocabulary of a task: PAPER_VOCAB for the paper's, the group's order for state tracking."""
+    return PAPER_VOCAB if task in PAPER_TASKS else task_group(task, modulus, group).order
+
+
+def chance_accuracy(task: str, vocab: int = PAPER_VOCAB) -> float:
+    """Accuracy of a uniform guess among the classes a scored position can take."""
+    if task == "selective-copying":
+        return 1 / (vocab - 3)
+    return 1 / (vocab - 2) if task == "induction-heads" else 1 / vocab
 
 
 @dataclass
@@ -99,19 +119,41 @@ class TaskResult:
     final_loss: float
 
 
-def accuracy(model, inputs, labels) -> float:
+def accuracy(model, inputs, labels, max_tokens: int = 16384) -> float:
+    """Fraction of the scored positions whose arg-max prediction equals the label (the prediction at
+    t is scored against labels[:, t + 1]); inputs, labels (batch, L), forwarded in slices of at most
+    `max_tokens` tokens."""
+    rows = max(1, max_tokens // inputs.shape[1])
+    right = scored = 0
     with torch.no_grad():
-        pred = model(inputs).logits[:, :-1].argmax(-1)
-    target = labels[:, 1:]
-    mask = target != -100
-    return float((pred[mask] == target[mask]).float().mean())
+        for i in range(0, len(inputs), rows):
+            pred = model(inputs[i:i + rows]).logits[:, :-1].argmax(-1)
+            target = labels[i:i + rows, 1:]
+            mask = target != -100
+            right += int((pred[mask] == target[mask]).sum())
+            scored += int(mask.sum())
+    return right / scored
+
+
+def task_batches(task: str, vocab: int, generator: torch.Generator, num_memorize: int = 16, modulus: int = 3,
+                 group: str = "s3"):
+    """make(n, length) -> (inputs, labels): fresh batches of `task` for a model of `vocab` tokens."""
+    if task == "selective-copying":
+        return lambda n, L: selective_copying_batch(n, L, num_memorize, vocab, generator)
+    if task == "induction-heads":
+        return lambda n, L: induction_heads_batch(n, L, vocab, generator)
+    word_group = task_group(task, modulus, group)
+    if vocab < word_group.order:
+        raise ValueError(f"{task} over {word_group.name} needs a vocabulary of {word_group.order}, got {vocab}")
+    return lambda n, L: group_word_batch(word_group, n, L, generator)
 
 
 def run_task(task: str, model_config: SparseSSMConfig | Callable[[], torch.nn.Module], steps: int, batch: int,
-             length: int, test_lengths, lr: float = 3e-3, seed: int = 0, num_memorize: int = 16, log=None,
-             vocab: int | None = None) -> TaskResult:
+             length: int, test_lengths, lr: float = 3e-3, seed: int = 0, num_memorize: int = 16, modulus: int = 3,
+             group: str = "s3", log=None, vocab: int | None = None) -> TaskResult:
     """Train a fresh model for `steps` AdamW steps on fresh batches, then measure accuracy on 256
-    fresh sequences at each test length.
+    fresh sequences at each test length (`modulus`: modular-counting's m; `group`: the group of
+    permutation-composition, a key of `state_tracking.GROUPS`).
 
     `model_config` is a `SparseSSMConfig`, or a callable that builds any model with the same
     interface (`model(ids, labels=..., return_logits=False).loss`, `model(ids).logits`; then pass
@@ -123,10 +165,10 @@ def run_task(task: str, model_config: SparseSSMConfig | Callable[[], torch.nn.Mo
         model = SparseSSMForCausalLM(model_config)
     else:
         model = model_config()
-    make = {"selective-copying": lambda n, L: selective_copying_batch(n, L, num_memorize, vocab, g),
-            "induction-heads": lambda n, L: induction_heads_batch(n, L, vocab, g)}[task]
+    make = task_batches(task, vocab, g, num_memorize, modulus, group)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    warm_up = 0.1 if 0.1 * steps != 1 else 0.15          # OneCycleLR divides by warm_up * steps - 1
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=warm_up)
     start = time.perf_counter()
     loss = torch.tensor(float("nan"))
     for step in range(steps):

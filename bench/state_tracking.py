@@ -1,0 +1,185 @@
+"""State tracking against the structure of the selective A_t: the tables of issue 12.
+
+    python bench/state_tracking.py                      # the full grid (hours; resumable)
+    python bench/state_tracking.py --tasks parity,mod3 --variants diagonal,block4 --seeds 0
+    python bench/state_tracking.py --quick              # a few steps, one seed: the harness works
+
+For each task (parity; counting mod 3 and mod 5; composition in S3 and A5; `--tasks` also takes
+s5) x variant (`sparse_ssm.train.tasks.VARIANTS`) x seed, train the task's small model (2 layers,
+width 64, state 16, `task_model_config`) for a fixed budget (steps, batch, AdamW with a one-cycle
+learning rate) at one length, then score every position of 256 fresh sequences at 1x, 4x and 16x
+that length.  Each cell records its accuracy per length, final training loss, steps, CPU seconds
+(of this process, the unit of the budget on a shared machine) and wall seconds.
+
+Resumable: state_tracking.json is rewritten (atomically) after every cell, and a rerun skips the
+(task, variant, seed) cells it already holds; a file made with another budget is refused (pass
+another --out, or delete it).  Writes state_tracking.json, .md (per task and variant: mean and
+min-max over the seeds at each length, CPU minutes per run) and .png (accuracy against length)
+under --out; `--quick` writes state_tracking_quick.* instead, so it never mixes with real figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import pyplot  # noqa: E402
+from sparse_ssm import SparseSSMForCausalLM  # noqa: E402
+from sparse_ssm.train.tasks import VARIANTS, chance_accuracy, run_task, task_model_config, task_vocab  # noqa: E402
+from sparse_ssm.util.files import atomic_write_text  # noqa: E402
+
+TASKS = {"parity": dict(task="parity"),
+         "mod3": dict(task="modular-counting", modulus=3),
+         "mod5": dict(task="modular-counting", modulus=5),
+         "s3": dict(task="permutation-composition", group="s3"),
+         "a5": dict(task="permutation-composition", group="a5"),
+         "s5": dict(task="permutation-composition", group="s5")}
+DEFAULT_TASKS = ("parity", "mod3", "mod5", "s3", "a5")
+DEFAULT_VARIANTS = ("diagonal", "diagonal_signed", "rotation", "block4", "dense", "low_rank", "lti")
+MULTIPLES = (1, 4, 16)
+
+
+def run_cell(name: str, variant: str, seed: int, setup: dict) -> dict:
+    """Train and test one (task, variant, seed); the record that goes into the JSON."""
+    spec = TASKS[name]
+    options = {k: v for k, v in spec.items() if k != "task"}
+    vocab = task_vocab(spec["task"], **options)
+    lengths = [m * setup["length"] for m in setup["multiples"]]
+    config = task_model_config(variant, max(lengths) + 1, vocab)
+    structure = SparseSSMForCausalLM(config).blocks[0].mixer.ssm_cost_per_token()["structure"]
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = run_task(spec["task"], config, setup["steps"], setup["batch"], setup["length"], lengths,
+                      lr=setup["lr"], seed=seed, **options)
+    return {"task": name, "variant": variant, "seed": seed, "structure": structure,
+            "discretization": config.resolved_discretization, "classes": vocab,
+            "chance": chance_accuracy(spec["task"], vocab), "accuracy": {str(L): a for L, a in result.accuracy.items()},
+            "final_loss": result.final_loss, "steps": setup["steps"],
+            "cpu_seconds": time.process_time() - cpu, "wall_seconds": time.perf_counter() - wall}
+
+
+def load_cells(path: Path, setup: dict) -> list[dict]:
+    """The finished cells of an earlier run with the same setup; [] when there is none."""
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    if data["setup"] != setup:
+        differ = sorted(k for k in {*setup, *data["setup"]} if setup.get(k) != data["setup"].get(k))
+        sys.exit(f"{path} holds results of another setup (differs in: {', '.join(differ)}); pass another --out "
+                 f"or delete the file to start over")
+    return data["cells"]
+
+
+def percent_range(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    return f"{mean:.1%}" if len(values) == 1 else f"{mean:.1%} ({min(values):.1%}–{max(values):.1%})"
+
+
+def markdown(setup: dict, cells: list[dict]) -> list[str]:
+    """Per task: one row per variant, mean (min–max over seeds) accuracy at each test length."""
+    lengths = [m * setup["length"] for m in setup["multiples"]]
+    lines = [f"Budget per run: {setup['steps']} steps of {setup['batch']} sequences of length {setup['length']}, "
+             f"AdamW lr {setup['lr']} (one-cycle), model: 2 layers, width 64, state 16, {setup['threads']} CPU "
+             f"thread(s); accuracy over every position of 256 fresh sequences; mean (min–max) over seeds.", ""]
+    for name in dict.fromkeys(c["task"] for c in cells):
+        mine = [c for c in cells if c["task"] == name]
+        lines += [f"**{name}** ({mine[0]['classes']} classes, chance {mine[0]['chance']:.1%})", "",
+                  "| variant | structure | " + " | ".join(f"acc. @ {L} ({L // setup['length']}x)" for L in lengths)
+                  + " | seeds | CPU min / run |", "|---|---|" + "---:|" * (len(lengths) + 2)]
+        for variant in dict.fromkeys(c["variant"] for c in mine):
+            runs = [c for c in mine if c["variant"] == variant]
+            accs = [percent_range([r["accuracy"][str(L)] for r in runs]) for L in lengths]
+            minutes = statistics.fmean(r["cpu_seconds"] for r in runs) / 60
+            lines.append(f"| {variant} | {runs[0]['structure']} ({runs[0]['discretization']}) | " + " | ".join(accs)
+                         + f" | {len(runs)} | {minutes:.2f} |")
+        lines.append("")
+    total = sum(c["cpu_seconds"] for c in cells) / 60
+    lines.append(f"{len(cells)} runs, {total:.1f} CPU minutes in all.")
+    return lines
+
+
+def plot(setup: dict, cells: list[dict], path: Path):
+    """One panel per task: mean accuracy against test length per variant, bars from min to max."""
+    plt = pyplot()
+    if plt is None:
+        return
+    names = list(dict.fromkeys(c["task"] for c in cells))
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.5), squeeze=False)
+    lengths = [m * setup["length"] for m in setup["multiples"]]
+    for ax, name in zip(axes[0], names):
+        mine = [c for c in cells if c["task"] == name]
+        for variant in dict.fromkeys(c["variant"] for c in mine):
+            accs = [[100 * c["accuracy"][str(L)] for c in mine if c["variant"] == variant] for L in lengths]
+            means = [statistics.fmean(a) for a in accs]
+            spread = [[m - min(a) for m, a in zip(means, accs)], [max(a) - m for m, a in zip(means, accs)]]
+            ax.errorbar(lengths, means, yerr=spread, fmt="o-", capsize=3, label=variant)
+        ax.axhline(100 * mine[0]["chance"], color="k", ls=":", lw=0.8, label="chance")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 105)
+        ax.set_xlabel(f"test length (trained at {setup['length']})")
+        ax.set_ylabel("accuracy, every position (%)")
+        ax.set_title(name, fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def comma_list(text: str, allowed) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in items if x not in allowed]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {unknown[0]!r}; choose from {', '.join(allowed)}")
+    return items
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", type=lambda s: comma_list(s, TASKS), default=list(DEFAULT_TASKS))
+    ap.add_argument("--variants", type=lambda s: comma_list(s, VARIANTS), default=list(DEFAULT_VARIANTS))
+    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], help="comma list (default 0,1,2)")
+    ap.add_argument("--steps", type=int, help="training steps per run (default 1500; --quick 10)")
+    ap.add_argument("--length", type=int, help="training length; tests at 1x, 4x, 16x (default 16; --quick 4)")
+    ap.add_argument("--batch", type=int, default=32, help="sequences per step (default 32)")
+    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--quick", action="store_true", help="tiny budget and one seed, written to state_tracking_quick.*")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    setup = {"steps": args.steps or (10 if args.quick else 1500), "batch": args.batch, "lr": args.lr,
+             "length": args.length or (4 if args.quick else 16), "multiples": list(MULTIPLES), "threads": args.threads}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "state_tracking_quick" if args.quick else "state_tracking"
+    path = out / f"{stem}.json"
+    cells = load_cells(path, setup)
+    done = {(c["task"], c["variant"], c["seed"]) for c in cells}
+    todo = [(n, v, s) for s in seeds for n in args.tasks for v in args.variants if (n, v, s) not in done]
+    print(f"{len(done)} runs already in {path}; {len(todo)} to go", flush=True)
+    for i, (name, variant, seed) in enumerate(todo):
+        cell = run_cell(name, variant, seed, setup)
+        cells.append(cell)
+        atomic_write_text(path, json.dumps({"setup": setup, "torch": torch.__version__, "cells": cells}, indent=2))
+        print(f"[{i + 1}/{len(todo)}] {name}, {variant}, seed {seed}: "
+              + ", ".join(f"{L}: {a:.1%}" for L, a in cell["accuracy"].items())
+              + f" ({cell['cpu_seconds'] / 60:.1f} CPU min)", flush=True)
+    rank = {name: i for i, name in enumerate([*TASKS, *VARIANTS])}
+    cells.sort(key=lambda c: (rank.get(c["task"], len(rank)), rank.get(c["variant"], len(rank)), c["seed"]))
+    lines = markdown(setup, cells)
+    atomic_write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(setup, cells, out / f"{stem}.png")
+
+
+if __name__ == "__main__":
+    main()
