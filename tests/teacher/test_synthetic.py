@@ -215,6 +215,7 @@ def test_create_synthetic_cli_resume_continues_and_overwrite_replaces(server, tm
     assert records(tmp_path / "cut") == records(tmp_path / "straight")[:2]
 
 
+@pytest.mark.slow
 def test_create_synthetic_command_in_a_fresh_interpreter(server, tmp_path):
     """The command's smoke test: `python main.py create-synthetic` from another directory."""
     proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "create-synthetic", "--config", DEFAULT_CONFIG,
@@ -301,7 +302,7 @@ def test_create_synthetic_checks_its_inputs_before_the_teacher_loads(tmp_path, m
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "d.json").write_text("{}")
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00")
-    base = ["create-synthetic", "--config", "config/default_config.yaml", "--output-file", "d.json"]
+    base = ["create-synthetic", "--config", DEFAULT_CONFIG, "--output-file", "d.json"]
     for args, message in [(["--output-dir", str(tmp_path / "file" / "sub")], "/file/sub: cannot create it"),
                           (["--output-dir", str(tmp_path / "out"), "--prompts", str(tmp_path / "none.txt")],
                            "none.txt does not exist"),
