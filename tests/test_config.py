@@ -71,6 +71,7 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
     assert err.startswith("error: model.state_dimm: unknown key") and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_cli_inspect_checks_recurrent_decoding(tmp_path):
     """The inspect command's smoke test, in a fresh interpreter started in another directory."""
     proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "inspect", "--config",

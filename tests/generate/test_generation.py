@@ -150,6 +150,7 @@ def run_cli(*args):
                           cwd=ROOT, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_generate_streams_and_writes_files(trained, tmp_path):
     """The generate command's smoke test, in a fresh interpreter."""
     proc = run_cli("--model-dir", str(trained), "--checkpoint", "latest", "--prompt", "The sun", "--max-length", "15",
@@ -291,6 +292,7 @@ def test_evaluate_perplexity_matches_a_direct_computation(loaded, tmp_path):
     assert not math.isclose(scored_once_loss(m, ids, 16, 8)[0], one_window["loss"], rel_tol=1e-7)   # context counts
 
 
+@pytest.mark.slow
 def test_evaluate_command_in_a_fresh_interpreter(trained, loaded, tmp_path):
     """The evaluate command's smoke test: the default stride is half the checkpoint's window."""
     from sparse_ssm.train.evaluation import perplexity_on_file

@@ -6,12 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from helpers import ROOT, tiny_config, wait_for_line
 from sparse_ssm import cli
 from sparse_ssm.generate import GenerationConfig, generate_text, load_checkpoint
+
+pytestmark = pytest.mark.slow          # torchrun starts 2-3 interpreters per run
 
 
 def torchrun(nproc, config, *args, stderr=None):

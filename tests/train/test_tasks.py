@@ -1,5 +1,6 @@
 """The paper's synthetic tasks: data generators, the time-invariant ablation, and a smoke run."""
 
+import pytest
 import torch
 
 from helpers import randomise_generators
@@ -42,6 +43,7 @@ def test_lti_ablation_generates_the_same_parameters_at_every_step():
             assert constant != selective
 
 
+@pytest.mark.slow
 def test_selective_copying_smoke_learns_above_chance():
     config = SparseSSMConfig(vocab_size=8, hidden_dim=32, state_dim=8, ffn_dim=0, num_layers=2, dropout=0.0,
                              num_heads=1, max_seq_len=64)

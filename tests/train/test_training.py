@@ -182,6 +182,7 @@ def test_non_finite_losses_are_skipped_then_stop(tiny, tmp_path, monkeypatch):
         trainer.train()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint(tiny, tmp_path):
     """The train command's run in a fresh interpreter: SIGTERM once a step is done (its validation
     line is printed) saves a checkpoint at the end of the current step and exits with 130."""
