@@ -26,9 +26,16 @@ DEFAULT_CONFIG = str(ROOT / "config" / "default_config.yaml")
 
 
 @pytest.fixture(scope="module")
-def gemma():
-    """Gemma loaded once for the module: every test here (the CLI ones too) shares it."""
-    return TransformersTeacher("gemma3-270m", threads=1)
+def gemma(tmp_path_factory):
+    """Gemma loaded once for the module: every test here (the CLI ones too) shares it.  The
+    tokenizer.json converted from a GGUF file is cached in a temporary folder, not the user's
+    cache (SPARSE_SSM_CACHE; the scan kernel, loaded first, stays in the machine's build cache)."""
+    from sparse_ssm.ssm.kernels import native_library
+
+    native_library()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPARSE_SSM_CACHE", str(tmp_path_factory.mktemp("sparse-ssm-cache")))
+        yield TransformersTeacher("gemma3-270m", threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +107,7 @@ def test_student_distils_from_the_gemma_dataset(dataset, tmp_path, capsys):
     trainer = Trainer(config, log=lambda *_: None)
     assert trainer.config.model.vocab_size < 200          # 262,144 ids compacted to those in use
     trainer.train()
+    capsys.readouterr()                                    # (the validation lines of the run)
     code = cli.main(["generate", "--model-dir", str(run), "--prompt", "The", "--max-length", "5", "--no-stream",
                      "--seed", "1"])
     out = capsys.readouterr().out
@@ -117,7 +125,9 @@ def test_create_synthetic_cli_with_the_transformers_backend(gemma, tmp_path, mon
     code = cli.main(["create-synthetic", "--config", DEFAULT_CONFIG, "--backend", "transformers", "--model",
                      "gemma3-270m", "--num-samples", "2", "--max-new-tokens", "12", "--output-dir", str(tmp_path),
                      "--set", "synthetic.min_words=3"])
-    assert code == 0, capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "teacher: transformers gemma3-270m;" in out and "local teacher" not in out + err   # asked for, no fallback
     assert made == [("gemma3-270m", 1, 8)]                   # model, threads, batch size of the config
     data = json.loads((tmp_path / "phi4_dataset.json").read_text())
     assert data["teacher"]["backend"] == "transformers" and data["prompt_style"] == "opening"
