@@ -21,7 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class OllamaAPIServer:
     def __init__(self, generate_fn, models=("phi4-mini",), malformed: bool = False, fail_after: int | None = None):
-        self.generate_fn, self.models, self.malformed, self.fail_after = generate_fn, list(models), malformed, fail_after
+        self.generate_fn, self.models = generate_fn, list(models)
+        self.malformed, self.fail_after = malformed, fail_after
         self.requests: list[dict] = []
         self.accepted = 0                    # generate requests answered by the model
         self.lock = threading.Lock()

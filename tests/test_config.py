@@ -51,7 +51,8 @@ def test_shipped_configs_are_valid_in_every_section():
         for section, values in load_yaml(path).items():          # every value of the file is the one in force
             for key, value in (values or {}).items():
                 got = config[section][key]
-                assert got == value or (isinstance(value, float) and math.isclose(got, value)), (path.name, section, key)
+                same = got == value or (isinstance(value, float) and math.isclose(got, value))
+                assert same, (path.name, section, key)
 
 
 def test_yaml_errors_name_the_file(tmp_path):

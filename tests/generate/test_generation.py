@@ -122,7 +122,8 @@ def trained(corpus, corpus_tokenizer, tmp_path_factory):
     from sparse_ssm.train import Trainer
 
     run = tmp_path_factory.mktemp("gen") / "run"
-    Trainer(tiny_config(corpus, run, tokenizer=corpus_tokenizer, training={"max_steps": 6}), log=lambda *_: None).train()
+    config = tiny_config(corpus, run, tokenizer=corpus_tokenizer, training={"max_steps": 6})
+    Trainer(config, log=lambda *_: None).train()
     return run
 
 
@@ -272,7 +273,7 @@ def test_evaluate_perplexity_matches_a_direct_computation(loaded, tmp_path):
     from sparse_ssm.data.tokenizer import EOS
     from sparse_ssm.train.evaluation import perplexity_on_file
 
-    m, tok = copy.deepcopy(loaded.model).double(), loaded.tokenizer     # float64: context effects are far above rounding
+    m, tok = copy.deepcopy(loaded.model).double(), loaded.tokenizer     # float64: context effects >> rounding
     text = make_text(3, seed=11)
     path = tmp_path / "eval.txt"
     path.write_text(text)

@@ -24,7 +24,8 @@ def test_gbt_alpha_from_a_config_file_reaches_every_scan(tmp_path, monkeypatch):
     assert seen == [("gbt", 0.25)] * 2                       # every layer's scan
     # the value is what the model computes with: alpha 0.5 is the bilinear transform, 0.25 is not
     other = {}
-    for name, extra in (("half", "  discretization: gbt\n  gbt_alpha: 0.5\n"), ("bilinear", "  discretization: bilinear\n")):
+    for name, extra in (("half", "  discretization: gbt\n  gbt_alpha: 0.5\n"),
+                        ("bilinear", "  discretization: bilinear\n")):
         path.write_text(MODEL + extra)
         model = SparseSSMForCausalLM(Config.load(path).model).double().eval()
         model.load_state_dict(quarter.state_dict())

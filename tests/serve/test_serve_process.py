@@ -52,9 +52,9 @@ def test_create_synthetic_with_our_server_as_the_ollama_teacher(serve_process, t
     _, url = serve_process
     out = tmp_path / "synthetic"
     monkeypatch.setenv("OLLAMA_HOST", "")
-    code = cli.main(["create-synthetic", "--config", str(ROOT / "config" / "default_config.yaml"), "--backend", "ollama",
-                     "--host", url, "--model", "tiny", "--num-samples", "3", "--max-new-tokens", "40", "--temperature",
-                     "1.0", "--workers", "2", "--output-dir", str(out), "--output-file", "tiny.json",
+    code = cli.main(["create-synthetic", "--config", str(ROOT / "config" / "default_config.yaml"), "--backend",
+                     "ollama", "--host", url, "--model", "tiny", "--num-samples", "3", "--max-new-tokens", "40",
+                     "--temperature", "1.0", "--workers", "2", "--output-dir", str(out), "--output-file", "tiny.json",
                      "--set", "synthetic.min_words=2"])               # (in this process; the server is another)
     assert code == 0
     dataset = json.loads((out / "tiny.json").read_text())
