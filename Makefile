@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench eval clean
+.PHONY: demo test test-fast bench eval clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(VENV)/.installed data/shakespeare/ATTRIBUTION
 ## the test suite (what CI runs)
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+## the suite without the tests marked slow (a minute or so, for development)
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
 
 ## benchmarks against peers (writes bench/results/)
 bench: $(VENV)/.bench data/shakespeare/ATTRIBUTION

@@ -1,6 +1,9 @@
-"""Small real-text corpora and tiny configs for the data and training tests."""
+"""Small real-text corpora, tiny configs and the idioms the tests share (randomised selective
+generators, waiting for a line of a child process's output)."""
 
 import random
+import selectors
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent          # the repository
@@ -32,7 +35,9 @@ def make_text(n_sentences: int, seed: int = 0) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tiny_config(data_path, output_dir, dataset_type="custom", **sections):
+def tiny_config(data_path, output_dir, dataset_type="custom", tokenizer=None, **sections):
+    """A small run's Config; `tokenizer`: an existing tokenizer.json (dataset.tokenizer_path), so
+    that the run does not train its own (the `corpus_tokenizer` fixture)."""
     from sparse_ssm.config import Config
 
     data = {
@@ -44,7 +49,8 @@ def tiny_config(data_path, output_dir, dataset_type="custom", **sections):
         "optimizer": dict(learning_rate=3e-3),
         "scheduler": dict(warmup_steps=2),
         "dataset": dict(type=dataset_type, max_seq_len=32, stride=32, data_path=str(data_path), val_split=0.1,
-                        test_split=0.1, cache_dir=str(output_dir) + "-cache"),
+                        test_split=0.1, cache_dir=str(output_dir) + "-cache",
+                        tokenizer_path=str(tokenizer) if tokenizer else None),
     }
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
@@ -79,3 +85,34 @@ def tiny_language_model(seed: int = 0, vocab: int = 300, **model):
     config.update(model)
     torch.manual_seed(seed)
     return SparseSSMForCausalLM(SparseSSMConfig(**config)).eval(), tokenizer
+
+
+def randomise_generators(model, std=0.3):
+    """Input-dependent A_t and D_t: their generator rows start at zero, so at initialisation they
+    are the same for every token whatever the model; tests of what depends on the token randomise them."""
+    import torch
+
+    for module in model.modules():
+        if hasattr(module, "a_up"):
+            torch.nn.init.normal_(module.a_up.weight, std=std)
+            torch.nn.init.normal_(module.proj.weight, std=std)
+    return model
+
+
+def wait_for_line(stream, text: str, timeout_s: float = 300.0) -> list[str]:
+    """Read lines of a child process's text pipe until one contains `text` (returns the lines
+    read); fails at end of output or when `timeout_s` passes without it (a hang guard, not a
+    measurement).  The child must write unbuffered (PYTHONUNBUFFERED=1)."""
+    deadline = time.monotonic() + timeout_s
+    lines = []
+    with selectors.DefaultSelector() as selector:
+        selector.register(stream, selectors.EVENT_READ)
+        while True:
+            if not selector.select(timeout=max(0.0, deadline - time.monotonic())):
+                raise AssertionError(f"no line with {text!r} within {timeout_s}s; got: {''.join(lines)[-2000:]}")
+            line = stream.readline()
+            if not line:
+                raise AssertionError(f"the output ended without a line with {text!r}: {''.join(lines)[-2000:]}")
+            lines.append(line)
+            if text in line:
+                return lines

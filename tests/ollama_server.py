@@ -1,10 +1,11 @@
-"""A local HTTP server on 127.0.0.1 that speaks the documented Ollama REST API, with a real
-language model behind it (no Ollama binary can be installed here).
+"""A local HTTP server on 127.0.0.1 that speaks the part of the documented Ollama REST API the
+package uses, with a real language model behind it (no Ollama binary can be installed here).
 
-Endpoints: GET /api/version, GET /api/tags, POST /api/show, POST /api/generate (streaming NDJSON
-by default, one JSON object with "stream": false; "logprobs"/"top_logprobs" as Ollama >= 0.12.11
-returns them: per generated token {token, logprob, top_logprobs: [{token, logprob}]}).  Errors as
-Ollama sends them: {"error": "..."} with 404 for an unknown model and 400 for top_logprobs > 20.
+Endpoints: POST /api/show, POST /api/generate with "stream": false (one JSON object;
+"logprobs"/"top_logprobs" as Ollama >= 0.12.11 returns them: per generated token {token, logprob,
+top_logprobs: [{token, logprob}]}).  Errors as Ollama sends them: {"error": "..."} with 404 for an
+unknown model and 400 for top_logprobs > 20.  Test switches: `malformed` (answers cut-off JSON) and
+`fail_after` (answers HTTP 500 to every generate request after the first `fail_after`).
 
 `generate_fn(prompt, options, top_logprobs) -> (tokens, done_reason)` is the model: `tokens` a list
 of {"token", "logprob", "top_logprobs"} dicts, token strings being decoded text.
@@ -19,19 +20,22 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class OllamaAPIServer:
-    def __init__(self, generate_fn, models=("phi4-mini",), malformed: bool = False):
-        self.generate_fn, self.models, self.malformed = generate_fn, list(models), malformed
+    def __init__(self, generate_fn, models=("phi4-mini",), malformed: bool = False, fail_after: int | None = None):
+        self.generate_fn, self.models = generate_fn, list(models)
+        self.malformed, self.fail_after = malformed, fail_after
         self.requests: list[dict] = []
+        self.accepted = 0                    # generate requests answered by the model
+        self.lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
 
-            def _send(self, status, payload=None, raw: bytes | None = None, content_type="application/json"):
+            def _send(self, status, payload=None, raw: bytes | None = None):
                 body = raw if raw is not None else json.dumps(payload).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -39,14 +43,6 @@ class OllamaAPIServer:
             def _body(self) -> dict:
                 length = int(self.headers.get("Content-Length") or 0)
                 return json.loads(self.rfile.read(length) or b"{}")
-
-            def do_GET(self):
-                if self.path == "/api/version":
-                    return self._send(200, {"version": "0.13.0"})
-                if self.path == "/api/tags":
-                    return self._send(200, {"models": [{"name": f"{m}:latest", "model": f"{m}:latest", "size": 0,
-                                                        "digest": "0" * 64, "modified_at": _now()} for m in server.models]})
-                return self._send(404, {"error": "not found"})
 
             def do_POST(self):
                 body = self._body()
@@ -62,26 +58,26 @@ class OllamaAPIServer:
                 k = body.get("top_logprobs") or 0
                 if not 0 <= k <= 20:
                     return self._send(400, {"error": "top_logprobs must be between 0 and 20"})
+                if body.get("stream", True):
+                    return self._send(400, {"error": "this test server answers only \"stream\": false"})
                 if server.malformed:
                     return self._send(200, raw=b'{"model": "x", "response": "unterminated')
+                with server.lock:
+                    refuse = server.fail_after is not None and server.accepted >= server.fail_after
+                    server.accepted += not refuse
+                if refuse:
+                    return self._send(500, {"error": "llama runner process has terminated"})
                 tokens, reason = server.generate_fn(body.get("prompt", ""), body.get("options") or {}, k)
-                base = {"model": body["model"], "created_at": _now()}
-                final = {**base, "response": "", "done": True, "done_reason": reason, "eval_count": len(tokens),
+                final = {"model": body["model"], "created_at": _now(), "response": "".join(t["token"] for t in tokens),
+                         "done": True, "done_reason": reason, "eval_count": len(tokens),
                          "prompt_eval_count": len(body.get("prompt", "").split()), "total_duration": 1}
-                with_logprobs = bool(body.get("logprobs"))
-                if body.get("stream", True):
-                    lines = [{**base, "response": t["token"], "done": False,
-                              **({"logprobs": [_entry(t, k)]} if with_logprobs else {})} for t in tokens]
-                    raw = b"".join(json.dumps(x).encode() + b"\n" for x in lines + [final])
-                    return self._send(200, raw=raw, content_type="application/x-ndjson")
-                final["response"] = "".join(t["token"] for t in tokens)
-                if with_logprobs:
+                if body.get("logprobs"):
                     final["logprobs"] = [_entry(t, k) for t in tokens]
                 return self._send(200, final)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.host = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
 
     def __enter__(self):
         self.thread.start()

@@ -1,15 +1,14 @@
 """Dataset types on local files, the split, the tokenizer and the cache."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import ROOT, SENTENCES, make_text
+from helpers import SENTENCES, make_text
+from sparse_ssm import cli
 from sparse_ssm.data.config import DatasetConfig
 from sparse_ssm.data.sources import load_splits, split_documents
 from sparse_ssm.data.streams import tokenize_splits
@@ -93,16 +92,20 @@ def test_pile_schema_from_local_jsonl(tmp_path):
     assert sum(len(v) for v in splits.values()) == 10
 
 
-def test_hub_unreachable_gives_a_clear_error(tmp_path):
+def test_hub_unreachable_gives_a_clear_error(tmp_path, monkeypatch, capsys):
+    import datasets
+    import huggingface_hub
+
+    for module in (datasets.config, huggingface_hub.constants):     # offline, as without a network
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")   # nothing cached
     config = tmp_path / "c.yaml"
     config.write_text(f"dataset:\n  type: wikitext103\n  data_path: null\n  max_seq_len: 64\n  stride: 64\n"
                       f"training:\n  output_dir: {tmp_path / 'out'}\n  device: cpu\n  mixed_precision: 'no'\n")
-    env = dict(__import__("os").environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "train", "--config", str(config)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 2
-    assert "could not load Salesforce/wikitext" in proc.stderr and "dataset.data_path" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert cli.main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "could not load Salesforce/wikitext" in err and "dataset.data_path" in err
 
 
 def test_missing_data_path_names_the_fix(tmp_path):
@@ -116,6 +119,11 @@ def test_split_is_deterministic_and_disjoint():
     b = split_documents(docs, 0.1, 0.2, seed=3)
     c = split_documents(docs, 0.1, 0.2, seed=4)
     assert a == b and a != c
+    for split in (a, c):                                 # (the segments here are distinct texts)
+        train, val, test = (set(split[name]) for name in ("train", "validation", "test"))
+        assert not train & val and not train & test and not val & test
+        total = sum(len(v) for v in split.values())
+        assert total >= 10 and len(test) == round(0.2 * total) and len(val) == round(0.1 * total)
     assert "".join(sorted(sum(a.values(), []))) == "".join(sorted(sum(c.values(), [])))
     with pytest.raises(DataError, match="too few"):
         split_documents(["one short doc"], 0.1, 0.1, seed=0)

@@ -16,6 +16,8 @@ from helpers import tiny_language_model
 from sparse_ssm.generate import GenerationConfig, generate_text
 from sparse_ssm.hf import export_model
 
+pytestmark = pytest.mark.slow          # the harness in a fresh interpreter
+
 TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
 pytest.importorskip("lm_eval")
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import randomise_generators
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM
 from sparse_ssm.generate import generate
 from sparse_ssm.model.loss import linear_cross_entropy
@@ -24,15 +25,6 @@ def tiny(**kw):
                 num_heads=2, scan_chunk_size=4)
     base.update(kw)
     return SparseSSMConfig(**base)
-
-
-def randomise_generators(model, std=0.3):
-    """Input-dependent A_t and D_t (their generator rows start at zero: constant at initialisation)."""
-    for module in model.modules():
-        if hasattr(module, "a_up"):
-            torch.nn.init.normal_(module.a_up.weight, std=std)
-            torch.nn.init.normal_(module.proj.weight, std=std)
-    return model
 
 
 LAYER_OPTIONS = [dict(num_groups=2), dict(conv_kernel=1), dict(conv_kernel=2, activation="silu"), dict(ffn_dim=0),

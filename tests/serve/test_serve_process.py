@@ -3,7 +3,6 @@ SIGTERM (a stream in flight ends), and the project's own `create-synthetic --bac
 our served model as the teacher."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,9 @@ import ollama
 import pytest
 
 from helpers import ROOT, tiny_language_model, write_checkpoint
+from sparse_ssm import cli
+
+pytestmark = pytest.mark.slow          # the server in a fresh interpreter
 
 
 @pytest.fixture
@@ -21,7 +23,7 @@ def serve_process(tmp_path):
     write_checkpoint(tmp_path / "tinyrun" / "best", model, tokenizer)
     proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "main.py"), "serve", "--model-dir", str(tmp_path / "tinyrun"),
                              "--port", "0", "--name", "tiny", "--max-tokens", "100000", "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     line = proc.stdout.readline()
     assert "serving tiny" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
     url = line.split(" on ")[1].split()[0]
@@ -46,16 +48,15 @@ def test_sigterm_ends_streams_and_exits_cleanly(serve_process):
     assert "server stopped" in proc.stdout.read()
 
 
-def test_create_synthetic_with_our_server_as_the_ollama_teacher(serve_process, tmp_path):
+def test_create_synthetic_with_our_server_as_the_ollama_teacher(serve_process, tmp_path, monkeypatch):
     _, url = serve_process
     out = tmp_path / "synthetic"
-    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "create-synthetic", "--config",
-                           str(ROOT / "config" / "default_config.yaml"), "--backend", "ollama", "--host", url,
-                           "--model", "tiny", "--num-samples", "3", "--max-new-tokens", "40", "--temperature", "1.0",
-                           "--workers", "2", "--output-dir", str(out), "--output-file", "tiny.json",
-                           "--set", "synthetic.min_words=2"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "OLLAMA_HOST": ""})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    monkeypatch.setenv("OLLAMA_HOST", "")
+    code = cli.main(["create-synthetic", "--config", str(ROOT / "config" / "default_config.yaml"), "--backend",
+                     "ollama", "--host", url, "--model", "tiny", "--num-samples", "3", "--max-new-tokens", "40",
+                     "--temperature", "1.0", "--workers", "2", "--output-dir", str(out), "--output-file", "tiny.json",
+                     "--set", "synthetic.min_words=2"])               # (in this process; the server is another)
+    assert code == 0
     dataset = json.loads((out / "tiny.json").read_text())
     assert dataset["teacher"]["backend"] == "ollama" and dataset["teacher"]["host"] == url
     assert len(dataset["records"]) == 3 and all(r["text"] for r in dataset["records"])

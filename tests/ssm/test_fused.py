@@ -100,6 +100,7 @@ def test_the_dispatch_takes_the_fused_path_on_cpu(monkeypatch):
     assert torch.allclose(y, y_ref, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_pure_pytorch_fallback_when_the_kernel_is_off(tmp_path):
     """SPARSE_SSM_NATIVE=0 (what a machine without a compiler gets): the same numbers from the
     chunked path, and the reason is known."""

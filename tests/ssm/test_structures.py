@@ -82,3 +82,35 @@ def test_banded_pattern_covers_the_band():
     assert torch.all(A[dist >= 4] == 0)          # nothing outside distance b - 1
     assert make_structure("sparse", 16, 0.5, sparsity_pattern="banded").name == "banded4"
     assert isinstance(make_structure("sparse", 16, 0.9, sparsity_pattern="banded"), DiagonalStructure)
+
+
+@pytest.mark.parametrize("N, b", [(8, 2), (8, 4), (12, 4), (12, 6)])
+def test_banded_structure_holds_a_contractive_banded_matrix_exactly(N, b):
+    """A matrix on the banded pattern (b x b blocks and the blocks shifted by h = b // 2) whose two
+    parts are already contractive comes back unchanged, every value on the band."""
+    structure, h = BandedStructure(N, b), b // 2
+    idx = torch.arange(N)
+    same_block = lambda offset: ((idx[:, None] + offset) // b) == ((idx[None, :] + offset) // b)
+    pattern = same_block(0) | same_block(b - h)
+    g = torch.Generator().manual_seed(N * b)
+    A = torch.where(pattern, 0.2 * torch.randn(N, N, generator=g, dtype=torch.float64), 0.0)
+    A = A - 6 * torch.eye(N, dtype=torch.float64)                 # diagonally dominant: every part contractive
+    got = structure.to_dense(structure.continuous(structure.raw_from_hippo(A)))
+    assert torch.allclose(got, A, atol=1e-10)
+
+
+def test_structures_refuse_sizes_they_cannot_hold():
+    from sparse_ssm import ConfigError, SparseSSMConfig
+
+    for rank in (0, 9):
+        with pytest.raises(ValueError, match=rf"low-rank rank must be in \[1, 8\], got {rank}"):
+            LowRankStructure(8, rank)
+    for block in (1, 3, 16):
+        with pytest.raises(ValueError, match=f"banded needs a block size >= 2 that divides state_dim 8, got {block}"):
+            BandedStructure(8, block)
+    with pytest.raises(ValueError, match="block_size 3 does not divide state_dim 8"):
+        BlockStructure(8, 3)
+    with pytest.raises(ValueError, match="unknown sparsity_pattern 'diagonal'"):
+        make_structure("sparse", 16, 0.5, sparsity_pattern="diagonal")
+    with pytest.raises(ConfigError, match=r"model\.sparsity_pattern: 'diagonal' is not one of"):
+        SparseSSMConfig.from_dict({"sparsity_pattern": "diagonal"})

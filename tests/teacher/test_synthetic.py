@@ -2,7 +2,8 @@
 backend against a local server speaking Ollama's API (with a real, small SSM LM behind it)."""
 
 import json
-import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,73 +12,20 @@ import torch
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from helpers import make_text
+from helpers import ROOT, make_text
 from ollama_server import OllamaAPIServer, model_backed
-from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM, cli
-from sparse_ssm.data.tokenizer import EOS, train_tokenizer
-from sparse_ssm.teacher import Request
-from sparse_ssm.teacher.backends import LocalTeacher
+from sparse_ssm import cli
+from sparse_ssm.data.tokenizer import train_tokenizer
+from sparse_ssm.teacher import Request, make_teacher
 from sparse_ssm.teacher.config import SyntheticConfig
 from sparse_ssm.teacher.gguf import TokenStringMapper, ollama_model_blob
 from sparse_ssm.teacher.ollama import OllamaTeacher
 from sparse_ssm.teacher.quality import NearDuplicates, quality_problem
 from sparse_ssm.teacher.synthetic import create_synthetic, make_prompt, output_paths
 from sparse_ssm.util.errors import SyntheticError, TeacherError
+from ssm_teacher import SSMTeacher, synthetic_config as config
 
-
-class SSMTeacher(LocalTeacher):
-    """A real (small, randomly initialised) language model of ours behind the teacher interface,
-    decoded by the same loop as the GGUF backends."""
-
-    backend = "ssm"
-
-    def __init__(self, folder: Path, fail_after: int | None = None):
-        self.tokenizer = train_tokenizer([make_text(400, seed=s) for s in range(3)], 300)
-        self.path = folder / "teacher-tokenizer.json"
-        self.tokenizer.save(str(self.path))
-        torch.manual_seed(0)
-        self.model = SparseSSMForCausalLM(SparseSSMConfig(vocab_size=self.tokenizer.get_vocab_size(), hidden_dim=32,
-                                                          state_dim=8, ffn_dim=0, num_layers=2, max_seq_len=512,
-                                                          dropout=0.0)).eval()
-        self.stop_ids = {self.tokenizer.token_to_id(EOS)}
-        self.pad_id = self.tokenizer.token_to_id(EOS)
-        self.fail_after, self.calls = fail_after, 0
-
-    def describe(self):
-        return {"backend": "ssm", "model": "tiny"}
-
-    def tokenizer_json(self):
-        return self.path
-
-    def complete(self, request):
-        self.calls += 1
-        if self.fail_after is not None and self.calls > self.fail_after:
-            raise KeyboardInterrupt
-        return super().complete(request)
-
-    def _tokenize(self, text):
-        return self.tokenizer.encode(text).ids
-
-    @torch.no_grad()
-    def _start(self, prompts):
-        logits, self.cache = self.model.prefill(torch.tensor(prompts))
-        return logits
-
-    @torch.no_grad()
-    def _next(self, tokens):
-        logits, self.cache = self.model.step(torch.tensor(tokens), self.cache)
-        return logits
-
-    def _detokenize(self, ids):
-        return self.tokenizer.decode(ids)
-
-
-def config(tmp_path, **kw):
-    values = dict(backend="transformers", num_samples=4, max_new_tokens=24, min_words=3, output_dir=str(tmp_path / "out"),
-                  output_file="data.json", temperature=1.0, top_k=0, top_p=1.0)
-    values.update(kw)
-    cfg = SyntheticConfig(**values)
-    return cfg
+DEFAULT_CONFIG = str(ROOT / "config" / "default_config.yaml")
 
 
 def test_prompts_are_deterministic_diverse_and_follow_the_style():
@@ -210,7 +158,7 @@ def test_byte_level_token_strings_map_to_ids():
 
 
 def test_create_synthetic_cli_with_ollama_and_workers(server, tmp_path, capsys):
-    code = cli.main(["create-synthetic", "--config", "config/default_config.yaml", "--host", server.host,
+    code = cli.main(["create-synthetic", "--config", DEFAULT_CONFIG, "--host", server.host,
                      "--num-samples", "5", "--max-new-tokens", "20", "--workers", "3", "--output-dir",
                      str(tmp_path / "syn"), "--output-file", "d.json", "--set", "synthetic.min_words=2"])
     out = capsys.readouterr().out
@@ -221,15 +169,78 @@ def test_create_synthetic_cli_with_ollama_and_workers(server, tmp_path, capsys):
     assert all(r["prompt"].startswith("Write a ") for r in data["records"])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def synthetic_cli(server, folder, *flags):
+    """create-synthetic through the CLI, in this process, with the local Ollama server as the teacher."""
+    return cli.main(["create-synthetic", "--config", DEFAULT_CONFIG, "--backend", "ollama", "--host", server.host,
+                     "--max-new-tokens", "12", "--output-dir", str(folder), "--output-file", "d.json",
+                     "--set", "synthetic.min_words=1", *flags])
 
 
-def test_ollama_errors_say_what_to_do(server, tmp_path, capsys):
+def test_create_synthetic_cli_prompts_seed_and_temperature_reach_every_request(server, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Tell me about bees.\n\nA letter\\nabout the sea.\n")    # "\\n" in a line is a newline
+    assert synthetic_cli(server, tmp_path / "syn", "--num-samples", "3", "--prompts", str(prompts), "--seed", "5",
+                         "--temperature", "0.3") == 0
+    sent = [r for r in server.requests if r["path"] == "/api/generate"]
+    in_turn = ["Tell me about bees.", "A letter\nabout the sea."]
+    assert len(sent) >= 3 and [r["prompt"] for r in sent] == [in_turn[i % 2] for i in range(len(sent))]
+    assert [r["options"]["seed"] for r in sent] == [5 * 7919 + i for i in range(len(sent))]
+    assert {r["options"]["temperature"] for r in sent} == {0.3}
+    data = json.loads((tmp_path / "syn" / "d.json").read_text())
+    assert data["sampling"]["seed"] == 5 and data["sampling"]["temperature"] == 0.3
+    assert len(data["records"]) == 3 and {r["prompt"] for r in data["records"]} <= set(in_turn)
+    assert not any(r["text"].startswith(r["prompt"]) for r in data["records"])   # a file's prompts are not text
+
+
+def test_create_synthetic_cli_resume_continues_and_overwrite_replaces(server, tmp_path, capsys):
+    assert synthetic_cli(server, tmp_path / "straight", "--num-samples", "4") == 0
+    server.fail_after = server.accepted + 2                   # the teacher fails after two more answers
+    assert synthetic_cli(server, tmp_path / "cut", "--num-samples", "4") == 1
+    assert "HTTP 500" in capsys.readouterr().err
+    partial = tmp_path / "cut" / ".d.partial.jsonl"
+    assert len(partial.read_text().splitlines()) == 1 + 2 and not (tmp_path / "cut" / "d.json").exists()
+    server.fail_after = None
+    assert synthetic_cli(server, tmp_path / "cut", "--num-samples", "4") == 1    # not without --resume
+    assert "continue it with --resume" in capsys.readouterr().err
+    before = server.accepted
+    assert synthetic_cli(server, tmp_path / "cut", "--num-samples", "4", "--resume") == 0
+    assert "resuming: 2 requests already done" in capsys.readouterr().out
+    assert server.accepted - before == 2 and not partial.exists()
+    records = lambda folder: json.loads((folder / "d.json").read_text())["records"]
+    assert records(tmp_path / "cut") == records(tmp_path / "straight")
+
+    assert synthetic_cli(server, tmp_path / "cut", "--num-samples", "2") == 1      # an existing dataset is kept
+    assert "pass --overwrite" in capsys.readouterr().err and len(records(tmp_path / "cut")) == 4
+    assert synthetic_cli(server, tmp_path / "cut", "--num-samples", "2", "--overwrite") == 0
+    assert records(tmp_path / "cut") == records(tmp_path / "straight")[:2]
+
+
+@pytest.mark.slow
+def test_create_synthetic_command_in_a_fresh_interpreter(server, tmp_path):
+    """The command's smoke test: `python main.py create-synthetic` from another directory."""
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "create-synthetic", "--config", DEFAULT_CONFIG,
+                           "--backend", "ollama", "--host", server.host, "--num-samples", "2", "--max-new-tokens", "8",
+                           "--output-dir", str(tmp_path / "syn"), "--set", "synthetic.min_words=1"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {tmp_path / 'syn' / 'phi4_dataset.json'}: 2 samples" in proc.stdout
+    assert len(json.loads((tmp_path / "syn" / "phi4_dataset.json").read_text())["records"]) == 2
+
+
+def test_auto_backend_takes_an_ollama_server_that_has_the_model(server, tmp_path):
+    notes = []
+    teacher = make_teacher(SyntheticConfig(host=server.host), log=notes.append)
+    assert isinstance(teacher, OllamaTeacher) and teacher.model == "phi4-mini" and not notes
+    assert server.requests[-1]["path"] == "/api/show"
+    cfg = SyntheticConfig(host=server.host, model=str(tmp_path / "missing.gguf"))
+    with pytest.raises(TeacherError, match="missing.gguf does not exist"):
+        make_teacher(cfg, log=notes.append)        # a server without the model: on to the local GGUF backend
+    assert f"the Ollama server at {server.host} does not have" in notes[0] and "using the local teacher" in notes[0]
+
+
+def test_ollama_errors_say_what_to_do(server, tmp_path, capsys, refused_url):
     with pytest.raises(TeacherError, match="ollama serve"):
-        OllamaTeacher("phi4-mini", host=f"http://127.0.0.1:{_free_port()}")
+        OllamaTeacher("phi4-mini", host=refused_url)
     with pytest.raises(TeacherError, match="ollama pull llama9"):
         OllamaTeacher("llama9", host=server.host)
     teacher = OllamaTeacher("phi4-mini", host=server.host)
@@ -238,17 +249,15 @@ def test_ollama_errors_say_what_to_do(server, tmp_path, capsys):
     server.malformed = True
     with pytest.raises(TeacherError, match="bad answer"):
         teacher.complete(Request("x", 4, 1.0, 1.0, 0, 0))
-    code = cli.main(["create-synthetic", "--config", "config/default_config.yaml", "--backend", "ollama", "--host",
-                     f"http://127.0.0.1:{_free_port()}", "--output-dir", str(tmp_path / "none")])
+    code = cli.main(["create-synthetic", "--config", DEFAULT_CONFIG, "--backend", "ollama", "--host", refused_url,
+                     "--output-dir", str(tmp_path / "none")])
     assert code == 1 and "ollama serve" in capsys.readouterr().err
     assert not (tmp_path / "none").exists() or not list((tmp_path / "none").iterdir())
 
 
-def test_auto_backend_falls_back_to_a_local_teacher_when_ollama_is_absent(tmp_path):
-    from sparse_ssm.teacher import make_teacher
-
+def test_auto_backend_falls_back_to_a_local_teacher_when_ollama_is_absent(tmp_path, refused_url):
     notes = []
-    cfg = SyntheticConfig(host=f"http://127.0.0.1:{_free_port()}", model=str(tmp_path / "missing.gguf"))
+    cfg = SyntheticConfig(host=refused_url, model=str(tmp_path / "missing.gguf"))
     with pytest.raises(TeacherError, match="missing.gguf does not exist"):
         make_teacher(cfg, log=notes.append)        # it went on to the local GGUF backend
     assert f"no Ollama server answers at {cfg.host}; using the local teacher" in notes[0]
@@ -267,20 +276,6 @@ def test_ollama_model_store_lookup(tmp_path):
         assert ollama_model_blob(name, tmp_path) == blob
     with pytest.raises(TeacherError, match="ollama pull qwen"):
         ollama_model_blob("qwen", tmp_path)
-
-
-def test_the_local_server_speaks_ollamas_streaming_and_listing_api(server):
-    import ollama
-
-    client = ollama.Client(host=server.host)
-    assert [m.model for m in client.list().models] == ["phi4-mini:latest"]
-    options = {"temperature": 0.9, "num_predict": 10, "seed": 11}
-    whole = client.generate(model="phi4-mini", prompt="Hello", options=options, logprobs=True, top_logprobs=2)
-    parts = list(client.generate(model="phi4-mini", prompt="Hello", options=options, stream=True, logprobs=True,
-                                 top_logprobs=2))
-    assert "".join(p.response for p in parts) == whole.response and parts[-1].done
-    assert [lp.token for p in parts for lp in (p.logprobs or [])] == [lp.token for lp in whole.logprobs]
-    assert all(len(lp.top_logprobs) == 2 for lp in whole.logprobs)
 
 
 def test_a_failing_teacher_leaves_nothing_behind_and_distillation_needs_its_tokenizer(server, tmp_path, monkeypatch):
@@ -307,7 +302,7 @@ def test_create_synthetic_checks_its_inputs_before_the_teacher_loads(tmp_path, m
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "d.json").write_text("{}")
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00")
-    base = ["create-synthetic", "--config", "config/default_config.yaml", "--output-file", "d.json"]
+    base = ["create-synthetic", "--config", DEFAULT_CONFIG, "--output-file", "d.json"]
     for args, message in [(["--output-dir", str(tmp_path / "file" / "sub")], "/file/sub: cannot create it"),
                           (["--output-dir", str(tmp_path / "out"), "--prompts", str(tmp_path / "none.txt")],
                            "none.txt does not exist"),

@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from helpers import tiny_config
+from helpers import ROOT, tiny_config
 from ollama_server import OllamaAPIServer, model_backed
 from sparse_ssm import cli
+from sparse_ssm.generate import GenerationConfig, generate_text, load_checkpoint
 from sparse_ssm.teacher.config import SyntheticConfig
 from sparse_ssm.teacher.synthetic import create_synthetic, output_paths
 from sparse_ssm.teacher import Request
@@ -21,11 +22,20 @@ from sparse_ssm.teacher.backends import TransformersTeacher
 from sparse_ssm.teacher.gguf import resolve_gguf
 
 pytestmark = pytest.mark.slow
+DEFAULT_CONFIG = str(ROOT / "config" / "default_config.yaml")
 
 
 @pytest.fixture(scope="module")
-def gemma():
-    return TransformersTeacher("gemma3-270m", threads=1)
+def gemma(tmp_path_factory):
+    """Gemma loaded once for the module: every test here (the CLI ones too) shares it.  The
+    tokenizer.json converted from a GGUF file is cached in a temporary folder, not the user's
+    cache (SPARSE_SSM_CACHE; the scan kernel, loaded first, stays in the machine's build cache)."""
+    from sparse_ssm.ssm.kernels import native_library
+
+    native_library()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPARSE_SSM_CACHE", str(tmp_path_factory.mktemp("sparse-ssm-cache")))
+        yield TransformersTeacher("gemma3-270m", threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +79,7 @@ def test_ollama_backend_maps_gemma_token_strings_through_the_model_store(gemma, 
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "store"))
     token_text = lambda i: gemma.tokenizer.decode([i], skip_special_tokens=False)
     with OllamaAPIServer(model_backed(gemma, token_text), models=["gemma3-270m"]) as server:
-        code = cli.main(["create-synthetic", "--config", "config/default_config.yaml", "--backend", "ollama",
+        code = cli.main(["create-synthetic", "--config", DEFAULT_CONFIG, "--backend", "ollama",
                          "--model", "gemma3-270m", "--host", server.host, "--distillation", "--top-logprobs", "3",
                          "--num-samples", "2", "--max-new-tokens", "16", "--output-dir", str(tmp_path / "out"),
                          "--set", "synthetic.min_words=3"])
@@ -97,9 +107,35 @@ def test_student_distils_from_the_gemma_dataset(dataset, tmp_path, capsys):
     trainer = Trainer(config, log=lambda *_: None)
     assert trainer.config.model.vocab_size < 200          # 262,144 ids compacted to those in use
     trainer.train()
+    capsys.readouterr()                                    # (the validation lines of the run)
     code = cli.main(["generate", "--model-dir", str(run), "--prompt", "The", "--max-length", "5", "--no-stream",
                      "--seed", "1"])
-    assert code == 0 and capsys.readouterr().out.count("The") >= 1
+    out = capsys.readouterr().out
+    # the continuation is the student's own, decoded through the compacted vocabulary of its checkpoint
+    loaded = load_checkpoint(run, None, "cpu")
+    continuation = generate_text(loaded.model, loaded.tokenizer, ["The"], GenerationConfig(max_length=5, seed=1))[0]
+    assert code == 0 and continuation.strip() and out == f"--- [1.1] ---\nThe{continuation}\n"
+
+
+def test_create_synthetic_cli_with_the_transformers_backend(gemma, tmp_path, monkeypatch, capsys):
+    import sparse_ssm.teacher.make as make_module
+
+    made = []
+    monkeypatch.setattr(make_module, "TransformersTeacher", lambda *args: made.append(args) or gemma)   # loaded once
+    code = cli.main(["create-synthetic", "--config", DEFAULT_CONFIG, "--backend", "transformers", "--model",
+                     "gemma3-270m", "--num-samples", "2", "--max-new-tokens", "12", "--output-dir", str(tmp_path),
+                     "--set", "synthetic.min_words=3"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "teacher: transformers gemma3-270m;" in out and "local teacher" not in out + err   # asked for, no fallback
+    assert made == [("gemma3-270m", 1, 8)]                   # model, threads, batch size of the config
+    data = json.loads((tmp_path / "phi4_dataset.json").read_text())
+    assert data["teacher"]["backend"] == "transformers" and data["prompt_style"] == "opening"
+    assert len(data["records"]) == 2
+    for i, record in enumerate(data["records"]):             # a base model continues the opening of a text
+        direct = gemma.complete(Request(prompt=record["prompt"], max_new_tokens=12, temperature=0.8, top_p=0.95,
+                                        top_k=40, seed=42 * 7919 + i))
+        assert record["text"] == record["prompt"] + direct.text
 
 
 def test_llama_cpp_backend_agrees_with_transformers(gemma):

@@ -4,13 +4,12 @@ training_state.pt is read only when it holds nothing but tensors and plain value
 import json
 import math
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import FIXTURES, ROOT, make_text, tiny_config
+from helpers import FIXTURES, make_text
+from sparse_ssm import cli
 from sparse_ssm.model.checkpoint import resolve_checkpoint
 from sparse_ssm.train import Trainer
 from sparse_ssm.train.training_state import read_training_state, write_training_state
@@ -50,9 +49,9 @@ def test_the_training_state_round_trips_without_pickle(tmp_path):
         read_training_state(tmp_path)
 
 
-def test_training_writes_no_pickle_and_the_fixture_state_loads_with_weights_only(corpus, tmp_path):
+def test_training_writes_no_pickle_and_the_fixture_state_loads_with_weights_only(tiny, tmp_path):
     out = tmp_path / "out"
-    Trainer(tiny_config(corpus, out, training={"max_steps": 2}), log=lambda *_: None).train()
+    Trainer(tiny(out, training={"max_steps": 2}), log=lambda *_: None).train()
     ckpt = resolve_checkpoint(out, "latest")
     assert not list(ckpt.glob("*.pt")) and (ckpt / "training_state.json").is_file()
     legacy = read_training_state(FIXTURE)            # torch.load(weights_only=True) of the pickled state
@@ -61,7 +60,7 @@ def test_training_writes_no_pickle_and_the_fixture_state_loads_with_weights_only
 
 def _legacy_run(tmp_path, name):
     """An output directory whose only checkpoint is a copy of the fixture (written by the old code),
-    and the corpus its config names (relative paths: the commands run in tmp_path)."""
+    and the corpus its config names (relative paths: the commands run in tmp_path, see _resume)."""
     corpus = tmp_path / "data" / "corpus"
     if not corpus.is_dir():
         corpus.mkdir(parents=True)
@@ -72,29 +71,32 @@ def _legacy_run(tmp_path, name):
     return step
 
 
-def _resume(tmp_path, step, *args):
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), "train", "--config", str(step / "config.yaml"),
-                           "--output-dir", str(step.parent.parent), "--resume", str(step), *args],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+def _resume(step, *args):
+    """`main.py train --resume STEP` (in this process; the caller changes to the run's folder)."""
+    return cli.main(["train", "--config", str(step / "config.yaml"), "--output-dir", str(step.parent.parent),
+                     "--resume", str(step), *args])
 
 
-def test_an_old_checkpoint_resumes_and_is_then_saved_without_pickle(tmp_path):
+def test_an_old_checkpoint_resumes_and_is_then_saved_without_pickle(tmp_path, monkeypatch, capsys):
     step = _legacy_run(tmp_path, "legacy")
-    proc = _resume(tmp_path, step, "--set", "training.max_steps=4")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    monkeypatch.chdir(tmp_path)
+    assert _resume(step, "--set", "training.max_steps=4") == 0, capsys.readouterr().err[-2000:]
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "at step 2" in out
     latest = (tmp_path / "legacy" / "latest").resolve()
     assert latest.name == "step-00000004"
     assert sorted(p.name for p in latest.iterdir() if p.name.startswith("training_state")) == [
         "training_state.json", "training_state.safetensors"]
 
 
-def test_a_planted_pickle_is_refused_and_runs_no_code(tmp_path):
+def test_a_planted_pickle_is_refused_and_runs_no_code(tmp_path, monkeypatch, capsys):
     step = _legacy_run(tmp_path, "evil")
     pwned = tmp_path / "PWNED"
     torch.save({"optimizer": Planted(pwned)}, step / "training_state.pt")
-    proc = _resume(tmp_path, step, "--set", "training.max_steps=4")
+    monkeypatch.chdir(tmp_path)
+    code = _resume(step, "--set", "training.max_steps=4")
+    err = capsys.readouterr().err
     assert not pwned.exists()                     # nothing of the pickle ran
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "training_state.pt was not loaded" in proc.stderr and "could run code" in proc.stderr
-    assert "Resume from a checkpoint you trust" in proc.stderr and "Traceback" not in proc.stderr
+    assert code == 2, err[-2000:]
+    assert "training_state.pt was not loaded" in err and "could run code" in err
+    assert "Resume from a checkpoint you trust" in err

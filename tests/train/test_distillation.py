@@ -13,7 +13,7 @@ from sparse_ssm.data.tokenizer import CompactTokenizer
 from sparse_ssm.train.losses import distillation_loss
 from sparse_ssm.teacher.synthetic import create_synthetic, output_paths
 from sparse_ssm.data.tokenizer import EOS, PAD, load_tokenizer
-from test_synthetic import SSMTeacher, config as synthetic_config
+from ssm_teacher import SSMTeacher, synthetic_config
 
 
 def hand_loss(logits, labels, top_ids, top_lp, alpha, T):

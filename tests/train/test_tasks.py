@@ -1,7 +1,9 @@
 """The paper's synthetic tasks: data generators, the time-invariant ablation, and a smoke run."""
 
+import pytest
 import torch
 
+from helpers import randomise_generators
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM
 from sparse_ssm.train.tasks import induction_heads_batch, run_task, selective_copying_batch
 
@@ -29,12 +31,16 @@ def test_induction_heads_batches():
 
 
 def test_lti_ablation_generates_the_same_parameters_at_every_step():
-    config = SparseSSMConfig(vocab_size=16, hidden_dim=32, state_dim=8, ffn_dim=0, num_layers=1, num_heads=2,
-                             selective=False)
-    gen = SparseSSMForCausalLM(config).blocks[0].mixer.generator
-    dt, A, B, C, D = gen(torch.randn(2, 7, config.inner_dim))
-    for x in (dt, A, B, C, D):
-        assert torch.allclose(x, x[:1, :1].expand_as(x))
+    """With random generator weights (A's and D's start at zero), the selective model's dt, A, B, C,
+    D change from token to token and the ablation's do not."""
+    u = torch.randn(2, 7, 64)
+    for selective in (True, False):
+        config = SparseSSMConfig(vocab_size=16, hidden_dim=32, state_dim=8, ffn_dim=0, num_layers=1, num_heads=2,
+                                 selective=selective)
+        gen = randomise_generators(SparseSSMForCausalLM(config)).blocks[0].mixer.generator
+        for x in gen(u):
+            constant = torch.allclose(x, x[:1, :1].expand_as(x))
+            assert constant != selective
 
 
 def test_the_default_layer_learns_selective_copying_in_seconds():
