@@ -43,7 +43,10 @@ class TextStream:
         """The text not handed out yet that can no longer change (all of it when `final`)."""
         text = self.text
         ready = len(text) if final else max(len(text) - self.hold, 0)
-        while not final and ready > self.shown and text[ready - 1] == "\ufffd":
+        # an unfinished UTF-8 character decodes as U+FFFD and is at most 3 bytes: hold back no more
+        # (a model that emits invalid bytes without end must not stall the stream)
+        floor = max(self.shown, ready - 3)
+        while not final and ready > floor and text[ready - 1] == "\ufffd":
             ready -= 1
         if ready <= self.shown:
             return ""

@@ -13,6 +13,7 @@ from helpers import ROOT, make_text, tiny_config
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM, cli
 from sparse_ssm.config import Config
 from sparse_ssm.generate import GenerationConfig, generate, generate_text, load_checkpoint, stream_generate
+from sparse_ssm.generate.text import TextStream
 from sparse_ssm.generate.sampling import apply_repetition_penalty, next_token, top_k_filter, top_p_filter
 
 
@@ -144,6 +145,21 @@ def test_text_generation_with_stop_strings_and_streaming(loaded):
     two = generate_text(m, tok, ["The sun", "A gentle"], GenerationConfig(max_length=10, temperature=0.8, seed=1),
                         num_return_sequences=2)
     assert len(two) == 4
+
+
+def test_text_stream_holds_back_only_an_unfinished_character(loaded):
+    """A character split over two byte tokens is shown whole; invalid bytes without end do not stall."""
+    tok = loaded.tokenizer
+    first, second = tok.encode("é").ids            # its two UTF-8 bytes (no merge of them in this vocabulary)
+    stream = TextStream(tok)
+    stream.push(first)
+    assert stream.take() == ""
+    stream.push(second)
+    assert stream.take() == "é"
+    lone = TextStream(tok)                 # continuation bytes that can never become a character
+    for _ in range(6):
+        lone.push(second)
+    assert lone.take() == "\ufffd" * 3 and lone.take(final=True) == "\ufffd" * 3
 
 
 def run_cli(*args):
