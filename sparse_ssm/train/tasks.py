@@ -180,7 +180,7 @@ def run_task(task: str, model_config: SparseSSMConfig | Callable[[], torch.nn.Mo
         sched.step()
         opt.zero_grad(set_to_none=True)
         if log and (step + 1) % max(1, steps // 10) == 0:
-            log(f"  step {step + 1}/{steps}: loss {float(loss):.4f}")
+            log(f"  step {step + 1}/{steps}: loss {loss.item():.4f}")
     model.eval()
     result = {}
     for L in test_lengths:

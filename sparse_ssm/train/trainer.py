@@ -109,7 +109,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.output_dir, self.procs, tc.save_total_limit)
         resume_from = self.checkpoints.resolve(resume) if resume else None
         if resume_from:
-            changes = resume_changes(type(config).load(resume_from / CONFIG).to_dict(), config.to_dict())
+            changes = resume_changes(type(config).load(resume_from / CONFIG, saved=True).to_dict(), config.to_dict())
             if changes:
                 self.log(f"resuming with changed settings, applied from the first resumed step: {'; '.join(changes)}")
         torch.manual_seed(tc.seed)

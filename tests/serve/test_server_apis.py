@@ -59,8 +59,8 @@ def test_ollama_chat_tags_show_and_logprobs(server):
     chunks = list(client.chat(model="tiny", messages=[{"role": "user", "content": "Hi"}],   # greedy: its text is
                               options={"num_predict": 8, "temperature": 0}, stream=True))  # whole characters early
     assert chunks[-1].done and not chunks[0].done
-    answer = client.generate(model="tiny", prompt="The sun", options={"num_predict": 6, "temperature": 0},
-                             logprobs=True, top_logprobs=3)
+    answer = client.generate(model="tiny", prompt="The sun", logprobs=True, top_logprobs=3,   # (Ollama's default
+                             options={"num_predict": 6, "temperature": 0, "repeat_penalty": 1.0})  # penalty is 1.1)
     assert 1 <= len(answer.logprobs) <= 6
     for entry in answer.logprobs:
         assert len(entry.top_logprobs) == 3 and entry.logprob <= 0

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from sparse_ssm import cli
-from sparse_ssm.train.tasks import run_task, task_model_config
+from sparse_ssm.train.tasks import VARIANTS, run_task, task_model_config
 
 
 def test_selective_copying_through_the_cli(tmp_path, capsys):
@@ -43,6 +43,5 @@ def test_induction_heads_through_the_cli(tmp_path, capsys):
 def test_an_unknown_variant_is_named(tmp_path, capsys):
     assert cli.main(["evaluate", "--task", "induction-heads", "--variants", "diagonal,sparse9",
                      "--output-dir", str(tmp_path)]) == 2
-    assert "--variants: unknown variant 'sparse9'; choose from diagonal, block, dense, low_rank, lti" in \
-        capsys.readouterr().err
+    assert f"--variants: unknown variant 'sparse9'; choose from {', '.join(VARIANTS)}" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
