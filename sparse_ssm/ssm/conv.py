@@ -11,8 +11,8 @@
 
 `causal_conv_silu_ref` is the obvious implementation (zero/state padding and `F.conv1d`); on CPUs
 the native kernel (`kernels/causal_conv.cpp`, forward and backward, the window in registers)
-computes the same in the (b, L, E) layout without copies or transposes, as a torch.library custom
-op with its own autograd formula.  `conv_step` is the one-token update of decoding.
+computes the same in the (b, L, E) layout without copies or transposes, as a torch.library
+operator (`kernels.cpu_op`) with its own autograd formula.  `conv_step` is the one-token update of decoding.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .kernels import native_library, ptr, suffix, token_rows
+from .kernels import cpu_op, native_library, ptr, suffix, token_rows
 
 _LANES = {torch.float32: 8, torch.float64: 4}
 
@@ -37,7 +37,7 @@ def causal_conv_silu_ref(x, weight, bias, state=None):
     return out, full[:, L:].clone() if K > 1 else x.new_zeros(b, 0, E)
 
 
-@torch.library.custom_op("sparse_ssm::causal_conv_silu", mutates_args=())
+@cpu_op("sparse_ssm::causal_conv_silu")
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
           state: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     b, L, E = x.shape
@@ -57,7 +57,7 @@ def _(x, weight, bias, state):
     return x.new_empty(b, L, E), x.new_empty(b, weight.shape[1] - 1, E)
 
 
-@torch.library.custom_op("sparse_ssm::causal_conv_silu_backward", mutates_args=())
+@cpu_op("sparse_ssm::causal_conv_silu_backward")
 def _conv_backward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, state: Optional[torch.Tensor],
                    dout: torch.Tensor) -> list[torch.Tensor]:
     b, L, E = x.shape

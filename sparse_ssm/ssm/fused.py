@@ -8,7 +8,7 @@ recomputes the states of one chunk of tokens (32) at a time from chunk-start sta
 forward (1/32 of a (batch, length, channels, state) tensor) instead of storing per-token tensors.
 B and C may be given per group (b, L, G, N) with G dividing the number of heads; the output gate
 y * silu(z) is applied in the same pass (z may be a view into a wider tensor).  It is a
-`torch.library` custom op with its own autograd formula, so it also runs under torch.compile.
+`torch.library` operator with its own autograd formula, so it also runs under torch.compile.
 `available(...)` says whether a call can take this path (CPU tensors, float32/float64, the
 library built); `sparse_ssm.ssm.scan.selective_scan` dispatches to it.
 """
@@ -20,8 +20,8 @@ from typing import Optional
 import torch
 
 from .fused_block import selective_scan_fused_block, supports
-from .kernels import (gradient_buffers, method_id, native_library, ptr, scan_buffers, suffix, sum_heads_per_group,
-                      token_rows)
+from .kernels import (cpu_op, gradient_buffers, method_id, native_library, ptr, scan_buffers, suffix,
+                      sum_heads_per_group, token_rows)
 from .structures import DiagonalStructure
 
 
@@ -50,7 +50,7 @@ def _forward(u, dt, a, B, C, D, h0, z, code: int, alpha: float, save: bool, hT=N
     return y, hT, saved, ypre
 
 
-@torch.library.custom_op("sparse_ssm::diag_scan", mutates_args=())
+@cpu_op("sparse_ssm::diag_scan")
 def diag_scan(u: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
               h0: Optional[torch.Tensor], z: Optional[torch.Tensor], code: int,
               alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -63,7 +63,7 @@ def _(u, dt, a, B, C, D, h0, z, code, alpha):
     return scan_buffers(u, B, z, save=True)
 
 
-@torch.library.custom_op("sparse_ssm::diag_scan_backward", mutates_args=())
+@cpu_op("sparse_ssm::diag_scan_backward")
 def diag_scan_backward(u: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                        D: torch.Tensor, saved: torch.Tensor, z: Optional[torch.Tensor], ypre: torch.Tensor,
                        dy: torch.Tensor, dhT: Optional[torch.Tensor], code: int,

@@ -22,8 +22,8 @@ from typing import Optional
 
 import torch
 
-from .kernels import (gradient_buffers, method_id, native_library, ptr, scan_buffers, suffix, sum_heads_per_group,
-                      token_rows)
+from .kernels import (cpu_op, gradient_buffers, method_id, native_library, ptr, scan_buffers, suffix,
+                      sum_heads_per_group, token_rows)
 from .structures import BandedStructure, BlockStructure, DiagonalStructure, LowRankStructure, RotationStructure
 
 
@@ -72,7 +72,7 @@ def _forward(u, dt, raw, B, C, D, h0, z, bs, kind, code, alpha, save):
     return y, hT, saved, ypre
 
 
-@torch.library.custom_op("sparse_ssm::block_scan", mutates_args=())
+@cpu_op("sparse_ssm::block_scan")
 def block_scan(u: torch.Tensor, dt: torch.Tensor, raw: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                D: torch.Tensor, h0: Optional[torch.Tensor], z: Optional[torch.Tensor], bs: int, kind: int, code: int,
                alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,7 +85,7 @@ def _(u, dt, raw, B, C, D, h0, z, bs, kind, code, alpha):
     return scan_buffers(u, B, z, save=True)
 
 
-@torch.library.custom_op("sparse_ssm::block_scan_backward", mutates_args=())
+@cpu_op("sparse_ssm::block_scan_backward")
 def block_scan_backward(u: torch.Tensor, dt: torch.Tensor, raw: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                         D: torch.Tensor, saved: torch.Tensor, z: Optional[torch.Tensor], ypre: torch.Tensor,
                         dy: torch.Tensor, dhT: Optional[torch.Tensor], bs: int, kind: int, code: int,

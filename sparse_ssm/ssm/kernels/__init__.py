@@ -131,7 +131,36 @@ def cross_entropy_rows_(logits, targets, scale: float, grad: bool):
     return losses
 
 
-# --- the conventions of the kernels' arguments, shared by their Python wrappers -------------------
+# --- the operators that wrap the kernels, and the conventions of their arguments -----------------
+
+class CpuOp:
+    """The torch operator `qualname` (e.g. "sparse_ssm::diag_scan") with a CPU kernel, called like a
+    function; `register_fake` and `register_autograd` as on `torch.library.custom_op`'s operators
+    (so it runs under autograd and torch.compile).  Made with `torch.library.define` / `impl`
+    rather than `custom_op`, whose kernel wrapper imports torch._dynamo on its first call: about
+    2 s in every new process (every CLI command) for nothing on the eager path."""
+
+    def __init__(self, qualname: str, fn):
+        torch.library.define(qualname, torch.library.infer_schema(fn, mutates_args=()))
+        torch.library.impl(qualname, "cpu", fn)
+        namespace, name = qualname.split("::")
+        self.qualname, self.op = qualname, getattr(getattr(torch.ops, namespace), name).default
+
+    def __call__(self, *args):
+        return self.op(*args)
+
+    def register_fake(self, fn):
+        torch.library.register_fake(self.qualname)(fn)
+        return fn
+
+    def register_autograd(self, backward, setup_context):
+        torch.library.register_autograd(self.qualname, backward, setup_context=setup_context)
+
+
+def cpu_op(qualname: str):
+    """Decorator: the annotated function becomes the CPU kernel of the operator `qualname` (a `CpuOp`)."""
+    return lambda fn: CpuOp(qualname, fn)
+
 
 SUFFIX = {"torch.float32": "f32", "torch.float64": "f64"}
 
