@@ -22,9 +22,10 @@ data/shakespeare/ATTRIBUTION: $(VENV)/.installed
 demo: $(VENV)/.installed data/shakespeare/ATTRIBUTION
 	$(PY) main.py train --config config/small_cpu.yaml --use-best-model
 
-## the test suite (what CI runs)
+## the test suite (what CI runs), then the numerics once more on the pure-PyTorch paths (no native kernel)
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+	SPARSE_SSM_NATIVE=0 $(PY) -m pytest -q -m "not slow" tests/ssm tests/model
 
 ## the suite without the tests marked slow (a minute or so, for development)
 test-fast: $(VENV)/.installed

@@ -116,3 +116,12 @@ def wait_for_line(stream, text: str, timeout_s: float = 300.0) -> list[str]:
             lines.append(line)
             if text in line:
                 return lines
+
+
+def requires_native_kernel():
+    """A skip mark for tests of the native kernels, with the reason they are off here."""
+    import pytest
+
+    from sparse_ssm.ssm.kernels import native_library, unavailable_reason
+
+    return pytest.mark.skipif(native_library() is None, reason=f"no native kernel here: {unavailable_reason()}")

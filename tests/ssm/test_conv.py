@@ -5,10 +5,10 @@ one-token decoding update against the full convolution."""
 import pytest
 import torch
 
+from helpers import requires_native_kernel
 from sparse_ssm.ssm.conv import causal_conv_silu, causal_conv_silu_ref, conv_step
-from sparse_ssm.ssm.kernels import native_library
 
-native = pytest.mark.skipif(native_library() is None, reason="the native kernel could not be built here")
+native = requires_native_kernel()
 
 
 def inputs(b, L, E, K, dtype, with_state, seed=0, strided=False):

@@ -9,13 +9,12 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT
+from helpers import ROOT, requires_native_kernel
 from sparse_ssm.ssm import fused
 from sparse_ssm.ssm.scan import selective_scan, selective_scan_ref
 from sparse_ssm.ssm.structures import DiagonalStructure
 
-pytestmark = pytest.mark.skipif(not fused.available(torch.zeros(1, 1, 1, 1), DiagonalStructure(4)),
-                                reason="the native kernel could not be built here (no C++ compiler)")
+pytestmark = requires_native_kernel()
 
 # (batch, length, heads, head_dim, state, groups): P and N below / at / above a vector, lengths across
 # the 32-token chunks of the kernel, one group per head and heads sharing B/C

@@ -5,14 +5,13 @@ own solve and parameterisation backward), float64 gradcheck, odd sizes, states, 
 import pytest
 import torch
 
-from sparse_ssm.ssm import fused
+from helpers import requires_native_kernel
 from sparse_ssm.ssm.fused_block import selective_scan_fused_block, supports
 from sparse_ssm.ssm.hippo import hippo
 from sparse_ssm.ssm.scan import selective_scan_ref
 from sparse_ssm.ssm.structures import BandedStructure, BlockStructure, LowRankStructure, RotationStructure
 
-pytestmark = pytest.mark.skipif(not fused.available(torch.zeros(1, 1, 1, 1), RotationStructure(2)),
-                                reason="the native kernel could not be built here (no C++ compiler)")
+pytestmark = requires_native_kernel()
 
 STRUCTURES = [BlockStructure(8, 2), BlockStructure(8, 4), BlockStructure(8, 8), BlockStructure(9, 3),
               RotationStructure(8), RotationStructure(6), BandedStructure(8, 2), BandedStructure(8, 4),
