@@ -9,10 +9,10 @@ A_t through the Woodbury identity; `causal_conv.cpp`: the causal depthwise convo
 `cross_entropy.cpp`: the softmax cross-entropy of the LM head's logits, in place;
 `layer_step.cpp`: a whole decoding step of a diagonal layer between its projections; `vec.h`:
 their vector utilities — plain C++ with C entry points and no PyTorch headers, so they build in
-seconds) are compiled by
-`torch.utils.cpp_extension.load` (ninja; the build is cached under ~/.cache/sparse_ssm/kernels,
-keyed by the source, the compiler flags and the CPU, and guarded by a file lock so that
-several processes build it once).  It is compiled for the machine it runs on (-march=native).
+seconds) are compiled by `torch.utils.cpp_extension.load` (ninja; the build is cached under
+~/.cache/sparse_ssm/kernels, keyed by the source, the compiler flags, the CPU and the paths of the
+sources and of torch, and guarded by a file lock so that several processes build it once).  It is
+compiled for the machine it runs on (-march=native).
 """
 
 from __future__ import annotations
@@ -54,13 +54,16 @@ def _build() -> Path:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
     text = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
-    key = hashlib.sha256(text + " ".join(CFLAGS).encode() + _cpu_signature().encode()).hexdigest()[:12]
+    # the build files name the sources' and torch's paths: another checkout or environment gets its own
+    # folder instead of making ninja rebuild this one
+    where = f"{HERE}|{Path(torch.__file__).parent}|{torch.__version__}"
+    key = hashlib.sha256(text + " ".join(CFLAGS).encode() + _cpu_signature().encode() + where.encode()).hexdigest()[:12]
     name = f"sparse_ssm_scan_{key}"
     folder = Path(os.environ.get("SPARSE_SSM_CACHE", Path.home() / ".cache" / "sparse_ssm")) / "kernels" / name
     folder.mkdir(parents=True, exist_ok=True)
     library = folder / f"{name}.so"
     if not library.is_file():
-        print("sparse-ssm: compiling the fused CPU scan kernel (once, a few seconds) ...", file=sys.stderr, flush=True)
+        print("sparse-ssm: compiling the fused CPU scan kernel (once per checkout and environment; under a minute) ...", file=sys.stderr, flush=True)
     return Path(load(name, [str(p) for p in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-pthread"],
                      extra_include_paths=[str(HERE)], build_directory=str(folder), is_python_module=False,
                      verbose=False))
