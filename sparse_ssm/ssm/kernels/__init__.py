@@ -8,8 +8,8 @@ structures, their operators built in the kernel; `lowrank_scan.cpp`: for diagona
 A_t through the Woodbury identity; `causal_conv.cpp`: the causal depthwise convolution + SiLU;
 `cross_entropy.cpp`: the softmax cross-entropy of the LM head's logits, in place;
 `layer_step.cpp`: a whole decoding step of a diagonal layer between its projections; `vec.h`:
-their vector utilities — plain C++ with C entry points and no PyTorch headers, so they build in
-seconds) are compiled by `torch.utils.cpp_extension.load` (ninja; the build is cached under
+their vector utilities — plain C++ with C entry points and no PyTorch headers, built in under a
+minute) are compiled by `torch.utils.cpp_extension.load` (ninja; the build is cached under
 ~/.cache/sparse_ssm/kernels, keyed by the source, the compiler flags, the CPU and the paths of the
 sources and of torch, and guarded by a file lock so that several processes build it once).  It is
 compiled for the machine it runs on (-march=native).
@@ -63,7 +63,8 @@ def _build() -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     library = folder / f"{name}.so"
     if not library.is_file():
-        print("sparse-ssm: compiling the fused CPU scan kernel (once per checkout and environment; under a minute) ...", file=sys.stderr, flush=True)
+        print("sparse-ssm: compiling the fused CPU scan kernel (once per checkout and environment; under a "
+              "minute) ...", file=sys.stderr, flush=True)
     return Path(load(name, [str(p) for p in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-pthread"],
                      extra_include_paths=[str(HERE)], build_directory=str(folder), is_python_module=False,
                      verbose=False))
