@@ -120,7 +120,8 @@ def plot(setup: dict, cells: list[dict], path: Path):
             accs = [[100 * c["accuracy"][str(L)] for c in mine if c["variant"] == variant] for L in lengths]
             means = [statistics.fmean(a) for a in accs]
             spread = [[m - min(a) for m, a in zip(means, accs)], [max(a) - m for m, a in zip(means, accs)]]
-            ax.errorbar(lengths, means, yerr=spread, fmt="o-", capsize=3, label=variant)
+            ax.errorbar(lengths, means, yerr=spread, fmt="o-", capsize=3, label=variant,
+                        color=f"C{list(VARIANTS).index(variant) % 10}")     # one colour per variant in every panel
         ax.axhline(100 * mine[0]["chance"], color="k", ls=":", lw=0.8, label="chance")
         ax.set_xscale("log", base=2)
         ax.set_ylim(0, 105)
