@@ -31,6 +31,10 @@ def _add_checkpoint_arguments(parser):
     parser.add_argument("--checkpoint", help="best | latest | STEP | PATH (default: best if present, else latest)")
 
 
+def _add_device_argument(parser):
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default auto)")
+
+
 def _add_train_parser(sub):
     t = sub.add_parser("train", help="train a model (resumable; Ctrl-C saves a checkpoint)",
                        description="Train on the dataset of the config.  Checkpoints, the tokenizer, TensorBoard "
@@ -68,7 +72,7 @@ def _add_generate_parser(sub):
     g.add_argument("--output-format", choices=["text", "jsonl"], default="text",
                    help="text: prompt + continuation per sequence; jsonl: one record with the settings per sequence")
     g.add_argument("--no-stream", action="store_true", help="print the results at the end instead of streaming")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default auto)")
+    _add_device_argument(g)
     g.set_defaults(func=cmd_generate)
 
 
@@ -112,7 +116,7 @@ def _add_evaluate_parser(sub):
     e.add_argument("--seed", type=int, default=0, help="tasks: seed of data and weights (default 0)")
     e.add_argument("--output-dir", help="tasks: write <task>.json and <task>.md here (modular-counting-modM, "
                                              "permutation-composition-GROUP)")
-    e.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default auto)")
+    _add_device_argument(e)
     e.set_defaults(func=cmd_evaluate)
 
 

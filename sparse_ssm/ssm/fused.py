@@ -20,8 +20,8 @@ from typing import Optional
 import torch
 
 from .fused_block import selective_scan_fused_block, supports
-from .kernels import (cpu_op, gradient_buffers, method_id, native_library, ptr, scan_buffers, suffix,
-                      sum_heads_per_group, token_rows)
+from .kernels import (cpu_op, gradient_buffers, method_id, native_library, ptr, register_scan_autograd,
+                      scan_buffers, suffix, sum_heads_per_group, token_rows)
 from .structures import DiagonalStructure
 
 
@@ -85,22 +85,7 @@ def _(u, dt, a, B, C, D, saved, z, ypre, dy, dhT, code, alpha):
     return gradient_buffers(u, dt, a, B, D, z, per_head=False)
 
 
-def _setup_context(ctx, inputs, output):
-    u, dt, a, B, C, D, h0, z, code, alpha = inputs
-    ctx.save_for_backward(u, dt, a, B, C, D, output[2], z, output[3])
-    ctx.method = (code, alpha)
-    ctx.has_h0 = h0 is not None
-
-
-def _backward(ctx, dy, dhT, _saved_grad, _ypre_grad):
-    u, dt, a, B, C, D, saved, z, ypre = ctx.saved_tensors
-    dy = torch.zeros_like(u) if dy is None else dy.contiguous()
-    dhT = None if dhT is None else dhT.contiguous()
-    du, ddt, da, dB, dC, dD, dh0, dz = diag_scan_backward(u, dt, a, B, C, D, saved, z, ypre, dy, dhT, *ctx.method)
-    return du, ddt, da, dB, dC, dD, (dh0 if ctx.has_h0 else None), (dz if z is not None else None), None, None
-
-
-diag_scan.register_autograd(_backward, setup_context=_setup_context)
+register_scan_autograd(diag_scan, diag_scan_backward)
 
 
 def step_in_place(u, dt, A, B, C, D, method, alpha, state, z=None, structure=None):

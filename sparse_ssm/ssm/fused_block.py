@@ -22,8 +22,8 @@ from typing import Optional
 
 import torch
 
-from .kernels import (cpu_op, gradient_buffers, method_id, native_library, ptr, scan_buffers, suffix,
-                      sum_heads_per_group, token_rows)
+from .kernels import (cpu_op, gradient_buffers, method_id, native_library, ptr, register_scan_autograd,
+                      scan_buffers, suffix, sum_heads_per_group, token_rows)
 from .structures import BandedStructure, BlockStructure, DiagonalStructure, LowRankStructure, RotationStructure
 
 
@@ -108,23 +108,7 @@ def _(u, dt, raw, B, C, D, saved, z, ypre, dy, dhT, bs, kind, code, alpha):
     return gradient_buffers(u, dt, raw, B, D, z, per_head=False)
 
 
-def _setup_context(ctx, inputs, output):
-    u, dt, raw, B, C, D, h0, z, bs, kind, code, alpha = inputs
-    ctx.save_for_backward(u, dt, raw, B, C, D, output[2], z, output[3])
-    ctx.args = (bs, kind, code, alpha)
-    ctx.has_h0 = h0 is not None
-
-
-def _backward(ctx, dy, dhT, _saved_grad, _ypre_grad):
-    u, dt, raw, B, C, D, saved, z, ypre = ctx.saved_tensors
-    dy = torch.zeros_like(u) if dy is None else dy.contiguous()
-    dhT = None if dhT is None else dhT.contiguous()
-    du, ddt, draw, dB, dC, dD, dh0, dz = block_scan_backward(u, dt, raw, B, C, D, saved, z, ypre, dy, dhT, *ctx.args)
-    return (du, ddt, draw, dB, dC, dD, (dh0 if ctx.has_h0 else None), (dz if z is not None else None),
-            None, None, None, None)
-
-
-block_scan.register_autograd(_backward, setup_context=_setup_context)
+register_scan_autograd(block_scan, block_scan_backward)
 
 
 def selective_scan_fused_block(u, dt, A_raw, B, C, D, structure, method="bilinear", alpha=0.5, initial_state=None,

@@ -161,6 +161,26 @@ class CpuOp:
         torch.library.register_autograd(self.qualname, backward, setup_context=setup_context)
 
 
+def register_scan_autograd(scan: CpuOp, scan_backward: CpuOp):
+    """The autograd formula of a scan operator scan(u, dt, a, B, C, D, h0, z, *options) -> (y, hT,
+    chunk-start states, ungated y), whose gradients scan_backward(u, dt, a, B, C, D, states, z,
+    ungated y, dy, dhT, *options) computes (`options`: the non-tensor arguments after z)."""
+    def setup_context(ctx, inputs, output):
+        u, dt, a, B, C, D, h0, z, *options = inputs
+        ctx.save_for_backward(u, dt, a, B, C, D, output[2], z, output[3])
+        ctx.options, ctx.has_h0 = options, h0 is not None
+
+    def backward(ctx, dy, dhT, _states_grad, _ypre_grad):
+        u, dt, a, B, C, D, states, z, ypre = ctx.saved_tensors
+        dy = torch.zeros_like(u) if dy is None else dy.contiguous()
+        dhT = None if dhT is None else dhT.contiguous()
+        du, ddt, da, dB, dC, dD, dh0, dz = scan_backward(u, dt, a, B, C, D, states, z, ypre, dy, dhT, *ctx.options)
+        return (du, ddt, da, dB, dC, dD, dh0 if ctx.has_h0 else None, dz if z is not None else None,
+                *[None] * len(ctx.options))
+
+    scan.register_autograd(backward, setup_context=setup_context)
+
+
 def cpu_op(qualname: str):
     """Decorator: the annotated function becomes the CPU kernel of the operator `qualname` (a `CpuOp`)."""
     return lambda fn: CpuOp(qualname, fn)
