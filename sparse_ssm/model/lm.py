@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .block import SparseSSMBlock
+from .block import SparseSSMBlock, norm_step
 from .config import SparseSSMConfig
 from .layer import LayerState
 from .loss import linear_cross_entropy
@@ -122,7 +122,7 @@ class SparseSSMForCausalLM(nn.Module):
         x = self.embed(token_ids)
         for block, state in zip(self.blocks, cache):
             x = block.step(x, state)
-        return self.lm_head(self.norm(x)), cache
+        return self.lm_head(norm_step(self.norm, x)), cache
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

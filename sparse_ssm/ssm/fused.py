@@ -139,3 +139,19 @@ def decode_layer_step(xz, conv_weight, conv_bias, weights: dict, conv_state, ssm
     if err:
         raise ValueError(f"fused layer step: invalid shapes (code {err})")
     return y
+
+
+def decode_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float | None) -> torch.Tensor | None:
+    """RMSNorm of the rows of x (b, D) by the native kernel (`nn.RMSNorm`'s result: eps None means
+    the dtype's machine epsilon), for the decoding step; None when the kernel cannot take it."""
+    lib = native_library()
+    dtype = x.dtype
+    if (lib is None or suffix(dtype) is None or x.device.type != "cpu" or weight.dtype != dtype
+            or x.dim() != 2 or not x.is_contiguous()):
+        return None
+    out = torch.empty_like(x)
+    eps = torch.finfo(dtype).eps if eps is None else eps
+    if getattr(lib, f"ssm_rms_norm_{suffix(dtype)}")(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0],
+                                                     x.shape[1], eps):
+        raise ValueError("rms norm: invalid shapes")
+    return out

@@ -149,3 +149,17 @@ def test_one_step_in_place_with_the_gate():
                             DiagonalStructure(6), "zoh", 0.5, state, z)
     y_ref, h_ref = selective_scan_ref(*xs[:6], DiagonalStructure(6), "zoh", 0.5, xs[6], z[:, None])
     assert torch.allclose(y, y_ref[:, 0], atol=1e-5) and torch.allclose(state, h_ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,eps,dim", [(torch.float32, 1e-5, 256), (torch.float32, None, 13),
+                                           (torch.float64, 1e-6, 9)])
+def test_decode_rms_norm_equals_torch_rms_norm(dtype, eps, dim):
+    """The decoding step's native RMSNorm against nn.RMSNorm (eps None: the dtype's epsilon),
+    dims below / at / above a vector; tiny rows show whether eps is the same."""
+    norm = torch.nn.RMSNorm(dim, eps=eps, dtype=dtype)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.cat([torch.randn(3, dim, dtype=dtype), 1e-4 * torch.randn(1, dim, dtype=dtype)])
+    out = fused.decode_rms_norm(x, norm.weight.detach(), eps)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(out, norm(x).detach(), atol=tol, rtol=tol)
+    assert fused.decode_rms_norm(x.t(), norm.weight.detach(), eps) is None      # not contiguous rows: module

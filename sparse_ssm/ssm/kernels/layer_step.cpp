@@ -18,6 +18,9 @@
 // (a Linear weight); Wa (H N, r); A_base (H, N); the SSM state (b, H, N, P); y (b, E).
 // `sparse_ssm.ssm.selective.SelectiveParameterGenerator.decode_weights` hands these over; the
 // decode-equals-forward tests hold the two in step.
+//
+// Also the RMSNorm of a few rows (the decoding step's norms: at one token a row, torch's rms_norm
+// costs 10x the arithmetic in operator dispatch): out[i, :] = x[i, :] / sqrt(mean(x[i, :]^2) + eps) * w.
 
 #include "vec.h"
 
@@ -89,6 +92,11 @@ template <typename T> void step_row(const StepDims& d, const StepArgs<T>& x, int
   }
 }
 
+template <typename T> void rms_norm_row(const T* x, const T* w, T* out, int64_t dim, double eps) {
+  const T scale = T(1) / std::sqrt(dot(x, x, dim) / T(dim) + T(eps));
+  for (int64_t i = 0; i < dim; ++i) out[i] = x[i] * scale * w[i];
+}
+
 }  // namespace
 
 #define SSM_STEP_EXPORT(T, SUFFIX)                                                                              \
@@ -101,6 +109,11 @@ template <typename T> void step_row(const StepDims& d, const StepArgs<T>& x, int
     StepDims d{b, E, H, P, N, G, r, K, method, alpha};                                                         \
     StepArgs<T> x{xz, conv_w, conv_b, Wg, dt_bias, Wa, A_base, D_base, lti, conv_state, ssm_state, y};         \
     parallel_for(b, threads, [&](int64_t bi) { step_row(d, x, bi); });                                         \
+    return 0;                                                                                                   \
+  }                                                                                                             \
+  extern "C" int ssm_rms_norm_##SUFFIX(const T* x, const T* w, T* out, int64_t rows, int64_t dim, double eps) {  \
+    if (rows < 0 || dim < 1) return 1;                                                                          \
+    for (int64_t i = 0; i < rows; ++i) rms_norm_row(x + i * dim, w, out + i * dim, dim, eps);                   \
     return 0;                                                                                                   \
   }
 

@@ -378,5 +378,5 @@ template <typename T> int checked(const Dims& d) {
 SSM_EXPORT(float, f32)
 SSM_EXPORT(double, f64)
 
-extern "C" int ssm_kernel_abi_version() { return 2; }
+extern "C" int ssm_kernel_abi_version() { return 3; }
 extern "C" int64_t ssm_scan_chunk() { return CHUNK; }   // tokens per saved chunk-start state
