@@ -2,6 +2,7 @@
 
     python bench/selective_copying.py [--variants default,mambapy,...] [--seeds 0,1,2] [--steps 600]
                                       [--length 32] [--num-memorize 4] [--test-lengths 32,128]
+                                      [--curriculum 64:0.33,128:0.33]
                                       [--speed-rounds 3] [--speed-only] [--name selective_copying]
                                       [--out bench/results]
 
@@ -18,7 +19,8 @@ batch 8 x 256, 1 thread) built with the same change (head widths kept: `num_head
 is 16 channels per head, 32 heads at width 256), timed in interleaved rounds with the default as
 the reference (`--speed-only` re-times the variants of an existing results file).  Results go to
 NAME.json / NAME.md under --out; rows of variants not run this time are kept from an earlier file
-with the same setup, so rows can be re-run alone.
+with the same setup, so rows can be re-run alone.  `--curriculum` trains shorter sequences first
+(the length-256 runs of the README: 64 for a third of the steps, 128 for a third, then 256).
 """
 
 from __future__ import annotations
@@ -201,7 +203,7 @@ def run_variant(name: str, args) -> dict:
     for seed in [int(s) for s in args.seeds.split(",")]:
         cpu0 = time.process_time()
         result = run_task("selective-copying", build, args.steps, 32, args.length, test_lengths, seed=seed,
-                          num_memorize=args.num_memorize, vocab=VOCAB,
+                          num_memorize=args.num_memorize, vocab=VOCAB, curriculum=args.curriculum,
                           log=lambda line: print(f"{name} seed {seed}{line}", flush=True))
         runs.append({"seed": seed, "accuracy": {str(L): a for L, a in result.accuracy.items()},
                      "final_loss": result.final_loss, "cpu_s": time.process_time() - cpu0})
@@ -210,6 +212,14 @@ def run_variant(name: str, args) -> dict:
     mean = {str(L): statistics.mean(r["accuracy"][str(L)] for r in runs) for L in test_lengths}
     return {"variant": name, "what": VARIANTS[name][0], "params": params, "runs": runs, "mean_accuracy": mean,
             "lm_train_tokens_per_s": None}
+
+
+def curriculum_phases(text: str) -> list[tuple[int, float]]:
+    """'64:0.33,128:0.33' -> [(64, 0.33), (128, 0.33)]."""
+    try:
+        return [(int(L), float(f)) for L, f in (item.split(":") for item in text.split(",") if item)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LENGTH:FRACTION,... e.g. 64:0.33,128:0.33") from None
 
 
 def markdown(rows: list[dict], setup: dict) -> list[str]:
@@ -227,8 +237,9 @@ def markdown(rows: list[dict], setup: dict) -> list[str]:
         speed = "- | -" if tps is None else f"{tps:,.0f} | " + (f"{tps / reference:.2f}" if reference else "-")
         params = "-" if row["params"] is None else f"{row['params']:,}"
         lines.append(f"| {row['variant']} | {row['what']} | {params} | {seeds} | {mean[lengths[0]]} | {rest}{speed} |")
+    phases = "".join(f"{L} for {f:.0%} of the steps, then " for L, f in setup.get("curriculum", []))
     lines += ["", f"chance: {chance_accuracy('selective-copying', VOCAB):.1%}; {setup['steps']} steps, batch 32, "
-              f"train length {setup['length']}, {setup['num_memorize']} tokens to copy, seeds {setup['seeds']}"]
+              f"train length {phases}{setup['length']}, {setup['num_memorize']} tokens to copy, seeds {setup['seeds']}"]
     return lines
 
 
@@ -240,6 +251,8 @@ def main():
     ap.add_argument("--length", type=int, default=32)
     ap.add_argument("--num-memorize", type=int, default=4)
     ap.add_argument("--test-lengths", default="32,128")
+    ap.add_argument("--curriculum", type=curriculum_phases, default=[], metavar="L:FRACTION,...",
+                    help="shorter lengths trained first, e.g. 64:0.33,128:0.33 (then --length for the rest)")
     ap.add_argument("--speed-rounds", type=int, default=3,
                     help="interleaved rounds of LM-sized training steps for the throughput (0: skip)")
     ap.add_argument("--speed-only", action="store_true",
@@ -252,12 +265,13 @@ def main():
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         ap.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
-    setup = {"steps": args.steps, "length": args.length, "num_memorize": args.num_memorize, "seeds": args.seeds,
+    setup = {"steps": args.steps, "length": args.length, "curriculum": [[L, f] for L, f in args.curriculum],
+             "num_memorize": args.num_memorize, "seeds": args.seeds,
              "test_lengths": [int(x) for x in args.test_lengths.split(",")], "torch": torch.__version__,
              "threads": 1, "lm_model": "bench/train_step.py sizes, ffn_dim 0"}
     path = Path(args.out) / f"{args.name}.json"
     earlier = json.loads(path.read_text()) if path.exists() else {}
-    same = {k: v for k, v in earlier.get("setup", {}).items() if k != "torch"} == \
+    same = {"curriculum": [], **{k: v for k, v in earlier.get("setup", {}).items() if k != "torch"}} == \
         {k: v for k, v in setup.items() if k != "torch"}
     rows = {r["variant"]: r for r in earlier.get("rows", [])} if same else {}
     write = lambda: write_results(Path(args.out), args.name, {"setup": setup, "rows": [rows[n] for n in VARIANTS if n in rows]},

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -148,12 +148,25 @@ def task_batches(task: str, vocab: int, generator: torch.Generator, num_memorize
     return lambda n, L: group_word_batch(word_group, n, L, generator)
 
 
+def training_lengths(steps: int, length: int, curriculum: Sequence[tuple[int, float]] = ()) -> list[int]:
+    """The sequence length of each training step: the curriculum's (length, fraction of the steps)
+    phases in order, then `length` for the rest."""
+    if sum(f for _, f in curriculum) > 1 or any(f < 0 or L < 1 for L, f in curriculum):
+        raise ConfigError(f"curriculum {list(curriculum)}: fractions must be >= 0 and sum to at most 1, lengths >= 1")
+    out = []
+    for L, fraction in curriculum:
+        out += [L] * round(fraction * steps)
+    return (out + [length] * steps)[:steps]
+
+
 def run_task(task: str, model_config: SparseSSMConfig | Callable[[], torch.nn.Module], steps: int, batch: int,
              length: int, test_lengths, lr: float = 3e-3, seed: int = 0, num_memorize: int = 16, modulus: int = 3,
-             group: str = "s3", log=None, vocab: int | None = None) -> TaskResult:
+             group: str = "s3", log=None, vocab: int | None = None,
+             curriculum: Sequence[tuple[int, float]] = ()) -> TaskResult:
     """Train a fresh model for `steps` AdamW steps on fresh batches, then measure accuracy on 256
     fresh sequences at each test length (`modulus`: modular-counting's m; `group`: the group of
-    permutation-composition, a key of `state_tracking.GROUPS`).
+    permutation-composition, a key of `state_tracking.GROUPS`).  `curriculum`: (length, fraction of
+    the steps) phases trained first, in order; the remaining steps train at `length`.
 
     `model_config` is a `SparseSSMConfig`, or a callable that builds any model with the same
     interface (`model(ids, labels=..., return_logits=False).loss`, `model(ids).logits`; then pass
@@ -171,8 +184,9 @@ def run_task(task: str, model_config: SparseSSMConfig | Callable[[], torch.nn.Mo
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=warm_up)
     start = time.perf_counter()
     loss = torch.tensor(float("nan"))
+    lengths = training_lengths(steps, length, curriculum)
     for step in range(steps):
-        inputs, labels = make(batch, length)
+        inputs, labels = make(batch, lengths[step])
         loss = model(inputs, labels=labels, return_logits=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -5,7 +5,9 @@ import torch
 
 from helpers import randomise_generators
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM
-from sparse_ssm.train.tasks import induction_heads_batch, run_task, selective_copying_batch
+from sparse_ssm.train import tasks
+from sparse_ssm.train.tasks import induction_heads_batch, run_task, selective_copying_batch, training_lengths
+from sparse_ssm.util.errors import ConfigError
 
 
 def test_selective_copying_batches():
@@ -50,3 +52,27 @@ def test_the_default_layer_learns_selective_copying_in_seconds():
                              max_seq_len=64)
     result = run_task("selective-copying", config, steps=150, batch=32, length=16, test_lengths=[16], num_memorize=2)
     assert result.accuracy[16] > 0.6
+
+
+def test_a_curriculum_trains_its_phases_in_order_then_the_length():
+    assert training_lengths(10, 256, [(64, 0.3), (128, 0.2)]) == [64] * 3 + [128] * 2 + [256] * 5
+    assert training_lengths(4, 32) == [32] * 4
+    assert training_lengths(3, 32, [(8, 1.0)]) == [8] * 3
+    for bad in ([(64, 0.7), (128, 0.4)], [(0, 0.5)], [(64, -0.1)]):
+        with pytest.raises(ConfigError, match="curriculum"):
+            training_lengths(10, 256, bad)
+
+
+def test_run_task_trains_at_the_curriculum_lengths(monkeypatch):
+    """The batches run_task draws follow the curriculum (the lengths the data generator is asked for)."""
+    seen = []
+    make = tasks.task_batches
+
+    def recording(*args, **kwargs):
+        inner = make(*args, **kwargs)
+        return lambda n, L: (seen.append(L), inner(n, L))[1]
+    monkeypatch.setattr(tasks, "task_batches", recording)
+    config = SparseSSMConfig(vocab_size=8, hidden_dim=16, state_dim=4, ffn_dim=0, num_layers=1, max_seq_len=64)
+    run_task("selective-copying", config, steps=4, batch=2, length=16, test_lengths=[12], num_memorize=2,
+             curriculum=[(8, 0.5)])
+    assert seen == [8, 8, 16, 16, 12]          # 4 training batches, then the test batch
