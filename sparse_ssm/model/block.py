@@ -9,16 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..ssm.fused import decode_rms_norm
 from .config import SparseSSMConfig
-from .layer import LayerState, SelectiveSSMLayer
-
-
-def norm_step(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    """norm(x) for one token a row x (b, D): the native kernel where it runs (at decode sizes
-    nn.RMSNorm spends ~10x its arithmetic in operator dispatch), else the module."""
-    out = decode_rms_norm(x, norm.weight, norm.eps)
-    return norm(x) if out is None else out
+from .layer import LayerState, SelectiveSSMLayer, norm_step
 
 ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU, "relu": nn.ReLU}
 
@@ -53,7 +45,7 @@ class SparseSSMBlock(nn.Module):
 
     def step(self, x: torch.Tensor, state: LayerState) -> torch.Tensor:
         """One token x (b, hidden) -> (b, hidden); `state` is advanced in place."""
-        x = x + self.mixer.step(norm_step(self.mixer_norm, x), state)
+        x = self.mixer.residual_step(x, self.mixer_norm, state)
         if self.ffn is not None:
             x = x + self.ffn(norm_step(self.ffn_norm, x))
         return x

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .config import SparseSSMConfig
 from ..ssm.conv import causal_conv_silu, conv_step
-from ..ssm.fused import decode_layer_step
+from ..ssm.fused import decode_block_step, decode_layer_step, decode_rms_norm
 from ..ssm.scan import selective_scan, selective_scan_step
 from ..ssm.structures import make_structure
 from ..ssm.selective import SelectiveParameterGenerator
@@ -38,6 +38,13 @@ class LayerState:
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def norm_step(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """norm(x) for one token a row x (b, D): the native kernel where it runs (at decode sizes
+    nn.RMSNorm spends ~10x its arithmetic in operator dispatch), else the module."""
+    out = decode_rms_norm(x, norm.weight, norm.eps)
+    return norm(x) if out is None else out
 
 
 class SelectiveSSMLayer(nn.Module):
@@ -75,6 +82,19 @@ class SelectiveSSMLayer(nn.Module):
                 use_parallel_scan=cfg.use_parallel_scan and L > 1, chunk_size=cfg.scan_chunk_size)
         out = self.out_proj(y.reshape(b, L, self.inner_dim).to(self.out_proj.weight.dtype))
         return out, LayerState(conv_state, ssm_state)
+
+    @torch.no_grad()
+    def residual_step(self, x: torch.Tensor, norm: nn.RMSNorm, state: LayerState) -> torch.Tensor:
+        """x + self.step(norm(x), state) for one token x (b, hidden): one native call for the whole
+        residual block where it runs (diagonal A, float32/64 on CPU), else operator by operator."""
+        weights = self.generator.decode_weights()
+        if weights is not None:
+            out = decode_block_step(x, norm.weight, norm.eps, self.in_proj.weight, self.out_proj.weight,
+                                    self.conv.weight[:, 0], self.conv.bias, weights, state.conv, state.ssm,
+                                    self.discretization, self.config.gbt_alpha)
+            if out is not None:
+                return out
+        return x + self.step(norm_step(norm, x), state)
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, state: LayerState) -> torch.Tensor:

@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .block import SparseSSMBlock, norm_step
+from .block import SparseSSMBlock
 from .config import SparseSSMConfig
-from .layer import LayerState
+from .layer import LayerState, norm_step
 from .loss import linear_cross_entropy
 from ..ssm.selective import SelectiveParameterGenerator
 

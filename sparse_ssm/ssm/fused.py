@@ -114,6 +114,14 @@ def selective_scan_fused(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0
     return y, hT
 
 
+def _step_inputs_ok(lib, dtype, tensors, states) -> bool:
+    """Can the native decoding step take these: the library built, a float32/64 dtype shared by every
+    tensor, CPU tensors, contiguous inputs and states."""
+    return (lib is not None and suffix(dtype) is not None
+            and all(t.device.type == "cpu" and t.dtype == dtype for t in (*tensors, *states))
+            and all(t.is_contiguous() for t in states))
+
+
 def decode_layer_step(xz, conv_weight, conv_bias, weights: dict, conv_state, ssm_state, method, alpha):
     """A whole decoding step of a diagonal layer between its projections (`kernels/layer_step.cpp`):
     xz (b, 2E) = in_proj(x); conv_state (b, K - 1, E) and ssm_state (b, H, N, P) advanced in place;
@@ -121,11 +129,9 @@ def decode_layer_step(xz, conv_weight, conv_bias, weights: dict, conv_state, ssm
     layer's dtype).  Returns y (b, E), gated; None when the kernel cannot take it (then the caller
     runs the step operation by operation)."""
     lib = native_library()
-    dtype = xz.dtype
-    if (lib is None or suffix(dtype) is None or xz.device.type != "cpu" or conv_weight.dtype != dtype
-            or conv_state.dtype != dtype or ssm_state.dtype != dtype or not xz.is_contiguous()
-            or not conv_state.is_contiguous() or not ssm_state.is_contiguous()):
+    if not _step_inputs_ok(lib, xz.dtype, (conv_weight,), (xz, conv_state, ssm_state)):
         return None
+    dtype = xz.dtype
     b, H, N, P = ssm_state.shape
     E, K = conv_weight.shape
     y = xz.new_empty(b, E)
@@ -154,4 +160,30 @@ def decode_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float | None) ->
     if getattr(lib, f"ssm_rms_norm_{suffix(dtype)}")(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0],
                                                      x.shape[1], eps):
         raise ValueError("rms norm: invalid shapes")
+    return out
+
+
+def decode_block_step(x, norm_weight, eps, in_weight, out_weight, conv_weight, conv_bias, weights: dict,
+                      conv_state, ssm_state, method, alpha):
+    """x + out_proj(layer step(in_proj(rms_norm(x)))) for one token a row x (b, D) in one native call
+    (`kernels/layer_step.cpp`): in_weight (2E, D), out_weight (D, E), the rest as `decode_layer_step`;
+    the states are advanced in place.  Returns the new x (b, D), or None when the kernel cannot take it."""
+    lib = native_library()
+    params = (norm_weight, in_weight, out_weight, conv_weight, weights["Wg"])
+    if not _step_inputs_ok(lib, x.dtype, params, (x, conv_state, ssm_state, in_weight, out_weight)):
+        return None
+    b, H, N, P = ssm_state.shape
+    E, K = conv_weight.shape
+    D = x.shape[1]
+    out = torch.empty_like(x)
+    code, al = method_id(method, alpha, weights.get("structure"))
+    Wa, lti = weights["Wa"], weights["lti"]
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    err = getattr(lib, f"ssm_block_step_{suffix(x.dtype)}")(
+        *map(ptr, (x, out, norm_weight)), eps, in_weight.data_ptr(), out_weight.data_ptr(), D,
+        *map(ptr, (conv_state, conv_weight, conv_bias, weights["Wg"], weights["dt_bias"], Wa, weights["A_base"],
+                   weights["D_base"], lti, ssm_state)),
+        b, E, H, P, N, weights["groups"], Wa.shape[1], K, code, al, torch.get_num_threads())
+    if err:
+        raise ValueError(f"fused block step: invalid shapes (code {err})")
     return out

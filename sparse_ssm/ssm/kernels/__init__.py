@@ -7,8 +7,8 @@ scan with its output gate; `block_scan.cpp`: the same for block-diagonal, rotati
 structures, their operators built in the kernel; `lowrank_scan.cpp`: for diagonal-plus-low-rank
 A_t through the Woodbury identity; `causal_conv.cpp`: the causal depthwise convolution + SiLU;
 `cross_entropy.cpp`: the softmax cross-entropy of the LM head's logits, in place;
-`layer_step.cpp`: a whole decoding step of a diagonal layer between its projections, and the
-RMSNorm of its rows; `vec.h`:
+`layer_step.cpp`: a whole decoding step of a diagonal layer between its projections, the RMSNorm
+of its rows, and the residual block around both; `vec.h`:
 their vector utilities — plain C++ with C entry points and no PyTorch headers, built in under a
 minute) are compiled by `torch.utils.cpp_extension.load` (ninja; the build is cached under
 ~/.cache/sparse_ssm/kernels, keyed by the source, the compiler flags, the CPU and the paths of the
@@ -83,7 +83,9 @@ def _bind(lib: ctypes.CDLL):
                   "ssm_conv_forward": [ptr] * 6 + conv_dims, "ssm_conv_backward": [ptr] * 9 + conv_dims,
                   "ssm_cross_entropy": [ptr] * 3 + [i64, i64, ctypes.c_double, c_int, c_int],
                   "ssm_layer_step": [ptr] * 12 + [i64] * 8 + [c_int, ctypes.c_double, c_int],
-                  "ssm_rms_norm": [ptr] * 3 + [i64, i64, ctypes.c_double]}
+                  "ssm_rms_norm": [ptr] * 3 + [i64, i64, ctypes.c_double],
+                  "ssm_block_step": [ptr] * 3 + [ctypes.c_double] + [ptr] * 2 + [i64] + [ptr] * 10 + [i64] * 8
+                  + [c_int, ctypes.c_double, c_int]}
     for name, argtypes in signatures.items():
         for suffix in ("f32", "f64"):
             fn = getattr(lib, f"{name}_{suffix}")

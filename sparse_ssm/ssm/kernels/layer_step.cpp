@@ -20,7 +20,14 @@
 // decode-equals-forward tests hold the two in step.
 //
 // Also the RMSNorm of a few rows (the decoding step's norms: at one token a row, torch's rms_norm
-// costs 10x the arithmetic in operator dispatch): out[i, :] = x[i, :] / sqrt(mean(x[i, :]^2) + eps) * w.
+// costs 10x the arithmetic in operator dispatch): out[i, :] = x[i, :] / sqrt(mean(x[i, :]^2) + eps) * w,
+// and a whole residual block around the layer step (`ssm_block_step`), for rows x (b, D):
+//
+//   x_out = x + W_out @ layer_step(W_in @ rms_norm(x; norm_w, eps))      W_in (2E, D), W_out (D, E)
+//
+// one call per layer and token instead of five PyTorch operators: at decode sizes the weights stream
+// from memory and push the operators' code and data out of the caches, so each dispatch costs ~10x
+// its arithmetic.  The projections read each weight row once for all b rows.
 
 #include "vec.h"
 
@@ -97,6 +104,42 @@ template <typename T> void rms_norm_row(const T* x, const T* w, T* out, int64_t 
   for (int64_t i = 0; i < dim; ++i) out[i] = x[i] * scale * w[i];
 }
 
+// out (b, O) = in (b, I) @ W^T (+ add (b, O) when given), W (O, I) row-major: every W row is read
+// once for all b rows
+template <typename T> void project_rows(const T* W, const T* in, const T* add, T* out, int64_t b, int64_t O, int64_t I) {
+  constexpr int Wd = Vec<T>::lanes;
+  int64_t o = 0;
+  for (; o + 4 <= O; o += 4) {
+    const T *w0 = W + o * I, *w1 = w0 + I, *w2 = w1 + I, *w3 = w2 + I;
+    for (int64_t bi = 0; bi < b; ++bi) {
+      const T* v = in + bi * I;
+      V<T> a0 = vsplat(T(0)), a1 = a0, a2 = a0, a3 = a0;
+      int64_t i = 0;
+      for (; i + Wd <= I; i += Wd) {
+        const V<T> x = vload(v + i);
+        a0 += vload(w0 + i) * x, a1 += vload(w1 + i) * x, a2 += vload(w2 + i) * x, a3 += vload(w3 + i) * x;
+      }
+      T sum[4];
+      hsum4<T>(a0, a1, a2, a3, sum);
+      for (; i < I; ++i) sum[0] += w0[i] * v[i], sum[1] += w1[i] * v[i], sum[2] += w2[i] * v[i], sum[3] += w3[i] * v[i];
+      for (int k = 0; k < 4; ++k) out[bi * O + o + k] = (add ? add[bi * O + o + k] : T(0)) + sum[k];
+    }
+  }
+  for (; o < O; ++o)
+    for (int64_t bi = 0; bi < b; ++bi) out[bi * O + o] = (add ? add[bi * O + o] : T(0)) + dot(W + o * I, in + bi * I, I);
+}
+
+template <typename T>
+void block_step(const StepDims& d, StepArgs<T> x, const T* x_in, T* x_out, const T* norm_w, double eps, const T* W_in,
+                const T* W_out, int64_t D, int threads) {
+  std::vector<T> h(d.b * D), xz(d.b * 2 * d.E), y(d.b * d.E);
+  for (int64_t bi = 0; bi < d.b; ++bi) rms_norm_row(x_in + bi * D, norm_w, &h[bi * D], D, eps);
+  project_rows(W_in, h.data(), (const T*)nullptr, xz.data(), d.b, 2 * d.E, D);
+  x.xz = xz.data(), x.y = y.data();
+  parallel_for(d.b, threads, [&](int64_t bi) { step_row(d, x, bi); });
+  project_rows(W_out, y.data(), x_in, x_out, d.b, D, d.E);
+}
+
 }  // namespace
 
 #define SSM_STEP_EXPORT(T, SUFFIX)                                                                              \
@@ -114,6 +157,18 @@ template <typename T> void rms_norm_row(const T* x, const T* w, T* out, int64_t 
   extern "C" int ssm_rms_norm_##SUFFIX(const T* x, const T* w, T* out, int64_t rows, int64_t dim, double eps) {  \
     if (rows < 0 || dim < 1) return 1;                                                                          \
     for (int64_t i = 0; i < rows; ++i) rms_norm_row(x + i * dim, w, out + i * dim, dim, eps);                   \
+    return 0;                                                                                                   \
+  }                                                                                                             \
+  extern "C" int ssm_block_step_##SUFFIX(const T* x_in, T* x_out, const T* norm_w, double eps, const T* W_in,     \
+                                         const T* W_out, int64_t D, T* conv_state, const T* conv_w,             \
+                                         const T* conv_b, const T* Wg, const T* dt_bias, const T* Wa,          \
+                                         const T* A_base, const T* D_base, const T* lti, T* ssm_state,          \
+                                         int64_t b, int64_t E, int64_t H, int64_t P, int64_t N, int64_t G,      \
+                                         int64_t r, int64_t K, int method, double alpha, int threads) {         \
+    if (b < 0 || D < 1 || H < 1 || E != H * P || N < 1 || G < 1 || H % G || r < 1 || K < 1) return 1;          \
+    StepDims d{b, E, H, P, N, G, r, K, method, alpha};                                                         \
+    StepArgs<T> x{nullptr, conv_w, conv_b, Wg, dt_bias, Wa, A_base, D_base, lti, conv_state, ssm_state, nullptr}; \
+    block_step(d, x, x_in, x_out, norm_w, eps, W_in, W_out, D, threads);                                       \
     return 0;                                                                                                   \
   }
 
