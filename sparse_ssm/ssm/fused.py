@@ -147,18 +147,20 @@ def decode_layer_step(xz, conv_weight, conv_bias, weights: dict, conv_state, ssm
     return y
 
 
+def _rms_eps(eps: float | None, dtype) -> float:
+    """nn.RMSNorm's epsilon: the given one, or the dtype's machine epsilon for None."""
+    return torch.finfo(dtype).eps if eps is None else eps
+
+
 def decode_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float | None) -> torch.Tensor | None:
     """RMSNorm of the rows of x (b, D) by the native kernel (`nn.RMSNorm`'s result: eps None means
     the dtype's machine epsilon), for the decoding step; None when the kernel cannot take it."""
     lib = native_library()
-    dtype = x.dtype
-    if (lib is None or suffix(dtype) is None or x.device.type != "cpu" or weight.dtype != dtype
-            or x.dim() != 2 or not x.is_contiguous()):
+    if x.dim() != 2 or not _step_inputs_ok(lib, x.dtype, (weight,), (x,)):
         return None
     out = torch.empty_like(x)
-    eps = torch.finfo(dtype).eps if eps is None else eps
-    if getattr(lib, f"ssm_rms_norm_{suffix(dtype)}")(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0],
-                                                     x.shape[1], eps):
+    if getattr(lib, f"ssm_rms_norm_{suffix(x.dtype)}")(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0],
+                                                       x.shape[1], _rms_eps(eps, x.dtype)):
         raise ValueError("rms norm: invalid shapes")
     return out
 
@@ -178,9 +180,8 @@ def decode_block_step(x, norm_weight, eps, in_weight, out_weight, conv_weight, c
     out = torch.empty_like(x)
     code, al = method_id(method, alpha, weights.get("structure"))
     Wa, lti = weights["Wa"], weights["lti"]
-    eps = torch.finfo(x.dtype).eps if eps is None else eps
     err = getattr(lib, f"ssm_block_step_{suffix(x.dtype)}")(
-        *map(ptr, (x, out, norm_weight)), eps, in_weight.data_ptr(), out_weight.data_ptr(), D,
+        *map(ptr, (x, out, norm_weight)), _rms_eps(eps, x.dtype), in_weight.data_ptr(), out_weight.data_ptr(), D,
         *map(ptr, (conv_state, conv_weight, conv_bias, weights["Wg"], weights["dt_bias"], Wa, weights["A_base"],
                    weights["D_base"], lti, ssm_state)),
         b, E, H, P, N, weights["groups"], Wa.shape[1], K, code, al, torch.get_num_threads())

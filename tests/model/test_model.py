@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import randomise_generators
+from helpers import randomise_generators, requires_native_kernel
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM
 from sparse_ssm.generate import generate
 from sparse_ssm.model.loss import linear_cross_entropy
@@ -46,7 +46,8 @@ def test_prefill_and_steps_equal_the_full_forward(kw):
 
 @pytest.mark.parametrize("hidden,dtype,tol", [(32, torch.float64, 1e-10), (13, torch.float64, 1e-10),
                                                (13, torch.float32, 2e-5)], ids=["32-f64", "13-f64", "13-f32"])
-@pytest.mark.parametrize("path", ["block", "layer", "operations"])
+@pytest.mark.parametrize("path", [pytest.param("block", marks=requires_native_kernel()),
+                                  pytest.param("layer", marks=requires_native_kernel()), "operations"])
 def test_the_three_decode_paths_of_the_diagonal_layer(path, hidden, dtype, tol, monkeypatch):
     """The whole residual block in one native call, the layer between its projections in one call,
     and operation by operation (each native path refused in turn) all decode as the forward; width
