@@ -90,6 +90,28 @@ def test_step_advances_the_cache_in_place_like_a_forward_from_it():
         assert not torch.equal(state.ssm, old[1])
 
 
+def test_decoding_caps_the_decay_rates_where_the_forward_does():
+    """Rate arguments above the cap (structures.block.RATE_EXP_MAX) with steps dt small enough that
+    the capped rate still leaves a state: the decoding step (natively where it runs) must cap at the
+    same place as the forward, or these states differ by orders of magnitude."""
+    from sparse_ssm.ssm.structures.block import RATE_EXP_MAX
+
+    model = randomise_generators(SparseSSMForCausalLM(tiny(ffn_dim=0)).double().eval())
+    with torch.no_grad():
+        for block in model.blocks:
+            gen = block.mixer.generator
+            gen.A_base[:, ::2] = RATE_EXP_MAX / 2 + 5             # a = -exp(2 A_base): argument 30
+            dt = 1.5 * math.exp(-RATE_EXP_MAX)
+            gen.dt_bias.fill_(math.log(math.expm1(dt)))
+    ids = torch.randint(0, 97, (2, 9))
+    _, cache = model.prefill(ids[:, :8])
+    expected = model(ids[:, 8:], cache=[type(s)(s.conv.clone(), s.ssm.clone()) for s in cache]).cache
+    model.step(ids[:, 8], cache)
+    for state, want in zip(cache, expected):
+        assert want.ssm[:, :, ::2].abs().max() > 1e-12
+        assert torch.allclose(state.ssm, want.ssm, rtol=1e-8, atol=0)
+
+
 @pytest.mark.parametrize("kw", CLASSES, ids=lambda k: "-".join(str(v) for v in k.values()))
 def test_parallel_and_sequential_scan_give_the_same_model(kw):
     torch.manual_seed(1)

@@ -141,7 +141,7 @@ template <typename F> void with_block_size(int64_t bs, F f) {
 template <typename T, int BS> void block_matrix(const T* R, int64_t n_, T* A, T* Lm) {
   const int64_t n = BS ? BS : n_;
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j) Lm[i * n + j] = i > j ? R[i * n + j] : (i == j ? std::exp(R[i * n + i]) : T(0));
+    for (int64_t j = 0; j < n; ++j) Lm[i * n + j] = i > j ? R[i * n + j] : (i == j ? rate_exp(R[i * n + i]) : T(0));
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < n; ++j) {
       T s = 0;
@@ -224,7 +224,7 @@ void build_block_backward(const T* R, T dt, const T* Bv, int64_t n_, T al, const
       }
       T gl = 0;
       for (int64_t k = 0; k < n; ++k) gl -= (s.G[i * n + k] + s.G[k * n + i]) * s.Lm[k * n + j];
-      gR[i * n + j] = i == j ? gl * s.Lm[i * n + i] : gl;
+      gR[i * n + j] = i == j ? gl * rate_exp_grad(R[i * n + i]) : gl;
     }
 }
 
@@ -236,7 +236,7 @@ template <typename T> struct Rot {
 template <typename T> Rot<T> rotation(const T* r, T dt, int method, T al) {
   using C = std::complex<T>;
   Rot<T> o;
-  o.a = C(-std::exp(2 * r[0]), r[1]);
+  o.a = C(-rate_exp(2 * r[0]), r[1]);
   const C x = dt * o.a;
   if (method == 0) {
     o.e = std::exp(x);
@@ -284,9 +284,11 @@ void build_rotations(const T* raw, T dt, const T* Bv, int64_t nb, int method, T 
   int64_t j = 0;
   for (; j + W <= nb; j += W) {
     V<T> r0, r1, b0, b1;
-    for (int i = 0; i < W; ++i)
-      r0[i] = raw[2 * (j + i)], r1[i] = raw[2 * (j + i) + 1], b0[i] = Bv[2 * (j + i)], b1[i] = Bv[2 * (j + i) + 1];
-    const CV<T> x{-dt * vexp(2 * r0), dt * r1};
+    for (int i = 0; i < W; ++i) {
+      r0[i] = std::min(2 * raw[2 * (j + i)], T(kRateExpMax));           // the argument of rate_exp
+      r1[i] = raw[2 * (j + i) + 1], b0[i] = Bv[2 * (j + i)], b1[i] = Bv[2 * (j + i) + 1];
+    }
+    const CV<T> x{-dt * vexp(r0), dt * r1};
     CV<T> e, beta;
     if (method == 0) {
       V<T> sn, cs;
@@ -326,7 +328,7 @@ void build_rotation_backward(const T* r, T dt, const T* Bv, int method, T al, co
   const C Ga = std::conj(o.de_da) * Ge + std::conj(o.db_da) * Gbeta;
   gdt = (std::conj(o.de_ddt) * Ge + std::conj(o.db_ddt) * Gbeta).real();
   gB[0] = Gb.real(), gB[1] = Gb.imag();
-  gR[0] = -Ga.real() * 2 * std::exp(2 * r[0]);        // a = -exp(2 r0) + i r1
+  gR[0] = -Ga.real() * 2 * rate_exp_grad(2 * r[0]);   // a = -exp(2 r0) + i r1
   gR[1] = Ga.imag();
 }
 

@@ -66,7 +66,7 @@ template <typename T> void step_row(const StepDims& d, const StepArgs<T>& x, int
   const T* src = x.lti ? x.lti : u.data();
   for (int64_t o = 0; o < O; ++o) g[o] = dot(x.Wg + o * E, src, E);
   const T *dt_raw = g.data(), *a_low = dt_raw + H, *Bv = a_low + r, *Cv = Bv + G * N, *d_raw = Cv + G * N;
-  for (int64_t i = 0; i < H * N; ++i) a[i] = -std::exp(2 * (x.A_base[i] + dot(x.Wa + i * r, a_low, r)));
+  for (int64_t i = 0; i < H * N; ++i) a[i] = -rate_exp(2 * (x.A_base[i] + dot(x.Wa + i * r, a_low, r)));
   for (int64_t h = 0; h < H; ++h) {
     const T v = dt_raw[h] + x.dt_bias[h];
     const T dt = v > 20 ? v : std::log1p(std::exp(v));          // softplus (as torch's, threshold 20)

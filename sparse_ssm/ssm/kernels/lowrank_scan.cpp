@@ -80,7 +80,7 @@ template <typename T> void build_op(const LRDims& d, const T* raw, T dt, LROp<T>
   op.nu = std::sqrt(dot(op.U, op.U, N * r)), op.nv = std::sqrt(dot(op.V, op.V, N * r));
   op.dt = dt, op.c = T(d.alpha) * dt, op.f = (1 - T(d.alpha)) * dt;
   for (int64_t n = 0; n < N; ++n) {
-    op.lam[n] = -std::exp(op.d[n]) - op.nu * op.nv;
+    op.lam[n] = -rate_exp(op.d[n]) - op.nu * op.nv;
     op.minv[n] = 1 / (1 - op.c * op.lam[n]);
   }
   work.assign(r * r, T(0));                           // K = I - c V^T diag(1/m) U
@@ -214,7 +214,7 @@ void op_backward(const LRDims& d, const LROp<T>& op, const T* H, const T* S_now,
   // lam = -exp(d) - |U|_F |V|_F
   T sum_dlam = 0;
   for (int64_t n = 0; n < N; ++n) {
-    dd[n] = -std::exp(op.d[n]) * dlam[n];
+    dd[n] = -rate_exp_grad(op.d[n]) * dlam[n];
     sum_dlam += dlam[n];
   }
   if (op.nu > 0 && op.nv > 0)

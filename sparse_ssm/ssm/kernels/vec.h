@@ -16,6 +16,13 @@
 
 namespace ssmk {
 
+// The exponentials that turn raw parameters into decay rates take their argument capped at
+// kRateExpMax (as sparse_ssm.ssm.structures.block.rate_exp): a float32 rate would overflow to inf
+// above ~88 and its gradient would be NaN.  rate_exp_grad is the derivative (0 above the cap).
+constexpr double kRateExpMax = 20;
+template <typename T> inline T rate_exp(T x) { return std::exp(std::min(x, T(kRateExpMax))); }
+template <typename T> inline T rate_exp_grad(T x) { return x > T(kRateExpMax) ? T(0) : std::exp(x); }
+
 template <typename T> struct Vec;
 template <> struct Vec<float> {
   typedef float type __attribute__((vector_size(32)));

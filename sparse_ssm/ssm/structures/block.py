@@ -9,6 +9,17 @@ import torch
 from ..discretization import discretize, discretize_diagonal
 from ..hippo import STABILITY_MARGIN, project_block_diagonal
 
+# The exponentials that turn raw parameters into decay rates take their argument capped at this
+# value (a rate of at most e^20 ~ 4.9e8: exp(dt a) is already 0 for any dt above ~1e-7).  Without the
+# cap an input-dependent raw value above ~44 makes a float32 rate inf, and its gradient NaN (seen when
+# training at lr 1e-2).  The native kernels apply the same cap (`rate_exp` in kernels/vec.h).
+RATE_EXP_MAX = 20.0
+
+
+def rate_exp(x: torch.Tensor) -> torch.Tensor:
+    """exp(min(x, RATE_EXP_MAX)): no gradient above the cap."""
+    return torch.exp(x.clamp(max=RATE_EXP_MAX))
+
 
 def chol_skew_raw(blocks: torch.Tensor) -> torch.Tensor:
     """Inverse of `BlockStructure.continuous` for contractive blocks (..., b, b)."""
@@ -35,7 +46,7 @@ class BlockStructure:
         """raw (..., N*b) -> blocks (..., N/b, b, b)."""
         b = self.block_size
         R = raw.reshape(*raw.shape[:-1], self.num_blocks, b, b)
-        L = torch.tril(R, -1) + torch.diag_embed(torch.exp(torch.diagonal(R, dim1=-2, dim2=-1)))
+        L = torch.tril(R, -1) + torch.diag_embed(rate_exp(torch.diagonal(R, dim1=-2, dim2=-1)))
         K = torch.triu(R, 1)
         return -(L @ L.transpose(-1, -2)) + K - K.transpose(-1, -2)
 
@@ -109,7 +120,7 @@ class DiagonalStructure(BlockStructure):
 
     def continuous(self, raw):
         """raw (..., N) -> a (..., N)."""
-        return -torch.exp(2 * raw)
+        return -rate_exp(2 * raw)
 
     def to_dense(self, a):
         return torch.diag_embed(a)
@@ -151,7 +162,7 @@ class RotationStructure(BlockStructure):
     def continuous(self, raw):
         """raw (..., N) -> blocks (..., N/2, 2, 2)."""
         r = raw.reshape(*raw.shape[:-1], self.num_blocks, 2)
-        lam, w = torch.exp(2 * r[..., 0]), r[..., 1]
+        lam, w = rate_exp(2 * r[..., 0]), r[..., 1]
         return torch.stack([torch.stack([-lam, -w], -1), torch.stack([w, -lam], -1)], -2)
 
     def raw_from_hippo(self, A):

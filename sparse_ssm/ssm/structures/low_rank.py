@@ -6,6 +6,7 @@ import torch
 
 from ..discretization import alpha_for, discretize
 from ..hippo import project_low_rank
+from .block import rate_exp
 from .dense_prefix import DensePrefix
 
 
@@ -27,7 +28,7 @@ class LowRankStructure(DensePrefix):
         U = raw[..., N:N + N * r].reshape(*raw.shape[:-1], N, r)
         V = raw[..., N + N * r:].reshape(*raw.shape[:-1], N, r)
         shift = U.flatten(-2).norm(dim=-1) * V.flatten(-2).norm(dim=-1)
-        lam = -torch.exp(d) - shift[..., None]
+        lam = -rate_exp(d) - shift[..., None]
         return lam, U, V
 
     def raw_from_hippo(self, A):
