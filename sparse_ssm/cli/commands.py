@@ -210,7 +210,7 @@ def cmd_task(args) -> int:
     for name in names:
         config = task_model_config(name, max(test_lengths) + 64, vocab)
         print(f"{label}, {name}: {args.steps} steps at length {args.length} ...", flush=True)
-        result = run_task(args.task, config, args.steps, args.batch_size, args.length, test_lengths,
+        result = run_task(args.task, config, args.steps, args.batch_size, args.length, test_lengths, lr=args.lr,
                           seed=args.seed, num_memorize=args.num_memorize, modulus=args.modulus, group=args.group)
         rows.append({"variant": name, "accuracy": result.accuracy, "seconds": result.seconds, "loss": result.final_loss})
         print("   " + ", ".join(f"length {L}: {a:.1%}" for L, a in result.accuracy.items()) + f"  ({result.seconds:.0f}s)")
@@ -218,12 +218,13 @@ def cmd_task(args) -> int:
     lines = ["| variant | " + " | ".join(f"acc. @ {L}" for L in test_lengths) + " |",
              "|---|" + "---:|" * len(test_lengths)]
     lines += [f"| {r['variant']} | " + " | ".join(f"{r['accuracy'][L]:.1%}" for L in test_lengths) + " |" for r in rows]
-    table = "\n".join(lines) + f"\n\nchance: {chance:.1%}; {args.steps} steps, batch {args.batch_size}, train length {args.length}\n"
+    table = "\n".join(lines) + (f"\n\nchance: {chance:.1%}; {args.steps} steps, batch {args.batch_size}, lr {args.lr:g}, "
+                                 f"train length {args.length}\n")
     print(table)
     if args.output_dir:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / f"{label}.json", json.dumps({"task": label, "steps": args.steps,
+        atomic_write_text(out / f"{label}.json", json.dumps({"task": label, "steps": args.steps, "lr": args.lr,
                                                              "train_length": args.length, "chance": chance,
                                                              "rows": rows}, indent=2))
         atomic_write_text(out / f"{label}.md", table)

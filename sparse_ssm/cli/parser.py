@@ -25,6 +25,17 @@ def _int_at_least(low: int, many: bool = False):
     return parse
 
 
+def _positive_float(text: str) -> float:
+    """An argparse type: a float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _add_checkpoint_arguments(parser):
     """--model-dir and --checkpoint: the trained checkpoint a command reads."""
     parser.add_argument("--model-dir", required=True, help="a training output directory")
@@ -104,6 +115,8 @@ def _add_evaluate_parser(sub):
                         f"rotations, blockB B x B blocks, block 8 x 8, lti no selection)")
     e.add_argument("--steps", type=_int_at_least(1), default=600, help="tasks: training steps per variant (default 600)")
     e.add_argument("--length", type=_int_at_least(3), default=32, help="tasks: training sequence length (default 32)")
+    e.add_argument("--lr", type=_positive_float, default=3e-3,
+                   help="tasks: peak learning rate of the one-cycle AdamW schedule (default 3e-3)")
     e.add_argument("--test-lengths", type=_int_at_least(3, many=True),
                    help="tasks: comma list of test lengths (default: the training length)")
     e.add_argument("--num-memorize", type=_int_at_least(1), default=4,

@@ -20,7 +20,9 @@ def model_dir(tmp_path):
 @pytest.mark.parametrize("flag, value, message", [("--stride", "0", "argument --stride: must be >= 1, got 0"),
                                                   ("--max-seq-len", "1", "argument --max-seq-len: must be >= 2"),
                                                   ("--batch-size", "x", "argument --batch-size: expected an integer"),
-                                                  ("--steps", "-5", "argument --steps: must be >= 1")])
+                                                  ("--steps", "-5", "argument --steps: must be >= 1"),
+                                                  ("--lr", "0", "argument --lr: must be > 0, got 0"),
+                                                  ("--lr", "fast", "argument --lr: expected a number, got 'fast'")])
 def test_invalid_numbers_are_refused_by_the_parser(model_dir, capsys, flag, value, message):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["evaluate", "--model-dir", str(model_dir), "--data", str(model_dir.parent / "eval.txt"), flag, value])

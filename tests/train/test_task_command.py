@@ -26,16 +26,18 @@ def test_selective_copying_through_the_cli(tmp_path, capsys):
         assert row["accuracy"] == {str(L): a for L, a in expected.accuracy.items()}
     table = (tmp_path / "selective-copying.md").read_text()
     assert table.startswith("| variant | acc. @ 12 | acc. @ 20 |") and table in out
-    assert "chance: 7.7%; 3 steps, batch 4, train length 12" in table
+    assert "chance: 7.7%; 3 steps, batch 4, lr 0.003, train length 12" in table
 
 
 def test_induction_heads_through_the_cli(tmp_path, capsys):
     code = cli.main(["evaluate", "--task", "induction-heads", "--variants", "block", "--steps", "2", "--batch-size",
-                     "4", "--length", "16", "--seed", "2", "--output-dir", str(tmp_path)])
+                     "4", "--length", "16", "--lr", "6e-3", "--seed", "2", "--output-dir", str(tmp_path)])
     assert code == 0 and "induction-heads, block: 2 steps at length 16" in capsys.readouterr().out
-    (row,) = json.loads((tmp_path / "induction-heads.json").read_text())["rows"]
+    data = json.loads((tmp_path / "induction-heads.json").read_text())
+    (row,) = data["rows"]
     expected = run_task("induction-heads", task_model_config("block", 16 + 64), steps=2, batch=4, length=16,
-                        test_lengths=[16], seed=2)
+                        test_lengths=[16], seed=2, lr=6e-3)
+    assert data["lr"] == 6e-3
     assert row["variant"] == "block" and row["loss"] == expected.final_loss
     assert row["accuracy"] == {"16": expected.accuracy[16]}
 
