@@ -16,13 +16,14 @@ O(1) in the context length and few operations per token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from .config import SparseSSMConfig
 from ..ssm.conv import causal_conv_silu, conv_step
-from ..ssm.fused import decode_block_step, decode_layer_step, decode_rms_norm
+from ..ssm.fused import BlockStepPlan, block_step_plan, decode_layer_step, decode_rms_norm
 from ..ssm.scan import selective_scan, selective_scan_step
 from ..ssm.structures import make_structure
 from ..ssm.selective import SelectiveParameterGenerator
@@ -34,6 +35,7 @@ class LayerState:
 
     conv: torch.Tensor  # (batch, K - 1, E), oldest input first
     ssm: torch.Tensor   # (batch, heads, N, P), float32
+    plan: Optional[BlockStepPlan] = None   # the bound native decoding step, made at the first step
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -86,14 +88,16 @@ class SelectiveSSMLayer(nn.Module):
     @torch.no_grad()
     def residual_step(self, x: torch.Tensor, norm: nn.RMSNorm, state: LayerState) -> torch.Tensor:
         """x + self.step(norm(x), state) for one token x (b, hidden): one native call for the whole
-        residual block where it runs (diagonal A, float32/64 on CPU), else operator by operator."""
-        weights = self.generator.decode_weights()
-        if weights is not None:
-            out = decode_block_step(x, norm.weight, norm.eps, self.in_proj.weight, self.out_proj.weight,
-                                    self.conv.weight[:, 0], self.conv.bias, weights, state.conv, state.ssm,
-                                    self.discretization, self.config.gbt_alpha)
-            if out is not None:
-                return out
+        residual block where it runs (diagonal A, float32/64 on CPU), else operator by operator.
+        The call's arguments are bound at the first step of a cache (`state.plan`): the cache is
+        decoded with the weights' storage of that step (in-place updates are seen)."""
+        if state.plan is None or not state.plan.fits(x, state.conv, state.ssm):
+            weights = self.generator.decode_weights()
+            state.plan = None if weights is None else block_step_plan(
+                x, norm.weight, norm.eps, self.in_proj.weight, self.out_proj.weight, self.conv.weight[:, 0],
+                self.conv.bias, weights, state.conv, state.ssm, self.discretization, self.config.gbt_alpha)
+        if state.plan is not None:
+            return state.plan(x)
         return x + self.step(norm_step(norm, x), state)
 
     @torch.no_grad()

@@ -165,26 +165,45 @@ def decode_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float | None) ->
     return out
 
 
-def decode_block_step(x, norm_weight, eps, in_weight, out_weight, conv_weight, conv_bias, weights: dict,
-                      conv_state, ssm_state, method, alpha):
-    """x + out_proj(layer step(in_proj(rms_norm(x)))) for one token a row x (b, D) in one native call
-    (`kernels/layer_step.cpp`): in_weight (2E, D), out_weight (D, E), the rest as `decode_layer_step`;
-    the states are advanced in place.  Returns the new x (b, D), or None when the kernel cannot take it."""
+class BlockStepPlan:
+    """The native decoding step of one residual block (`kernels/layer_step.cpp`) with its arguments
+    bound: plan(x) = x + out_proj(layer step(in_proj(rms_norm(x)))) for one token a row x (b, D),
+    the two states advanced in place.  Binding the ~25 arguments once saves what the Python side of
+    a step costs (~200 of ~300 microseconds a layer on a small CPU).  The kernel reads the weights and
+    states through the pointers taken here: their values may change in place, not their storage
+    (`fits` checks the states and x; a new plan is needed for weights replaced or moved)."""
+
+    def __init__(self, fn, x_like: torch.Tensor, conv_state, ssm_state, bound: tuple, keep: tuple):
+        self.fn, self.bound, self.keep = fn, bound, keep      # keep: the tensors the pointers point into
+        self.dtype, self.shape = x_like.dtype, x_like.shape
+        self.conv_state, self.ssm_state = conv_state, ssm_state
+
+    def fits(self, x: torch.Tensor, conv_state, ssm_state) -> bool:
+        return (conv_state is self.conv_state and ssm_state is self.ssm_state and x.dtype == self.dtype
+                and x.shape == self.shape and x.device.type == "cpu" and x.is_contiguous())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        if self.fn(x.data_ptr(), out.data_ptr(), *self.bound, torch.get_num_threads()):
+            raise ValueError("fused block step: invalid shapes")
+        return out
+
+
+def block_step_plan(x, norm_weight, eps, in_weight, out_weight, conv_weight, conv_bias, weights: dict,
+                    conv_state, ssm_state, method, alpha) -> BlockStepPlan | None:
+    """The bound native step of a residual block for rows like x (b, D): in_weight (2E, D),
+    out_weight (D, E), the rest as `decode_layer_step`; None when the kernel cannot take them."""
     lib = native_library()
     params = (norm_weight, in_weight, out_weight, conv_weight, weights["Wg"])
     if not _step_inputs_ok(lib, x.dtype, params, (x, conv_state, ssm_state, in_weight, out_weight)):
         return None
     b, H, N, P = ssm_state.shape
     E, K = conv_weight.shape
-    D = x.shape[1]
-    out = torch.empty_like(x)
     code, al = method_id(method, alpha, weights.get("structure"))
     Wa, lti = weights["Wa"], weights["lti"]
-    err = getattr(lib, f"ssm_block_step_{suffix(x.dtype)}")(
-        *map(ptr, (x, out, norm_weight)), _rms_eps(eps, x.dtype), in_weight.data_ptr(), out_weight.data_ptr(), D,
-        *map(ptr, (conv_state, conv_weight, conv_bias, weights["Wg"], weights["dt_bias"], Wa, weights["A_base"],
-                   weights["D_base"], lti, ssm_state)),
-        b, E, H, P, N, weights["groups"], Wa.shape[1], K, code, al, torch.get_num_threads())
-    if err:
-        raise ValueError(f"fused block step: invalid shapes (code {err})")
-    return out
+    tensors = (conv_state, conv_weight, conv_bias, weights["Wg"], weights["dt_bias"], Wa, weights["A_base"],
+               weights["D_base"], lti, ssm_state)
+    bound = (ptr(norm_weight), _rms_eps(eps, x.dtype), ptr(in_weight), ptr(out_weight), x.shape[1],
+             *map(ptr, tensors), b, E, H, P, N, weights["groups"], Wa.shape[1], K, code, al)
+    fn = getattr(lib, f"ssm_block_step_{suffix(x.dtype)}")
+    return BlockStepPlan(fn, x, conv_state, ssm_state, bound, (norm_weight, in_weight, out_weight, *tensors))

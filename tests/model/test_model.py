@@ -49,22 +49,30 @@ def test_prefill_and_steps_equal_the_full_forward(kw):
 @pytest.mark.parametrize("path", [pytest.param("block", marks=requires_native_kernel()),
                                   pytest.param("layer", marks=requires_native_kernel()), "operations"])
 def test_the_three_decode_paths_of_the_diagonal_layer(path, hidden, dtype, tol, monkeypatch):
-    """The whole residual block in one native call, the layer between its projections in one call,
-    and operation by operation (each native path refused in turn) all decode as the forward; width
-    13 leaves remainders in every projection's rows and columns."""
+    """The whole residual block in one native call (its arguments bound once per cache), the layer
+    between its projections in one call, and operation by operation (each native path refused in
+    turn) all decode as the forward; width 13 leaves remainders in every projection's rows and columns."""
     import sparse_ssm.model.layer as layer_module
 
-    calls = {"block": 0, "layer": 0}
-    real_block, real_layer = layer_module.decode_block_step, layer_module.decode_layer_step
+    calls = {"plans": 0, "block": 0, "layer": 0}
+    real_plan, real_layer = layer_module.block_step_plan, layer_module.decode_layer_step
 
-    def block(*a):
-        calls["block"] += 1
-        return real_block(*a) if path == "block" else None
+    def plan(*a):
+        calls["plans"] += 1
+        made = real_plan(*a)
+        if path != "block":
+            return None
+
+        def counted(x):
+            calls["block"] += 1
+            return made(x)
+        counted.fits = made.fits
+        return counted
 
     def layer(*a):
         calls["layer"] += 1
         return real_layer(*a) if path == "layer" else None
-    monkeypatch.setattr(layer_module, "decode_block_step", block)
+    monkeypatch.setattr(layer_module, "block_step_plan", plan)
     monkeypatch.setattr(layer_module, "decode_layer_step", layer)
     model = randomise_generators(SparseSSMForCausalLM(tiny(num_groups=2, hidden_dim=hidden)).to(dtype).eval())
     ids = torch.randint(0, 97, (2, 12))
@@ -73,8 +81,28 @@ def test_the_three_decode_paths_of_the_diagonal_layer(path, hidden, dtype, tol, 
     for t in range(5, 12):
         logits, cache = model.step(ids[:, t], cache)
         assert torch.allclose(logits, full[:, t], atol=tol, rtol=tol)
-    asked = 7 * 2                                       # steps x layers
-    assert calls == {"block": asked, "layer": 0 if path == "block" else asked}
+    steps, layers = 7, 2
+    assert calls["plans"] == (layers if path == "block" else steps * layers)    # bound once per cache
+    assert calls["block"] == (steps * layers if path == "block" else 0)
+    assert calls["layer"] == (0 if path == "block" else steps * layers)
+
+
+def test_a_cache_binds_its_native_step_once_and_again_for_new_states():
+    """The bound step is reused while the cache's state tensors stay, and made again when they are
+    replaced (the cache of a re-batched request) or the input dtype changes."""
+    model = randomise_generators(SparseSSMForCausalLM(tiny()).eval())
+    ids = torch.randint(0, 97, (2, 9))
+    _, cache = model.prefill(ids[:, :4])
+    model.step(ids[:, 4], cache)
+    plans = [s.plan for s in cache]
+    model.step(ids[:, 5], cache)
+    assert [s.plan for s in cache] == plans
+    cache[0].ssm = cache[0].ssm.clone()
+    model.step(ids[:, 6], cache)
+    assert cache[1].plan is plans[1] and (cache[0].plan is not plans[0] or plans[0] is None)
+    expected = model(ids[:, 7:9], cache=[type(s)(s.conv.clone(), s.ssm.clone()) for s in cache]).logits
+    logits, _ = model.step(ids[:, 7], cache)
+    assert torch.allclose(logits, expected[:, 0], atol=1e-5)
 
 
 def test_step_advances_the_cache_in_place_like_a_forward_from_it():
