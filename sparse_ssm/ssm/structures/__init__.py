@@ -35,6 +35,11 @@ Stability by construction:
   Its matrix exponential is dense, so this structure supports the bilinear / gbt methods only:
   the inverse (I - alpha dt A)^{-1} is applied in O(N r) through the Woodbury identity.
 
+Every exp(.) above that turns a raw parameter into a rate (the diagonal's and the rotation's exp(2 r),
+the block's exp(diag R), the low-rank's exp(d)) takes its argument capped at 20 (`block.rate_exp`):
+a rate of e^20 already empties the state for any usable dt, and without the cap an input-dependent
+raw value above ~44 overflows float32 (an infinite rate, a NaN gradient).
+
 The discrete operators are tuples of tensors with leading dimensions (..., ) = the token dims.
 """
 
