@@ -32,7 +32,7 @@ class SparseSSMConfig(Section):
     max_seq_len: int = Field(1024, ge=1)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     activation: Literal["gelu", "gelu_tanh", "silu", "relu"] = "gelu"
-    selective_param_class: Literal["dense", "sparse", "low_rank", "rotation"] = "sparse"
+    selective_param_class: Literal["dense", "sparse", "low_rank", "rotation", "permutation"] = "sparse"
     sparsity_level: float = Field(0.9, ge=0.0, lt=1.0)
     sparsity_pattern: Literal["block", "banded"] = "block"
     low_rank_rank: int = Field(2, ge=1)
@@ -84,12 +84,12 @@ class SparseSSMConfig(Section):
 
     @property
     def resolved_discretization(self) -> str:
-        """`auto`: the exact zero-order hold where it is cheap (diagonal, rotation), the bilinear
-        transform for block, banded, dense and low-rank A_t (its fused kernel solves a small system
-        per block; ZOH would need a matrix exponential per token)."""
+        """`auto`: the exact zero-order hold where it is cheap (diagonal, rotation, the permutation
+        structure's diagonal), the bilinear transform for block, banded, dense and low-rank A_t (its
+        fused kernel solves a small system per block; ZOH would need a matrix exponential per token)."""
         if self.discretization != "auto":
             return self.discretization
-        return "zoh" if self.is_diagonal or self.selective_param_class == "rotation" else "bilinear"
+        return "zoh" if self.is_diagonal or self.selective_param_class in ("rotation", "permutation") else "bilinear"
 
     @model_validator(mode="after")
     def _check_relations(self):
@@ -109,7 +109,8 @@ class SparseSSMConfig(Section):
         if self.eigenvalue_range == "signed" and not self.is_diagonal:
             raise ValueError("eigenvalue_range: 'signed' applies to the diagonal structure (selective_param_class "
                              "'sparse' with blocks of 1); rotation blocks reach negative eigenvalues through their "
-                             "angle, block/dense/low-rank ones through the bilinear discretisation")
+                             "angle, block/dense/low-rank ones through the bilinear discretisation, permutation ones "
+                             "by moving the states")
         if self.selective_param_class == "low_rank" and self.discretization == "zoh":
             raise ValueError("discretization: 'zoh' is not available for selective_param_class 'low_rank' (the "
                              "exponential of a diagonal-plus-low-rank matrix is dense); use 'bilinear' or 'gbt'")

@@ -13,7 +13,7 @@ per-token operator tensor is stored, so the memory is that of the diagonal scan.
 state: the dense class), `BandedStructure` (two partitions of blocks, the Lie-Trotter product) and
 `LowRankStructure` (`kernels/lowrank_scan.cpp`: the bilinear inverse by Woodbury, O(N r) per
 channel) with bilinear or gbt (ZOH of a general block needs a matrix exponential per token: that
-stays on the pure-PyTorch path).
+stays on the pure-PyTorch path, as does `PermutationStructure`, whose arg-max selection has no kernel).
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ import torch
 
 from .kernels import (cpu_op, gradient_buffers, method_id, native_library, ptr, register_scan_autograd,
                       scan_buffers, suffix, sum_heads_per_group, token_rows)
-from .structures import BandedStructure, BlockStructure, DiagonalStructure, LowRankStructure, RotationStructure
+from .structures import (BandedStructure, BlockStructure, DiagonalStructure, LowRankStructure, PermutationStructure,
+                         RotationStructure)
 
 
 def _kind(structure) -> int | None:
     if isinstance(structure, RotationStructure):
         return 1
-    if isinstance(structure, BlockStructure) and not isinstance(structure, DiagonalStructure):
+    if isinstance(structure, BlockStructure) and not isinstance(structure, (DiagonalStructure, PermutationStructure)):
         return 0
     if isinstance(structure, BandedStructure):
         return 2

@@ -67,6 +67,7 @@ VARIANTS = {
     "diagonal": dict(selective_param_class="sparse", sparsity_level=0.9),      # Mamba: eigenvalues in (0, 1]
     "diagonal_signed": dict(selective_param_class="sparse", sparsity_level=0.9, eigenvalue_range="signed"),  # (-1, 1]
     "rotation": dict(selective_param_class="rotation"),                          # 2 x 2 scaled rotations
+    "permutation": dict(selective_param_class="permutation"),                    # PD-SSM: P_t diag(d_t)
     "block2": dict(selective_param_class="sparse", sparsity_level=0.875),
     "block4": dict(selective_param_class="sparse", sparsity_level=0.75),
     "block": dict(selective_param_class="sparse", sparsity_level=0.5),           # b = 8

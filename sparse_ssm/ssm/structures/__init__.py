@@ -12,6 +12,7 @@ diagonal        diag(a),  a = -exp(2 r)       N                 N K
 rotation        [[-l, -w], [w, -l]] per pair  N                 2 N K
 block (b x b)   -L L^T + (S - S^T) per block  N b               N b K
 low-rank (r)    diag(lam) + U V^T             N + 2 N r         about 4 N r K
+permutation     A_bar = P diag(d), P one-hot  N + N^2           N K (gather); N^2 K as run
 ==============  ============================  ================  ==========================
 
 Eigenvalues of A_bar: the diagonal's exp(dt a) lie in (0, 1] (Mamba); with `signed=True` the
@@ -20,7 +21,10 @@ still a contraction.  Rotation pairs (l = exp(2 r0) > 0, w = r1) are complex eig
 exp(dt (-l + i w)): any angle, so counting modulo m is a rotation by 2 pi / m.  Block and dense
 A_t with bilinear / gbt discretisation are Cayley transforms of a matrix whose symmetric part is
 negative definite: inside the unit disc, orthogonal in the limit of a small symmetric part, and
-reflection-like (an eigenvalue near -1) for a large one along a direction.
+reflection-like (an eigenvalue near -1) for a large one along a direction.  Permutation-diagonal
+transitions (`permutation.py`, PD-SSM) move every state to one state chosen by an arg-max per token:
+exact finite-automaton steps (parity, counting mod m, S3), which no learned angle or eigenvalue
+gives over long sequences.
 
 Stability by construction:
 
@@ -50,9 +54,10 @@ from .banded import BandedStructure
 from .block import BlockStructure, DiagonalStructure, RotationStructure
 from .dense_prefix import DensePrefix
 from .low_rank import LowRankStructure
+from .permutation import PermutationStructure
 
 __all__ = ["BlockStructure", "DiagonalStructure", "RotationStructure", "BandedStructure", "LowRankStructure",
-           "DensePrefix", "make_structure"]
+           "PermutationStructure", "DensePrefix", "make_structure"]
 
 
 def make_structure(selective_param_class: str, state_dim: int, sparsity_level: float = 0.0,
@@ -60,11 +65,13 @@ def make_structure(selective_param_class: str, state_dim: int, sparsity_level: f
     """Structure for a config: 'dense' (one N x N block), 'sparse' (block size b from
     `hippo.block_size_for`; pattern 'block' = block-diagonal, 'banded' = half-bandwidth b // 2;
     b = 1 is the diagonal case for both, whose eigenvalue range `signed` chooses), 'rotation'
-    (2 x 2 scaled-rotation blocks) or 'low_rank'."""
+    (2 x 2 scaled-rotation blocks), 'permutation' (PD-SSM's P diag(d)) or 'low_rank'."""
     if selective_param_class == "dense":
         return BlockStructure(state_dim, state_dim)
     if selective_param_class == "rotation":
         return RotationStructure(state_dim)
+    if selective_param_class == "permutation":
+        return PermutationStructure(state_dim)
     if selective_param_class == "sparse":
         b = block_size_for(state_dim, sparsity_level)
         if b == 1:
