@@ -75,16 +75,24 @@ def discretize_state_matrix(A: torch.Tensor, dt, method: str = "zoh", alpha: flo
     return torch.linalg.solve(eye - a * dt_mat * A, eye + (1 - a) * dt_mat * A)
 
 
+def expm1_ratio(x: torch.Tensor) -> torch.Tensor:
+    """expm1(x) / x, with its limit 1 at x = 0 (and a zero, not NaN, gradient there): ZOH's input
+    gain is dt * expm1_ratio(dt a), finite when a rate exp(2 r) underflows to 0, as in the kernels."""
+    zero = x == 0
+    safe = torch.where(zero, torch.ones_like(x), x)
+    return torch.where(zero, torch.ones_like(x), torch.expm1(safe) / safe)
+
+
 def discretize_diagonal(a: torch.Tensor, B: torch.Tensor, dt: torch.Tensor, method: str = "zoh",
                         alpha: float = 0.5):
     """Closed form for a diagonal A = diag(a).
 
     a, B: (..., N);  dt: (...) (one step per leading index).  Returns (A_bar (..., N), B_bar (..., N)).
-    ZOH: A_bar = exp(dt a), B_bar = expm1(dt a) / a * B  (a < 0 strictly in the layers).
+    ZOH: A_bar = exp(dt a), B_bar = expm1(dt a) / a * B = dt expm1_ratio(dt a) B  (a <= 0).
     """
     dta = dt[..., None] * a
     if method == "zoh":
-        return torch.exp(dta), torch.expm1(dta) / a * B
+        return torch.exp(dta), dt[..., None] * expm1_ratio(dta) * B
     al = alpha_for(method, alpha)
     inv = 1.0 / (1.0 - al * dta)
     return (1.0 + (1.0 - al) * dta) * inv, dt[..., None] * inv * B

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fused
-from .discretization import alpha_for
+from .discretization import alpha_for, expm1_ratio
 from .structures import DiagonalStructure
 
 
@@ -112,9 +112,9 @@ def _diagonal_log_decay(a, dt, method, alpha, signed=False):
     tiny = torch.finfo(dta.dtype).tiny
     if method == "zoh":
         if not signed:
-            return dta, None, torch.expm1(dta) / a
+            return dta, None, dt[..., None] * expm1_ratio(dta)
         value = 2 * torch.exp(dta) - 1
-        return torch.log(value.abs().clamp_min(tiny)), value < 0, torch.expm1(dta) / a
+        return torch.log(value.abs().clamp_min(tiny)), value < 0, dt[..., None] * expm1_ratio(dta)
     al = alpha_for(method, alpha)
     num = 1.0 + (1.0 - al) * dta
     den = 1.0 - al * dta

@@ -10,7 +10,8 @@ import torch
 from sparse_ssm.ssm import fused
 from sparse_ssm.ssm.hippo import hippo
 from sparse_ssm.ssm.scan import selective_scan_chunked, selective_scan_ref, selective_scan_sequential
-from sparse_ssm.ssm.structures import (BlockStructure, DiagonalStructure, LowRankStructure, RotationStructure)
+from sparse_ssm.ssm.structures import (BlockStructure, DiagonalStructure, LowRankStructure, PermutationStructure,
+                                       RotationStructure)
 from sparse_ssm.ssm.structures.block import RATE_EXP_MAX
 
 # structure, method, which raw entries set a rate through rate_exp and how (see the structures'
@@ -26,8 +27,8 @@ def rate_entries(structure):
     if isinstance(structure, RotationStructure):
         mask[0::2] = True                                   # r0 of each pair: lam = exp(2 r0)
         return mask, 2, 1
-    if isinstance(structure, DiagonalStructure):
-        mask[:] = True                                      # a = -exp(2 r)
+    if isinstance(structure, (DiagonalStructure, PermutationStructure)):
+        mask[:N] = True                                     # a = -exp(2 r) (then the permutation's logits)
         return mask, 2, 1
     if isinstance(structure, BlockStructure):
         b = structure.block_size
@@ -89,3 +90,21 @@ def test_rates_that_would_overflow_float32_give_finite_values_and_gradients(stru
         y, h, grads = run(scan, xs, structure, method)
         assert torch.isfinite(y).all() and torch.isfinite(h).all(), name
         assert all(torch.isfinite(g).all() for g in grads), name
+
+
+@pytest.mark.parametrize("structure", [DiagonalStructure(8), DiagonalStructure(8, signed=True), PermutationStructure(8)],
+                         ids=lambda s: s.name)
+def test_rates_that_underflow_to_zero_give_the_zoh_limit_on_every_path(structure):
+    """exp(2 r) is 0 in float32 below r ~ -52: ZOH's input gain expm1(dt a) / a must then be its limit
+    dt (the kernels' phi), not 0 / 0 — a trained PD-SSM drives its decays to 1 and died with NaN."""
+    xs = inputs(structure, argument=0.0, dtype=torch.float32)
+    raw = xs[2]
+    raw[..., :structure.state_dim] = -60.0                               # a = -exp(-120) = -0 in float32
+    limit = [x.double() for x in xs]
+    limit[2][..., :structure.state_dim] = -30.0                          # a = -exp(-60): dt a ~ 1e-27, the same limit
+    y_lim, h_lim, _ = run(selective_scan_ref, limit, structure, "zoh")
+    for name, scan in {"reference": selective_scan_ref, **paths(structure, "zoh", torch.float32)}.items():
+        y, h, grads = run(scan, xs, structure, "zoh")
+        assert all(torch.isfinite(g).all() for g in grads), name
+        assert torch.allclose(y.double(), y_lim, rtol=1e-4, atol=1e-4), name
+        assert torch.allclose(h.double(), h_lim, rtol=1e-4, atol=1e-4), name
