@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sparse_ssm.ssm import fused
+from sparse_ssm.ssm.discretization import expm1_ratio
 from sparse_ssm.ssm.hippo import hippo
 from sparse_ssm.ssm.scan import selective_scan_chunked, selective_scan_ref, selective_scan_sequential
 from sparse_ssm.ssm.structures import (BlockStructure, DiagonalStructure, LowRankStructure, PermutationStructure,
@@ -108,3 +109,28 @@ def test_rates_that_underflow_to_zero_give_the_zoh_limit_on_every_path(structure
         assert all(torch.isfinite(g).all() for g in grads), name
         assert torch.allclose(y.double(), y_lim, rtol=1e-4, atol=1e-4), name
         assert torch.allclose(h.double(), h_lim, rtol=1e-4, atol=1e-4), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zoh_input_gain_and_its_gradient_match_the_closed_form_down_to_rates_whose_square_underflows(dtype):
+    """expm1(x)/x and its derivative against the float64 closed form (computed where it is exact:
+    every x here squares to a normal float64).  x = dt a ~ -6.6e-40 is what a trained PD-SSM gave
+    (dt 8e-11, a -8e-30): x^2 underflows in float32 and the plain quotient's gradient was inf - inf,
+    which clip_grad_norm_ turned into NaN weights."""
+    xs = [-30.0, -3.0, -0.5, -0.09, -0.011, -1e-3, -1e-6, -1e-12, -1e-30, -6.6e-40, 0.0, 1e-6, 0.05, 0.5]
+    x = torch.tensor(xs, dtype=dtype, requires_grad=True)
+    value = expm1_ratio(x)
+    (grad,) = torch.autograd.grad(value.sum(), x)
+    exact = x.detach().double()                                         # what x holds, in float64
+    nonzero = exact != 0
+    q = torch.where(nonzero, exact, torch.ones_like(exact))
+    ref_value = torch.where(nonzero, torch.expm1(q) / q, torch.ones_like(q))
+    ref_grad = torch.where(nonzero, (q * torch.exp(q) - torch.expm1(q)) / q ** 2, torch.full_like(q, 0.5))
+    # the closed-form derivative cancels for |x| < 1e-4 even in float64: there, its Taylor series
+    # sum_k (k + 1) x^k / (k + 2)!
+    taylor = 1 / 2 + exact * (1 / 3 + exact * (1 / 8 + exact / 30))
+    ref_grad = torch.where(exact.abs() < 1e-4, taylor, ref_grad)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    assert torch.isfinite(grad).all()
+    assert torch.allclose(value.double(), ref_value, rtol=tol, atol=0)
+    assert torch.allclose(grad.double(), ref_grad, rtol=10 * tol, atol=0)
