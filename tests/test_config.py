@@ -35,6 +35,7 @@ def test_auto_discretization_is_exact_where_it_is_cheap():
     resolved = lambda **kw: SparseSSMConfig(state_dim=16, **kw).resolved_discretization
     assert resolved() == "zoh" and resolved(selective_param_class="rotation") == "zoh"
     assert resolved(selective_param_class="permutation") == "zoh"
+    assert resolved(selective_param_class="householder") == "zoh"
     assert resolved(sparsity_level=0.5) == resolved(selective_param_class="dense") == "bilinear"
     assert resolved(sparsity_level=0.5, discretization="zoh") == "zoh"
 

@@ -32,10 +32,10 @@ class SparseSSMConfig(Section):
     max_seq_len: int = Field(1024, ge=1)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     activation: Literal["gelu", "gelu_tanh", "silu", "relu"] = "gelu"
-    selective_param_class: Literal["dense", "sparse", "low_rank", "rotation", "permutation"] = "sparse"
+    selective_param_class: Literal["dense", "sparse", "low_rank", "rotation", "permutation", "householder"] = "sparse"
     sparsity_level: float = Field(0.9, ge=0.0, lt=1.0)
     sparsity_pattern: Literal["block", "banded"] = "block"
-    low_rank_rank: int = Field(2, ge=1)
+    low_rank_rank: int = Field(2, ge=1)              # low_rank: rank of U V^T; householder: reflections per token
     use_parallel_scan: bool = True
     selective: bool = True                           # false: the time-invariant ablation
     scan_chunk_size: int = Field(8, ge=1)
@@ -84,12 +84,14 @@ class SparseSSMConfig(Section):
 
     @property
     def resolved_discretization(self) -> str:
-        """`auto`: the exact zero-order hold where it is cheap (diagonal, rotation, the permutation
-        structure's diagonal), the bilinear transform for block, banded, dense and low-rank A_t (its
-        fused kernel solves a small system per block; ZOH would need a matrix exponential per token)."""
+        """`auto`: the exact zero-order hold where it is cheap (diagonal, rotation, the diagonal of
+        the permutation and householder structures), the bilinear transform for block, banded, dense
+        and low-rank A_t (its fused kernel solves a small system per block; ZOH would need a matrix
+        exponential per token)."""
         if self.discretization != "auto":
             return self.discretization
-        return "zoh" if self.is_diagonal or self.selective_param_class in ("rotation", "permutation") else "bilinear"
+        return "zoh" if self.is_diagonal or self.selective_param_class in ("rotation", "permutation", "householder") \
+            else "bilinear"
 
     @model_validator(mode="after")
     def _check_relations(self):
@@ -110,7 +112,7 @@ class SparseSSMConfig(Section):
             raise ValueError("eigenvalue_range: 'signed' applies to the diagonal structure (selective_param_class "
                              "'sparse' with blocks of 1); rotation blocks reach negative eigenvalues through their "
                              "angle, block/dense/low-rank ones through the bilinear discretisation, permutation ones "
-                             "by moving the states")
+                             "by moving the states, householder ones through their reflections")
         if self.selective_param_class == "low_rank" and self.discretization == "zoh":
             raise ValueError("discretization: 'zoh' is not available for selective_param_class 'low_rank' (the "
                              "exponential of a diagonal-plus-low-rank matrix is dense); use 'bilinear' or 'gbt'")

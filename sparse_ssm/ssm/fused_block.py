@@ -13,7 +13,8 @@ per-token operator tensor is stored, so the memory is that of the diagonal scan.
 state: the dense class), `BandedStructure` (two partitions of blocks, the Lie-Trotter product) and
 `LowRankStructure` (`kernels/lowrank_scan.cpp`: the bilinear inverse by Woodbury, O(N r) per
 channel) with bilinear or gbt (ZOH of a general block needs a matrix exponential per token: that
-stays on the pure-PyTorch path, as does `PermutationStructure`, whose arg-max selection has no kernel).
+stays on the pure-PyTorch path, as do `PermutationStructure`, whose arg-max selection has no kernel, and
+`HouseholderStructure`, whose reflections have no continuous-time generator for the kernels).
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ import torch
 
 from .kernels import (cpu_op, gradient_buffers, method_id, native_library, ptr, register_scan_autograd,
                       scan_buffers, suffix, sum_heads_per_group, token_rows)
-from .structures import (BandedStructure, BlockStructure, DiagonalStructure, LowRankStructure, PermutationStructure,
-                         RotationStructure)
+from .structures import (BandedStructure, BlockStructure, DiagonalStructure, HouseholderStructure, LowRankStructure,
+                         PermutationStructure, RotationStructure)
 
 
 def _kind(structure) -> int | None:
     if isinstance(structure, RotationStructure):
         return 1
-    if isinstance(structure, BlockStructure) and not isinstance(structure, (DiagonalStructure, PermutationStructure)):
+    discrete_only = (DiagonalStructure, PermutationStructure, HouseholderStructure)
+    if isinstance(structure, BlockStructure) and not isinstance(structure, discrete_only):
         return 0
     if isinstance(structure, BandedStructure):
         return 2

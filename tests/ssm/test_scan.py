@@ -6,12 +6,12 @@ import torch
 from sparse_ssm.ssm.hippo import hippo
 from sparse_ssm.ssm.scan import (selective_scan, selective_scan_chunked, selective_scan_ref,
                                  selective_scan_sequential)
-from sparse_ssm.ssm.structures import (BandedStructure, BlockStructure, DiagonalStructure, LowRankStructure,
-                                       PermutationStructure)
+from sparse_ssm.ssm.structures import (BandedStructure, BlockStructure, DiagonalStructure, HouseholderStructure,
+                                       LowRankStructure, PermutationStructure)
 
 STRUCTURES = [DiagonalStructure(6), BlockStructure(6, 2), BlockStructure(6, 3), BlockStructure(6, 6),
               BandedStructure(6, 2), BandedStructure(6, 3), LowRankStructure(6, 1), LowRankStructure(6, 2),
-              PermutationStructure(6)]
+              PermutationStructure(6), HouseholderStructure(6, 1), HouseholderStructure(6, 3)]
 
 
 def make_inputs(structure, batch, length, heads=2, head_dim=3, dtype=torch.float64, dt_scale=0.5, seed=0):
@@ -65,7 +65,7 @@ def test_gradients_match_reference(structure):
 
 
 @pytest.mark.parametrize("structure", [DiagonalStructure(3), BlockStructure(4, 2), BandedStructure(4, 2),
-                                       LowRankStructure(3, 1)],
+                                       LowRankStructure(3, 1), HouseholderStructure(3, 2)],
                          ids=lambda s: s.name)
 def test_gradcheck_chunked(structure):
     method = methods_for(structure)[-1]

@@ -13,6 +13,7 @@ rotation        [[-l, -w], [w, -l]] per pair  N                 2 N K
 block (b x b)   -L L^T + (S - S^T) per block  N b               N b K
 low-rank (r)    diag(lam) + U V^T             N + 2 N r         about 4 N r K
 permutation     A_bar = P diag(d), P one-hot  N + N^2           N K (gather); N^2 K as run
+householder (r) A_bar = H_r .. H_1 diag(d)    N + r (N + 1)     2 r N K; N^2 K as run
 ==============  ============================  ================  ==========================
 
 Eigenvalues of A_bar: the diagonal's exp(dt a) lie in (0, 1] (Mamba); with `signed=True` the
@@ -24,7 +25,9 @@ negative definite: inside the unit disc, orthogonal in the limit of a small symm
 reflection-like (an eigenvalue near -1) for a large one along a direction.  Permutation-diagonal
 transitions (`permutation.py`, PD-SSM) move every state to one state chosen by an arg-max per token:
 exact finite-automaton steps (parity, counting mod m, S3), which no learned angle or eigenvalue
-gives over long sequences.
+gives over long sequences.  Householder products (`householder.py`, DeltaProduct) multiply diag(d)
+by r reflections I - beta k k^T (beta in (0, 2), eigenvalue 1 - beta in (-1, 1) along k): symmetric
+factors of norm 1, so a contraction; their products reach rotations and permutation matrices.
 
 Stability by construction:
 
@@ -53,11 +56,12 @@ from ..hippo import block_size_for
 from .banded import BandedStructure
 from .block import BlockStructure, DiagonalStructure, RotationStructure
 from .dense_prefix import DensePrefix
+from .householder import HouseholderStructure
 from .low_rank import LowRankStructure
 from .permutation import PermutationStructure
 
 __all__ = ["BlockStructure", "DiagonalStructure", "RotationStructure", "BandedStructure", "LowRankStructure",
-           "PermutationStructure", "DensePrefix", "make_structure"]
+           "PermutationStructure", "HouseholderStructure", "DensePrefix", "make_structure"]
 
 
 def make_structure(selective_param_class: str, state_dim: int, sparsity_level: float = 0.0,
@@ -65,13 +69,16 @@ def make_structure(selective_param_class: str, state_dim: int, sparsity_level: f
     """Structure for a config: 'dense' (one N x N block), 'sparse' (block size b from
     `hippo.block_size_for`; pattern 'block' = block-diagonal, 'banded' = half-bandwidth b // 2;
     b = 1 is the diagonal case for both, whose eigenvalue range `signed` chooses), 'rotation'
-    (2 x 2 scaled-rotation blocks), 'permutation' (PD-SSM's P diag(d)) or 'low_rank'."""
+    (2 x 2 scaled-rotation blocks), 'permutation' (PD-SSM's P diag(d)), 'householder' (DeltaProduct's
+    low_rank_rank reflections times diag(d)) or 'low_rank'."""
     if selective_param_class == "dense":
         return BlockStructure(state_dim, state_dim)
     if selective_param_class == "rotation":
         return RotationStructure(state_dim)
     if selective_param_class == "permutation":
         return PermutationStructure(state_dim)
+    if selective_param_class == "householder":
+        return HouseholderStructure(state_dim, low_rank_rank)
     if selective_param_class == "sparse":
         b = block_size_for(state_dim, sparsity_level)
         if b == 1:

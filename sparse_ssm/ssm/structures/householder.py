@@ -1,0 +1,91 @@
+"""Products of generalised Householder reflections (DeltaProduct: Siems et al., "DeltaProduct:
+Improving State-Tracking in Linear RNNs via Householder Products", 2025; with one reflection,
+DeltaNet with eigenvalues in [-1, 1]: Grazzi et al., ICLR 2025).
+
+    A_bar_t = H_{t,r} ... H_{t,1} diag(d_t)      H_{t,i} = I - beta_{t,i} k_{t,i} k_{t,i}^T / |k_{t,i}|^2
+    beta = 2 sigmoid(b) in (0, 2)                  H's eigenvalue along k is 1 - beta in (-1, 1), 1 elsewhere
+    d_t = the diagonal's discretisation of a_t = -exp(2 r_t), in (0, 1]
+
+A_bar_t - diag(d_t) has rank at most r (`low_rank_rank` reflections per token): a diagonal-plus-
+low-rank transition that is discrete by construction (it has no continuous-time generator; the
+decay and `B_bar` are the diagonal's).  Stable by construction: each H is symmetric with
+eigenvalues in (-1, 1], so its spectral norm is 1, and ||A_bar_t||_2 <= max d <= 1: the Euclidean
+norm of the state never grows without input.
+
+What it can express: one reflection with beta -> 2 flips the sign along k (parity's -1, as the
+signed diagonal); two reflections whose normals meet at an angle phi compose to a rotation by 2 phi
+in their plane (counting modulo m: phi = pi / m); and products of reflections reach every
+orthogonal matrix (Cartan-Dieudonne), among them the permutation matrices: S3 acting on three
+states needs two reflections per token (a 3-cycle is two transpositions, each the reflection across
+e_i - e_j).  Unlike the rotation pairs, whose angle and decay come from one rate, the directions
+are learnt apart from the decay, which can stay at 1.
+
+raw per head = [r (N), then per reflection i: k_i (N), b_i (1)], from the generator's rank-r
+bottleneck like the other structures.  The scans apply A_bar as one dense N x N block (the
+`BlockStructure` operators; O(N^2) per token and channel).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..discretization import discretize, discretize_diagonal
+from .block import BlockStructure, DiagonalStructure, rate_exp
+
+# The reflections' initial strength: beta = 2 sigmoid(-3) = 0.095, so A_bar starts close to the
+# diagonal SSM's diag(d) while every direction already passes gradients.
+INITIAL_REFLECTION_LOGIT = -3.0
+
+
+class HouseholderStructure(BlockStructure):
+    """A_bar_t = H_{t,r} ... H_{t,1} diag(d_t) (see the module docstring): one dense N x N block
+    for the scans."""
+
+    def __init__(self, state_dim: int, num_reflections: int = 2):
+        super().__init__(state_dim, state_dim)
+        self.name = f"householder{num_reflections}"
+        self.num_reflections = num_reflections
+        self.raw_size = state_dim + num_reflections * (state_dim + 1)
+
+    def continuous(self, raw: torch.Tensor):
+        """raw (..., raw_size) -> (a (..., N) < 0, keys (..., r, N), beta (..., r) in (0, 2))."""
+        N = self.state_dim
+        reflections = raw[..., N:].reshape(*raw.shape[:-1], self.num_reflections, N + 1)
+        return -rate_exp(2 * raw[..., :N]), reflections[..., :N], 2 * torch.sigmoid(reflections[..., N])
+
+    def raw_from_hippo(self, A: torch.Tensor) -> torch.Tensor:
+        """The diagonal's raw rates for A's diagonal projection; fixed pseudo-random key directions
+        (distinct for every reflection) of strength INITIAL_REFLECTION_LOGIT."""
+        N = self.state_dim
+        rates = DiagonalStructure(N).raw_from_hippo(A)
+        g = torch.Generator().manual_seed(0)
+        keys = torch.randn(self.num_reflections, N, generator=g, dtype=torch.float64).to(rates)
+        logits = torch.full((self.num_reflections, 1), INITIAL_REFLECTION_LOGIT, dtype=rates.dtype)
+        return torch.cat([rates, torch.cat([keys, logits], -1).reshape(-1)])
+
+    def discretize(self, A, dt, B, method, alpha=0.5):
+        """A = (a, keys, beta), dt (...), B (..., N) -> ((A_bar (..., 1, N, N),), B_bar (..., N)), each
+        reflection applied to the columns of diag(d) as M - beta k (k^T M) with k of unit norm.  A step
+        of dt = 0 is the identity (the chunked scan pads chunks with such steps)."""
+        a, keys, beta = A
+        d, B_bar = discretize_diagonal(a, B, dt, method, alpha)
+        M = torch.diag_embed(d)
+        for k, b in zip(torch.nn.functional.normalize(keys, dim=-1).unbind(-2), beta.unbind(-1)):
+            M = M - b[..., None, None] * k[..., :, None] * (k[..., None, :] @ M)
+        eye = torch.eye(self.state_dim, dtype=d.dtype, device=d.device)
+        return (torch.where((dt == 0)[..., None, None], eye, M)[..., None, :, :],), B_bar
+
+    def dense_discretize(self, A, dt, B, method, alpha=0.5):
+        """The reference: the textbook reflections I - beta k k^T / (k^T k), multiplied as matrices,
+        times the dense discretisation (`discretization.discretize`) of diag(a)."""
+        a, keys, beta = A
+        D_bar, B_bar = discretize(torch.diag_embed(a), B, dt, method, alpha)
+        eye = torch.eye(self.state_dim, dtype=a.dtype, device=a.device)
+        for i in range(self.num_reflections):
+            k = keys[..., i, :, None]
+            D_bar = (eye - beta[..., i, None, None] * (k @ k.transpose(-1, -2)) / (k.transpose(-1, -2) @ k)) @ D_bar
+        return D_bar, B_bar
+
+    def flops_per_token(self, head_dim: int) -> dict:
+        N, r = self.state_dim, self.num_reflections
+        return {"build_A": 4 * r * N * N, "discretize": 6 * N, "apply": 2 * N * N * head_dim}
