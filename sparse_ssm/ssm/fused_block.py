@@ -32,8 +32,8 @@ from .structures import (BandedStructure, BlockStructure, DiagonalStructure, Hou
 def _kind(structure) -> int | None:
     if isinstance(structure, RotationStructure):
         return 1
-    discrete_only = (DiagonalStructure, PermutationStructure, HouseholderStructure)
-    if isinstance(structure, BlockStructure) and not isinstance(structure, discrete_only):
+    elsewhere = (DiagonalStructure, PermutationStructure, HouseholderStructure)   # the diagonal kernel; none
+    if isinstance(structure, BlockStructure) and not isinstance(structure, elsewhere):
         return 0
     if isinstance(structure, BandedStructure):
         return 2
