@@ -21,6 +21,14 @@ def rate_exp(x: torch.Tensor) -> torch.Tensor:
     return torch.exp(x.clamp(max=RATE_EXP_MAX))
 
 
+def identity_at_padding(dt: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """M (..., N, N) with the identity wherever dt (...) is 0: the steps the chunked scan pads chunks
+    with, for the discrete-only structures whose A_bar does not follow from dt (permutation,
+    householder)."""
+    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+    return torch.where((dt == 0)[..., None, None], eye, M)
+
+
 def chol_skew_raw(blocks: torch.Tensor) -> torch.Tensor:
     """Inverse of `BlockStructure.continuous` for contractive blocks (..., b, b)."""
     sym = (blocks + blocks.transpose(-1, -2)) / 2

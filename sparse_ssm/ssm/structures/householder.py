@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from ..discretization import discretize, discretize_diagonal
-from .block import BlockStructure, DiagonalStructure, rate_exp
+from .block import BlockStructure, DiagonalStructure, identity_at_padding, rate_exp
 
 # The reflections' initial strength: beta = 2 sigmoid(-3) = 0.095, so A_bar starts close to the
 # diagonal SSM's diag(d) while every direction already passes gradients.
@@ -72,8 +72,7 @@ class HouseholderStructure(BlockStructure):
         M = torch.diag_embed(d)
         for k, b in zip(torch.nn.functional.normalize(keys, dim=-1).unbind(-2), beta.unbind(-1)):
             M = M - b[..., None, None] * k[..., :, None] * (k[..., None, :] @ M)
-        eye = torch.eye(self.state_dim, dtype=d.dtype, device=d.device)
-        return (torch.where((dt == 0)[..., None, None], eye, M)[..., None, :, :],), B_bar
+        return (identity_at_padding(dt, M)[..., None, :, :],), B_bar
 
     def dense_discretize(self, A, dt, B, method, alpha=0.5):
         """The reference: the textbook reflections I - beta k k^T / (k^T k), multiplied as matrices,

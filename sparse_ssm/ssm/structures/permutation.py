@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..discretization import discretize, discretize_diagonal
-from .block import BlockStructure, DiagonalStructure, rate_exp
+from .block import BlockStructure, DiagonalStructure, identity_at_padding, rate_exp
 
 # Initial selection logits: this margin on the diagonal, so P_0 = I (the model starts as the
 # diagonal SSM) while the column softmax (p = 0.57 on the diagonal at N = 16) still passes gradients.
@@ -69,8 +69,7 @@ class PermutationStructure(BlockStructure):
         of dt = 0 is the identity, whatever its logits (the chunked scan pads chunks with such steps)."""
         a, logits = A
         d, B_bar = discretize_diagonal(a, B, dt, method, alpha)
-        eye = torch.eye(self.state_dim, dtype=d.dtype, device=d.device)
-        P = torch.where((dt == 0)[..., None, None], eye, self.selection(logits))
+        P = identity_at_padding(dt, self.selection(logits))
         return ((P * d[..., None, :])[..., None, :, :],), B_bar
 
     def dense_discretize(self, A, dt, B, method, alpha=0.5):
