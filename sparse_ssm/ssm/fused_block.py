@@ -13,8 +13,10 @@ per-token operator tensor is stored, so the memory is that of the diagonal scan.
 state: the dense class), `BandedStructure` (two partitions of blocks, the Lie-Trotter product) and
 `LowRankStructure` (`kernels/lowrank_scan.cpp`: the bilinear inverse by Woodbury, O(N r) per
 channel) with bilinear or gbt (ZOH of a general block needs a matrix exponential per token: that
-stays on the pure-PyTorch path, as do `PermutationStructure`, whose arg-max selection has no kernel, and
-`HouseholderStructure`, whose reflections have no continuous-time generator for the kernels).
+stays on the pure-PyTorch path, as does `PermutationStructure`, whose arg-max selection has no
+kernel), and `HouseholderStructure` with any discretisation of its diagonal
+(`kernels/householder_scan.cpp`: the reflections applied to the state one rank-1 update at a time,
+O(r N) per channel).
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from .structures import (BandedStructure, BlockStructure, DiagonalStructure, Hou
 def _kind(structure) -> int | None:
     if isinstance(structure, RotationStructure):
         return 1
-    elsewhere = (DiagonalStructure, PermutationStructure, HouseholderStructure)   # the diagonal kernel; none
-    if isinstance(structure, BlockStructure) and not isinstance(structure, elsewhere):
+    if isinstance(structure, HouseholderStructure):
+        return 4
+    if isinstance(structure, BlockStructure) and not isinstance(structure, (DiagonalStructure, PermutationStructure)):
         return 0
     if isinstance(structure, BandedStructure):
         return 2
@@ -44,16 +47,19 @@ def _kind(structure) -> int | None:
 
 def supports(structure, method: str) -> bool:
     kind = _kind(structure)
-    return kind == 1 or (kind in (0, 2, 3) and method != "zoh")
+    return kind in (1, 4) or (kind in (0, 2, 3) and method != "zoh")
 
 
 def _size(structure) -> int:
-    """The kernels' size parameter: the block size, or the rank of a low-rank structure."""
+    """The kernels' size parameter: the block size, the rank of a low-rank structure, or the number
+    of reflections."""
+    if isinstance(structure, HouseholderStructure):
+        return structure.num_reflections
     return structure.rank if isinstance(structure, LowRankStructure) else structure.block_size
 
 
 def _kernel(kind: int, direction: str, dtype):
-    family = "lowrank" if kind == 3 else "block"
+    family = {3: "lowrank", 4: "householder"}.get(kind, "block")
     return getattr(native_library(), f"ssm_{family}_{direction}_{suffix(dtype)}")
 
 
@@ -61,6 +67,8 @@ def _dims(u, B, bs, z_stride, kind, code, alpha):
     b, L, H, P = u.shape
     if kind == 3:                                         # the low-rank kernel: gbt only, by alpha
         return [b, L, H, P, B.shape[-1], B.shape[2], bs, z_stride, alpha, torch.get_num_threads()]
+    if kind == 4:
+        return [b, L, H, P, B.shape[-1], B.shape[2], bs, z_stride, code, alpha, torch.get_num_threads()]
     return [b, L, H, P, B.shape[-1], B.shape[2], bs, z_stride, kind, code, alpha, torch.get_num_threads()]
 
 

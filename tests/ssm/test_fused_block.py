@@ -1,5 +1,5 @@
-"""The fused native scan for block-diagonal (dense included) and rotation structures against the
-dense reference (`selective_scan_ref`): values, gradients of every input (through the kernel's
+"""The fused native scans for block-diagonal (dense included), rotation, banded, low-rank and
+Householder-product structures against the dense reference (`selective_scan_ref`): values, gradients of every input (through the kernel's
 own solve and parameterisation backward), float64 gradcheck, odd sizes, states, groups, the gate."""
 
 import pytest
@@ -9,19 +9,24 @@ from helpers import requires_native_kernel
 from sparse_ssm.ssm.fused_block import selective_scan_fused_block, supports
 from sparse_ssm.ssm.hippo import hippo
 from sparse_ssm.ssm.scan import selective_scan_ref
-from sparse_ssm.ssm.structures import BandedStructure, BlockStructure, LowRankStructure, RotationStructure
+from sparse_ssm.ssm.structures import (BandedStructure, BlockStructure, HouseholderStructure, LowRankStructure,
+                                      PermutationStructure, RotationStructure)
 
 pytestmark = requires_native_kernel()
 
 STRUCTURES = [BlockStructure(8, 2), BlockStructure(8, 4), BlockStructure(8, 8), BlockStructure(9, 3),
               RotationStructure(8), RotationStructure(6), BandedStructure(8, 2), BandedStructure(8, 4),
-              BandedStructure(9, 3), LowRankStructure(8, 1), LowRankStructure(8, 2), LowRankStructure(7, 3)]
+              BandedStructure(9, 3), LowRankStructure(8, 1), LowRankStructure(8, 2), LowRankStructure(7, 3),
+              HouseholderStructure(8, 1), HouseholderStructure(8, 2), HouseholderStructure(7, 3)]
 METHODS = {"block": [("bilinear", 0.5), ("gbt", 0.3), ("gbt", 1.0)],
-           "rotation": [("zoh", 0.5), ("bilinear", 0.5), ("gbt", 0.8)]}
+           "rotation": [("zoh", 0.5), ("bilinear", 0.5), ("gbt", 0.8)],
+           "householder": [("zoh", 0.5), ("bilinear", 0.5), ("gbt", 0.8)]}
 SHAPES = [(1, 1, 1, 3, 1), (2, 7, 2, 8, 2), (1, 35, 2, 5, 1)]    # b, L, H, P, G: one token, groups, two chunks
 
 
 def methods(structure):
+    if isinstance(structure, HouseholderStructure):
+        return METHODS["householder"]
     return METHODS["rotation" if isinstance(structure, RotationStructure) else "block"]
 
 
@@ -30,7 +35,9 @@ def inputs(structure, b, L, H, P, G, dtype, seed=0, with_state=True):
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     N = structure.state_dim
     base = structure.raw_from_hippo(hippo("legs", N)[0])
-    raw = base + 0.4 * r(b, L, H, structure.raw_size)
+    # reflections of every strength (beta = 2 sigmoid(raw) from ~0 to ~2), not only the weak initial ones
+    spread = 2.0 if isinstance(structure, HouseholderStructure) else 0.4
+    raw = base + spread * r(b, L, H, structure.raw_size)
     dt = torch.nn.functional.softplus(r(b, L, H) - 1)
     xs = [r(b, L, H, P), dt, raw, r(b, L, G, N), r(b, L, G, N), r(b, L, H), r(b, H, N, P) if with_state else None]
     return [None if x is None else x.to(dtype) for x in xs]
@@ -59,7 +66,7 @@ def test_fused_block_scan_matches_the_reference_in_float64(structure, shape):
 
 
 @pytest.mark.parametrize("structure", [BlockStructure(8, 4), RotationStructure(8), BandedStructure(8, 4),
-                                       LowRankStructure(8, 2)], ids=lambda s: s.name)
+                                       LowRankStructure(8, 2), HouseholderStructure(8, 2)], ids=lambda s: s.name)
 def test_fused_block_scan_in_float32_with_the_gate_and_no_initial_state(structure):
     method, alpha = methods(structure)[0]
     x64 = inputs(structure, 2, 37, 2, 8, 1, torch.float64, with_state=False)
@@ -76,8 +83,10 @@ def test_fused_block_scan_in_float32_with_the_gate_and_no_initial_state(structur
 
 @pytest.mark.parametrize("structure, method", [(BlockStructure(6, 3), "bilinear"), (RotationStructure(4), "zoh"),
                                                (RotationStructure(4), "gbt"), (BandedStructure(6, 2), "bilinear"),
-                                               (LowRankStructure(5, 2), "gbt")],
-                         ids=["block3-bilinear", "rotation-zoh", "rotation-gbt", "banded-bilinear", "lowrank-gbt"])
+                                               (LowRankStructure(5, 2), "gbt"), (HouseholderStructure(5, 2), "zoh"),
+                                               (HouseholderStructure(4, 1), "gbt")],
+                         ids=["block3-bilinear", "rotation-zoh", "rotation-gbt", "banded-bilinear", "lowrank-gbt",
+                              "householder2-zoh", "householder1-gbt"])
 def test_fused_block_scan_gradcheck(structure, method):
     xs = [x.requires_grad_() for x in inputs(structure, 1, 34, 2, 3, 1, torch.float64)]
     fn = lambda *t: selective_scan_fused_block(*t[:6], structure, method, 0.3, t[6])
@@ -87,4 +96,6 @@ def test_fused_block_scan_gradcheck(structure, method):
 def test_what_the_block_kernel_takes():
     assert supports(RotationStructure(4), "zoh") and supports(BlockStructure(8, 4), "bilinear")
     assert supports(BandedStructure(8, 4), "gbt") and supports(LowRankStructure(8, 2), "bilinear")
+    assert supports(HouseholderStructure(8, 2), "zoh") and supports(HouseholderStructure(8, 2), "gbt")
     assert not supports(BlockStructure(8, 4), "zoh")          # a general block's ZOH stays on the PyTorch path
+    assert not supports(PermutationStructure(8), "zoh")       # PD-SSM's arg-max selection has no kernel

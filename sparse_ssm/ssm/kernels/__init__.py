@@ -5,7 +5,8 @@ a failed build, or ``SPARSE_SSM_NATIVE=0`` in the environment); callers then use
 paths, and a one-time note says why.  The sources (`selective_scan.cpp`: the diagonal selective
 scan with its output gate; `block_scan.cpp`: the same for block-diagonal, rotation and banded
 structures, their operators built in the kernel; `lowrank_scan.cpp`: for diagonal-plus-low-rank
-A_t through the Woodbury identity; `causal_conv.cpp`: the causal depthwise convolution + SiLU;
+A_t through the Woodbury identity; `householder_scan.cpp`: for products of Householder reflections
+times a diagonal, applied to the state one reflection at a time; `causal_conv.cpp`: the causal depthwise convolution + SiLU;
 `cross_entropy.cpp`: the softmax cross-entropy of the LM head's logits, in place;
 `layer_step.cpp`: a whole decoding step of a diagonal layer between its projections, the RMSNorm
 of its rows, and the residual block around both; `vec.h`:
@@ -28,8 +29,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-SOURCES = [HERE / name for name in ("selective_scan.cpp", "block_scan.cpp", "lowrank_scan.cpp", "causal_conv.cpp",
-                                    "cross_entropy.cpp", "layer_step.cpp")]
+SOURCES = [HERE / name for name in ("selective_scan.cpp", "block_scan.cpp", "lowrank_scan.cpp", "householder_scan.cpp",
+                                    "causal_conv.cpp", "cross_entropy.cpp", "layer_step.cpp")]
 HEADERS = [HERE / "vec.h"]
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-pthread"]
 ABI_VERSION = 3
@@ -77,9 +78,12 @@ def _bind(lib: ctypes.CDLL):
     conv_dims = [i64] * 5 + [c_int]                                    # b, L, E, K, x_stride, threads
     block_dims = [i64] * 8 + [c_int, c_int, ctypes.c_double, c_int]  # b, L, H, P, N, G, bs, z_stride, kind, method, ...
     lowrank_dims = [i64] * 8 + [ctypes.c_double, c_int]              # b, L, H, P, N, G, rank, z_stride, alpha, threads
+    householder_dims = [i64] * 8 + [c_int, ctypes.c_double, c_int]   # b, L, H, P, N, G, reflections, z_stride, method, ...
     signatures = {"ssm_diag_forward": [ptr] * 12 + scan_dims, "ssm_diag_backward": [ptr] * 19 + scan_dims,
                   "ssm_block_forward": [ptr] * 12 + block_dims, "ssm_block_backward": [ptr] * 19 + block_dims,
                   "ssm_lowrank_forward": [ptr] * 12 + lowrank_dims, "ssm_lowrank_backward": [ptr] * 19 + lowrank_dims,
+                  "ssm_householder_forward": [ptr] * 12 + householder_dims,
+                  "ssm_householder_backward": [ptr] * 19 + householder_dims,
                   "ssm_conv_forward": [ptr] * 6 + conv_dims, "ssm_conv_backward": [ptr] * 9 + conv_dims,
                   "ssm_cross_entropy": [ptr] * 3 + [i64, i64, ctypes.c_double, c_int, c_int],
                   "ssm_layer_step": [ptr] * 12 + [i64] * 8 + [c_int, ctypes.c_double, c_int],

@@ -13,7 +13,7 @@ rotation        [[-l, -w], [w, -l]] per pair  N                 2 N K
 block (b x b)   -L L^T + (S - S^T) per block  N b               N b K
 low-rank (r)    diag(lam) + U V^T             N + 2 N r         about 4 N r K
 permutation     A_bar = P diag(d), P one-hot  N + N^2           N K (gather); N^2 K as run
-householder (r) A_bar = H_r .. H_1 diag(d)    N + r (N + 1)     2 r N K; N^2 K as run
+householder (r) A_bar = H_r .. H_1 diag(d)    N + r (N + 1)     (1 + 4 r) N K; N^2 K in PyTorch
 ==============  ============================  ================  ==========================
 
 Eigenvalues of A_bar: the diagonal's exp(dt a) lie in (0, 1] (Mamba); with `signed=True` the

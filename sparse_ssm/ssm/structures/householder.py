@@ -21,8 +21,10 @@ e_i - e_j).  Unlike the rotation pairs, whose angle and decay come from one rate
 are learnt apart from the decay, which can stay at 1.
 
 raw per head = [r (N), then per reflection i: k_i (N), b_i (1)], from the generator's rank-r
-bottleneck like the other structures.  The scans apply A_bar as one dense N x N block (the
-`BlockStructure` operators; O(N^2) per token and channel).
+bottleneck like the other structures.  The pure-PyTorch scans apply A_bar as one dense N x N block
+(the `BlockStructure` operators; O(N^2) per token and channel); the native kernel
+(`kernels/householder_scan.cpp`, the default on CPUs) applies diag(d) and then the reflections to the
+state one rank-1 update at a time, O(r N) per channel, and recomputes them in the backward.
 """
 
 from __future__ import annotations
