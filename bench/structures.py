@@ -34,6 +34,7 @@ CLASSES = {      # sparsity levels that give block sizes 1, 2, 4, 8 at state 64 
     "sparse block (0.87)": dict(selective_param_class="sparse", sparsity_level=0.87),
     "sparse banded (0.93)": dict(selective_param_class="sparse", sparsity_level=0.93, sparsity_pattern="banded"),
     "low_rank (r=2)": dict(selective_param_class="low_rank", low_rank_rank=2),
+    "householder (r=2)": dict(selective_param_class="householder", low_rank_rank=2),
     "dense": dict(selective_param_class="dense"),
 }
 BATCH, SEQ = 8, 256

@@ -88,5 +88,7 @@ class HouseholderStructure(BlockStructure):
         return D_bar, B_bar
 
     def flops_per_token(self, head_dim: int) -> dict:
+        """As the kernel runs it: unit keys and betas, the diagonal's discretisation, then per channel
+        the decay (N) and each reflection's k^T X and rank-1 update (2 N multiply-adds)."""
         N, r = self.state_dim, self.num_reflections
-        return {"build_A": 4 * r * N * N, "discretize": 6 * N, "apply": 2 * N * N * head_dim}
+        return {"build_A": 3 * r * N, "discretize": 6 * N, "apply": (1 + 4 * r) * N * head_dim}
