@@ -6,15 +6,16 @@ paths, and a one-time note says why.  The sources (`selective_scan.cpp`: the dia
 scan with its output gate; `block_scan.cpp`: the same for block-diagonal, rotation and banded
 structures, their operators built in the kernel; `lowrank_scan.cpp`: for diagonal-plus-low-rank
 A_t through the Woodbury identity; `householder_scan.cpp`: for products of Householder reflections
-times a diagonal, applied to the state one reflection at a time; `causal_conv.cpp`: the causal depthwise convolution + SiLU;
-`cross_entropy.cpp`: the softmax cross-entropy of the LM head's logits, in place;
+times a diagonal, applied to the state one reflection at a time; `scan_head.h`: the walk over one
+(batch row, head) that those two share; `causal_conv.cpp`: the causal depthwise convolution +
+SiLU; `cross_entropy.cpp`: the softmax cross-entropy of the LM head's logits, in place;
 `layer_step.cpp`: a whole decoding step of a diagonal layer between its projections, the RMSNorm
-of its rows, and the residual block around both; `vec.h`:
-their vector utilities — plain C++ with C entry points and no PyTorch headers, built in under a
-minute) are compiled by `torch.utils.cpp_extension.load` (ninja; the build is cached under
-~/.cache/sparse_ssm/kernels, keyed by the source, the compiler flags, the CPU and the paths of the
-sources and of torch, and guarded by a file lock so that several processes build it once).  It is
-compiled for the machine it runs on (-march=native).
+of its rows, and the residual block around both; `vec.h`: their vector utilities — plain C++
+with C entry points and no PyTorch headers, built in under a minute) are compiled by
+`torch.utils.cpp_extension.load` (ninja; the build is cached under ~/.cache/sparse_ssm/kernels,
+keyed by the source, the compiler flags, the CPU and the paths of the sources and of torch, and
+guarded by a file lock so that several processes build it once).  It is compiled for the machine
+it runs on (-march=native).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 SOURCES = [HERE / name for name in ("selective_scan.cpp", "block_scan.cpp", "lowrank_scan.cpp", "householder_scan.cpp",
                                     "causal_conv.cpp", "cross_entropy.cpp", "layer_step.cpp")]
-HEADERS = [HERE / "vec.h"]
+HEADERS = [HERE / "vec.h", HERE / "scan_head.h"]
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-pthread"]
 ABI_VERSION = 3
 

@@ -19,30 +19,17 @@
 //                              dV += f S_{t-1} (H^T U), df += sum_n lam rowsum(H * S_{t-1}) + sum (U^T H) * (V^T S_{t-1})
 //   then m -> lam, c, f -> dt, and lam -> d, U, V through the shift |U|_F |V|_F.
 //
-// Layouts (contiguous): u, y, z-view (b, L, H, P); dt, D (b, L, H); raw (b, L, H, N + 2 N r);
-// B, C (b, L, G, N); states (b, H, N, P); chunk-start states (b, H, chunks, N, P); gradients of
-// B and C per head (b, L, H, N).
+// Layouts as in scan_head.h (which walks the heads), with raw (b, L, H, N + 2 N r).
 
-#include "vec.h"
+#include "scan_head.h"
 
 namespace {
 
 using namespace ssmk;
 
-constexpr int64_t CHUNK = 32;
-
 struct LRDims {
-  int64_t b, L, H, P, N, G, r, z_stride;
+  int64_t N, P, r;
   double alpha;
-  int64_t R() const { return N * (1 + 2 * r); }
-  int64_t chunks() const { return (L + CHUNK - 1) / CHUNK; }
-};
-
-template <typename T> struct LRTensors {
-  const T *u, *dt, *raw, *B, *C, *D, *h0, *z;
-  T *y, *hT, *saved, *ypre;
-  const T *saved_in, *ypre_in, *dy, *dhT;
-  T *du, *ddt, *draw, *dB, *dC, *dD, *dh0, *dz;
 };
 
 // One token's operator: lam, U, V (views into raw), 1/m, K^{-1} (r x r), c, f, dt, the norms.
@@ -152,29 +139,6 @@ template <typename T> void apply_op(const LRDims& d, const LROp<T>& op, const T*
   solve_m(d, op, S, false, tmp + r * P);
 }
 
-template <typename T> void lr_forward_head(const LRDims& d, const LRTensors<T>& x, int64_t bi, int64_t hi) {
-  const int64_t N = d.N, P = d.P, H = d.H, g = hi / (d.H / d.G);
-  std::vector<T> S(N * P, T(0)), tmp(3 * d.r * P), work, yrow(P);
-  LROp<T> op;
-  op.resize(N, d.r);
-  if (x.h0) std::memcpy(S.data(), x.h0 + (bi * H + hi) * N * P, sizeof(T) * N * P);
-  for (int64_t t = 0; t < d.L; ++t) {
-    if (t % CHUNK == 0 && x.saved)
-      std::memcpy(x.saved + ((bi * H + hi) * d.chunks() + t / CHUNK) * N * P, S.data(), sizeof(T) * N * P);
-    const int64_t tok = bi * d.L + t, row = tok * H + hi;
-    build_op(d, x.raw + row * d.R(), x.dt[row], op, work);
-    const T* u = x.u + row * P;
-    apply_op(d, op, x.B + (tok * d.G + g) * N, u, S.data(), tmp.data());
-    const T* C = x.C + (tok * d.G + g) * N;
-    for (int64_t p = 0; p < P; ++p) yrow[p] = x.D[row] * u[p];
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t p = 0; p < P; ++p) yrow[p] += C[n] * S[n * P + p];
-    store_rows(yrow.data(), 1, P, x.y + row * P, x.ypre ? x.ypre + row * P : nullptr, P,
-               x.z ? x.z + tok * d.z_stride + hi * P : nullptr, d.z_stride);
-  }
-  std::memcpy(x.hT + (bi * H + hi) * N * P, S.data(), sizeof(T) * N * P);
-}
-
 // The parameter gradients of one token from H = M^{-T} G, S_t (after) and S_{t-1} (before).
 template <typename T>
 void op_backward(const LRDims& d, const LROp<T>& op, const T* H, const T* S_now, const T* S_prev, const T* B,
@@ -224,57 +188,39 @@ void op_backward(const LRDims& d, const LROp<T>& op, const T* H, const T* S_now,
     }
 }
 
-template <typename T> void lr_backward_head(const LRDims& d, const LRTensors<T>& x, int64_t bi, int64_t hi) {
-  const int64_t N = d.N, P = d.P, H = d.H, r = d.r, g = hi / (d.H / d.G);
-  std::vector<T> states((CHUNK + 1) * N * P), dS(N * P, T(0)), Hm(N * P), dyp(P), tmp(3 * r * P), work;
-  std::vector<LROp<T>> ops(CHUNK);
-  for (auto& op : ops) op.resize(N, r);
-  if (x.dhT) std::memcpy(dS.data(), x.dhT + (bi * H + hi) * N * P, sizeof(T) * N * P);
-  for (int64_t c = d.chunks() - 1; c >= 0; --c) {
-    const int64_t t0 = c * CHUNK, tc = std::min(CHUNK, d.L - t0);
-    std::memcpy(states.data(), x.saved_in + ((bi * H + hi) * d.chunks() + c) * N * P, sizeof(T) * N * P);
-    for (int64_t t = 0; t < tc; ++t) {                // recompute the chunk's operators and states
-      const int64_t tok = bi * d.L + t0 + t, row = tok * H + hi;
-      build_op(d, x.raw + row * d.R(), x.dt[row], ops[t], work);
-      std::memcpy(&states[(t + 1) * N * P], &states[t * N * P], sizeof(T) * N * P);
-      apply_op(d, ops[t], x.B + (tok * d.G + g) * N, x.u + row * P, &states[(t + 1) * N * P], tmp.data());
-    }
-    for (int64_t t = tc - 1; t >= 0; --t) {
-      const int64_t tok = bi * d.L + t0 + t, row = tok * H + hi;
-      const T* u = x.u + row * P;
-      const T* dy = x.dy + row * P;
-      if (x.z) {
-        gate_row_backward(dy, x.ypre_in + row * P, x.z + tok * d.z_stride + hi * P, dyp.data(), x.dz + row * P, P);
-        dy = dyp.data();
-      }
-      const T* S_now = &states[(t + 1) * N * P];
-      const T* S_prev = &states[t * N * P];
-      const T* C = x.C + (tok * d.G + g) * N;
-      T* du = x.du + row * P;
-      for (int64_t p = 0; p < P; ++p) du[p] = x.D[row] * dy[p];
-      x.dD[row] = dot(dy, u, P);
-      for (int64_t n = 0; n < N; ++n) {
-        for (int64_t p = 0; p < P; ++p) dS[n * P + p] += C[n] * dy[p];
-        x.dC[row * N + n] = dot(S_now + n * P, dy, P);
-      }
-      std::memcpy(Hm.data(), dS.data(), sizeof(T) * N * P);
-      solve_m(d, ops[t], Hm.data(), true, tmp.data());   // H = M^{-T} G
-      T ddt = 0;
-      op_backward(d, ops[t], Hm.data(), S_now, S_prev, x.B + (tok * d.G + g) * N, u, x.draw + row * d.R(), ddt,
-                  x.dB + row * N, du);
-      x.ddt[row] = ddt;
-      // adjoint of S_{t-1} = Q^T H = H + f (lam H + V (U^T H))
-      xt_y(ops[t].U, Hm.data(), N, r, P, tmp.data());
-      for (int64_t n = 0; n < N; ++n) {
-        const T gscale = 1 + ops[t].f * ops[t].lam[n];
-        for (int64_t p = 0; p < P; ++p) dS[n * P + p] = gscale * Hm[n * P + p];
-      }
-      for (int64_t i = 0; i < r * P; ++i) tmp[i] *= ops[t].f;
-      add_x_w(dS.data(), ops[t].V, tmp.data(), (const T*)nullptr, N, r, P);
-    }
+template <typename T> class LRKernel {
+ public:
+  using Op = LROp<T>;
+  explicit LRKernel(const LRDims& d) : d(d), tmp(3 * d.r * d.P), Hm(d.N * d.P) {}
+
+  Op make_op() const {
+    Op op;
+    op.resize(d.N, d.r);
+    return op;
   }
-  if (x.dh0) std::memcpy(x.dh0 + (bi * H + hi) * N * P, dS.data(), sizeof(T) * N * P);
-}
+  void build(const T* raw, T dt, Op& op) { build_op(d, raw, dt, op, work); }
+  void apply(const Op& op, const T* B, const T* u, T* S) { apply_op(d, op, B, u, S, tmp.data()); }
+
+  void backward(const Op& op, T* G, const T* S_now, const T* S_prev, const T* B, const T* u, T* draw, T& ddt, T* dB,
+                T* du) {
+    const int64_t N = d.N, r = d.r, P = d.P;
+    std::memcpy(Hm.data(), G, sizeof(T) * N * P);
+    solve_m(d, op, Hm.data(), true, tmp.data());          // H = M^{-T} G
+    op_backward(d, op, Hm.data(), S_now, S_prev, B, u, draw, ddt, dB, du);
+    // adjoint of S_{t-1} = Q^T H = H + f (lam H + V (U^T H))
+    xt_y(op.U, Hm.data(), N, r, P, tmp.data());
+    for (int64_t n = 0; n < N; ++n) {
+      const T gscale = 1 + op.f * op.lam[n];
+      for (int64_t p = 0; p < P; ++p) G[n * P + p] = gscale * Hm[n * P + p];
+    }
+    for (int64_t i = 0; i < r * P; ++i) tmp[i] *= op.f;
+    add_x_w(G, op.V, tmp.data(), (const T*)nullptr, N, r, P);
+  }
+
+ private:
+  LRDims d;
+  std::vector<T> tmp, work, Hm;
+};
 
 }  // namespace
 
@@ -284,11 +230,12 @@ template <typename T> void lr_backward_head(const LRDims& d, const LRTensors<T>&
                                               T* ypre, int64_t b, int64_t L, int64_t H, int64_t P, int64_t N,    \
                                               int64_t G, int64_t r, int64_t z_stride, double alpha, int threads) { \
     if (b < 0 || L < 0 || H < 1 || P < 1 || N < 1 || G < 1 || H % G || r < 1 || r > N) return 1;              \
-    LRDims d{b, L, H, P, N, G, r, z_stride, alpha};                                                            \
-    LRTensors<T> x{};                                                                                           \
-    x.u = u, x.dt = dt, x.raw = raw, x.B = B, x.C = C, x.D = D, x.h0 = h0, x.z = z;                             \
-    x.y = y, x.hT = hT, x.saved = saved, x.ypre = ypre;                                                         \
-    parallel_for(b * H, threads, [&](int64_t i) { lr_forward_head(d, x, i / H, i % H); });                     \
+    const HeadDims d{b, L, H, P, N, G, z_stride, N * (1 + 2 * r)};                                             \
+    const auto x = forward_tensors<T>(u, dt, raw, B, C, D, h0, z, y, hT, saved, ypre);                          \
+    parallel_for(b * H, threads, [&](int64_t i) {                                                               \
+      LRKernel<T> k(LRDims{N, P, r, alpha});                                                                    \
+      forward_head(k, d, x, i / H, i % H);                                                                      \
+    });                                                                                                         \
     return 0;                                                                                                   \
   }                                                                                                             \
   extern "C" int ssm_lowrank_backward_##SUFFIX(                                                                 \
@@ -298,12 +245,13 @@ template <typename T> void lr_backward_head(const LRDims& d, const LRTensors<T>&
       double alpha, int threads) {                                                                              \
     if (b < 0 || L < 0 || H < 1 || P < 1 || N < 1 || G < 1 || H % G || r < 1 || r > N) return 1;              \
     if (z && !ypre) return 5;                                                                                   \
-    LRDims d{b, L, H, P, N, G, r, z_stride, alpha};                                                            \
-    LRTensors<T> x{};                                                                                           \
-    x.u = u, x.dt = dt, x.raw = raw, x.B = B, x.C = C, x.D = D, x.saved_in = saved, x.z = z, x.ypre_in = ypre;  \
-    x.dy = dy, x.dhT = dhT, x.du = du, x.ddt = ddt, x.draw = draw, x.dB = dB, x.dC = dC, x.dD = dD;             \
-    x.dh0 = dh0, x.dz = dz;                                                                                     \
-    parallel_for(b * H, threads, [&](int64_t i) { lr_backward_head(d, x, i / H, i % H); });                    \
+    const HeadDims d{b, L, H, P, N, G, z_stride, N * (1 + 2 * r)};                                             \
+    const auto x = backward_tensors<T>(u, dt, raw, B, C, D, saved, z, ypre, dy, dhT, du, ddt, draw, dB, dC, dD, \
+                                       dh0, dz);                                                                \
+    parallel_for(b * H, threads, [&](int64_t i) {                                                               \
+      LRKernel<T> k(LRDims{N, P, r, alpha});                                                                    \
+      backward_head(k, d, x, i / H, i % H);                                                                     \
+    });                                                                                                         \
     return 0;                                                                                                   \
   }
 
