@@ -36,17 +36,6 @@ template <typename T> struct HHOp {
   T dt;
 };
 
-// expm1(x) / x and its derivative (x e^x - expm1(x)) / x^2, by their series near 0
-template <typename T> inline void phi_psi(T x, T e, T& phi, T& psi) {
-  if (std::fabs(x) < T(1e-3)) {
-    phi = 1 + x * (T(1) / 2 + x * (T(1) / 6 + x * (T(1) / 24)));
-    psi = T(1) / 2 + x * (T(1) / 3 + x * (T(1) / 8 + x * (T(1) / 30)));
-  } else {
-    const T em1 = std::expm1(x);
-    phi = em1 / x, psi = (x * e - em1) / (x * x);
-  }
-}
-
 // w (P) = khat^T S for S (N x P)
 template <typename T> void kt_s(const T* khat, const T* S, int64_t N, int64_t P, T* w) {
   std::fill(w, w + P, T(0));
@@ -90,8 +79,7 @@ template <typename T> class HHKernel {
         op.gain[n] = dt * inv, op.gain_ddt[n] = inv + alpha * x * inv * inv, op.gain_da[n] = alpha * dt * dt * inv * inv;
       } else {
         const T e = std::exp(x);
-        T phi, psi;
-        phi_psi(x, e, phi, psi);
+        const T phi = phi_of<T>(vsplat(x), vsplat(e))[0], psi = psi_of<T>(vsplat(x), vsplat(e))[0];
         op.d[n] = e, op.d_dx[n] = e;
         op.gain[n] = dt * phi, op.gain_ddt[n] = phi + x * psi, op.gain_da[n] = dt * dt * psi;
       }

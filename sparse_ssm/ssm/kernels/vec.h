@@ -114,6 +114,34 @@ inline void vsincos(V<double> x, V<double>& s, V<double>& c) {
   for (int i = 0; i < Vec<double>::lanes; ++i) s[i] = std::sin(x[i]), c[i] = std::cos(x[i]);
 }
 
+// ZOH's input gain and its derivative (the diagonal and Householder scans):
+// phi(x) = expm1(x) / x and psi(x) = (x e^x - expm1(x)) / x^2 given e = exp(x); series near 0
+template <typename T> inline V<T> phi_of(V<T> x, V<T> e) {
+  V<T> series = 1 + x * (T(1) / 2 + x * (T(1) / 6 + x * (T(1) / 24 + x * (T(1) / 120 + x * (T(1) / 720)))));
+  V<T> direct = (e - 1) / x;
+  return ((x > T(-0.1)) & (x < T(0.1))) ? series : direct;
+}
+template <typename T> inline V<T> psi_of(V<T> x, V<T> e) {
+  V<T> series = T(1) / 2 + x * (T(1) / 3 + x * (T(1) / 8 + x * (T(1) / 30 + x * (T(1) / 144 + x * (T(1) / 840)))));
+  V<T> direct = (x * e - (e - 1)) / (x * x);
+  return ((x > T(-0.1)) & (x < T(0.1))) ? series : direct;
+}
+// float64 (the precision of the reference tests): libm's expm1, and the series only where it is exact
+template <> inline V<double> phi_of<double>(V<double> x, V<double>) {
+  V<double> out;
+  for (int i = 0; i < Vec<double>::lanes; ++i) out[i] = x[i] == 0 ? 1.0 : std::expm1(x[i]) / x[i];
+  return out;
+}
+template <> inline V<double> psi_of<double>(V<double> x, V<double> e) {
+  V<double> out;
+  for (int i = 0; i < Vec<double>::lanes; ++i) {
+    const double v = x[i];
+    out[i] = std::fabs(v) < 1e-3 ? 0.5 + v * (1.0 / 3 + v * (1.0 / 8 + v * (1.0 / 30 + v * (1.0 / 144 + v / 840))))
+                                 : (v * e[i] - std::expm1(v)) / (v * v);
+  }
+  return out;
+}
+
 // Four sums at once: (sum v0, sum v1, sum v2, sum v3)
 template <typename T> inline void hsum4(V<T> v0, V<T> v1, V<T> v2, V<T> v3, T* out) {
   out[0] = hsum<T>(v0), out[1] = hsum<T>(v1), out[2] = hsum<T>(v2), out[3] = hsum<T>(v3);
