@@ -6,9 +6,9 @@
 
 For each task (parity; counting mod 3 and mod 5; composition in S3 and A5; `--tasks` also takes
 s5) x variant (`sparse_ssm.train.tasks.VARIANTS`) x seed, train the task's small model (2 layers,
-width 64, state 16, `task_model_config`) for a fixed budget (steps, batch, AdamW with a one-cycle
-learning rate) at one length, then score every position of 256 fresh sequences at 1x, 4x and 16x
-that length.  Each cell records its accuracy per length, final training loss, steps, CPU seconds
+width 64, state 16, `task_model_config`; a variant may set its own layers and conv window) for a
+fixed budget (steps, batch, AdamW with a one-cycle learning rate) at one length, then score every
+position of 256 fresh sequences at 1x, 4x and 16x that length.  Each cell records its accuracy per length, final training loss, steps, CPU seconds
 (of this process, the unit of the budget on a shared machine) and wall seconds.
 
 Resumable: state_tracking.json is rewritten (atomically) after every cell, and a rerun skips the
@@ -60,7 +60,8 @@ def run_cell(name: str, variant: str, seed: int, setup: dict) -> dict:
     result = run_task(spec["task"], config, setup["steps"], setup["batch"], setup["length"], lengths,
                       lr=setup["lr"], seed=seed, **options)
     return {"task": name, "variant": variant, "seed": seed, "structure": structure,
-            "discretization": config.resolved_discretization, "classes": vocab,
+            "discretization": config.resolved_discretization, "layers": config.num_layers,
+            "conv_kernel": config.conv_kernel, "classes": vocab,
             "chance": chance_accuracy(spec["task"], vocab), "accuracy": {str(L): a for L, a in result.accuracy.items()},
             "final_loss": result.final_loss, "steps": setup["steps"],
             "cpu_seconds": time.process_time() - cpu, "wall_seconds": time.perf_counter() - wall}
@@ -83,11 +84,19 @@ def percent_range(values: list[float]) -> str:
     return f"{mean:.1%}" if len(values) == 1 else f"{mean:.1%} ({min(values):.1%}–{max(values):.1%})"
 
 
+def model_label(cell: dict) -> str:
+    """'structure (discretisation)', plus the layer count and conv window where a variant sets its own."""
+    shape = [f"{cell['layers']} layer{'s' * (cell['layers'] > 1)}" if cell.get("layers", 2) != 2 else "",
+             f"conv window {cell['conv_kernel']}" if cell.get("conv_kernel", 4) != 4 else ""]
+    return f"{cell['structure']} ({', '.join([cell['discretization'], *filter(None, shape)])})"
+
+
 def markdown(setup: dict, cells: list[dict]) -> list[str]:
     """Per task: one row per variant, mean (min–max over seeds) accuracy at each test length."""
     lengths = [m * setup["length"] for m in setup["multiples"]]
     lines = [f"Budget per run: {setup['steps']} steps of {setup['batch']} sequences of length {setup['length']}, "
-             f"AdamW lr {setup['lr']} (one-cycle), model: 2 layers, width 64, state 16, {setup['threads']} CPU "
+             f"AdamW lr {setup['lr']} (one-cycle), model: 2 layers (conv window 4), width 64, state 16 unless "
+             f"the structure column says otherwise, {setup['threads']} CPU "
              f"thread(s); accuracy over every position of 256 fresh sequences; mean (min–max) over seeds.", ""]
     for name in dict.fromkeys(c["task"] for c in cells):
         mine = [c for c in cells if c["task"] == name]
@@ -98,7 +107,7 @@ def markdown(setup: dict, cells: list[dict]) -> list[str]:
             runs = [c for c in mine if c["variant"] == variant]
             accs = [percent_range([r["accuracy"][str(L)] for r in runs]) for L in lengths]
             minutes = statistics.fmean(r["cpu_seconds"] for r in runs) / 60
-            lines.append(f"| {variant} | {runs[0]['structure']} ({runs[0]['discretization']}) | " + " | ".join(accs)
+            lines.append(f"| {variant} | {model_label(runs[0])} | " + " | ".join(accs)
                          + f" | {len(runs)} | {minutes:.2f} |")
         lines.append("")
     total = sum(c["cpu_seconds"] for c in cells) / 60

@@ -71,6 +71,13 @@ VARIANTS = {
     # DeltaProduct: 2 reflections; a 32-wide generator bottleneck (the default, hidden / 16 = 4, is
     # narrow for the 2 x 50 raw values of its two heads: S3 holds at 4x on every seed with 32)
     "householder": dict(selective_param_class="householder", low_rank_rank=2, a_generator_rank=32),
+    # one layer and no conv window (a token's angle depends on that token alone), angles that start
+    # at multiples of pi (Fourier HiPPO), a 32-wide generator: its pairs learn to turn by 2 pi / 3
+    # per token (two layers with a window fit mod 3 with pairs that hardly turn at all)
+    "rotation_shallow": dict(selective_param_class="rotation", hippo_init="fourier", a_generator_rank=32,
+                             conv_kernel=1, num_layers=1),
+    "diagonal_signed_shallow": dict(selective_param_class="sparse", sparsity_level=0.9, eigenvalue_range="signed",
+                                    a_generator_rank=32, conv_kernel=1, num_layers=1),   # its diagonal ablation
     "block2": dict(selective_param_class="sparse", sparsity_level=0.875),
     "block4": dict(selective_param_class="sparse", sparsity_level=0.75),
     "block": dict(selective_param_class="sparse", sparsity_level=0.5),           # b = 8
@@ -99,8 +106,8 @@ def task_model_config(variant: str, max_len: int, vocab: int = PAPER_VOCAB, **ov
     """The small model (2 layers, width 64, state 16) of a variant, for sequences up to max_len;
     `overrides` replace any other key (the ablations of bench/selective_copying.py)."""
     keys = dict(vocab_size=vocab, hidden_dim=64, state_dim=16, ffn_dim=0, num_layers=2, dropout=0.0, num_heads=2,
-                max_seq_len=max_len, **VARIANTS[variant])
-    return SparseSSMConfig(**{**keys, **overrides})
+                max_seq_len=max_len)
+    return SparseSSMConfig(**{**keys, **VARIANTS[variant], **overrides})
 
 
 def task_vocab(task: str, modulus: int = 3, group: str = "s3") -> int:

@@ -1,11 +1,13 @@
 """Stable parameterisations of the selective state matrix and their costs."""
 
+import math
+
 import pytest
 import torch
 
 from sparse_ssm.ssm.hippo import hippo, project_block_diagonal, project_low_rank
 from sparse_ssm.ssm.structures import (BandedStructure, BlockStructure, DiagonalStructure, LowRankStructure,
-                                       make_structure)
+                                       RotationStructure, make_structure)
 
 STRUCTURES = [DiagonalStructure(8), BlockStructure(8, 2), BlockStructure(8, 8), BandedStructure(8, 2),
               BandedStructure(8, 4), LowRankStructure(8, 2)]
@@ -114,3 +116,29 @@ def test_structures_refuse_sizes_they_cannot_hold():
         make_structure("sparse", 16, 0.5, sparsity_pattern="diagonal")
     with pytest.raises(ConfigError, match=r"model\.sparsity_pattern: 'diagonal' is not one of"):
         SparseSSMConfig.from_dict({"sparsity_pattern": "diagonal"})
+
+
+@pytest.mark.parametrize("use_parallel_scan", [True, False])
+def test_a_rotation_pair_counts_modulo_3_from_a_zero_state_without_a_start_token(use_parallel_scan):
+    """The solution the one-layer rotation model learns (`rotation_shallow`): a pair with no decay
+    (lambda = e^-40) turned by dt_t * w = 2 pi k / 3 for token k, and the same input c at every
+    token.  ZOH integrates dh/dt = A h + c exactly, a rotation about the fixed point p = -A^-1 c, so
+    from h = 0 the state is p - R(2 pi s_t / 3) p with s_t the running sum: one of three points,
+    mod 3, at any length (fused and sequential paths, float32, 4,000 tokens)."""
+    from sparse_ssm.ssm.scan import selective_scan
+
+    s, w, L = RotationStructure(2), 3.0, 4000
+    g = torch.Generator().manual_seed(0)
+    word = torch.randint(0, 3, (L,), generator=g)
+    dt = (2 * math.pi / 3 / w * word).float()[None, :, None]             # (1, L, 1): token 0 is dt = 0
+    raw = torch.tensor([-20.0, w]).expand(1, L, 1, 2)
+    u = torch.ones(1, L, 1, 1)
+    B = torch.tensor([1.0, 0.0]).expand(1, L, 1, 2)                       # c = (1, 0): p = -A^-1 c = (0, 1/w)
+    C = torch.tensor([1.0, 0.0]).expand(1, L, 1, 2)                       # read h_0 ...
+    y0, _ = selective_scan(u, dt, raw, B, C, torch.zeros(1, L, 1), s, "zoh", use_parallel_scan=use_parallel_scan)
+    y1, _ = selective_scan(u, dt, raw, B, C.flip(-1), torch.zeros(1, L, 1), s, "zoh",
+                           use_parallel_scan=use_parallel_scan)                         # ... and h_1
+    phase = 2 * math.pi / 3 * (word.cumsum(0) % 3).double()
+    expected = torch.stack([torch.sin(phase), 1 - torch.cos(phase)], -1) / w       # p - R(phase) p
+    got = torch.stack([y0[0, :, 0, 0], y1[0, :, 0, 0]], -1).double()
+    assert torch.allclose(got, expected, atol=1e-3)                      # the three points are 0.58 apart

@@ -115,6 +115,13 @@ def test_state_tracking_smoke_learns_above_chance_at_the_training_length(task, v
     assert result.accuracy[8] > threshold
 
 
+def test_a_variant_sets_its_own_depth_and_conv_window_and_overrides_still_win():
+    shallow = task_model_config("rotation_shallow", 16, 3)
+    assert (shallow.num_layers, shallow.conv_kernel, shallow.hippo_init) == (1, 1, "fourier")
+    assert task_model_config("rotation", 16, 3).num_layers == 2
+    assert task_model_config("rotation_shallow", 16, 3, num_layers=3).num_layers == 3
+
+
 def test_evaluate_command_runs_a_state_tracking_task_and_writes_its_files(tmp_path, capsys):
     # (10 steps: a one-cycle schedule whose warm-up would end on step 1 divided by zero)
     code = cli.main(["evaluate", "--task", "modular-counting", "--modulus", "5", "--variants", "diagonal,lti",
