@@ -4,12 +4,13 @@
     python bench/state_tracking.py --tasks parity,mod3 --variants diagonal,block4 --seeds 0
     python bench/state_tracking.py --quick              # a few steps, one seed: the harness works
 
-For each task (parity; counting mod 3 and mod 5; composition in S3 and A5; `--tasks` also takes
-s5) x variant (`sparse_ssm.train.tasks.VARIANTS`) x seed, train the task's small model (2 layers,
-width 64, state 16, `task_model_config`; a variant may set its own layers and conv window) for a
-fixed budget (steps, batch, AdamW with a one-cycle learning rate) at one length, then score every
-position of 256 fresh sequences at 1x, 4x and 16x that length.  Each cell records its accuracy per length, final training loss, steps, CPU seconds
-(of this process, the unit of the budget on a shared machine) and wall seconds.
+For each task (parity; counting mod 3 and mod 5; composition in S3 and A5; `--tasks` also takes s5)
+x variant (`sparse_ssm.train.tasks.VARIANTS`) x seed, train the task's small model (2 layers, width
+64, state 16, `task_model_config`; a variant may set its own layers, conv window and state size) for
+a fixed budget (steps, batch, AdamW with a one-cycle learning rate) at one length, then score every
+position of 256 fresh sequences at 1x, 4x and 16x that length. Each cell records its accuracy per
+length, final training loss, steps, CPU seconds (of this process, the unit of the budget on a shared
+machine) and wall seconds.
 
 Resumable: state_tracking.json is rewritten (atomically) after every cell, and a rerun skips the
 (task, variant, seed) cells it already holds; a file made with another budget is refused (pass
@@ -61,7 +62,7 @@ def run_cell(name: str, variant: str, seed: int, setup: dict) -> dict:
                       lr=setup["lr"], seed=seed, **options)
     return {"task": name, "variant": variant, "seed": seed, "structure": structure,
             "discretization": config.resolved_discretization, "layers": config.num_layers,
-            "conv_kernel": config.conv_kernel, "classes": vocab,
+            "conv_kernel": config.conv_kernel, "state_dim": config.state_dim, "classes": vocab,
             "chance": chance_accuracy(spec["task"], vocab), "accuracy": {str(L): a for L, a in result.accuracy.items()},
             "final_loss": result.final_loss, "steps": setup["steps"],
             "cpu_seconds": time.process_time() - cpu, "wall_seconds": time.perf_counter() - wall}
@@ -85,9 +86,11 @@ def percent_range(values: list[float]) -> str:
 
 
 def model_label(cell: dict) -> str:
-    """'structure (discretisation)', plus the layer count and conv window where a variant sets its own."""
+    """'structure (discretisation)', plus the layer count, conv window and state size where a variant
+    sets its own."""
     shape = [f"{cell['layers']} layer{'s' * (cell['layers'] > 1)}" if cell.get("layers", 2) != 2 else "",
-             f"conv window {cell['conv_kernel']}" if cell.get("conv_kernel", 4) != 4 else ""]
+             f"conv window {cell['conv_kernel']}" if cell.get("conv_kernel", 4) != 4 else "",
+             f"state {cell['state_dim']}" if cell.get("state_dim", 16) != 16 else ""]
     return f"{cell['structure']} ({', '.join([cell['discretization'], *filter(None, shape)])})"
 
 

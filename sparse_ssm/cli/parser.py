@@ -112,7 +112,7 @@ def _add_evaluate_parser(sub):
     e.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"tasks: comma list of {', '.join(VARIANTS)} (default all; state 16: diagonal has Mamba's "
                         f"transition eigenvalues in (0, 1], diagonal_signed in (-1, 1], rotation 2 x 2 scaled "
-                        f"rotations, rotation_shallow / diagonal_signed_shallow the same in one layer without a conv "
+                        f"rotations, rotation_shallow / diagonal_signed_shallow the same in one layer, state 8, no conv "
                         f"window, permutation PD-SSM's one-hot moves of the states, householder DeltaProduct's two "
                         f"reflections per token, blockB B x B blocks, "
                         f"block 8 x 8, lti no selection)")

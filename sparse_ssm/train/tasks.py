@@ -72,12 +72,13 @@ VARIANTS = {
     # narrow for the 2 x 50 raw values of its two heads: S3 holds at 4x on every seed with 32)
     "householder": dict(selective_param_class="householder", low_rank_rank=2, a_generator_rank=32),
     # one layer and no conv window (a token's angle depends on that token alone), angles that start
-    # at multiples of pi (Fourier HiPPO), a 32-wide generator: its pairs learn to turn by 2 pi / 3
-    # per token (two layers with a window fit mod 3 with pairs that hardly turn at all)
+    # at multiples of pi (Fourier HiPPO), a 32-wide generator and 4 pairs a head: a pair learns to
+    # turn by 2 pi / 3 a token (two layers with a window fit mod 3 with pairs that hardly turn), and
+    # fewer pairs leave fewer that half-turn beside it and drift off at long lengths
     "rotation_shallow": dict(selective_param_class="rotation", hippo_init="fourier", a_generator_rank=32,
-                             conv_kernel=1, num_layers=1),
+                             conv_kernel=1, num_layers=1, state_dim=8),
     "diagonal_signed_shallow": dict(selective_param_class="sparse", sparsity_level=0.9, eigenvalue_range="signed",
-                                    a_generator_rank=32, conv_kernel=1, num_layers=1),   # its diagonal ablation
+                                    a_generator_rank=32, conv_kernel=1, num_layers=1, state_dim=8),  # its ablation
     "block2": dict(selective_param_class="sparse", sparsity_level=0.875),
     "block4": dict(selective_param_class="sparse", sparsity_level=0.75),
     "block": dict(selective_param_class="sparse", sparsity_level=0.5),           # b = 8
