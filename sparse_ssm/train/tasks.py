@@ -104,8 +104,9 @@ def check_task_inputs(task: str, variants: list[str], length: int, test_lengths:
 
 
 def task_model_config(variant: str, max_len: int, vocab: int = PAPER_VOCAB, **overrides) -> SparseSSMConfig:
-    """The small model (2 layers, width 64, state 16) of a variant, for sequences up to max_len;
-    `overrides` replace any other key (the ablations of bench/selective_copying.py)."""
+    """The small model (2 layers, width 64, state 16, unless the variant sets its own) of a variant,
+    for sequences up to max_len; `overrides` replace any other key (the ablations of
+    bench/selective_copying.py)."""
     keys = dict(vocab_size=vocab, hidden_dim=64, state_dim=16, ffn_dim=0, num_layers=2, dropout=0.0, num_heads=2,
                 max_seq_len=max_len)
     return SparseSSMConfig(**{**keys, **VARIANTS[variant], **overrides})

@@ -1,4 +1,5 @@
-"""Stable parameterisations of the selective state matrix and their costs."""
+"""Stable parameterisations of the selective state matrix, their costs, and a rotation pair that
+counts modulo 3 exactly."""
 
 import math
 
