@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import pyplot  # noqa: E402
 from sparse_ssm import SparseSSMForCausalLM  # noqa: E402
-from sparse_ssm.train.tasks import VARIANTS, chance_accuracy, run_task, task_model_config, task_vocab  # noqa: E402
+from sparse_ssm.train.tasks import (TASK_MODEL, VARIANTS, chance_accuracy, run_task, task_model_config,  # noqa: E402
+                                    task_vocab)
 from sparse_ssm.util.files import atomic_write_text  # noqa: E402
 
 TASKS = {"parity": dict(task="parity"),
@@ -61,7 +62,7 @@ def run_cell(name: str, variant: str, seed: int, setup: dict) -> dict:
     result = run_task(spec["task"], config, setup["steps"], setup["batch"], setup["length"], lengths,
                       lr=setup["lr"], seed=seed, **options)
     return {"task": name, "variant": variant, "seed": seed, "structure": structure,
-            "discretization": config.resolved_discretization, "layers": config.num_layers,
+            "discretization": config.resolved_discretization, "num_layers": config.num_layers,
             "conv_kernel": config.conv_kernel, "state_dim": config.state_dim, "classes": vocab,
             "chance": chance_accuracy(spec["task"], vocab), "accuracy": {str(L): a for L, a in result.accuracy.items()},
             "final_loss": result.final_loss, "steps": setup["steps"],
@@ -88,9 +89,10 @@ def percent_range(values: list[float]) -> str:
 def model_label(cell: dict) -> str:
     """'structure (discretisation)', plus the layer count, conv window and state size where a variant
     sets its own."""
-    shape = [f"{cell['layers']} layer{'s' * (cell['layers'] > 1)}" if cell.get("layers", 2) != 2 else "",
-             f"conv window {cell['conv_kernel']}" if cell.get("conv_kernel", 4) != 4 else "",
-             f"state {cell['state_dim']}" if cell.get("state_dim", 16) != 16 else ""]
+    layers, window, state = (cell.get(k, TASK_MODEL[k]) for k in ("num_layers", "conv_kernel", "state_dim"))
+    shape = [f"{layers} layer{'s' * (layers > 1)}" if layers != TASK_MODEL["num_layers"] else "",
+             f"conv window {window}" if window != TASK_MODEL["conv_kernel"] else "",
+             f"state {state}" if state != TASK_MODEL["state_dim"] else ""]
     return f"{cell['structure']} ({', '.join([cell['discretization'], *filter(None, shape)])})"
 
 
@@ -98,7 +100,8 @@ def markdown(setup: dict, cells: list[dict]) -> list[str]:
     """Per task: one row per variant, mean (min–max over seeds) accuracy at each test length."""
     lengths = [m * setup["length"] for m in setup["multiples"]]
     lines = [f"Budget per run: {setup['steps']} steps of {setup['batch']} sequences of length {setup['length']}, "
-             f"AdamW lr {setup['lr']} (one-cycle), model: 2 layers (conv window 4), width 64, state 16 unless "
+             f"AdamW lr {setup['lr']} (one-cycle), model: {TASK_MODEL['num_layers']} layers (conv window "
+             f"{TASK_MODEL['conv_kernel']}), width {TASK_MODEL['hidden_dim']}, state {TASK_MODEL['state_dim']} unless "
              f"the structure column says otherwise, {setup['threads']} CPU "
              f"thread(s); accuracy over every position of 256 fresh sequences; mean (min–max) over seeds.", ""]
     for name in dict.fromkeys(c["task"] for c in cells):

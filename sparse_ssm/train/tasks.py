@@ -86,6 +86,8 @@ VARIANTS = {
     "low_rank": dict(selective_param_class="low_rank", discretization="bilinear"),
     "lti": dict(selective_param_class="sparse", sparsity_level=0.9, selective=False),
 }
+# The task model's shape, unless a variant sets its own (`task_model_config`)
+TASK_MODEL = dict(hidden_dim=64, state_dim=16, num_layers=2, conv_kernel=4)
 PAPER_TASKS = ("selective-copying", "induction-heads")
 TASKS = (*PAPER_TASKS, *STATE_TRACKING_TASKS)
 PAPER_VOCAB = 16
@@ -107,8 +109,7 @@ def task_model_config(variant: str, max_len: int, vocab: int = PAPER_VOCAB, **ov
     """The small model (2 layers, width 64, state 16, unless the variant sets its own) of a variant,
     for sequences up to max_len; `overrides` replace any other key (the ablations of
     bench/selective_copying.py)."""
-    keys = dict(vocab_size=vocab, hidden_dim=64, state_dim=16, ffn_dim=0, num_layers=2, dropout=0.0, num_heads=2,
-                max_seq_len=max_len)
+    keys = dict(vocab_size=vocab, **TASK_MODEL, ffn_dim=0, dropout=0.0, num_heads=2, max_seq_len=max_len)
     return SparseSSMConfig(**{**keys, **VARIANTS[variant], **overrides})
 
 
