@@ -1,7 +1,8 @@
-"""Shared by the benchmarks: peak memory of a piece of work in a fresh process."""
+"""Shared by the benchmarks: peak memory of a piece of work in a fresh process, results files, plots, flags."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,11 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def curriculum_phases(text: str) -> list[tuple[int, float]]:
+    """The --curriculum flag of the task benches: '64:0.33,128:0.33' -> [(64, 0.33), (128, 0.33)]."""
+    try:
+        return [(int(L), float(f)) for L, f in (item.split(":") for item in text.split(",") if item)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LENGTH:FRACTION,... e.g. 64:0.33,128:0.33") from None

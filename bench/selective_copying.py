@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402
 import train_step  # noqa: E402
-from common import write_results  # noqa: E402
+from common import curriculum_phases, write_results  # noqa: E402
 from sparse_ssm import SparseSSMForCausalLM  # noqa: E402
 from sparse_ssm.train.tasks import chance_accuracy, run_task, task_model_config  # noqa: E402
 
@@ -212,14 +212,6 @@ def run_variant(name: str, args) -> dict:
     mean = {str(L): statistics.mean(r["accuracy"][str(L)] for r in runs) for L in test_lengths}
     return {"variant": name, "what": VARIANTS[name][0], "params": params, "runs": runs, "mean_accuracy": mean,
             "lm_train_tokens_per_s": None}
-
-
-def curriculum_phases(text: str) -> list[tuple[int, float]]:
-    """'64:0.33,128:0.33' -> [(64, 0.33), (128, 0.33)]."""
-    try:
-        return [(int(L), float(f)) for L, f in (item.split(":") for item in text.split(",") if item)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LENGTH:FRACTION,... e.g. 64:0.33,128:0.33") from None
 
 
 def markdown(rows: list[dict], setup: dict) -> list[str]:

@@ -3,14 +3,16 @@
     python bench/state_tracking.py                      # the full grid (hours; resumable)
     python bench/state_tracking.py --tasks parity,mod3 --variants diagonal,block4 --seeds 0
     python bench/state_tracking.py --quick              # a few steps, one seed: the harness works
+    python bench/state_tracking.py --length 64 --curriculum 16:0.6 --out DIR   # 16 first, then 64
 
 For each task (parity; counting mod 3 and mod 5; composition in S3 and A5; `--tasks` also takes s5)
 x variant (`sparse_ssm.train.tasks.VARIANTS`) x seed, train the task's small model (2 layers, width
 64, state 16, `task_model_config`; a variant may set its own layers, conv window and state size) for
 a fixed budget (steps, batch, AdamW with a one-cycle learning rate) at one length, then score every
-position of 256 fresh sequences at 1x, 4x and 16x that length. Each cell records its accuracy per
-length, final training loss, steps, CPU seconds (of this process, the unit of the budget on a shared
-machine) and wall seconds.
+position of 256 fresh sequences at 1x, 4x and 16x that length (`--curriculum` trains shorter
+lengths first; the tests stay at multiples of `--length`, the longest length trained). Each cell
+records its accuracy per length, final training loss, steps, CPU seconds (of this process, the unit
+of the budget on a shared machine) and wall seconds.
 
 Resumable: state_tracking.json is rewritten (atomically) after every cell, and a rerun skips the
 (task, variant, seed) cells it already holds; a file made with another budget is refused (pass
@@ -33,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import pyplot  # noqa: E402
+from common import curriculum_phases, pyplot  # noqa: E402
 from sparse_ssm import SparseSSMForCausalLM  # noqa: E402
 from sparse_ssm.train.tasks import (TASK_MODEL, VARIANTS, chance_accuracy, run_task, task_model_config,  # noqa: E402
                                     task_vocab)
@@ -60,7 +62,8 @@ def run_cell(name: str, variant: str, seed: int, setup: dict) -> dict:
     structure = SparseSSMForCausalLM(config).blocks[0].mixer.ssm_cost_per_token()["structure"]
     cpu, wall = time.process_time(), time.perf_counter()
     result = run_task(spec["task"], config, setup["steps"], setup["batch"], setup["length"], lengths,
-                      lr=setup["lr"], seed=seed, **options)
+                      lr=setup["lr"], seed=seed, curriculum=[tuple(p) for p in setup.get("curriculum", [])],
+                      **options)
     return {"task": name, "variant": variant, "seed": seed, "structure": structure,
             "discretization": config.resolved_discretization, "num_layers": config.num_layers,
             "conv_kernel": config.conv_kernel, "state_dim": config.state_dim, "classes": vocab,
@@ -96,10 +99,16 @@ def model_label(cell: dict) -> str:
     return f"{cell['structure']} ({', '.join([cell['discretization'], *filter(None, shape)])})"
 
 
+def trained_at(setup: dict) -> str:
+    """'16' or, after a curriculum, '8 for 30% of the steps, 16 for 30%, then 64'."""
+    phases = [f"{L} for {f:.0%}{' of the steps' * (i == 0)}" for i, (L, f) in enumerate(setup.get("curriculum", []))]
+    return ", ".join(phases) + f", then {setup['length']}" if phases else str(setup["length"])
+
+
 def markdown(setup: dict, cells: list[dict]) -> list[str]:
     """Per task: one row per variant, mean (min–max over seeds) accuracy at each test length."""
     lengths = [m * setup["length"] for m in setup["multiples"]]
-    lines = [f"Budget per run: {setup['steps']} steps of {setup['batch']} sequences of length {setup['length']}, "
+    lines = [f"Budget per run: {setup['steps']} steps of {setup['batch']} sequences of length {trained_at(setup)}, "
              f"AdamW lr {setup['lr']} (one-cycle), model: {TASK_MODEL['num_layers']} layers (conv window "
              f"{TASK_MODEL['conv_kernel']}), width {TASK_MODEL['hidden_dim']}, state {TASK_MODEL['state_dim']} unless "
              f"the structure column says otherwise, {setup['threads']} CPU "
@@ -140,7 +149,7 @@ def plot(setup: dict, cells: list[dict], path: Path):
         ax.axhline(100 * mine[0]["chance"], color="k", ls=":", lw=0.8, label="chance")
         ax.set_xscale("log", base=2)
         ax.set_ylim(0, 105)
-        ax.set_xlabel(f"test length (trained at {setup['length']})")
+        ax.set_xlabel(f"test length (trained at {trained_at(setup)})")
         ax.set_ylabel("accuracy, every position (%)")
         ax.set_title(name, fontsize=10)
         ax.legend(fontsize=7)
@@ -164,6 +173,9 @@ def main():
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], help="comma list (default 0,1,2)")
     ap.add_argument("--steps", type=int, help="training steps per run (default 1500; --quick 10)")
     ap.add_argument("--length", type=int, help="training length; tests at 1x, 4x, 16x (default 16; --quick 4)")
+    ap.add_argument("--curriculum", type=curriculum_phases, default=[], metavar="L:FRACTION,...",
+                    help="shorter lengths trained first, e.g. 16:0.6 (then --length for the rest; tests stay at "
+                         "multiples of --length, the longest trained)")
     ap.add_argument("--batch", type=int, default=32, help="sequences per step (default 32)")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -174,6 +186,8 @@ def main():
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     setup = {"steps": args.steps or (10 if args.quick else 1500), "batch": args.batch, "lr": args.lr,
              "length": args.length or (4 if args.quick else 16), "multiples": list(MULTIPLES), "threads": args.threads}
+    if args.curriculum:         # only then: files written before the flag keep their setup
+        setup["curriculum"] = [[L, f] for L, f in args.curriculum]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "state_tracking_quick" if args.quick else "state_tracking"
