@@ -99,10 +99,13 @@ def model_label(cell: dict) -> str:
     return f"{cell['structure']} ({', '.join([cell['discretization'], *filter(None, shape)])})"
 
 
-def trained_at(setup: dict) -> str:
-    """'16' or, after a curriculum, '8 for 30% of the steps, 16 for 30%, then 64'."""
-    phases = [f"{L} for {f:.0%}{' of the steps' * (i == 0)}" for i, (L, f) in enumerate(setup.get("curriculum", []))]
-    return ", ".join(phases) + f", then {setup['length']}" if phases else str(setup["length"])
+def trained_at(setup: dict, short: bool = False) -> str:
+    """'16' or, after a curriculum, '8 for 30% of the steps, 16 for 30%, then 64' ('8 → 16 → 64' if short)."""
+    phases = setup.get("curriculum", [])
+    if short:
+        return " → ".join(str(L) for L in [*(L for L, _ in phases), setup["length"]])
+    words = [f"{L} for {f:.0%}{' of the steps' * (i == 0)}" for i, (L, f) in enumerate(phases)]
+    return ", ".join(words) + f", then {setup['length']}" if words else str(setup["length"])
 
 
 def markdown(setup: dict, cells: list[dict]) -> list[str]:
@@ -149,7 +152,7 @@ def plot(setup: dict, cells: list[dict], path: Path):
         ax.axhline(100 * mine[0]["chance"], color="k", ls=":", lw=0.8, label="chance")
         ax.set_xscale("log", base=2)
         ax.set_ylim(0, 105)
-        ax.set_xlabel(f"test length (trained at {trained_at(setup)})")
+        ax.set_xlabel(f"test length (trained at {trained_at(setup, short=True)})")
         ax.set_ylabel("accuracy, every position (%)")
         ax.set_title(name, fontsize=10)
         ax.legend(fontsize=7)
