@@ -49,3 +49,12 @@ def curriculum_phases(text: str) -> list[tuple[int, float]]:
         return [(int(L), float(f)) for L, f in (item.split(":") for item in text.split(",") if item)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected LENGTH:FRACTION,... e.g. 64:0.33,128:0.33") from None
+
+
+def trained_lengths(phases, length: int, short: bool = False) -> str:
+    """The lengths a task bench trained at: '16', or after a curriculum '8 for 30% of the steps, 16 for
+    30%, then 64' ('8 → 16 → 64' if short)."""
+    if short:
+        return " → ".join(str(L) for L in [*(L for L, _ in phases), length])
+    words = [f"{L} for {f:.0%}{' of the steps' * (i == 0)}" for i, (L, f) in enumerate(phases)]
+    return ", ".join(words) + f", then {length}" if words else str(length)

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402
 import train_step  # noqa: E402
-from common import curriculum_phases, write_results  # noqa: E402
+from common import curriculum_phases, trained_lengths, write_results  # noqa: E402
 from sparse_ssm import SparseSSMForCausalLM  # noqa: E402
 from sparse_ssm.train.tasks import chance_accuracy, run_task, task_model_config  # noqa: E402
 
@@ -229,9 +229,9 @@ def markdown(rows: list[dict], setup: dict) -> list[str]:
         speed = "- | -" if tps is None else f"{tps:,.0f} | " + (f"{tps / reference:.2f}" if reference else "-")
         params = "-" if row["params"] is None else f"{row['params']:,}"
         lines.append(f"| {row['variant']} | {row['what']} | {params} | {seeds} | {mean[lengths[0]]} | {rest}{speed} |")
-    phases = "".join(f"{L} for {f:.0%} of the steps, then " for L, f in setup.get("curriculum", []))
+    trained = trained_lengths(setup.get("curriculum", []), setup["length"])
     lines += ["", f"chance: {chance_accuracy('selective-copying', VOCAB):.1%}; {setup['steps']} steps, batch 32, "
-              f"train length {phases}{setup['length']}, {setup['num_memorize']} tokens to copy, seeds {setup['seeds']}"]
+              f"train length {trained}, {setup['num_memorize']} tokens to copy, seeds {setup['seeds']}"]
     return lines
 
 

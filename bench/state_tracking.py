@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import curriculum_phases, pyplot  # noqa: E402
+from common import curriculum_phases, pyplot, trained_lengths  # noqa: E402
 from sparse_ssm import SparseSSMForCausalLM  # noqa: E402
 from sparse_ssm.train.tasks import (TASK_MODEL, VARIANTS, chance_accuracy, run_task, task_model_config,  # noqa: E402
                                     task_vocab)
@@ -62,7 +62,7 @@ def run_cell(name: str, variant: str, seed: int, setup: dict) -> dict:
     structure = SparseSSMForCausalLM(config).blocks[0].mixer.ssm_cost_per_token()["structure"]
     cpu, wall = time.process_time(), time.perf_counter()
     result = run_task(spec["task"], config, setup["steps"], setup["batch"], setup["length"], lengths,
-                      lr=setup["lr"], seed=seed, curriculum=[tuple(p) for p in setup.get("curriculum", [])],
+                      lr=setup["lr"], seed=seed, curriculum=setup.get("curriculum", []),
                       **options)
     return {"task": name, "variant": variant, "seed": seed, "structure": structure,
             "discretization": config.resolved_discretization, "num_layers": config.num_layers,
@@ -99,19 +99,11 @@ def model_label(cell: dict) -> str:
     return f"{cell['structure']} ({', '.join([cell['discretization'], *filter(None, shape)])})"
 
 
-def trained_at(setup: dict, short: bool = False) -> str:
-    """'16' or, after a curriculum, '8 for 30% of the steps, 16 for 30%, then 64' ('8 → 16 → 64' if short)."""
-    phases = setup.get("curriculum", [])
-    if short:
-        return " → ".join(str(L) for L in [*(L for L, _ in phases), setup["length"]])
-    words = [f"{L} for {f:.0%}{' of the steps' * (i == 0)}" for i, (L, f) in enumerate(phases)]
-    return ", ".join(words) + f", then {setup['length']}" if words else str(setup["length"])
-
-
 def markdown(setup: dict, cells: list[dict]) -> list[str]:
     """Per task: one row per variant, mean (min–max over seeds) accuracy at each test length."""
     lengths = [m * setup["length"] for m in setup["multiples"]]
-    lines = [f"Budget per run: {setup['steps']} steps of {setup['batch']} sequences of length {trained_at(setup)}, "
+    trained = trained_lengths(setup.get("curriculum", []), setup["length"])
+    lines = [f"Budget per run: {setup['steps']} steps of {setup['batch']} sequences of length {trained}, "
              f"AdamW lr {setup['lr']} (one-cycle), model: {TASK_MODEL['num_layers']} layers (conv window "
              f"{TASK_MODEL['conv_kernel']}), width {TASK_MODEL['hidden_dim']}, state {TASK_MODEL['state_dim']} unless "
              f"the structure column says otherwise, {setup['threads']} CPU "
@@ -141,6 +133,7 @@ def plot(setup: dict, cells: list[dict], path: Path):
     names = list(dict.fromkeys(c["task"] for c in cells))
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.5), squeeze=False)
     lengths = [m * setup["length"] for m in setup["multiples"]]
+    trained = trained_lengths(setup.get("curriculum", []), setup["length"], short=True)
     for ax, name in zip(axes[0], names):
         mine = [c for c in cells if c["task"] == name]
         for variant in dict.fromkeys(c["variant"] for c in mine):
@@ -152,7 +145,7 @@ def plot(setup: dict, cells: list[dict], path: Path):
         ax.axhline(100 * mine[0]["chance"], color="k", ls=":", lw=0.8, label="chance")
         ax.set_xscale("log", base=2)
         ax.set_ylim(0, 105)
-        ax.set_xlabel(f"test length (trained at {trained_at(setup, short=True)})")
+        ax.set_xlabel(f"test length (trained at {trained})")
         ax.set_ylabel("accuracy, every position (%)")
         ax.set_title(name, fontsize=10)
         ax.legend(fontsize=7)
