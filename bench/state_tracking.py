@@ -4,13 +4,15 @@
     python bench/state_tracking.py --tasks parity,mod3 --variants diagonal,block4 --seeds 0
     python bench/state_tracking.py --quick              # a few steps, one seed: the harness works
     python bench/state_tracking.py --length 64 --curriculum 16:0.6 --out DIR   # 16 first, then 64
+    python bench/state_tracking.py --state-noise 1.0:0.1 --out DIR   # random initial states from 10% on
 
 For each task (parity; counting mod 3 and mod 5; composition in S3 and A5; `--tasks` also takes s5)
 x variant (`sparse_ssm.train.tasks.VARIANTS`) x seed, train the task's small model (2 layers, width
 64, state 16, `task_model_config`; a variant may set its own layers, conv window and state size) for
 a fixed budget (steps, batch, AdamW with a one-cycle learning rate) at one length, then score every
 position of 256 fresh sequences at 1x, 4x and 16x that length (`--curriculum` trains shorter
-lengths first; the tests stay at multiples of `--length`, the longest length trained). Each cell
+lengths first; the tests stay at multiples of `--length`, the longest length trained; `--state-noise`
+starts training sequences from random states, `tasks.noisy_initial_states`). Each cell
 records its accuracy per length, final training loss, steps, CPU seconds (of this process, the unit
 of the budget on a shared machine) and wall seconds.
 
@@ -63,7 +65,7 @@ def run_cell(name: str, variant: str, seed: int, setup: dict) -> dict:
     cpu, wall = time.process_time(), time.perf_counter()
     result = run_task(spec["task"], config, setup["steps"], setup["batch"], setup["length"], lengths,
                       lr=setup["lr"], seed=seed, curriculum=setup.get("curriculum", []),
-                      **options)
+                      state_noise=tuple(setup.get("state_noise", (0.0, 0.0))), **options)
     return {"task": name, "variant": variant, "seed": seed, "structure": structure,
             "discretization": config.resolved_discretization, "num_layers": config.num_layers,
             "conv_kernel": config.conv_kernel, "state_dim": config.state_dim, "classes": vocab,
@@ -108,6 +110,10 @@ def markdown(setup: dict, cells: list[dict]) -> list[str]:
              f"{TASK_MODEL['conv_kernel']}), width {TASK_MODEL['hidden_dim']}, state {TASK_MODEL['state_dim']} unless "
              f"the structure column says otherwise, {setup['threads']} CPU "
              f"thread(s); accuracy over every position of 256 fresh sequences; mean (min–max) over seeds.", ""]
+    if "state_noise" in setup:
+        sigma, start = setup["state_noise"]
+        lines[0] += (f" From {start:.0%} of the steps on, training sequences start from a random state "
+                     f"N(0, {sigma:g}²); tests from zero.")
     for name in dict.fromkeys(c["task"] for c in cells):
         mine = [c for c in cells if c["task"] == name]
         lines += [f"**{name}** ({mine[0]['classes']} classes, chance {mine[0]['chance']:.1%})", "",
@@ -147,7 +153,8 @@ def plot(setup: dict, cells: list[dict], path: Path):
         ax.set_ylim(0, 105)
         ax.set_xlabel(f"test length (trained at {trained})")
         ax.set_ylabel("accuracy, every position (%)")
-        ax.set_title(name, fontsize=10)
+        noise = setup.get("state_noise")
+        ax.set_title(name + (f" (training from random states, σ = {noise[0]:g})" if noise else ""), fontsize=10)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -162,6 +169,17 @@ def comma_list(text: str, allowed) -> list[str]:
     return items
 
 
+def state_noise_spec(text: str) -> tuple[float, float]:
+    """The --state-noise flag: '1.0' -> (1.0, 0.0), '1.0:0.1' -> (1.0, 0.1)."""
+    try:
+        sigma, start = (float(x) for x in (text.split(":") if ":" in text else (text, "0")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SIGMA or SIGMA:FROM, e.g. 1.0:0.1") from None
+    if sigma <= 0 or not 0 <= start < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: SIGMA must be > 0 and FROM in [0, 1)")
+    return sigma, start
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=lambda s: comma_list(s, TASKS), default=list(DEFAULT_TASKS))
@@ -172,6 +190,9 @@ def main():
     ap.add_argument("--curriculum", type=curriculum_phases, default=[], metavar="L:FRACTION,...",
                     help="shorter lengths trained first, e.g. 16:0.6 (then --length for the rest; tests stay at "
                          "multiples of --length, the longest trained)")
+    ap.add_argument("--state-noise", type=state_noise_spec, metavar="SIGMA[:FROM]",
+                    help="training sequences start from a random state N(0, SIGMA^2), from the fraction FROM of "
+                         "the steps on (default 0); tests start from zero (Buitrago Ruiz & Gu's random noise)")
     ap.add_argument("--batch", type=int, default=32, help="sequences per step (default 32)")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -184,6 +205,8 @@ def main():
              "length": args.length or (4 if args.quick else 16), "multiples": list(MULTIPLES), "threads": args.threads}
     if args.curriculum:         # only then: files written before the flag keep their setup
         setup["curriculum"] = [[L, f] for L, f in args.curriculum]
+    if args.state_noise:
+        setup["state_noise"] = list(args.state_noise)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "state_tracking_quick" if args.quick else "state_tracking"

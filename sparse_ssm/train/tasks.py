@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..model import SparseSSMConfig, SparseSSMForCausalLM
+from ..model import LayerState, SparseSSMConfig, SparseSSMForCausalLM
 from ..util.errors import ConfigError
 from .state_tracking import STATE_TRACKING_TASKS, group_word_batch, task_group
 
@@ -173,23 +173,45 @@ def training_lengths(steps: int, length: int, curriculum: Sequence[tuple[int, fl
     return (out + [length] * steps)[:steps]
 
 
+def noisy_initial_states(model: SparseSSMForCausalLM, batch: int, sigma: float) -> list[LayerState]:
+    """Per layer, the state a training sequence starts from under the "random noise" intervention
+    of Buitrago Ruiz & Gu ("Understanding and Improving Length Generalization in Recurrent Models",
+    ICML 2025): an SSM state (batch, heads, N, P) drawn from N(0, sigma^2) (torch's global generator)
+    and a zero conv history (batch, K - 1, E).  Tests start from zero, as generation does; a state
+    that never forgets (a pair that neither turns nor decays: a counter of the length) then carries
+    noise the readout cannot rely on."""
+    states = []
+    for block in model.blocks:
+        mixer = block.mixer
+        ssm = sigma * torch.randn(batch, mixer.num_heads, mixer.structure.state_dim, mixer.head_dim)
+        states.append(LayerState(torch.zeros(batch, mixer.config.conv_kernel - 1, mixer.inner_dim), ssm))
+    return states
+
+
 def run_task(task: str, model_config: SparseSSMConfig | Callable[[], torch.nn.Module], steps: int, batch: int,
              length: int, test_lengths, lr: float = 3e-3, seed: int = 0, num_memorize: int = 16, modulus: int = 3,
              group: str = "s3", log=None, vocab: int | None = None,
-             curriculum: Sequence[tuple[int, float]] = ()) -> TaskResult:
+             curriculum: Sequence[tuple[int, float]] = (), state_noise: tuple[float, float] = (0.0, 0.0)) -> TaskResult:
     """Train a fresh model for `steps` AdamW steps on fresh batches, then measure accuracy on 256
     fresh sequences at each test length (`modulus`: modular-counting's m; `group`: the group of
     permutation-composition, a key of `state_tracking.GROUPS`).  `curriculum`: (length, fraction of
-    the steps) phases trained first, in order; the remaining steps train at `length`.
+    the steps) phases trained first, in order; the remaining steps train at `length`.  `state_noise`
+    (sigma, fraction of the steps): from that fraction of the steps on, training sequences start
+    from `noisy_initial_states` (sigma 0: from zero, the default).
 
     `model_config` is a `SparseSSMConfig`, or a callable that builds any model with the same
     interface (`model(ids, labels=..., return_logits=False).loss`, `model(ids).logits`; then pass
     `vocab`): it is called after seeding, so the same seed gives every model the same batches."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
+    sigma, noise_from = state_noise
+    if sigma < 0 or not 0 <= noise_from <= 1:
+        raise ConfigError(f"state_noise {state_noise}: sigma must be >= 0 and the fraction of the steps in [0, 1]")
     if isinstance(model_config, SparseSSMConfig):
         vocab = model_config.vocab_size
         model = SparseSSMForCausalLM(model_config)
+    elif sigma:
+        raise ConfigError("state_noise: the random initial states need a sparse-ssm model (a SparseSSMConfig)")
     else:
         model = model_config()
     make = task_batches(task, vocab, g, num_memorize, modulus, group)
@@ -199,9 +221,11 @@ def run_task(task: str, model_config: SparseSSMConfig | Callable[[], torch.nn.Mo
     start = time.perf_counter()
     loss = torch.tensor(float("nan"))
     lengths = training_lengths(steps, length, curriculum)
+    noisy_steps = range(round(noise_from * steps), steps) if sigma else range(0)
     for step in range(steps):
         inputs, labels = make(batch, lengths[step])
-        loss = model(inputs, labels=labels, return_logits=False).loss
+        cache = noisy_initial_states(model, batch, sigma) if step in noisy_steps else None
+        loss = model(inputs, labels=labels, cache=cache, return_logits=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -76,3 +76,39 @@ def test_run_task_trains_at_the_curriculum_lengths(monkeypatch):
     run_task("selective-copying", config, steps=4, batch=2, length=16, test_lengths=[12], num_memorize=2,
              curriculum=[(8, 0.5)])
     assert seen == [8, 8, 16, 16, 12]          # 4 training batches, then the test batch
+
+
+def test_noisy_initial_states_have_the_layer_state_shapes_and_the_scale():
+    config = SparseSSMConfig(vocab_size=8, hidden_dim=32, state_dim=8, ffn_dim=0, num_layers=2, num_heads=2,
+                             conv_kernel=3, max_seq_len=64)
+    model = SparseSSMForCausalLM(config)
+    ids = torch.randint(0, 8, (64, 5))
+    reached = model(ids).cache                              # the states a forward pass ends in
+    noisy = tasks.noisy_initial_states(model, 64, 0.5)
+    for state, like in zip(noisy, reached):
+        assert state.conv.shape == like.conv.shape and not state.conv.any()
+        assert state.ssm.shape == like.ssm.shape
+        assert abs(state.ssm.std().item() - 0.5) < 0.02 and abs(state.ssm.mean().item()) < 0.02
+    from_noise = model(ids, cache=noisy).logits
+    assert not torch.allclose(from_noise, model(ids).logits, atol=1e-4)     # the state reaches the output
+
+
+def test_run_task_starts_the_noisy_steps_from_random_states(monkeypatch):
+    """state_noise (sigma, fraction): training steps from that fraction on start from random states;
+    earlier steps and the tests start from zero."""
+    seen = []
+    forward = SparseSSMForCausalLM.forward
+
+    def recording(self, ids, labels=None, cache=None, **kwargs):
+        seen.append(None if cache is None else round(float(cache[0].ssm.std()), 1))
+        return forward(self, ids, labels, cache, **kwargs)
+    monkeypatch.setattr(SparseSSMForCausalLM, "forward", recording)
+    config = SparseSSMConfig(vocab_size=8, hidden_dim=32, state_dim=8, ffn_dim=0, num_layers=1, max_seq_len=64)
+    run_task("parity", config, steps=5, batch=64, length=8, test_lengths=[8], state_noise=(2.0, 0.4))
+    assert seen == [None, None, 2.0, 2.0, 2.0, None]            # 5 training steps, then the test batch
+    for bad in ((-1.0, 0.0), (1.0, 1.5)):
+        with pytest.raises(ConfigError, match="state_noise"):
+            run_task("parity", config, steps=2, batch=2, length=8, test_lengths=[8], state_noise=bad)
+    with pytest.raises(ConfigError, match="state_noise"):
+        run_task("parity", lambda: SparseSSMForCausalLM(config), steps=2, batch=2, length=8, test_lengths=[8],
+                 vocab=2, state_noise=(1.0, 0.0))
