@@ -221,10 +221,10 @@ def run_task(task: str, model_config: SparseSSMConfig | Callable[[], torch.nn.Mo
     start = time.perf_counter()
     loss = torch.tensor(float("nan"))
     lengths = training_lengths(steps, length, curriculum)
-    noisy_steps = range(round(noise_from * steps), steps) if sigma else range(0)
+    first_noisy_step = round(noise_from * steps)
     for step in range(steps):
         inputs, labels = make(batch, lengths[step])
-        cache = noisy_initial_states(model, batch, sigma) if step in noisy_steps else None
+        cache = noisy_initial_states(model, batch, sigma) if sigma and step >= first_noisy_step else None
         loss = model(inputs, labels=labels, cache=cache, return_logits=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
