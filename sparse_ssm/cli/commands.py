@@ -89,7 +89,7 @@ def _train_config(args) -> Config:
 
 def _report_training(trainer, result: dict, seconds: float, use_best_model: bool, say):
     val, out = result["validation"], trainer.output_dir
-    quality = (f"validation loss {val['loss']:.4f}, perplexity {val['perplexity']:.2f} (unigram baseline "
+    quality = (f"validation loss {val['loss']:.4f}, perplexity {val['perplexity']:.2f} (whole split; unigram baseline "
                f"{result['unigram_validation_perplexity']:.1f})" if val else "no validation data")
     say(f"done in {seconds:.0f}s, {result['step']} steps: {quality}")
     best = f", best: {out / 'best'}" if trainer.state.best_step is not None else ""

@@ -59,9 +59,11 @@ class Monitor:
                              tok_s=f"{metrics['tokens_per_s']:.0f}")
         self._reset()
 
-    def validation(self, step: int, metrics: dict) -> dict:
+    def validation(self, step: int, metrics: dict, first_batches: int | None = None) -> dict:
+        """Log a validation result; `first_batches`: it covers only that many batches of the split."""
         self._scalars("val", {"loss": metrics["loss"], "perplexity": metrics["perplexity"]}, step)
         if self.procs.main:
+            scope = f"first {first_batches} batch{'es' * (first_batches > 1)}; " if first_batches else ""
             self.bar.write(f"step {step}: validation loss {metrics['loss']:.4f}, perplexity "
-                           f"{metrics['perplexity']:.2f} (unigram {self.baseline:.1f})")
+                           f"{metrics['perplexity']:.2f} ({scope}unigram {self.baseline:.1f})")
         return metrics

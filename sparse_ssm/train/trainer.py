@@ -327,7 +327,9 @@ class Trainer:
                     monitor.step(step, result, self.opt.lr)
                     evaluated = None
                     if self.has_validation and (step % tc.eval_steps == 0 or step == self.total_steps):
-                        evaluated = monitor.validation(step, self.evaluate(self.val_set, tc.eval_max_batches))
+                        cap = tc.eval_max_batches
+                        capped = cap if cap and len(self.val_set) > cap * tc.batch_size else None
+                        evaluated = monitor.validation(step, self.evaluate(self.val_set, cap), capped)
                     if self.procs.all_reduce(1.0 if self.stop_signal else 0.0, "max") and not self.stop_signal:
                         self.stop_signal = signal.SIGTERM          # another process was told to stop
                     last_saved = self._checkpoint_after_step(step, end, evaluated) or last_saved

@@ -210,11 +210,13 @@ def test_sigterm_saves_a_checkpoint(tiny, tmp_path):
 
 def test_cli_train_resume_and_best_model(tiny, tmp_path, capsys):
     config = tmp_path / "c.yaml"
-    tiny(tmp_path / "ignored", training={"max_steps": 4}).save(config)
+    tiny(tmp_path / "ignored", training={"max_steps": 4, "eval_max_batches": 1}).save(config)
     run = lambda *args: cli.main(["train", "--config", str(config), "--output-dir", str(tmp_path / "cli"), *args])
     assert run("--seed", "3", "--use-best-model") == 0
     out = capsys.readouterr().out
     assert "on the test split: loss" in out and "checkpoints:" in out
+    # the periodic validation covers the first batch only, the final one the whole split: the lines say so
+    assert "(first 1 batch; unigram" in out and "(whole split; unigram baseline" in out
     assert Config.load(tmp_path / "cli" / "latest" / "config.yaml").training.seed == 3
     assert run("--resume", "--set", "training.max_steps=6") == 0   # the checkpoint config (seed 3) is kept
     assert "resuming from" in capsys.readouterr().out
