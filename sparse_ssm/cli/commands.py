@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, SparseSSMConfig, load_yaml
-from ..generate import GenerationConfig, generate, generate_text, load_checkpoint
+from ..generate import GenerationConfig, generate, generate_streams, load_checkpoint
 from ..model import SparseSSMForCausalLM
 from ..model.checkpoint import resolve_checkpoint
 from ..util.errors import ConfigError
@@ -169,15 +169,16 @@ def cmd_generate(args) -> int:
     if stream:
         print(prompts[0], end="", flush=True)
     start = time.perf_counter()
-    texts = generate_text(loaded.model, loaded.tokenizer, prompts, settings, n,
-                          on_text=(lambda i, piece: print(piece, end="", flush=True)) if stream else None)
+    streams = generate_streams(loaded.model, loaded.tokenizer, prompts, settings, n,
+                               on_text=(lambda i, piece: print(piece, end="", flush=True)) if stream else None)
+    texts = [s.text for s in streams]
     elapsed = time.perf_counter() - start
     if stream:
         print()
     else:
         for i, text in enumerate(texts):
             print(f"--- [{i // n + 1}.{i % n + 1}] ---\n{prompts[i // n]}{text}")
-    new_tokens = sum(len(loaded.tokenizer.encode(t).ids) for t in texts)
+    new_tokens = sum(len(s.ids) for s in streams)
     print(f"({len(texts)} sequence(s), {new_tokens} new tokens in {elapsed:.2f}s from {checkpoint})", file=sys.stderr)
     if args.output_file:
         out = Path(args.output_file)

@@ -3,7 +3,7 @@ streaming decode loop on the recurrent cache.  Imports `model`, `data` and `util
 
 from .loading import LoadedModel, load_checkpoint
 from .settings import GenerationConfig
-from .stream import Step, generate, generate_text, stream_generate
+from .stream import Step, generate, generate_streams, generate_text, stream_generate
 
-__all__ = ["GenerationConfig", "LoadedModel", "load_checkpoint", "Step", "generate", "generate_text",
-           "stream_generate"]
+__all__ = ["GenerationConfig", "LoadedModel", "load_checkpoint", "Step", "generate", "generate_streams",
+           "generate_text", "stream_generate"]

@@ -89,9 +89,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     return torch.cat([input_ids, new], 1)
 
 
-def generate_text(model, tokenizer, prompts: Sequence[str], settings: GenerationConfig,
-                  num_return_sequences: int = 1, on_text=None) -> list[str]:
-    """Generate continuations of text prompts (num_return_sequences each, in prompt order).
+def generate_streams(model, tokenizer, prompts: Sequence[str], settings: GenerationConfig,
+                     num_return_sequences: int = 1, on_text=None) -> list[TextStream]:
+    """Generate continuations of text prompts (num_return_sequences each, in prompt order): one
+    `TextStream` a sequence, whose `text` is the continuation and `ids` the ids it sampled.
 
     Stops at <|endoftext|> or at a stop string (the text is cut before it).  `on_text(i, piece)`
     receives new text of sequence i as it is produced (held back while it could still become a
@@ -117,4 +118,10 @@ def generate_text(model, tokenizer, prompts: Sequence[str], settings: Generation
             piece = text.take(final=True)
             if piece:
                 on_text(i, piece)
-    return [t.text for t in texts]
+    return texts
+
+
+def generate_text(model, tokenizer, prompts: Sequence[str], settings: GenerationConfig,
+                  num_return_sequences: int = 1, on_text=None) -> list[str]:
+    """The continuations of `generate_streams` as strings."""
+    return [s.text for s in generate_streams(model, tokenizer, prompts, settings, num_return_sequences, on_text)]

@@ -12,7 +12,8 @@ import torch
 from helpers import ROOT, make_text, tiny_config
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM, cli
 from sparse_ssm.config import Config
-from sparse_ssm.generate import GenerationConfig, generate, generate_text, load_checkpoint, stream_generate
+from sparse_ssm.generate import (GenerationConfig, generate, generate_streams, generate_text, load_checkpoint,
+                                 stream_generate)
 from sparse_ssm.generate.text import TextStream
 from sparse_ssm.generate.sampling import apply_repetition_penalty, next_token, top_k_filter, top_p_filter
 
@@ -198,7 +199,7 @@ def continuation(trained, capsys):
     return run
 
 
-def test_cli_generate_seed_reproduces_and_max_length_counts_the_new_tokens(continuation, loaded):
+def test_cli_generate_seed_reproduces_and_max_length_counts_the_new_tokens(continuation, loaded, trained, capsys):
     sampled = continuation("--seed", "3", "--temperature", "1.0", "--max-length", "20", "--no-stream")
     assert sampled == continuation("--seed", "3", "--temperature", "1.0", "--max-length", "20", "--no-stream")
     assert sampled != continuation("--seed", "4", "--temperature", "1.0", "--max-length", "20", "--no-stream")
@@ -210,6 +211,13 @@ def test_cli_generate_seed_reproduces_and_max_length_counts_the_new_tokens(conti
     assert len(greedy) == 12 and tok.token_to_id("<|endoftext|>") not in greedy
     for n in (1, 5, 12):          # greedy: n new tokens are the first n of a longer run
         assert continuation("--temperature", "0", "--max-length", str(n)) == tok.decode(greedy[:n])
+    for seed in range(4):         # the report counts the ids sampled, not those of the text encoded again
+        streams = generate_streams(loaded.model, tok, ["The sun"], GenerationConfig(max_length=20, temperature=1.0,
+                                                                                    seed=seed))
+        assert cli.main(["generate", "--model-dir", str(trained), "--checkpoint", "latest", "--prompt", "The sun",
+                         "--max-length", "20", "--temperature", "1.0", "--seed", str(seed)]) == 0
+        assert f"(1 sequence(s), {len(streams[0].ids)} new tokens in" in capsys.readouterr().err
+        assert 0 < len(streams[0].ids) <= 20 and tok.decode(streams[0].ids).startswith(streams[0].text)
 
 
 def test_cli_generate_repetition_penalty_and_stop_strings(continuation, loaded):
