@@ -312,6 +312,8 @@ class Trainer:
         self.log(f"model: {self.model.num_parameters():,} parameters on {self.device}; {self.total_steps} optimizer "
                  f"steps" + (f"; unigram validation perplexity {baseline:.1f}" if baseline else ""))
         last_saved = None
+        cap = tc.eval_max_batches                   # the periodic validations' batches; the final one runs all
+        capped = cap if cap and len(self.val_set) > cap * tc.batch_size else None
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.model.train()
         try:
@@ -327,8 +329,6 @@ class Trainer:
                     monitor.step(step, result, self.opt.lr)
                     evaluated = None
                     if self.has_validation and (step % tc.eval_steps == 0 or step == self.total_steps):
-                        cap = tc.eval_max_batches
-                        capped = cap if cap and len(self.val_set) > cap * tc.batch_size else None
                         evaluated = monitor.validation(step, self.evaluate(self.val_set, cap), capped)
                     if self.procs.all_reduce(1.0 if self.stop_signal else 0.0, "max") and not self.stop_signal:
                         self.stop_signal = signal.SIGTERM          # another process was told to stop
