@@ -68,7 +68,8 @@ def run_cell(name: str, variant: str, seed: int, setup: dict) -> dict:
                       state_noise=tuple(setup.get("state_noise", (0.0, 0.0))), **options)
     return {"task": name, "variant": variant, "seed": seed, "structure": structure,
             "discretization": config.resolved_discretization, "num_layers": config.num_layers,
-            "conv_kernel": config.conv_kernel, "state_dim": config.state_dim, "classes": vocab,
+            "conv_kernel": config.conv_kernel, "state_dim": config.state_dim, "num_heads": config.resolved_num_heads,
+            "angle_grid": config.rotation_angle_grid, "classes": vocab,
             "chance": chance_accuracy(spec["task"], vocab), "accuracy": {str(L): a for L, a in result.accuracy.items()},
             "final_loss": result.final_loss, "steps": setup["steps"],
             "cpu_seconds": time.process_time() - cpu, "wall_seconds": time.perf_counter() - wall}
@@ -92,12 +93,15 @@ def percent_range(values: list[float]) -> str:
 
 
 def model_label(cell: dict) -> str:
-    """'structure (discretisation)', plus the layer count, conv window and state size where a variant
-    sets its own."""
+    """'structure (discretisation)', plus the layer count, conv window, state size and heads where a
+    variant sets its own, and the angle grid of rotation pairs that snap their turns."""
     layers, window, state = (cell.get(k, TASK_MODEL[k]) for k in ("num_layers", "conv_kernel", "state_dim"))
+    heads, grid = cell.get("num_heads", TASK_MODEL["num_heads"]), cell.get("angle_grid", 0)
     shape = [f"{layers} layer{'s' * (layers > 1)}" if layers != TASK_MODEL["num_layers"] else "",
              f"conv window {window}" if window != TASK_MODEL["conv_kernel"] else "",
-             f"state {state}" if state != TASK_MODEL["state_dim"] else ""]
+             f"state {state}" if state != TASK_MODEL["state_dim"] else "",
+             f"{heads} heads" if heads != TASK_MODEL["num_heads"] else "",
+             f"turns snapped to 2π/{grid} from half the steps" if grid else ""]
     return f"{cell['structure']} ({', '.join([cell['discretization'], *filter(None, shape)])})"
 
 

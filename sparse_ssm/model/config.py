@@ -47,6 +47,7 @@ class SparseSSMConfig(Section):
     hippo_init: Literal["legs", "legt", "fourier", "random"] = "legs"
     discretization: Literal["auto", "zoh", "bilinear", "gbt"] = "auto"   # auto: zoh for diagonal/rotation, else bilinear
     eigenvalue_range: Literal["positive", "signed"] = "positive"   # diagonal: exp(dt a) in (0, 1], or 2 exp(dt a) - 1
+    rotation_angle_grid: int = Field(0, ge=0)        # rotation: each turn dt w snapped to a multiple of 2 pi / K; 0: any
     gbt_alpha: float = Field(0.5, ge=0.0, le=1.0)
     dt_min: float = Field(0.001, gt=0.0)
     dt_max: float = Field(0.1, gt=0.0)
@@ -113,6 +114,9 @@ class SparseSSMConfig(Section):
                              "'sparse' with blocks of 1); rotation blocks reach negative eigenvalues through their "
                              "angle, block/dense/low-rank ones through the bilinear discretisation, permutation ones "
                              "by moving the states, householder ones through their reflections")
+        if self.rotation_angle_grid and self.selective_param_class != "rotation":
+            raise ValueError(f"rotation_angle_grid: snaps the turns of rotation pairs (selective_param_class "
+                             f"'rotation'); set it to 0 for '{self.selective_param_class}'")
         if self.selective_param_class == "low_rank" and self.discretization == "zoh":
             raise ValueError("discretization: 'zoh' is not available for selective_param_class 'low_rank' (the "
                              "exponential of a diagonal-plus-low-rank matrix is dense); use 'bilinear' or 'gbt'")

@@ -64,7 +64,7 @@ class SelectiveSSMLayer(nn.Module):
         self.generator = SelectiveParameterGenerator(E, H, self.structure, config.hippo_init,
                                                      config.dt_min, config.dt_max, num_groups=config.num_groups,
                                                      a_rank=config.resolved_a_generator_rank,
-                                                     selective=config.selective)
+                                                     selective=config.selective, angle_grid=config.rotation_angle_grid)
         self.out_proj = nn.Linear(E, config.hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor, state: LayerState | None = None):

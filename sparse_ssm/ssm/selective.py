@@ -8,7 +8,10 @@ For every head h and token t, from the layer's (convolved) input u_t in R^E:
                                                                  structured A needs H * raw_size values
     dt_t = softplus(dt_raw + dt_bias)                            (heads,)        positive step
     A_raw_t = A_base + a_raw;  A_t = structure.continuous(A_raw_t)   stable by construction (the scans
-                                                                 build A_t from A_raw_t themselves)
+                                                                 build A_t from A_raw_t themselves;
+                                                                 rotation pairs with an angle grid K
+                                                                 snap each turn dt_t w_t to a multiple
+                                                                 of 2 pi / K: `snap_angles`)
     B_t, C_t                                                     (groups, N), shared by the
                                                                  heads of a group (Mamba-2's ngroups;
                                                                  the scans take them per group)
@@ -39,9 +42,10 @@ class SelectiveParameterGenerator(nn.Module):
 
     def __init__(self, inner_dim: int, num_heads: int, structure, hippo_init: str = "legs",
                  dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4, num_groups: int = 1,
-                 a_rank: int = 16, selective: bool = True):
+                 a_rank: int = 16, selective: bool = True, angle_grid: int = 0):
         super().__init__()
         self.selective = selective
+        self.angle_grid = angle_grid       # rotation pairs: turns snapped to multiples of 2 pi / K; 0: off
         self.num_heads, self.num_groups, self.structure = num_heads, num_groups, structure
         N = structure.state_dim
         self.sizes = [num_heads, a_rank, num_groups * N, num_groups * N, num_heads]
@@ -77,6 +81,8 @@ class SelectiveParameterGenerator(nn.Module):
         dt_raw, a_low, B, C, d_raw = self.proj(source).split(self.sizes, dim=-1)
         dt = F.softplus(dt_raw + self.dt_bias)
         A_raw = self.A_base + self.a_up(a_low).reshape(b, L, H, -1)
+        if self.angle_grid:
+            A_raw = self.structure.snap_angles(A_raw, dt, self.angle_grid)
         G = self.num_groups
         return dt, A_raw, B.reshape(b, L, G, N), C.reshape(b, L, G, N), self.D_base + d_raw
 

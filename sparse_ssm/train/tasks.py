@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..model import LayerState, SparseSSMConfig, SparseSSMForCausalLM
+from ..ssm.selective import SelectiveParameterGenerator
 from ..util.errors import ConfigError
 from .state_tracking import STATE_TRACKING_TASKS, group_word_batch, task_group
 
@@ -79,6 +80,11 @@ VARIANTS = {
                              conv_kernel=1, num_layers=1, state_dim=8),
     "diagonal_signed_shallow": dict(selective_param_class="sparse", sparsity_level=0.9, eigenvalue_range="signed",
                                     a_generator_rank=32, conv_kernel=1, num_layers=1, state_dim=8),  # its ablation
+    # rotation_shallow with 8 heads of 16 channels and turns snapped to multiples of 2 pi / 60 (exact steps
+    # of Z_60, so counting modulo 2, 3, 4, 5, 6 cannot drift); `run_task` trains the first half of the
+    # steps with continuous angles (snapped from the start, most seeds do not fit mod 3)
+    "rotation_grid": dict(selective_param_class="rotation", hippo_init="fourier", a_generator_rank=32,
+                          conv_kernel=1, num_layers=1, state_dim=8, num_heads=8, rotation_angle_grid=60),
     "block2": dict(selective_param_class="sparse", sparsity_level=0.875),
     "block4": dict(selective_param_class="sparse", sparsity_level=0.75),
     "block": dict(selective_param_class="sparse", sparsity_level=0.5),           # b = 8
@@ -87,7 +93,7 @@ VARIANTS = {
     "lti": dict(selective_param_class="sparse", sparsity_level=0.9, selective=False),
 }
 # The task model's shape, unless a variant sets its own (`task_model_config`)
-TASK_MODEL = dict(hidden_dim=64, state_dim=16, num_layers=2, conv_kernel=4)
+TASK_MODEL = dict(hidden_dim=64, state_dim=16, num_layers=2, conv_kernel=4, num_heads=2)
 PAPER_TASKS = ("selective-copying", "induction-heads")
 TASKS = (*PAPER_TASKS, *STATE_TRACKING_TASKS)
 PAPER_VOCAB = 16
@@ -109,7 +115,7 @@ def task_model_config(variant: str, max_len: int, vocab: int = PAPER_VOCAB, **ov
     """The small model (2 layers, width 64, state 16, unless the variant sets its own) of a variant,
     for sequences up to max_len; `overrides` replace any other key (the ablations of
     bench/selective_copying.py)."""
-    keys = dict(vocab_size=vocab, **TASK_MODEL, ffn_dim=0, dropout=0.0, num_heads=2, max_seq_len=max_len)
+    keys = dict(vocab_size=vocab, **TASK_MODEL, ffn_dim=0, dropout=0.0, max_seq_len=max_len)
     return SparseSSMConfig(**{**keys, **VARIANTS[variant], **overrides})
 
 
@@ -191,13 +197,16 @@ def noisy_initial_states(model: SparseSSMForCausalLM, batch: int, sigma: float) 
 def run_task(task: str, model_config: SparseSSMConfig | Callable[[], torch.nn.Module], steps: int, batch: int,
              length: int, test_lengths, lr: float = 3e-3, seed: int = 0, num_memorize: int = 16, modulus: int = 3,
              group: str = "s3", log=None, vocab: int | None = None,
-             curriculum: Sequence[tuple[int, float]] = (), state_noise: tuple[float, float] = (0.0, 0.0)) -> TaskResult:
+             curriculum: Sequence[tuple[int, float]] = (), state_noise: tuple[float, float] = (0.0, 0.0),
+             angle_grid_from: float = 0.5) -> TaskResult:
     """Train a fresh model for `steps` AdamW steps on fresh batches, then measure accuracy on 256
     fresh sequences at each test length (`modulus`: modular-counting's m; `group`: the group of
     permutation-composition, a key of `state_tracking.GROUPS`).  `curriculum`: (length, fraction of
     the steps) phases trained first, in order; the remaining steps train at `length`.  `state_noise`
     (sigma, fraction of the steps): from that fraction of the steps on, training sequences start
-    from `noisy_initial_states` (sigma 0: from zero, the default).
+    from `noisy_initial_states` (sigma 0: from zero, the default).  A model whose rotation pairs snap
+    their turns to a grid (`rotation_angle_grid`) trains with continuous angles before the fraction
+    `angle_grid_from` of the steps and snapped from there on (and in the tests).
 
     `model_config` is a `SparseSSMConfig`, or a callable that builds any model with the same
     interface (`model(ids, labels=..., return_logits=False).loss`, `model(ids).logits`; then pass
@@ -207,6 +216,8 @@ def run_task(task: str, model_config: SparseSSMConfig | Callable[[], torch.nn.Mo
     sigma, noise_from = state_noise
     if sigma < 0 or not 0 <= noise_from <= 1:
         raise ConfigError(f"state_noise {state_noise}: sigma must be >= 0 and the fraction of the steps in [0, 1]")
+    if not 0 <= angle_grid_from <= 1:
+        raise ConfigError(f"angle_grid_from {angle_grid_from}: the fraction of the steps must be in [0, 1]")
     if isinstance(model_config, SparseSSMConfig):
         vocab = model_config.vocab_size
         model = SparseSSMForCausalLM(model_config)
@@ -221,8 +232,12 @@ def run_task(task: str, model_config: SparseSSMConfig | Callable[[], torch.nn.Mo
     start = time.perf_counter()
     loss = torch.tensor(float("nan"))
     lengths = training_lengths(steps, length, curriculum)
-    first_noisy_step = round(noise_from * steps)
+    first_noisy_step, first_snapped_step = round(noise_from * steps), round(angle_grid_from * steps)
+    grids = [(generator, generator.angle_grid) for generator in model.modules()
+             if isinstance(generator, SelectiveParameterGenerator)]
     for step in range(steps):
+        for generator, grid in grids:
+            generator.angle_grid = grid if step >= first_snapped_step else 0
         inputs, labels = make(batch, lengths[step])
         cache = noisy_initial_states(model, batch, sigma) if sigma and step >= first_noisy_step else None
         loss = model(inputs, labels=labels, cache=cache, return_logits=False).loss
@@ -234,6 +249,8 @@ def run_task(task: str, model_config: SparseSSMConfig | Callable[[], torch.nn.Mo
         if log and (step + 1) % max(1, steps // 10) == 0:
             log(f"  step {step + 1}/{steps}: loss {loss.item():.4f}")
     model.eval()
+    for generator, grid in grids:
+        generator.angle_grid = grid
     result = {}
     for L in test_lengths:
         inputs, labels = make(256, L)

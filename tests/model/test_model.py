@@ -17,6 +17,7 @@ CLASSES = [dict(selective_param_class="sparse", sparsity_level=0.9),      # diag
            dict(selective_param_class="dense"),
            dict(selective_param_class="low_rank", discretization="bilinear", low_rank_rank=2),
            dict(selective_param_class="rotation"),                            # 2 x 2 scaled rotations, zoh
+           dict(selective_param_class="rotation", rotation_angle_grid=12),    # turns snapped to 2 pi / 12
            dict(selective_param_class="permutation"),                         # PD-SSM's P_t diag(d_t), zoh
            dict(selective_param_class="householder", low_rank_rank=2),        # DeltaProduct's reflections, zoh
            dict(selective_param_class="sparse", sparsity_level=0.9, eigenvalue_range="signed")]

@@ -104,6 +104,7 @@ def test_vocabulary_is_the_group_and_chance_one_class_in_it(task, modulus, group
 
 @pytest.mark.parametrize("task, variant, threshold", [("parity", "diagonal_signed", 0.75),
                                                      ("modular-counting", "rotation", 0.6),
+                                                     ("modular-counting", "rotation_grid", 0.6),
                                                      ("permutation-composition", "block4", 0.38),
                                                      ("permutation-composition", "permutation", 0.42),
                                                      ("permutation-composition", "householder", 0.42)])

@@ -1,12 +1,15 @@
-"""The paper's synthetic tasks: data generators, the time-invariant ablation, and a smoke run."""
+"""The paper's synthetic tasks: data generators, the time-invariant ablation, a smoke run, and the
+training options of run_task (curriculum, random initial states, when rotation turns snap)."""
 
 import pytest
 import torch
 
 from helpers import randomise_generators
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM
+from sparse_ssm.ssm.selective import SelectiveParameterGenerator
 from sparse_ssm.train import tasks
-from sparse_ssm.train.tasks import induction_heads_batch, run_task, selective_copying_batch, training_lengths
+from sparse_ssm.train.tasks import (induction_heads_batch, run_task, selective_copying_batch, task_model_config,
+                                    training_lengths)
 from sparse_ssm.util.errors import ConfigError
 
 
@@ -112,3 +115,20 @@ def test_run_task_starts_the_noisy_steps_from_random_states(monkeypatch):
     with pytest.raises(ConfigError, match="state_noise"):
         run_task("parity", lambda: SparseSSMForCausalLM(config), steps=2, batch=2, length=8, test_lengths=[8],
                  vocab=2, state_noise=(1.0, 0.0))
+
+
+def test_run_task_trains_the_first_steps_with_continuous_angles_then_snaps_them(monkeypatch):
+    """angle_grid_from: the generators of a model with an angle grid snap no turn before that fraction
+    of the steps, and snap them from there on and in the tests."""
+    seen = []
+    forward = SelectiveParameterGenerator.forward
+    monkeypatch.setattr(SelectiveParameterGenerator, "forward", lambda self, u: seen.append(self.angle_grid)
+                        or forward(self, u))
+    config = task_model_config("rotation_grid", 16, 3)
+    run_task("modular-counting", config, steps=4, batch=2, length=8, test_lengths=[8], angle_grid_from=0.5)
+    assert seen == [0, 0, 60, 60, 60]                           # 4 training steps, then the test batch
+    seen.clear()
+    run_task("modular-counting", config, steps=2, batch=2, length=8, test_lengths=[8], angle_grid_from=0.0)
+    assert seen == [60, 60, 60]
+    with pytest.raises(ConfigError, match="angle_grid_from"):
+        run_task("modular-counting", config, steps=2, batch=2, length=8, test_lengths=[8], angle_grid_from=1.5)

@@ -4,6 +4,8 @@ See the package docstring for the parameterisations and their stability."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..discretization import discretize, discretize_diagonal
@@ -172,6 +174,18 @@ class RotationStructure(BlockStructure):
         r = raw.reshape(*raw.shape[:-1], self.num_blocks, 2)
         lam, w = rate_exp(2 * r[..., 0]), r[..., 1]
         return torch.stack([torch.stack([-lam, -w], -1), torch.stack([w, -lam], -1)], -2)
+
+    def snap_angles(self, raw: torch.Tensor, dt: torch.Tensor, grid: int) -> torch.Tensor:
+        """raw (..., N), dt (...) -> raw whose angular rates w give every pair's turn dt w the nearest
+        multiple of 2 pi / grid (a step of the cyclic group Z_grid, exact at any length: counting
+        modulo any m dividing grid cannot drift).  Straight-through: the forward value is snapped,
+        the gradient is the identity's, so the continuous angle keeps learning across the grid's
+        cells.  The decays are untouched; a step of dt = 0 (the scan's padding) keeps its w."""
+        w = raw[..., 1::2]
+        cell = 2 * math.pi / grid
+        dt = dt[..., None]
+        snapped = torch.where(dt > 0, torch.round(dt * w / cell) * cell / torch.where(dt > 0, dt, 1.0), w)
+        return torch.stack([raw[..., 0::2], w + (snapped - w).detach()], -1).flatten(-2)
 
     def raw_from_hippo(self, A):
         """The Frobenius-nearest scaled rotation of each 2 x 2 diagonal block (its components along
