@@ -181,10 +181,9 @@ class RotationStructure(BlockStructure):
         modulo any m dividing grid cannot drift).  Straight-through: the forward value is snapped,
         the gradient is the identity's, so the continuous angle keeps learning across the grid's
         cells.  The decays are untouched; a step of dt = 0 (the scan's padding) keeps its w."""
-        w = raw[..., 1::2]
-        cell = 2 * math.pi / grid
-        dt = dt[..., None]
-        snapped = torch.where(dt > 0, torch.round(dt * w / cell) * cell / torch.where(dt > 0, dt, 1.0), w)
+        w, dt = raw[..., 1::2], dt[..., None]
+        cell, moving = 2 * math.pi / grid, dt > 0
+        snapped = torch.where(moving, torch.round(dt * w / cell) * cell / torch.where(moving, dt, 1.0), w)
         return torch.stack([raw[..., 0::2], w + (snapped - w).detach()], -1).flatten(-2)
 
     def raw_from_hippo(self, A):
