@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import curriculum_phases, pyplot, trained_lengths  # noqa: E402
 from sparse_ssm import SparseSSMForCausalLM  # noqa: E402
-from sparse_ssm.train.tasks import (TASK_MODEL, VARIANTS, chance_accuracy, run_task, task_model_config,  # noqa: E402
-                                    task_vocab)
+from sparse_ssm.train.tasks import (ANGLE_GRID_FROM, TASK_MODEL, VARIANTS, chance_accuracy, run_task,  # noqa: E402
+                                    task_model_config, task_vocab)
 from sparse_ssm.util.files import atomic_write_text  # noqa: E402
 
 TASKS = {"parity": dict(task="parity"),
@@ -101,7 +101,7 @@ def model_label(cell: dict) -> str:
              f"conv window {window}" if window != TASK_MODEL["conv_kernel"] else "",
              f"state {state}" if state != TASK_MODEL["state_dim"] else "",
              f"{heads} heads" if heads != TASK_MODEL["num_heads"] else "",
-             f"turns snapped to 2π/{grid} from half the steps" if grid else ""]
+             f"turns snapped to 2π/{grid} from {ANGLE_GRID_FROM:.0%} of the steps" if grid else ""]
     return f"{cell['structure']} ({', '.join([cell['discretization'], *filter(None, shape)])})"
 
 

@@ -94,6 +94,8 @@ VARIANTS = {
 }
 # The task model's shape, unless a variant sets its own (`task_model_config`)
 TASK_MODEL = dict(hidden_dim=64, state_dim=16, num_layers=2, conv_kernel=4, num_heads=2)
+# The fraction of the steps a model with an angle grid trains with continuous angles (`run_task`)
+ANGLE_GRID_FROM = 0.5
 PAPER_TASKS = ("selective-copying", "induction-heads")
 TASKS = (*PAPER_TASKS, *STATE_TRACKING_TASKS)
 PAPER_VOCAB = 16
@@ -198,7 +200,7 @@ def run_task(task: str, model_config: SparseSSMConfig | Callable[[], torch.nn.Mo
              length: int, test_lengths, lr: float = 3e-3, seed: int = 0, num_memorize: int = 16, modulus: int = 3,
              group: str = "s3", log=None, vocab: int | None = None,
              curriculum: Sequence[tuple[int, float]] = (), state_noise: tuple[float, float] = (0.0, 0.0),
-             angle_grid_from: float = 0.5) -> TaskResult:
+             angle_grid_from: float = ANGLE_GRID_FROM) -> TaskResult:
     """Train a fresh model for `steps` AdamW steps on fresh batches, then measure accuracy on 256
     fresh sequences at each test length (`modulus`: modular-counting's m; `group`: the group of
     permutation-composition, a key of `state_tracking.GROUPS`).  `curriculum`: (length, fraction of
