@@ -195,8 +195,9 @@ def main():
                     help="shorter lengths trained first, e.g. 16:0.6 (then --length for the rest; tests stay at "
                          "multiples of --length, the longest trained)")
     ap.add_argument("--state-noise", type=state_noise_spec, metavar="SIGMA[:FROM]",
-                    help="training sequences start from a random state N(0, SIGMA^2), from the fraction FROM of "
-                         "the steps on (default 0); tests start from zero (Buitrago Ruiz & Gu's random noise)")
+                    help="training sequences start from a random state N(h0, SIGMA^2), from the fraction FROM of "
+                         "the steps on (default 0); tests start from h0, the learned initial state or zero "
+                         "(Buitrago Ruiz & Gu's random noise)")
     ap.add_argument("--batch", type=int, default=32, help="sequences per step (default 32)")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")

@@ -66,9 +66,15 @@ class SelectiveSSMLayer(nn.Module):
                                                      a_rank=config.resolved_a_generator_rank,
                                                      selective=config.selective, angle_grid=config.rotation_angle_grid)
         self.out_proj = nn.Linear(E, config.hidden_dim, bias=False)
+        # `learned_initial_state`: the SSM state before the first token (H, N, P), a parameter; a passed
+        # state replaces it.  It starts at N(0, 1), where the readout sees it from the first step (from
+        # zero the state-tracking models first learn to count from their inputs and keep to that)
+        self.initial_state = (nn.Parameter(torch.randn(H, self.structure.state_dim, E // H))
+                              if config.learned_initial_state else None)
 
     def forward(self, x: torch.Tensor, state: LayerState | None = None):
-        """x (b, L, hidden) -> (out (b, L, hidden), LayerState after the last token)."""
+        """x (b, L, hidden) -> (out (b, L, hidden), LayerState after the last token).  Without a
+        state the sequence starts from the learned initial state, or from zero."""
         b, L, _ = x.shape
         u, z = self.in_proj(x).chunk(2, dim=-1)                          # views (b, L, E)
         # the conv and the scan run in (at least) float32, as Mamba's kernels do, whatever the autocast dtype
@@ -78,9 +84,11 @@ class SelectiveSSMLayer(nn.Module):
                                              None if state is None else state.conv)
             dt, A_raw, B, C, D = self.generator(u)
             cfg, heads = self.config, (b, L, self.num_heads, self.head_dim)
+            initial = state.ssm if state is not None else (
+                None if self.initial_state is None else self.initial_state.to(u.dtype).expand(b, -1, -1, -1))
             y, ssm_state = selective_scan(
                 u.view(heads), dt, A_raw, B, C, D, self.structure, self.discretization, cfg.gbt_alpha,
-                None if state is None else state.ssm, z.reshape(heads),
+                initial, z.reshape(heads),
                 use_parallel_scan=cfg.use_parallel_scan and L > 1, chunk_size=cfg.scan_chunk_size)
         out = self.out_proj(y.reshape(b, L, self.inner_dim).to(self.out_proj.weight.dtype))
         return out, LayerState(conv_state, ssm_state)

@@ -10,8 +10,9 @@ For every head h and token t, from the layer's (convolved) input u_t in R^E:
     A_raw_t = A_base + a_raw;  A_t = structure.continuous(A_raw_t)   stable by construction (the scans
                                                                  build A_t from A_raw_t themselves;
                                                                  rotation pairs with an angle grid K
-                                                                 snap each turn dt_t w_t to a multiple
-                                                                 of 2 pi / K: `snap_angles`)
+                                                                 become exact elements of Z_K: turns
+                                                                 dt_t w_t snapped to multiples of
+                                                                 2 pi / K, magnitude 1: `snap_to_grid`)
     B_t, C_t                                                     (groups, N), shared by the
                                                                  heads of a group (Mamba-2's ngroups;
                                                                  the scans take them per group)
@@ -45,7 +46,7 @@ class SelectiveParameterGenerator(nn.Module):
                  a_rank: int = 16, selective: bool = True, angle_grid: int = 0):
         super().__init__()
         self.selective = selective
-        self.angle_grid = angle_grid       # rotation pairs: turns snapped to multiples of 2 pi / K; 0: off
+        self.angle_grid = angle_grid       # rotation pairs: exact elements of Z_K (`snap_to_grid`); 0: off
         self.num_heads, self.num_groups, self.structure = num_heads, num_groups, structure
         N = structure.state_dim
         self.sizes = [num_heads, a_rank, num_groups * N, num_groups * N, num_heads]
@@ -82,7 +83,7 @@ class SelectiveParameterGenerator(nn.Module):
         dt = F.softplus(dt_raw + self.dt_bias)
         A_raw = self.A_base + self.a_up(a_low).reshape(b, L, H, -1)
         if self.angle_grid:
-            A_raw = self.structure.snap_angles(A_raw, dt, self.angle_grid)
+            A_raw = self.structure.snap_to_grid(A_raw, dt, self.angle_grid)
         G = self.num_groups
         return dt, A_raw, B.reshape(b, L, G, N), C.reshape(b, L, G, N), self.D_base + d_raw
 

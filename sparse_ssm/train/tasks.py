@@ -80,11 +80,13 @@ VARIANTS = {
                              conv_kernel=1, num_layers=1, state_dim=8),
     "diagonal_signed_shallow": dict(selective_param_class="sparse", sparsity_level=0.9, eigenvalue_range="signed",
                                     a_generator_rank=32, conv_kernel=1, num_layers=1, state_dim=8),  # its ablation
-    # rotation_shallow with 8 heads of 16 channels and turns snapped to multiples of 2 pi / 60 (exact steps
-    # of Z_60, so counting modulo 2, 3, 4, 5, 6 cannot drift); `run_task` trains the first half of the
-    # steps with continuous angles (snapped from the start, most seeds do not fit mod 3)
+    # rotation_shallow with 8 heads of 16 channels, a learned initial state and pairs that become exact
+    # elements of Z_60 (turns snapped to multiples of 2 pi / 60, magnitude 1: counting modulo 2, 3, 4, 5,
+    # 6 can neither drift nor fade); `run_task` trains the first half of the steps with continuous angles
+    # and decays (snapped from the start, most seeds do not fit mod 3 or mod 5)
     "rotation_grid": dict(selective_param_class="rotation", hippo_init="fourier", a_generator_rank=32,
-                          conv_kernel=1, num_layers=1, state_dim=8, num_heads=8, rotation_angle_grid=60),
+                          conv_kernel=1, num_layers=1, state_dim=8, num_heads=8, rotation_angle_grid=60,
+                          learned_initial_state=True),
     "block2": dict(selective_param_class="sparse", sparsity_level=0.875),
     "block4": dict(selective_param_class="sparse", sparsity_level=0.75),
     "block": dict(selective_param_class="sparse", sparsity_level=0.5),           # b = 8
@@ -184,14 +186,16 @@ def training_lengths(steps: int, length: int, curriculum: Sequence[tuple[int, fl
 def noisy_initial_states(model: SparseSSMForCausalLM, batch: int, sigma: float) -> list[LayerState]:
     """Per layer, the state a training sequence starts from under the "random noise" intervention
     of Buitrago Ruiz & Gu ("Understanding and Improving Length Generalization in Recurrent Models",
-    ICML 2025): an SSM state (batch, heads, N, P) drawn from N(0, sigma^2) (torch's global generator)
-    and a zero conv history (batch, K - 1, E).  Tests start from zero, as generation does; a state
-    that never forgets (a pair that neither turns nor decays: a counter of the length) then carries
-    noise the readout cannot rely on."""
+    ICML 2025): an SSM state (batch, heads, N, P) drawn from N(h0, sigma^2) (torch's global
+    generator; h0 the layer's learned initial state, or zero) and a zero conv history (batch, K - 1,
+    E).  Tests start from h0, as generation does; a state that never forgets (a pair that neither
+    turns nor decays: a counter of the length) then carries noise the readout cannot rely on."""
     states = []
     for block in model.blocks:
         mixer = block.mixer
         ssm = sigma * torch.randn(batch, mixer.num_heads, mixer.structure.state_dim, mixer.head_dim)
+        if mixer.initial_state is not None:
+            ssm = ssm + mixer.initial_state
         states.append(LayerState(torch.zeros(batch, mixer.config.conv_kernel - 1, mixer.inner_dim), ssm))
     return states
 
@@ -206,9 +210,10 @@ def run_task(task: str, model_config: SparseSSMConfig | Callable[[], torch.nn.Mo
     permutation-composition, a key of `state_tracking.GROUPS`).  `curriculum`: (length, fraction of
     the steps) phases trained first, in order; the remaining steps train at `length`.  `state_noise`
     (sigma, fraction of the steps): from that fraction of the steps on, training sequences start
-    from `noisy_initial_states` (sigma 0: from zero, the default).  A model whose rotation pairs snap
-    their turns to a grid (`rotation_angle_grid`) trains with continuous angles before the fraction
-    `angle_grid_from` of the steps and snapped from there on (and in the tests).
+    from `noisy_initial_states` (sigma 0: from zero or the learned initial state, the default).  A
+    model whose rotation pairs snap to a grid (`rotation_angle_grid`) trains with continuous angles
+    and decays before the fraction `angle_grid_from` of the steps and snapped from there on (and in
+    the tests).
 
     `model_config` is a `SparseSSMConfig`, or a callable that builds any model with the same
     interface (`model(ids, labels=..., return_logits=False).loss`, `model(ids).logits`; then pass

@@ -167,6 +167,35 @@ def test_every_parameter_gets_a_gradient():
     assert not missing
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(selective_param_class="rotation", rotation_angle_grid=12)],
+                         ids=["diagonal", "rotation-grid"])
+def test_a_learned_initial_state_is_where_training_and_decoding_start(kw):
+    """`learned_initial_state`: N(0, 1) at initialisation, the state every sequence without a cache
+    starts from (the forward, prefill then steps), learned with the model and kept out of weight decay."""
+    from sparse_ssm.model import LayerState
+    from sparse_ssm.train.optim import parameter_groups
+
+    model = randomise_generators(SparseSSMForCausalLM(tiny(learned_initial_state=True, **kw)).double().eval())
+    plain = randomise_generators(SparseSSMForCausalLM(tiny(**kw)).double().eval())
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith("initial_state")})
+    ids = torch.randint(0, 97, (3, 11))
+    drawn = torch.cat([b.mixer.initial_state.flatten() for b in model.blocks])          # 1,024 values
+    assert drawn.shape == (2 * 2 * 8 * 32,) and abs(drawn.mean()) < 0.1 and abs(drawn.std() - 1) < 0.1
+    full = model(ids).logits
+    started = [LayerState(torch.zeros(3, 3, 64, dtype=torch.float64), b.mixer.initial_state.expand(3, -1, -1, -1))
+               for b in model.blocks]
+    assert torch.allclose(full, plain(ids, cache=started).logits, atol=1e-12)
+    assert not torch.allclose(full, plain(ids).logits, atol=1e-3)
+    logits, cache = model.prefill(ids[:, :5])
+    for t in range(5, 11):
+        assert torch.allclose(logits, full[:, t - 1], atol=1e-10)
+        logits, cache = model.step(ids[:, t], cache)
+    model(ids, labels=ids).loss.backward()
+    assert all(b.mixer.initial_state.grad.abs().min() > 0 for b in model.blocks)
+    no_decay = next(g for g in parameter_groups(model, 0.1) if g["name"] == "no_decay")["params"]
+    assert all(any(p is b.mixer.initial_state for p in no_decay) for b in model.blocks)
+
+
 def test_dt_bias_and_ssm_bases_survive_the_weight_init():
     config = tiny(dt_min=0.002, dt_max=0.05, num_heads=4)
     model = SparseSSMForCausalLM(config)

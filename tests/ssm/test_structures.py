@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sparse_ssm.ssm.hippo import hippo, project_block_diagonal, project_low_rank
+from sparse_ssm.ssm.structures.block import UNIT_MAGNITUDE_RAW
 from sparse_ssm.ssm.structures import (BandedStructure, BlockStructure, DiagonalStructure, LowRankStructure,
                                        RotationStructure, make_structure)
 
@@ -129,7 +130,7 @@ def rotation_counter(word: torch.Tensor, turn_error: float = 0.0, grid: int = 0,
     dt = (2 * math.pi / 3 / w * (1 + turn_error) * word).float()[None, :, None]   # (1, L, 1): token 0 is dt = 0
     raw = torch.tensor([-20.0, w]).expand(1, L, 1, 2)
     if grid:
-        raw = s.snap_angles(raw, dt, grid)
+        raw = s.snap_to_grid(raw, dt, grid)
     u = torch.ones(1, L, 1, 1)
     B = torch.tensor([1.0, 0.0]).expand(1, L, 1, 2)                       # c = (1, 0): p = -A^-1 c = (0, 1/w)
     C = torch.tensor([1.0, 0.0]).expand(1, L, 1, 2)                       # read h_0 ...
@@ -170,20 +171,28 @@ def test_turns_snapped_to_a_grid_keep_an_imprecise_counter_on_three_points(use_p
     assert spread(snapped) < 1e-3                                        # the three points are 0.58 apart
 
 
-def test_snap_angles_moves_each_turn_to_the_nearest_grid_step_with_the_identity_gradient():
+def test_snap_to_grid_makes_each_pair_an_element_of_the_cyclic_group_with_the_identity_gradient_on_turns():
+    """Every snapped pair's turn is the nearest multiple of 2 pi / K and its magnitude is 1, so its
+    ZOH transition exp(dt A) is an orthogonal matrix whose K-th power is the identity; the turns keep
+    the identity's gradient (straight-through), the decays get none."""
     s, grid = RotationStructure(8), 12
     g = torch.Generator().manual_seed(0)
     raw = (4 * torch.randn(2, 5, 3, 8, generator=g, dtype=torch.float64)).requires_grad_()
     dt = torch.rand(2, 5, 3, generator=g, dtype=torch.float64)
     dt[0, 1] = 0                                                         # the scan's padding steps
-    snapped = s.snap_angles(raw, dt, grid)
-    assert torch.equal(snapped[..., 0::2], raw[..., 0::2])              # the decays are untouched
+    snapped = s.snap_to_grid(raw, dt, grid)
+    assert (snapped[..., 0::2] == UNIT_MAGNITUDE_RAW).all()
     w, w_snapped, step = raw[..., 1::2], snapped[..., 1::2], dt[..., None]
     turns = step * w_snapped / (2 * math.pi / grid)
     moving = (step > 0).expand_as(turns)
     assert torch.allclose(turns[moving], turns[moving].round(), atol=1e-9)        # whole grid steps ...
     assert ((step * (w_snapped - w)).abs()[moving] <= math.pi / grid + 1e-9).all()  # ... the nearest one
     assert torch.equal(w_snapped[~moving], w[~moving])
+    A_bar = torch.linalg.matrix_exp(dt[..., None, None, None] * s.continuous(snapped.detach()))   # (2, 5, 3, 4, 2, 2)
+    eye = torch.eye(2, dtype=torch.float64).expand_as(A_bar)
+    assert torch.allclose(A_bar @ A_bar.transpose(-1, -2), eye, atol=1e-12)        # magnitude 1 ...
+    assert torch.allclose(torch.linalg.matrix_power(A_bar, grid), eye, atol=1e-9)  # ... and in Z_K
     weights = torch.randn(raw.shape, generator=g, dtype=torch.float64)
     grad, = torch.autograd.grad((snapped * weights).sum(), raw)
-    assert torch.equal(grad, weights)                                    # straight-through
+    assert torch.equal(grad[..., 1::2], weights[..., 1::2])              # straight-through turns
+    assert (grad[..., 0::2] == 0).all()                                  # frozen decays

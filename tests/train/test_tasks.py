@@ -94,6 +94,12 @@ def test_noisy_initial_states_have_the_layer_state_shapes_and_the_scale():
         assert abs(state.ssm.std().item() - 0.5) < 0.02 and abs(state.ssm.mean().item()) < 0.02
     from_noise = model(ids, cache=noisy).logits
     assert not torch.allclose(from_noise, model(ids).logits, atol=1e-4)     # the state reaches the output
+    learned = SparseSSMForCausalLM(config.model_copy(update={"learned_initial_state": True}))
+    with torch.no_grad():
+        for block in learned.blocks:
+            block.mixer.initial_state.fill_(3.0)
+    for state in tasks.noisy_initial_states(learned, 64, 0.5):               # around the learned state
+        assert abs(state.ssm.std().item() - 0.5) < 0.02 and abs(state.ssm.mean().item() - 3.0) < 0.02
 
 
 def test_run_task_starts_the_noisy_steps_from_random_states(monkeypatch):

@@ -16,6 +16,10 @@ from ..hippo import STABILITY_MARGIN, project_block_diagonal
 # cap an input-dependent raw value above ~44 makes a float32 rate inf, and its gradient NaN (seen when
 # training at lr 1e-2).  The native kernels apply the same cap (`rate_exp` in kernels/vec.h).
 RATE_EXP_MAX = 20.0
+# The raw decay of a rotation pair of magnitude 1 (`RotationStructure.snap_to_grid`): rate
+# l = exp(2 raw) = e^-40 ~ 4e-18, so exp(-dt l) rounds to 1 in float32 and float64 for any dt < 25,
+# and ZOH's input gain (a series near 0, `discretization.expm1_ratio`) stays dt
+UNIT_MAGNITUDE_RAW = -RATE_EXP_MAX
 
 
 def rate_exp(x: torch.Tensor) -> torch.Tensor:
@@ -175,16 +179,19 @@ class RotationStructure(BlockStructure):
         lam, w = rate_exp(2 * r[..., 0]), r[..., 1]
         return torch.stack([torch.stack([-lam, -w], -1), torch.stack([w, -lam], -1)], -2)
 
-    def snap_angles(self, raw: torch.Tensor, dt: torch.Tensor, grid: int) -> torch.Tensor:
-        """raw (..., N), dt (...) -> raw whose angular rates w give every pair's turn dt w the nearest
-        multiple of 2 pi / grid (a step of the cyclic group Z_grid, exact at any length: counting
-        modulo any m dividing grid cannot drift).  Straight-through: the forward value is snapped,
-        the gradient is the identity's, so the continuous angle keeps learning across the grid's
-        cells.  The decays are untouched; a step of dt = 0 (the scan's padding) keeps its w."""
+    def snap_to_grid(self, raw: torch.Tensor, dt: torch.Tensor, grid: int) -> torch.Tensor:
+        """raw (..., N), dt (...) -> raw whose pairs are exact elements of the cyclic group Z_grid:
+        every turn dt w snapped to the nearest multiple of 2 pi / grid and every magnitude
+        exp(-dt l) set to 1 (the decay raw set to UNIT_MAGNITUDE_RAW), so counting modulo any m
+        dividing grid neither drifts nor fades at any length.  The turns are straight-through (the
+        forward value is snapped, the gradient is the identity's, so the continuous angle keeps
+        learning across the grid's cells); the decays get no gradient while snapped.  A step of
+        dt = 0 (the scan's padding) keeps its w."""
         w, dt = raw[..., 1::2], dt[..., None]
         cell, moving = 2 * math.pi / grid, dt > 0
         snapped = torch.where(moving, torch.round(dt * w / cell) * cell / torch.where(moving, dt, 1.0), w)
-        return torch.stack([raw[..., 0::2], w + (snapped - w).detach()], -1).flatten(-2)
+        unit = torch.full_like(w, UNIT_MAGNITUDE_RAW)
+        return torch.stack([unit, w + (snapped - w).detach()], -1).flatten(-2)
 
     def raw_from_hippo(self, A):
         """The Frobenius-nearest scaled rotation of each 2 x 2 diagonal block (its components along
