@@ -69,7 +69,8 @@ def run_cell(name: str, variant: str, seed: int, setup: dict) -> dict:
     return {"task": name, "variant": variant, "seed": seed, "structure": structure,
             "discretization": config.resolved_discretization, "num_layers": config.num_layers,
             "conv_kernel": config.conv_kernel, "state_dim": config.state_dim, "num_heads": config.resolved_num_heads,
-            "angle_grid": config.rotation_angle_grid, "classes": vocab,
+            "angle_grid": config.rotation_angle_grid, "learned_initial_state": config.learned_initial_state,
+            "classes": vocab,
             "chance": chance_accuracy(spec["task"], vocab), "accuracy": {str(L): a for L, a in result.accuracy.items()},
             "final_loss": result.final_loss, "steps": setup["steps"],
             "cpu_seconds": time.process_time() - cpu, "wall_seconds": time.perf_counter() - wall}
@@ -94,14 +95,15 @@ def percent_range(values: list[float]) -> str:
 
 def model_label(cell: dict) -> str:
     """'structure (discretisation)', plus the layer count, conv window, state size and heads where a
-    variant sets its own, and the angle grid of rotation pairs that snap their turns."""
+    variant sets its own, a learned initial state, and the angle grid of rotation pairs."""
     layers, window, state = (cell.get(k, TASK_MODEL[k]) for k in ("num_layers", "conv_kernel", "state_dim"))
     heads, grid = cell.get("num_heads", TASK_MODEL["num_heads"]), cell.get("angle_grid", 0)
     shape = [f"{layers} layer{'s' * (layers > 1)}" if layers != TASK_MODEL["num_layers"] else "",
              f"conv window {window}" if window != TASK_MODEL["conv_kernel"] else "",
              f"state {state}" if state != TASK_MODEL["state_dim"] else "",
              f"{heads} heads" if heads != TASK_MODEL["num_heads"] else "",
-             f"turns snapped to 2π/{grid} from {ANGLE_GRID_FROM:.0%} of the steps" if grid else ""]
+             "learned initial state" if cell.get("learned_initial_state") else "",
+             f"pairs exact rotations by multiples of 2π/{grid} from {ANGLE_GRID_FROM:.0%} of the steps" if grid else ""]
     return f"{cell['structure']} ({', '.join([cell['discretization'], *filter(None, shape)])})"
 
 
@@ -117,7 +119,8 @@ def markdown(setup: dict, cells: list[dict]) -> list[str]:
     if "state_noise" in setup:
         sigma, start = setup["state_noise"]
         lines[0] += (f" From {start:.0%} of the steps on, training sequences start from a random state "
-                     f"N(0, {sigma:g}²); tests from zero.")
+                     f"N(0, {sigma:g}²) (around the learned initial state where a model has one); tests from "
+                     f"zero (or that state).")
     for name in dict.fromkeys(c["task"] for c in cells):
         mine = [c for c in cells if c["task"] == name]
         lines += [f"**{name}** ({mine[0]['classes']} classes, chance {mine[0]['chance']:.1%})", "",

@@ -116,6 +116,19 @@ def test_state_tracking_smoke_learns_above_chance_at_the_training_length(task, v
     assert result.accuracy[8] > threshold
 
 
+def test_exact_rotations_from_a_learned_state_count_modulo_3_at_16x_the_training_length():
+    """`rotation_grid` (one layer of rotation pairs that become exact rotations by multiples of
+    2 pi / 60 from half the steps, started from a learned state) holds mod 3 at 16x the length it
+    was trained at, where its signed-diagonal ablation stays near chance (1/3) — 400 steps at
+    length 8; bench/results/state_tracking_rotation_grid_mod3 has the 18-seed run."""
+    rotation = run_task("modular-counting", task_model_config("rotation_grid", 129, 3), steps=400, batch=32,
+                        length=8, test_lengths=[8, 128])
+    diagonal = run_task("modular-counting", task_model_config("diagonal_signed_shallow", 129, 3), steps=400,
+                        batch=32, length=8, test_lengths=[8, 128])
+    assert rotation.accuracy[128] >= 0.99
+    assert diagonal.accuracy[128] < 0.45
+
+
 def test_a_variant_sets_its_own_depth_and_conv_window_and_overrides_still_win():
     shallow = task_model_config("rotation_shallow", 16, 3)
     assert (shallow.num_layers, shallow.conv_kernel, shallow.hippo_init) == (1, 1, "fourier")
