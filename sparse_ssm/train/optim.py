@@ -14,8 +14,9 @@ SELECTIVE_SUFFIXES = ("generator.proj.weight", "generator.a_up.weight")
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float, selective_lr_multiplier: float = 1.0) -> list[dict]:
     """Optimizer groups.  No weight decay for norms, biases, embeddings and the SSM's A base,
-    D base, dt bias and learned initial state; the selective generators' weights get lr * selective_lr_multiplier (the
-    key `lr_multiplier`).  Tied parameters appear once; empty groups are dropped."""
+    D base, dt bias and learned initial state; the selective generators' weights get
+    lr * selective_lr_multiplier (the key `lr_multiplier`).  Tied parameters appear once; empty
+    groups are dropped."""
     groups = {"decay": [], "no_decay": [], "selective": []}
     seen = set()
     for name, p in model.named_parameters():

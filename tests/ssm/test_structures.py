@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from sparse_ssm.ssm.hippo import hippo, project_block_diagonal, project_low_rank
-from sparse_ssm.ssm.structures.block import UNIT_MAGNITUDE_RAW
 from sparse_ssm.ssm.structures import (BandedStructure, BlockStructure, DiagonalStructure, LowRankStructure,
                                        RotationStructure, make_structure)
+from sparse_ssm.ssm.structures.block import UNIT_MAGNITUDE_RAW
 
 STRUCTURES = [DiagonalStructure(8), BlockStructure(8, 2), BlockStructure(8, 8), BandedStructure(8, 2),
               BandedStructure(8, 4), LowRankStructure(8, 2)]
@@ -121,14 +121,14 @@ def test_structures_refuse_sizes_they_cannot_hold():
 
 
 def rotation_counter(word: torch.Tensor, turn_error: float = 0.0, grid: int = 0, use_parallel_scan: bool = True):
-    """The state (L, 2) of one rotation pair with no decay (lambda = e^-40) fed the same input c = (1, 0) at
+    """The state (L, 2) of one rotation pair with no decay (UNIT_MAGNITUDE_RAW: lambda = e^-40) fed the same input c = (1, 0) at
     every token and turned by dt_t * w = 2 pi k / 3 * (1 + turn_error) for token k (turns snapped to
     multiples of 2 pi / grid first when grid > 0), and the state of the exact counter (L, 2)."""
     from sparse_ssm.ssm.scan import selective_scan
 
     s, w, L = RotationStructure(2), 3.0, len(word)
     dt = (2 * math.pi / 3 / w * (1 + turn_error) * word).float()[None, :, None]   # (1, L, 1): token 0 is dt = 0
-    raw = torch.tensor([-20.0, w]).expand(1, L, 1, 2)
+    raw = torch.tensor([UNIT_MAGNITUDE_RAW, w]).expand(1, L, 1, 2)
     if grid:
         raw = s.snap_to_grid(raw, dt, grid)
     u = torch.ones(1, L, 1, 1)
