@@ -47,7 +47,7 @@ class SparseSSMConfig(Section):
     hippo_init: Literal["legs", "legt", "fourier", "random"] = "legs"
     discretization: Literal["auto", "zoh", "bilinear", "gbt"] = "auto"   # auto: zoh for diagonal/rotation, else bilinear
     eigenvalue_range: Literal["positive", "signed"] = "positive"   # diagonal: exp(dt a) in (0, 1], or 2 exp(dt a) - 1
-    rotation_angle_grid: int = Field(0, ge=0)        # rotation: each pair an exact element of Z_K (turn k 2 pi / K, magnitude 1); 0: off
+    rotation_angle_grid: int = Field(0, ge=0)        # rotation: pairs exact elements of Z_K (magnitude 1); 0: off
     learned_initial_state: bool = False              # each layer learns its SSM state before the first token
     gbt_alpha: float = Field(0.5, ge=0.0, le=1.0)
     dt_min: float = Field(0.001, gt=0.0)

@@ -121,9 +121,10 @@ def test_structures_refuse_sizes_they_cannot_hold():
 
 
 def rotation_counter(word: torch.Tensor, turn_error: float = 0.0, grid: int = 0, use_parallel_scan: bool = True):
-    """The state (L, 2) of one rotation pair with no decay (UNIT_MAGNITUDE_RAW: lambda = e^-40) fed the same input c = (1, 0) at
-    every token and turned by dt_t * w = 2 pi k / 3 * (1 + turn_error) for token k (turns snapped to
-    multiples of 2 pi / grid first when grid > 0), and the state of the exact counter (L, 2)."""
+    """The state (L, 2) of one rotation pair with no decay (UNIT_MAGNITUDE_RAW: lambda = e^-40) fed
+    the same input c = (1, 0) at every token and turned by dt_t * w = 2 pi k / 3 * (1 + turn_error)
+    for token k (turns snapped to multiples of 2 pi / grid first when grid > 0), and the state of the
+    exact counter (L, 2)."""
     from sparse_ssm.ssm.scan import selective_scan
 
     s, w, L = RotationStructure(2), 3.0, len(word)
