@@ -1,21 +1,22 @@
 """The Householder-product structure (DeltaProduct): each factor is a reflection with the expected
-spectrum, the transition never grows the state, and two reflections make an exact mod-3 counter
-over a long word.  (Its scans against the dense reference, values and gradients, are in
-test_scan.py.)"""
+spectrum, the transition never grows the state, two reflections make an exact mod-3 counter over a
+long word, and snapped factors are exact reflections.  (Its scans against the dense reference,
+values and gradients, are in test_scan.py.)"""
 
 import math
 
+import pytest
 import torch
 
 from sparse_ssm.ssm.scan import selective_scan_chunked
 from sparse_ssm.ssm.structures import HouseholderStructure
+from sparse_ssm.ssm.structures.block import UNIT_MAGNITUDE_RAW
+from sparse_ssm.ssm.structures.householder import EXACT_REFLECTION_LOGIT
 
 N = 5
-UNIT_DECAY = -20.0          # rate exp(2 * -20) = e^-40: d = exp(-dt e^-40) = 1 to double precision
-FULL_REFLECTION = 40.0      # beta = 2 sigmoid(40) = 2 to double precision
 
 
-def raw_for(keys: torch.Tensor, logits: torch.Tensor, rate: float = UNIT_DECAY) -> torch.Tensor:
+def raw_for(keys: torch.Tensor, logits: torch.Tensor, rate: float = UNIT_MAGNITUDE_RAW) -> torch.Tensor:
     """keys (..., r, N), logits (..., r) -> raw (..., N + r (N + 1))."""
     rates = torch.full((*keys.shape[:-2], keys.shape[-1]), rate, dtype=torch.float64)
     return torch.cat([rates, torch.cat([keys, logits[..., None]], -1).flatten(-2)], -1)
@@ -61,7 +62,7 @@ def test_two_reflections_count_modulo_3_exactly_over_a_long_word():
     keys[:, 0, 1] = 1.0                                       # normal of the line e_0: e_1
     angle = math.pi * word.double() / 3
     keys[:, 1, 0], keys[:, 1, 1] = -torch.sin(angle), torch.cos(angle)   # normal of the line at angle pi k / 3
-    raw = raw_for(keys, torch.full((L, 2), FULL_REFLECTION, dtype=torch.float64))[None, :, None]
+    raw = raw_for(keys, torch.full((L, 2), EXACT_REFLECTION_LOGIT, dtype=torch.float64))[None, :, None]
     zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)
     X0 = zeros(1, 1, N, 1)
     X0[0, 0, 0, 0] = 1.0
@@ -75,3 +76,33 @@ def test_two_reflections_count_modulo_3_exactly_over_a_long_word():
     final = 2 * math.pi * counts[-1].item() / 3
     assert torch.allclose(X[0, 0, :2, 0], torch.tensor([math.cos(final), math.sin(final)], dtype=torch.float64),
                           atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_snapped_factors_are_the_identity_or_exact_reflections_and_only_the_keys_learn(dtype):
+    """`snap_to_grid` (`exact_reflections`): decay 1 and each eigenvalue 1 - beta exactly 1 or -1 by
+    the sign of b, in float32 too, so the transition is orthogonal and a one-reflection step is the identity (b < 0)
+    or an involution with eigenvalue -1 along its key (b > 0); the keys keep their gradients, the
+    decays and betas get none; only the grid 2 exists for reflections."""
+    s = HouseholderStructure(N, 1)
+    g = torch.Generator().manual_seed(3)
+    raw = (4 * torch.randn(6, 7, s.raw_size, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
+    dt = torch.rand(6, 7, generator=g, dtype=torch.float64).to(dtype) + 0.01
+    snapped = s.snap_to_grid(raw, dt, 2)
+    a, keys, beta = s.continuous(snapped)
+    b = raw[..., -1]
+    assert torch.equal(1 - beta[..., 0], torch.where(b > 0, -1.0, 1.0).to(dtype)) and (b > 0).any() and (b < 0).any()
+    A_bar = transition(s, snapped.double(), dt.double())
+    eye = torch.eye(N, dtype=torch.float64).expand_as(A_bar)
+    assert torch.allclose(A_bar @ A_bar.transpose(-1, -2), eye, atol=1e-12)          # orthogonal ...
+    assert torch.allclose(A_bar @ A_bar, eye, atol=1e-12)                            # ... an involution
+    k = torch.nn.functional.normalize(keys[..., 0, :].double().detach(), dim=-1)[..., None]
+    flipped = (b > 0).detach()
+    assert torch.allclose((A_bar @ k)[flipped], -k[flipped], atol=1e-12)
+    assert torch.allclose(A_bar[~flipped], eye[~flipped], atol=1e-15)                # (beta 8e-18)
+    weights = torch.randn(raw.shape, generator=g, dtype=torch.float64).to(dtype)
+    grad, = torch.autograd.grad((snapped * weights).sum(), raw)
+    assert torch.equal(grad[..., N:-1], weights[..., N:-1])                          # keys
+    assert (grad[..., :N] == 0).all() and (grad[..., -1] == 0).all()                # decays, betas
+    with pytest.raises(ValueError, match="grid 2"):
+        s.snap_to_grid(raw, dt, 3)

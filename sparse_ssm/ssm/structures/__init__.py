@@ -56,7 +56,7 @@ from ..hippo import block_size_for
 from .banded import BandedStructure
 from .block import BlockStructure, DiagonalStructure, RotationStructure
 from .dense_prefix import DensePrefix
-from .householder import HouseholderStructure
+from .householder import INITIAL_REFLECTION_LOGIT, HouseholderStructure
 from .low_rank import LowRankStructure
 from .permutation import PermutationStructure
 
@@ -65,12 +65,14 @@ __all__ = ["BlockStructure", "DiagonalStructure", "RotationStructure", "BandedSt
 
 
 def make_structure(selective_param_class: str, state_dim: int, sparsity_level: float = 0.0,
-                   low_rank_rank: int = 1, sparsity_pattern: str = "block", signed: bool = False):
+                   low_rank_rank: int = 1, sparsity_pattern: str = "block", signed: bool = False,
+                   reflection_init_logit: float = INITIAL_REFLECTION_LOGIT):
     """Structure for a config: 'dense' (one N x N block), 'sparse' (block size b from
     `hippo.block_size_for`; pattern 'block' = block-diagonal, 'banded' = half-bandwidth b // 2;
     b = 1 is the diagonal case for both, whose eigenvalue range `signed` chooses), 'rotation'
     (2 x 2 scaled-rotation blocks), 'permutation' (PD-SSM's P diag(d)), 'householder' (DeltaProduct's
-    low_rank_rank reflections times diag(d)) or 'low_rank'."""
+    low_rank_rank reflections times diag(d), each of strength 2 sigmoid(reflection_init_logit) at
+    initialisation) or 'low_rank'."""
     if selective_param_class == "dense":
         return BlockStructure(state_dim, state_dim)
     if selective_param_class == "rotation":
@@ -78,7 +80,7 @@ def make_structure(selective_param_class: str, state_dim: int, sparsity_level: f
     if selective_param_class == "permutation":
         return PermutationStructure(state_dim)
     if selective_param_class == "householder":
-        return HouseholderStructure(state_dim, low_rank_rank)
+        return HouseholderStructure(state_dim, low_rank_rank, reflection_init_logit)
     if selective_param_class == "sparse":
         b = block_size_for(state_dim, sparsity_level)
         if b == 1:

@@ -20,6 +20,12 @@ states needs two reflections per token (a 3-cycle is two transpositions, each th
 e_i - e_j).  Unlike the rotation pairs, whose angle and decay come from one rate, the directions
 are learnt apart from the decay, which can stay at 1.
 
+Exact reflections (`snap_to_grid`, the model's `exact_reflections`): every beta snapped to 0 or 2
+(b's sign) and every decay d to 1, so each H is the identity or an exact reflection (H^2 = I,
+eigenvalue -1 along k) and A_bar_t an orthogonal matrix: a flip along k is a sign that neither
+fades nor drifts, at any length (one reflection per token: parity; counting modulo 3 needs a
+rotation, two reflections whose angle would still be learnt).
+
 raw per head = [r (N), then per reflection i: k_i (N), b_i (1)], from the generator's rank-r
 bottleneck like the other structures.  The pure-PyTorch scans apply A_bar as one dense N x N block
 (the `BlockStructure` operators; O(N^2) per token and channel); the native kernel
@@ -32,21 +38,24 @@ from __future__ import annotations
 import torch
 
 from ..discretization import discretize, discretize_diagonal
-from .block import BlockStructure, DiagonalStructure, identity_at_padding, rate_exp
+from .block import UNIT_MAGNITUDE_RAW, BlockStructure, DiagonalStructure, identity_at_padding, rate_exp
 
 # The reflections' initial strength: beta = 2 sigmoid(-3) = 0.095, so A_bar starts close to the
 # diagonal SSM's diag(d) while every direction already passes gradients.
 INITIAL_REFLECTION_LOGIT = -3.0
+# b of an exact reflection (+) or of none (-) (`snap_to_grid`): 2 sigmoid(40) is 2 and
+# 2 sigmoid(-40) = 8e-18 leaves 1 - beta = 1, both exactly, in float32 and float64.
+EXACT_REFLECTION_LOGIT = 40.0
 
 
 class HouseholderStructure(BlockStructure):
     """A_bar_t = H_{t,r} ... H_{t,1} diag(d_t) (see the module docstring): one dense N x N block
     for the scans."""
 
-    def __init__(self, state_dim: int, num_reflections: int = 2):
+    def __init__(self, state_dim: int, num_reflections: int = 2, initial_logit: float = INITIAL_REFLECTION_LOGIT):
         super().__init__(state_dim, state_dim)
         self.name = f"householder{num_reflections}"
-        self.num_reflections = num_reflections
+        self.num_reflections, self.initial_logit = num_reflections, initial_logit
         self.raw_size = state_dim + num_reflections * (state_dim + 1)
 
     def continuous(self, raw: torch.Tensor):
@@ -57,13 +66,29 @@ class HouseholderStructure(BlockStructure):
 
     def raw_from_hippo(self, A: torch.Tensor) -> torch.Tensor:
         """The diagonal's raw rates for A's diagonal projection; fixed pseudo-random key directions
-        (distinct for every reflection) of strength INITIAL_REFLECTION_LOGIT."""
+        (distinct for every reflection) of strength b = initial_logit (beta = 2 sigmoid(b))."""
         N = self.state_dim
         rates = DiagonalStructure(N).raw_from_hippo(A)
         g = torch.Generator().manual_seed(0)
         keys = torch.randn(self.num_reflections, N, generator=g, dtype=torch.float64).to(rates)
-        logits = torch.full((self.num_reflections, 1), INITIAL_REFLECTION_LOGIT, dtype=rates.dtype)
+        logits = torch.full((self.num_reflections, 1), self.initial_logit, dtype=rates.dtype)
         return torch.cat([rates, torch.cat([keys, logits], -1).reshape(-1)])
+
+    def snap_to_grid(self, raw: torch.Tensor, dt: torch.Tensor, grid: int) -> torch.Tensor:
+        """raw (..., raw_size), dt (...) -> raw of exact reflections: every H's eigenvalue 1 - beta
+        along its key snapped to the grid of 2nd roots of unity, +1 (beta = 0: no reflection) or -1
+        (beta = 2: b > 0), and every decay set to 1 (raw rate UNIT_MAGNITUDE_RAW), so A_bar_t is
+        orthogonal and a flip along k neither fades nor drifts.  The keys keep their gradients; the
+        betas and decays get none while snapped (the decision is b's sign, not a learnt angle).
+        Only grid 2 exists for reflections (`model.exact_reflections`); dt is not used (a step of
+        dt = 0, the scans' padding, is the identity whatever beta is)."""
+        if grid != 2:
+            raise ValueError(f"householder reflections snap to the 2nd roots of unity (grid 2), got grid {grid}")
+        N = self.state_dim
+        reflections = raw[..., N:].reshape(*raw.shape[:-1], self.num_reflections, N + 1)
+        exact = torch.where(reflections[..., N:] > 0, EXACT_REFLECTION_LOGIT, -EXACT_REFLECTION_LOGIT).to(raw.dtype)
+        unit = torch.full_like(raw[..., :N], UNIT_MAGNITUDE_RAW)
+        return torch.cat([unit, torch.cat([reflections[..., :N], exact], -1).flatten(-2)], -1)
 
     def discretize(self, A, dt, B, method, alpha=0.5):
         """A = (a, keys, beta), dt (...), B (..., N) -> ((A_bar (..., 1, N, N),), B_bar (..., N)), each
