@@ -48,6 +48,8 @@ class SparseSSMConfig(Section):
     discretization: Literal["auto", "zoh", "bilinear", "gbt"] = "auto"   # auto: zoh for diagonal/rotation, else bilinear
     eigenvalue_range: Literal["positive", "signed"] = "positive"   # diagonal: exp(dt a) in (0, 1], or 2 exp(dt a) - 1
     rotation_angle_grid: int = Field(0, ge=0)        # rotation: pairs exact elements of Z_K (magnitude 1); 0: off
+    exact_reflections: bool = False                  # householder: each beta 0 or 2, decay 1 (orthogonal A_bar)
+    reflection_init_logit: float = -3.0              # householder: b of beta = 2 sigmoid(b) at initialisation
     learned_initial_state: bool = False              # each layer learns its SSM state before the first token
     gbt_alpha: float = Field(0.5, ge=0.0, le=1.0)
     dt_min: float = Field(0.001, gt=0.0)
@@ -118,6 +120,16 @@ class SparseSSMConfig(Section):
         if self.rotation_angle_grid and self.selective_param_class != "rotation":
             raise ValueError(f"rotation_angle_grid: snaps the turns of rotation pairs (selective_param_class "
                              f"'rotation'); set it to 0 for '{self.selective_param_class}'")
+        default_logit = SparseSSMConfig.model_fields["reflection_init_logit"].default
+        for key, is_set in (("exact_reflections", self.exact_reflections),
+                            ("reflection_init_logit", self.reflection_init_logit != default_logit)):
+            if is_set and self.selective_param_class != "householder":
+                raise ValueError(f"{key}: applies to the reflections of selective_param_class 'householder'; "
+                                 f"leave it at its default for '{self.selective_param_class}'")
+        for key in ("rotation_angle_grid", "exact_reflections"):
+            if getattr(self, key) and not self.learned_initial_state:
+                raise ValueError(f"{key}: exact transitions take no inputs into the state (B = 0), so it only moves "
+                                 f"where it starts; set learned_initial_state: true")
         if self.selective_param_class == "low_rank" and self.discretization == "zoh":
             raise ValueError("discretization: 'zoh' is not available for selective_param_class 'low_rank' (the "
                              "exponential of a diagonal-plus-low-rank matrix is dense); use 'bilinear' or 'gbt'")

@@ -57,14 +57,17 @@ class SelectiveSSMLayer(nn.Module):
         self.inner_dim, self.num_heads, self.head_dim = E, H, E // H
         self.structure = make_structure(config.selective_param_class, config.state_dim, config.sparsity_level,
                                         config.low_rank_rank, config.sparsity_pattern,
-                                        signed=config.eigenvalue_range == "signed")
+                                        signed=config.eigenvalue_range == "signed",
+                                        reflection_init_logit=config.reflection_init_logit)
         self.discretization = config.resolved_discretization
         self.in_proj = nn.Linear(config.hidden_dim, 2 * E, bias=False)
         self.conv = nn.Conv1d(E, E, config.conv_kernel, groups=E, bias=True)
+        # the grid the generator snaps the transitions to: rotation turns (Z_K) or exact reflections (Z_2)
+        angle_grid = 2 if config.exact_reflections else config.rotation_angle_grid
         self.generator = SelectiveParameterGenerator(E, H, self.structure, config.hippo_init,
                                                      config.dt_min, config.dt_max, num_groups=config.num_groups,
                                                      a_rank=config.resolved_a_generator_rank,
-                                                     selective=config.selective, angle_grid=config.rotation_angle_grid)
+                                                     selective=config.selective, angle_grid=angle_grid)
         self.out_proj = nn.Linear(E, config.hidden_dim, bias=False)
         # `learned_initial_state`: the SSM state before the first token (H, N, P), a parameter; a passed
         # state replaces it.  It starts at N(0, 1), where the readout sees it from the first step (from

@@ -12,10 +12,16 @@ For every head h and token t, from the layer's (convolved) input u_t in R^E:
                                                                  rotation pairs with an angle grid K
                                                                  become exact elements of Z_K: turns
                                                                  dt_t w_t snapped to multiples of
-                                                                 2 pi / K, magnitude 1: `snap_to_grid`)
+                                                                 2 pi / K, magnitude 1; reflections
+                                                                 with grid 2 exact ones: `snap_to_grid`)
     B_t, C_t                                                     (groups, N), shared by the
                                                                  heads of a group (Mamba-2's ngroups;
-                                                                 the scans take them per group)
+                                                                 the scans take them per group); with
+                                                                 an angle grid B_t = 0: exact
+                                                                 transitions keep the state's norm, so
+                                                                 inputs would add up without bound,
+                                                                 and the state is its start (a learned
+                                                                 initial state) moved by them
     D_t  = D_base + d_raw                                        (heads,)        skip gain
 
 W_A and the rows of W that produce d_raw start at zero, so at initialisation A_t is exactly the
@@ -46,7 +52,7 @@ class SelectiveParameterGenerator(nn.Module):
                  a_rank: int = 16, selective: bool = True, angle_grid: int = 0):
         super().__init__()
         self.selective = selective
-        self.angle_grid = angle_grid       # rotation pairs: exact elements of Z_K (`snap_to_grid`); 0: off
+        self.angle_grid = angle_grid       # exact elements of Z_K: rotation pairs, reflections (K = 2); 0: off
         self.num_heads, self.num_groups, self.structure = num_heads, num_groups, structure
         N = structure.state_dim
         self.sizes = [num_heads, a_rank, num_groups * N, num_groups * N, num_heads]
@@ -84,6 +90,7 @@ class SelectiveParameterGenerator(nn.Module):
         A_raw = self.A_base + self.a_up(a_low).reshape(b, L, H, -1)
         if self.angle_grid:
             A_raw = self.structure.snap_to_grid(A_raw, dt, self.angle_grid)
+            B = torch.zeros_like(B)
         G = self.num_groups
         return dt, A_raw, B.reshape(b, L, G, N), C.reshape(b, L, G, N), self.D_base + d_raw
 

@@ -1,5 +1,6 @@
 """The layer, block and LM: recurrent decoding, initialisation, parameter groups, the fused loss."""
 
+import copy
 import math
 
 import pytest
@@ -17,9 +18,12 @@ CLASSES = [dict(selective_param_class="sparse", sparsity_level=0.9),      # diag
            dict(selective_param_class="dense"),
            dict(selective_param_class="low_rank", discretization="bilinear", low_rank_rank=2),
            dict(selective_param_class="rotation"),                            # 2 x 2 scaled rotations, zoh
-           dict(selective_param_class="rotation", rotation_angle_grid=12),    # turns snapped to 2 pi / 12
+           dict(selective_param_class="rotation", rotation_angle_grid=12,     # turns snapped to 2 pi / 12
+                learned_initial_state=True),
            dict(selective_param_class="permutation"),                         # PD-SSM's P_t diag(d_t), zoh
            dict(selective_param_class="householder", low_rank_rank=2),        # DeltaProduct's reflections, zoh
+           dict(selective_param_class="householder", low_rank_rank=1, exact_reflections=True,
+                reflection_init_logit=0.0, learned_initial_state=True),       # beta 0 or 2, decay 1
            dict(selective_param_class="sparse", sparsity_level=0.9, eigenvalue_range="signed")]
 
 
@@ -167,8 +171,9 @@ def test_every_parameter_gets_a_gradient():
     assert not missing
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(selective_param_class="rotation", rotation_angle_grid=12)],
-                         ids=["diagonal", "rotation-grid"])
+@pytest.mark.parametrize("kw", [dict(), dict(selective_param_class="rotation", rotation_angle_grid=12),
+                                dict(selective_param_class="householder", low_rank_rank=1, exact_reflections=True)],
+                         ids=["diagonal", "rotation-grid", "exact-reflections"])
 def test_a_learned_initial_state_is_where_training_and_decoding_start(kw):
     """`learned_initial_state`: N(0, 1) at initialisation, the state every sequence without a cache
     starts from (the forward, prefill then steps), learned with the model and kept out of weight decay."""
@@ -176,8 +181,9 @@ def test_a_learned_initial_state_is_where_training_and_decoding_start(kw):
     from sparse_ssm.train.optim import parameter_groups
 
     model = randomise_generators(SparseSSMForCausalLM(tiny(learned_initial_state=True, **kw)).double().eval())
-    plain = randomise_generators(SparseSSMForCausalLM(tiny(**kw)).double().eval())
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith("initial_state")})
+    plain = copy.deepcopy(model)                               # the same weights without the learned state
+    for block in plain.blocks:
+        block.mixer.initial_state = None
     ids = torch.randint(0, 97, (3, 11))
     drawn = torch.cat([b.mixer.initial_state.flatten() for b in model.blocks])          # 1,024 values
     assert drawn.shape == (2 * 2 * 8 * 32,) and abs(drawn.mean()) < 0.1 and abs(drawn.std() - 1) < 0.1

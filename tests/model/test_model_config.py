@@ -39,18 +39,54 @@ def test_gbt_alpha_from_a_config_file_reaches_every_scan(tmp_path, monkeypatch):
 
 
 def test_an_angle_grid_from_a_config_file_snaps_the_turns_of_rotation_pairs_only(tmp_path):
+    """The turns become whole steps of 2 pi / K and the inputs stop entering the state (B = 0), which
+    is why the grid needs a learned initial state."""
     path = tmp_path / "c.yaml"
-    path.write_text(MODEL + "  selective_param_class: rotation\n  rotation_angle_grid: 12\n")
+    learned = "  learned_initial_state: true\n"
+    path.write_text(MODEL + "  selective_param_class: rotation\n  rotation_angle_grid: 12\n" + learned)
     model = randomise_generators(SparseSSMForCausalLM(Config.load(path).model).double())
     generator = model.blocks[1].mixer.generator
     u = torch.randn(2, 9, model.blocks[1].mixer.inner_dim, dtype=torch.float64)
-    dt, A_raw, *_ = generator(u)
+    dt, A_raw, B, *_ = generator(u)
     turns = dt[..., None] * A_raw[..., 1::2] / (2 * math.pi / 12)
     assert torch.allclose(turns, turns.round(), atol=1e-9) and turns.abs().max() >= 1
+    assert (B == 0).all()
     generator.angle_grid = 0                                   # the same weights without the grid
-    dt, A_raw, *_ = generator(u)
+    dt, A_raw, B, *_ = generator(u)
     turns = dt[..., None] * A_raw[..., 1::2] / (2 * math.pi / 12)
-    assert (turns - turns.round()).abs().max() > 0.1
-    path.write_text(MODEL + "  rotation_angle_grid: 12\n")
+    assert (turns - turns.round()).abs().max() > 0.1 and B.abs().min() > 0
+    path.write_text(MODEL + "  rotation_angle_grid: 12\n" + learned)
     with pytest.raises(ConfigError, match="rotation_angle_grid: snaps the turns of rotation pairs"):
         Config.load(path)
+    path.write_text(MODEL + "  selective_param_class: rotation\n  rotation_angle_grid: 12\n")
+    with pytest.raises(ConfigError, match="rotation_angle_grid: exact transitions take no inputs .* learned_initial"):
+        Config.load(path)
+
+
+def test_exact_reflections_from_a_config_file_make_every_layer_a_product_of_reflections_of_its_learned_state(tmp_path):
+    """`exact_reflections` snaps each reflection to beta 0 or 2 and the decay to 1 in every layer, with
+    no inputs into the state; `reflection_init_logit` sets the reflections' b at initialisation; both
+    belong to the householder class, and the exact ones need a learned initial state."""
+    path = tmp_path / "c.yaml"
+    householder = "  selective_param_class: householder\n  low_rank_rank: 1\n"
+    path.write_text(MODEL + householder + "  exact_reflections: true\n  reflection_init_logit: 0.5\n"
+                    "  learned_initial_state: true\n")
+    model = randomise_generators(SparseSSMForCausalLM(Config.load(path).model).double())
+    N = model.blocks[0].mixer.structure.state_dim
+    for block in model.blocks:
+        generator = block.mixer.generator
+        assert (generator.A_base[:, -1] == 0.5).all()
+        u = torch.randn(2, 9, block.mixer.inner_dim, dtype=torch.float64)
+        dt, A_raw, B, *_ = generator(u)
+        a, keys, beta = block.mixer.structure.continuous(A_raw)
+        assert (torch.exp(dt[..., None] * a) == 1).all() and (B == 0).all()
+        assert set((1 - beta).unique().tolist()) == {-1.0, 1.0}
+        assert A_raw.shape[-1] == 2 * N + 1
+    for extra, message in (("  exact_reflections: true\n  learned_initial_state: true\n",
+                            "exact_reflections: applies to the reflections of selective_param_class 'householder'"),
+                           ("  reflection_init_logit: 0.0\n", "reflection_init_logit: applies to the reflections"),
+                           (householder + "  exact_reflections: true\n",
+                            "exact_reflections: exact transitions take no inputs .* learned_initial_state: true")):
+        path.write_text(MODEL + extra)
+        with pytest.raises(ConfigError, match=message):
+            Config.load(path)
