@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -70,6 +71,7 @@ def run_cell(name: str, variant: str, seed: int, setup: dict) -> dict:
             "discretization": config.resolved_discretization, "num_layers": config.num_layers,
             "conv_kernel": config.conv_kernel, "state_dim": config.state_dim, "num_heads": config.resolved_num_heads,
             "angle_grid": config.rotation_angle_grid, "learned_initial_state": config.learned_initial_state,
+            "exact_reflections": config.exact_reflections, "reflection_init_logit": config.reflection_init_logit,
             "classes": vocab,
             "chance": chance_accuracy(spec["task"], vocab), "accuracy": {str(L): a for L, a in result.accuracy.items()},
             "final_loss": result.final_loss, "steps": setup["steps"],
@@ -95,15 +97,19 @@ def percent_range(values: list[float]) -> str:
 
 def model_label(cell: dict) -> str:
     """'structure (discretisation)', plus the layer count, conv window, state size and heads where a
-    variant sets its own, a learned initial state, and the angle grid of rotation pairs."""
+    variant sets its own, a learned initial state, the angle grid of rotation pairs, and exact
+    reflections (with their initial strength)."""
     layers, window, state = (cell.get(k, TASK_MODEL[k]) for k in ("num_layers", "conv_kernel", "state_dim"))
     heads, grid = cell.get("num_heads", TASK_MODEL["num_heads"]), cell.get("angle_grid", 0)
+    exact = (f"pairs exact rotations by multiples of 2π/{grid}" if grid else
+             f"β = {2 / (1 + math.exp(-cell['reflection_init_logit'])):.2g} at first, then exact reflections "
+             f"(β 0 or 2, decay 1)" if cell.get("exact_reflections") else "")
     shape = [f"{layers} layer{'s' * (layers > 1)}" if layers != TASK_MODEL["num_layers"] else "",
              f"conv window {window}" if window != TASK_MODEL["conv_kernel"] else "",
              f"state {state}" if state != TASK_MODEL["state_dim"] else "",
              f"{heads} heads" if heads != TASK_MODEL["num_heads"] else "",
              "learned initial state" if cell.get("learned_initial_state") else "",
-             f"pairs exact rotations by multiples of 2π/{grid} from {ANGLE_GRID_FROM:.0%} of the steps" if grid else ""]
+             f"{exact} and no inputs into the state from {ANGLE_GRID_FROM:.0%} of the steps" if exact else ""]
     return f"{cell['structure']} ({', '.join([cell['discretization'], *filter(None, shape)])})"
 
 

@@ -81,12 +81,20 @@ VARIANTS = {
     "diagonal_signed_shallow": dict(selective_param_class="sparse", sparsity_level=0.9, eigenvalue_range="signed",
                                     a_generator_rank=32, conv_kernel=1, num_layers=1, state_dim=8),  # its ablation
     # rotation_shallow with 8 heads of 16 channels, a learned initial state and pairs that become exact
-    # elements of Z_60 (turns snapped to multiples of 2 pi / 60, magnitude 1: counting modulo 2, 3, 4, 5,
-    # 6 can neither drift nor fade); `run_task` trains the first half of the steps with continuous angles
-    # and decays (snapped from the start, most seeds do not fit mod 3 or mod 5)
+    # elements of Z_60 (turns snapped to multiples of 2 pi / 60, magnitude 1, no inputs into the state:
+    # counting modulo 2, 3, 4, 5, 6 can neither drift nor fade, nor drown in inputs that add up); `run_task`
+    # trains the first half of the steps with continuous angles, decays and inputs (snapped from the
+    # start, most seeds do not fit mod 3 or mod 5)
     "rotation_grid": dict(selective_param_class="rotation", hippo_init="fourier", a_generator_rank=32,
                           conv_kernel=1, num_layers=1, state_dim=8, num_heads=8, rotation_angle_grid=60,
                           learned_initial_state=True),
+    # the same shape with one reflection a token (DeltaNet's [-1, 1]) that becomes the identity or an
+    # exact reflection, decay 1, no inputs into the state, from half the steps: parity can neither fade
+    # nor drift.  Its reflections start at beta = 1, halfway (from the default 0.095 some seeds have not
+    # found their flip when the snap freezes beta); one reflection cannot turn: no counting modulo 3
+    "householder_exact": dict(selective_param_class="householder", low_rank_rank=1, a_generator_rank=32,
+                              conv_kernel=1, num_layers=1, state_dim=8, num_heads=8, exact_reflections=True,
+                              reflection_init_logit=0.0, learned_initial_state=True),
     "block2": dict(selective_param_class="sparse", sparsity_level=0.875),
     "block4": dict(selective_param_class="sparse", sparsity_level=0.75),
     "block": dict(selective_param_class="sparse", sparsity_level=0.5),           # b = 8
@@ -96,7 +104,7 @@ VARIANTS = {
 }
 # The task model's shape, unless a variant sets its own (`task_model_config`)
 TASK_MODEL = dict(hidden_dim=64, state_dim=16, num_layers=2, conv_kernel=4, num_heads=2)
-# The fraction of the steps a model with an angle grid trains with continuous angles (`run_task`)
+# The fraction of the steps a model with an angle grid or exact reflections trains continuous (`run_task`)
 ANGLE_GRID_FROM = 0.5
 PAPER_TASKS = ("selective-copying", "induction-heads")
 TASKS = (*PAPER_TASKS, *STATE_TRACKING_TASKS)
@@ -211,9 +219,9 @@ def run_task(task: str, model_config: SparseSSMConfig | Callable[[], torch.nn.Mo
     the steps) phases trained first, in order; the remaining steps train at `length`.  `state_noise`
     (sigma, fraction of the steps): from that fraction of the steps on, training sequences start
     from `noisy_initial_states` (sigma 0: from zero or the learned initial state, the default).  A
-    model whose rotation pairs snap to a grid (`rotation_angle_grid`) trains with continuous angles
-    and decays before the fraction `angle_grid_from` of the steps and snapped from there on (and in
-    the tests).
+    model whose transitions snap to a grid (rotation pairs: `rotation_angle_grid`; reflections:
+    `exact_reflections`) trains with continuous angles, strengths and decays before the fraction
+    `angle_grid_from` of the steps and snapped from there on (and in the tests).
 
     `model_config` is a `SparseSSMConfig`, or a callable that builds any model with the same
     interface (`model(ids, labels=..., return_logits=False).loss`, `model(ids).logits`; then pass

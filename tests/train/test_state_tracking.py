@@ -129,6 +129,16 @@ def test_exact_rotations_from_a_learned_state_count_modulo_3_at_16x_the_training
     assert diagonal.accuracy[128] < 0.45
 
 
+def test_exact_reflections_of_a_learned_state_hold_parity_at_16x_the_training_length():
+    """`householder_exact` (one reflection a token that becomes the identity or an exact reflection,
+    decay 1 and no inputs into the state, from half the steps, moving a learned state) holds parity at
+    16x the length it was trained at — 400 steps at length 8;
+    bench/results/state_tracking_householder_exact_parity has the 18-seed run."""
+    result = run_task("parity", task_model_config("householder_exact", 129, 2), steps=400, batch=32, length=8,
+                      test_lengths=[8, 128])
+    assert result.accuracy[128] >= 0.99
+
+
 def test_a_variant_sets_its_own_depth_and_conv_window_and_overrides_still_win():
     shallow = task_model_config("rotation_shallow", 16, 3)
     assert (shallow.num_layers, shallow.conv_kernel, shallow.hippo_init) == (1, 1, "fourier")

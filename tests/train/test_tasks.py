@@ -124,8 +124,8 @@ def test_run_task_starts_the_noisy_steps_from_random_states(monkeypatch):
 
 
 def test_run_task_trains_the_first_steps_with_continuous_angles_then_snaps_them(monkeypatch):
-    """angle_grid_from: the generators of a model with an angle grid snap no turn before that fraction
-    of the steps, and snap them from there on and in the tests."""
+    """angle_grid_from: the generators of a model with an angle grid (or exact reflections) snap no
+    turn before that fraction of the steps, and snap them from there on and in the tests."""
     seen = []
     forward = SelectiveParameterGenerator.forward
     monkeypatch.setattr(SelectiveParameterGenerator, "forward", lambda self, u: seen.append(self.angle_grid)
@@ -138,3 +138,6 @@ def test_run_task_trains_the_first_steps_with_continuous_angles_then_snaps_them(
     assert seen == [60, 60, 60]
     with pytest.raises(ConfigError, match="angle_grid_from"):
         run_task("modular-counting", config, steps=2, batch=2, length=8, test_lengths=[8], angle_grid_from=1.5)
+    seen.clear()
+    run_task("parity", task_model_config("householder_exact", 16, 2), steps=4, batch=2, length=8, test_lengths=[8])
+    assert seen == [0, 0, 2, 2, 2]                              # exact reflections: the grid of Z_2
