@@ -9,6 +9,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
+from ..ssm.structures.householder import INITIAL_REFLECTION_LOGIT
 from ..util.schema import Section
 
 POSITIVE = Field(ge=1)
@@ -49,7 +50,7 @@ class SparseSSMConfig(Section):
     eigenvalue_range: Literal["positive", "signed"] = "positive"   # diagonal: exp(dt a) in (0, 1], or 2 exp(dt a) - 1
     rotation_angle_grid: int = Field(0, ge=0)        # rotation: pairs exact elements of Z_K (magnitude 1); 0: off
     exact_reflections: bool = False                  # householder: each beta 0 or 2, decay 1 (orthogonal A_bar)
-    reflection_init_logit: float = -3.0              # householder: b of beta = 2 sigmoid(b) at initialisation
+    reflection_init_logit: float = INITIAL_REFLECTION_LOGIT   # householder: b of beta = 2 sigmoid(b) at first
     learned_initial_state: bool = False              # each layer learns its SSM state before the first token
     gbt_alpha: float = Field(0.5, ge=0.0, le=1.0)
     dt_min: float = Field(0.001, gt=0.0)
@@ -120,9 +121,8 @@ class SparseSSMConfig(Section):
         if self.rotation_angle_grid and self.selective_param_class != "rotation":
             raise ValueError(f"rotation_angle_grid: snaps the turns of rotation pairs (selective_param_class "
                              f"'rotation'); set it to 0 for '{self.selective_param_class}'")
-        default_logit = SparseSSMConfig.model_fields["reflection_init_logit"].default
         for key, is_set in (("exact_reflections", self.exact_reflections),
-                            ("reflection_init_logit", self.reflection_init_logit != default_logit)):
+                            ("reflection_init_logit", self.reflection_init_logit != INITIAL_REFLECTION_LOGIT)):
             if is_set and self.selective_param_class != "householder":
                 raise ValueError(f"{key}: applies to the reflections of selective_param_class 'householder'; "
                                  f"leave it at its default for '{self.selective_param_class}'")
