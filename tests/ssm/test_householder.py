@@ -81,9 +81,9 @@ def test_two_reflections_count_modulo_3_exactly_over_a_long_word():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_snapped_factors_are_the_identity_or_exact_reflections_and_only_the_keys_learn(dtype):
     """`snap_to_grid` (`exact_reflections`): decay 1 and each eigenvalue 1 - beta exactly 1 or -1 by
-    the sign of b, in float32 too, so the transition is orthogonal and a one-reflection step is the identity (b < 0)
-    or an involution with eigenvalue -1 along its key (b > 0); the keys keep their gradients, the
-    decays and betas get none; only the grid 2 exists for reflections."""
+    the sign of b, in float32 too, so the transition is orthogonal and a one-reflection step is the
+    identity (b < 0) or an involution with eigenvalue -1 along its key (b > 0); the keys keep their
+    gradients, the decays and betas get none; only the grid 2 exists for reflections."""
     s = HouseholderStructure(N, 1)
     g = torch.Generator().manual_seed(3)
     raw = (4 * torch.randn(6, 7, s.raw_size, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
