@@ -23,9 +23,24 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 SPAN = re.compile(r"`([^`\n]+)`")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
-RESULTS_PATH = re.compile(r"bench/results/[A-Za-z0-9_./-]*[A-Za-z0-9_/-]")
+RESULTS_PATH = re.compile(r"bench/results/(?:[A-Za-z0-9_./-]|\{[A-Za-z0-9_.,-]*\})+")
 PERCENT = re.compile(r"\d+(?:\.\d+)?%")
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z_]*$")
+
+
+def results_paths(text: str) -> list[str]:
+    """The bench/results paths a text names, braces expanded (`x.{json,md}` is x.json and x.md)."""
+    paths = []
+    for path in RESULTS_PATH.findall(text):
+        todo = [path.rstrip(".")]
+        while todo:
+            head, brace, rest = todo.pop().partition("{")
+            if not brace:
+                paths.append(head)
+                continue
+            options, _, tail = rest.partition("}")
+            todo += [head + option + tail for option in options.split(",")]
+    return paths
 
 
 def _rel(page: Path) -> str:
@@ -140,7 +155,7 @@ def test_every_linked_file_exists(page):
             problems.append(f"link to a missing file: {target}")
         elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
             problems.append(f"link to a missing heading: {target}")
-    problems += [f"missing: {p}" for p in RESULTS_PATH.findall(text) if not (ROOT / p).exists()]
+    problems += [f"missing: {p}" for p in results_paths(text) if not (ROOT / p).exists()]
     assert not problems, "\n".join(problems)
 
 
@@ -156,7 +171,7 @@ def test_every_figure_is_in_a_linked_results_file(name):
     problems = []
     for section in _sections(page.read_text()):
         files = {(page.parent / t.partition("#")[0]).resolve() for t in LINK.findall(section)}
-        files |= {ROOT / p for p in RESULTS_PATH.findall(section)}
+        files |= {ROOT / p for p in results_paths(section)}
         results = "\n".join(f.read_text() for f in files
                             if f.suffix == ".md" and f.is_file() and "bench/results" in str(f))
         problems += [f"{figure} is in no results file the section links" for figure in PERCENT.findall(section)
