@@ -150,9 +150,11 @@ def check_inputs(cfg: SyntheticConfig, resume: bool = False, overwrite: bool = F
     if paths["partial"].exists() and not resume:
         raise SyntheticError(f"an interrupted run left {paths['partial']}: continue it with --resume, or delete it "
                              f"to start again")
-    if paths["json"].exists() and not (resume and paths["partial"].exists()) and not overwrite:
-        raise SyntheticError(f"{paths['json']} already exists: pass --overwrite to replace it, or choose another "
-                             f"--output-file")
+    written = [paths[k] for k in (("json", "teacher", "tokenizer") if cfg.distillation else ("json",))]
+    for path in written:
+        if path.exists() and not (resume and paths["partial"].exists()) and not overwrite:
+            raise SyntheticError(f"{path} already exists: pass --overwrite to replace it, or choose another "
+                                 f"--output-file")
     return _prompts_from_file(cfg.prompts_file) if cfg.prompts_file else None
 
 
