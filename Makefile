@@ -19,7 +19,7 @@ data/shakespeare/ATTRIBUTION: $(VENV)/.installed
 	$(PY) -m sparse_ssm.data.corpus data/shakespeare
 
 ## the main job on the small embedded default (CPU, minutes): train on the embedded corpus; run again, it
-## continues the run in outputs/small_cpu (after Ctrl-C) or reports the finished one (delete that folder to start afresh)
+## continues the run in outputs/small_cpu (after Ctrl-C) or reports the finished one (delete it to start afresh)
 DEMO_DIR := outputs/small_cpu
 demo: $(VENV)/.installed data/shakespeare/ATTRIBUTION
 	$(PY) main.py train --config config/small_cpu.yaml --output-dir $(DEMO_DIR) --use-best-model \

@@ -39,14 +39,14 @@ COMMAND = "export"
 
 
 def check_export_output(output: str | Path, inputs, overwrite: bool = False) -> Path:
-    """Refuse an export folder that overlaps one of `inputs` (the model directory and checkpoint it
-    reads: never, even with `overwrite`), that is a file, or that holds files an export did not
+    """Refuse an export folder that overlaps one of `inputs` ({label: path} of the model directory
+    and checkpoint it reads: never, even with `overwrite`), that is a file, or that holds files an export did not
     write (unless `overwrite`)."""
     output = Path(output)
-    for source in inputs:
+    for label, source in inputs.items():
         if overlaps(output, source):
-            raise OutputError(f"--output {output} overlaps the checkpoint it exports ({source}): writing there "
-                              f"would replace the training run; choose a folder outside it, e.g. "
+            raise OutputError(f"--output {output} overlaps {label} {source}, which export reads: writing there could "
+                              f"destroy the training run; choose a folder outside it, e.g. "
                               f"hf/{Path(source).resolve().name}")
     if output.exists() and not output.is_dir():
         raise OutputError(f"--output {output} is a file; an export is a folder: give a folder path")
@@ -78,6 +78,6 @@ def export_checkpoint(model_dir: str | Path, which: str | None, output: str | Pa
     """The checkpoint `which` (best | latest | STEP | PATH) of a training output directory as a
     Hugging Face model directory `output` (see `check_export_output` for the folders it refuses)."""
     checkpoint = resolve_checkpoint(model_dir, which)
-    check_export_output(output, [model_dir, checkpoint], overwrite)
+    check_export_output(output, {"the model directory": model_dir, "the checkpoint": checkpoint}, overwrite)
     loaded = load_checkpoint(model_dir, str(checkpoint), "cpu")
     return export_model(loaded.model, loaded.tokenizer, output)

@@ -35,7 +35,8 @@ def test_an_output_overlapping_the_model_dir_is_refused_even_with_overwrite(run,
     for output in (run, run / "checkpoints", run / "best", run / "hf", run.parent):
         for flags in ((), ("--overwrite",)):
             assert export(run, output, *flags) == 2, output
-            assert f"--output {output} overlaps the checkpoint it exports" in capsys.readouterr().err
+            err = capsys.readouterr().err
+            assert f"--output {output} overlaps the model directory {run}, which export reads" in err
     assert snapshot(run) == before
 
 
