@@ -139,9 +139,11 @@ def output_folder(path: str | Path, command: str):
     `command` wrote there (named in its marker) and this one does not are removed, every other
     entry is kept; the marker is written last.  The caller decides first whether `path` may be
     written (see `check_output_file` for files; a folder that is empty, marked by `command`, or
-    given with --overwrite)."""
+    given with --overwrite).  Each entry is replaced atomically, the folder as a whole is not: a
+    reader during the moves may see entries of both writes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, log=lambda *_: None, name=path.name)     # of a killed earlier write
     tmp = _temporary_sibling(path)
     remove_path(tmp)
     tmp.mkdir()
@@ -177,15 +179,16 @@ def _pid_gone(pid: int) -> bool:
     return False
 
 
-def remove_stale_temporaries(folder: str | Path, log=print) -> list[str]:
+def remove_stale_temporaries(folder: str | Path, log=print, name: str | None = None) -> list[str]:
     """Undo what writers that died left in `folder` (`.NAME.tmpPID` / `.NAME.oldPID` of a process
-    that no longer runs): a temporary is removed; a replaced `.NAME.old*` is renamed back to NAME
-    when NAME is missing (the writer died between its two renames), else removed.  Returns notes."""
+    that no longer runs; only those of NAME `name` when given): a temporary is removed; a replaced
+    `.NAME.old*` is renamed back to NAME when NAME is missing (the writer died between its two
+    renames), else removed.  Returns the notes it logged."""
     folder, notes = Path(folder), []
     if not folder.is_dir():
         return notes
     stale = [(p, m) for p in sorted(folder.iterdir()) if (m := _TEMPORARY.match(p.name))
-             and int(m["pid"]) != os.getpid() and _pid_gone(int(m["pid"]))]
+             and name in (None, m["name"]) and int(m["pid"]) != os.getpid() and _pid_gone(int(m["pid"]))]
     for path, match in sorted(stale, key=lambda pm: pm[1]["kind"] == "old"):   # temporaries first
         final = folder / match["name"]
         if match["kind"] == "old" and not (final.exists() or final.is_symlink()):

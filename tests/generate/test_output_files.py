@@ -55,6 +55,10 @@ def test_create_synthetic_never_replaces_distillation_files_it_did_not_write(tmp
     with pytest.raises(SyntheticError, match="d.teacher.safetensors already exists: pass --overwrite"):
         check_inputs(cfg)
     check_inputs(cfg, overwrite=True)
+    prompts = tmp_path / "d.json"
+    prompts.write_text("Tell me a story\n")
+    with pytest.raises(SyntheticError, match="is the prompts file this run reads"):
+        check_inputs(cfg.model_copy(update={"prompts_file": str(prompts)}), overwrite=True)
 
 
 def test_the_corpus_is_never_unpacked_over_another_folder(tmp_path):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from helpers import tiny_language_model, write_checkpoint
+from helpers import dead_pid, tiny_language_model, write_checkpoint
 from sparse_ssm import cli
 
 MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
@@ -55,13 +55,14 @@ def test_a_file_or_a_folder_with_other_files_is_refused_and_overwrite_keeps_the_
     assert (other / "notes.txt").read_text() == "mine" and MODEL_FILES <= {p.name for p in other.iterdir()}
 
 
-def test_an_earlier_export_is_replaced_without_its_stale_files(run, tmp_path):
+def test_an_earlier_export_is_replaced_without_its_stale_files_or_a_killed_exports_temporary(run, tmp_path):
     out = tmp_path / "hf"
     assert export(run, out) == 0
     (out / "model.safetensors").rename(out / "model-00001-of-00002.safetensors")   # as if the earlier one had shards
     marker = json.loads((out / ".sparse-ssm-output.json").read_text())
     marker["files"].append("model-00001-of-00002.safetensors")
     (out / ".sparse-ssm-output.json").write_text(json.dumps(marker))
+    (tmp_path / f".hf.tmp{dead_pid()}").mkdir()                   # a killed export's temporary
     assert export(run, out) == 0
     names = {p.name for p in out.iterdir()}
     assert MODEL_FILES <= names and "model-00001-of-00002.safetensors" not in names

@@ -6,12 +6,10 @@ left in the output folder is reused only on resume, and a killed run's temporari
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from helpers import tiny_language_model
+from helpers import dead_pid, tiny_language_model
 from sparse_ssm import cli
 from sparse_ssm.data.tokenizer import save_tokenizer
 from sparse_ssm.model.checkpoint import resolve_checkpoint
@@ -21,12 +19,6 @@ from sparse_ssm.util.files import write_marker
 from sparse_ssm.util.lock import LOCK_FILE
 
 quiet = dict(log=lambda *_: None)
-
-
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
 
 
 @pytest.fixture
@@ -96,14 +88,14 @@ def test_a_fresh_run_never_reuses_a_tokenizer_left_in_its_folder(corpus, tmp_pat
 
 def test_a_killed_runs_temporaries_are_removed_and_its_best_restored(tiny, finished_run, capsys):
     out, before = finished_run
-    pid = _dead_pid()
+    pid = dead_pid()
     step = out / "checkpoints" / f".step-00000004.tmp{pid}"
     shutil.copytree(out / "checkpoints" / "step-00000003", step)           # killed while writing step 4
     (out / "best").rename(out / f".best.old{pid}")                         # killed between best/'s renames
     shutil.copytree(out / "checkpoints" / "step-00000003", out / f".best.tmp{pid}")
     live = out / f".metrics.json.tmp{os.getppid()}"                        # a process that still runs
     live.write_text("being written")
-    with pytest.raises(CheckpointError, match=rf"previous one is .*\.best\.old{pid}; resume the run"):
+    with pytest.raises(CheckpointError, match=rf"previous one is .*\.best\.old{pid}; continue the run"):
         resolve_checkpoint(out, "best")
     assert cli.main(["evaluate", "--model-dir", str(out), "--checkpoint", "best", "--data", str(out)]) == 2
     assert f".best.old{pid}" in capsys.readouterr().err
