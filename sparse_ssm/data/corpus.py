@@ -30,7 +30,7 @@ def ensure_shakespeare(dest: str | Path = "data/shakespeare") -> Path:
     dest = Path(dest)
     if (dest / MARKER).is_file():
         return dest
-    if dest.is_dir() and any(dest.iterdir()) or dest.exists() and not dest.is_dir():
+    if (dest.is_dir() and any(dest.iterdir())) or (dest.exists() and not dest.is_dir()):
         raise OutputError(f"{dest} already exists and is not the embedded corpus (no {MARKER} in it); the corpus is "
                           f"unpacked into a new or empty folder: give another destination, e.g. data/shakespeare")
     dest.parent.mkdir(parents=True, exist_ok=True)

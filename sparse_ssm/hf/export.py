@@ -21,8 +21,10 @@ from ..generate.loading import load_checkpoint
 from ..model import SparseSSMForCausalLM
 from ..model.checkpoint import resolve_checkpoint
 from ..util.errors import CheckpointError, OutputError
-from ..util.files import output_folder, overlaps, read_marker
+from ..util.files import listing, output_folder, overlaps, read_marker
 from .modeling import SparseSSMHFForCausalLM
+
+COMMAND = "export"          # the name in the marker of the folders it writes
 
 
 def hf_tokenizer(tokenizer) -> PreTrainedTokenizerFast:
@@ -35,13 +37,10 @@ def hf_tokenizer(tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, pad_token=pad)
 
 
-COMMAND = "export"
-
-
 def check_export_output(output: str | Path, inputs, overwrite: bool = False) -> Path:
     """Refuse an export folder that overlaps one of `inputs` ({label: path} of the model directory
-    and checkpoint it reads: never, even with `overwrite`), that is a file, or that holds files an export did not
-    write (unless `overwrite`)."""
+    and the checkpoint it reads; even with `overwrite`), that is a file, or that holds files an
+    export did not write (unless `overwrite`)."""
     output = Path(output)
     for label, source in inputs.items():
         if overlaps(output, source):
@@ -50,13 +49,11 @@ def check_export_output(output: str | Path, inputs, overwrite: bool = False) -> 
                               f"hf/{Path(source).resolve().name}")
     if output.exists() and not output.is_dir():
         raise OutputError(f"--output {output} is a file; an export is a folder: give a folder path")
-    if output.is_dir() and not overwrite and (read_marker(output) or {}).get("command") != COMMAND:
-        others = sorted(p.name for p in output.iterdir())
-        if others:
-            listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-            raise OutputError(f"--output {output} holds files an export did not write ({listed}): pass --overwrite "
-                              f"to export into it (files of the same names are replaced, the others kept), or "
-                              f"choose a new or empty folder")
+    others = [p.name for p in output.iterdir()] if output.is_dir() else []
+    if others and not overwrite and (read_marker(output) or {}).get("command") != COMMAND:
+        raise OutputError(f"--output {output} holds files an export did not write ({listing(others)}): pass "
+                          f"--overwrite to export into it (files of the same names are replaced, the others kept), "
+                          f"or choose a new or empty folder")
     return output
 
 

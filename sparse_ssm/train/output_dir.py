@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..model.checkpoint import CONFIG, TOKENIZER
 from ..util.errors import ConfigError, OutputError
-from ..util.files import MARKER, read_marker, remove_path, remove_stale_temporaries, write_marker
+from ..util.files import MARKER, listing, read_marker, remove_path, remove_stale_temporaries, write_marker
 from ..util.lock import LOCK_FILE
 
 COMMAND = "train"
@@ -71,15 +71,14 @@ def _check_fresh_run(output_dir: Path, overwrite: bool, inputs: dict[str, str | 
     `overwrite`: then remove the entries a run writes."""
     _check_inputs(output_dir, inputs, overwrite)
     run = describe_run(output_dir)
-    others = sorted(p.name for p in output_dir.iterdir() if p.name not in (LOCK_FILE, MARKER))
+    others = [p.name for p in output_dir.iterdir() if p.name not in (LOCK_FILE, MARKER)]
     ours = (read_marker(output_dir) or {}).get("command") == COMMAND
     if not overwrite:
         if run:
             raise OutputError(f"{output_dir} already holds a training run ({run}): pass --resume to continue it, "
                               f"--overwrite to replace it, or another --output-dir")
         if others and not ours:
-            listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-            raise OutputError(f"{output_dir} is not empty ({listed}) and was not made by a training run: pass "
+            raise OutputError(f"{output_dir} is not empty ({listing(others)}) and was not made by a training run: pass "
                               f"--overwrite to train into it (train's own files are replaced, the others kept), or "
                               f"choose another --output-dir")
         return

@@ -10,7 +10,8 @@ run keeps and which config values may change is in `resume`.
 
 One process writes to an output directory: the trainer holds its lock (`util.lock`; under torchrun
 rank 0 holds it) from before its first write until `close()` (or the end of a `with` block, the
-trainer's garbage collection, the process's exit).
+trainer's garbage collection, the process's exit).  A fresh run writes only into a folder that is
+new, empty or a run's without checkpoints, or with `overwrite` (see `output_dir`).
 """
 
 from __future__ import annotations

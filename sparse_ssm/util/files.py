@@ -117,6 +117,12 @@ def write_marker(folder: str | Path, command: str, files):
     atomic_write_text(Path(folder) / MARKER, json.dumps({"command": command, "files": sorted(files)}, indent=1) + "\n")
 
 
+def listing(names, most: int = 5) -> str:
+    """The first `most` of `names` for a message: 'a, b, c, ...'."""
+    names = sorted(names)
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
 def check_output_file(path: str | Path, overwrite: bool, flag: str, inputs=()) -> Path:
     """Refuse to write file `path` over an existing one without `overwrite`, over a folder, or over
     (or inside) one of the command's `inputs` (even with `overwrite`); `flag` names the option."""
