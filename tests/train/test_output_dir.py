@@ -14,7 +14,7 @@ from sparse_ssm import cli
 from sparse_ssm.data.tokenizer import save_tokenizer
 from sparse_ssm.model.checkpoint import resolve_checkpoint
 from sparse_ssm.train import Trainer
-from sparse_ssm.util.errors import CheckpointError, ConfigError, OutputError
+from sparse_ssm.util.errors import CheckpointError, OutputError
 from sparse_ssm.util.files import write_marker
 from sparse_ssm.util.lock import LOCK_FILE
 
@@ -41,12 +41,15 @@ def test_a_fresh_run_into_a_finished_run_is_refused_and_changes_nothing(tiny, fi
     assert not (out / LOCK_FILE).exists()                         # released on refusal
 
 
-def test_overwrite_replaces_only_a_runs_entries_and_resume_with_it_is_refused(tiny, finished_run):
+def test_overwrite_replaces_only_a_runs_entries_and_resume_with_it_is_refused(tiny, finished_run, tmp_path, capsys):
     out, _ = finished_run
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="give one"):
-        Trainer(tiny(out), resume="latest", overwrite=True, **quiet)
-    Trainer(tiny(out, training={"max_steps": 2}), overwrite=True, **quiet).train()
+    config = tmp_path / "c.yaml"
+    tiny(out, training={"max_steps": 2}).save(config)
+    assert cli.main(["train", "--config", str(config), "--resume", "--overwrite"]) == 2
+    assert "--resume and --overwrite: give one" in capsys.readouterr().err
+    assert cli.main(["train", "--config", str(config), "--overwrite"]) == 0
+    assert "--overwrite: removed the earlier run's checkpoints, best, latest" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
     assert json.loads((out / "best" / "metrics.json").read_text())["step"] == 2      # the new run's best/
     assert (out / "notes.txt").read_text() == "mine"
