@@ -18,9 +18,12 @@ $(VENV)/.bench: $(VENV)/.installed requirements-bench.txt
 data/shakespeare/ATTRIBUTION: $(VENV)/.installed
 	$(PY) -m sparse_ssm.data.corpus data/shakespeare
 
-## the main job on the small embedded default (CPU, minutes): train on the embedded corpus
+## the main job on the small embedded default (CPU, minutes): train on the embedded corpus; run again, it
+## continues the run in outputs/small_cpu (after Ctrl-C) or reports the finished one (delete it to start afresh)
+DEMO_DIR := outputs/small_cpu
 demo: $(VENV)/.installed data/shakespeare/ATTRIBUTION
-	$(PY) main.py train --config config/small_cpu.yaml --use-best-model
+	$(PY) main.py train --config config/small_cpu.yaml --output-dir $(DEMO_DIR) --use-best-model \
+		$$(test -e $(DEMO_DIR)/latest && echo --resume)
 
 ## the test suite (what CI runs), then the numerics once more on the pure-PyTorch paths (no native kernel)
 test: $(VENV)/.installed
@@ -45,9 +48,10 @@ bench: $(VENV)/.bench data/shakespeare/ATTRIBUTION
 ## their datasets: needs the network).  make eval MODEL_DIR=outputs/small_cpu EVAL_TASKS=lambada_openai,hellaswag
 MODEL_DIR ?= outputs/small_cpu
 EVAL_TASKS ?= lambada_openai,hellaswag,piqa,arc_easy
+HF_DIR ?= hf/$(notdir $(MODEL_DIR))
 eval: $(VENV)/.installed
-	$(PY) main.py export --model-dir $(MODEL_DIR) --format hf --output $(MODEL_DIR)/hf
-	$(PY) -m lm_eval --model hf --model_args pretrained=$(MODEL_DIR)/hf,trust_remote_code=True \
+	$(PY) main.py export --model-dir $(MODEL_DIR) --format hf --output $(HF_DIR)
+	$(PY) -m lm_eval --model hf --model_args pretrained=$(HF_DIR),trust_remote_code=True \
 		--tasks $(EVAL_TASKS) --device cpu --batch_size 8 --output_path $(MODEL_DIR)/lm_eval
 
 clean:

@@ -63,7 +63,7 @@ def main():
             run = Path(args.work) / f"alpha{alpha}-seed{seed}"
             config = student_config(args.data, run, args.steps, alpha, args.temperature, seed)
             start = time.perf_counter()
-            trainer = Trainer(config, log=lambda *_: None)
+            trainer = Trainer(config, overwrite=True, log=lambda *_: None)      # a rerun replaces its scratch run
             result = trainer.train()
             test = trainer.evaluate_checkpoint("best")
             row = {"alpha": alpha, "temperature": args.temperature, "seed": seed, "steps": result["step"],

@@ -99,6 +99,16 @@ def randomise_generators(model, std=0.3):
     return model
 
 
+def dead_pid() -> int:
+    """The pid of a process that has ended (for files that a killed process left behind)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
 def wait_for_line(stream, text: str, timeout_s: float = 300.0) -> list[str]:
     """Read lines of a child process's text pipe until one contains `text` (returns the lines
     read); fails at end of output or when `timeout_s` passes without it (a hang guard, not a

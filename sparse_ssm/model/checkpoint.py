@@ -47,6 +47,12 @@ def resolve_checkpoint(output_dir: str | Path, which: str | None = None) -> Path
     else:
         path = Path(which)
     if not path.exists():
+        replaced = sorted(output_dir.glob(f".{which}.old*")) if which in ("latest", "best") else []
+        if replaced:
+            raise CheckpointError(f"checkpoint {path} does not exist: a run was stopped while replacing it, and the "
+                                  f"previous one is {replaced[-1]}; continue the run from its latest checkpoint "
+                                  f"(python main.py train ... --resume), which restores it, or rename that folder "
+                                  f"to {path}")
         raise CheckpointError(f"checkpoint {path} does not exist (look in {output_dir / 'checkpoints'})")
     path = path.resolve()
     missing = [f for f in REQUIRED if not (path / f).is_file()]

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..data.teacher_targets import write_teacher_targets
 from ..util.errors import SyntheticError
-from ..util.files import atomic_write_text
+from ..util.files import atomic_write_text, overlaps
 from .backends import Completion, Request, Teacher
 from .config import SyntheticConfig
 from .quality import NearDuplicates, quality_problem, text_statistics
@@ -150,9 +150,14 @@ def check_inputs(cfg: SyntheticConfig, resume: bool = False, overwrite: bool = F
     if paths["partial"].exists() and not resume:
         raise SyntheticError(f"an interrupted run left {paths['partial']}: continue it with --resume, or delete it "
                              f"to start again")
-    if paths["json"].exists() and not (resume and paths["partial"].exists()) and not overwrite:
-        raise SyntheticError(f"{paths['json']} already exists: pass --overwrite to replace it, or choose another "
-                             f"--output-file")
+    written = [paths[k] for k in (("json", "teacher", "tokenizer") if cfg.distillation else ("json",))]
+    for path in written:
+        if cfg.prompts_file and overlaps(path, cfg.prompts_file):
+            raise SyntheticError(f"{path} is the prompts file this run reads (--prompts); choose another "
+                                 f"--output-file")
+        if path.exists() and not (resume and paths["partial"].exists()) and not overwrite:
+            raise SyntheticError(f"{path} already exists: pass --overwrite to replace it, or choose another "
+                                 f"--output-file")
     return _prompts_from_file(cfg.prompts_file) if cfg.prompts_file else None
 
 

@@ -9,6 +9,8 @@ Output directory layout:
     OUTPUT/latest -> checkpoints/step-...       link to the newest checkpoint
     OUTPUT/best/                                the checkpoint with the lowest validation loss
     OUTPUT/tensorboard/, OUTPUT/metrics.json
+    OUTPUT/.sparse-ssm-output.json              marks the folder as a training run's (`output_dir`: who
+                                                may write here, and the clean-up after killed runs)
 
 Every checkpoint is written to a temporary directory and renamed into place, so none is ever
 half-written.  Nothing in a checkpoint is a pickle: loading one runs no code (the resume state's

@@ -10,7 +10,8 @@ run keeps and which config values may change is in `resume`.
 
 One process writes to an output directory: the trainer holds its lock (`util.lock`; under torchrun
 rank 0 holds it) from before its first write until `close()` (or the end of a `with` block, the
-trainer's garbage collection, the process's exit).
+trainer's garbage collection, the process's exit).  A fresh run writes only into a folder that is
+new, empty or a run's without checkpoints, or with `overwrite` (see `output_dir`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .evaluation import loss_metrics, loss_sum, unigram_perplexity
 from .losses import distillation_loss
 from .monitor import Monitor
 from .optim import OptimizerStep
+from .output_dir import claim_output_dir
 from .resume import resume_changes
 
 
@@ -62,8 +64,9 @@ class LoopState:
 
 
 class Trainer:
-    def __init__(self, config, resume: str | None = None, log=print):
-        """config: the aggregate `sparse_ssm.config.Config`; resume: latest | best | STEP | PATH."""
+    def __init__(self, config, resume: str | None = None, overwrite: bool = False, log=print):
+        """config: the aggregate `sparse_ssm.config.Config`; resume: latest | best | STEP | PATH;
+        overwrite: a fresh run may replace the run in its output directory (see `output_dir`)."""
         tc = config.training
         self.config, self.procs = config, Processes.start(tc)
         self.log, self.device = (log if self.procs.main else (lambda *_: None)), self.procs.device
@@ -72,7 +75,7 @@ class Trainer:
                      f"on {self.device.type} this run uses 'bf16' instead (set it to 'bf16' or 'no' to silence this)")
             tc.mixed_precision = "bf16"
         self.output_dir = Path(tc.output_dir)
-        lock = self._lock_output_dir()                 # before anything is written there
+        lock = self._lock_output_dir(resume is not None, overwrite)     # before anything is written there
         self._unlock = weakref.finalize(self, lock.release) if lock else (lambda: None)
         try:
             self._setup(resume)
@@ -81,13 +84,20 @@ class Trainer:
             raise
         self.stop_signal = None
 
-    def _lock_output_dir(self) -> DirectoryLock | None:
-        """The output directory's lock (rank 0 takes it); every process fails when it is held."""
+    def _lock_output_dir(self, resume: bool, overwrite: bool) -> DirectoryLock | None:
+        """The output directory's lock, taken by rank 0, which then checks that this run may write
+        there (`claim_output_dir`); every process fails when either refuses."""
         lock, refused = None, None
         if self.procs.main:
             try:
                 lock = DirectoryLock.acquire(self.output_dir, shlex.join(sys.argv), self.log)
+                ds = self.config.dataset
+                claim_output_dir(self.output_dir, resume, overwrite,
+                                 {"dataset.data_path": ds.data_path, "dataset.tokenizer_path": ds.tokenizer_path},
+                                 self.log)
             except SparseSSMError as e:
+                if lock is not None:
+                    lock.release()
                 refused = e
         if not self.procs.all_reduce(0.0 if refused else 1.0, "min"):
             raise refused or TrainingError(f"the main process could not take the lock of {self.output_dir} "
@@ -127,16 +137,13 @@ class Trainer:
         self.unconfirmed = None        # the newest checkpoint (saved or resumed from) not yet known to be good
         if resume_from:
             self._resume(resume_from)
-        elif self.checkpoints.latest:
-            self.log(f"note: {self.output_dir} holds checkpoints of an earlier run (latest: "
-                     f"{self.checkpoints.latest.name}); this new run replaces them as it saves "
-                     f"(continue the earlier run with --resume)")
 
     def _prepare_data(self, resume_from: Path | None):
         cfg, ds = self.config, self.config.dataset
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer_file = resume_from / TOKENIZER if resume_from else (
-            Path(ds.tokenizer_path) if ds.tokenizer_path else self.output_dir / TOKENIZER)
+        # a fresh run trains its own tokenizer unless it is given one: never one left in the output directory
+        tokenizer_file = resume_from / TOKENIZER if resume_from else (Path(ds.tokenizer_path) if ds.tokenizer_path
+                                                                      else None)
         data = prepare_lm_data(ds, ds.tokenizer_vocab_size or cfg.model.vocab_size, tokenizer_file,
                                cfg.distillation.enabled, self.log)
         if cfg.distillation.enabled:

@@ -52,3 +52,10 @@ class TeacherError(SparseSSMError):
 
 class SyntheticError(SparseSSMError):
     """The synthetic-data run cannot start or go on; the message says how to fix it."""
+
+
+class OutputError(SparseSSMError):
+    """An output path holds something the command did not write, or overlaps the command's input;
+    the message names what is there and the way out (--overwrite, --resume or another path)."""
+
+    exit_code = 2

@@ -10,17 +10,11 @@ import sys
 
 import pytest
 
-from helpers import ROOT, tiny_config, wait_for_line
+from helpers import ROOT, dead_pid, tiny_config, wait_for_line
 from sparse_ssm import cli
 from sparse_ssm.train import Trainer
 from sparse_ssm.util.errors import DataError, DirectoryLockedError
 from sparse_ssm.util.lock import LOCK_FILE, DirectoryLock, Owner
-
-
-def gone_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
 
 
 @pytest.mark.slow
@@ -54,7 +48,7 @@ def test_a_second_run_into_the_same_directory_is_refused_and_the_first_releases_
 def test_a_stale_lock_is_taken_over_with_a_note_and_released(tiny, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / LOCK_FILE).write_text(json.dumps({"pid": gone_pid(), "host": socket.gethostname(), "process_start": None,
+    (out / LOCK_FILE).write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname(), "process_start": None,
                                              "since": "2020-01-01T00:00:00+00:00", "command": "main.py train",
                                              "token": "x"}))
     notes = []
@@ -66,7 +60,7 @@ def test_a_stale_lock_is_taken_over_with_a_note_and_released(tiny, tmp_path):
 
 
 def test_a_lock_of_another_host_or_a_live_process_is_never_taken(tmp_path):
-    for owner in ({"pid": gone_pid(), "host": "elsewhere.example"}, {"pid": os.getppid(), "host": socket.gethostname()}):
+    for owner in ({"pid": dead_pid(), "host": "elsewhere.example"}, {"pid": os.getppid(), "host": socket.gethostname()}):
         (tmp_path / LOCK_FILE).write_text(json.dumps({**owner, "process_start": None, "since": "2020-01-01T00:00:00",
                                                       "command": "main.py train", "token": "y"}))
         with pytest.raises(DirectoryLockedError, match=f"pid {owner['pid']} on host {owner['host']}, since 2020"):

@@ -121,12 +121,12 @@ def test_checkpoints_tensorboard_and_round_trip(tiny, tmp_path):
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 7]
 
 
-def test_a_new_run_replaces_a_longer_earlier_run_in_the_same_directory(tiny, tmp_path):
+def test_overwrite_replaces_a_longer_earlier_run_in_the_same_directory(tiny, tmp_path):
     out = tmp_path / "out"
     Trainer(tiny(out, training={"max_steps": 9}), log=lambda *_: None).train()
     assert (out / "checkpoints" / "step-00000009").is_dir()
-    again = Trainer(tiny(out, training={"max_steps": 4, "save_total_limit": 1}), log=lambda *_: None)
-    again.train()                     # its first checkpoints rotate out the earlier run's, never their own
+    again = Trainer(tiny(out, training={"max_steps": 4, "save_total_limit": 1}), overwrite=True, log=lambda *_: None)
+    again.train()                     # the earlier run's checkpoints are gone, never the new run's own
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004"]
     assert (out / "latest").resolve().name == "step-00000004"
 
