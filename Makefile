@@ -52,7 +52,7 @@ HF_DIR ?= hf/$(notdir $(MODEL_DIR))
 eval: $(VENV)/.installed
 	$(PY) main.py export --model-dir $(MODEL_DIR) --format hf --output $(HF_DIR)
 	$(PY) -m lm_eval --model hf --model_args pretrained=$(HF_DIR),trust_remote_code=True \
-		--tasks $(EVAL_TASKS) --device cpu --batch_size 8 --output_path $(MODEL_DIR)/lm_eval
+		--tasks $(EVAL_TASKS) --device cpu --batch_size 8 --output_path $(HF_DIR)-lm_eval
 
 clean:
 	rm -rf $(VENV) .pytest_cache
