@@ -32,9 +32,12 @@ def git_state() -> dict:
             "diff_sha1": hashlib.sha1(diff.encode()).hexdigest() if diff else None}
 
 
+AT_START = git_state()      # the code as the run found it (edits made while it runs are not what ran)
+
+
 def code_version(git: dict | None = None) -> str:
     """'<commit>' or '<commit>+dirty.<diff hash>': equal exactly when the code is the same."""
-    git = git or git_state()
+    git = git or AT_START
     if git["commit"] is None:
         return "unknown (not a git checkout)"
     return git["commit"] + (f"+dirty.{git['diff_sha1'][:10]}" if git["dirty"] else "")
@@ -82,8 +85,7 @@ def provenance(models: dict | None = None, seeds=None, **conditions) -> dict:
     """Everything a reviewer needs to tell what produced a results file.  `models`: name -> module;
     `conditions`: anything else the run fixed (loss path, rounds...)."""
     import torch
-    git = git_state()
-    return {"command": [Path(sys.executable).name, *sys.argv], "git": git, "code_version": code_version(git),
+    return {"command": [Path(sys.executable).name, *sys.argv], "git": AT_START, "code_version": code_version(),
             "versions": versions(), "torch_threads": torch.get_num_threads(),
             "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "arch": platform.machine(),
                         "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None},
