@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -104,13 +105,14 @@ def summary_line(prov: dict) -> str:
             f"MALLOC_*: {prov['malloc_env']}.")
 
 
-def mixed_records(records: list[dict], version: str, configs: dict, key) -> list[str]:
+def mixed_records(records: list[dict], version: str, key) -> list[str]:
     """Descriptions of the earlier records that another code version or model config made:
     `key(record)` names a record and gives the config this run would use for it (or None to skip
     the config check); a record without "code_version" predates this check and counts as mixed."""
     found = []
     for record in records:
         name, config = key(record)
+        config = None if config is None else json.loads(json.dumps(config, default=str))   # tuples -> lists
         made_by = record.get("code_version", "unrecorded")
         if made_by != version:
             found.append(f"{name}: made by code {made_by[:18]}, this is {version[:18]}")

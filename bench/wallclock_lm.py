@@ -7,7 +7,9 @@ Both models see the same data: the embedded corpus, the same byte-level BPE toke
 its training split), the same windows of 128 tokens in the same order, batch 16, AdamW at the same
 learning rate (linear warm-up, then constant).  They train in lockstep, one step each in turn, and
 each stops when its own summed step time reaches the budget, so a busy machine slows both alike.
-Then both are scored on the same validation windows (every token once).  1 torch thread.
+Then both are scored on the same validation windows (every token once).  1 torch thread.  Both
+train in train mode with dropout 0 (GPT-2 from bench/peers.py's config), ours with its fused loss
+as users train it, GPT-2 from full logits; the results carry their provenance.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+import peers  # noqa: E402
 from common import pyplot, write_results  # noqa: E402
+from provenance import provenance  # noqa: E402
 from sparse_ssm import SparseSSMForCausalLM  # noqa: E402
 from sparse_ssm.config import Config  # noqa: E402
 from sparse_ssm.data import collate, prepare_lm_data  # noqa: E402
@@ -34,15 +38,14 @@ from sparse_ssm.data import collate, prepare_lm_data  # noqa: E402
 
 def gpt2_matched(vocab, target_params, seq_len):
     """The GPT-2 (width 128, 2 heads) whose layer count brings it closest to target_params."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
     best = None
     for layers in range(1, 13):
-        cfg = GPT2Config(vocab_size=vocab, n_embd=128, n_layer=layers, n_head=2, n_positions=seq_len,
-                         attn_implementation="sdpa", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        cfg = peers.gpt2_config(vocab, 128, layers, seq_len, heads=2)
         n = sum(p.numel() for p in GPT2LMHeadModel(cfg).parameters())
         if best is None or abs(n - target_params) < abs(best[1] - target_params):
             best = (cfg, n)
-    return GPT2LMHeadModel(best[0])
+    return GPT2LMHeadModel(best[0]).train()
 
 
 def main():
@@ -93,6 +96,9 @@ def main():
         if i % 50 == 0:
             print({k: (steps[k], round(spent[k]), round(losses[k][-1][1], 3)) for k in models}, flush=True)
 
+    prov = provenance({k: m for k, (m, _) in models.items()}, seeds=[0],     # recorded in train mode
+                      loss_paths={"sparse-ssm": "fused chunked cross-entropy", "gpt2": "full logits (labels=)"},
+                      scoring="eval mode, full logits")
     rows = []
     windows = range(min(args.eval_windows, len(val)))
     for name, (model, _) in models.items():
@@ -121,7 +127,7 @@ def main():
               f"{r['validation_perplexity']:.2f} | {r['validation_perplexity'] / base:.3f}x |" for r in rows]
     out = Path(args.out)
     write_results(out, "wallclock_lm", {"budget_s": args.seconds, "config": args.config, "machine": machine,
-                                        "rows": rows, "curves": {k: v[::5] for k, v in losses.items()}}, lines)
+                                        "rows": rows, "curves": {k: v[::5] for k, v in losses.items()}}, lines, prov)
     plt = pyplot()
     if plt is None:
         return
