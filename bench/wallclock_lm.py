@@ -48,6 +48,23 @@ def gpt2_matched(vocab, target_params, seq_len):
     return GPT2LMHeadModel(best[0]).train()
 
 
+@torch.no_grad()
+def validation_nll(model, windows: list, pad: int) -> tuple[float, int]:
+    """(summed negative log-likelihood, scored tokens) of `model` in eval mode over the windows,
+    16 at a time, every model through the same full logits."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(windows), 16):
+        ids, labels = collate(windows[start:start + 16], pad)
+        logits = model(input_ids=ids).logits
+        lp = torch.log_softmax(logits[:, :-1].float(), -1)
+        target = labels[:, 1:]
+        mask = target != -100
+        total += float(-lp.gather(-1, target.clamp(min=0)[..., None])[..., 0][mask].sum())
+        count += int(mask.sum())
+    return total, count
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="config/small_cpu.yaml")
@@ -102,17 +119,7 @@ def main():
     rows = []
     windows = range(min(args.eval_windows, len(val)))
     for name, (model, _) in models.items():
-        model.eval()
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for start in range(0, len(windows), 16):
-                ids, labels = collate([val[j] for j in windows[start:start + 16]], pad)
-                logits = model(ids).logits if name == "sparse-ssm" else model(input_ids=ids).logits
-                lp = torch.log_softmax(logits[:, :-1].float(), -1)
-                target = labels[:, 1:]
-                mask = target != -100
-                total += float(-lp.gather(-1, target.clamp(min=0)[..., None])[..., 0][mask].sum())
-                count += int(mask.sum())
+        total, count = validation_nll(model, [val[j] for j in windows], pad)
         params = sum(p.numel() for p in model.parameters()) if name == "gpt2" else n_ours
         rows.append({"model": name, "params": params, "steps": steps[name], "train_seconds": round(spent[name], 1),
                      "tokens_per_s": steps[name] * bs * L / spent[name], "validation_loss": total / count,
