@@ -10,9 +10,10 @@ table) with its KV cache; mamba.py's `Mamba.step` (its caches start at zeros: th
 does not depend on the state's values, and stepping through a 4,096-token prompt would take
 minutes); `transformers` Mamba2ForCausalLM prefilled with its forward, then decoding with its cache.
 Random weights, every model in eval mode with dropout 0 (bench/peers.py), greedy tokens, 1 thread;
-results carry their provenance (commit, versions, machine, every model's config); for every (batch, context) the models alternate for
---rounds rounds and the median over all decode steps of the ms per new token is reported (the
-first steps after a long prefill also pay for releasing its memory).
+for every (batch, context) the models alternate for --rounds rounds and the median over all decode
+steps of the ms per new token is reported (the first steps after a long prefill also pay for
+releasing its memory).  The results carry their provenance (commit, versions, machine, every
+model's config).
 """
 
 from __future__ import annotations
