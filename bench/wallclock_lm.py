@@ -9,7 +9,8 @@ learning rate (linear warm-up, then constant).  They train in lockstep, one step
 each stops when its own summed step time reaches the budget, so a busy machine slows both alike.
 Then both are scored on the same validation windows (every token once).  1 torch thread.  Both
 train in train mode with dropout 0 (GPT-2 from bench/peers.py's config), ours with its fused loss
-as users train it, GPT-2 from full logits; the results carry their provenance.
+as users train it (--full-logits: from full logits, as GPT-2), GPT-2 from full logits; the
+results carry their provenance.
 """
 
 from __future__ import annotations
@@ -48,6 +49,37 @@ def gpt2_matched(vocab, target_params, seq_len):
     return GPT2LMHeadModel(best[0]).train()
 
 
+def train_lockstep(models: dict, windows: list, bs: int, pad: int, lr: float, seconds: float):
+    """Train every model of `models` (name -> (module, loss of ids)) one step each in turn on the
+    same batches of `windows` (in order, cycled), AdamW with a 30-step linear warm-up, until each
+    model's own summed step time reaches `seconds`.  -> (seconds spent, steps, [(seconds, loss)]) per name."""
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+            for k, (m, _) in models.items()}
+    spent, steps, losses = {k: 0.0 for k in models}, {k: 0 for k in models}, {k: [] for k in models}
+    warmup, i = 30, 0
+    while any(spent[k] < seconds for k in models):
+        start_row = (i * bs) % len(windows)
+        ids, _ = collate(windows[start_row:start_row + bs], pad)
+        i += 1
+        for name, (model, loss_fn) in models.items():
+            if spent[name] >= seconds:
+                continue
+            for group in opts[name].param_groups:
+                group["lr"] = lr * min(1.0, (steps[name] + 1) / warmup)
+            start = time.perf_counter()
+            loss = loss_fn(ids)
+            opts[name].zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opts[name].step()
+            spent[name] += time.perf_counter() - start
+            steps[name] += 1
+            losses[name].append((spent[name], float(loss.detach())))
+        if i % 50 == 0:
+            print({k: (steps[k], round(spent[k]), round(losses[k][-1][1], 3)) for k in models}, flush=True)
+    return spent, steps, losses
+
+
 @torch.no_grad()
 def validation_nll(model, windows: list, pad: int) -> tuple[float, int]:
     """(summed negative log-likelihood, scored tokens) of `model` in eval mode over the windows,
@@ -71,6 +103,8 @@ def main():
     parser.add_argument("--seconds", type=float, default=240.0, help="training time budget per model")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-windows", type=int, default=200)
+    parser.add_argument("--full-logits", action="store_true",
+                        help="train ours from full logits, GPT-2's loss path, instead of its fused loss")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -85,36 +119,15 @@ def main():
     ours = SparseSSMForCausalLM(cfg.model)
     n_ours = ours.num_parameters()
     gpt2 = gpt2_matched(vocab, n_ours, L)
-    models = {"sparse-ssm": (ours, lambda ids: ours(ids, labels=ids, return_logits=False).loss),
+    models = {"sparse-ssm": (ours, lambda ids: ours(ids, labels=ids, return_logits=args.full_logits).loss),
               "gpt2": (gpt2, lambda ids: gpt2(input_ids=ids, labels=ids).loss)}
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
-            for k, (m, _) in models.items()}
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
-    spent, steps, losses = {k: 0.0 for k in models}, {k: 0 for k in models}, {k: [] for k in models}
-    warmup, bs, i = 30, cfg.training.batch_size, 0
-    while any(spent[k] < args.seconds for k in models):
-        idx = order[(i * bs) % len(order):(i * bs) % len(order) + bs]
-        ids, _ = collate([train[int(j)] for j in idx], pad)
-        i += 1
-        for name, (model, loss_fn) in models.items():
-            if spent[name] >= args.seconds:
-                continue
-            for group in opts[name].param_groups:
-                group["lr"] = args.lr * min(1.0, (steps[name] + 1) / warmup)
-            start = time.perf_counter()
-            loss = loss_fn(ids)
-            opts[name].zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opts[name].step()
-            spent[name] += time.perf_counter() - start
-            steps[name] += 1
-            losses[name].append((spent[name], float(loss.detach())))
-        if i % 50 == 0:
-            print({k: (steps[k], round(spent[k]), round(losses[k][-1][1], 3)) for k in models}, flush=True)
+    bs = cfg.training.batch_size
+    spent, steps, losses = train_lockstep(models, [train[int(j)] for j in torch.randperm(
+        len(train), generator=torch.Generator().manual_seed(0))], bs, pad, args.lr, args.seconds)
 
     prov = provenance({k: m for k, (m, _) in models.items()}, seeds=[0],     # recorded in train mode
-                      loss_paths={"sparse-ssm": "fused chunked cross-entropy", "gpt2": "full logits (labels=)"},
+                      loss_paths={"sparse-ssm": "full logits" if args.full_logits else "fused chunked cross-entropy",
+                                  "gpt2": "full logits (labels=)"},
                       scoring="eval mode, full logits")
     rows = []
     windows = range(min(args.eval_windows, len(val)))
