@@ -21,13 +21,19 @@ def peak_rss_gb(setup: str, threads: int) -> float:
     return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else float("nan")
 
 
-def write_results(out: Path, name: str, payload: dict, lines: list[str]):
-    """bench/results-style output: NAME.json (payload) and NAME.md (lines), also printed."""
+def write_results(out: Path, name: str, payload: dict, lines: list[str], provenance: dict):
+    """bench/results-style output, written atomically: NAME.json (payload, with `provenance` from
+    `provenance.provenance()` under "provenance") and NAME.md (lines, then the provenance's summary
+    line), also printed."""
     import json
 
+    from provenance import summary_line
+    from sparse_ssm.util.files import atomic_write_text
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    lines = [*lines, "", summary_line(provenance)]
+    atomic_write_text(out / f"{name}.json", json.dumps({**payload, "provenance": provenance}, indent=2, default=str))
+    atomic_write_text(out / f"{name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

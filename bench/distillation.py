@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from common import write_results  # noqa: E402
+from provenance import provenance  # noqa: E402
 from sparse_ssm.config import Config  # noqa: E402
 from sparse_ssm.train import Trainer  # noqa: E402
 
@@ -57,11 +58,12 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     meta = json.loads(Path(args.data).read_text())
-    rows = []
+    rows, configs = [], {}
     for seed in map(int, args.seeds.split(",")):
         for alpha in map(float, args.alphas.split(",")):
             run = Path(args.work) / f"alpha{alpha}-seed{seed}"
             config = student_config(args.data, run, args.steps, alpha, args.temperature, seed)
+            configs[run.name] = config.to_dict()
             start = time.perf_counter()
             trainer = Trainer(config, overwrite=True, log=lambda *_: None)      # a rerun replaces its scratch run
             result = trainer.train()
@@ -96,7 +98,8 @@ def main():
               "|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['alpha']} | {r['seed']} | {r['best_step']} | {r['validation_best_loss']:.4f} | "
               f"{r['test_perplexity']:.2f} | {r['seconds']} |" for r in rows]
-    write_results(out, "distillation", payload, lines)
+    write_results(out, "distillation", payload, lines,
+                  provenance(seeds=[int(x) for x in args.seeds.split(",")], run_configs=configs))
 
 
 if __name__ == "__main__":

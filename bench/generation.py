@@ -9,15 +9,16 @@ the same size: `transformers` GPT-2 (2 layers of width 256: matched parameters b
 table) with its KV cache; mamba.py's `Mamba.step` (its caches start at zeros: the cost of a step
 does not depend on the state's values, and stepping through a 4,096-token prompt would take
 minutes); `transformers` Mamba2ForCausalLM prefilled with its forward, then decoding with its cache.
-Random weights, greedy tokens, 1 thread; for every (batch, context) the models alternate for
---rounds rounds and the median over all decode steps of the ms per new token is reported (the
-first steps after a long prefill also pay for releasing its memory).
+Random weights, every model in eval mode with dropout 0 (bench/peers.py), greedy tokens, 1 thread;
+for every (batch, context) the models alternate for --rounds rounds and the median over all decode
+steps of the ms per new token is reported (the first steps after a long prefill also pay for
+releasing its memory).  The results carry their provenance (commit, versions, machine, every
+model's config).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -29,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402
+from common import write_results  # noqa: E402
+from provenance import provenance  # noqa: E402
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM  # noqa: E402
 
 VOCAB = 4096
@@ -82,12 +85,9 @@ def build_peers(max_len: int) -> dict:
     """name -> (model, decode function) of the peers that are installed."""
     table = {}
     try:
-        from transformers import GPT2Config, GPT2LMHeadModel
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
-        gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=256, n_layer=2, n_head=4, n_positions=max_len,
-                                          attn_implementation="sdpa")).eval()
-        table["gpt2 (KV cache)"] = (gpt2, gpt2_decode)
+        table["gpt2 (KV cache)"] = (peers.hf_gpt2(VOCAB, 256, 2, max_len)[0].eval(), gpt2_decode)
         table["mamba2 (HF, cache)"] = (peers.hf_mamba2(VOCAB, 256, 4, 16, 2)[0].eval(), mamba2_decode)
     except ImportError as e:
         print(f"skipping the transformers peers: {e}")
@@ -127,12 +127,8 @@ def main():
                              "tokens_per_s": batch * 1000 / ms})
                 print(f"batch {batch} context {length:5d} {name:16s} {ms:7.2f} ms/token  {batch * 1000 / ms:8.1f} tok/s",
                       flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    setup = {"threads": args.threads, "new_tokens": args.new_tokens, "rounds": args.rounds, "torch": torch.__version__,
-             "params": {name: sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
-                        for name, (m, _) in models.items()}}
-    (out / "generation.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+    setup = {"threads": args.threads, "new_tokens": args.new_tokens, "rounds": args.rounds,
+             "params": {name: peers.num_params(m) for name, (m, _) in models.items()}}
     names = list(models)
     lines = ["| batch | context | " + " | ".join(f"{n} ms/token (tok/s)" for n in names) + " |",
              "|---:|---:|" + "---:|" * len(names)]
@@ -150,8 +146,10 @@ def main():
             speed = {r["model"]: r["tokens_per_s"] for r in rows if r["batch"] == batch and r["context"] == length}
             lines.append(f"| {batch} | {length} | " + " | ".join(f"{speed['sparse-ssm'] / speed[n]:.2f}x"
                                                                  for n in peers_present) + " |")
-    (out / "generation.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines += ["", f"Median ms per new token over {args.rounds} interleaved rounds of {args.new_tokens} greedy tokens; "
+              "every model in eval mode with dropout 0."]
+    write_results(Path(args.out), "generation", {"setup": setup, "rows": rows}, lines,
+                  provenance({name: m for name, (m, _) in models.items()}, seeds=[0]))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ Mamba-2 style layouts use 8 heads of 64 channels.  Scans compared, interleaved r
 The floor of each: its minimal work is the recurrence itself, 5 flops per (batch, token,
 channel, state) element (X = a*X + b*u: 3; y += C*X: 2), and its minimal traffic the bytes of
 its inputs and output once (fp32).  Time floor = max(bytes / copy bandwidth, flops / matmul
-rate), both measured here on 1 thread; forward + backward is taken as 3x the forward floor.
+rate), both measured here on 1 thread (the results carry their provenance: commit, versions, CPU); forward + backward is taken as 3x the forward floor.
 Fraction of the roofline = floor / measured time (1.0 would be a perfect fused kernel).
 """
 
@@ -35,6 +35,7 @@ sys.path.insert(0, str(HERE.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common import pyplot, write_results  # noqa: E402
+from provenance import provenance  # noqa: E402
 from sparse_ssm.ssm.fused import selective_scan_fused  # noqa: E402
 from sparse_ssm.ssm.scan import selective_scan_chunked, selective_scan_sequential  # noqa: E402
 from sparse_ssm.ssm.structures import DiagonalStructure  # noqa: E402
@@ -162,7 +163,8 @@ def main():
     lines += [f"| {r['scan']} | {r['floor_forward_ms']:.2f} | {r['forward_ms']:.1f} | {r['forward_fraction']:.1%} | "
               f"{r['forward_backward_ms']:.1f} | {r['forward_backward_fraction']:.1%} |" for r in rows]
     write_results(out, "scan_roofline", {"setup": setup, "machine": machine, "copy_gb_s": bandwidth,
-                                         "matmul_gflop_s": gflops, "rows": rows}, lines)
+                                         "matmul_gflop_s": gflops, "rows": rows}, lines,
+                  provenance(seeds=[0], scans="functions, no models (inputs from torch.Generator seed 0)"))
     plt = pyplot()
     if plt is None:
         return

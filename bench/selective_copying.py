@@ -19,7 +19,9 @@ batch 8 x 256, 1 thread) built with the same change (head widths kept: `num_head
 is 16 channels per head, 32 heads at width 256), timed in interleaved rounds with the default as
 the reference (`--speed-only` re-times the variants of an existing results file).  Results go to
 NAME.json / NAME.md under --out; rows of variants not run this time are kept from an earlier file
-with the same setup, so rows can be re-run alone.  `--curriculum` trains shorter sequences first
+with the same setup, so rows can be re-run alone; kept rows that another code version (commit or
+dirty diff) or another model config made are refused unless --allow-mixed.  Each row records its
+code version and model config, the JSON its provenance (bench/provenance.py).  `--curriculum` trains shorter sequences first
 (the length-256 runs of the README: 64 for a third of the steps, 128 for a third, then 256).
 """
 
@@ -44,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 import train_step  # noqa: E402
 from common import curriculum_phases, trained_lengths, write_results  # noqa: E402
+from provenance import code_version, mixed_records, model_record, provenance, refuse_mixed  # noqa: E402
 from sparse_ssm import SparseSSMForCausalLM  # noqa: E402
 from sparse_ssm.train.tasks import chance_accuracy, run_task, task_model_config  # noqa: E402
 
@@ -138,7 +141,10 @@ class TaskAdapter(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids, labels=None, return_logits=True):
+    def forward(self, ids, labels=None, return_logits=True, cache=None):
+        """cache: None only (`run_task` passes initial states with --state-noise, which mamba.py lacks)."""
+        if cache is not None:
+            raise ValueError("mamba.py's LM starts from zero states: no state noise for the mambapy variant")
         logits = self.model(ids)
         loss = None
         if labels is not None:
@@ -194,11 +200,21 @@ def lm_tokens_per_s(names: list[str], rounds: int) -> dict[str, float]:
     return {name: train_step.BATCH * train_step.SEQ / statistics.median(ts) for name, ts in times.items()}
 
 
+def task_max_len(args) -> int:
+    return max(int(x) for x in args.test_lengths.split(",")) + args.num_memorize + 1
+
+
+def variant_config(name: str, args) -> dict:
+    """The resolved config of a variant's task-sized model (ours: SparseSSMConfig; mamba.py's)."""
+    return model_record(task_builder(name, task_max_len(args))())["config"]
+
+
 def run_variant(name: str, args) -> dict:
     test_lengths = [int(x) for x in args.test_lengths.split(",")]
-    build = task_builder(name, max(test_lengths) + args.num_memorize + 1)
+    build = task_builder(name, task_max_len(args))
     torch.manual_seed(0)
-    params = peers.num_params(build())
+    model = build()
+    params, config = peers.num_params(model), model_record(model)["config"]
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         cpu0 = time.process_time()
@@ -211,7 +227,7 @@ def run_variant(name: str, args) -> dict:
               + f" ({runs[-1]['cpu_s']:.0f} CPU s)", flush=True)
     mean = {str(L): statistics.mean(r["accuracy"][str(L)] for r in runs) for L in test_lengths}
     return {"variant": name, "what": VARIANTS[name][0], "params": params, "runs": runs, "mean_accuracy": mean,
-            "lm_train_tokens_per_s": None}
+            "lm_train_tokens_per_s": None, "code_version": code_version(), "config": config}
 
 
 def markdown(rows: list[dict], setup: dict) -> list[str]:
@@ -251,6 +267,8 @@ def main():
                     help="only (re)measure the throughput of variants whose accuracy rows are in the results file")
     ap.add_argument("--name", default="selective_copying", help="results file stem")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--allow-mixed", action="store_true",
+                    help="keep earlier rows that another code version or model config made")
     args = ap.parse_args()
     torch.set_num_threads(1)
     names = args.variants.split(",")
@@ -266,8 +284,15 @@ def main():
     same = {"curriculum": [], **{k: v for k, v in earlier.get("setup", {}).items() if k != "torch"}} == \
         {k: v for k, v in setup.items() if k != "torch"}
     rows = {r["variant"]: r for r in earlier.get("rows", [])} if same else {}
+    kept = [r for n, r in rows.items() if args.speed_only or n not in names]
+    mixed = mixed_records(kept, code_version(), lambda r: (f"variant {r['variant']}", variant_config(r["variant"], args)))
+    if mixed and not args.allow_mixed:
+        refuse_mixed(path, mixed)
     write = lambda: write_results(Path(args.out), args.name, {"setup": setup, "rows": [rows[n] for n in VARIANTS if n in rows]},
-                                  markdown([rows[n] for n in VARIANTS if n in rows], setup))
+                                  markdown([rows[n] for n in VARIANTS if n in rows], setup),
+                                  provenance(seeds=[int(x) for x in args.seeds.split(",")],
+                                             code_versions_of_rows=sorted({r.get("code_version", "unrecorded")
+                                                                           for r in rows.values()})))
     for name in names if args.speed_only else []:        # a variant timed but not trained
         params = peers.num_params(task_builder(name, 64)())
         rows.setdefault(name, {"variant": name, "what": VARIANTS[name][0], "params": params, "runs": [],

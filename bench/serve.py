@@ -26,6 +26,7 @@ import httpx
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 from common import HERE, write_results  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 ROOT = HERE.parent
 
@@ -50,6 +51,13 @@ def random_checkpoint(folder: Path) -> Path:
     (checkpoint / "config.yaml").write_text(yaml.safe_dump({"model": model.config.to_dict()}))
     save_tokenizer(tokenizer, checkpoint / "tokenizer.json")
     return checkpoint.parent
+
+
+def served_config(model_dir: Path) -> dict | None:
+    """The model section of the checkpoint's config.yaml (`best/` first), for the provenance."""
+    import yaml
+    found = sorted(model_dir.glob("*/config.yaml"), key=lambda p: p.parent.name != "best")
+    return yaml.safe_load(found[0].read_text()).get("model") if found else None
 
 
 def start_server(model_dir: Path, core: int, max_batch: int):
@@ -108,6 +116,7 @@ def main():
     levels = [int(s) for s in args.streams.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model_dir) if args.model_dir else random_checkpoint(Path(tmp))
+        model_config = served_config(model_dir)
         proc, url = start_server(model_dir, args.server_core, max(levels))
         try:
             run(url, 1, 1, 8)                                       # warm-up
@@ -121,7 +130,8 @@ def main():
     lines += [f"| {r['streams']} | {r['requests']} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:,.0f} | "
               f"{r['per_stream_tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f} |" for r in rows]
     write_results(Path(args.output_dir), "serve", {"model_dir": str(args.model_dir or "random small_cpu"),
-                                                   "tokens_per_request": args.tokens, "rows": rows}, lines)
+                                                   "tokens_per_request": args.tokens, "rows": rows}, lines,
+                  provenance(server_core=args.server_core, model_config=model_config))
 
 
 if __name__ == "__main__":

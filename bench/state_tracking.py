@@ -18,7 +18,9 @@ of the budget on a shared machine) and wall seconds.
 
 Resumable: state_tracking.json is rewritten (atomically) after every cell, and a rerun skips the
 (task, variant, seed) cells it already holds; a file made with another budget is refused (pass
-another --out, or delete it).  Writes state_tracking.json, .md (per task and variant: mean and
+another --out, or delete it), and so are cells that another code version (git commit, or a dirty
+tree's diff) or another model config made, unless --allow-mixed keeps them.  Every cell records
+its code version and model config, the JSON its provenance (bench/provenance.py).  Writes state_tracking.json, .md (per task and variant: mean and
 min-max over the seeds at each length, CPU minutes per run) and .png (accuracy against length)
 under --out; `--quick` writes state_tracking_quick.* instead, so it never mixes with real figures.
 """
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import curriculum_phases, pyplot, trained_lengths  # noqa: E402
+from provenance import code_version, mixed_records, provenance, refuse_mixed, summary_line  # noqa: E402
 from sparse_ssm import SparseSSMForCausalLM  # noqa: E402
 from sparse_ssm.train.tasks import (ANGLE_GRID_FROM, TASK_MODEL, VARIANTS, chance_accuracy, run_task,  # noqa: E402
                                     task_model_config, task_vocab)
@@ -55,13 +58,20 @@ DEFAULT_VARIANTS = ("diagonal", "diagonal_signed", "rotation", "block4", "dense"
 MULTIPLES = (1, 4, 16)
 
 
-def run_cell(name: str, variant: str, seed: int, setup: dict) -> dict:
-    """Train and test one (task, variant, seed); the record that goes into the JSON."""
+def cell_config(name: str, variant: str, setup: dict):
+    """The model config of a (task, variant) cell: (SparseSSMConfig, task options, vocab, test lengths)."""
     spec = TASKS[name]
     options = {k: v for k, v in spec.items() if k != "task"}
     vocab = task_vocab(spec["task"], **options)
     lengths = [m * setup["length"] for m in setup["multiples"]]
-    config = task_model_config(variant, max(lengths) + 1, vocab)
+    return task_model_config(variant, max(lengths) + 1, vocab), options, vocab, lengths
+
+
+def run_cell(name: str, variant: str, seed: int, setup: dict) -> dict:
+    """Train and test one (task, variant, seed); the record that goes into the JSON, with the code
+    version and model config that made it."""
+    spec = TASKS[name]
+    config, options, vocab, lengths = cell_config(name, variant, setup)
     structure = SparseSSMForCausalLM(config).blocks[0].mixer.ssm_cost_per_token()["structure"]
     cpu, wall = time.process_time(), time.perf_counter()
     result = run_task(spec["task"], config, setup["steps"], setup["batch"], setup["length"], lengths,
@@ -75,11 +85,13 @@ def run_cell(name: str, variant: str, seed: int, setup: dict) -> dict:
             "classes": vocab,
             "chance": chance_accuracy(spec["task"], vocab), "accuracy": {str(L): a for L, a in result.accuracy.items()},
             "final_loss": result.final_loss, "steps": setup["steps"],
-            "cpu_seconds": time.process_time() - cpu, "wall_seconds": time.perf_counter() - wall}
+            "cpu_seconds": time.process_time() - cpu, "wall_seconds": time.perf_counter() - wall,
+            "code_version": code_version(), "config": config.to_dict()}
 
 
-def load_cells(path: Path, setup: dict) -> list[dict]:
-    """The finished cells of an earlier run with the same setup; [] when there is none."""
+def load_cells(path: Path, setup: dict, allow_mixed: bool = False) -> list[dict]:
+    """The finished cells of an earlier run with the same setup, made by this code version and the
+    model configs it would build (any, with allow_mixed); [] when there is none."""
     if not path.is_file():
         return []
     data = json.loads(path.read_text())
@@ -87,6 +99,11 @@ def load_cells(path: Path, setup: dict) -> list[dict]:
         differ = sorted(k for k in {*setup, *data["setup"]} if setup.get(k) != data["setup"].get(k))
         sys.exit(f"{path} holds results of another setup (differs in: {', '.join(differ)}); pass another --out "
                  f"or delete the file to start over")
+    key = lambda c: (f"{c['task']}/{c['variant']}/seed {c['seed']}",
+                     cell_config(c["task"], c["variant"], setup)[0].to_dict())
+    mixed = mixed_records(data["cells"], code_version(), key)
+    if mixed and not allow_mixed:
+        refuse_mixed(path, mixed)
     return data["cells"]
 
 
@@ -212,6 +229,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--quick", action="store_true", help="tiny budget and one seed, written to state_tracking_quick.*")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--allow-mixed", action="store_true",
+                    help="keep earlier cells that another code version or model config made")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -225,20 +244,23 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     stem = "state_tracking_quick" if args.quick else "state_tracking"
     path = out / f"{stem}.json"
-    cells = load_cells(path, setup)
+    cells = load_cells(path, setup, args.allow_mixed)
     done = {(c["task"], c["variant"], c["seed"]) for c in cells}
     todo = [(n, v, s) for s in seeds for n in args.tasks for v in args.variants if (n, v, s) not in done]
     print(f"{len(done)} runs already in {path}; {len(todo)} to go", flush=True)
     for i, (name, variant, seed) in enumerate(todo):
         cell = run_cell(name, variant, seed, setup)
         cells.append(cell)
-        atomic_write_text(path, json.dumps({"setup": setup, "torch": torch.__version__, "cells": cells}, indent=2))
+        prov = provenance(seeds=seeds, code_versions_of_cells=sorted({c.get("code_version", "unrecorded") for c in cells}))
+        atomic_write_text(path, json.dumps({"setup": setup, "provenance": prov, "cells": cells}, indent=2))
         print(f"[{i + 1}/{len(todo)}] {name}, {variant}, seed {seed}: "
               + ", ".join(f"{L}: {a:.1%}" for L, a in cell["accuracy"].items())
               + f" ({cell['cpu_seconds'] / 60:.1f} CPU min)", flush=True)
     rank = {name: i for i, name in enumerate([*TASKS, *VARIANTS])}
     cells.sort(key=lambda c: (rank.get(c["task"], len(rank)), rank.get(c["variant"], len(rank)), c["seed"]))
-    lines = markdown(setup, cells)
+    lines = [*markdown(setup, cells), "", summary_line(provenance(seeds=seeds))]
+    if len({c.get("code_version") for c in cells}) > 1:
+        lines.append(f"Cells from {len({c.get('code_version') for c in cells})} code versions (--allow-mixed).")
     atomic_write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(setup, cells, out / f"{stem}.png")

@@ -6,13 +6,14 @@ For hidden 256, 4 layers, state 64, expand 2, no FFN, vocab 4096, batch 8 x 256:
 analytic SSM FLOPs per token and layer (`SelectiveSSMLayer.ssm_cost_per_token`), the median
 forward+backward time of interleaved rounds, the speed relative to the diagonal class in the
 same rounds, and the peak RSS of one step in a fresh process.  Every class at its default
-discretisation (`auto`: ZOH for diagonal and rotation, bilinear for the others).
+discretisation (`auto`: ZOH for diagonal and rotation, bilinear for the others), in train mode with
+dropout 0, the loss from the fused head; results carry their provenance (commit, versions, machine,
+every model's config).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import peak_rss_gb  # noqa: E402
+from common import peak_rss_gb, write_results  # noqa: E402
+from provenance import provenance  # noqa: E402
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM  # noqa: E402
 
 CLASSES = {      # sparsity levels that give block sizes 1, 2, 4, 8 at state 64 (hippo.block_size_for)
@@ -44,7 +46,7 @@ BATCH_OF: dict[str, int] = {}
 def build(name, state_dim):
     cfg = SparseSSMConfig(vocab_size=4096, hidden_dim=256, state_dim=state_dim, ffn_dim=0, num_layers=4,
                           expand=2, dropout=0.0, max_seq_len=SEQ, **CLASSES[name])
-    return SparseSSMForCausalLM(cfg)
+    return SparseSSMForCausalLM(cfg).train()
 
 
 def fwd_bwd(model, ids):
@@ -91,11 +93,8 @@ def main():
                      "speed_vs_diagonal": statistics.median(d / t for d, t in zip(times[diagonal], times[name]))
                      * BATCH_OF.get(name, BATCH) / BATCH_OF.get(diagonal, BATCH),
                      "peak_rss_gb": peak_rss(name, args.state_dim, args.threads)})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     setup = {"hidden": 256, "layers": 4, "state": args.state_dim, "expand": 2, "ffn": 0, "vocab": 4096,
-             "batch": BATCH, "seq_len": SEQ, "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__}
-    (out / "structures.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+             "batch": BATCH, "seq_len": SEQ, "threads": args.threads, "rounds": args.rounds}
     lines = ["| class | structure | batch | params | generator params / layer | SSM MFLOP / token / layer | fwd+bwd (s) | "
              "tokens/s | × diagonal | peak RSS (GB) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -104,8 +103,8 @@ def main():
                      f"{r['generator_params_per_layer']:,} | {r['ssm_flops_per_token_per_layer'] / 1e6:.2f} | "
                      f"{r['fwd_bwd_s']:.2f} | {r['tokens_per_s']:,.0f} | {r['speed_vs_diagonal']:.2f} | "
                      f"{r['peak_rss_gb']:.2f} |")
-    (out / "structures.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines += ["", f"Median of {args.rounds} interleaved rounds; train mode, dropout 0, fused loss."]
+    write_results(Path(args.out), "structures", {"setup": setup, "rows": rows}, lines, provenance(models, seeds=[0]))
 
 
 if __name__ == "__main__":

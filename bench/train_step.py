@@ -1,21 +1,25 @@
 """Training-step throughput (forward + loss + backward + AdamW) against peers, on the CPU.
 
-    python bench/train_step.py [--rounds 5] [--threads 1] [--peers mamba2,gpt2,mambapy] [--compile] [--out bench/results]
+    python bench/train_step.py [--rounds 5] [--threads 1] [--peers mamba2,gpt2,mambapy] [--compile]
+                               [--loss-paths fused,full-logits] [--out bench/results]
 
 Models are built from configs with random weights at hidden 256, 4 layers, state 16, expand 2,
 vocab 4096, batch 8 x 256 (DEVELOPERS.md / shared/facts.md).  The models are timed in
 interleaved rounds (one step of each model per round, after warm-up), so a slow phase of the
 machine hits every model alike; medians are reported, and the speed ratio to the Mamba-2 peer per
 round (median, min and max over rounds).  Peak RSS
-per model comes from a separate one-model process.  Results: JSON and Markdown under --out.
+per model comes from a separate one-model process.  Results: JSON and Markdown under --out, with
+their provenance (commit, versions, machine, every model's config and mode).
+
+Loss paths: the peers compute their loss from full logits (`labels=`, as their users train them).
+Ours is timed as users train it (`fused`: the chunked cross-entropy that never materialises the
+logits) and, with `full-logits`, on the peers' path too (logits, then cross-entropy), so both views
+come from the same rounds.  Every model trains in train mode with dropout 0 (bench/peers.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -27,18 +31,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402
-from common import peak_rss_gb  # noqa: E402
+from common import peak_rss_gb, write_results  # noqa: E402
+from provenance import provenance  # noqa: E402
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, STATE, EXPAND, BATCH, SEQ = 4096, 256, 4, 16, 2, 8, 256
+LOSS_PATHS = {"fused": "fused chunked cross-entropy (no logits tensor)",
+              "full-logits": "full logits, then cross-entropy"}
+FULL_LOGITS = ", full logits"           # suffix of our rows timed on the peers' loss path
 
 
-def ours(compile_model=False, **overrides):
+def ours(compile_model=False, full_logits=False, **overrides):
+    """Our model in train mode, dropout 0; its loss fused (as users train it) or from full logits."""
     cfg = SparseSSMConfig(vocab_size=VOCAB, hidden_dim=HIDDEN, state_dim=STATE, num_layers=LAYERS,
                           expand=EXPAND, dropout=0.0, max_seq_len=SEQ, **overrides)
-    model = SparseSSMForCausalLM(cfg)
+    model = SparseSSMForCausalLM(cfg).train()
     run = torch.compile(model) if compile_model else model
-    return model, lambda ids: run(ids, labels=ids, return_logits=False).loss
+    return model, lambda ids: run(ids, labels=ids, return_logits=full_logits).loss
+
+
+def loss_path(name: str) -> str:
+    """The loss path of a row of `builders`: ours fused unless named full logits, peers full logits."""
+    fused = name.startswith("sparse-ssm") and not name.endswith(FULL_LOGITS)
+    return LOSS_PATHS["fused" if fused else "full-logits"]
 
 
 def compiled_mamba2():
@@ -47,10 +62,15 @@ def compiled_mamba2():
     return model, lambda ids: run(input_ids=ids, labels=ids).loss
 
 
-def builders(selected, compile_models=False):
-    table = {
-        "sparse-ssm (sparse 0.9, no FFN)": lambda: ours(ffn_dim=0),
-        "sparse-ssm (sparse 0.9, FFN 512)": lambda: ours(ffn_dim=512),
+def builders(selected, compile_models=False, loss_paths=("fused",)):
+    table = {}
+    if "fused" in loss_paths:
+        table["sparse-ssm (sparse 0.9, no FFN)"] = lambda: ours(ffn_dim=0)
+        table["sparse-ssm (sparse 0.9, FFN 512)"] = lambda: ours(ffn_dim=512)
+    if "full-logits" in loss_paths:
+        table["sparse-ssm (sparse 0.9, no FFN)" + FULL_LOGITS] = lambda: ours(ffn_dim=0, full_logits=True)
+        table["sparse-ssm (sparse 0.9, FFN 512)" + FULL_LOGITS] = lambda: ours(ffn_dim=512, full_logits=True)
+    table |= {
         "mamba2": lambda: peers.hf_mamba2(VOCAB, HIDDEN, LAYERS, STATE, EXPAND),
         "gpt2": lambda: peers.hf_gpt2(VOCAB, HIDDEN, 2, SEQ),
         "mambapy": lambda: peers.mambapy(VOCAB, HIDDEN, LAYERS, STATE, EXPAND),
@@ -75,7 +95,8 @@ def make_step(model, loss_fn):
 
 def peak_rss_child(name: str, threads: int) -> float:
     """Peak RSS (GB) of a process that builds one model and runs two training steps."""
-    return peak_rss_gb(f"import train_step as b; m, f = b.builders({[name.split(',')[0]]!r}, True)[{name!r}]();"
+    return peak_rss_gb(f"import train_step as b; m, f = b.builders({[name.split(',')[0]]!r}, True, "
+                       f"tuple(b.LOSS_PATHS))[{name!r}]();"
                        f"s = b.make_step(m, f); ids = torch.randint(0, b.VOCAB, (b.BATCH, b.SEQ)); s(ids); s(ids)",
                        threads)
 
@@ -88,11 +109,16 @@ def main():
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-model peak-RSS processes")
     ap.add_argument("--compile", action="store_true", help="add torch.compile'd variants of ours and Mamba-2")
+    ap.add_argument("--loss-paths", default="fused,full-logits",
+                    help="comma list: fused (ours as users train it), full-logits (ours on the peers' loss path)")
     args = ap.parse_args()
+    paths = args.loss_paths.split(",")
+    if not paths or any(p not in LOSS_PATHS for p in paths):
+        ap.error(f"--loss-paths {args.loss_paths!r}: choose from {', '.join(LOSS_PATHS)}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     models, steps = {}, {}
-    for name, build in builders(args.peers.split(","), args.compile).items():
+    for name, build in builders(args.peers.split(","), args.compile, paths).items():
         try:
             model, loss_fn = build()
         except ImportError as e:
@@ -117,29 +143,26 @@ def main():
         med = statistics.median(ts)
         # per-round ratios: each round times every model back to back, so they share the machine's state
         ratios = [m / t for m, t in zip(times["mamba2"], ts)] if ref else None
-        rows.append({"model": name, "params": peers.num_params(models[name]), "median_step_s": med,
+        rows.append({"model": name, "loss_path": loss_path(name), "mode": "train" if models[name].training else "eval",
+                     "params": peers.num_params(models[name]), "median_step_s": med,
                      "tokens_per_s": tokens / med, "speed_vs_mamba2": (ref / med) if ref else None,
                      "per_round_speed_vs_mamba2": ratios,
                      "peak_rss_gb": None if args.no_memory else peak_rss_child(name, args.threads)})
-    result = {"setup": {"vocab": VOCAB, "hidden": HIDDEN, "layers": LAYERS, "state": STATE, "expand": EXPAND,
-                        "batch": BATCH, "seq_len": SEQ, "threads": args.threads, "rounds": args.rounds,
-                        "torch": torch.__version__, "machine": platform.machine(),
-                        "MALLOC_MMAP_MAX_": os.environ.get("MALLOC_MMAP_MAX_", "unset (glibc default)"),
-                        "compile": args.compile},
-               "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_step.json").write_text(json.dumps(result, indent=2))
-    lines = ["| model | params | tokens/s | × mamba2 (median of rounds; min–max) | peak RSS (GB) |",
-             "|---|---:|---:|---:|---:|"]
+    setup = {"vocab": VOCAB, "hidden": HIDDEN, "layers": LAYERS, "state": STATE, "expand": EXPAND, "batch": BATCH,
+             "seq_len": SEQ, "threads": args.threads, "rounds": args.rounds, "compile": args.compile,
+             "loss_paths": {p: LOSS_PATHS[p] for p in paths}}
+    lines = ["| model | loss path | params | tokens/s | × mamba2 (median of rounds; min–max) | peak RSS (GB) |",
+             "|---|---|---:|---:|---:|---:|"]
     for row in rows:
         r = row["per_round_speed_vs_mamba2"]
         ratio = f"{statistics.median(r):.2f} ({min(r):.2f}–{max(r):.2f})" if r else "-"
         rss = "-" if row["peak_rss_gb"] is None else f"{row['peak_rss_gb']:.2f}"
-        lines.append(f"| {row['model']} | {row['params'] / 1e6:.2f} M | {row['tokens_per_s']:,.0f} | {ratio} | {rss} |")
-    md = "\n".join(lines)
-    (out / "train_step.md").write_text(md + "\n")
-    print(md)
+        lines.append(f"| {row['model']} | {row['loss_path']} | {row['params'] / 1e6:.2f} M | {row['tokens_per_s']:,.0f} "
+                     f"| {ratio} | {rss} |")
+    lines += ["", f"Batch {BATCH} × {SEQ}, fp32, every model in train mode with dropout 0; medians of {args.rounds} "
+              f"interleaved rounds after one warm-up step each."]
+    write_results(Path(args.out), "train_step", {"setup": setup, "rows": rows}, lines,
+                  provenance(models, seeds=[0]))
 
 
 if __name__ == "__main__":
