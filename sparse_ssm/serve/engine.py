@@ -231,8 +231,8 @@ class BatchEngine:
         done = "stop" if stopped else ("length" if job.new_tokens >= job.settings.max_length else None)
         wants = job.top_logprobs >= 0 and token != self.eos_token_id        # end-of-text is not text
         logprobs = [self._logprob(logits, token, job.top_logprobs)] if wants else []
-        self._emit(job, Event(job.stream.take(final=done is not None), logprobs, done, len(job.prompt_ids),
-                              job.new_tokens))
+        self._emit(job, Event(job.stream.take(final=done is not None), logprobs, done,
+                              prompt_tokens=len(job.prompt_ids), completion_tokens=job.new_tokens))
         return token, done is None
 
     def _logprob(self, logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
