@@ -7,6 +7,7 @@ import threading
 import uvicorn
 
 from sparse_ssm.serve import ServeConfig, create_app, served_model
+from sparse_ssm.serve.guard import uvicorn_config
 
 
 @contextlib.contextmanager
@@ -17,7 +18,7 @@ def running_server(model, tokenizer, name="tiny", **limits):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
-    server = uvicorn.Server(uvicorn.Config(create_app(served), log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(create_app(served), served.limits, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
