@@ -23,8 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .common import USER_STOP, RequestError, Served, chat_prompt, failed, flag, read_body, stop_list
 from ..generate.settings import MAX_SEED
+from .common import USER_STOP, RequestError, Served, chat_prompt, failed, flag, read_body, stop_list
 from .engine import Job
 
 MAX_CHOICES = 16
@@ -177,8 +177,8 @@ async def completions(request: Request):
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise RequestError(400, "prompt: a string or a non-empty list of strings", "prompt")
         body_stream(request)                       # a "stream" that is not a boolean is refused before any work
-        wants = body.get("logprobs") is not None
-        jobs = await jobs_of(served, body, prompts, "max_tokens", 16, top_logprobs_of(body, "logprobs") if wants else -1)
+        top = top_logprobs_of(body, "logprobs") if body.get("logprobs") is not None else -1
+        jobs = await jobs_of(served, body, prompts, "max_tokens", 16, top)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.get("model") or served.name}
 
