@@ -105,7 +105,8 @@ def chat_prompt(messages) -> str:
 def longest_token_bytes(tokenizer) -> int:
     """The most UTF-8 bytes one token of the vocabulary decodes to (at least 1): a text of more
     bytes than max_prompt_tokens times this has more tokens than that, so it is refused untokenized."""
-    return max([1, *(len(tokenizer.decode([i]).encode()) for i in range(tokenizer.get_vocab_size()))])
+    sizes = (len(tokenizer.decode([i], skip_special_tokens=False).encode()) for i in range(tokenizer.get_vocab_size()))
+    return max(1, *sizes)
 
 
 @dataclass
