@@ -15,7 +15,7 @@ from helpers import tiny_language_model
 from server_fixture import http_head, raw_exchange, running_server
 from sparse_ssm.generate import GenerationConfig, generate_text
 
-ROUNDS = 3
+ROUNDS = 2
 RSS_SLACK_MIB = 64               # what the allocator may keep; a 5 MB prompt once cost 800 MiB
 
 
