@@ -15,6 +15,7 @@ from ..util.errors import ConfigError
 from .config import ServeConfig
 from .engine import BatchEngine, EngineFull, Event, Job
 
+DISCONNECT_CHECK_S = 1.0      # how often a request's client is checked for having gone away
 USER_STOP = "\nUser:"          # the chat template's next user turn ends an assistant answer
 
 
@@ -162,8 +163,9 @@ class Served:
             raise RequestError(400, name + str(e).removeprefix("generation." + key), name) from None
 
     async def events(self, job: Job, request=None) -> AsyncIterator[Event]:
-        """Submit `job` and yield its events until the last; leaving early (a client that went
-        away) cancels it, which frees its row at the next step."""
+        """Submit `job` and yield its events until the last (done set); a client that went away
+        ends them with done="cancelled".  Leaving early cancels the job, which frees its row at
+        the next step."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -179,16 +181,22 @@ class Served:
         except EngineFull as e:
             raise RequestError(503, f"server busy: {e}; try again later") from None
         try:
+            checked = loop.time()
             while True:
                 try:
-                    event = await asyncio.wait_for(queue.get(), timeout=1.0)
+                    event = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_CHECK_S)
                 except asyncio.TimeoutError:
-                    if request is not None and await request.is_disconnected():
+                    event = None
+                if request is not None and (event is None or loop.time() - checked >= DISCONNECT_CHECK_S):
+                    checked = loop.time()             # (a plain answer's events never pause: look each second)
+                    if await request.is_disconnected():
+                        yield Event(done="cancelled", prompt_tokens=len(job.prompt_ids),
+                                    completion_tokens=job.new_tokens)
                         return
-                    continue
-                yield event
-                if event.done:
-                    return
+                if event is not None:
+                    yield event
+                    if event.done:
+                        return
         finally:
             job.cancel()
 

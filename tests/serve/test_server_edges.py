@@ -4,7 +4,9 @@ too large or too slow, unknown routes and methods, the API key, a failing decode
 `serve` command's own errors (a port in use) and its warning when listening beyond loopback."""
 
 import json
+import logging
 import socket
+import time
 
 import httpx
 import ollama
@@ -193,3 +195,22 @@ def test_serve_on_a_port_in_use_says_so(lm, tmp_path, capsys):
                          "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and f"cannot listen on 127.0.0.1:{port}: port {port} is in use" in err and "--port" in err
+
+
+def test_a_client_that_hangs_up_on_a_plain_answer_is_cancelled_quietly():
+    """The request ends with done="cancelled" (not an error inside the server) and frees its row."""
+    errors = []
+    handler = logging.Handler(level=logging.ERROR)
+    handler.emit = errors.append
+    with running_server(*tiny_language_model(seed=0), max_tokens=100_000) as (url, served):
+        logging.getLogger("uvicorn.error").addHandler(handler)
+        try:
+            body = {"model": "tiny", "prompt": "The quick", "stream": False,       # greedy never ends here
+                    "options": {"num_predict": 100_000, "temperature": 0, "repeat_penalty": 1.0}}
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{url}/api/generate", json=body, timeout=0.5)
+            assert served.engine.wait_until(lambda s: s["running"] == 0 and s["steps"] > 0, timeout=10)
+            time.sleep(0.2)                                      # the route's answer to no one
+        finally:
+            logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert [e.getMessage() for e in errors] == []
