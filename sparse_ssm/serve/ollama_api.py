@@ -46,10 +46,10 @@ async def job_of(served: Served, body: dict, prompt: str, extra_stops=()) -> Job
     if not isinstance(options, dict):
         raise RequestError(400, f"options: expected an object, got {type(options).__name__}", "options")
     opt = {**OLLAMA_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-    num_predict = opt.get("num_predict")
-    positive = num_predict if not isinstance(num_predict, (int, float)) or isinstance(num_predict, bool) or \
-        num_predict > 0 else None                 # -1 (or 0): up to the server's limit
-    settings = served.settings(positive, "num_predict", OPTION_NAMES, temperature=opt.get("temperature"),
+    num_predict = opt.get("num_predict")                  # (its type is checked by served.settings)
+    if isinstance(num_predict, (int, float)) and not isinstance(num_predict, bool) and num_predict <= 0:
+        num_predict = None                                # -1 (or 0): up to the server's limit
+    settings = served.settings(num_predict, "num_predict", OPTION_NAMES, temperature=opt.get("temperature"),
                                top_k=opt.get("top_k"), top_p=opt.get("top_p"),
                                repetition_penalty=opt.get("repeat_penalty"), seed=opt.get("seed"),
                                stop_strings=[*stop_list(opt.get("stop"), "stop", MAX_STOPS), *extra_stops])
