@@ -64,6 +64,10 @@ async def jobs_of(served: Served, body: dict, prompts: list[str], max_key: str, 
     n = 1 if n is None else n
     if not 1 <= n <= MAX_CHOICES:
         raise RequestError(400, f"n: must be between 1 and {MAX_CHOICES}, got {n}", "n")
+    most = served.limits.max_batch + served.limits.max_waiting
+    if len(prompts) * n > most:
+        raise RequestError(400, f"{len(prompts)} prompts x n={n} is more sequences than this server takes at once "
+                                f"({most}: --max-batch + --max-waiting); split the request", "prompt")
     max_tokens = number(body, max_key, int)
     max_tokens = default_max if max_tokens is None else max_tokens
     if max_tokens is not None and max_tokens < 1:

@@ -92,6 +92,7 @@ def test_ollama_refusals(server, path, body, status, text):
     ("/v1/completions", DEEP, None, "nested too deeply"),
     ("/v1/completions", b"\x80\x81", None, "not UTF-8"),
     ("/v1/completions", {"prompt": "x", "stream": "no"}, "stream", "expected true or false"),
+    ("/v1/completions", {"prompt": ["x"] * 500, "n": 2}, "prompt", "more sequences than this server takes at once"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages",
      "messages[0].content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream_options": "yes"},
