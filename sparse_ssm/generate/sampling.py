@@ -1,18 +1,28 @@
-"""Logit filters and the draw of one token (temperature 0 is greedy)."""
+"""Logit filters and the draw of one token (temperature 0 is greedy).  Any finite logits and any
+settings a `GenerationConfig` accepts give a proper distribution: a tiny temperature or penalty,
+whose division would overflow, behaves as its limit (greedy) instead of producing inf / nan."""
 
 from __future__ import annotations
 
 import torch
 
-from .settings import GenerationConfig
+from .settings import MAX_SEED, GenerationConfig
+
+
+def seeded_generator(seed: int, offset: int = 0) -> torch.Generator:
+    """The CPU generator of sequence `offset` under `seed` (seed + offset, wrapped into the range
+    torch.Generator.manual_seed takes, so the last seeds do not overflow)."""
+    return torch.Generator(device="cpu").manual_seed((seed + offset) % (MAX_SEED + 1))
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL-style penalty on tokens already in the sequence: positive logits / penalty, negative
-    logits * penalty.  logits (vocab,), seen: bool (vocab,)."""
+    logits * penalty, kept finite (a tiny penalty saturates at the dtype's largest value instead of
+    overflowing to inf).  logits (vocab,), seen: bool (vocab,)."""
     if penalty == 1.0:
         return logits
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    largest = torch.finfo(logits.dtype).max
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty).clamp(-largest, largest)
     return torch.where(seen, penalised, logits)
 
 
@@ -37,11 +47,18 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(logits - max) / temperature, (..., vocab): the same distribution as logits / temperature,
+    but the largest logit is 0 and the rest <= 0, so a tiny temperature sends them to -inf
+    (greedy, ties kept) instead of overflowing to inf - inf = nan."""
+    return (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+
+
 def next_token(logits: torch.Tensor, seen: torch.Tensor, settings: GenerationConfig,
                generator: torch.Generator | None) -> int:
     """One token id from the logits (vocab,) of one sequence."""
     logits = apply_repetition_penalty(logits.float(), seen, settings.repetition_penalty)
     if settings.temperature == 0:
         return int(logits.argmax())
-    logits = top_p_filter(top_k_filter(logits / settings.temperature, settings.top_k), settings.top_p)
+    logits = top_p_filter(top_k_filter(tempered(logits, settings.temperature), settings.top_k), settings.top_p)
     return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))

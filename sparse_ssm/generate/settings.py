@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..util.schema import Section
+
+MAX_SEED = 2**64 - 1                 # the largest seed torch.Generator.manual_seed takes
 
 
 class GenerationConfig(Section):
@@ -15,11 +17,18 @@ class GenerationConfig(Section):
 
     section = "generation"
 
-    max_length: int = Field(100, ge=1)                  # number of NEW tokens
-    temperature: float = Field(1.0, ge=0.0)             # 0: greedy
-    top_k: int = Field(0, ge=0)                         # 0: off
-    top_p: float = Field(1.0, gt=0.0, le=1.0)           # 1: off
-    repetition_penalty: float = Field(1.0, gt=0.0)      # 1: off
-    seed: Optional[int] = None                          # sequence i draws from a generator seeded seed + i
+    max_length: int = Field(100, ge=1)                                   # number of NEW tokens
+    temperature: float = Field(1.0, ge=0.0, allow_inf_nan=False)         # 0 (or tiny): greedy
+    top_k: int = Field(0, ge=0)                                          # 0: off
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)       # 1: off
+    repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False)  # 1: off
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)    # sequence i draws from a generator seeded seed + i
     stop_strings: List[str] = Field(default_factory=list)
     num_return_sequences: int = Field(1, ge=1)
+
+    @field_validator("stop_strings")
+    @classmethod
+    def _no_empty_stop(cls, stops: list[str]) -> list[str]:
+        if any(not s for s in stops):
+            raise ValueError("an empty stop string would end every sequence at once; leave it out")
+        return stops

@@ -21,7 +21,7 @@ import torch
 from ..data.tokenizer import EOS
 from ..util.errors import ConfigError
 from .cache import stack_rows
-from .sampling import next_token
+from .sampling import next_token, seeded_generator
 from .settings import GenerationConfig
 from .text import TextStream
 
@@ -53,8 +53,7 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], settings: Generatio
     seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
         seen[i, torch.tensor(list(p), device=device).clamp(max=vocab - 1)] = True
-    generators = [None if settings.seed is None else torch.Generator(device="cpu").manual_seed(settings.seed + i)
-                  for i in range(len(prompts))]
+    generators = [None if settings.seed is None else seeded_generator(settings.seed, i) for i in range(len(prompts))]
     finished = torch.zeros(len(prompts), dtype=torch.bool)
     generated: list[list[int]] = [[] for _ in prompts]
     for _ in range(settings.max_length):

@@ -1,4 +1,5 @@
-"""The `serve` section: where the server listens, the name it serves the model under, and its limits."""
+"""The `serve` section: where the server listens, the name it serves the model under, its limits
+and who may use it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Optional
 from pydantic import Field
 
 from ..util.schema import Section
+
+API_KEY_ENV = "SPARSE_SSM_API_KEY"         # the API key when serve.api_key is not set
 
 
 class ServeConfig(Section):
@@ -19,4 +22,8 @@ class ServeConfig(Section):
     max_waiting: int = Field(64, ge=0)                # requests queued beyond those; more are refused (503)
     max_tokens: int = Field(1024, ge=1)               # new tokens per request at most (num_predict / max_tokens)
     max_prompt_tokens: int = Field(4096, ge=1)        # prompt tokens per request at most
+    max_body_bytes: int = Field(1 << 20, ge=1024)     # request body size at most (413 beyond)
+    read_timeout: float = Field(30.0, gt=0, allow_inf_nan=False)   # seconds to send a request's head, and
+    #                                                   at most between two pieces of its body (408 / closed)
+    api_key: Optional[str] = Field(None, min_length=1, repr=False)  # Bearer key every route but / requires
     device: str = "auto"

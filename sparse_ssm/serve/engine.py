@@ -12,11 +12,16 @@ costs one copy of the (b, H, N, P) states and nothing grows with the context.  A
 `max_batch` jobs run; further ones wait in arrival order (at most `max_waiting`, else
 `submit` raises `EngineFull`).  Sampling per row is `generate.sampling.next_token` with the
 job's own settings and generator, so a request decodes as `generate_text` would on its own.
+
+No request can stop the engine: a job whose prompt or draw fails ends with done="error" (and the
+message in `Event.error`) and leaves the batch; a batched step that fails ends the jobs running
+in it that way; the decode loop goes on with the next jobs.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import random
 import threading
 from dataclasses import dataclass, field
@@ -24,9 +29,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..generate.cache import select_rows, stack_rows
-from ..generate.sampling import next_token
+from ..generate.sampling import next_token, seeded_generator
 from ..generate.settings import GenerationConfig
 from ..generate.text import TextStream
+
+log = logging.getLogger(__name__)
 
 
 class EngineFull(Exception):
@@ -44,7 +51,8 @@ class TokenLogprob:
 class Event:
     text: str = ""                        # new text safe to show ("" if none)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    done: str | None = None               # "stop", "length" or "cancelled" on the last event
+    done: str | None = None               # "stop", "length", "cancelled" or "error" on the last event
+    error: str | None = None              # with done="error": what failed, for the client
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -119,51 +127,83 @@ class BatchEngine:
     def _loop(self):
         cache, logits = None, None
         while True:
-            with self.changed:
-                while not self._stopping and not self.running and not self.waiting:
-                    self.changed.wait()
-                if self._stopping:
-                    break
-                joining = []
-                while self.waiting and len(self.running) + len(joining) < self.max_batch:
-                    joining.append(self.waiting.popleft())
-            for job in joining:
-                cache, logits = self._join(job, cache, logits)
-            tokens, keep = self._sample(logits)
-            with self.changed:
-                if len(keep) < len(self.running):
-                    self.running = [self.running[i] for i in keep]
-                self.steps += 1
-                self.changed.notify_all()
-            if not keep:
+            joining = self._next_joining()
+            if joining is None:
+                break
+            try:
+                cache, logits = self._advance(joining, cache, logits)
+            except Exception as e:           # the batched step failed: its jobs end with the error, the engine goes on
+                log.exception("the decode step failed; its %d requests end with an error", len(self.running))
+                with self.changed:
+                    failed, self.running = self.running, []
+                    self.changed.notify_all()
+                for job in failed:
+                    self._fail(job, e)
                 cache, logits = None, None
-                continue
-            if len(keep) < len(tokens):
-                cache, tokens = select_rows(cache, keep), tokens[keep]
-            logits, cache = self.model.step(tokens.to(self.device), cache)
         with self.changed:
             for job in [*self.running, *self.waiting]:
-                self._emit(job, Event(done="cancelled"))
+                self._emit(job, Event(done="cancelled", prompt_tokens=len(job.prompt_ids),
+                                      completion_tokens=job.new_tokens))
             self.running, self.waiting = [], collections.deque()
             self.changed.notify_all()
+
+    def _next_joining(self) -> list[Job] | None:
+        """Wait for work; the waiting jobs that fit into the batch now (None: the engine stops)."""
+        with self.changed:
+            while not self._stopping and not self.running and not self.waiting:
+                self.changed.wait()
+            if self._stopping:
+                return None
+            joining = []
+            while self.waiting and len(self.running) + len(joining) < self.max_batch:
+                joining.append(self.waiting.popleft())
+            return joining
+
+    def _advance(self, joining: list[Job], cache, logits):
+        """Prefill the joining jobs, sample a token for every row and take one batched step:
+        the next (cache, logits), or (None, None) when no row goes on."""
+        for job in joining:
+            try:
+                cache, logits = self._join(job, cache, logits)
+            except Exception as e:           # this prompt failed: only its request ends with the error
+                log.exception("a request failed while its prompt was read")
+                self._fail(job, e)
+        if not self.running:
+            return None, None
+        tokens, keep = self._sample(logits)
+        with self.changed:
+            if len(keep) < len(self.running):
+                self.running = [self.running[i] for i in keep]
+            self.steps += 1
+            self.changed.notify_all()
+        if not keep:
+            return None, None
+        if len(keep) < len(tokens):
+            cache, tokens = select_rows(cache, keep), tokens[keep]
+        logits, cache = self.model.step(tokens.to(self.device), cache)
+        return cache, logits
+
+    def _fail(self, job: Job, error: Exception):
+        self._emit(job, Event(done="error", error=f"generation failed ({type(error).__name__}: {error}); other "
+                                                  f"requests are not affected, and this one may be sent again",
+                              prompt_tokens=len(job.prompt_ids), completion_tokens=job.new_tokens))
 
     def _join(self, job: Job, cache, logits):
         """Prefill `job`'s prompt and append its rows to the batch."""
         settings = job.settings
         job.stream = TextStream(self.tokenizer, settings.stop_strings, self.eos_token_id)
-        job.generator = torch.Generator().manual_seed(settings.seed if settings.seed is not None
-                                                      else random.getrandbits(63))
+        job.generator = seeded_generator(settings.seed if settings.seed is not None else random.getrandbits(63))
         last, state = self.model.prefill(torch.tensor([job.prompt_ids], device=self.device))
         job.seen = torch.zeros(last.shape[-1], dtype=torch.bool)
         job.seen[torch.tensor(job.prompt_ids).clamp(max=last.shape[-1] - 1)] = True
+        cache, logits = (state, last) if cache is None else (stack_rows([cache, state]), torch.cat([logits, last]))
         with self.changed:
             self.running.append(job)
-        if cache is None:
-            return state, last
-        return stack_rows([cache, state]), torch.cat([logits, last])
+        return cache, logits
 
     def _sample(self, logits: torch.Tensor):
-        """One token per running row: (tokens (b,), indices of the rows that go on)."""
+        """One token per running row: (tokens (b,), indices of the rows that go on).  A row whose
+        sampling fails ends its job with the error; the other rows go on."""
         rows = logits.float().cpu()
         tokens = torch.zeros(len(self.running), dtype=torch.long)
         keep = []
@@ -172,19 +212,28 @@ class BatchEngine:
                 self._emit(job, Event(done="cancelled", prompt_tokens=len(job.prompt_ids),
                                       completion_tokens=job.new_tokens))
                 continue
-            token = next_token(rows[i], job.seen, job.settings, job.generator)
-            job.seen[token] = True
-            job.new_tokens += 1
-            stopped = token == self.eos_token_id or job.stream.push(token)
-            done = "stop" if stopped else ("length" if job.new_tokens >= job.settings.max_length else None)
-            wants = job.top_logprobs >= 0 and token != self.eos_token_id        # end-of-text is not text
-            logprobs = [self._logprob(rows[i], token, job.top_logprobs)] if wants else []
-            self._emit(job, Event(job.stream.take(final=done is not None), logprobs, done, len(job.prompt_ids),
-                                  job.new_tokens))
-            tokens[i] = token
-            if done is None:
+            try:
+                tokens[i], goes_on = self._sample_row(job, rows[i])
+            except Exception as e:
+                log.exception("a request failed while its next token was drawn")
+                self._fail(job, e)
+                continue
+            if goes_on:
                 keep.append(i)
         return tokens, keep
+
+    def _sample_row(self, job: Job, logits: torch.Tensor) -> tuple[int, bool]:
+        """Draw `job`'s next token from its logits (vocab,) and emit its event: (token, goes on)."""
+        token = next_token(logits, job.seen, job.settings, job.generator)
+        job.seen[token] = True
+        job.new_tokens += 1
+        stopped = token == self.eos_token_id or job.stream.push(token)
+        done = "stop" if stopped else ("length" if job.new_tokens >= job.settings.max_length else None)
+        wants = job.top_logprobs >= 0 and token != self.eos_token_id        # end-of-text is not text
+        logprobs = [self._logprob(logits, token, job.top_logprobs)] if wants else []
+        self._emit(job, Event(job.stream.take(final=done is not None), logprobs, done,
+                              prompt_tokens=len(job.prompt_ids), completion_tokens=job.new_tokens))
+        return token, done is None
 
     def _logprob(self, logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
         logp = torch.log_softmax(logits, dim=-1)

@@ -7,7 +7,8 @@
 Streams are NDJSON (one object per new piece of text, then a final one with done_reason and the
 counts).  `options`: temperature, top_k, top_p, num_predict (-1: the server's limit), seed, stop,
 repeat_penalty; Ollama's defaults when absent (0.8, 40, 0.9, -1, random, none, 1.1).  Errors are
-Ollama's: {"error": "..."} with 400 / 404 / 503.
+Ollama's: {"error": "..."} with 400 / 401 / 404 / 405 / 408 / 413 / 500 / 503; a request that fails
+while it streams ends its stream with such an object.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .common import USER_STOP, RequestError, Served, chat_prompt
+from .common import USER_STOP, RequestError, Served, chat_prompt, failed, flag, read_body, stop_list, text_field
 from .engine import Event, Job
 
 OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.1}
 MAX_TOP_LOGPROBS = 20
+MAX_STOPS = 16
 
 
 def now() -> str:
@@ -36,34 +38,28 @@ def error(e: RequestError) -> JSONResponse:
     return JSONResponse({"error": e.message}, status_code=e.status)
 
 
-async def read_body(request: Request) -> dict:
-    try:
-        body = json.loads(await request.body() or b"{}")
-    except json.JSONDecodeError as e:
-        raise RequestError(400, f"invalid JSON body: {e}") from None
-    if not isinstance(body, dict):
-        raise RequestError(400, "the body must be a JSON object")
-    return body
+OPTION_NAMES = {"repetition_penalty": "repeat_penalty", "stop_strings": "stop", "max_length": "num_predict"}
 
 
-def job_of(served: Served, body: dict, prompt: str, extra_stops=()) -> Job:
+async def job_of(served: Served, body: dict, prompt: str, extra_stops=()) -> Job:
     options = body.get("options") or {}
     if not isinstance(options, dict):
-        raise RequestError(400, "options must be an object")
+        raise RequestError(400, f"options: expected an object, got {type(options).__name__}", "options")
     opt = {**OLLAMA_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-    num_predict = opt.get("num_predict")
-    if num_predict is not None and (not isinstance(num_predict, int) or isinstance(num_predict, bool)):
-        raise RequestError(400, f"num_predict: expected an integer, got {num_predict!r}")
-    stop = opt.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    settings = served.settings(num_predict if num_predict is not None and num_predict > 0 else None, "num_predict",
-                               temperature=opt.get("temperature"), top_k=opt.get("top_k"), top_p=opt.get("top_p"),
+    num_predict = opt.get("num_predict")                  # (its type is checked by served.settings)
+    if isinstance(num_predict, (int, float)) and not isinstance(num_predict, bool) and num_predict <= 0:
+        num_predict = None                                # -1 (or 0): up to the server's limit
+    settings = served.settings(num_predict, "num_predict", OPTION_NAMES, temperature=opt.get("temperature"),
+                               top_k=opt.get("top_k"), top_p=opt.get("top_p"),
                                repetition_penalty=opt.get("repeat_penalty"), seed=opt.get("seed"),
-                               stop_strings=[*stop, *extra_stops])
-    top = body.get("top_logprobs") or 0
-    if not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
-        raise RequestError(400, f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
-    return Job(served.encode(prompt), settings, top_logprobs=top if body.get("logprobs") or top else -1)
+                               stop_strings=[*stop_list(opt.get("stop"), "stop", MAX_STOPS), *extra_stops])
+    top = body.get("top_logprobs")
+    top = 0 if top is None else top
+    if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise RequestError(400, f"top_logprobs: an integer between 0 and {MAX_TOP_LOGPROBS}, got {top!r}",
+                           "top_logprobs")
+    wants = flag(body, "logprobs", False) or top > 0
+    return Job(await served.encode(prompt), settings, top_logprobs=top if wants else -1)
 
 
 def logprobs_of(event: Event) -> list[dict]:
@@ -73,14 +69,14 @@ def logprobs_of(event: Event) -> list[dict]:
 
 async def respond(served: Served, request: Request, body: dict, job: Job, piece) -> object:
     """Run `job`; `piece(text)` is the body of a chunk carrying `text` (a response or a message)."""
-    stream = body.get("stream", True)
+    stream = flag(body, "stream", True)
     base = {"model": body.get("model") or served.name}
     start = time.perf_counter_ns()
     events = served.events(job, request)
 
     def final(last: Event, text: str, logprobs: list) -> dict:
         out = {**base, "created_at": now(), **piece(text), "done": True,
-               "done_reason": "stop" if last.done == "stop" else last.done, "total_duration": time.perf_counter_ns() - start,
+               "done_reason": last.done, "total_duration": time.perf_counter_ns() - start,
                "load_duration": 0, "prompt_eval_count": last.prompt_tokens, "eval_count": last.completion_tokens}
         return {**out, "logprobs": logprobs} if job.top_logprobs >= 0 else out
 
@@ -90,12 +86,19 @@ async def respond(served: Served, request: Request, body: dict, job: Job, piece)
             text.append(event.text)
             logprobs += logprobs_of(event)
             last = event
+        if failed(last):
+            raise failed(last)
         return JSONResponse(final(last, "".join(text), logprobs))
-    first = await anext(events)            # errors (a full server) before the 200 is sent
+    first = await anext(events)            # errors (a full server, a failed prompt) before the 200 is sent
+    if failed(first):
+        raise failed(first)
 
     async def lines():
         event = first
         while True:
+            if failed(event):                          # Ollama's way: an error object ends the stream
+                yield json.dumps({"error": event.error}) + "\n"
+                return
             if event.done:
                 yield json.dumps(final(event, event.text, logprobs_of(event))) + "\n"
                 return
@@ -114,15 +117,14 @@ async def generate(request: Request):
     try:
         body = await read_body(request)
         served.check_model(body.get("model"))
-        prompt = body.get("prompt") or ""
-        if not isinstance(prompt, str):
-            raise RequestError(400, "prompt must be a string")
-        if not prompt and not body.get("system"):
+        prompt, system = text_field(body, "prompt"), text_field(body, "system")
+        flag(body, "stream", True)
+        if not prompt and not system:
             return JSONResponse({"model": body.get("model"), "created_at": now(), "response": "", "done": True,
                                  "done_reason": "load"})
-        if body.get("system"):
-            prompt = f"{body['system']}\n\n{prompt}"
-        return await respond(served, request, body, job_of(served, body, prompt), lambda t: {"response": t})
+        if system:
+            prompt = f"{system}\n\n{prompt}"
+        return await respond(served, request, body, await job_of(served, body, prompt), lambda t: {"response": t})
     except RequestError as e:
         return error(e)
 
@@ -132,10 +134,7 @@ async def chat(request: Request):
     try:
         body = await read_body(request)
         served.check_model(body.get("model"))
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise RequestError(400, "messages must be a list of {role, content} objects")
-        job = job_of(served, body, chat_prompt(messages), extra_stops=[USER_STOP])
+        job = await job_of(served, body, chat_prompt(body.get("messages")), extra_stops=[USER_STOP])
         return await respond(served, request, body, job, lambda t: {"message": {"role": "assistant", "content": t}})
     except RequestError as e:
         return error(e)

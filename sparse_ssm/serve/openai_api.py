@@ -8,7 +8,8 @@
 
 Each prompt x n choices is one sequence of the running batch (choice i samples with seed + i).
 Streams are server-sent events ("data: {chunk}", then "data: [DONE]").  Errors are OpenAI's:
-{"error": {"message", "type", "param", "code"}} with 400 / 404 / 503.
+{"error": {"message", "type", "param", "code"}} with 400 / 401 / 404 / 405 / 408 / 413 / 500 / 503; a
+request that fails while it streams ends its stream with "data: {"error": {...}}".
 """
 
 from __future__ import annotations
@@ -22,54 +23,65 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .common import USER_STOP, RequestError, Served, chat_prompt
+from ..generate.settings import MAX_SEED
+from .common import USER_STOP, RequestError, Served, chat_prompt, failed, flag, read_body, stop_list
 from .engine import Job
-from .ollama_api import read_body
 
 MAX_CHOICES = 16
+MAX_STOPS = 4
+MAX_TOP_LOGPROBS = 20
+
+
+def error_object(e: RequestError) -> dict:
+    kind = "server_error" if e.status >= 500 else "not_found_error" if e.param == "model" else "invalid_request_error"
+    code = {404: "model_not_found" if e.param == "model" else None, 401: "invalid_api_key"}.get(e.status)
+    return {"error": {"message": e.message, "type": kind, "param": e.param, "code": code}}
 
 
 def error(e: RequestError) -> JSONResponse:
-    kind = {404: "not_found_error", 503: "server_error"}.get(e.status, "invalid_request_error")
-    code = "model_not_found" if e.status == 404 else None
-    return JSONResponse({"error": {"message": e.message, "type": kind, "param": e.param, "code": code}},
-                        status_code=e.status)
+    return JSONResponse(error_object(e), status_code=e.status)
 
 
 def number(body: dict, key: str, kind=(int, float)):
     value = body.get(key)
     if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-        raise RequestError(400, f"{key}: expected a {'an integer' if kind is int else 'number'}, got {value!r}", key)
+        raise RequestError(400, f"{key}: expected {'an integer' if kind is int else 'a number'}, got {value!r}", key)
     return value
 
 
-def jobs_of(served: Served, body: dict, prompts: list[str], max_key: str, default_max: int | None, extra_stops=()):
-    """One Job per prompt and choice: sampling from temperature / top_p / seed / stop / max tokens."""
+def top_logprobs_of(body: dict, key: str) -> int:
+    top = number(body, key, int) or 0
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise RequestError(400, f"{key}: an integer between 0 and {MAX_TOP_LOGPROBS}, got {top}", key)
+    return top
+
+
+async def jobs_of(served: Served, body: dict, prompts: list[str], max_key: str, default_max: int | None,
+                  top_logprobs: int, extra_stops=()) -> list[Job]:
+    """One Job per prompt and choice: sampling from temperature / top_p / seed / stop / max tokens;
+    choice i samples with seed + i (wrapped past the largest seed)."""
     n = number(body, "n", int)
     n = 1 if n is None else n
     if not 1 <= n <= MAX_CHOICES:
         raise RequestError(400, f"n: must be between 1 and {MAX_CHOICES}, got {n}", "n")
+    most = served.limits.max_batch + served.limits.max_waiting
+    if len(prompts) * n > most:
+        raise RequestError(400, f"{len(prompts)} prompts x n={n} is more sequences than this server takes at once "
+                                f"({most}: --max-batch + --max-waiting); split the request", "prompt")
     max_tokens = number(body, max_key, int)
     max_tokens = default_max if max_tokens is None else max_tokens
     if max_tokens is not None and max_tokens < 1:
         raise RequestError(400, f"{max_key}: must be at least 1, got {max_tokens}", max_key)
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
-        raise RequestError(400, "stop: a string or a list of at most 4 strings", "stop")
+    stops = [*stop_list(body.get("stop"), "stop", MAX_STOPS), *extra_stops]
     seed = number(body, "seed", int)
-    logprobs = body.get("logprobs")
-    top = body.get("top_logprobs") if isinstance(logprobs, bool) else logprobs      # chat: bool + top_logprobs
-    if top is not None and (not isinstance(top, int) or not 0 <= top <= 20):
-        raise RequestError(400, "logprobs / top_logprobs: an integer between 0 and 20", "logprobs")
+    sampling = dict(temperature=number(body, "temperature"), top_p=number(body, "top_p"))
+    settings = [served.settings(max_tokens, max_key, {"stop_strings": "stop"}, stop_strings=stops, **sampling,
+                                seed=seed if seed is None or i == 0 else (seed + i) % (MAX_SEED + 1))
+                for i in range(n)]                         # choice 0 checks the seed as given
     jobs = []
     for prompt in prompts:
-        ids = served.encode(prompt)
-        for i in range(n):
-            settings = served.settings(max_tokens, max_key, temperature=number(body, "temperature"),
-                                       top_p=number(body, "top_p"), seed=None if seed is None else seed + i,
-                                       stop_strings=[*stop, *extra_stops])
-            jobs.append(Job(ids, settings, top_logprobs=-1 if not (logprobs or top) else (top or 0)))
+        ids = await served.encode(prompt)
+        jobs += [Job(ids, choice, top_logprobs=top_logprobs) for choice in settings]
     return jobs
 
 
@@ -90,9 +102,15 @@ async def run(served: Served, request: Request, jobs: list[Job], chunk_of, respo
         finally:
             for job in jobs:
                 job.cancel()
+        for _, last, _ in results:
+            if failed(last):
+                raise failed(last)
         return JSONResponse(response_of(results))
     try:
-        firsts = [await anext(s) for s in streams]      # a refused job fails before the 200 is sent
+        firsts = [await anext(s) for s in streams]      # a refused or failed job fails before the 200 is sent
+        for first in firsts:
+            if failed(first):
+                raise failed(first)
     except RequestError:
         for job in jobs:
             job.cancel()
@@ -111,6 +129,9 @@ async def run(served: Served, request: Request, jobs: list[Job], chunk_of, respo
             finished = 0
             while finished < len(jobs):
                 index, event = await queue.get()
+                if failed(event):                         # OpenAI's way: an error object ends the stream
+                    yield f"data: {json.dumps(error_object(failed(event)))}\n\n"
+                    return
                 finished += event.done is not None
                 if not (event.text or event.logprobs or event.done):
                     continue                              # text held back: nothing to send yet
@@ -129,7 +150,7 @@ async def run(served: Served, request: Request, jobs: list[Job], chunk_of, respo
 
 
 def body_stream(request: Request) -> bool:
-    return bool(request.state.body.get("stream"))
+    return flag(request.state.body, "stream", False)
 
 
 def usage(results, n: int = 1) -> dict:
@@ -159,7 +180,9 @@ async def completions(request: Request):
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise RequestError(400, "prompt: a string or a non-empty list of strings", "prompt")
-        jobs = jobs_of(served, body, prompts, "max_tokens", 16)
+        body_stream(request)                       # a "stream" that is not a boolean is refused before any work
+        top = top_logprobs_of(body, "logprobs") if body.get("logprobs") is not None else -1
+        jobs = await jobs_of(served, body, prompts, "max_tokens", 16, top)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.get("model") or served.name}
 
@@ -193,15 +216,19 @@ async def chat_completions(request: Request):
     try:
         body = request.state.body = await read_body(request)
         served.check_model(body.get("model"))
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise RequestError(400, "messages: a non-empty list of {role, content} objects", "messages")
+        prompt = chat_prompt(body.get("messages"))
+        body_stream(request)                       # a "stream" that is not a boolean is refused before any work
         key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        jobs = jobs_of(served, body, [chat_prompt(messages)], key, None, extra_stops=[USER_STOP])
+        top = top_logprobs_of(body, "top_logprobs") if flag(body, "logprobs", False) else -1
+        jobs = await jobs_of(served, body, [prompt], key, None, top, extra_stops=[USER_STOP])
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": body.get("model") or served.name}
         started, totals = set(), []
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise RequestError(400, f"stream_options: expected an object, got {type(options).__name__}",
+                               "stream_options")
+        include_usage = flag(options, "include_usage", False)
 
         def chunk_of(index, event):
             if event is None:
