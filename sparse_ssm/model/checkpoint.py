@@ -69,15 +69,70 @@ def save_weights(path: str | Path, tensors: dict):
         save_file(tensors, str(tmp))
 
 
-def read_weights(path: str | Path, tie_embeddings: bool) -> dict:
-    """The tensors of a model.safetensors (the tied LM head restored), or a CheckpointError."""
+def other_checkpoints(path: str | Path) -> tuple[Path | None, list[Path]]:
+    """The output directory's checkpoints folder around checkpoint `path` (a step-N or best/) and
+    its other complete step-N checkpoints, earlier steps only when `path` is one, newest first."""
+    path = Path(path).resolve()
+    folder = path.parent if path.parent.name == "checkpoints" else path.parent / "checkpoints"
+    if not folder.is_dir():
+        return None, []
+    step = int(path.name[5:]) if path.parent == folder and path.name[5:].isdigit() else None
+    found = [p for p in folder.glob("step-*") if p.name[5:].isdigit() and p.resolve() != path
+             and (step is None or int(p.name[5:]) < step) and all((p / f).is_file() for f in REQUIRED)]
+    return folder, sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def another_checkpoint_hint(path: str | Path) -> str:
+    """What to use instead of a damaged checkpoint `path`: its output directory's other (earlier)
+    checkpoints and the flags that pick one."""
+    folder, others = other_checkpoints(path)
+    if not others:
+        return (f"no other checkpoint to fall back on is in {folder}: train again without --resume"
+                if folder else "pick another checkpoint")
+    names = ", ".join(p.name for p in others[:5]) + (", ..." if len(others) > 5 else "")
+    step = int(others[0].name[5:])
+    return (f"use an earlier checkpoint of {folder} ({names}; not checked yet): --checkpoint {step} for "
+            f"generate / evaluate / export / serve, --resume {step} for train")
+
+
+def check_weights(path: str | Path, state: dict, model: SparseSSMForCausalLM):
+    """Refuse (CheckpointError naming the file and what to use instead) tensors `state` read from
+    `path` that do not fit `model` (names, shapes, floating-point dtypes) or hold NaN or inf."""
+    expected = model.state_dict()        # under FSDP: DTensors, whose shapes are the full ones
+    missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
+    problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
+        [f"unexpected {', '.join(unexpected)}"] if unexpected else [])
+    for k, v in expected.items():
+        if k in state and state[k].shape != v.shape:
+            problems.append(f"{k} has shape {tuple(state[k].shape)}, the config gives {tuple(v.shape)}")
+        elif k in state and state[k].is_floating_point() != v.is_floating_point():
+            problems.append(f"{k} is {state[k].dtype}, expected {v.dtype}")
+    if problems:
+        raise CheckpointError(f"{path} does not match the model of its config.yaml ({'; '.join(problems)[:400]}): "
+                              f"the checkpoint is damaged or its files come from different runs; "
+                              f"{another_checkpoint_hint(Path(path).parent)}")
+    tied = state.get("lm_head.weight") is state.get("embed.weight")
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not (tied and k == "lm_head.weight")
+                 and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise CheckpointError(f"{path} holds NaN or inf values in {len(nonfinite)} tensor(s) "
+                              f"({', '.join(nonfinite[:4])}{', ...' if len(nonfinite) > 4 else ''}): the checkpoint "
+                              f"is corrupt (saved after training diverged, or the file was altered); "
+                              f"{another_checkpoint_hint(Path(path).parent)}")
+
+
+def read_weights(path: str | Path, model: SparseSSMForCausalLM) -> dict:
+    """The tensors of a model.safetensors for `model` (the tied LM head restored), checked
+    (`check_weights`), or a CheckpointError."""
+    tie_embeddings = model.config.tie_embeddings
     try:
         state = load_file(str(path), device="cpu")
     except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for damaged files
         raise CheckpointError(f"{path} is corrupt or not a safetensors file ({type(e).__name__}: {str(e)[:200]}); "
-                              f"pick another checkpoint") from None
+                              f"{another_checkpoint_hint(Path(path).parent)}") from None
     if tie_embeddings and "lm_head.weight" not in state and "embed.weight" in state:
         state["lm_head.weight"] = state["embed.weight"]
+    check_weights(path, state, model)
     return state
 
 
@@ -92,10 +147,5 @@ def load_model(path: str | Path, device="cpu") -> SparseSSMForCausalLM:
     path = Path(path)
     config = load_model_config(path)
     model = SparseSSMForCausalLM(config)
-    state = read_weights(path / WEIGHTS, config.tie_embeddings)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path}: {WEIGHTS} does not match its config.yaml ({str(e)[:300]}); "
-                              f"pick another checkpoint") from None
+    model.load_state_dict(read_weights(path / WEIGHTS, model))
     return model.to(torch.device(device)).eval()
