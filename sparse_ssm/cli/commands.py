@@ -17,12 +17,17 @@ from ..config import Config, SparseSSMConfig, load_yaml
 from ..generate import GenerationConfig, generate, generate_streams, load_checkpoint
 from ..model import SparseSSMForCausalLM
 from ..model.checkpoint import resolve_checkpoint
+from ..model.memory import MemoryNeed
 from ..util.errors import ConfigError
 from ..util.files import atomic_write_text
 
 
 def cmd_inspect(args) -> int:
     config = SparseSSMConfig.from_dict(load_yaml(args.config).get("model"))
+    length = min(args.length, config.max_seq_len)
+    MemoryNeed.inference(config, tokens=length).check(
+        f"inspect of the model of {args.config}", "cpu", f"lower model.hidden_dim, model.num_layers, model.state_dim "
+                                                         f"or model.vocab_size in {args.config}")
     torch.manual_seed(args.seed)
     model = SparseSSMForCausalLM(config).eval()
     layer = model.blocks[0].mixer
@@ -33,7 +38,6 @@ def cmd_inspect(args) -> int:
     print(f"parameters: {model.num_parameters():,}")
     print(f"SSM FLOPs per token per layer: {cost['ssm_flops']:,} (generator {cost['generator_flops']:,}, "
           f"state {cost['state_flops']:,}); projections + conv {cost['projection_flops']:,}")
-    length = min(args.length, config.max_seq_len)
     ids = torch.randint(0, config.vocab_size, (1, length))
     start = time.perf_counter()
     with torch.no_grad():

@@ -22,6 +22,7 @@ from ..util.files import atomic_path
 from ..util.schema import load_yaml
 from .config import SparseSSMConfig
 from .lm import SparseSSMForCausalLM
+from .memory import MemoryNeed
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.yaml", "tokenizer.json"
 REQUIRED = (WEIGHTS, CONFIG, TOKENIZER)
@@ -143,9 +144,16 @@ def load_model_config(path: str | Path) -> SparseSSMConfig:
 
 
 def load_model(path: str | Path, device="cpu") -> SparseSSMForCausalLM:
-    """The model of a checkpoint directory, in eval mode on `device`."""
-    path = Path(path)
+    """The model of a checkpoint directory, in eval mode on `device` (refused before anything is
+    allocated when its config describes a model larger than the free memory)."""
+    path, device = Path(path), torch.device(device)
     config = load_model_config(path)
+    fix = (f"its config.yaml describes a model too large for this machine: load it where more memory is free, "
+           f"or pick another checkpoint")
+    MemoryNeed.inference(config, extra_bytes=(path / WEIGHTS).stat().st_size).check(f"checkpoint {path}", "cpu",
+                                                                                    fix, CheckpointError)
+    if device.type != "cpu":
+        MemoryNeed.inference(config).check(f"checkpoint {path}", device, fix, CheckpointError)
     model = SparseSSMForCausalLM(config)
     model.load_state_dict(read_weights(path / WEIGHTS, model))
-    return model.to(torch.device(device)).eval()
+    return model.to(device).eval()

@@ -31,6 +31,7 @@ from ..data import collate, prepare_lm_data
 from ..data.tokenizer import save_tokenizer
 from ..model import SparseSSMForCausalLM
 from ..model.checkpoint import CONFIG, TOKENIZER, another_checkpoint_hint, step_dir
+from ..model.memory import MemoryNeed
 from ..util.errors import CheckpointError, DataError, SparseSSMError, TrainingError
 from ..util.files import atomic_write_text
 from ..util.lock import DirectoryLock
@@ -114,6 +115,11 @@ class Trainer:
                 self.log(f"resuming with changed settings, applied from the first resumed step: {'; '.join(changes)}")
         torch.manual_seed(tc.seed)
         self.data = self.procs.main_first(lambda: self._prepare_data(resume_from))
+        MemoryNeed.training(config.model, tc.batch_size, config.dataset.max_seq_len, tc.gradient_checkpointing,
+                            tc.mixed_precision != "no", self.procs.world if self.procs.fsdp else 1).check(
+            "training", self.device, "lower model.hidden_dim, model.num_layers or model.vocab_size (the parameters), "
+                                     "or training.batch_size or dataset.max_seq_len (the activations; "
+                                     "training.gradient_checkpointing: true keeps fewer)")
         self.model = SparseSSMForCausalLM(config.model).to(self.device)   # same seed: same weights on every rank
         self.model.gradient_checkpointing = tc.gradient_checkpointing
         self.forward, self.train_forward = self.procs.wrap(self.model, tc.compile)
