@@ -127,13 +127,34 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _utf8_argument(flag: str, text: str) -> str:
+    """`text` of a command-line argument, or a ConfigError when it is not valid UTF-8 (Python keeps
+    the bytes it could not decode as lone surrogates, which no tokenizer or output can take)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = text[e.start].encode("utf-8", "surrogateescape")[:1].hex() if "\udc80" <= text[e.start] <= "\udcff" else ""
+        raise ConfigError(f"{flag}: not valid UTF-8 text ({f'byte 0x{byte} ' if byte else ''}at character {e.start}); "
+                          f"pass UTF-8 text (a UTF-8 terminal and locale, e.g. LANG=C.UTF-8) or put the prompts "
+                          f"in a UTF-8 file for --prompts-file") from None
+    return text
+
+
 def _read_prompts(args) -> list[str]:
-    prompts = list(args.prompt or [])
+    prompts = [_utf8_argument("--prompt", p) for p in args.prompt or []]
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise ConfigError(f"--prompts-file: {path} does not exist")
-        prompts += [line for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = path.read_bytes()[:e.start].count(b"\n") + 1
+            raise ConfigError(f"--prompts-file: {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} on line "
+                              f"{line}); save it as UTF-8, one prompt per line") from None
+        except OSError as e:
+            raise ConfigError(f"--prompts-file: cannot read {path} ({e.strerror}); give a readable text file") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ConfigError("prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
     if any(not p.strip() for p in prompts):
@@ -157,6 +178,9 @@ def _generation_settings(args, defaults: GenerationConfig) -> GenerationConfig:
 
 def cmd_generate(args) -> int:
     user = Config.load(args.config) if args.config else None
+    prompts = _read_prompts(args)                   # before the model loads (seconds)
+    for stop in args.stop or []:
+        _utf8_argument("--stop", stop)
     loaded = load_checkpoint(args.model_dir, args.checkpoint, args.device)
     checkpoint, saved = loaded.path, Config.load(loaded.path / "config.yaml", saved=True)
     if user is not None:
@@ -167,7 +191,6 @@ def cmd_generate(args) -> int:
             print(f"note: {args.config} describes another model than the checkpoint; the checkpoint's model config "
                   f"is used ({'; '.join(differ[:4])}{'; ...' if len(differ) > 4 else ''})", file=sys.stderr)
     settings = _generation_settings(args, (user or saved).generation)
-    prompts = _read_prompts(args)
     n = settings.num_return_sequences
     stream = not args.no_stream and len(prompts) * n == 1
     if stream:

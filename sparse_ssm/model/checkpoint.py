@@ -33,14 +33,24 @@ def step_dir(output_dir: Path, step: int) -> Path:
 
 
 def resolve_checkpoint(output_dir: str | Path, which: str | None = None) -> Path:
-    """'latest', 'best', a step number or a path (None: best if present, else latest) -> the
-    checkpoint directory, checked for completeness."""
+    """'latest', 'best', a step number or a path (None: best if present, else latest; or
+    `output_dir` itself when it is a checkpoint directory) -> the checkpoint directory, checked for
+    completeness."""
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        inside = (f" (it is a checkpoint's file: pass its folder, --model-dir {output_dir.parent})"
+                  if output_dir.name in REQUIRED else "")
+        raise CheckpointError(f"model directory {output_dir} is a file, not a folder{inside}; --model-dir takes a "
+                              f"training output folder (with checkpoints/, latest, best/) or a checkpoint folder "
+                              f"(with {', '.join(REQUIRED)})")
     if which is None:
         if not output_dir.is_dir():
             raise CheckpointError(f"model directory {output_dir} does not exist; train one first "
                                   f"(python main.py train --config ... --output-dir {output_dir})")
-        which = "best" if (output_dir / "best").exists() else "latest"
+        if (output_dir / WEIGHTS).is_file() and not (output_dir / "latest").exists():
+            which = str(output_dir)                          # a checkpoint folder itself
+        else:
+            which = "best" if (output_dir / "best").exists() else "latest"
     if which in ("latest", "best"):
         path = output_dir / which
     elif which.isdigit():
