@@ -135,8 +135,7 @@ def _utf8_argument(flag: str, text: str) -> str:
     except UnicodeEncodeError as e:
         byte = text[e.start].encode("utf-8", "surrogateescape")[:1].hex() if "\udc80" <= text[e.start] <= "\udcff" else ""
         raise ConfigError(f"{flag}: not valid UTF-8 text ({f'byte 0x{byte} ' if byte else ''}at character {e.start}); "
-                          f"pass UTF-8 text (a UTF-8 terminal and locale, e.g. LANG=C.UTF-8) or put the prompts "
-                          f"in a UTF-8 file for --prompts-file") from None
+                          f"pass UTF-8 text (from a UTF-8 terminal and locale, e.g. LANG=C.UTF-8)") from None
     return text
 
 
@@ -289,6 +288,9 @@ def cmd_create_synthetic(args) -> int:
     from ..teacher.synthetic import check_inputs
 
     overrides = list(args.set or [])
+    for flag, value in (("--model", args.model), ("--host", args.host)):
+        if value is not None:
+            _utf8_argument(flag, value)
     flags = {"num_samples": args.num_samples, "temperature": args.temperature, "output_dir": args.output_dir,
              "output_file": args.output_file, "backend": args.backend, "model": args.model, "host": args.host,
              "seed": args.seed, "max_new_tokens": args.max_new_tokens, "top_logprobs": args.top_logprobs,

@@ -32,7 +32,7 @@ from ..data.tokenizer import save_tokenizer
 from ..model import SparseSSMForCausalLM
 from ..model.checkpoint import CONFIG, TOKENIZER, another_checkpoint_hint, step_dir
 from ..model.memory import MemoryNeed
-from ..util.errors import CheckpointError, DataError, SparseSSMError, TrainingError
+from ..util.errors import CheckpointError, ConfigError, DataError, SparseSSMError, TrainingError
 from ..util.files import atomic_write_text
 from ..util.lock import DirectoryLock
 from .batches import EpochBatches
@@ -115,11 +115,7 @@ class Trainer:
                 self.log(f"resuming with changed settings, applied from the first resumed step: {'; '.join(changes)}")
         torch.manual_seed(tc.seed)
         self.data = self.procs.main_first(lambda: self._prepare_data(resume_from))
-        MemoryNeed.training(config.model, tc.batch_size, config.dataset.max_seq_len, tc.gradient_checkpointing,
-                            tc.mixed_precision != "no", self.procs.world if self.procs.fsdp else 1).check(
-            "training", self.device, "lower model.hidden_dim, model.num_layers or model.vocab_size (the parameters), "
-                                     "or training.batch_size or dataset.max_seq_len (the activations; "
-                                     "training.gradient_checkpointing: true keeps fewer)")
+        self._check_memory()
         self.model = SparseSSMForCausalLM(config.model).to(self.device)   # same seed: same weights on every rank
         self.model.gradient_checkpointing = tc.gradient_checkpointing
         self.forward, self.train_forward = self.procs.wrap(self.model, tc.compile)
@@ -138,6 +134,21 @@ class Trainer:
             self.log(f"note: {self.output_dir} holds checkpoints of an earlier run (latest: "
                      f"{self.checkpoints.latest.name}); this new run replaces them as it saves "
                      f"(continue the earlier run with --resume)")
+
+    def _check_memory(self):
+        """Refuse (every process, when one does) a model and batch larger than the free memory,
+        before they are allocated."""
+        config, tc, refused = self.config, self.config.training, None
+        try:
+            MemoryNeed.training(config.model, tc.batch_size, config.dataset.max_seq_len, tc.gradient_checkpointing,
+                                tc.mixed_precision != "no", self.procs.world if self.procs.fsdp else 1).check(
+                "training", self.device, "lower model.hidden_dim, model.num_layers or model.vocab_size (the "
+                                         "parameters), or training.batch_size or dataset.max_seq_len (the activations; "
+                                         "training.gradient_checkpointing: true keeps fewer)")
+        except ConfigError as e:
+            refused = e
+        if not self.procs.all_reduce(0.0 if refused else 1.0, "min"):
+            raise refused or TrainingError("another process has too little memory for this training (see its message)")
 
     def _prepare_data(self, resume_from: Path | None):
         cfg, ds = self.config, self.config.dataset

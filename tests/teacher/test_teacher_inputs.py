@@ -81,3 +81,11 @@ def test_the_host_check_accepts_what_the_ollama_client_reads():
         assert SyntheticConfig(host=host).host == host
     with pytest.raises(ConfigError, match="it names no host"):
         SyntheticConfig(host="http://")
+
+
+def test_a_model_name_that_is_not_utf8_is_refused(local_loads, refused_url, tmp_path, capsys):
+    model = b"phi\xff".decode("utf-8", "surrogateescape")          # what Python makes of `--model $'phi\xff'`
+    code = cli.main(["create-synthetic", "--config", DEFAULT_CONFIG, "--model", model, "--host", refused_url,
+                     "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and not local_loads and "error: --model: not valid UTF-8 text (byte 0xff at character 3)" in err
