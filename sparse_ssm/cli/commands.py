@@ -133,8 +133,9 @@ def _utf8_argument(flag: str, text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        byte = text[e.start].encode("utf-8", "surrogateescape")[:1].hex() if "\udc80" <= text[e.start] <= "\udcff" else ""
-        raise ConfigError(f"{flag}: not valid UTF-8 text ({f'byte 0x{byte} ' if byte else ''}at character {e.start}); "
+        bad = text[e.start]
+        byte = f"byte 0x{ord(bad) - 0xdc00:02x} " if "\udc80" <= bad <= "\udcff" else ""    # surrogateescape's
+        raise ConfigError(f"{flag}: not valid UTF-8 text ({byte}at character {e.start}); "
                           f"pass UTF-8 text (from a UTF-8 terminal and locale, e.g. LANG=C.UTF-8)") from None
     return text
 

@@ -61,7 +61,6 @@ def _kept_per_token(config: SparseSSMConfig) -> int:
 class MemoryNeed:
     """Bytes a use of a model needs at least, and what they are (for the message)."""
 
-    parameters: int
     bytes: int
     detail: str
 
@@ -72,7 +71,7 @@ class MemoryNeed:
         n = parameter_count(config)
         init = config.state_dim ** 2 * 8                  # the float64 HiPPO matrix each layer starts from
         activations = tokens * (_kept_per_token(config) + config.vocab_size) * FLOAT32
-        return cls(n, n * FLOAT32 + init + activations + extra_bytes,
+        return cls(n * FLOAT32 + init + activations + extra_bytes,
                    f"{n:,} parameters: {n * FLOAT32 / GIB:,.1f} GiB of float32 weights"
                    + (f"; the weights file read: {extra_bytes / GIB:,.1f} GiB" if extra_bytes else "")
                    + (f"; the {config.state_dim} x {config.state_dim} HiPPO matrix each layer starts from: "
@@ -89,7 +88,7 @@ class MemoryNeed:
                 else config.num_layers * per_layer)
         activations = tokens * kept * (2 if mixed_precision else FLOAT32)
         states = 4 * n * FLOAT32 // shards
-        return cls(n, states + activations,
+        return cls(states + activations,
                    f"{n:,} parameters: {states / GIB:,.1f} GiB of weights, gradients and AdamW states; "
                    f"activations of {batch_size} x {seq_len} tokens: {activations / GIB:,.1f} GiB")
 

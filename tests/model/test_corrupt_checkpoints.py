@@ -50,7 +50,8 @@ def test_generate_and_export_refuse_non_finite_weights_and_name_the_earlier_chec
     err = capsys.readouterr().err
     assert "step-00000006/model.safetensors holds NaN or inf values in 1 tensor(s) (embed.weight)" in err
     assert "step-00000003" in err and "--checkpoint 3" in err and "Traceback" not in err
-    assert cli.main(["export", "--model-dir", str(copy), "--checkpoint", "latest", "--output", str(tmp_path / "hf")]) == 2
+    export = ["export", "--model-dir", str(copy), "--checkpoint", "latest", "--output", str(tmp_path / "hf")]
+    assert cli.main(export) == 2
     assert "holds NaN or inf" in capsys.readouterr().err and not (tmp_path / "hf").exists()
     assert cli.main(["generate", "--model-dir", str(copy), "--checkpoint", "3", "--prompt", "The sun",
                      "--max-length", "2"]) == 0
@@ -68,7 +69,8 @@ def test_a_tensor_of_another_shape_is_refused_before_loading(copy):
     def change(tensors):
         tensors["norm.weight"] = torch.ones(5)
     _rewrite(copy / "checkpoints" / "step-00000006" / "model.safetensors", change)
-    with pytest.raises(CheckpointError, match=r"norm\.weight has shape \(5,\), the config gives \(32,\).*step-00000003"):
+    with pytest.raises(CheckpointError, match=r"norm\.weight has shape \(5,\), the config gives \(32,\).*"
+                                              r"step-00000003"):
         load_checkpoint(copy, "latest", "cpu")
 
 

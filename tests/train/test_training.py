@@ -178,8 +178,9 @@ def test_non_finite_losses_are_skipped_then_stop(tiny, tmp_path, monkeypatch):
     trainer = Trainer(tiny(out, training={"max_steps": 12, "max_consecutive_nonfinite": 3}),
                       resume="latest", log=lambda *_: None)
     monkeypatch.setattr(Trainer, "_loss", lambda self, ids, labels: (torch.tensor(float("inf"), requires_grad=True), {}))
+    # no step since resuming was finite: step-6 is not called "the last good" checkpoint
     with pytest.raises(TrainingError, match="3 non-finite losses in a row, every step since resuming from "
-                                            ".*step-00000006.*--resume 3 for train"):   # not "the last good" one
+                                            ".*step-00000006.*--resume 3 for train"):
         trainer.train()
 
 
