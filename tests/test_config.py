@@ -105,3 +105,20 @@ def test_an_empty_config_file_is_refused(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ConfigError, match="empty.yaml is empty: a config file holds sections"):
         load_yaml(path)
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  hidden_dim: 32\n  state_dim: 8\n  hidden_dim: 64\n")
+    assert cli.main(["inspect", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {cfg}, line 4: key 'hidden_dim' is given twice (also on line 2)")
+    assert "remove one" in err and err.count("\n") == 1
+    cfg.write_text("model: {}\ntraining: {}\nmodel: {}\n")
+    with pytest.raises(ConfigError, match="line 3: key 'model' is given twice"):
+        Config.load(cfg)
+    cfg.write_text("model: {}\n")
+    with pytest.raises(ConfigError, match="key 'a' is given twice"):
+        Config.load(cfg, ["training.seed={a: 1, a: 2}"])
+    cfg.write_text("base: &b {hidden_dim: 32}\nmodel:\n  <<: *b\n  hidden_dim: 64\n")   # a merge key may be overridden
+    assert load_yaml(cfg)["model"] == {"hidden_dim": 64}

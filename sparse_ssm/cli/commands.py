@@ -17,12 +17,17 @@ from ..config import Config, SparseSSMConfig, load_yaml
 from ..generate import GenerationConfig, generate, generate_streams, load_checkpoint
 from ..model import SparseSSMForCausalLM
 from ..model.checkpoint import resolve_checkpoint
+from ..model.memory import MemoryNeed
 from ..util.errors import ConfigError
 from ..util.files import atomic_write_text, check_output_file
 
 
 def cmd_inspect(args) -> int:
     config = SparseSSMConfig.from_dict(load_yaml(args.config).get("model"))
+    length = min(args.length, config.max_seq_len)
+    MemoryNeed.inference(config, tokens=length).check(
+        f"inspect of the model of {args.config}", "cpu", f"lower model.hidden_dim, model.num_layers, model.state_dim "
+                                                         f"or model.vocab_size in {args.config}")
     torch.manual_seed(args.seed)
     model = SparseSSMForCausalLM(config).eval()
     layer = model.blocks[0].mixer
@@ -33,7 +38,6 @@ def cmd_inspect(args) -> int:
     print(f"parameters: {model.num_parameters():,}")
     print(f"SSM FLOPs per token per layer: {cost['ssm_flops']:,} (generator {cost['generator_flops']:,}, "
           f"state {cost['state_flops']:,}); projections + conv {cost['projection_flops']:,}")
-    length = min(args.length, config.max_seq_len)
     ids = torch.randint(0, config.vocab_size, (1, length))
     start = time.perf_counter()
     with torch.no_grad():
@@ -123,13 +127,34 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _utf8_argument(flag: str, text: str) -> str:
+    """`text` of a command-line argument, or a ConfigError when it is not valid UTF-8 (Python keeps
+    the bytes it could not decode as lone surrogates, which no tokenizer or output can take)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        byte = f"byte 0x{ord(bad) - 0xdc00:02x} " if "\udc80" <= bad <= "\udcff" else ""    # surrogateescape's
+        raise ConfigError(f"{flag}: not valid UTF-8 text ({byte}at character {e.start}); "
+                          f"pass UTF-8 text (from a UTF-8 terminal and locale, e.g. LANG=C.UTF-8)") from None
+    return text
+
+
 def _read_prompts(args) -> list[str]:
-    prompts = list(args.prompt or [])
+    prompts = [_utf8_argument("--prompt", p) for p in args.prompt or []]
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise ConfigError(f"--prompts-file: {path} does not exist")
-        prompts += [line for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = path.read_bytes()[:e.start].count(b"\n") + 1
+            raise ConfigError(f"--prompts-file: {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} on line "
+                              f"{line}); save it as UTF-8, one prompt per line") from None
+        except OSError as e:
+            raise ConfigError(f"--prompts-file: cannot read {path} ({e.strerror}); give a readable text file") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ConfigError("prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
     if any(not p.strip() for p in prompts):
@@ -153,6 +178,9 @@ def _generation_settings(args, defaults: GenerationConfig) -> GenerationConfig:
 
 def cmd_generate(args) -> int:
     user = Config.load(args.config) if args.config else None
+    prompts = _read_prompts(args)                   # before the model loads (seconds)
+    for stop in args.stop or []:
+        _utf8_argument("--stop", stop)
     loaded = load_checkpoint(args.model_dir, args.checkpoint, args.device)
     checkpoint, saved = loaded.path, Config.load(loaded.path / "config.yaml", saved=True)
     if user is not None:
@@ -163,7 +191,6 @@ def cmd_generate(args) -> int:
             print(f"note: {args.config} describes another model than the checkpoint; the checkpoint's model config "
                   f"is used ({'; '.join(differ[:4])}{'; ...' if len(differ) > 4 else ''})", file=sys.stderr)
     settings = _generation_settings(args, (user or saved).generation)
-    prompts = _read_prompts(args)
     if args.output_file:
         check_output_file(args.output_file, args.overwrite, "--output-file", inputs=[checkpoint])
     n = settings.num_return_sequences
@@ -271,6 +298,9 @@ def cmd_create_synthetic(args) -> int:
     from ..teacher.synthetic import check_inputs
 
     overrides = list(args.set or [])
+    for flag, value in (("--model", args.model), ("--host", args.host)):
+        if value is not None:
+            _utf8_argument(flag, value)
     flags = {"num_samples": args.num_samples, "temperature": args.temperature, "output_dir": args.output_dir,
              "output_file": args.output_file, "backend": args.backend, "model": args.model, "host": args.host,
              "seed": args.seed, "max_new_tokens": args.max_new_tokens, "top_logprobs": args.top_logprobs,

@@ -19,6 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..generate.cache import batch_size, repeat_rows, select_rows, stack_rows
 from ..model import LayerState, SparseSSMForCausalLM
+from ..model.memory import MemoryNeed
 from .config import SparseSSMHFConfig
 from .remote import AUTO_MAP, write_remote_code
 
@@ -84,7 +85,13 @@ class SparseSSMHFForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: SparseSSMHFConfig, model: SparseSSMForCausalLM | None = None):
         super().__init__(config)
-        self.model = model if model is not None else SparseSSMForCausalLM(config.to_sparse_ssm())
+        if model is None:
+            model_config = config.to_sparse_ssm()
+            MemoryNeed.inference(model_config).check("the sparse-ssm model of this Hugging Face config", "cpu",
+                                                     "its config.json describes a model too large for this machine: "
+                                                     "load it where more memory is free")
+            model = SparseSSMForCausalLM(model_config)
+        self.model = model
         self.post_init()
 
     @classmethod

@@ -22,6 +22,7 @@ from ..util.files import atomic_path
 from ..util.schema import load_yaml
 from .config import SparseSSMConfig
 from .lm import SparseSSMForCausalLM
+from .memory import MemoryNeed
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.yaml", "tokenizer.json"
 REQUIRED = (WEIGHTS, CONFIG, TOKENIZER)
@@ -32,14 +33,24 @@ def step_dir(output_dir: Path, step: int) -> Path:
 
 
 def resolve_checkpoint(output_dir: str | Path, which: str | None = None) -> Path:
-    """'latest', 'best', a step number or a path (None: best if present, else latest) -> the
-    checkpoint directory, checked for completeness."""
+    """'latest', 'best', a step number or a path (None: best if present, else latest; or
+    `output_dir` itself when it is a checkpoint directory) -> the checkpoint directory, checked for
+    completeness."""
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        inside = (f" (it is a checkpoint's file: pass its folder, --model-dir {output_dir.parent})"
+                  if output_dir.name in REQUIRED else "")
+        raise CheckpointError(f"model directory {output_dir} is a file, not a folder{inside}; --model-dir takes a "
+                              f"training output folder (with checkpoints/, latest, best/) or a checkpoint folder "
+                              f"(with {', '.join(REQUIRED)})")
     if which is None:
         if not output_dir.is_dir():
             raise CheckpointError(f"model directory {output_dir} does not exist; train one first "
                                   f"(python main.py train --config ... --output-dir {output_dir})")
-        which = "best" if (output_dir / "best").exists() else "latest"
+        if (output_dir / WEIGHTS).is_file() and not (output_dir / "latest").exists():
+            which = str(output_dir)                          # a checkpoint folder itself
+        else:
+            which = "best" if (output_dir / "best").exists() else "latest"
     if which in ("latest", "best"):
         path = output_dir / which
     elif which.isdigit():
@@ -75,15 +86,70 @@ def save_weights(path: str | Path, tensors: dict):
         save_file(tensors, str(tmp))
 
 
-def read_weights(path: str | Path, tie_embeddings: bool) -> dict:
-    """The tensors of a model.safetensors (the tied LM head restored), or a CheckpointError."""
+def other_checkpoints(path: str | Path) -> tuple[Path | None, list[Path]]:
+    """The output directory's checkpoints folder around checkpoint `path` (a step-N or best/) and
+    its other complete step-N checkpoints, earlier steps only when `path` is one, newest first."""
+    path = Path(path).resolve()
+    folder = path.parent if path.parent.name == "checkpoints" else path.parent / "checkpoints"
+    if not folder.is_dir():
+        return None, []
+    step = int(path.name[5:]) if path.parent == folder and path.name[5:].isdigit() else None
+    found = [p for p in folder.glob("step-*") if p.name[5:].isdigit() and p.resolve() != path
+             and (step is None or int(p.name[5:]) < step) and all((p / f).is_file() for f in REQUIRED)]
+    return folder, sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def another_checkpoint_hint(path: str | Path) -> str:
+    """What to use instead of a damaged checkpoint `path`: its output directory's other (earlier)
+    checkpoints and the flags that pick one."""
+    folder, others = other_checkpoints(path)
+    if not others:
+        return (f"no other checkpoint to fall back on is in {folder}: train again without --resume"
+                if folder else "pick another checkpoint")
+    names = ", ".join(p.name for p in others[:5]) + (", ..." if len(others) > 5 else "")
+    step = int(others[0].name[5:])
+    return (f"use an earlier checkpoint of {folder} ({names}; not checked yet): --checkpoint {step} for "
+            f"generate / evaluate / export / serve, --resume {step} for train")
+
+
+def check_weights(path: str | Path, state: dict, model: SparseSSMForCausalLM):
+    """Refuse (CheckpointError naming the file and what to use instead) tensors `state` read from
+    `path` that do not fit `model` (names, shapes, floating-point dtypes) or hold NaN or inf."""
+    expected = model.state_dict()        # under FSDP: DTensors, whose shapes are the full ones
+    missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
+    problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
+        [f"unexpected {', '.join(unexpected)}"] if unexpected else [])
+    for k, v in expected.items():
+        if k in state and state[k].shape != v.shape:
+            problems.append(f"{k} has shape {tuple(state[k].shape)}, the config gives {tuple(v.shape)}")
+        elif k in state and state[k].is_floating_point() != v.is_floating_point():
+            problems.append(f"{k} is {state[k].dtype}, expected {v.dtype}")
+    if problems:
+        raise CheckpointError(f"{path} does not match the model of its config.yaml ({'; '.join(problems)[:400]}): "
+                              f"the checkpoint is damaged or its files come from different runs; "
+                              f"{another_checkpoint_hint(Path(path).parent)}")
+    tied = state.get("lm_head.weight") is state.get("embed.weight")
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not (tied and k == "lm_head.weight")
+                 and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise CheckpointError(f"{path} holds NaN or inf values in {len(nonfinite)} tensor(s) "
+                              f"({', '.join(nonfinite[:4])}{', ...' if len(nonfinite) > 4 else ''}): the checkpoint "
+                              f"is corrupt (saved after training diverged, or the file was altered); "
+                              f"{another_checkpoint_hint(Path(path).parent)}")
+
+
+def read_weights(path: str | Path, model: SparseSSMForCausalLM) -> dict:
+    """The tensors of a model.safetensors for `model` (the tied LM head restored), checked
+    (`check_weights`), or a CheckpointError."""
+    tie_embeddings = model.config.tie_embeddings
     try:
         state = load_file(str(path), device="cpu")
     except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for damaged files
         raise CheckpointError(f"{path} is corrupt or not a safetensors file ({type(e).__name__}: {str(e)[:200]}); "
-                              f"pick another checkpoint") from None
+                              f"{another_checkpoint_hint(Path(path).parent)}") from None
     if tie_embeddings and "lm_head.weight" not in state and "embed.weight" in state:
         state["lm_head.weight"] = state["embed.weight"]
+    check_weights(path, state, model)
     return state
 
 
@@ -94,14 +160,16 @@ def load_model_config(path: str | Path) -> SparseSSMConfig:
 
 
 def load_model(path: str | Path, device="cpu") -> SparseSSMForCausalLM:
-    """The model of a checkpoint directory, in eval mode on `device`."""
-    path = Path(path)
+    """The model of a checkpoint directory, in eval mode on `device` (refused before anything is
+    allocated when its config describes a model larger than the free memory)."""
+    path, device = Path(path), torch.device(device)
     config = load_model_config(path)
+    fix = (f"its config.yaml describes a model too large for this machine: load it where more memory is free, "
+           f"or pick another checkpoint")
+    MemoryNeed.inference(config, extra_bytes=(path / WEIGHTS).stat().st_size).check(f"checkpoint {path}", "cpu",
+                                                                                    fix, CheckpointError)
+    if device.type != "cpu":
+        MemoryNeed.inference(config).check(f"checkpoint {path}", device, fix, CheckpointError)
     model = SparseSSMForCausalLM(config)
-    state = read_weights(path / WEIGHTS, config.tie_embeddings)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path}: {WEIGHTS} does not match its config.yaml ({str(e)[:300]}); "
-                              f"pick another checkpoint") from None
-    return model.to(torch.device(device)).eval()
+    model.load_state_dict(read_weights(path / WEIGHTS, model))
+    return model.to(device).eval()

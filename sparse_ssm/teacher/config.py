@@ -4,6 +4,7 @@ and the default prompt material."""
 from __future__ import annotations
 
 from typing import List, Literal, Optional
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
@@ -21,6 +22,30 @@ DEFAULT_OPENINGS = ["Once upon a time, in a story about {topic},", "The followin
                     "about {topic}:", "It was early morning when the subject of {topic} first came up."]
 
 
+DEFAULT_OLLAMA_MODEL = "phi4-mini"
+
+
+def host_problem(host: str) -> str | None:
+    """What makes `host` no Ollama server address, or None.  Valid: HOST, HOST:PORT, :PORT,
+    http(s)://HOST[:PORT][/path], IPv6 hosts in brackets (what the ollama client reads)."""
+    scheme, sep, _ = host.partition("://")
+    if sep and scheme not in ("http", "https"):
+        return f"the scheme {scheme!r} is not http or https"
+    try:
+        parts = urlsplit(host if sep else "http://" + host)
+        parts.port                              # raises for a port that is not a number in 0-65535
+    except ValueError as e:
+        return str(e)
+    if not parts.hostname and not host.startswith(":"):
+        return "it names no host"
+    return None
+
+
+def host_fix(host: str) -> str:
+    return (f"{host!r} is not an Ollama server address ({host_problem(host)}); give http://HOST:PORT, e.g. "
+            f"http://127.0.0.1:11434 (or HOST:PORT, or [IPv6]:PORT)")
+
+
 class SyntheticConfig(Section):
     """Prompts: each sample draws a topic and a style; `prompt_style` "instruction" asks an
     instruction-tuned teacher (Ollama's phi4-mini) with `instruction` ("Write a {style} about
@@ -29,7 +54,9 @@ class SyntheticConfig(Section):
 
     backend "auto": the Ollama server when one answers with the model, otherwise a local GGUF
     teacher (llama.cpp when llama-cpp-python is installed, else transformers): the Ollama model's
-    own blob when the local model store has it, else the bundled Gemma 3 270M.
+    own blob when the local model store has it, else the bundled Gemma 3 270M -- but only when no
+    Ollama model was named (`model` unset or the default phi4-mini): a named one that neither the
+    server nor the local store has is a TeacherError, not a run with another model.
     """
 
     section = "synthetic"
@@ -62,6 +89,13 @@ class SyntheticConfig(Section):
     near_duplicate_threshold: float = Field(0.8, gt=0.0, le=1.0)   # Jaccard of word 5-gram sets to drop a sample
     max_attempts_factor: int = Field(3, ge=1)    # stop after num_samples * this many requests
 
+    @field_validator("host")
+    @classmethod
+    def _server_address(cls, value: str | None) -> str | None:
+        if value is not None and host_problem(value):
+            raise ValueError(f"{host_fix(value)} with --host")
+        return value
+
     @field_validator("output_file")
     @classmethod
     def _json_file_name(cls, value: str) -> str:
@@ -72,7 +106,7 @@ class SyntheticConfig(Section):
     def resolved_model(self, backend: str) -> str:
         if self.model:
             return self.model
-        return "phi4-mini" if backend in ("ollama", "auto") else "gemma3-270m"
+        return DEFAULT_OLLAMA_MODEL if backend in ("ollama", "auto") else "gemma3-270m"
 
     def resolved_prompt_style(self, backend: str) -> str:
         """The prompt style for the teacher's actual backend."""

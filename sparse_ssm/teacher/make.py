@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..util.errors import TeacherError
 from .backends import LlamaCppTeacher, Teacher, TransformersTeacher
-from .config import SyntheticConfig
+from .config import DEFAULT_OLLAMA_MODEL, SyntheticConfig
 from .gguf import BUNDLED_GGUF, ollama_model_blob
 from .ollama import OllamaTeacher
 
@@ -23,6 +23,13 @@ def make_teacher(cfg: SyntheticConfig, log=print) -> Teacher:
             try:
                 model = str(ollama_model_blob(model))
             except TeacherError:
+                if model != DEFAULT_OLLAMA_MODEL:      # a model was named: another one would not do
+                    raise TeacherError(
+                        f"--backend auto: {reason}, and the Ollama model {model!r} you named is not in the local "
+                        f"Ollama model store, so no teacher here can run it: start Ollama (`ollama serve`, then "
+                        f"`ollama pull {model}`) or point --host / OLLAMA_HOST at a server that has it; or run a "
+                        f"local GGUF file with --backend llama_cpp --model PATH.gguf (--model {BUNDLED_GGUF}: "
+                        f"the bundled Gemma 3 270M)", summary=reason) from None
                 model = BUNDLED_GGUF
         try:
             import llama_cpp  # noqa: F401

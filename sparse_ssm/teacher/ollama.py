@@ -12,6 +12,7 @@ import numpy as np
 
 from ..util.errors import TeacherError
 from .backends import Completion, Request, Teacher
+from .config import host_fix, host_problem
 from .gguf import BUNDLED_GGUF, TokenStringMapper, gguf_tokenizer_json, ollama_model_blob
 
 OLLAMA_DEFAULT_HOST = "http://127.0.0.1:11434"
@@ -29,6 +30,9 @@ class OllamaTeacher(Teacher):
         self._ollama = ollama
         self.model = model
         self.host = host or os.environ.get("OLLAMA_HOST") or OLLAMA_DEFAULT_HOST
+        if host_problem(self.host):
+            where = "--host / synthetic.host" if host else "the environment variable OLLAMA_HOST"
+            raise TeacherError(f"{where}: {host_fix(self.host)}", summary=f"{self.host!r} is no server address")
         self.client = ollama.Client(host=self.host, timeout=timeout_s)
         self._mapper = None
         self._tokenizer_json = None

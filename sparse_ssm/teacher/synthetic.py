@@ -117,10 +117,10 @@ def _record_line(index: int, prompt: dict, completion: Completion, text: str, pr
 
 
 def _read_partial(path: Path, settings: dict) -> list[dict]:
-    lines = path.read_text().splitlines()
     try:
+        lines = path.read_text(encoding="utf-8").splitlines()
         header = json.loads(lines[0])
-    except (IndexError, json.JSONDecodeError):
+    except (IndexError, json.JSONDecodeError, UnicodeDecodeError):
         raise SyntheticError(f"{path} is not a partial synthetic run; delete it to start again") from None
     if header.get("settings") != json.loads(json.dumps(settings)):
         raise SyntheticError(f"{path} was started with other settings ({json.dumps(header.get('settings'))[:300]}); "

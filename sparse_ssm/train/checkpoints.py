@@ -60,7 +60,7 @@ class CheckpointManager:
         """The weights of checkpoint `path` into `model` (sharded or not)."""
         if self.procs.fsdp:
             model.reshard()   # the root keeps its parameters gathered after a forward pass
-        state = read_weights(path / WEIGHTS, model.config.tie_embeddings)
+        state = read_weights(path / WEIGHTS, model)
         set_model_state_dict(model, state, options=self._load_options())
 
     def save(self, step: int, model, optimizer, scheduler, scaler, state: dict, config, tokenizer,
@@ -115,6 +115,8 @@ class CheckpointManager:
                 torch.cuda.set_rng_state_all(saved["rng_cuda"])
             if not isinstance(saved["state"], dict):
                 raise TypeError(f"loop state is a {type(saved['state']).__name__}")
+        except CheckpointError:
+            raise                                   # already names the file and what to use instead
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"cannot resume from {path}: the checkpoint is corrupt or from a different model "
                                   f"({type(e).__name__}: {str(e)[:200]}); resume from another checkpoint") from None

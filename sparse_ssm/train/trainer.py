@@ -31,8 +31,9 @@ import torch
 from ..data import collate, prepare_lm_data
 from ..data.tokenizer import save_tokenizer
 from ..model import SparseSSMForCausalLM
-from ..model.checkpoint import CONFIG, TOKENIZER, step_dir
-from ..util.errors import CheckpointError, DataError, SparseSSMError, TrainingError
+from ..model.checkpoint import CONFIG, TOKENIZER, another_checkpoint_hint, step_dir
+from ..model.memory import MemoryNeed
+from ..util.errors import CheckpointError, ConfigError, DataError, SparseSSMError, TrainingError
 from ..util.files import atomic_write_text
 from ..util.lock import DirectoryLock
 from .batches import EpochBatches
@@ -124,6 +125,7 @@ class Trainer:
                 self.log(f"resuming with changed settings, applied from the first resumed step: {'; '.join(changes)}")
         torch.manual_seed(tc.seed)
         self.data = self.procs.main_first(lambda: self._prepare_data(resume_from))
+        self._check_memory()
         self.model = SparseSSMForCausalLM(config.model).to(self.device)   # same seed: same weights on every rank
         self.model.gradient_checkpointing = tc.gradient_checkpointing
         self.forward, self.train_forward = self.procs.wrap(self.model, tc.compile)
@@ -135,8 +137,24 @@ class Trainer:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.mixed_precision)
         self.state = LoopState(global_batch=self.batches.global_batch)
         self.unconfirmed = None        # the newest checkpoint (saved or resumed from) not yet known to be good
+        self.resumed_from, self.resumed_step = None, None     # the checkpoint resumed from, its step
         if resume_from:
             self._resume(resume_from)
+
+    def _check_memory(self):
+        """Refuse (every process, when one does) a model and batch larger than the free memory,
+        before they are allocated."""
+        config, tc, refused = self.config, self.config.training, None
+        try:
+            MemoryNeed.training(config.model, tc.batch_size, config.dataset.max_seq_len, tc.gradient_checkpointing,
+                                tc.mixed_precision != "no", self.procs.world if self.procs.fsdp else 1).check(
+                "training", self.device, "lower model.hidden_dim, model.num_layers or model.vocab_size (the "
+                                         "parameters), or training.batch_size or dataset.max_seq_len (the activations; "
+                                         "training.gradient_checkpointing: true keeps fewer)")
+        except ConfigError as e:
+            refused = e
+        if not self.procs.all_reduce(0.0 if refused else 1.0, "min"):
+            raise refused or TrainingError("another process has too little memory for this training (see its message)")
 
     def _prepare_data(self, resume_from: Path | None):
         cfg, ds = self.config, self.config.dataset
@@ -172,6 +190,7 @@ class Trainer:
         except TypeError as e:
             raise CheckpointError(f"cannot resume from {path}: its loop state does not fit this version ({e}); "
                                   f"resume from another checkpoint") from None
+        self.resumed_from, self.resumed_step = path, self.state.step
         if self.state.good_step != self.state.step:
             self.unconfirmed = self.state.step
         if self.state.global_batch != self.batches.global_batch:   # another number of processes
@@ -228,11 +247,22 @@ class Trainer:
         state.nonfinite_total += 1
         self.log(f"step {state.step + 1}: non-finite loss or gradient, update skipped ({state.nonfinite_in_row} in a row)")
         if state.nonfinite_in_row >= tc.max_consecutive_nonfinite:
-            good = self._good_checkpoint()
-            kept = (f"the last good checkpoint is {good} (continue from it with --resume {state.good_step} --set "
-                    f"optimizer.learning_rate=...)" if good else "no good checkpoint was saved")
-            raise TrainingError(f"{state.nonfinite_in_row} non-finite losses in a row: training diverged; {kept}. "
-                                f"Lower optimizer.learning_rate or use mixed_precision 'no'/'bf16'.")
+            raise TrainingError(self._divergence_message())
+
+    def _divergence_message(self) -> str:
+        """Why training stops after too many non-finite steps, and where to continue from: not from
+        the checkpoint this run resumed from when no step from it was finite."""
+        state = self.state
+        if self.resumed_from is not None and state.step == self.resumed_step:
+            return (f"{state.nonfinite_in_row} non-finite losses in a row, every step since resuming from "
+                    f"{self.resumed_from}: its weights and optimizer state are finite but no update from them is, "
+                    f"so it is no good checkpoint to continue from; {another_checkpoint_hint(self.resumed_from)} "
+                    f"(or lower optimizer.learning_rate)")
+        good = self._good_checkpoint()
+        kept = (f"the last good checkpoint is {good} (continue from it with --resume {state.good_step} --set "
+                f"optimizer.learning_rate=...)" if good else "no good checkpoint was saved")
+        return (f"{state.nonfinite_in_row} non-finite losses in a row: training diverged; {kept}. "
+                f"Lower optimizer.learning_rate or use mixed_precision 'no'/'bf16'.")
 
     def _good_checkpoint(self) -> Path | None:
         good = self.state.good_step

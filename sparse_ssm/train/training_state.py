@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..model.checkpoint import another_checkpoint_hint
 from ..util.errors import CheckpointError
 from ..util.files import atomic_path, atomic_write_text
 
@@ -100,11 +101,30 @@ def read_training_state(folder: Path) -> dict:
             raise CheckpointError(f"{folder / STATE_JSON}: not a training state of format {FORMAT} (this version of "
                                   f"sparse-ssm writes and reads format {FORMAT}); resume from another checkpoint")
         body.pop("format")
-        return _decode(body, tensors, folder / STATE_JSON)
+        return _finite_optimizer_state(_decode(body, tensors, folder / STATE_JSON), folder)
     if (folder / LEGACY_STATE).is_file():
-        return _read_legacy(folder / LEGACY_STATE)
+        return _finite_optimizer_state(_read_legacy(folder / LEGACY_STATE), folder)
     raise CheckpointError(f"checkpoint {folder} holds no training state ({STATE_JSON} and {STATE_TENSORS}): it can "
                           f"be used for generate and evaluate, but not resumed; resume from another checkpoint")
+
+
+def _nonfinite(value, name: str = "") -> list[str]:
+    """The names (paths of keys) of the floating-point tensors in `value` that hold NaN or inf."""
+    if isinstance(value, torch.Tensor):
+        return [name] if value.is_floating_point() and not bool(torch.isfinite(value).all()) else []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    return [bad for key, item in items for bad in _nonfinite(item, f"{name}/{key}" if name else str(key))]
+
+
+def _finite_optimizer_state(state: dict, folder: Path) -> dict:
+    """`state`, or a CheckpointError when its optimizer moments hold NaN or inf (every later step
+    from it would be non-finite)."""
+    bad = _nonfinite(state.get("optimizer", {}) if isinstance(state, dict) else {})
+    if bad:
+        raise CheckpointError(f"the training state of {folder} holds NaN or inf in {len(bad)} optimizer tensor(s) "
+                              f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): the checkpoint is corrupt "
+                              f"and cannot be resumed; {another_checkpoint_hint(folder)}")
+    return state
 
 
 def _read_legacy(path: Path) -> dict:

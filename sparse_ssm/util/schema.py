@@ -21,8 +21,33 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .errors import ConfigError
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping names one key twice (YAML would keep the last value without a word)."""
+
+    def __init__(self, key, line: int, first_line: int):
+        super().__init__(None, None, f"key {key!r} on line {line} is given twice (also on line {first_line})")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader whose floats follow YAML 1.2 (``1e-3``, ``5E+4``, ``.5``, ``-.inf``)."""
+    """SafeLoader whose floats follow YAML 1.2 (``1e-3``, ``5E+4``, ``.5``, ``-.inf``) and that
+    refuses a mapping naming a key twice (`DuplicateKeyError`; ``<<`` merge keys may override)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise DuplicateKeyError(key, line, seen[key])
+                    seen[key] = line
+                except TypeError:            # an unhashable key: the constructor names it
+                    break
+        return super().construct_mapping(node, deep)
 
 
 _FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -37,7 +62,10 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456
 
 def parse_value(text: str) -> Any:
     """A YAML scalar or flow value, as in a config file: ``1e-3`` -> 0.001, ``null`` -> None."""
-    return yaml.load(text, Loader=_Loader)
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{text!r}: key {e.key!r} is given twice; give each key once") from None
 
 
 def load_yaml(path) -> dict:
@@ -48,6 +76,9 @@ def load_yaml(path) -> dict:
                           f"(for example config/default_config.yaml)")
     try:
         data = yaml.load(path.read_text(), Loader=_Loader)
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{path}, line {e.line}: key {e.key!r} is given twice (also on line {e.first_line}); "
+                          f"YAML would silently keep the last value: remove one of them") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     except UnicodeDecodeError:
