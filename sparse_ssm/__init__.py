@@ -1,6 +1,6 @@
 """sparse-ssm: selective state space language models with structured-sparse state matrices.
 
-Floors, each importing only the ones below it (see the README's Design section):
+Floors, each importing only the ones below it (see docs/design.md):
 `util` < `ssm` < `model` < `data`, `generate`, `train`, `teacher`, `hf`, `serve` < `config`, `cli`.
 
 The transformers classes (`SparseSSMHFConfig`, `SparseSSMHFForCausalLM`) are imported on first
@@ -8,8 +8,16 @@ use, since `import transformers` takes seconds: `import sparse_ssm.hf` (or readi
 names here) registers model_type "sparse_ssm" with `AutoConfig` / `AutoModelForCausalLM`.
 """
 
-from .model import CausalLMOutput, SparseSSMConfig, SparseSSMForCausalLM
-from .util.errors import ConfigError, SparseSSMError
+import os
+
+# OpenMP threads waiting for work sleep instead of spinning (unless OMP_WAIT_POLICY is set already):
+# with torch's spinning default, a busy neighbour on one core slows a two-thread run several-fold,
+# while idle speed is the same either way (bench/results/threads.md).  OpenMP reads this when torch
+# loads, so it acts only where sparse_ssm is imported before torch (main.py, the sparse-ssm script).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .model import CausalLMOutput, SparseSSMConfig, SparseSSMForCausalLM  # noqa: E402
+from .util.errors import ConfigError, SparseSSMError  # noqa: E402
 
 __all__ = ["ConfigError", "SparseSSMError", "SparseSSMConfig", "SparseSSMForCausalLM", "CausalLMOutput",
            "SparseSSMHFConfig", "SparseSSMHFForCausalLM"]

@@ -33,6 +33,7 @@ from ..data.tokenizer import save_tokenizer
 from ..model import SparseSSMForCausalLM
 from ..model.checkpoint import CONFIG, TOKENIZER, another_checkpoint_hint, step_dir
 from ..model.memory import MemoryNeed
+from ..util.device import cpu_threads
 from ..util.errors import CheckpointError, ConfigError, DataError, SparseSSMError, TrainingError
 from ..util.files import atomic_write_text
 from ..util.lock import DirectoryLock
@@ -346,7 +347,8 @@ class Trainer:
         end = min(self.total_steps, until_step or self.total_steps)
         baseline = (unigram_perplexity(self.data.streams["train"], self.data.streams["validation"], self.data.vocab_size)
                     if self.has_validation else None)
-        self.log(f"model: {self.model.num_parameters():,} parameters on {self.device}; {self.total_steps} optimizer "
+        where = f"cpu, {cpu_threads()}" if self.device.type == "cpu" else str(self.device)
+        self.log(f"model: {self.model.num_parameters():,} parameters on {where}; {self.total_steps} optimizer "
                  f"steps" + (f"; unigram validation perplexity {baseline:.1f}" if baseline else ""))
         last_saved = None
         cap = tc.eval_max_batches                   # the periodic validations' batches; the final one runs all

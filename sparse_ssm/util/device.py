@@ -1,6 +1,9 @@
-"""Device names of the configuration (`auto`, `cpu`, `cuda`, `cuda:N`, `mps`) to torch devices."""
+"""Device names of the configuration (`auto`, `cpu`, `cuda`, `cuda:N`, `mps`) to torch devices, and
+what a CPU run computes with."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -23,3 +26,9 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} but no CUDA device is available; use 'cpu' or 'auto'")
     return device
+
+
+def cpu_threads() -> str:
+    """'2 torch threads (OMP_WAIT_POLICY=PASSIVE)': what a CPU run computes with, for its log."""
+    return (f"{torch.get_num_threads()} torch thread{'s' * (torch.get_num_threads() != 1)} "
+            f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
