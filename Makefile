@@ -18,12 +18,17 @@ $(VENV)/.bench: $(VENV)/.installed requirements-bench.txt
 data/shakespeare/ATTRIBUTION: $(VENV)/.installed
 	$(PY) -m sparse_ssm.data.corpus data/shakespeare
 
-## the main job on the small embedded default (CPU, minutes): train on the embedded corpus; run again, it
-## continues the run in outputs/small_cpu (after Ctrl-C) or reports the finished one (delete it to start afresh)
-DEMO_DIR := outputs/small_cpu
+## the main job on the small embedded default (CPU, minutes): train config/demo.yaml on the embedded corpus,
+## then sample from the best checkpoint; run again, it continues the run in outputs/demo (after Ctrl-C) or
+## reports the finished one (delete it to start afresh)
+DEMO_DIR := outputs/demo
 demo: $(VENV)/.installed data/shakespeare/ATTRIBUTION
-	$(PY) main.py train --config config/small_cpu.yaml --output-dir $(DEMO_DIR) --use-best-model \
+	$(PY) main.py train --config config/demo.yaml --output-dir $(DEMO_DIR) --use-best-model \
 		$$(test -e $(DEMO_DIR)/latest && echo --resume)
+	@echo "--- a sample from the best checkpoint (temperature 0.8, top-k 50):"
+	$(PY) main.py generate --model-dir $(DEMO_DIR) --checkpoint best --prompt "ROMEO." --max-length 120 \
+		--temperature 0.8 --top-k 50 --seed 1
+	@echo "--- serve it over the Ollama and OpenAI APIs: $(PY) main.py serve --model-dir $(DEMO_DIR)"
 
 ## the test suite (what CI runs), then the numerics once more on the pure-PyTorch paths (no native kernel)
 test: $(VENV)/.installed
@@ -45,8 +50,8 @@ bench: $(VENV)/.bench data/shakespeare/ATTRIBUTION
 	$(PY) bench/plots.py
 
 ## lm-evaluation-harness on a trained model, exported to the Hugging Face format (standard tasks download
-## their datasets: needs the network).  make eval MODEL_DIR=outputs/small_cpu EVAL_TASKS=lambada_openai,hellaswag
-MODEL_DIR ?= outputs/small_cpu
+## their datasets: needs the network).  make eval MODEL_DIR=outputs/demo EVAL_TASKS=lambada_openai,hellaswag
+MODEL_DIR ?= outputs/demo
 EVAL_TASKS ?= lambada_openai,hellaswag,piqa,arc_easy
 HF_DIR ?= hf/$(notdir $(MODEL_DIR))
 eval: $(VENV)/.installed
