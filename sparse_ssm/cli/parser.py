@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..train.state_tracking import GROUPS
-from ..train.tasks import TASKS, VARIANTS
+from ..tasks.state_tracking import GROUPS
+from ..tasks.synthetic import TASKS, VARIANTS
 from .commands import (cmd_create_synthetic, cmd_evaluate, cmd_export, cmd_generate, cmd_inspect, cmd_serve,
                        cmd_train)
 

@@ -7,8 +7,8 @@ import torch
 from helpers import randomise_generators
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM
 from sparse_ssm.ssm.selective import SelectiveParameterGenerator
-from sparse_ssm.train import tasks
-from sparse_ssm.train.tasks import (induction_heads_batch, run_task, selective_copying_batch, task_model_config,
+from sparse_ssm.tasks import synthetic as tasks
+from sparse_ssm.tasks.synthetic import (induction_heads_batch, run_task, selective_copying_batch, task_model_config,
                                     training_lengths)
 from sparse_ssm.util.errors import ConfigError
 
