@@ -19,7 +19,9 @@ from ..model import SparseSSMForCausalLM
 from ..model.checkpoint import resolve_checkpoint
 from ..model.memory import MemoryNeed
 from ..util.errors import ConfigError
+from ..tasks.chomsky import CHOMSKY_TASKS
 from ..util.files import atomic_write_text, check_output_file
+from .tasks import cmd_chomsky_task
 
 
 def cmd_inspect(args) -> int:
@@ -266,6 +268,8 @@ def cmd_task(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    if args.task in CHOMSKY_TASKS:
+        return cmd_chomsky_task(args)
     if args.task != "perplexity":
         return cmd_task(args)
     from ..train.evaluation import perplexity_on_file

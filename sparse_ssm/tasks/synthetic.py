@@ -241,13 +241,29 @@ def run_task(task: str, model_config: SparseSSMConfig | Callable[[], torch.nn.Mo
     else:
         model = model_config()
     make = task_batches(task, vocab, g, num_memorize, modulus, group)
+    start = time.perf_counter()
+    loss = fit(model, make, training_lengths(steps, length, curriculum), batch, lr, sigma, round(noise_from * steps),
+               angle_grid_from, log)
+    result = {}
+    for L in test_lengths:
+        inputs, labels = make(256, L)
+        result[L] = accuracy(model, inputs, labels)
+    return TaskResult(task, result, time.perf_counter() - start, loss)
+
+
+def fit(model: torch.nn.Module, make: Callable, lengths: Sequence[int], batch: int, lr: float, sigma: float = 0.0,
+        first_noisy_step: int = 0, angle_grid_from: float = ANGLE_GRID_FROM, log=None) -> float:
+    """Train `model` one AdamW step (one-cycle learning rate peaking at `lr`, clipping at norm 1) per
+    entry of `lengths` on a fresh batch `make(batch, length)`; return the last step's loss, with the
+    model in eval mode.  From step `first_noisy_step` on, sequences start from
+    `noisy_initial_states` when sigma > 0; angle grids and exact reflections snap from the fraction
+    `angle_grid_from` of the steps on (and after training)."""
+    steps = len(lengths)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warm_up = 0.1 if 0.1 * steps != 1 else 0.15          # OneCycleLR divides by warm_up * steps - 1
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=warm_up)
-    start = time.perf_counter()
     loss = torch.tensor(float("nan"))
-    lengths = training_lengths(steps, length, curriculum)
-    first_noisy_step, first_snapped_step = round(noise_from * steps), round(angle_grid_from * steps)
+    first_snapped_step = round(angle_grid_from * steps)
     grids = [(generator, generator.angle_grid) for generator in model.modules()
              if isinstance(generator, SelectiveParameterGenerator)]
     for step in range(steps):
@@ -266,8 +282,4 @@ def run_task(task: str, model_config: SparseSSMConfig | Callable[[], torch.nn.Mo
     model.eval()
     for generator, grid in grids:
         generator.angle_grid = grid
-    result = {}
-    for L in test_lengths:
-        inputs, labels = make(256, L)
-        result[L] = accuracy(model, inputs, labels)
-    return TaskResult(task, result, time.perf_counter() - start, float(loss.detach()))
+    return float(loss.detach())
