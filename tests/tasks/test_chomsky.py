@@ -181,3 +181,13 @@ def test_each_training_batch_has_one_length_drawn_from_the_range():
     run_length_generalization(task, task_model_config("diagonal", 64, task.vocab), 60, 4, (3, 6), (6, 8),
                               test_sequences=4, lengths_per_bucket=1)
     assert set(lengths[:60]) == {3, 4, 5, 6} and lengths[60:] == [8]      # then the test length of the bucket
+
+
+@pytest.mark.parametrize("name, train_range, edges", [("even-pairs", (2, 5), (2, 5)), ("cycle-navigation", (2, 5), (2, 5)),
+                                                      ("word-problem", (1, 3), (1, 2))])
+def test_a_small_model_learns_the_lengths_it_trains_on(name, train_range, edges):
+    """In distribution the harness can score 1: answers and the positions that predict them line up."""
+    task = chomsky_task(name, "s3")
+    config = task_model_config("diagonal_signed", 16, task.vocab, hidden_dim=32)
+    result = run_length_generalization(task, config, 200, 32, train_range, edges, test_sequences=64, lengths_per_bucket=4)
+    assert result.overall_scaled > 0.95, result.scaled
