@@ -8,7 +8,7 @@ context-free tasks and the group word problems, under their length-generalisatio
 
 For each task (`sparse_ssm.tasks.chomsky`: parity-check, even-pairs, cycle-navigation,
 modular-arithmetic, modular-arithmetic-brackets, and the word problems s3, a5, s5) x variant
-(`sparse_ssm.tasks.synthetic.VARIANTS`) x seed, train the variant's small model (2 layers, width 64,
+(`sparse_ssm.tasks.training.VARIANTS`) x seed, train the variant's small model (2 layers, width 64,
 state 16 unless the variant or --layers / --width set another) for a fixed budget, each batch of
 one length drawn uniformly from --train-lengths (default 3-40), then score it on fresh strings in
 each bucket of --test-buckets (default 40-64, 65-128, 129-256) as scaled accuracy, (accuracy -
@@ -40,7 +40,7 @@ from provenance import code_version, mixed_records, provenance, refuse_mixed, su
 from sparse_ssm.tasks.chomsky import DELETANG_TASKS, chomsky_task  # noqa: E402
 from sparse_ssm.tasks.length_generalization import (TEST_EDGES, TRAIN_RANGE, bucket_labels,  # noqa: E402
                                                     run_length_generalization)
-from sparse_ssm.tasks.synthetic import TASK_MODEL, VARIANTS, task_model_config  # noqa: E402
+from sparse_ssm.tasks.training import TASK_MODEL, VARIANTS, task_model_config  # noqa: E402
 from sparse_ssm.util.files import atomic_write_text  # noqa: E402
 
 TASKS = (*DELETANG_TASKS, "s3", "a5", "s5")

@@ -233,7 +233,8 @@ def _task_label(args) -> str:
 
 def cmd_task(args) -> int:
     """The synthetic tasks: train each variant with the same budget, report accuracy."""
-    from ..tasks.synthetic import chance_accuracy, check_task_inputs, run_task, task_model_config, task_vocab
+    from ..tasks.synthetic import chance_accuracy, task_vocab
+    from ..tasks.training import check_task_inputs, run_task, task_model_config
 
     names, test_lengths = [name.strip() for name in args.variants.split(",")], args.test_lengths or [args.length]
     check_task_inputs(args.task, names, args.length, test_lengths, args.num_memorize)

@@ -8,7 +8,8 @@ from pathlib import Path
 from ..tasks.chomsky import CHOMSKY_TASKS
 from ..tasks.length_generalization import TEST_EDGES, TRAIN_RANGE
 from ..tasks.state_tracking import GROUPS
-from ..tasks.synthetic import TASKS, VARIANTS
+from ..tasks.synthetic import TASKS
+from ..tasks.training import VARIANTS
 from .commands import (cmd_create_synthetic, cmd_evaluate, cmd_export, cmd_generate, cmd_inspect, cmd_serve,
                        cmd_train)
 

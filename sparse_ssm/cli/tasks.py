@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..tasks.chomsky import chomsky_task
 from ..tasks.length_generalization import check_protocol, results_table, run_length_generalization
-from ..tasks.synthetic import check_task_inputs, task_model_config
+from ..tasks.training import check_task_inputs, task_model_config
 from ..util.files import atomic_write_text, check_output_file
 
 

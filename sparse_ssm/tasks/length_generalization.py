@@ -20,7 +20,7 @@ import torch
 from ..model import SparseSSMConfig, SparseSSMForCausalLM
 from ..util.errors import ConfigError
 from .chomsky import ChomskyTask, scaled_accuracy
-from .synthetic import ANGLE_GRID_FROM, accuracy, fit
+from .training import ANGLE_GRID_FROM, accuracy, fit
 
 TRAIN_RANGE = (3, 40)
 TEST_EDGES = (40, 64, 128, 256)
@@ -89,7 +89,7 @@ def run_length_generalization(task: ChomskyTask, model_config: SparseSSMConfig |
                               test_sequences: int = 256, lengths_per_bucket: int = 8, log=None,
                               angle_grid_from: float = ANGLE_GRID_FROM) -> LengthGeneralizationResult:
     """Train a fresh model (a `SparseSSMConfig`, or a callable building any model with the task
-    harness's interface, `synthetic.run_task`) for `steps` steps, each on a fresh batch of one
+    harness's interface, `training.run_task`) for `steps` steps, each on a fresh batch of one
     length drawn uniformly from `train_range` (inclusive), then score it per bucket of `test_edges`."""
     check_protocol(train_range, test_edges)
     torch.manual_seed(seed)

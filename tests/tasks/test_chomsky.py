@@ -12,7 +12,7 @@ from sparse_ssm import cli
 from sparse_ssm.tasks import chomsky
 from sparse_ssm.tasks.chomsky import CHOMSKY_TASKS, ChomskyTask, DELETANG_TASKS, SYMBOLS, chomsky_task, scaled_accuracy
 from sparse_ssm.tasks.length_generalization import bucket_accuracies, bucket_lengths, run_length_generalization
-from sparse_ssm.tasks.synthetic import task_model_config
+from sparse_ssm.tasks.training import task_model_config
 from sparse_ssm.util.errors import ConfigError
 
 
