@@ -39,8 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import code_version, mixed_records, provenance, refuse_mixed, summary_line  # noqa: E402
 from sparse_ssm.tasks.chomsky import DELETANG_TASKS, chomsky_task  # noqa: E402
 from sparse_ssm.tasks.length_generalization import (TEST_EDGES, TRAIN_RANGE, bucket_labels,  # noqa: E402
-                                                    run_length_generalization)
+                                                    check_protocol, run_length_generalization)
 from sparse_ssm.tasks.training import TASK_MODEL, VARIANTS, task_model_config  # noqa: E402
+from sparse_ssm.util.errors import ConfigError  # noqa: E402
 from sparse_ssm.util.files import atomic_write_text  # noqa: E402
 
 TASKS = (*DELETANG_TASKS, "s3", "a5", "s5")
@@ -159,6 +160,10 @@ def main(argv=None):
              "train_lengths": args.train_lengths or ([3, 8] if args.quick else list(TRAIN_RANGE)),
              "test_buckets": args.test_buckets or ([8, 12, 16] if args.quick else list(TEST_EDGES)),
              "num_layers": args.layers, "hidden_dim": args.width, "threads": args.threads}
+    try:
+        check_protocol(setup["train_lengths"], setup["test_buckets"])
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "chomsky_quick" if args.quick else "chomsky"

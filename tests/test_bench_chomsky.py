@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import chomsky  # noqa: E402
@@ -28,3 +30,9 @@ def test_dry_run_writes_scaled_accuracy_per_cell_with_provenance_and_resumes(tmp
     chomsky.main(argv)
     assert "4 runs already in" in capsys.readouterr().out.splitlines()[0]
     assert len(json.loads((tmp_path / "chomsky_quick.json").read_text())["cells"]) == 4
+
+
+def test_a_protocol_it_cannot_run_stops_the_grid_before_any_cell(tmp_path):
+    with pytest.raises(SystemExit, match="--test-buckets 16,8: need at least two increasing lengths"):
+        chomsky.main(["--quick", "--out", str(tmp_path), "--test-buckets", "16,8"])
+    assert not (tmp_path / "chomsky_quick.json").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..tasks.chomsky import chomsky_task
 from ..tasks.length_generalization import check_protocol, results_table, run_length_generalization
-from ..tasks.training import check_task_inputs, task_model_config
+from ..tasks.training import check_variants, task_model_config
 from ..util.files import atomic_write_text, check_output_file
 
 
@@ -18,7 +18,7 @@ def cmd_chomsky_task(args) -> int:
     names = [name.strip() for name in args.variants.split(",")]
     task, train_range, edges = chomsky_task(args.task, args.group), args.train_lengths, args.test_buckets
     check_protocol(train_range, edges)
-    check_task_inputs(args.task, names, train_range[1], edges, 1)
+    check_variants(names)
     if args.output_dir:                                   # before the variants train (minutes)
         for suffix in (".json", ".md"):
             check_output_file(Path(args.output_dir) / f"{task.name}{suffix}", args.overwrite, "--output-dir")

@@ -63,12 +63,17 @@ VARIANTS = {
 TASK_MODEL = dict(hidden_dim=64, state_dim=16, num_layers=2, conv_kernel=4, num_heads=2)
 # The fraction of the steps a model with an angle grid or exact reflections trains continuous (`run_task`)
 ANGLE_GRID_FROM = 0.5
-def check_task_inputs(task: str, variants: list[str], length: int, test_lengths: list[int], num_memorize: int):
-    """A ConfigError (naming the `evaluate` flag) for inputs no variant could train on; call it
-    before the first variant trains."""
+def check_variants(variants: list[str]):
+    """A ConfigError naming --variants for a name that is not a key of VARIANTS."""
     unknown = [name for name in variants if name not in VARIANTS]
     if unknown:
         raise ConfigError(f"--variants: unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+
+
+def check_task_inputs(task: str, variants: list[str], length: int, test_lengths: list[int], num_memorize: int):
+    """A ConfigError (naming the `evaluate` flag) for inputs no variant could train on; call it
+    before the first variant trains."""
+    check_variants(variants)
     shortest = min([length, *test_lengths])
     if task == "selective-copying" and num_memorize > shortest:
         raise ConfigError(f"--num-memorize: the {num_memorize} tokens to copy must fit the sequence: at most "

@@ -12,6 +12,7 @@ from sparse_ssm import cli
 from sparse_ssm.tasks import chomsky
 from sparse_ssm.tasks.chomsky import CHOMSKY_TASKS, ChomskyTask, DELETANG_TASKS, SYMBOLS, chomsky_task, scaled_accuracy
 from sparse_ssm.tasks.length_generalization import bucket_accuracies, bucket_lengths, run_length_generalization
+from sparse_ssm.tasks.state_tracking import GROUPS
 from sparse_ssm.tasks.training import task_model_config
 from sparse_ssm.util.errors import ConfigError
 
@@ -78,7 +79,7 @@ def test_the_answer_is_scored_once_at_the_query_token():
 @pytest.mark.parametrize("group, order", [("s3", 6), ("a5", 60), ("s5", 120)])
 def test_word_problems_label_every_prefix_with_its_product(group, order):
     task = chomsky_task("word-problem", group)
-    elements = task.sample.__closure__[0].cell_contents.elements      # the permutations, index -> tuple
+    elements = GROUPS[group]().elements                               # the permutations, index -> tuple
     inputs, labels = task.batch(4, 20, torch.Generator().manual_seed(2))
     assert task.classes == task.vocab == order and labels.shape == (4, 21) and (labels[:, 0] == -100).all()
     for word, products in zip(inputs.tolist(), labels.tolist()):
@@ -191,3 +192,12 @@ def test_a_small_model_learns_the_lengths_it_trains_on(name, train_range, edges)
     config = task_model_config("diagonal_signed", 16, task.vocab, hidden_dim=32)
     result = run_length_generalization(task, config, 200, 32, train_range, edges, test_sequences=64, lengths_per_bucket=4)
     assert result.overall_scaled > 0.95, result.scaled
+
+
+def test_the_library_refuses_a_protocol_it_cannot_run():
+    task = chomsky_task("parity-check")
+    config = task_model_config("diagonal", 64, task.vocab)
+    with pytest.raises(ConfigError, match="--train-lengths 0-5: need 1 <= MIN <= MAX"):
+        run_length_generalization(task, config, 1, 1, (0, 5))
+    with pytest.raises(ConfigError, match="--test-buckets 40,40: need at least two increasing lengths"):
+        run_length_generalization(task, config, 1, 1, (3, 5), (40, 40))
