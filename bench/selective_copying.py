@@ -6,7 +6,7 @@
                                       [--speed-rounds 3] [--speed-only] [--name selective_copying]
                                       [--out bench/results]
 
-Every variant is trained with `sparse_ssm.train.tasks.run_task` (the harness of `main.py evaluate
+Every variant is trained with `sparse_ssm.tasks.training.run_task` (the harness of `main.py evaluate
 --task`): 2 layers, width 64, state 16, vocab 16, batch 32, AdamW lr 3e-3 with a one-cycle
 schedule, fresh batches drawn from the seed, accuracy on 256 fresh sequences per test length.
 The seed fixes both the batches and the initial weights, so every variant (mamba.py's Mamba too)
@@ -48,7 +48,8 @@ import train_step  # noqa: E402
 from common import curriculum_phases, trained_lengths, write_results  # noqa: E402
 from provenance import code_version, mixed_records, model_record, provenance, refuse_mixed  # noqa: E402
 from sparse_ssm import SparseSSMForCausalLM  # noqa: E402
-from sparse_ssm.train.tasks import chance_accuracy, run_task, task_model_config  # noqa: E402
+from sparse_ssm.tasks.synthetic import chance_accuracy  # noqa: E402
+from sparse_ssm.tasks.training import run_task, task_model_config  # noqa: E402
 
 VOCAB, WIDTH, LAYERS, STATE, EXPAND = 16, 64, 2, 16, 2
 

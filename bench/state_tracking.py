@@ -7,12 +7,12 @@
     python bench/state_tracking.py --state-noise 1.0:0.1 --out DIR   # random initial states from 10% on
 
 For each task (parity; counting mod 3 and mod 5; composition in S3 and A5; `--tasks` also takes s5)
-x variant (`sparse_ssm.train.tasks.VARIANTS`) x seed, train the task's small model (2 layers, width
+x variant (`sparse_ssm.tasks.training.VARIANTS`) x seed, train the task's small model (2 layers, width
 64, state 16, `task_model_config`; a variant may set its own layers, conv window and state size) for
 a fixed budget (steps, batch, AdamW with a one-cycle learning rate) at one length, then score every
 position of 256 fresh sequences at 1x, 4x and 16x that length (`--curriculum` trains shorter
 lengths first; the tests stay at multiples of `--length`, the longest length trained; `--state-noise`
-starts training sequences from random states, `tasks.noisy_initial_states`). Each cell
+starts training sequences from random states, `tasks.training.noisy_initial_states`). Each cell
 records its accuracy per length, final training loss, steps, CPU seconds (of this process, the unit
 of the budget on a shared machine) and wall seconds.
 
@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import curriculum_phases, pyplot, trained_lengths  # noqa: E402
 from provenance import code_version, mixed_records, provenance, refuse_mixed, summary_line  # noqa: E402
 from sparse_ssm import SparseSSMForCausalLM  # noqa: E402
-from sparse_ssm.train.tasks import (ANGLE_GRID_FROM, TASK_MODEL, VARIANTS, chance_accuracy, run_task,  # noqa: E402
-                                    task_model_config, task_vocab)
+from sparse_ssm.tasks.synthetic import chance_accuracy, task_vocab  # noqa: E402
+from sparse_ssm.tasks.training import ANGLE_GRID_FROM, TASK_MODEL, VARIANTS, run_task, task_model_config  # noqa: E402
 from sparse_ssm.util.files import atomic_write_text  # noqa: E402
 
 TASKS = {"parity": dict(task="parity"),

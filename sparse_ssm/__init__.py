@@ -1,7 +1,9 @@
 """sparse-ssm: selective state space language models with structured-sparse state matrices.
 
 Floors, each importing only the ones below it (see docs/design.md):
-`util` < `ssm` < `model` < `data`, `generate`, `train`, `teacher`, `hf`, `serve` < `config`, `cli`.
+`util` < `ssm` < `model` < `data`, `generate`, `train`, `teacher`, `hf`, `serve` < `tasks` (the
+synthetic tasks that train small models to evaluate a layer; nothing in `train` imports them) <
+`config`, `cli`.
 
 The transformers classes (`SparseSSMHFConfig`, `SparseSSMHFForCausalLM`) are imported on first
 use, since `import transformers` takes seconds: `import sparse_ssm.hf` (or reading one of those

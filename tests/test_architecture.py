@@ -21,8 +21,9 @@ ALLOWED = {
     "teacher": {"model", "data", "generate", "util"},
     "hf": {"ssm", "model", "data", "generate", "util"},
     "serve": {"model", "data", "generate", "util"},
+    "tasks": {"ssm", "model", "data", "generate", "train", "util"},   # trains small models to evaluate a layer
     "config": {"model", "data", "generate", "train", "teacher", "util"},
-    "cli": {"ssm", "model", "data", "generate", "train", "teacher", "hf", "serve", "config", "util"},
+    "cli": {"ssm", "model", "data", "generate", "train", "teacher", "hf", "serve", "tasks", "config", "util"},
     "": {"model", "util", "hf"},                      # sparse_ssm/__init__.py: the public face
 }
 

@@ -19,7 +19,9 @@ from ..model import SparseSSMForCausalLM
 from ..model.checkpoint import resolve_checkpoint
 from ..model.memory import MemoryNeed
 from ..util.errors import ConfigError
+from ..tasks.chomsky import CHOMSKY_TASKS
 from ..util.files import atomic_write_text, check_output_file
+from .tasks import cmd_chomsky_task
 
 
 def cmd_inspect(args) -> int:
@@ -231,7 +233,8 @@ def _task_label(args) -> str:
 
 def cmd_task(args) -> int:
     """The synthetic tasks: train each variant with the same budget, report accuracy."""
-    from ..train.tasks import chance_accuracy, check_task_inputs, run_task, task_model_config, task_vocab
+    from ..tasks.synthetic import chance_accuracy, task_vocab
+    from ..tasks.training import check_task_inputs, run_task, task_model_config
 
     names, test_lengths = [name.strip() for name in args.variants.split(",")], args.test_lengths or [args.length]
     check_task_inputs(args.task, names, args.length, test_lengths, args.num_memorize)
@@ -266,6 +269,8 @@ def cmd_task(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    if args.task in CHOMSKY_TASKS:
+        return cmd_chomsky_task(args)
     if args.task != "perplexity":
         return cmd_task(args)
     from ..train.evaluation import perplexity_on_file

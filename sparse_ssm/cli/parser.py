@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..train.state_tracking import GROUPS
-from ..train.tasks import TASKS, VARIANTS
+from ..tasks.chomsky import CHOMSKY_TASKS
+from ..tasks.length_generalization import TEST_EDGES, TRAIN_RANGE
+from ..tasks.state_tracking import GROUPS
+from ..tasks.synthetic import TASKS
+from ..tasks.training import VARIANTS
 from .commands import (cmd_create_synthetic, cmd_evaluate, cmd_export, cmd_generate, cmd_inspect, cmd_serve,
                        cmd_train)
 
@@ -23,6 +26,17 @@ def _int_at_least(low: int, many: bool = False):
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {min(values)}")
         return values if many else values[0]
     return parse
+
+
+def _length_range(text: str) -> tuple[int, int]:
+    """An argparse type: 'MIN-MAX' -> (MIN, MAX), 1 <= MIN <= MAX."""
+    try:
+        low, high = (int(x) for x in text.split("-"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN-MAX (e.g. 3-40), got {text!r}") from None
+    if not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"need 1 <= MIN <= MAX, got {text!r}")
+    return low, high
 
 
 def _positive_float(text: str) -> float:
@@ -100,8 +114,11 @@ def _add_evaluate_parser(sub):
                                    "induction-heads (the Mamba paper's), and the state-tracking tasks, scored at every "
                                    "position: parity (running parity of a bit string), modular-counting (running sum "
                                    "mod --modulus of tokens 0 .. m-1) and permutation-composition (running product "
-                                   "of --group elements).")
-    e.add_argument("--task", choices=["perplexity", *TASKS], default="perplexity",
+                                   "of --group elements).  The Chomsky-hierarchy tasks (parity-check, even-pairs, "
+                                   "cycle-navigation, modular-arithmetic, modular-arithmetic-brackets; Deletang et al. "
+                                   "2023) and word-problem (of --group) train on random lengths in --train-lengths "
+                                   "and report scaled accuracy (1 perfect, 0 chance) per bucket of --test-buckets.")
+    e.add_argument("--task", choices=["perplexity", *TASKS, *CHOMSKY_TASKS], default="perplexity",
                    help="what to evaluate (default perplexity)")
     e.add_argument("--model-dir", help="perplexity: a training output directory")
     e.add_argument("--checkpoint", help="perplexity: best | latest | STEP | PATH (default: best, else latest)")
@@ -130,11 +147,17 @@ def _add_evaluate_parser(sub):
                    help="tasks: peak learning rate of the one-cycle AdamW schedule (default 3e-3)")
     e.add_argument("--test-lengths", type=_int_at_least(3, many=True),
                    help="tasks: comma list of test lengths (default: the training length)")
+    e.add_argument("--train-lengths", type=_length_range, default=TRAIN_RANGE,
+                   help="Chomsky tasks and word-problem: each training batch has one length drawn uniformly from "
+                        f"MIN-MAX (default {TRAIN_RANGE[0]}-{TRAIN_RANGE[1]})")
+    e.add_argument("--test-buckets", type=_int_at_least(1, many=True), default=TEST_EDGES,
+                   help="Chomsky tasks and word-problem: comma list of increasing lengths, the edges of the test "
+                        f"buckets (default {','.join(map(str, TEST_EDGES))}: 40-64, 65-128, 129-256)")
     e.add_argument("--num-memorize", type=_int_at_least(1), default=4,
                    help="selective copying: tokens to copy (default 4)")
     e.add_argument("--modulus", type=_int_at_least(2), default=3, help="modular-counting: the modulus m (default 3)")
     e.add_argument("--group", choices=list(GROUPS), default="s3",
-                   help="permutation-composition: s3 (order 6, the smallest non-abelian group), a5 (order 60, the "
+                   help="permutation-composition and word-problem: s3 (order 6, the smallest non-abelian group), a5 (order 60, the "
                         "smallest non-solvable one) or s5 (order 120); product g_0 g_1 ... g_t, each new element "
                         "applied after the product so far (default s3)")
     e.add_argument("--seed", type=int, default=0, help="tasks: seed of data and weights (default 0)")

@@ -1,6 +1,7 @@
 """The train floor: training / optimizer / scheduler / distillation config, optimizer and
 schedule, distributed helpers, batch order, checkpoint manager, monitor, evaluation, losses,
-the paper's synthetic tasks, and the Trainer that composes them.  Never imports `teacher`."""
+and the Trainer that composes them.  Never imports `teacher` or `tasks` (the synthetic tasks
+that evaluate a layer live on their own floor above this one)."""
 
 from .checkpoints import CheckpointManager
 from .config import DistillationConfig, OptimizerConfig, SchedulerConfig, TrainingConfig

@@ -47,7 +47,7 @@ def test_a_stride_longer_than_the_window_is_refused_and_a_valid_one_is_used(mode
 def test_task_inputs_are_checked_before_any_variant_trains(monkeypatch, capsys, args, message):
     def run_task(*_, **__):
         raise AssertionError("a variant trained before the inputs were checked")
-    monkeypatch.setattr("sparse_ssm.train.tasks.run_task", run_task)
+    monkeypatch.setattr("sparse_ssm.tasks.training.run_task", run_task)
     try:
         code = cli.main(["evaluate", "--task", "selective-copying", *args])
     except SystemExit as parser_exit:           # (argparse refuses malformed values itself)

@@ -1,20 +1,8 @@
-"""Synthetic tasks: the Mamba paper's (Gu & Dao, 2023, section 4.1), scaled down for a CPU, and
-the state-tracking tasks of `state_tracking` (parity, modular counting, permutation composition).
-
-- Selective copying: `num_memorize` data tokens (ids 1 .. vocab-3) scattered at random positions
-  among `length` noise tokens (id 0), then a separator (vocab-2) and `num_memorize` answer slots
-  (vocab-1); the model must emit the data tokens in order at the answer slots.  Content-aware
-  selection is needed: where the tokens are changes from sequence to sequence.
-- Induction heads: random tokens (ids 2 .. vocab-1) with a trigger (id 1) at a random position
-  followed by a target token; the sequence ends with the trigger again and the model must predict
-  the target after it.  Trained at one length, tested at longer ones (extrapolation).
-- State tracking: a word of group elements and, at every position, the running product (the
-  vocabulary is the group: input token and label class k are both element k).
-
-The batch functions return (inputs, labels) with labels -100 everywhere except the positions
-scored; `run_task` trains a model on fresh batches and reports accuracy (a position is right when
-the arg-max prediction equals its label); `task_model_config` builds the small model of each
-variant (`VARIANTS`) that `main.py evaluate --task` compares.
+"""Training the small models of the synthetic tasks: the variants that `main.py evaluate --task`
+and the benches compare (`VARIANTS`, `task_model_config`), the training loop (`fit`: AdamW with a
+one-cycle learning rate on fresh batches), and `run_task`, which trains a variant on a task of
+`synthetic` and reports its accuracy (a position is right when the arg-max prediction equals its
+label) at each test length.
 """
 
 from __future__ import annotations
@@ -28,38 +16,7 @@ import torch
 from ..model import LayerState, SparseSSMConfig, SparseSSMForCausalLM
 from ..ssm.selective import SelectiveParameterGenerator
 from ..util.errors import ConfigError
-from .state_tracking import STATE_TRACKING_TASKS, group_word_batch, task_group
-
-
-def selective_copying_batch(batch: int, length: int, num_memorize: int, vocab: int, generator: torch.Generator):
-    """inputs, labels: (batch, length + 1 + num_memorize).  labels[t] is the token to predict at t
-    (next-token convention of the model: the loss compares labels[:, 1:] with predictions [:, :-1])."""
-    if vocab < 4 or num_memorize > length:
-        raise ValueError("selective copying needs vocab >= 4 and num_memorize <= length")
-    data = torch.randint(1, vocab - 2, (batch, num_memorize), generator=generator)
-    positions = torch.rand(batch, length, generator=generator).argsort(-1)[:, :num_memorize].sort(-1).values
-    noise = torch.zeros(batch, length, dtype=torch.long).scatter(1, positions, data)
-    tail = torch.full((batch, 1 + num_memorize), vocab - 1, dtype=torch.long)
-    tail[:, 0] = vocab - 2
-    inputs = torch.cat([noise, tail], 1)
-    labels = torch.full_like(inputs, -100)
-    labels[:, length + 1:] = data          # at answer slot k the k-th data token is due
-    # shift: the model predicts labels[:, t] from inputs[:, :t]; answer k is predicted at the slot before
-    return inputs, labels
-
-
-def induction_heads_batch(batch: int, length: int, vocab: int, generator: torch.Generator):
-    """inputs, labels: (batch, length + 1); only the last label (the target) is scored."""
-    inputs = torch.randint(2, vocab, (batch, length + 1), generator=generator)
-    where = torch.randint(0, length - 2, (batch,), generator=generator)
-    rows = torch.arange(batch)
-    inputs[rows, where] = 1
-    target = inputs[rows, where + 1]
-    inputs[:, -2] = 1                      # the trigger again ...
-    labels = torch.full_like(inputs, -100)
-    labels[:, -1] = target                 # ... and the target after it
-    inputs[:, -1] = target
-    return inputs, labels
+from .synthetic import PAPER_VOCAB, task_batches
 
 
 # At state 16 the sparse class's block size b follows the sparsity level (`ssm.hippo.block_size_for`):
@@ -106,17 +63,17 @@ VARIANTS = {
 TASK_MODEL = dict(hidden_dim=64, state_dim=16, num_layers=2, conv_kernel=4, num_heads=2)
 # The fraction of the steps a model with an angle grid or exact reflections trains continuous (`run_task`)
 ANGLE_GRID_FROM = 0.5
-PAPER_TASKS = ("selective-copying", "induction-heads")
-TASKS = (*PAPER_TASKS, *STATE_TRACKING_TASKS)
-PAPER_VOCAB = 16
+def check_variants(variants: list[str]):
+    """A ConfigError naming --variants for a name that is not a key of VARIANTS."""
+    unknown = [name for name in variants if name not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"--variants: unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
 
 
 def check_task_inputs(task: str, variants: list[str], length: int, test_lengths: list[int], num_memorize: int):
     """A ConfigError (naming the `evaluate` flag) for inputs no variant could train on; call it
     before the first variant trains."""
-    unknown = [name for name in variants if name not in VARIANTS]
-    if unknown:
-        raise ConfigError(f"--variants: unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    check_variants(variants)
     shortest = min([length, *test_lengths])
     if task == "selective-copying" and num_memorize > shortest:
         raise ConfigError(f"--num-memorize: the {num_memorize} tokens to copy must fit the sequence: at most "
@@ -129,18 +86,6 @@ def task_model_config(variant: str, max_len: int, vocab: int = PAPER_VOCAB, **ov
     bench/selective_copying.py)."""
     keys = dict(vocab_size=vocab, **TASK_MODEL, ffn_dim=0, dropout=0.0, max_seq_len=max_len)
     return SparseSSMConfig(**{**keys, **VARIANTS[variant], **overrides})
-
-
-def task_vocab(task: str, modulus: int = 3, group: str = "s3") -> int:
-    """The model vocabulary of a task: PAPER_VOCAB for the paper's, the group's order for state tracking."""
-    return PAPER_VOCAB if task in PAPER_TASKS else task_group(task, modulus, group).order
-
-
-def chance_accuracy(task: str, vocab: int = PAPER_VOCAB) -> float:
-    """Accuracy of a uniform guess among the classes a scored position can take."""
-    if task == "selective-copying":
-        return 1 / (vocab - 3)
-    return 1 / (vocab - 2) if task == "induction-heads" else 1 / vocab
 
 
 @dataclass
@@ -165,19 +110,6 @@ def accuracy(model, inputs, labels, max_tokens: int = 16384) -> float:
             right += int((pred[mask] == target[mask]).sum())
             scored += int(mask.sum())
     return right / scored
-
-
-def task_batches(task: str, vocab: int, generator: torch.Generator, num_memorize: int = 16, modulus: int = 3,
-                 group: str = "s3"):
-    """make(n, length) -> (inputs, labels): fresh batches of `task` for a model of `vocab` tokens."""
-    if task == "selective-copying":
-        return lambda n, L: selective_copying_batch(n, L, num_memorize, vocab, generator)
-    if task == "induction-heads":
-        return lambda n, L: induction_heads_batch(n, L, vocab, generator)
-    word_group = task_group(task, modulus, group)
-    if vocab < word_group.order:
-        raise ValueError(f"{task} over {word_group.name} needs a vocabulary of {word_group.order}, got {vocab}")
-    return lambda n, L: group_word_batch(word_group, n, L, generator)
 
 
 def training_lengths(steps: int, length: int, curriculum: Sequence[tuple[int, float]] = ()) -> list[int]:
@@ -241,13 +173,29 @@ def run_task(task: str, model_config: SparseSSMConfig | Callable[[], torch.nn.Mo
     else:
         model = model_config()
     make = task_batches(task, vocab, g, num_memorize, modulus, group)
+    start = time.perf_counter()
+    loss = fit(model, make, training_lengths(steps, length, curriculum), batch, lr, sigma, round(noise_from * steps),
+               angle_grid_from, log)
+    result = {}
+    for L in test_lengths:
+        inputs, labels = make(256, L)
+        result[L] = accuracy(model, inputs, labels)
+    return TaskResult(task, result, time.perf_counter() - start, loss)
+
+
+def fit(model: torch.nn.Module, make: Callable, lengths: Sequence[int], batch: int, lr: float, sigma: float = 0.0,
+        first_noisy_step: int = 0, angle_grid_from: float = ANGLE_GRID_FROM, log=None) -> float:
+    """Train `model` one AdamW step (one-cycle learning rate peaking at `lr`, clipping at norm 1) per
+    entry of `lengths` on a fresh batch `make(batch, length)`; return the last step's loss, with the
+    model in eval mode.  From step `first_noisy_step` on, sequences start from
+    `noisy_initial_states` when sigma > 0; angle grids and exact reflections snap from the fraction
+    `angle_grid_from` of the steps on (and after training)."""
+    steps = len(lengths)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warm_up = 0.1 if 0.1 * steps != 1 else 0.15          # OneCycleLR divides by warm_up * steps - 1
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=warm_up)
-    start = time.perf_counter()
     loss = torch.tensor(float("nan"))
-    lengths = training_lengths(steps, length, curriculum)
-    first_noisy_step, first_snapped_step = round(noise_from * steps), round(angle_grid_from * steps)
+    first_snapped_step = round(angle_grid_from * steps)
     grids = [(generator, generator.angle_grid) for generator in model.modules()
              if isinstance(generator, SelectiveParameterGenerator)]
     for step in range(steps):
@@ -266,8 +214,4 @@ def run_task(task: str, model_config: SparseSSMConfig | Callable[[], torch.nn.Mo
     model.eval()
     for generator, grid in grids:
         generator.angle_grid = grid
-    result = {}
-    for L in test_lengths:
-        inputs, labels = make(256, L)
-        result[L] = accuracy(model, inputs, labels)
-    return TaskResult(task, result, time.perf_counter() - start, float(loss.detach()))
+    return float(loss.detach())

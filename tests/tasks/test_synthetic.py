@@ -7,9 +7,8 @@ import torch
 from helpers import randomise_generators
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM
 from sparse_ssm.ssm.selective import SelectiveParameterGenerator
-from sparse_ssm.train import tasks
-from sparse_ssm.train.tasks import (induction_heads_batch, run_task, selective_copying_batch, task_model_config,
-                                    training_lengths)
+from sparse_ssm.tasks.synthetic import induction_heads_batch, selective_copying_batch, task_batches
+from sparse_ssm.tasks.training import noisy_initial_states, run_task, task_model_config, training_lengths
 from sparse_ssm.util.errors import ConfigError
 
 
@@ -69,12 +68,12 @@ def test_a_curriculum_trains_its_phases_in_order_then_the_length():
 def test_run_task_trains_at_the_curriculum_lengths(monkeypatch):
     """The batches run_task draws follow the curriculum (the lengths the data generator is asked for)."""
     seen = []
-    make = tasks.task_batches
+    make = task_batches
 
     def recording(*args, **kwargs):
         inner = make(*args, **kwargs)
         return lambda n, L: (seen.append(L), inner(n, L))[1]
-    monkeypatch.setattr(tasks, "task_batches", recording)
+    monkeypatch.setattr("sparse_ssm.tasks.training.task_batches", recording)
     config = SparseSSMConfig(vocab_size=8, hidden_dim=16, state_dim=4, ffn_dim=0, num_layers=1, max_seq_len=64)
     run_task("selective-copying", config, steps=4, batch=2, length=16, test_lengths=[12], num_memorize=2,
              curriculum=[(8, 0.5)])
@@ -87,7 +86,7 @@ def test_noisy_initial_states_have_the_layer_state_shapes_and_the_scale():
     model = SparseSSMForCausalLM(config)
     ids = torch.randint(0, 8, (64, 5))
     reached = model(ids).cache                              # the states a forward pass ends in
-    noisy = tasks.noisy_initial_states(model, 64, 0.5)
+    noisy = noisy_initial_states(model, 64, 0.5)
     for state, like in zip(noisy, reached):
         assert state.conv.shape == like.conv.shape and not state.conv.any()
         assert state.ssm.shape == like.ssm.shape
@@ -98,7 +97,7 @@ def test_noisy_initial_states_have_the_layer_state_shapes_and_the_scale():
     with torch.no_grad():
         for block in learned.blocks:
             block.mixer.initial_state.fill_(3.0)
-    for state in tasks.noisy_initial_states(learned, 64, 0.5):               # around the learned state
+    for state in noisy_initial_states(learned, 64, 0.5):               # around the learned state
         assert abs(state.ssm.std().item() - 0.5) < 0.02 and abs(state.ssm.mean().item() - 3.0) < 0.02
 
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM, cli
-from sparse_ssm.train.state_tracking import (GROUPS, alternating_group, compose, cyclic_group, group_from_permutations,
+from sparse_ssm.tasks.state_tracking import (GROUPS, alternating_group, compose, cyclic_group, group_from_permutations,
                                              group_word_batch, is_even, symmetric_group, task_group)
-from sparse_ssm.train.tasks import accuracy, chance_accuracy, run_task, task_model_config, task_vocab
+from sparse_ssm.tasks.synthetic import chance_accuracy, task_vocab
+from sparse_ssm.tasks.training import accuracy, run_task, task_model_config
 
 ALL_GROUPS = {"Z2": lambda: cyclic_group(2), "Z3": lambda: cyclic_group(3), "Z5": lambda: cyclic_group(5),
               "S3": lambda: symmetric_group(3), "A5": lambda: alternating_group(5), "S5": lambda: symmetric_group(5)}

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from sparse_ssm import cli
-from sparse_ssm.train.tasks import VARIANTS, run_task, task_model_config
+from sparse_ssm.tasks.training import VARIANTS, run_task, task_model_config
 
 
 def test_selective_copying_through_the_cli(tmp_path, capsys):
