@@ -108,7 +108,8 @@ def test_the_dispatcher_takes_triton_on_cuda_for_diagonal_a_and_says_so_once(mon
     monkeypatch.delenv("SPARSE_SSM_TRITON", raising=False)
     cuda, diag = torch.device("cuda"), DiagonalStructure(4)
     assert triton_scan.use_triton(cuda, diag) and triton_scan.use_triton(cuda, diag)
-    assert capsys.readouterr().err == "sparse-ssm: the selective scan on CUDA runs on the Triton kernel of the 'diagonal' structure\n"
+    announced = capsys.readouterr().err.splitlines()
+    assert announced == ["sparse-ssm: the selective scan on CUDA runs on the Triton kernel of the 'diagonal' structure"]
     assert not triton_scan.use_triton(torch.device("cpu"), diag)        # CPUs keep the fused / PyTorch paths
     assert not triton_scan.use_triton(cuda, BlockStructure(4, 2))
     assert "chunked path for the 'block2' structure" in capsys.readouterr().err

@@ -113,8 +113,8 @@ def diagonal_forward(u_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, D_ptr, z_ptr, h0_ptr, y
             tl.store(ckpt_ptr + (bh * n_chunks + k) * N * P + state_offs, X, mask=mask_np)
         for i in range(0, CHUNK):
             t = k * CHUNK + i
-            dt, d, a, Bv, Cv, u, row, live_p = _token_inputs(u_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, D_ptr, batch, t, h, g, L,
-                                                             H, G, N, P, offs_n, offs_p, COMPUTE)
+            dt, d, a, Bv, Cv, u, row, live_p = _token_inputs(u_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, D_ptr, batch, t, h,
+                                                             g, L, H, G, N, P, offs_n, offs_p, COMPUTE)
             decay, s, _, _, _ = _discretize(dt, a, alpha, GBT, SIGNED, SMALL)
             X = decay[:, None] * X + (s * Bv)[:, None] * u[None, :]
             y = tl.sum(Cv[:, None] * X, axis=0) + d * u
@@ -164,8 +164,8 @@ def diagonal_backward(u_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, D_ptr, z_ptr, ckpt_ptr
             t = k * CHUNK + i
             Xt = tl.load(scratch + (i + 1) * BLOCK_N * BLOCK_P + scratch_offs)
             Xprev = tl.load(scratch + i * BLOCK_N * BLOCK_P + scratch_offs)
-            dt, d, a, Bv, Cv, u, row, live_p = _token_inputs(u_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, D_ptr, batch, t, h, g, L,
-                                                             H, G, N, P, offs_n, offs_p, COMPUTE)
+            dt, d, a, Bv, Cv, u, row, live_p = _token_inputs(u_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, D_ptr, batch, t, h,
+                                                             g, L, H, G, N, P, offs_n, offs_p, COMPUTE)
             dy = tl.load(dout_ptr + row, mask=live_p, other=0.0).to(COMPUTE)
             if HAS_Z:                              # out = y silu(z): y recomputed from X_t
                 zv = tl.load(z_ptr + row, mask=live_p, other=0.0).to(COMPUTE)
