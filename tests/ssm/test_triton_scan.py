@@ -1,9 +1,12 @@
 """The Triton kernels of the selective scan, run by Triton's interpreter on CPU tensors, against the
 sequential scan: values, gradients (fp64), odd lengths across the kernels' chunks, initial and final
 state, the gate, shared B/C groups, channel tiles, every discretisation, low-precision inputs (one
-ulp), and the dispatcher's choice of path on a CUDA device."""
+ulp), the dispatcher's choice of path on a CUDA device, and (slow) the real compiler's cubins for an
+H100, built without one."""
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")     # read when @triton.jit decorates: before the kernels import
 
@@ -12,6 +15,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed (the gpu extra: pip install -e '.[gpu]')")
 
+from helpers import ROOT  # noqa: E402
 from sparse_ssm.ssm import triton as triton_scan  # noqa: E402
 from sparse_ssm.ssm.scan import selective_scan_sequential  # noqa: E402
 from sparse_ssm.ssm.structures import BlockStructure, DiagonalStructure  # noqa: E402
@@ -116,3 +120,35 @@ def test_the_dispatcher_takes_triton_on_cuda_for_diagonal_a_and_says_so_once(mon
     monkeypatch.setenv("SPARSE_SSM_TRITON", "0")
     assert not triton_scan.use_triton(cuda, diag)
     assert "(SPARSE_SSM_TRITON=0)" in capsys.readouterr().err
+
+
+COMPILE = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sparse_ssm.ssm.triton.diagonal_kernels import diagonal_backward, diagonal_forward
+
+INTS = {"L", "H", "G", "N", "P", "rows"}
+for dtype, block_n, block_p in (("fp32", 16, 64), ("bf16", 128, 16)):
+    for fn, flags in ((diagonal_forward, dict(HAS_H0=True, SAVE=True)), (diagonal_backward, {})):
+        consts = dict(HAS_Z=True, GBT=False, SIGNED=True, CHUNK=32, BLOCK_N=block_n, BLOCK_P=block_p,
+                      COMPUTE=tl.float32, SMALL=0.1, **flags)
+        inputs = {"u_ptr", "dt_ptr", "a_ptr", "B_ptr", "C_ptr", "D_ptr", "z_ptr", "y_ptr", "dout_ptr", "du_ptr",
+                  "dz_ptr"}
+        types = {n: "constexpr" if n in consts else "fp32" if n == "alpha" else "i32" if n in INTS
+                 else "*" + (dtype if n in inputs else "fp32") for n in fn.arg_names}
+        src = ASTSource(fn, types, {(fn.arg_names.index(n),): v for n, v in consts.items()})
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        assert kernel.asm["cubin"], fn.__name__
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_the_kernels_compile_for_an_h100_without_one(tmp_path):
+    """The real backend (TTIR -> PTX -> cubin for sm_90), which the interpreter never runs: forward and
+    backward, fp32 and bf16 inputs, the shapes of N = 16 and 128."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env |= {"TRITON_CACHE_DIR": str(tmp_path), "TRITON_DEFAULT_FP_FUSION": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
