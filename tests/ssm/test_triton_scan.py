@@ -128,7 +128,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from sparse_ssm.ssm.triton.diagonal_kernels import diagonal_backward, diagonal_forward
 
-INTS = {"L", "H", "G", "N", "P", "rows"}
+INTS = {"L", "H", "G", "N", "P", "n_chunks", "rows"}
 for dtype, block_n, block_p in (("fp32", 16, 64), ("bf16", 128, 16)):
     for fn, flags in ((diagonal_forward, dict(HAS_H0=True, SAVE=True)), (diagonal_backward, {})):
         consts = dict(HAS_Z=True, GBT=False, SIGNED=True, CHUNK=32, BLOCK_N=block_n, BLOCK_P=block_p,
@@ -149,6 +149,7 @@ def test_the_kernels_compile_for_an_h100_without_one(tmp_path):
     """The real backend (TTIR -> PTX -> cubin for sm_90), which the interpreter never runs: forward and
     backward, fp32 and bf16 inputs, the shapes of N = 16 and 128."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env |= {"TRITON_CACHE_DIR": str(tmp_path), "TRITON_DEFAULT_FP_FUSION": "1", "PYTHONPATH": str(ROOT)}
+    env |= {"TRITON_CACHE_DIR": str(tmp_path), "TRITON_DEFAULT_FP_FUSION": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     done = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

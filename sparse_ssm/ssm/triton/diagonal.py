@@ -39,10 +39,11 @@ def _launch_forward(u, dt, a, B, C, D, h0, z, gbt, signed, alpha, save):
     block_n, block_p = _blocks(N, P)
     y = torch.empty_like(u)
     hT = u.new_empty(b, H, N, P, dtype=state_dtype)
-    ckpt = u.new_empty(b, H, triton.cdiv(L, CHUNK), N, P, dtype=state_dtype) if save else hT
+    n_chunks = triton.cdiv(L, CHUNK)
+    ckpt = u.new_empty(b, H, n_chunks, N, P, dtype=state_dtype) if save else hT
     grid = (b * H, triton.cdiv(P, block_p))
     diagonal_forward[grid](u, dt, a, B, C, D, u if z is None else z, hT if h0 is None else h0, y, hT, ckpt,
-                           L, H, G, N, P, alpha, HAS_Z=z is not None, HAS_H0=h0 is not None, SAVE=save, GBT=gbt,
+                           L, H, G, N, P, n_chunks, alpha, HAS_Z=z is not None, HAS_H0=h0 is not None, SAVE=save, GBT=gbt,
                            SIGNED=signed, CHUNK=CHUNK, BLOCK_N=block_n, BLOCK_P=block_p, COMPUTE=compute,
                            SMALL=small)
     return y, hT, ckpt
@@ -59,13 +60,14 @@ def _launch_backward(u, dt, a, B, C, D, z, ckpt, dout, dhT, gbt, signed, alpha):
     dz = torch.empty_like(z) if z is not None else None
     dh0 = u.new_empty(b, H, N, P, dtype=state_dtype)
     per_tile = dict(dtype=state_dtype, device=u.device)
-    padded = triton.cdiv(L, CHUNK) * CHUNK
+    n_chunks = triton.cdiv(L, CHUNK)
+    padded = n_chunks * CHUNK
     ddt, dD = (torch.empty(tiles, b, padded, H, **per_tile) for _ in range(2))
     da, dB, dC = (torch.empty(tiles, b, padded, H, N, **per_tile) for _ in range(3))
     scratch = torch.empty(b * H * tiles * (CHUNK + 1) * block_n * block_p, **per_tile)
     diagonal_backward[(b * H, tiles)](u, dt, a, B, C, D, u if z is None else z, ckpt, dout, dhT, scratch,
                                       du, du if dz is None else dz, dh0, ddt, da, dB, dC, dD,
-                                      L, H, G, N, P, alpha, b, HAS_Z=z is not None, GBT=gbt,
+                                      L, H, G, N, P, n_chunks, alpha, b, HAS_Z=z is not None, GBT=gbt,
                                       SIGNED=signed, CHUNK=CHUNK, BLOCK_N=block_n, BLOCK_P=block_p,
                                       COMPUTE=compute, SMALL=small)
     ddt, dD, da, dB, dC = (x[:, :, :L].sum(0) for x in (ddt, dD, da, dB, dC))

@@ -89,12 +89,13 @@ def _token_inputs(u_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, D_ptr, batch, t, h, g, L, 
 
 @triton.jit
 def diagonal_forward(u_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, D_ptr, z_ptr, h0_ptr, y_ptr, hT_ptr, ckpt_ptr,
-                     L, H, G, N, P, alpha,
+                     L, H, G, N, P, n_chunks, alpha,
                      HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, SAVE: tl.constexpr, GBT: tl.constexpr,
                      SIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
                      COMPUTE: tl.constexpr, SMALL: tl.constexpr):
     """Grid (b * H, cdiv(P, BLOCK_P)): y, the final state and (SAVE) the chunk checkpoints
-    (b, H, cdiv(L, CHUNK), N, P)."""
+    (b, H, n_chunks, N, P), n_chunks = cdiv(L, CHUNK) (from the host: triton 3.6's interpreter
+    cannot loop up to a tl.cdiv)."""
     bh = tl.program_id(0).to(tl.int64)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
@@ -107,7 +108,6 @@ def diagonal_forward(u_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, D_ptr, z_ptr, h0_ptr, y
         X = tl.load(h0_ptr + bh * N * P + state_offs, mask=mask_np, other=0.0).to(COMPUTE)
     else:
         X = tl.zeros((BLOCK_N, BLOCK_P), dtype=COMPUTE)
-    n_chunks = tl.cdiv(L, CHUNK)
     for k in range(0, n_chunks):
         if SAVE:
             tl.store(ckpt_ptr + (bh * n_chunks + k) * N * P + state_offs, X, mask=mask_np)
@@ -128,7 +128,7 @@ def diagonal_forward(u_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, D_ptr, z_ptr, h0_ptr, y
 @triton.jit
 def diagonal_backward(u_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, D_ptr, z_ptr, ckpt_ptr, dout_ptr, dhT_ptr, scratch_ptr,
                       du_ptr, dz_ptr, dh0_ptr, ddt_ptr, da_ptr, dB_ptr, dC_ptr, dD_ptr,
-                      L, H, G, N, P, alpha, rows,
+                      L, H, G, N, P, n_chunks, alpha, rows,
                       HAS_Z: tl.constexpr, GBT: tl.constexpr, SIGNED: tl.constexpr, CHUNK: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, COMPUTE: tl.constexpr, SMALL: tl.constexpr):
     """Grid as the forward.  du, dz (b, L, H, P) and dh0 (b, H, N, P) directly; ddt, dD
@@ -146,7 +146,6 @@ def diagonal_backward(u_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, D_ptr, z_ptr, ckpt_ptr
     scratch = scratch_ptr + (bh * tl.num_programs(1) + tile) * (CHUNK + 1) * BLOCK_N * BLOCK_P
     scratch_offs = offs_n[:, None] * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
     Gs = tl.load(dhT_ptr + bh * N * P + state_offs, mask=mask_np, other=0.0).to(COMPUTE)
-    n_chunks = tl.cdiv(L, CHUNK)
     for kk in range(0, n_chunks):
         k = n_chunks - 1 - kk
         X = tl.load(ckpt_ptr + (bh * n_chunks + k) * N * P + state_offs, mask=mask_np, other=0.0).to(COMPUTE)
