@@ -122,6 +122,30 @@ def test_the_dispatcher_takes_triton_on_cuda_for_diagonal_a_and_says_so_once(mon
     assert "(SPARSE_SSM_TRITON=0)" in capsys.readouterr().err
 
 
+def test_a_model_trains_through_the_triton_path_as_through_the_pytorch_path(monkeypatch):
+    """The layer's real call (z a view of the projection, a learned initial state expanded over the
+    batch, signed eigenvalues, two heads sharing B/C): same loss and parameter gradients whichever
+    path the dispatcher picks (here told to pick Triton for CPU tensors, the interpreter's)."""
+    from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM
+    from sparse_ssm.ssm import fused
+
+    config = SparseSSMConfig(vocab_size=40, hidden_dim=16, state_dim=4, ffn_dim=0, num_layers=1, num_heads=2,
+                             sparsity_level=0.9, eigenvalue_range="signed", learned_initial_state=True, dropout=0.0)
+    model = SparseSSMForCausalLM(config).double()
+    ids = torch.randint(0, 40, (2, 11))
+    monkeypatch.setattr(fused, "available", lambda *a: False)          # the CPU kernel would take the call
+    results = {}
+    for path in ("triton", "pytorch"):
+        monkeypatch.setattr(triton_scan, "use_triton", lambda device, structure, on=path == "triton": on)
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        results[path] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.testing.assert_close(results["triton"][0], results["pytorch"][0], rtol=1e-10, atol=1e-10)
+    for name, grad in results["pytorch"][1].items():
+        torch.testing.assert_close(results["triton"][1][name], grad, rtol=1e-8, atol=1e-10, msg=name)
+
+
 COMPILE = """
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
