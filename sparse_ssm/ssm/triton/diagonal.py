@@ -43,8 +43,8 @@ def _launch_forward(u, dt, a, B, C, D, h0, z, gbt, signed, alpha, save):
     ckpt = u.new_empty(b, H, n_chunks, N, P, dtype=state_dtype) if save else hT
     grid = (b * H, triton.cdiv(P, block_p))
     diagonal_forward[grid](u, dt, a, B, C, D, u if z is None else z, hT if h0 is None else h0, y, hT, ckpt,
-                           L, H, G, N, P, n_chunks, alpha, HAS_Z=z is not None, HAS_H0=h0 is not None, SAVE=save, GBT=gbt,
-                           SIGNED=signed, CHUNK=CHUNK, BLOCK_N=block_n, BLOCK_P=block_p, COMPUTE=compute,
+                           L, H, G, N, P, n_chunks, alpha, HAS_Z=z is not None, HAS_H0=h0 is not None, SAVE=save,
+                           GBT=gbt, SIGNED=signed, CHUNK=CHUNK, BLOCK_N=block_n, BLOCK_P=block_p, COMPUTE=compute,
                            SMALL=small)
     return y, hT, ckpt
 
