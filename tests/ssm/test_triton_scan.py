@@ -120,6 +120,10 @@ def test_the_dispatcher_takes_triton_on_cuda_for_diagonal_a_and_says_so_once(mon
     monkeypatch.setenv("SPARSE_SSM_TRITON", "0")
     assert not triton_scan.use_triton(cuda, diag)
     assert "(SPARSE_SSM_TRITON=0)" in capsys.readouterr().err
+    monkeypatch.delenv("SPARSE_SSM_TRITON")
+    monkeypatch.setattr(triton_scan, "importable", lambda: False)      # a CUDA machine without the package
+    assert not triton_scan.use_triton(cuda, diag)
+    assert "triton is not installed: pip install 'sparse-ssm[gpu]'" in capsys.readouterr().err
 
 
 def test_a_model_trains_through_the_triton_path_as_through_the_pytorch_path(monkeypatch):
