@@ -11,6 +11,11 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
+# triton for the GPU kernels' tests (under the interpreter on CPUs); kept out of `make demo` (~1 GB)
+$(VENV)/.gpu: $(VENV)/.installed requirements-gpu.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-gpu.txt
+	touch $@
+
 $(VENV)/.bench: $(VENV)/.installed requirements-bench.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
 	touch $@
@@ -30,13 +35,14 @@ demo: $(VENV)/.installed data/shakespeare/ATTRIBUTION
 		--temperature 0.8 --top-k 50 --seed 1
 	@echo "--- serve it over the Ollama and OpenAI APIs: $(PY) main.py serve --model-dir $(DEMO_DIR)"
 
-## the test suite (what CI runs), then the numerics once more on the pure-PyTorch paths (no native kernel)
-test: $(VENV)/.installed
+## the test suite (what CI runs; the Triton kernels under Triton's interpreter), then the numerics once more
+## on the pure-PyTorch paths (no native kernel)
+test: $(VENV)/.installed $(VENV)/.gpu
 	$(PY) -m pytest -q
 	SPARSE_SSM_NATIVE=0 $(PY) -m pytest -q -m "not slow" tests/ssm tests/model
 
 ## the suite without the tests marked slow (a minute or so, for development)
-test-fast: $(VENV)/.installed
+test-fast: $(VENV)/.installed $(VENV)/.gpu
 	$(PY) -m pytest -q -m "not slow"
 
 ## benchmarks against peers (writes bench/results/)

@@ -27,6 +27,8 @@ All functions here share one signature (like mamba_ssm's `selective_scan_ref`):
 - `selective_scan_fused` (`fused.py`): the fast path on CPUs for the diagonal structure, a native
   kernel that walks the sequence once with the state in registers (`selective_scan` uses it
   whenever it is available; otherwise the chunked path below).
+- `selective_scan_triton` (`triton/`): the path on CUDA devices for the diagonal structure, Triton
+  kernels that walk the sequence once with the state in registers (where triton is importable).
 - `selective_scan_chunked`: the pure-PyTorch fast path.  The sequence is cut into chunks of T tokens.
   * Diagonal A (the Mamba case) uses the matmul form of Mamba-2's SSD, with one decay per state:
     inside a chunk, with l_t = log A_bar_t and the inclusive cumulative sum S_t = sum_{k<=t} l_k,
@@ -47,7 +49,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import fused
+from . import fused, triton
 from .discretization import alpha_for, expm1_ratio
 from .structures import DiagonalStructure
 
@@ -212,11 +214,13 @@ def selective_scan_chunked(u, dt, A_raw, B, C, D, structure, method="zoh", alpha
 
 def selective_scan(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None,
                    use_parallel_scan=True, chunk_size=8):
-    """Dispatch: the fused kernel where it applies, else the chunked path; the sequential scan when
-    `use_parallel_scan` is off."""
+    """Dispatch: the fused kernel where it applies (CPU), the Triton kernels on CUDA where they apply
+    (`triton.use_triton`), else the chunked path; the sequential scan when `use_parallel_scan` is off."""
     if use_parallel_scan:
         if fused.available(u, structure, method):
             return fused.selective_scan_fused(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z)
+        if triton.use_triton(u.device, structure):
+            return triton.selective_scan_triton(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z)
         return selective_scan_chunked(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z, chunk_size)
     return selective_scan_sequential(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z)
 

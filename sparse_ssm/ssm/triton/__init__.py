@@ -1,0 +1,75 @@
+"""Triton kernels of the selective scan (GPU; on CPU tensors under ``TRITON_INTERPRET=1``).
+
+    selective_scan_triton(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state=None, z=None)
+        -> (y, final_state)
+
+the shared scan signature of `sparse_ssm.ssm.scan` (shapes there).  The diagonal structure (positive
+and signed eigenvalues, zoh / bilinear / gbt) runs a recurrent kernel, forward and backward
+(`diagonal.py`); the other structures are not here yet and run on the PyTorch paths, where
+`sparse_ssm.ssm.scan.selective_scan` sends them.  `triton` itself is imported on the first call,
+so importing this package costs nothing on machines without it.
+
+`use_triton(device, structure)` is the dispatcher's choice on a device: the Triton path on CUDA
+where triton is importable and a kernel covers the structure, unless ``SPARSE_SSM_TRITON=0``; the
+first time a choice is made for a reason, one line on stderr says which path runs and why.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import torch
+
+from ..structures import DiagonalStructure
+
+
+def importable() -> bool:
+    """Is the `triton` package installed (the `gpu` extra; the CUDA builds of torch bring it)?"""
+    return importlib.util.find_spec("triton") is not None
+
+
+def supports(structure) -> bool:
+    """Does a Triton kernel cover this structure?"""
+    return isinstance(structure, DiagonalStructure)
+
+
+_announced: set[str] = set()
+
+
+def _announce(line: str) -> None:
+    if line not in _announced:
+        _announced.add(line)
+        print(f"sparse-ssm: {line}", file=sys.stderr, flush=True)
+
+
+def use_triton(device: torch.device, structure) -> bool:
+    """Does the selective scan on `device` take the Triton kernels?  Only CUDA devices do (CPUs have
+    the fused native kernels and the PyTorch paths); announces the choice once per reason."""
+    if device.type != "cuda":
+        return False
+    fallback = "the selective scan on CUDA runs on the pure-PyTorch chunked path"
+    if os.environ.get("SPARSE_SSM_TRITON") == "0":
+        _announce(f"{fallback} (SPARSE_SSM_TRITON=0)")
+        return False
+    if not importable():
+        _announce(f"{fallback} (triton is not installed: pip install 'sparse-ssm[gpu]' for the Triton kernels)")
+        return False
+    if not supports(structure):
+        _announce(f"{fallback} for the {structure.name!r} structure (its Triton kernel is not written yet)")
+        return False
+    _announce(f"the selective scan on CUDA runs on the Triton kernel of the {structure.name!r} structure")
+    return True
+
+
+def selective_scan_triton(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
+    """The selective scan on the Triton kernels (the shared signature of `sparse_ssm.ssm.scan`)."""
+    if not supports(structure):
+        raise NotImplementedError(
+            f"the Triton selective scan covers the diagonal structure only, not {structure.name!r}: that "
+            f"structure runs on the PyTorch path (sparse_ssm.ssm.scan.selective_scan sends it there)")
+    from .diagonal import diagonal_scan
+
+    a = structure.continuous(A_raw if A_raw.dtype == torch.float64 else A_raw.float())   # not rounded to bf16
+    return diagonal_scan(u, dt, a, B, C, D, initial_state, z, method, alpha, structure.signed)

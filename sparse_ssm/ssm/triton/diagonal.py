@@ -1,0 +1,108 @@
+"""The diagonal selective scan on the Triton kernels (`diagonal_kernels.py`), with autograd.
+
+    diagonal_scan(u, dt, a, B, C, D, initial_state, z, method, alpha, signed) -> (y, final_state)
+
+u, z (b, L, H, P); dt, D (b, L, H); a = structure.continuous(A_raw) (b, L, H, N); B, C (b, L, G, N);
+initial_state (b, H, N, P) or None.  The state is float32 (float64 for float64 inputs) whatever the
+inputs' dtype; y has u's dtype and every gradient its input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..discretization import alpha_for
+from .diagonal_kernels import diagonal_backward, diagonal_forward
+
+CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
+
+
+def _compute_dtype(dtype: torch.dtype):
+    """(torch dtype of the state, the kernels' compute dtype, the series threshold of expm1(x) / x)."""
+    if dtype == torch.float64:
+        return torch.float64, tl.float64, 1e-3
+    return torch.float32, tl.float32, 0.1
+
+
+def _blocks(N: int, P: int):
+    """(BLOCK_N, BLOCK_P): all states in one tile, channels tiled so the state stays ~2k elements."""
+    block_n = triton.next_power_of_2(N)
+    return block_n, min(triton.next_power_of_2(P), max(16, 2048 // block_n))
+
+
+def _launch_forward(u, dt, a, B, C, D, h0, z, gbt, signed, alpha, save):
+    b, L, H, P = u.shape
+    G, N = B.shape[2], B.shape[3]
+    state_dtype, compute, small = _compute_dtype(u.dtype)
+    block_n, block_p = _blocks(N, P)
+    y = torch.empty_like(u)
+    hT = u.new_empty(b, H, N, P, dtype=state_dtype)
+    n_chunks = triton.cdiv(L, CHUNK)
+    ckpt = u.new_empty(b, H, n_chunks, N, P, dtype=state_dtype) if save else hT
+    grid = (b * H, triton.cdiv(P, block_p))
+    diagonal_forward[grid](u, dt, a, B, C, D, u if z is None else z, hT if h0 is None else h0, y, hT, ckpt,
+                           L, H, G, N, P, n_chunks, alpha, HAS_Z=z is not None, HAS_H0=h0 is not None, SAVE=save,
+                           GBT=gbt, SIGNED=signed, CHUNK=CHUNK, BLOCK_N=block_n, BLOCK_P=block_p, COMPUTE=compute,
+                           SMALL=small)
+    return y, hT, ckpt
+
+
+def _launch_backward(u, dt, a, B, C, D, z, ckpt, dout, dhT, gbt, signed, alpha):
+    """The gradients of u, dt, a, B, C (per group), D, the initial state (state dtype) and z (or None)."""
+    b, L, H, P = u.shape
+    G, N = B.shape[2], B.shape[3]
+    state_dtype, compute, small = _compute_dtype(u.dtype)
+    block_n, block_p = _blocks(N, P)
+    tiles = triton.cdiv(P, block_p)
+    du = torch.empty_like(u)
+    dz = torch.empty_like(z) if z is not None else None
+    dh0 = u.new_empty(b, H, N, P, dtype=state_dtype)
+    per_tile = dict(dtype=state_dtype, device=u.device)
+    n_chunks = triton.cdiv(L, CHUNK)
+    padded = n_chunks * CHUNK
+    ddt, dD = (torch.empty(tiles, b, padded, H, **per_tile) for _ in range(2))
+    da, dB, dC = (torch.empty(tiles, b, padded, H, N, **per_tile) for _ in range(3))
+    scratch = torch.empty(b * H * tiles * (CHUNK + 1) * block_n * block_p, **per_tile)
+    diagonal_backward[(b * H, tiles)](u, dt, a, B, C, D, u if z is None else z, ckpt, dout, dhT, scratch,
+                                      du, du if dz is None else dz, dh0, ddt, da, dB, dC, dD,
+                                      L, H, G, N, P, n_chunks, alpha, b, HAS_Z=z is not None, GBT=gbt,
+                                      SIGNED=signed, CHUNK=CHUNK, BLOCK_N=block_n, BLOCK_P=block_p,
+                                      COMPUTE=compute, SMALL=small)
+    ddt, dD, da, dB, dC = (x[:, :, :L].sum(0) for x in (ddt, dD, da, dB, dC))
+    per_group = lambda x, like: x.reshape(b, L, G, H // G, N).sum(3).to(like.dtype)
+    return du, ddt.to(dt.dtype), da.to(a.dtype), per_group(dB, B), per_group(dC, C), dD.to(D.dtype), dh0, dz
+
+
+class DiagonalScan(torch.autograd.Function):
+    """Forward and backward on the Triton kernels; the forward keeps the chunk checkpoints only."""
+
+    @staticmethod
+    def forward(ctx, u, dt, a, B, C, D, h0, z, gbt: bool, signed: bool, alpha: float):
+        y, hT, ckpt = _launch_forward(u, dt, a, B, C, D, h0, z, gbt, signed, alpha, save=True)
+        ctx.save_for_backward(u, dt, a, B, C, D, z, ckpt)
+        ctx.flags = (gbt, signed, alpha, None if h0 is None else h0.dtype)
+        return y, hT
+
+    @staticmethod
+    def backward(ctx, dy, dhT):
+        u, dt, a, B, C, D, z, ckpt = ctx.saved_tensors
+        gbt, signed, alpha, h0_dtype = ctx.flags
+        du, ddt, da, dB, dC, dD, dh0, dz = _launch_backward(u, dt, a, B, C, D, z, ckpt, dy.contiguous(),
+                                                            dhT.contiguous(), gbt, signed, alpha)
+        return du, ddt, da, dB, dC, dD, None if h0_dtype is None else dh0.to(h0_dtype), dz, None, None, None
+
+
+def diagonal_scan(u, dt, a, B, C, D, initial_state=None, z=None, method="zoh", alpha=0.5, signed=False):
+    """The scan of a diagonal A (see the module docstring); autograd through the Triton backward
+    whenever an input requires a gradient."""
+    gbt = method != "zoh"
+    al = alpha_for(method, alpha) if gbt else 0.0
+    args = [t.contiguous() for t in (u, dt, a, B, C, D)]
+    h0 = None if initial_state is None else initial_state.contiguous()
+    z = None if z is None else z.contiguous()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*args, h0, z) if t is not None):
+        return DiagonalScan.apply(*args, h0, z, gbt, signed, al)
+    y, hT, _ = _launch_forward(*args, h0, z, gbt, signed, al, save=False)
+    return y, hT

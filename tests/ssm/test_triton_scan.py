@@ -1,0 +1,183 @@
+"""The Triton kernels of the selective scan, run by Triton's interpreter on CPU tensors, against the
+sequential scan: values, gradients (fp64), odd lengths across the kernels' chunks, initial and final
+state, the gate, shared B/C groups, channel tiles, every discretisation, low-precision inputs (one
+ulp), the dispatcher's choice of path on a CUDA device, and (slow) the real compiler's cubins for an
+H100, built without one."""
+
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")     # read when @triton.jit decorates: before the kernels import
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed (the gpu extra: pip install -e '.[gpu]')")
+
+from helpers import ROOT  # noqa: E402
+from sparse_ssm.ssm import triton as triton_scan  # noqa: E402
+from sparse_ssm.ssm.scan import selective_scan_sequential  # noqa: E402
+from sparse_ssm.ssm.structures import BlockStructure, DiagonalStructure  # noqa: E402
+from sparse_ssm.ssm.triton import diagonal  # noqa: E402
+
+NAMES = ("u", "dt", "A_raw", "B", "C", "D", "initial_state", "z")
+
+
+@pytest.fixture(autouse=True)
+def _short_chunks(monkeypatch):
+    """Checkpoints every 8 tokens: the lengths below cross chunk boundaries at interpreter speed."""
+    monkeypatch.setattr(diagonal, "CHUNK", 8)
+
+
+def inputs(b, L, H, P, N, G, dtype=torch.float64, state=True, gate=True, seed=0):
+    """The scan's inputs (NAMES), float64 values cast to `dtype`; dt spans both sides of the
+    series threshold of expm1(x) / x."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    dt = torch.nn.functional.softplus(r(b, L, H) - 1.5)
+    xs = [r(b, L, H, P), dt, 0.5 * r(b, L, H, N), r(b, L, G, N), r(b, L, G, N), r(b, L, H),
+          r(b, H, N, P) if state else None, r(b, L, H, P) if gate else None]
+    return [None if x is None else x.to(dtype) for x in xs]
+
+
+def run(fn, xs, structure, method, alpha, seed=1):
+    """(y, final state, gradients of a random weighting of both for every given input)."""
+    leaves = [None if x is None else x.clone().requires_grad_() for x in xs]
+    y, h = fn(*leaves[:6], structure, method, alpha, leaves[6], leaves[7])
+    g = torch.Generator().manual_seed(seed)
+    exact = lambda x: x.to(torch.bfloat16).to(torch.float16).double()        # in every dtype of the tests
+    weights = lambda x: exact(torch.randn(x.shape, generator=g, dtype=torch.float64))
+    loss = (y.double() * weights(y)).sum() + (h.double() * weights(h)).sum()
+    grads = torch.autograd.grad(loss, [x for x in leaves if x is not None])
+    return y, h, grads
+
+
+# (b, L, H, P, N, G, method, alpha, signed, state, gate): odd lengths around the 8-token chunks, a
+# single token, non-power-of-two N, P over one 16-channel tile, heads sharing B/C and per-head B/C
+CASES = [
+    (2, 13, 2, 3, 5, 1, "zoh", 0.5, False, True, True),
+    (1, 8, 2, 4, 4, 2, "zoh", 0.5, True, False, False),
+    (1, 17, 2, 2, 3, 1, "bilinear", 0.5, True, True, True),
+    (1, 5, 1, 20, 3, 1, "gbt", 0.25, False, True, False),
+    (1, 1, 2, 3, 2, 2, "gbt", 1.0, True, False, True),
+]
+
+
+@pytest.mark.parametrize("b, L, H, P, N, G, method, alpha, signed, state, gate", CASES)
+def test_forward_and_gradients_match_the_sequential_scan(b, L, H, P, N, G, method, alpha, signed, state, gate):
+    xs = inputs(b, L, H, P, N, G, state=state, gate=gate)
+    structure = DiagonalStructure(N, signed=signed)
+    y, h, grads = run(triton_scan.selective_scan_triton, xs, structure, method, alpha)
+    y_ref, h_ref, grads_ref = run(selective_scan_sequential, xs, structure, method, alpha)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-10)
+    given = [name for name, x in zip(NAMES, xs) if x is not None]
+    for name, grad, ref in zip(given, grads, grads_ref):
+        torch.testing.assert_close(grad, ref, rtol=1e-9, atol=1e-10, msg=lambda m: f"d {name}: {m}")
+
+
+def test_float64_gradcheck():
+    xs = [x.requires_grad_() for x in inputs(1, 5, 1, 2, 2, 1, state=True, gate=True, seed=3)]
+    structure = DiagonalStructure(2, signed=True)
+    fn = lambda *t: triton_scan.selective_scan_triton(*t[:6], structure, "zoh", 0.5, t[6], t[7])
+    assert torch.autograd.gradcheck(fn, xs, fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2.0 ** -7), (torch.float16, 2.0 ** -10)])
+def test_low_precision_inputs_keep_a_float32_state_within_one_ulp(dtype, ulp):
+    """The kernels read bf16/fp16 and compute in fp32: y and every gradient are the fp32 scan's on
+    the same values, rounded once (one ulp of the dtype); the state is float32."""
+    xs = inputs(1, 11, 2, 3, 4, 1, dtype=dtype)
+    structure = DiagonalStructure(4)
+    y, h, grads = run(triton_scan.selective_scan_triton, xs, structure, "zoh", 0.5)
+    exact = [None if x is None else x.float() for x in xs]
+    y_ref, h_ref, grads_ref = run(selective_scan_sequential, exact, structure, "zoh", 0.5)
+    assert y.dtype == dtype and h.dtype == torch.float32
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    for name, got, ref in [("y", y, y_ref), *zip(NAMES, grads, grads_ref)]:
+        assert got.dtype == dtype
+        error = (got.float() - ref).abs()
+        assert (error <= ulp * ref.abs() + 1e-5 * ref.abs().max()).all(), f"{name}: {error.max().item()} off"
+
+
+def test_other_structures_are_left_to_the_pytorch_path():
+    xs = inputs(1, 3, 1, 2, 4, 1)
+    with pytest.raises(NotImplementedError, match="block2.*PyTorch path"):
+        triton_scan.selective_scan_triton(*xs[:6], BlockStructure(4, 2), "zoh", 0.5)
+
+
+def test_the_dispatcher_takes_triton_on_cuda_for_diagonal_a_and_says_so_once(monkeypatch, capsys):
+    monkeypatch.setattr(triton_scan, "_announced", set())
+    monkeypatch.delenv("SPARSE_SSM_TRITON", raising=False)
+    cuda, diag = torch.device("cuda"), DiagonalStructure(4)
+    assert triton_scan.use_triton(cuda, diag) and triton_scan.use_triton(cuda, diag)
+    announced = capsys.readouterr().err.splitlines()
+    assert announced == ["sparse-ssm: the selective scan on CUDA runs on the Triton kernel of the 'diagonal' structure"]
+    assert not triton_scan.use_triton(torch.device("cpu"), diag)        # CPUs keep the fused / PyTorch paths
+    assert not triton_scan.use_triton(cuda, BlockStructure(4, 2))
+    assert "chunked path for the 'block2' structure" in capsys.readouterr().err
+    monkeypatch.setenv("SPARSE_SSM_TRITON", "0")
+    assert not triton_scan.use_triton(cuda, diag)
+    assert "(SPARSE_SSM_TRITON=0)" in capsys.readouterr().err
+    monkeypatch.delenv("SPARSE_SSM_TRITON")
+    monkeypatch.setattr(triton_scan, "importable", lambda: False)      # a CUDA machine without the package
+    assert not triton_scan.use_triton(cuda, diag)
+    assert "triton is not installed: pip install 'sparse-ssm[gpu]'" in capsys.readouterr().err
+
+
+def test_a_model_trains_through_the_triton_path_as_through_the_pytorch_path(monkeypatch):
+    """The layer's real call (z a view of the projection, a learned initial state expanded over the
+    batch, signed eigenvalues, two heads sharing B/C): same loss and parameter gradients whichever
+    path the dispatcher picks (here told to pick Triton for CPU tensors, the interpreter's)."""
+    from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM
+    from sparse_ssm.ssm import fused
+
+    config = SparseSSMConfig(vocab_size=40, hidden_dim=16, state_dim=4, ffn_dim=0, num_layers=1, num_heads=2,
+                             sparsity_level=0.9, eigenvalue_range="signed", learned_initial_state=True, dropout=0.0)
+    model = SparseSSMForCausalLM(config).double()
+    ids = torch.randint(0, 40, (2, 11))
+    monkeypatch.setattr(fused, "available", lambda *a: False)          # the CPU kernel would take the call
+    results = {}
+    for path in ("triton", "pytorch"):
+        monkeypatch.setattr(triton_scan, "use_triton", lambda device, structure, on=path == "triton": on)
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        results[path] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.testing.assert_close(results["triton"][0], results["pytorch"][0], rtol=1e-10, atol=1e-10)
+    for name, grad in results["pytorch"][1].items():
+        torch.testing.assert_close(results["triton"][1][name], grad, rtol=1e-8, atol=1e-10, msg=name)
+
+
+COMPILE = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sparse_ssm.ssm.triton.diagonal_kernels import diagonal_backward, diagonal_forward
+
+INTS = {"L", "H", "G", "N", "P", "n_chunks", "rows"}
+for dtype, block_n, block_p in (("fp32", 16, 64), ("bf16", 128, 16)):
+    for fn, flags in ((diagonal_forward, dict(HAS_H0=True, SAVE=True)), (diagonal_backward, {})):
+        consts = dict(HAS_Z=True, GBT=False, SIGNED=True, CHUNK=32, BLOCK_N=block_n, BLOCK_P=block_p,
+                      COMPUTE=tl.float32, SMALL=0.1, **flags)
+        inputs = {"u_ptr", "dt_ptr", "a_ptr", "B_ptr", "C_ptr", "D_ptr", "z_ptr", "y_ptr", "dout_ptr", "du_ptr",
+                  "dz_ptr"}
+        types = {n: "constexpr" if n in consts else "fp32" if n == "alpha" else "i32" if n in INTS
+                 else "*" + (dtype if n in inputs else "fp32") for n in fn.arg_names}
+        src = ASTSource(fn, types, {(fn.arg_names.index(n),): v for n, v in consts.items()})
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        assert kernel.asm["cubin"], fn.__name__
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_the_kernels_compile_for_an_h100_without_one(tmp_path):
+    """The real backend (TTIR -> PTX -> cubin for sm_90), which the interpreter never runs: forward and
+    backward, fp32 and bf16 inputs, the shapes of N = 16 and 128."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env |= {"TRITON_CACHE_DIR": str(tmp_path), "TRITON_DEFAULT_FP_FUSION": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    done = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
