@@ -36,7 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from provenance import code_version, mixed_records, provenance, refuse_mixed, summary_line  # noqa: E402
+from common import comma_list  # noqa: E402
+from provenance import code_version, load_grid_cells, provenance, summary_line  # noqa: E402
 from sparse_ssm.tasks.chomsky import DELETANG_TASKS, chomsky_task  # noqa: E402
 from sparse_ssm.tasks.length_generalization import (TEST_EDGES, TRAIN_RANGE, bucket_labels,  # noqa: E402
                                                     check_protocol, run_length_generalization)
@@ -76,18 +77,7 @@ def run_cell(name: str, variant: str, seed: int, setup: dict) -> dict:
 
 def load_cells(path: Path, setup: dict, allow_mixed: bool = False) -> list[dict]:
     """The cells of an earlier run with the same setup, made by this code and the configs it would build."""
-    if not path.is_file():
-        return []
-    data = json.loads(path.read_text())
-    if data["setup"] != setup:
-        differ = sorted(k for k in {*setup, *data["setup"]} if setup.get(k) != data["setup"].get(k))
-        sys.exit(f"{path} holds results of another setup (differs in: {', '.join(differ)}); pass another --out "
-                 f"or delete the file to start over")
-    key = lambda c: (f"{c['task']}/{c['variant']}/seed {c['seed']}", cell_config(c["task"], c["variant"], setup).to_dict())
-    mixed = mixed_records(data["cells"], code_version(), key)
-    if mixed and not allow_mixed:
-        refuse_mixed(path, mixed)
-    return data["cells"]
+    return load_grid_cells(path, setup, lambda c: cell_config(c["task"], c["variant"], setup).to_dict(), allow_mixed)
 
 
 def spread(values: list[float]) -> str:
@@ -120,14 +110,6 @@ def markdown(setup: dict, cells: list[dict]) -> list[str]:
         lines.append("")
     lines.append(f"{len(cells)} runs, {sum(c['cpu_seconds'] for c in cells) / 60:.1f} CPU minutes in all.")
     return lines
-
-
-def comma_list(text: str, allowed) -> list[str]:
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    unknown = [x for x in items if x not in allowed]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown {unknown[0]!r}; choose from {', '.join(allowed)}")
-    return items
 
 
 def parse_args(argv=None):

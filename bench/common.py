@@ -64,3 +64,12 @@ def trained_lengths(phases, length: int, short: bool = False) -> str:
         return " → ".join(str(L) for L in [*(L for L, _ in phases), length])
     words = [f"{L} for {f:.0%}{' of the steps' * (i == 0)}" for i, (L, f) in enumerate(phases)]
     return ", ".join(words) + f", then {length}" if words else str(length)
+
+
+def comma_list(text: str, allowed) -> list[str]:
+    """An argparse type: 'a,b' -> ['a', 'b'], each one of `allowed`."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in items if x not in allowed]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {unknown[0]!r}; choose from {', '.join(allowed)}")
+    return items

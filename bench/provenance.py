@@ -129,3 +129,22 @@ def refuse_mixed(path: Path, found: list[str]):
     sys.exit(f"{path} holds {len(found)} result(s) that another code version or model config made:\n  {shown}\n"
              f"Pass --allow-mixed to keep them beside new ones (the file then records every version), "
              f"another --out, or delete the file to start over.")
+
+
+def load_grid_cells(path: Path, setup: dict, config_of, allow_mixed: bool = False) -> list[dict]:
+    """The cells of a resumable grid's earlier run (`path`: its JSON with "setup" and "cells"), if
+    it had the same setup and this code version made every cell with the model config it would build
+    now (`config_of(cell)`: that config's dict); [] when there is none.  Another setup exits naming
+    the keys that differ; mixed cells exit naming them unless `allow_mixed`."""
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    if data["setup"] != setup:
+        differ = sorted(k for k in {*setup, *data["setup"]} if setup.get(k) != data["setup"].get(k))
+        sys.exit(f"{path} holds results of another setup (differs in: {', '.join(differ)}); pass another --out "
+                 f"or delete the file to start over")
+    key = lambda c: (f"{c['task']}/{c['variant']}/seed {c['seed']}", config_of(c))
+    mixed = mixed_records(data["cells"], code_version(), key)
+    if mixed and not allow_mixed:
+        refuse_mixed(path, mixed)
+    return data["cells"]

@@ -40,8 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import curriculum_phases, pyplot, trained_lengths  # noqa: E402
-from provenance import code_version, mixed_records, provenance, refuse_mixed, summary_line  # noqa: E402
+from common import comma_list, curriculum_phases, pyplot, trained_lengths  # noqa: E402
+from provenance import code_version, load_grid_cells, provenance, summary_line  # noqa: E402
 from sparse_ssm import SparseSSMForCausalLM  # noqa: E402
 from sparse_ssm.tasks.synthetic import chance_accuracy, task_vocab  # noqa: E402
 from sparse_ssm.tasks.training import ANGLE_GRID_FROM, TASK_MODEL, VARIANTS, run_task, task_model_config  # noqa: E402
@@ -92,19 +92,7 @@ def run_cell(name: str, variant: str, seed: int, setup: dict) -> dict:
 def load_cells(path: Path, setup: dict, allow_mixed: bool = False) -> list[dict]:
     """The finished cells of an earlier run with the same setup, made by this code version and the
     model configs it would build (any, with allow_mixed); [] when there is none."""
-    if not path.is_file():
-        return []
-    data = json.loads(path.read_text())
-    if data["setup"] != setup:
-        differ = sorted(k for k in {*setup, *data["setup"]} if setup.get(k) != data["setup"].get(k))
-        sys.exit(f"{path} holds results of another setup (differs in: {', '.join(differ)}); pass another --out "
-                 f"or delete the file to start over")
-    key = lambda c: (f"{c['task']}/{c['variant']}/seed {c['seed']}",
-                     cell_config(c["task"], c["variant"], setup)[0].to_dict())
-    mixed = mixed_records(data["cells"], code_version(), key)
-    if mixed and not allow_mixed:
-        refuse_mixed(path, mixed)
-    return data["cells"]
+    return load_grid_cells(path, setup, lambda c: cell_config(c["task"], c["variant"], setup)[0].to_dict(), allow_mixed)
 
 
 def percent_range(values: list[float]) -> str:
@@ -189,14 +177,6 @@ def plot(setup: dict, cells: list[dict], path: Path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
-
-
-def comma_list(text: str, allowed) -> list[str]:
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    unknown = [x for x in items if x not in allowed]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown {unknown[0]!r}; choose from {', '.join(allowed)}")
-    return items
 
 
 def state_noise_spec(text: str) -> tuple[float, float]:
