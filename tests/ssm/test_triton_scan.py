@@ -103,8 +103,8 @@ def test_low_precision_inputs_keep_a_float32_state_within_one_ulp(dtype, ulp):
 
 def test_other_structures_are_left_to_the_pytorch_path():
     xs = inputs(1, 3, 1, 2, 4, 1)
-    with pytest.raises(NotImplementedError, match="block2.*PyTorch path"):
-        triton_scan.selective_scan_triton(*xs[:6], BlockStructure(4, 2), "zoh", 0.5)
+    with pytest.raises(NotImplementedError, match="block16.*PyTorch path"):
+        triton_scan.selective_scan_triton(*xs[:6], BlockStructure(32, 16), "zoh", 0.5)
 
 
 def test_the_dispatcher_takes_triton_on_cuda_for_diagonal_a_and_says_so_once(monkeypatch, capsys):
@@ -115,8 +115,8 @@ def test_the_dispatcher_takes_triton_on_cuda_for_diagonal_a_and_says_so_once(mon
     announced = capsys.readouterr().err.splitlines()
     assert announced == ["sparse-ssm: the selective scan on CUDA runs on the Triton kernel of the 'diagonal' structure"]
     assert not triton_scan.use_triton(torch.device("cpu"), diag)        # CPUs keep the fused / PyTorch paths
-    assert not triton_scan.use_triton(cuda, BlockStructure(4, 2))
-    assert "chunked path for the 'block2' structure" in capsys.readouterr().err
+    assert not triton_scan.use_triton(cuda, BlockStructure(32, 16))
+    assert "chunked path for the 'block16' structure" in capsys.readouterr().err
     monkeypatch.setenv("SPARSE_SSM_TRITON", "0")
     assert not triton_scan.use_triton(cuda, diag)
     assert "(SPARSE_SSM_TRITON=0)" in capsys.readouterr().err

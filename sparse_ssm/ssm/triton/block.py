@@ -22,6 +22,7 @@ import triton.language as tl
 from .block_kernels import block_backward, block_forward
 
 CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
+STEP_ELEMENTS = 4096       # the per-token block product of a program (BLOCK_NB BS BS BLOCK_P), in elements
 
 
 def _compute_dtype(dtype: torch.dtype):
@@ -30,10 +31,10 @@ def _compute_dtype(dtype: torch.dtype):
 
 
 def _blocks(NB: int, BS: int, P: int):
-    """(BLOCK_NB, BLOCK_P): all blocks in one tile; channels tiled so that a step's block product
-    (BLOCK_NB BS BS BLOCK_P elements) stays ~4k."""
+    """(BLOCK_NB, BLOCK_P): all blocks in one tile; channels tiled (4 at least) so that a step's
+    block product stays about STEP_ELEMENTS."""
     block_nb = triton.next_power_of_2(NB)
-    return block_nb, min(triton.next_power_of_2(P), max(4, 4096 // (block_nb * BS * BS)))
+    return block_nb, min(triton.next_power_of_2(P), max(4, STEP_ELEMENTS // (block_nb * BS * BS)))
 
 
 def _launch_forward(u, A_bar, B_bar, C, D, h0, z, save):
