@@ -78,6 +78,17 @@ def test_forward_and_gradients_match_the_sequential_scan(b, L, H, P, structure, 
         torch.testing.assert_close(grad, ref, rtol=1e-9, atol=1e-10, msg=lambda m: f"d {name}: {m}")
 
 
+def test_inference_without_gradients_matches_the_sequential_scan():
+    """No input requires a gradient (generation, evaluation): the forward alone, no checkpoints."""
+    structure = BlockStructure(16, 8)
+    xs = inputs(2, 12, 2, 5, structure, 1)
+    with torch.no_grad():
+        y, h = triton_scan.selective_scan_triton(*xs[:6], structure, "bilinear", 0.5, xs[6], xs[7])
+        y_ref, h_ref = selective_scan_sequential(*xs[:6], structure, "bilinear", 0.5, xs[6], xs[7])
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-10)
+
+
 def test_float64_gradcheck():
     structure = BlockStructure(4, 2)
     xs = [x.requires_grad_() for x in inputs(1, 4, 1, 2, structure, 1, seed=3)]
