@@ -6,10 +6,10 @@
 the shared scan signature of `sparse_ssm.ssm.scan` (shapes there).  Recurrent kernels, forward and
 backward: the diagonal structure (positive and signed eigenvalues, zoh / bilinear / gbt; the
 discretisation inlined, `diagonal.py`), and the block-diagonal and rotation structures with blocks
-of 2, 4 or 8 states (zoh / bilinear / gbt; the per-token blocks discretised in PyTorch,
-`block.py`).  The other structures (householder, permutation, banded, low-rank, larger blocks and
-dense) are not here yet and run on the PyTorch paths, where `sparse_ssm.ssm.scan.selective_scan`
-sends them.  `triton` itself is imported on the first call,
+of 2, 4 or 8 states, a dense A of that many states included (zoh / bilinear / gbt; the per-token
+blocks discretised in PyTorch, `block.py`).  The other structures (householder, permutation,
+banded, low-rank, larger blocks and dense) are not here yet and run on the PyTorch paths, where
+`sparse_ssm.ssm.scan.selective_scan` sends them.  `triton` itself is imported on the first call,
 so importing this package costs nothing on machines without it.
 
 `use_triton(device, structure)` is the dispatcher's choice on a device: the Triton path on CUDA
