@@ -6,16 +6,18 @@
 
 In one process, after checking the Triton path against the pure-PyTorch one on the device:
 1. the device's copy bandwidth (a 1 GiB device-to-device copy; bytes read + written / time);
-2. the diagonal selective scan alone at state N = 16 and 128 (batch 8, length 2048, 24 heads of 64
-   channels, B/C shared by the heads; fp32 inputs, the output gate z and the final state), forward
+2. the selective scan alone, diagonal at state N = 16 and 128 and 8 x 8 blocks at N = 128 (batch 8,
+   length 2048, 24 heads of 64 channels, B/C shared by the heads; fp32 inputs, the output gate z and
+   the final state), forward
    and forward + backward, the Triton kernels and the PyTorch chunked path (scan_chunk_size 8),
    against the HBM floor: minimal bytes / copy bandwidth.  Minimal bytes: forward reads u, z, dt,
-   A (per token, head and state), B, C, D once and writes y; forward + backward adds reading them
-   again with dy and writing a gradient of each input;
-3. the training step (forward, loss, backward, AdamW) of `config/default_config.yaml`'s model made
-   diagonal (sparsity_level 0.995: block size 1 at state 128), bf16 autocast, batch 8 x 1024: the
-   Triton path vs the pure-PyTorch path (SPARSE_SSM_TRITON=0), tokens/s and peak memory
-   (torch.cuda.max_memory_allocated).
+   A (per token and head: its raw parameters, N for diagonal, N b for blocks of b), B, C, D once
+   and writes y; forward + backward adds reading them again with dy and writing a gradient of each
+   input;
+3. the training step (forward, loss, backward, AdamW) of `config/default_config.yaml`'s model (8 x 8
+   blocks at state 128) and of the same model made diagonal (sparsity_level 0.995: block size 1),
+   bf16 autocast, batch 8 x 1024: the Triton path vs the pure-PyTorch path (SPARSE_SSM_TRITON=0),
+   tokens/s and peak memory (torch.cuda.max_memory_allocated).
 Medians over --rounds timed calls after a warm-up (the first call compiles the kernels).  The
 results carry their provenance (commit, versions, device).  The GPU machine has no pydantic: bring
 its wheels (pydantic, pydantic-core, annotated-types, typing-inspection for Python 3.12) and
@@ -35,9 +37,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-FULL = {"batch": 8, "length": 2048, "heads": 24, "head_dim": 64, "states": (16, 128), "step_batch": 8,
-        "step_length": 1024}
-TINY = {"batch": 2, "length": 19, "heads": 2, "head_dim": 4, "states": (4,), "step_batch": 2, "step_length": 12}
+# scans: (state N, block size; 1 is the diagonal structure)
+FULL = {"batch": 8, "length": 2048, "heads": 24, "head_dim": 64, "scans": ((16, 1), (128, 1), (128, 8)),
+        "step_batch": 8, "step_length": 1024}
+TINY = {"batch": 2, "length": 19, "heads": 2, "head_dim": 4, "scans": ((4, 1), (8, 8)), "step_batch": 2,
+        "step_length": 12}
 
 
 def parse_args(argv=None):
@@ -84,14 +88,15 @@ def copy_bandwidth(device, rounds, numel):
     return 2 * src.numel() * 4 / median_seconds(lambda: dst.copy_(src), rounds, device)
 
 
-def scan_inputs(shape, N, device):
+def scan_inputs(shape, structure, device):
     import torch
 
     g = torch.Generator(device=device).manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g, device=device)
-    b, L, H, P = shape["batch"], shape["length"], shape["heads"], shape["head_dim"]
+    b, L, H, P, N = shape["batch"], shape["length"], shape["heads"], shape["head_dim"], structure.state_dim
     dt = torch.nn.functional.softplus(r(b, L, H) - 3)
-    return [r(b, L, H, P), dt, 0.25 * r(b, L, H, N), r(b, L, 1, N), r(b, L, 1, N), r(b, L, H), None, r(b, L, H, P)]
+    return [r(b, L, H, P), dt, 0.25 * r(b, L, H, structure.raw_size), r(b, L, 1, N), r(b, L, 1, N), r(b, L, H), None,
+            r(b, L, H, P)]
 
 
 def agreement(paths, xs, structure):
@@ -110,16 +115,17 @@ def agreement(paths, xs, structure):
 
 
 def scan_rows(shape, device, rounds, bandwidth):
-    """The scan alone per state size and path: forward and forward + backward against the HBM floor."""
+    """The scan alone per structure and path: forward and forward + backward against the HBM floor."""
     import torch
 
     from sparse_ssm.ssm.scan import selective_scan_chunked
-    from sparse_ssm.ssm.structures import DiagonalStructure
+    from sparse_ssm.ssm.structures import BlockStructure, DiagonalStructure
     from sparse_ssm.ssm.triton import selective_scan_triton
 
     rows = []
-    for N in shape["states"]:
-        xs, structure = scan_inputs(shape, N, device), DiagonalStructure(N)
+    for N, block_size in shape["scans"]:
+        structure = DiagonalStructure(N) if block_size == 1 else BlockStructure(N, block_size)
+        xs = scan_inputs(shape, structure, device)
         paths = {"triton": selective_scan_triton,
                  "pytorch chunked": lambda *a: selective_scan_chunked(*a, chunk_size=8)}
         ref = selective_scan_chunked(*xs[:6], structure, "zoh", 0.5, None, xs[7], chunk_size=8)[0]
@@ -142,39 +148,46 @@ def scan_rows(shape, device, rounds, bandwidth):
 
             for phase, call in (("forward", forward), ("forward+backward", both)):
                 seconds = median_seconds(call, rounds, device)
-                rows.append({"state": N, "path": name, "phase": phase, "ms": seconds * 1e3,
+                rows.append({"state": N, "structure": structure.name, "block_size": block_size, "path": name,
+                             "phase": phase, "ms": seconds * 1e3,
                              "floor_ms": floors[phase] * 1e3, "roofline_fraction": floors[phase] / seconds,
                              **check})
                 print(rows[-1], flush=True)
     return rows
 
 
-def diagonal_default_model(shape, device, dry_run):
-    """config/default_config.yaml's model made diagonal (tiny dimensions in a dry run)."""
+def default_model(shape, device, dry_run, diagonal):
+    """config/default_config.yaml's model (8 x 8 blocks), or made `diagonal`; tiny dimensions in a dry
+    run (state 8: one 8 x 8 block)."""
     import yaml
 
     from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM
 
     section = yaml.safe_load((HERE.parent / "config" / "default_config.yaml").read_text())["model"]
-    section.update(sparsity_level=0.995, max_seq_len=shape["step_length"])
+    section.update(max_seq_len=shape["step_length"])
     if dry_run:
-        section.update(vocab_size=256, hidden_dim=32, state_dim=4, ffn_dim=64, num_layers=2)
+        section.update(vocab_size=256, hidden_dim=32, state_dim=8, ffn_dim=64, num_layers=2, sparsity_level=0.0)
+    if diagonal:
+        section.update(sparsity_level=0.995)
     config = SparseSSMConfig(**section)
     return SparseSSMForCausalLM(config).to(device).train(), config
 
 
 def train_step_rows(shape, device, rounds, dry_run):
-    """Tokens/s and peak memory of the training step, Triton path vs pure-PyTorch path."""
+    """Tokens/s and peak memory of the training step, Triton path vs pure-PyTorch path, for the
+    default (block 8) model and its diagonal variant."""
     import torch
 
     rows = []
-    for path, env in (("triton", None), ("pytorch", "0")):
+    paths = (("triton", None), ("pytorch", "0"))
+    runs = [(model, *path) for model in ("block 8 (default)", "diagonal") for path in paths]
+    for model_name, path, env in runs:
         if env is None:
             os.environ.pop("SPARSE_SSM_TRITON", None)
         else:
             os.environ["SPARSE_SSM_TRITON"] = env
         torch.manual_seed(0)
-        model, config = diagonal_default_model(shape, device, dry_run)
+        model, config = default_model(shape, device, dry_run, diagonal=model_name == "diagonal")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         ids = torch.randint(0, config.vocab_size, (shape["step_batch"], shape["step_length"]), device=device)
 
@@ -188,7 +201,8 @@ def train_step_rows(shape, device, rounds, dry_run):
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        row = {"path": path, "parameters": sum(p.numel() for p in model.parameters())}
+        row = {"model": model_name, "structure": model.blocks[0].mixer.structure.name, "path": path,
+               "parameters": sum(p.numel() for p in model.parameters())}
         try:
             seconds = median_seconds(step, rounds, device)
             row |= {"tokens_per_s": ids.numel() / seconds, "step_ms": seconds * 1e3}
@@ -214,13 +228,14 @@ def report(args, rounds, device, bandwidth, scans, steps):
              f"medians of {rounds} calls; the Triton path's y and gradients differ from the chunked path's by at "
              f"most {max(r['y_rel_diff_vs_chunked'] for r in scans):.1e} and "
              f"{max(r['max_grad_rel_diff_vs_chunked'] for r in scans):.1e} of their largest value.", "",
-             "| state | path | phase | ms | HBM floor (ms) | fraction |", "|---:|---|---|---:|---:|---:|"]
-    lines += [f"| {r['state']} | {r['path']} | {r['phase']} | {r['ms']:.3f} | {r['floor_ms']:.3f} | "
+             "| state | structure | path | phase | ms | HBM floor (ms) | fraction |",
+             "|---:|---|---|---|---:|---:|---:|"]
+    lines += [f"| {r['state']} | {r['structure']} | {r['path']} | {r['phase']} | {r['ms']:.3f} | {r['floor_ms']:.3f} | "
               f"{r['roofline_fraction']:.1%} |" for r in scans]
-    lines += ["", "| training step (diagonal default model, bf16) | tokens/s | step (ms) | peak memory (GiB) |",
-              "|---|---:|---:|---:|"]
-    lines += [f"| {r['path']} | {r['tokens_per_s']:.0f} | {r['step_ms']:.1f} | {r['peak_memory_gib']:.2f} "
-              f"{r.get('error', '')}|" for r in steps]
+    lines += ["", "| training step (default model, bf16) | path | tokens/s | step (ms) | peak memory (GiB) |",
+              "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['model']} ({r['structure']}) | {r['path']} | {r['tokens_per_s']:.0f} | {r['step_ms']:.1f} | "
+              f"{r['peak_memory_gib']:.2f} {r.get('error', '')}|" for r in steps]
     import triton
 
     out = Path(args.out or (tempfile.mkdtemp(prefix="gpu-dry-run-") if args.dry_run else HERE / "results"))

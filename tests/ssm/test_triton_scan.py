@@ -103,8 +103,8 @@ def test_low_precision_inputs_keep_a_float32_state_within_one_ulp(dtype, ulp):
 
 def test_other_structures_are_left_to_the_pytorch_path():
     xs = inputs(1, 3, 1, 2, 4, 1)
-    with pytest.raises(NotImplementedError, match="block2.*PyTorch path"):
-        triton_scan.selective_scan_triton(*xs[:6], BlockStructure(4, 2), "zoh", 0.5)
+    with pytest.raises(NotImplementedError, match="block16.*PyTorch path"):
+        triton_scan.selective_scan_triton(*xs[:6], BlockStructure(32, 16), "zoh", 0.5)
 
 
 def test_the_dispatcher_takes_triton_on_cuda_for_diagonal_a_and_says_so_once(monkeypatch, capsys):
@@ -115,8 +115,8 @@ def test_the_dispatcher_takes_triton_on_cuda_for_diagonal_a_and_says_so_once(mon
     announced = capsys.readouterr().err.splitlines()
     assert announced == ["sparse-ssm: the selective scan on CUDA runs on the Triton kernel of the 'diagonal' structure"]
     assert not triton_scan.use_triton(torch.device("cpu"), diag)        # CPUs keep the fused / PyTorch paths
-    assert not triton_scan.use_triton(cuda, BlockStructure(4, 2))
-    assert "chunked path for the 'block2' structure" in capsys.readouterr().err
+    assert not triton_scan.use_triton(cuda, BlockStructure(32, 16))
+    assert "chunked path for the 'block16' structure" in capsys.readouterr().err
     monkeypatch.setenv("SPARSE_SSM_TRITON", "0")
     assert not triton_scan.use_triton(cuda, diag)
     assert "(SPARSE_SSM_TRITON=0)" in capsys.readouterr().err
@@ -168,6 +168,19 @@ for dtype, block_n, block_p in (("fp32", 16, 64), ("bf16", 128, 16)):
         src = ASTSource(fn, types, {(fn.arg_names.index(n),): v for n, v in consts.items()})
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert kernel.asm["cubin"], fn.__name__
+
+from sparse_ssm.ssm.triton.block_kernels import block_backward, block_forward
+
+INTS = {"L", "H", "G", "NB", "P", "n_chunks"}
+for dtype, bs, block_nb, block_p in (("fp32", 8, 16, 4), ("bf16", 2, 8, 64)):
+    for fn, flags in ((block_forward, dict(HAS_H0=True, SAVE=True)), (block_backward, {})):
+        consts = dict(HAS_Z=True, CHUNK=32, BS=bs, BLOCK_NB=block_nb, BLOCK_P=block_p, COMPUTE=tl.float32, **flags)
+        inputs = {"u_ptr", "C_ptr", "D_ptr", "z_ptr", "y_ptr", "dout_ptr", "du_ptr", "dz_ptr"}
+        types = {n: "constexpr" if n in consts else "i32" if n in INTS
+                 else "*" + (dtype if n in inputs else "fp32") for n in fn.arg_names}
+        src = ASTSource(fn, types, {(fn.arg_names.index(n),): v for n, v in consts.items()})
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        assert kernel.asm["cubin"], fn.__name__
 print("compiled")
 """
 
@@ -175,7 +188,8 @@ print("compiled")
 @pytest.mark.slow
 def test_the_kernels_compile_for_an_h100_without_one(tmp_path):
     """The real backend (TTIR -> PTX -> cubin for sm_90), which the interpreter never runs: forward and
-    backward, fp32 and bf16 inputs, the shapes of N = 16 and 128."""
+    backward, fp32 and bf16 inputs, the diagonal kernels at the shapes of N = 16 and 128, the block
+    kernels at those of block 8 and block 2 at N = 128."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env |= {"TRITON_CACHE_DIR": str(tmp_path), "TRITON_DEFAULT_FP_FUSION": "1",
             "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}

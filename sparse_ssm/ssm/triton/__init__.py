@@ -3,9 +3,12 @@
     selective_scan_triton(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state=None, z=None)
         -> (y, final_state)
 
-the shared scan signature of `sparse_ssm.ssm.scan` (shapes there).  The diagonal structure (positive
-and signed eigenvalues, zoh / bilinear / gbt) runs a recurrent kernel, forward and backward
-(`diagonal.py`); the other structures are not here yet and run on the PyTorch paths, where
+the shared scan signature of `sparse_ssm.ssm.scan` (shapes there).  Recurrent kernels, forward and
+backward: the diagonal structure (positive and signed eigenvalues, zoh / bilinear / gbt; the
+discretisation inlined, `diagonal.py`), and the block-diagonal and rotation structures with blocks
+of 2, 4 or 8 states, a dense A of that many states included (zoh / bilinear / gbt; the per-token
+blocks discretised in PyTorch, `block.py`).  The other structures (householder, permutation,
+banded, low-rank, larger blocks and dense) are not here yet and run on the PyTorch paths, where
 `sparse_ssm.ssm.scan.selective_scan` sends them.  `triton` itself is imported on the first call,
 so importing this package costs nothing on machines without it.
 
@@ -22,7 +25,9 @@ import sys
 
 import torch
 
-from ..structures import DiagonalStructure
+from ..structures import BlockStructure, DiagonalStructure, RotationStructure
+
+BLOCK_SIZES = (2, 4, 8)    # the block kernel keeps each b x b block's product in registers
 
 
 def importable() -> bool:
@@ -32,7 +37,9 @@ def importable() -> bool:
 
 def supports(structure) -> bool:
     """Does a Triton kernel cover this structure?"""
-    return isinstance(structure, DiagonalStructure)
+    if isinstance(structure, DiagonalStructure):
+        return True
+    return type(structure) in (BlockStructure, RotationStructure) and structure.block_size in BLOCK_SIZES
 
 
 _announced: set[str] = set()
@@ -67,8 +74,13 @@ def selective_scan_triton(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=
     """The selective scan on the Triton kernels (the shared signature of `sparse_ssm.ssm.scan`)."""
     if not supports(structure):
         raise NotImplementedError(
-            f"the Triton selective scan covers the diagonal structure only, not {structure.name!r}: that "
-            f"structure runs on the PyTorch path (sparse_ssm.ssm.scan.selective_scan sends it there)")
+            f"the Triton selective scan covers the diagonal, rotation and block ({BLOCK_SIZES}) structures, not "
+            f"{structure.name!r}: that structure runs on the PyTorch path (sparse_ssm.ssm.scan.selective_scan sends "
+            f"it there)")
+    if not isinstance(structure, DiagonalStructure):
+        from .block import block_scan
+
+        return block_scan(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z)
     from .diagonal import diagonal_scan
 
     a = structure.continuous(A_raw if A_raw.dtype == torch.float64 else A_raw.float())   # not rounded to bf16

@@ -1,0 +1,116 @@
+"""The block-diagonal selective scan on the Triton kernels (`block_kernels.py`), with autograd.
+
+    block_scan(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z) -> (y, final_state)
+
+the shared scan signature (shapes in `sparse_ssm.ssm.scan`) for `BlockStructure` and
+`RotationStructure` with blocks of 2, 4 or 8 states.  Every token's discretised blocks come from
+`structure.discretize` in PyTorch (zoh: the matrix exponential of the augmented block; bilinear /
+gbt: a batched solve), exactly what the PyTorch paths compute, in float32 (float64 for float64
+inputs) and outside autocast; their gradients flow back through it by autograd.  That costs one
+float32 A_bar (b, L, H, N/bs, bs, bs) and B_bar (b, L, H, N) per call, kept for the backward:
+4 (bs + 1) N bytes per token and head (4.6 KiB at N = 128, bs = 8), with the discretisation's own
+autograd buffers of the same order; the kernels' state is float32 (float64) whatever the inputs'
+dtype, y has u's dtype and every gradient its input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .block_kernels import block_backward, block_forward
+
+CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
+STEP_ELEMENTS = 4096       # the per-token block product of a program (BLOCK_NB BS BS BLOCK_P), in elements
+
+
+def _compute_dtype(dtype: torch.dtype):
+    """(torch dtype of the state and the operators, the kernels' compute dtype)."""
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _blocks(NB: int, BS: int, P: int):
+    """(BLOCK_NB, BLOCK_P): all blocks in one tile; channels tiled (4 at least) so that a step's
+    block product stays about STEP_ELEMENTS."""
+    block_nb = triton.next_power_of_2(NB)
+    return block_nb, min(triton.next_power_of_2(P), max(4, STEP_ELEMENTS // (block_nb * BS * BS)))
+
+
+def _launch_forward(u, A_bar, B_bar, C, D, h0, z, save):
+    b, L, H, P = u.shape
+    G, N = C.shape[2], C.shape[3]
+    NB, BS = A_bar.shape[3], A_bar.shape[4]
+    state_dtype, compute = _compute_dtype(u.dtype)
+    block_nb, block_p = _blocks(NB, BS, P)
+    y = torch.empty_like(u)
+    hT = u.new_empty(b, H, N, P, dtype=state_dtype)
+    n_chunks = triton.cdiv(L, CHUNK)
+    ckpt = u.new_empty(b, H, n_chunks, N, P, dtype=state_dtype) if save else hT
+    grid = (b * H, triton.cdiv(P, block_p))
+    block_forward[grid](A_bar, B_bar, C, u, D, u if z is None else z, hT if h0 is None else h0, y, hT, ckpt,
+                        L, H, G, NB, P, n_chunks, HAS_Z=z is not None, HAS_H0=h0 is not None, SAVE=save,
+                        CHUNK=CHUNK, BS=BS, BLOCK_NB=block_nb, BLOCK_P=block_p, COMPUTE=compute)
+    return y, hT, ckpt
+
+
+def _launch_backward(u, A_bar, B_bar, C, D, z, ckpt, dout, dhT):
+    """The gradients of u, A_bar, B_bar, C (per group), D, the initial state (state dtype) and z (or None)."""
+    b, L, H, P = u.shape
+    G, N = C.shape[2], C.shape[3]
+    NB, BS = A_bar.shape[3], A_bar.shape[4]
+    state_dtype, compute = _compute_dtype(u.dtype)
+    block_nb, block_p = _blocks(NB, BS, P)
+    tiles = triton.cdiv(P, block_p)
+    du = torch.empty_like(u)
+    dz = torch.empty_like(z) if z is not None else None
+    dh0 = u.new_empty(b, H, N, P, dtype=state_dtype)
+    n_chunks = triton.cdiv(L, CHUNK)
+    padded = dict(dtype=state_dtype, device=u.device)
+    dA_bar = torch.zeros(b, n_chunks * CHUNK, H, NB, BS, BS, **padded)
+    dB_bar, dC = (torch.zeros(b, n_chunks * CHUNK, H, N, **padded) for _ in range(2))
+    dD = torch.zeros(b, n_chunks * CHUNK, H, **padded)
+    scratch = torch.empty(b * H * tiles * (CHUNK + 1) * block_nb * BS * block_p, **padded)
+    block_backward[(b * H, tiles)](A_bar, B_bar, C, u, D, u if z is None else z, ckpt, dout, dhT, scratch,
+                                   du, du if dz is None else dz, dh0, dA_bar, dB_bar, dC, dD,
+                                   L, H, G, NB, P, n_chunks, HAS_Z=z is not None, CHUNK=CHUNK, BS=BS,
+                                   BLOCK_NB=block_nb, BLOCK_P=block_p, COMPUTE=compute)
+    dC = dC[:, :L].reshape(b, L, G, H // G, N).sum(3).to(C.dtype)
+    return du, dA_bar[:, :L], dB_bar[:, :L], dC, dD[:, :L].to(D.dtype), dh0, dz
+
+
+class BlockScan(torch.autograd.Function):
+    """Forward and backward on the Triton kernels over given operators; the forward keeps the chunk
+    checkpoints only."""
+
+    @staticmethod
+    def forward(ctx, u, A_bar, B_bar, C, D, h0, z):
+        y, hT, ckpt = _launch_forward(u, A_bar, B_bar, C, D, h0, z, save=True)
+        ctx.save_for_backward(u, A_bar, B_bar, C, D, z, ckpt)
+        ctx.h0_dtype = None if h0 is None else h0.dtype
+        return y, hT
+
+    @staticmethod
+    def backward(ctx, dy, dhT):
+        u, A_bar, B_bar, C, D, z, ckpt = ctx.saved_tensors
+        du, dA_bar, dB_bar, dC, dD, dh0, dz = _launch_backward(u, A_bar, B_bar, C, D, z, ckpt, dy.contiguous(),
+                                                               dhT.contiguous())
+        return du, dA_bar, dB_bar, dC, dD, None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype), dz
+
+
+def block_scan(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
+    """The scan of a block-diagonal A (see the module docstring); autograd through the Triton
+    backward (and PyTorch's, for the discretisation) whenever an input requires a gradient."""
+    work, _ = _compute_dtype(u.dtype)
+    heads = u.shape[2]
+    with torch.autocast(u.device.type, enabled=False):
+        B_heads = B.to(work).repeat_interleave(heads // B.shape[2], dim=2)
+        (A_bar,), B_bar = structure.discretize(structure.continuous(A_raw.to(work)), dt.to(work), B_heads, method,
+                                               alpha)
+    args = [t.contiguous() for t in (u, A_bar, B_bar, C, D)]
+    h0 = None if initial_state is None else initial_state.contiguous()
+    z = None if z is None else z.contiguous()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*args, h0, z) if t is not None):
+        return BlockScan.apply(*args, h0, z)
+    y, hT, _ = _launch_forward(*args, h0, z, save=False)
+    return y, hT
