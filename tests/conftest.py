@@ -3,12 +3,19 @@ tokenizer (built once per session, read-only for the tests), the embedded corpus
 per session into a temporary folder) and a local address where nothing listens."""
 
 import functools
+import os
 import socket
 
 import pytest
 import torch
 
-from helpers import make_text, tiny_config
+# Without a CUDA device the Triton kernels run under Triton's interpreter on CPU tensors.  Triton
+# reads the variable when @triton.jit decorates a kernel, so it is set here, before any test module
+# imports sparse_ssm (whose scan dispatch imports the kernels).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from helpers import make_text, tiny_config  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -8,10 +8,8 @@ import os
 import subprocess
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")     # read when @triton.jit decorates: before the kernels import
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton", reason="triton is not installed (the gpu extra: pip install -e '.[gpu]')")
 
