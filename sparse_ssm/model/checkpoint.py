@@ -12,9 +12,11 @@ An output directory holds `checkpoints/step-NNNNNNNN/`, `latest` (a link to the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..util.errors import CheckpointError
@@ -23,6 +25,7 @@ from ..util.schema import load_yaml
 from .config import SparseSSMConfig
 from .lm import SparseSSMForCausalLM
 from .memory import MemoryNeed
+from .quantize import WEIGHT_FORMATS, quantize_model
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.yaml", "tokenizer.json"
 REQUIRED = (WEIGHTS, CONFIG, TOKENIZER)
@@ -138,6 +141,11 @@ def check_weights(path: str | Path, state: dict, model: SparseSSMForCausalLM):
                               f"{another_checkpoint_hint(Path(path).parent)}")
 
 
+def _unreadable(path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{path} is corrupt or not a safetensors file ({type(e).__name__}: {str(e)[:200]}); "
+                           f"{another_checkpoint_hint(Path(path).parent)}")
+
+
 def read_weights(path: str | Path, model: SparseSSMForCausalLM) -> dict:
     """The tensors of a model.safetensors for `model` (the tied LM head restored), checked
     (`check_weights`), or a CheckpointError."""
@@ -145,12 +153,53 @@ def read_weights(path: str | Path, model: SparseSSMForCausalLM) -> dict:
     try:
         state = load_file(str(path), device="cpu")
     except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for damaged files
-        raise CheckpointError(f"{path} is corrupt or not a safetensors file ({type(e).__name__}: {str(e)[:200]}); "
-                              f"{another_checkpoint_hint(Path(path).parent)}") from None
+        raise _unreadable(path, e) from None
     if tie_embeddings and "lm_head.weight" not in state and "embed.weight" in state:
         state["lm_head.weight"] = state["embed.weight"]
     check_weights(path, state, model)
     return state
+
+
+class _TensorsOnDemand(Mapping):
+    """The tensors of an open safetensors file, each read when it is asked for (so one at a time
+    in memory); the tied LM head is the embedding."""
+
+    def __init__(self, handle, tie_embeddings: bool):
+        self.handle, self.names = handle, set(handle.keys())
+        self.aliases = {"lm_head.weight": "embed.weight"} if (
+            tie_embeddings and "lm_head.weight" not in self.names and "embed.weight" in self.names) else {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        name = self.aliases.get(name, name)
+        if name not in self.names:
+            raise KeyError(name)
+        return self.handle.get_tensor(name)
+
+    def __iter__(self):
+        return iter([*self.names, *self.aliases])
+
+    def __len__(self) -> int:
+        return len(self.names) + len(self.aliases)
+
+
+def _load_int8(path: Path, config: SparseSSMConfig) -> SparseSSMForCausalLM:
+    """The model of weights file `path` with int8 linear maps (`quantize`), built without a float
+    copy of them: the model is made on the meta device and each tensor is read, checked and
+    quantised one at a time."""
+    with torch.device("meta"):
+        model = SparseSSMForCausalLM(config)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            tensors = _TensorsOnDemand(handle, config.tie_embeddings)
+            check_weights(path, tensors, model)
+            quantize_model(model, tensors.__getitem__)
+            rest = {name: tensors[name] for name, t in model.state_dict().items() if t.is_meta}
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for damaged files
+        raise _unreadable(path, e) from None
+    model.load_state_dict(rest, strict=False, assign=True)
+    return model
 
 
 def load_model_config(path: str | Path) -> SparseSSMConfig:
@@ -159,9 +208,13 @@ def load_model_config(path: str | Path) -> SparseSSMConfig:
     return SparseSSMConfig.from_saved(load_yaml(Path(path) / CONFIG).get("model"))
 
 
-def load_model(path: str | Path, device="cpu") -> SparseSSMForCausalLM:
+def load_model(path: str | Path, device="cpu", weights: str = "fp32") -> SparseSSMForCausalLM:
     """The model of a checkpoint directory, in eval mode on `device` (refused before anything is
-    allocated when its config describes a model larger than the free memory)."""
+    allocated when its config describes a model larger than the free memory), with its weights
+    as `weights`: fp32 (as stored), bf16 (the whole model cast; the scan and its state stay
+    float32) or int8 (weight-only, `quantize`; never a float copy of the quantised maps)."""
+    if weights not in WEIGHT_FORMATS:
+        raise CheckpointError(f"weights {weights!r}: expected one of {', '.join(WEIGHT_FORMATS)}")
     path, device = Path(path), torch.device(device)
     config = load_model_config(path)
     fix = (f"its config.yaml describes a model too large for this machine: load it where more memory is free, "
@@ -170,6 +223,8 @@ def load_model(path: str | Path, device="cpu") -> SparseSSMForCausalLM:
                                                                                     fix, CheckpointError)
     if device.type != "cpu":
         MemoryNeed.inference(config).check(f"checkpoint {path}", device, fix, CheckpointError)
+    if weights == "int8":
+        return _load_int8(path / WEIGHTS, config).to(device).eval()
     model = SparseSSMForCausalLM(config)
     model.load_state_dict(read_weights(path / WEIGHTS, model))
-    return model.to(device).eval()
+    return model.to(device, torch.bfloat16 if weights == "bf16" else None).eval()

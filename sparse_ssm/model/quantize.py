@@ -1,0 +1,106 @@
+"""Weight-only int8 for inference: the linear maps' weights as int8 rows with one float32 scale per
+output channel; activations, the conv, the scan and its state stay float.
+
+    W (out, in) ~ scales[:, None] * q,   q = round(W / scales[:, None]) in [-127, 127],
+    scales = max_j |W[:, j]| / 127                         (the error of each weight <= scales / 2)
+    y = x W^T ~ (x q^T) * scales
+
+The matmul is PyTorch's weight-only int8 kernel (`torch._weight_int8pack_mm`: bf16 activations,
+int8 weights, float accumulation) on CPUs where the inner size is a multiple of 16 (its kernel's
+requirement; other sizes give wrong numbers), else an int8 -> float cast of the weight and
+`F.linear` (small maps of tiny models, other devices).  Quantised: every block's in/out projection,
+the generator's maps (`proj`, `a_up`), the FFN and the LM head; the embedding's rows too (one
+scale per token), sharing the head's int8 tensor when the two are tied.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+WEIGHT_FORMATS = ("fp32", "bf16", "int8")
+_KERNEL_INNER_MULTIPLE = 16          # torch._weight_int8pack_mm's inner size must be a multiple of it
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (out, in) float -> (q (out, in) int8, scales (out,) float32), per row symmetric."""
+    weight = weight.detach().float()
+    scales = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    q = torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+class Int8Linear(nn.Module):
+    """x (..., in) -> (..., out) with an int8 weight (out, in) and per-output-channel scales (out,);
+    answers in x's dtype."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("unit_scales", torch.ones(qweight.shape[0], dtype=torch.bfloat16,
+                                                       device=qweight.device), persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
+        return cls(*quantize_rows(weight), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu" and self.in_features % _KERNEL_INNER_MULTIPLE == 0:
+            unscaled = torch._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), self.qweight,
+                                                 self.unit_scales).to(x.dtype)
+        else:
+            unscaled = F.linear(rows, self.qweight.to(x.dtype))
+        y = unscaled * self.scales.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+class Int8Embedding(nn.Module):
+    """ids (...) -> rows (..., dim) float32 of an int8 table (num, dim) with one scale per row (the
+    tied LM head's tensors when it shares them)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].float() * self.scales[ids, None]
+
+
+def quantized_linear_names(model: nn.Module) -> list[str]:
+    """The names of the linear maps that int8 weights replace (see the module docstring)."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def quantize_model(model: nn.Module, float_weight: Callable[[str], torch.Tensor] | None = None) -> nn.Module:
+    """Replace, in place and one map at a time, the model's linear maps by `Int8Linear` and its
+    embedding by `Int8Embedding` (sharing the LM head's tensors when tied); returns the model.
+
+    float_weight(name) gives the float weight of parameter `name` (e.g. "lm_head.weight"): by default
+    the model's own; a loader passes one that reads the checkpoint tensor by tensor, so that a model
+    built on the meta device never holds a float copy of the quantised weights."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    read = float_weight or (lambda name: params[name])
+    tied = model.lm_head.weight is model.embed.weight
+    for name in quantized_linear_names(model):
+        linear = model.get_submodule(name)
+        bias = None if linear.bias is None else read(f"{name}.bias")
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr,
+                Int8Linear.from_float(read(f"{name}.weight"), bias))
+    head = model.lm_head
+    model.embed = (Int8Embedding(head.qweight, head.scales) if tied
+                   else Int8Embedding(*quantize_rows(read("embed.weight"))))
+    return model
