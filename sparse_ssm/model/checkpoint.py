@@ -12,11 +12,13 @@ An output directory holds `checkpoints/step-NNNNNNNN/`, `latest` (a link to the 
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..util.errors import CheckpointError
@@ -160,26 +162,45 @@ def read_weights(path: str | Path, model: SparseSSMForCausalLM) -> dict:
     return state
 
 
-class _TensorsOnDemand(Mapping):
-    """The tensors of an open safetensors file, each read when it is asked for (so one at a time
-    in memory); the tied LM head is the embedding."""
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
 
-    def __init__(self, handle, tie_embeddings: bool):
-        self.handle, self.names = handle, set(handle.keys())
+
+class _TensorsOnDemand(Mapping):
+    """The tensors of a safetensors file, each read with plain reads when it is asked for (no
+    mapping of the file, whose pages would stay resident: one tensor at a time in memory); the
+    tied LM head is the embedding.  The format: an 8-byte little-endian header size, a JSON header
+    {name: {dtype, shape, data_offsets}} and the data; any inconsistency raises ValueError."""
+
+    def __init__(self, file, tie_embeddings: bool):
+        self.file = file
+        size = int.from_bytes(file.read(8), "little")
+        self.entries = json.loads(file.read(size))
+        self.entries.pop("__metadata__", None)
+        self.data_start, file_size = 8 + size, os.fstat(file.fileno()).st_size
+        for name, e in self.entries.items():
+            begin, end = e["data_offsets"]
+            itemsize = torch.empty(0, dtype=_DTYPES[e["dtype"]]).element_size()
+            if not 0 <= begin <= end <= file_size - self.data_start or end - begin != math.prod(e["shape"]) * itemsize:
+                raise ValueError(f"tensor {name}: data offsets {begin}..{end} do not fit its shape or the file")
         self.aliases = {"lm_head.weight": "embed.weight"} if (
-            tie_embeddings and "lm_head.weight" not in self.names and "embed.weight" in self.names) else {}
+            tie_embeddings and "lm_head.weight" not in self.entries and "embed.weight" in self.entries) else {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        name = self.aliases.get(name, name)
-        if name not in self.names:
-            raise KeyError(name)
-        return self.handle.get_tensor(name)
+        e = self.entries[self.aliases.get(name, name)]
+        begin, end = e["data_offsets"]
+        self.file.seek(self.data_start + begin)
+        data = bytearray(self.file.read(end - begin))
+        if not data:
+            return torch.empty(e["shape"], dtype=_DTYPES[e["dtype"]])
+        return torch.frombuffer(data, dtype=_DTYPES[e["dtype"]]).reshape(e["shape"])
 
     def __iter__(self):
-        return iter([*self.names, *self.aliases])
+        return iter([*self.entries, *self.aliases])
 
     def __len__(self) -> int:
-        return len(self.names) + len(self.aliases)
+        return len(self.entries) + len(self.aliases)
 
 
 def _load_int8(path: Path, config: SparseSSMConfig) -> SparseSSMForCausalLM:
@@ -189,8 +210,8 @@ def _load_int8(path: Path, config: SparseSSMConfig) -> SparseSSMForCausalLM:
     with torch.device("meta"):
         model = SparseSSMForCausalLM(config)
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            tensors = _TensorsOnDemand(handle, config.tie_embeddings)
+        with open(path, "rb") as file:
+            tensors = _TensorsOnDemand(file, config.tie_embeddings)
             check_weights(path, tensors, model)
             quantize_model(model, tensors.__getitem__)
             rest = {name: tensors[name] for name, t in model.state_dict().items() if t.is_meta}

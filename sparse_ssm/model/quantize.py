@@ -8,7 +8,8 @@ output channel; activations, the conv, the scan and its state stay float.
 The matmul is PyTorch's weight-only int8 kernel (`torch._weight_int8pack_mm`: bf16 activations,
 int8 weights, float accumulation) on CPUs where the inner size is a multiple of 16 (its kernel's
 requirement; other sizes give wrong numbers), else an int8 -> float cast of the weight and
-`F.linear` (small maps of tiny models, other devices).  Quantised: every block's in/out projection,
+`F.linear` (small maps of tiny models, other devices); from 64 rows on (prefill, evaluation) the
+weight is cast to bf16 for one bf16 GEMM (a transient copy of one map at a time).  Quantised: every block's in/out projection,
 the generator's maps (`proj`, `a_up`), the FFN and the LM head; the embedding's rows too (one
 scale per token), sharing the head's int8 tensor when the two are tied.
 """
@@ -23,13 +24,21 @@ import torch.nn.functional as F
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int8")
 _KERNEL_INNER_MULTIPLE = 16          # torch._weight_int8pack_mm's inner size must be a multiple of it
+# from this many rows on, the weight is cast to bf16 (|q| <= 127: exact) for a bf16 GEMM, 2-5x faster than
+# the int8 kernel on 512 rows (bench/results/weights.md); below it the int8 kernel, up to 5x a float32 GEMV
+_MANY_ROWS = 64
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight (out, in) float -> (q (out, in) int8, scales (out,) float32), per row symmetric."""
-    weight = weight.detach().float()
-    scales = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-    q = torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+def quantize_rows(weight: torch.Tensor, rows_at_once: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (out, in) float -> (q (out, in) int8, scales (out,) float32), per row symmetric; a
+    block of rows at a time, so that the float temporaries stay small next to the weight."""
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], rows_at_once):
+        block = weight.detach()[start:start + rows_at_once].float()
+        scale = block.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        q[start:start + rows_at_once] = torch.round(block / scale[:, None]).clamp_(-127, 127)
+        scales[start:start + rows_at_once] = scale
     return q, scales
 
 
@@ -52,7 +61,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and self.in_features % _KERNEL_INNER_MULTIPLE == 0:
+        if rows.shape[0] >= _MANY_ROWS:                  # a prompt, a batch of windows: bf16 GEMM
+            unscaled = F.linear(rows.to(torch.bfloat16), self.qweight.to(torch.bfloat16)).to(x.dtype)
+        elif x.device.type == "cpu" and self.in_features % _KERNEL_INNER_MULTIPLE == 0:
             unscaled = torch._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), self.qweight,
                                                  self.unit_scales).to(x.dtype)
         else:

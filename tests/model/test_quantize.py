@@ -10,15 +10,17 @@ import torch.nn as nn
 from helpers import randomise_generators, tiny_language_model, write_checkpoint
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM
 from sparse_ssm.model.checkpoint import load_model
+from sparse_ssm.util.errors import CheckpointError
 from sparse_ssm.model.quantize import Int8Embedding, Int8Linear, quantize_model, quantize_rows
 
 BF16_ROUNDING = 2.0 ** -8          # relative rounding of a bf16 value is at most 2^-9; twice that for margin
 
 
-@pytest.mark.parametrize("inner", [64, 30], ids=["int8-kernel", "int8-cast"])  # the kernel takes multiples of 16
-def test_int8_matmul_is_within_the_quantisation_error_bound(inner):
+@pytest.mark.parametrize("inner, rows", [(64, 3), (30, 3), (64, 30)],     # the kernel takes multiples of 16;
+                         ids=["int8-kernel", "int8-cast", "bf16-gemm"])   # from 64 rows on, a bf16 GEMM
+def test_int8_matmul_is_within_the_quantisation_error_bound(inner, rows):
     torch.manual_seed(0)
-    weight, x = torch.randn(40, inner), torch.randn(5, 3, inner)
+    weight, x = torch.randn(40, inner), torch.randn(5, rows, inner)
     q, scales = quantize_rows(weight)
     assert q.dtype == torch.int8 and ((q.float() * scales[:, None] - weight).abs() <= scales[:, None] / 2 + 1e-7).all()
     y, exact = Int8Linear(q, scales)(x), x @ weight.T
@@ -69,3 +71,17 @@ def test_loading_a_checkpoint_as_int8_builds_no_float_copy(tmp_path):
     ids = torch.tensor([tokenizer.encode("The quick brown fox").ids])
     assert torch.equal(int8(ids).logits, quantize_model(copy.deepcopy(model))(ids).logits)
     assert load_model(folder, weights="bf16").blocks[0].mixer.in_proj.weight.dtype == torch.bfloat16
+
+
+def test_a_damaged_checkpoint_is_refused_when_loaded_as_int8(tmp_path):
+    model, tokenizer = tiny_language_model(seed=1)
+    folder = write_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])                               # truncated
+    with pytest.raises(CheckpointError, match="corrupt or not a safetensors file"):
+        load_model(folder, weights="int8")
+    with torch.no_grad():
+        model.blocks[1].mixer.out_proj.weight[0, 0] = float("nan")
+    write_checkpoint(folder, model, tokenizer)
+    with pytest.raises(CheckpointError, match="NaN or inf"):
+        load_model(folder, weights="int8")
