@@ -117,6 +117,13 @@ def another_checkpoint_hint(path: str | Path) -> str:
             f"generate / evaluate / export / serve, --resume {step} for train")
 
 
+def _all_finite(tensor: torch.Tensor, elements_at_once: int = 1 << 20) -> bool:
+    """No NaN or inf in `tensor`, checked a slice at a time (isfinite's temporaries of a whole
+    embedding would be larger than the int8 model)."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + elements_at_once]).all()) for i in range(0, flat.numel(), elements_at_once))
+
+
 def check_weights(path: str | Path, state: dict, model: SparseSSMForCausalLM):
     """Refuse (CheckpointError naming the file and what to use instead) tensors `state` read from
     `path` that do not fit `model` (names, shapes, floating-point dtypes) or hold NaN or inf."""
@@ -135,7 +142,7 @@ def check_weights(path: str | Path, state: dict, model: SparseSSMForCausalLM):
                               f"{another_checkpoint_hint(Path(path).parent)}")
     tied = state.get("lm_head.weight") is state.get("embed.weight")
     nonfinite = [k for k, v in state.items() if v.is_floating_point() and not (tied and k == "lm_head.weight")
-                 and not bool(torch.isfinite(v).all())]
+                 and not _all_finite(v)]
     if nonfinite:
         raise CheckpointError(f"{path} holds NaN or inf values in {len(nonfinite)} tensor(s) "
                               f"({', '.join(nonfinite[:4])}{', ...' if len(nonfinite) > 4 else ''}): the checkpoint "
@@ -168,10 +175,12 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 
 class _TensorsOnDemand(Mapping):
-    """The tensors of a safetensors file, each read with plain reads when it is asked for (no
-    mapping of the file, whose pages would stay resident: one tensor at a time in memory); the
-    tied LM head is the embedding.  The format: an 8-byte little-endian header size, a JSON header
-    {name: {dtype, shape, data_offsets}} and the data; any inconsistency raises ValueError."""
+    """The tensors of a safetensors file, read with plain reads into one buffer when each is asked
+    for: a tensor is valid until another is read (no mapping of the file, whose pages would stay
+    resident, and no fragmenting of the heap by many float copies: the buffer of the largest tensor
+    is the only float memory).  The tied LM head is the embedding.  The format: an 8-byte
+    little-endian header size, a JSON header {name: {dtype, shape, data_offsets}} and the data;
+    any inconsistency raises ValueError."""
 
     def __init__(self, file, tie_embeddings: bool):
         self.file = file
@@ -184,17 +193,27 @@ class _TensorsOnDemand(Mapping):
             itemsize = torch.empty(0, dtype=_DTYPES[e["dtype"]]).element_size()
             if not 0 <= begin <= end <= file_size - self.data_start or end - begin != math.prod(e["shape"]) * itemsize:
                 raise ValueError(f"tensor {name}: data offsets {begin}..{end} do not fit its shape or the file")
+        self.buffer = bytearray(max([e["data_offsets"][1] - e["data_offsets"][0] for e in self.entries.values()],
+                                    default=0))
+        self.last = None                                       # the name of the tensor in the buffer
         self.aliases = {"lm_head.weight": "embed.weight"} if (
             tie_embeddings and "lm_head.weight" not in self.entries and "embed.weight" in self.entries) else {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        e = self.entries[self.aliases.get(name, name)]
+        name = self.aliases.get(name, name)
+        e = self.entries[name]
         begin, end = e["data_offsets"]
-        self.file.seek(self.data_start + begin)
-        data = bytearray(self.file.read(end - begin))
-        if not data:
+        if end == begin:
             return torch.empty(e["shape"], dtype=_DTYPES[e["dtype"]])
-        return torch.frombuffer(data, dtype=_DTYPES[e["dtype"]]).reshape(e["shape"])
+        if self.last != name:
+            self.file.seek(self.data_start + begin)
+            if self.file.readinto(memoryview(self.buffer)[:end - begin]) != end - begin:
+                raise ValueError(f"tensor {name}: the file ends inside its data")
+            self.last = name
+        return torch.frombuffer(self.buffer, dtype=_DTYPES[e["dtype"]], count=math.prod(e["shape"])).reshape(e["shape"])
+
+    def __contains__(self, name) -> bool:
+        return self.aliases.get(name, name) in self.entries
 
     def __iter__(self):
         return iter([*self.entries, *self.aliases])
@@ -214,7 +233,7 @@ def _load_int8(path: Path, config: SparseSSMConfig) -> SparseSSMForCausalLM:
             tensors = _TensorsOnDemand(file, config.tie_embeddings)
             check_weights(path, tensors, model)
             quantize_model(model, tensors.__getitem__)
-            rest = {name: tensors[name] for name, t in model.state_dict().items() if t.is_meta}
+            rest = {name: tensors[name].clone() for name, t in model.state_dict().items() if t.is_meta}
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for damaged files

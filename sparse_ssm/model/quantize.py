@@ -29,9 +29,11 @@ _KERNEL_INNER_MULTIPLE = 16          # torch._weight_int8pack_mm's inner size mu
 _MANY_ROWS = 64
 
 
-def quantize_rows(weight: torch.Tensor, rows_at_once: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(weight: torch.Tensor, elements_at_once: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor]:
     """weight (out, in) float -> (q (out, in) int8, scales (out,) float32), per row symmetric; a
-    block of rows at a time, so that the float temporaries stay small next to the weight."""
+    block of rows (~1 MB) at a time, so that the float temporaries stay small and are reused (large
+    ones, freed between the int8 tensors kept, would fragment the heap: +40 % peak RSS at 130 M)."""
+    rows_at_once = max(1, elements_at_once // max(1, weight.shape[1]))
     q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
     for start in range(0, weight.shape[0], rows_at_once):
@@ -101,16 +103,17 @@ def quantize_model(model: nn.Module, float_weight: Callable[[str], torch.Tensor]
 
     float_weight(name) gives the float weight of parameter `name` (e.g. "lm_head.weight"): by default
     the model's own; a loader passes one that reads the checkpoint tensor by tensor, so that a model
-    built on the meta device never holds a float copy of the quantised weights."""
+    built on the meta device never holds a float copy of the quantised weights (a tensor it gives
+    need only stay valid until the next call)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     read = float_weight or (lambda name: params[name])
     tied = model.lm_head.weight is model.embed.weight
     for name in quantized_linear_names(model):
         linear = model.get_submodule(name)
-        bias = None if linear.bias is None else read(f"{name}.bias")
+        q, scales = quantize_rows(read(f"{name}.weight"))
+        bias = None if linear.bias is None else read(f"{name}.bias").clone()
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr,
-                Int8Linear.from_float(read(f"{name}.weight"), bias))
+        setattr(model.get_submodule(parent) if parent else model, attr, Int8Linear(q, scales, bias))
     head = model.lm_head
     model.embed = (Int8Embedding(head.qweight, head.scales) if tied
                    else Int8Embedding(*quantize_rows(read("embed.weight"))))
