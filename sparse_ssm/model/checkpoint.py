@@ -175,10 +175,10 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 
 class _TensorsOnDemand(Mapping):
-    """The tensors of a safetensors file, read with plain reads into one buffer when each is asked
-    for: a tensor is valid until another is read (no mapping of the file, whose pages would stay
-    resident, and no fragmenting of the heap by many float copies: the buffer of the largest tensor
-    is the only float memory).  The tied LM head is the embedding.  The format: an 8-byte
+    """The tensors of a safetensors file (or blocks of their rows), read with plain reads into one
+    buffer when each is asked for: a tensor is valid until another is read (no mapping of the
+    file, whose pages would stay resident, and no fragmenting of the heap by many float copies:
+    the buffer is the only float memory).  The tied LM head is the embedding.  The format: an 8-byte
     little-endian header size, a JSON header {name: {dtype, shape, data_offsets}} and the data;
     any inconsistency raises ValueError."""
 
@@ -193,24 +193,38 @@ class _TensorsOnDemand(Mapping):
             itemsize = torch.empty(0, dtype=_DTYPES[e["dtype"]]).element_size()
             if not 0 <= begin <= end <= file_size - self.data_start or end - begin != math.prod(e["shape"]) * itemsize:
                 raise ValueError(f"tensor {name}: data offsets {begin}..{end} do not fit its shape or the file")
-        self.buffer = bytearray(max([e["data_offsets"][1] - e["data_offsets"][0] for e in self.entries.values()],
-                                    default=0))
-        self.last = None                                       # the name of the tensor in the buffer
+        self.buffer = bytearray(0)
+        self.last = None                                       # (name, start, stop) of the rows in the buffer
         self.aliases = {"lm_head.weight": "embed.weight"} if (
             tie_embeddings and "lm_head.weight" not in self.entries and "embed.weight" in self.entries) else {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        shape = self.entries[self.aliases.get(name, name)]["shape"]
+        return self.rows(name, 0, shape[0] if shape else 1).reshape(shape)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` (the buffer grows to the largest read)."""
         name = self.aliases.get(name, name)
         e = self.entries[name]
-        begin, end = e["data_offsets"]
-        if end == begin:
-            return torch.empty(e["shape"], dtype=_DTYPES[e["dtype"]])
-        if self.last != name:
+        dtype, shape = _DTYPES[e["dtype"]], e["shape"] or [1]
+        row_bytes = math.prod(shape[1:]) * torch.empty(0, dtype=dtype).element_size()
+        begin, size = e["data_offsets"][0] + start * row_bytes, (stop - start) * row_bytes
+        if size == 0:
+            return torch.empty([stop - start, *shape[1:]], dtype=dtype)
+        if self.last != (name, start, stop):
+            if len(self.buffer) < size:
+                self.buffer = None                                  # the old one freed before the new one
+                self.buffer = bytearray(size)
             self.file.seek(self.data_start + begin)
-            if self.file.readinto(memoryview(self.buffer)[:end - begin]) != end - begin:
+            if self.file.readinto(memoryview(self.buffer)[:size]) != size:
                 raise ValueError(f"tensor {name}: the file ends inside its data")
-            self.last = name
-        return torch.frombuffer(self.buffer, dtype=_DTYPES[e["dtype"]], count=math.prod(e["shape"])).reshape(e["shape"])
+            self.last = (name, start, stop)
+        count = size // (row_bytes // max(1, math.prod(shape[1:])))
+        return torch.frombuffer(self.buffer, dtype=dtype, count=count).reshape(stop - start, *shape[1:])
+
+    def release(self):
+        """Free the buffer (later reads make a new one, as large as they need)."""
+        self.buffer, self.last = bytearray(0), None
 
     def __contains__(self, name) -> bool:
         return self.aliases.get(name, name) in self.entries
@@ -232,7 +246,8 @@ def _load_int8(path: Path, config: SparseSSMConfig) -> SparseSSMForCausalLM:
         with open(path, "rb") as file:
             tensors = _TensorsOnDemand(file, config.tie_embeddings)
             check_weights(path, tensors, model)
-            quantize_model(model, tensors.__getitem__)
+            tensors.release()                                  # the embedding's size: quantise in row blocks
+            quantize_model(model, tensors.rows)
             rest = {name: tensors[name].clone() for name, t in model.state_dict().items() if t.is_meta}
     except CheckpointError:
         raise

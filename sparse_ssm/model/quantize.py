@@ -29,15 +29,20 @@ _KERNEL_INNER_MULTIPLE = 16          # torch._weight_int8pack_mm's inner size mu
 _MANY_ROWS = 64
 
 
-def quantize_rows(weight: torch.Tensor, elements_at_once: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(weight: torch.Tensor | Callable[[int, int], torch.Tensor], shape: tuple[int, int] | None = None,
+                  elements_at_once: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor]:
     """weight (out, in) float -> (q (out, in) int8, scales (out,) float32), per row symmetric; a
     block of rows (~1 MB) at a time, so that the float temporaries stay small and are reused (large
-    ones, freed between the int8 tensors kept, would fragment the heap: +40 % peak RSS at 130 M)."""
-    rows_at_once = max(1, elements_at_once // max(1, weight.shape[1]))
-    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-    for start in range(0, weight.shape[0], rows_at_once):
-        block = weight.detach()[start:start + rows_at_once].float()
+    ones, freed between the int8 tensors kept, would fragment the heap: +40 % peak RSS at 130 M).
+    `weight` may also be a function (start, stop) -> rows [start, stop) of a weight of `shape`,
+    read from a file block by block: then no float copy of the whole weight exists."""
+    rows_of = weight if callable(weight) else (lambda start, stop: weight.detach()[start:stop])
+    shape = tuple(weight.shape) if shape is None else shape
+    rows_at_once = max(1, elements_at_once // max(1, shape[1]))
+    q = torch.empty(shape, dtype=torch.int8)
+    scales = torch.empty(shape[0], dtype=torch.float32)
+    for start in range(0, shape[0], rows_at_once):
+        block = rows_of(start, min(start + rows_at_once, shape[0])).float()
         scale = block.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
         q[start:start + rows_at_once] = torch.round(block / scale[:, None]).clamp_(-127, 127)
         scales[start:start + rows_at_once] = scale
@@ -97,24 +102,25 @@ def quantized_linear_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
-def quantize_model(model: nn.Module, float_weight: Callable[[str], torch.Tensor] | None = None) -> nn.Module:
+def quantize_model(model: nn.Module, float_rows: Callable[[str, int, int], torch.Tensor] | None = None) -> nn.Module:
     """Replace, in place and one map at a time, the model's linear maps by `Int8Linear` and its
-    embedding by `Int8Embedding` (sharing the LM head's tensors when tied); returns the model.
+    embedding by `Int8Embedding` (sharing the LM head's tensors when tied); returns the model (on
+    the CPU).
 
-    float_weight(name) gives the float weight of parameter `name` (e.g. "lm_head.weight"): by default
-    the model's own; a loader passes one that reads the checkpoint tensor by tensor, so that a model
-    built on the meta device never holds a float copy of the quantised weights (a tensor it gives
-    need only stay valid until the next call)."""
+    float_rows(name, start, stop) gives rows [start, stop) of the float parameter `name` (e.g.
+    "lm_head.weight"): by default the model's own; a loader passes one that reads them from the
+    checkpoint, so that a model built on the meta device never holds a float copy of a quantised
+    weight (what it gives need only stay valid until its next call)."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    read = float_weight or (lambda name: params[name])
+    read = float_rows or (lambda name, start, stop: params[name].detach()[start:stop])
     tied = model.lm_head.weight is model.embed.weight
     for name in quantized_linear_names(model):
         linear = model.get_submodule(name)
-        q, scales = quantize_rows(read(f"{name}.weight"))
-        bias = None if linear.bias is None else read(f"{name}.bias").clone()
+        q, scales = quantize_rows(lambda start, stop: read(f"{name}.weight", start, stop), tuple(linear.weight.shape))
+        bias = None if linear.bias is None else read(f"{name}.bias", 0, linear.bias.shape[0]).clone()
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, Int8Linear(q, scales, bias))
-    head = model.lm_head
-    model.embed = (Int8Embedding(head.qweight, head.scales) if tied
-                   else Int8Embedding(*quantize_rows(read("embed.weight"))))
+    head, table = model.lm_head, model.embed.weight
+    model.embed = (Int8Embedding(head.qweight, head.scales) if tied else Int8Embedding(
+        *quantize_rows(lambda start, stop: read("embed.weight", start, stop), tuple(table.shape))))
     return model
