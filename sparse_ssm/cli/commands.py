@@ -211,8 +211,8 @@ def cmd_generate(args) -> int:
         for i, text in enumerate(texts):
             print(f"--- [{i // n + 1}.{i % n + 1}] ---\n{prompts[i // n]}{text}")
     new_tokens = sum(len(s.ids) for s in streams)
-    print(f"({len(texts)} sequence(s), {new_tokens} new tokens in {elapsed:.2f}s from {checkpoint}, "
-          f"{loaded.weights} weights)", file=sys.stderr)
+    print(f"({len(texts)} sequence(s), {new_tokens} new tokens in {elapsed:.2f}s, {loaded.weights} weights, "
+          f"from {checkpoint})", file=sys.stderr)
     if args.output_file:
         out = Path(args.output_file)
         if args.output_format == "jsonl":

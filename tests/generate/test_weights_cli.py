@@ -30,15 +30,15 @@ def generate(checkpoint, capsys, *flags):
 def test_generate_with_low_precision_weights(checkpoint, capsys, weights):
     code, out, err = generate(checkpoint, capsys, "--weights", weights)
     assert code == 0 and "The quick brown fox" in out
-    assert " new tokens in " in err and f"{weights} weights)" in err
+    assert " new tokens in " in err and f"{weights} weights, from " in err
 
 
 def test_generation_weights_in_a_config_is_the_default_and_the_flag_wins(checkpoint, capsys, tmp_path):
     (tmp_path / "c.yaml").write_text("generation:\n  weights: int8\n")
-    assert "int8 weights)" in generate(checkpoint, capsys, "--config", str(tmp_path / "c.yaml"))[2]
-    assert "fp32 weights)" in generate(checkpoint, capsys, "--config", str(tmp_path / "c.yaml"), "--weights",
+    assert "int8 weights, from" in generate(checkpoint, capsys, "--config", str(tmp_path / "c.yaml"))[2]
+    assert "fp32 weights, from" in generate(checkpoint, capsys, "--config", str(tmp_path / "c.yaml"), "--weights",
                                        "fp32")[2]
-    assert "fp32 weights)" in generate(checkpoint, capsys)[2]
+    assert "fp32 weights, from" in generate(checkpoint, capsys)[2]
 
 
 def test_bad_weights_are_refused(checkpoint, capsys, tmp_path):
