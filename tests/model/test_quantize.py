@@ -59,8 +59,9 @@ def test_an_int8_model_gives_the_float32_logits_and_decodes(kw):
     assert loss.logits is None and abs(loss.loss - model(ids, labels=ids).loss) < 0.05
 
 
-def test_loading_a_checkpoint_as_int8_builds_no_float_copy(tmp_path):
-    model, tokenizer = tiny_language_model(seed=1)
+@pytest.mark.parametrize("tied", [True, False])
+def test_loading_a_checkpoint_as_int8_builds_no_float_copy(tmp_path, tied):
+    model, tokenizer = tiny_language_model(seed=1, tie_embeddings=tied)
     folder = write_checkpoint(tmp_path / "ckpt", model, tokenizer)
     int8 = load_model(folder, weights="int8")
     tensors = list(int8.parameters()) + list(int8.buffers())
