@@ -157,6 +157,8 @@ MEANINGS = {
         "seed": "sequence i draws from a generator seeded seed + i (a batch equals one-by-one runs)",
         "stop_strings": "stop strings (generation also stops at end-of-text)",
         "num_return_sequences": "continuations per prompt",
+        "weights": "weights for inference (`generate`, `evaluate`, `serve`; flag `--weights`): `fp32` as trained, "
+                   "`bf16`, `int8` weight-only with per-output-channel scales; the scan and its state stay float32",
     },
     "synthetic": {
         "backend": "`ollama`, `llama_cpp`, `transformers`; `auto`: Ollama when a server answers with the model, "

@@ -183,7 +183,8 @@ def cmd_generate(args) -> int:
     prompts = _read_prompts(args)                   # before the model loads (seconds)
     for stop in args.stop or []:
         _utf8_argument("--stop", stop)
-    loaded = load_checkpoint(args.model_dir, args.checkpoint, args.device)
+    loaded = load_checkpoint(args.model_dir, args.checkpoint, args.device,
+                             args.weights or (user.generation.weights if user else None))
     checkpoint, saved = loaded.path, Config.load(loaded.path / "config.yaml", saved=True)
     if user is not None:
         mine, theirs = user.model.to_dict(), saved.model.to_dict()
@@ -210,7 +211,8 @@ def cmd_generate(args) -> int:
         for i, text in enumerate(texts):
             print(f"--- [{i // n + 1}.{i % n + 1}] ---\n{prompts[i // n]}{text}")
     new_tokens = sum(len(s.ids) for s in streams)
-    print(f"({len(texts)} sequence(s), {new_tokens} new tokens in {elapsed:.2f}s from {checkpoint})", file=sys.stderr)
+    print(f"({len(texts)} sequence(s), {new_tokens} new tokens in {elapsed:.2f}s, {loaded.weights} weights, "
+          f"from {checkpoint})", file=sys.stderr)
     if args.output_file:
         out = Path(args.output_file)
         if args.output_format == "jsonl":
@@ -280,7 +282,7 @@ def cmd_evaluate(args) -> int:
     if args.output_file:
         check_output_file(args.output_file, args.overwrite, "--output-file",
                           inputs=[resolve_checkpoint(args.model_dir, args.checkpoint), args.data])
-    loaded = load_checkpoint(args.model_dir, args.checkpoint, args.device)
+    loaded = load_checkpoint(args.model_dir, args.checkpoint, args.device, args.weights)
     length = args.max_seq_len or Config.load(loaded.path / "config.yaml", saved=True).dataset.max_seq_len
     stride = args.stride if args.stride is not None else max(1, length // 2)
     if stride > length:
@@ -288,10 +290,10 @@ def cmd_evaluate(args) -> int:
                           f"checkpoint's dataset.max_seq_len), got {stride}")
     result = perplexity_on_file(loaded.model, loaded.tokenizer, args.data, length, stride, args.batch_size,
                                 args.text_field)
-    result["checkpoint"] = str(loaded.path)
+    result["checkpoint"], result["weights"] = str(loaded.path), loaded.weights
     print(f"{result['file']}: {result['tokens_scored']:,} tokens, loss {result['loss']:.4f}, perplexity "
           f"{result['perplexity']:.2f}, {result['bits_per_token']:.3f} bits/token, {result['bits_per_byte']:.3f} bits/byte "
-          f"(window {result['max_seq_len']}, stride {result['stride']}, {loaded.path})")
+          f"(window {result['max_seq_len']}, stride {result['stride']}, {loaded.path}, {loaded.weights} weights)")
     if args.output_file:
         Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.output_file), json.dumps(result, indent=2))
@@ -347,6 +349,6 @@ def cmd_serve(args) -> int:
     flags = {"host": args.host, "port": args.port, "name": args.name, "max_batch": args.max_batch,
              "max_waiting": args.max_waiting, "max_tokens": args.max_tokens,
              "max_prompt_tokens": args.max_prompt_tokens, "max_body_bytes": args.max_body_bytes,
-             "api_key": args.api_key, "device": args.device}
+             "api_key": args.api_key, "device": args.device, "weights": args.weights}
     serve(args.model_dir, args.checkpoint, ServeConfig(**{k: v for k, v in flags.items() if v is not None}))
     return 0

@@ -60,6 +60,12 @@ def _add_device_argument(parser):
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps (default auto)")
 
 
+def _add_weights_argument(parser):
+    parser.add_argument("--weights", choices=["fp32", "bf16", "int8"],
+                        help="the weights for inference: fp32 as trained, bf16, or int8 weight-only with per-channel "
+                             "scales (the scan and its state stay float32; default: generation.weights, fp32)")
+
+
 def _add_train_parser(sub):
     t = sub.add_parser("train", help="train a model (resumable; Ctrl-C saves a checkpoint)",
                        description="Train on the dataset of the config.  Checkpoints, the tokenizer, TensorBoard "
@@ -102,6 +108,7 @@ def _add_generate_parser(sub):
                    help="text: prompt + continuation per sequence; jsonl: one record with the settings per sequence")
     g.add_argument("--no-stream", action="store_true", help="print the results at the end instead of streaming")
     _add_device_argument(g)
+    _add_weights_argument(g)
     g.set_defaults(func=cmd_generate)
 
 
@@ -164,6 +171,7 @@ def _add_evaluate_parser(sub):
     e.add_argument("--output-dir", help="tasks: write <task>.json and <task>.md here (modular-counting-modM, "
                                              "permutation-composition-GROUP)")
     _add_device_argument(e)
+    _add_weights_argument(e)
     e.set_defaults(func=cmd_evaluate)
 
 
@@ -239,6 +247,7 @@ def _add_export_serve_parsers(sub):
     s.add_argument("--api-key", help="require \"Authorization: Bearer KEY\" on every route but / (default "
                                      "$SPARSE_SSM_API_KEY; none: no key). Set one when --host is not loopback")
     s.add_argument("--device", help="auto | cpu | cuda[:N] | mps (default auto)")
+    _add_weights_argument(s)
     s.set_defaults(func=cmd_serve)
 
 

@@ -8,8 +8,10 @@ from pathlib import Path
 
 from ..data.tokenizer import load_tokenizer
 from ..model import SparseSSMForCausalLM
-from ..model.checkpoint import TOKENIZER, load_model, resolve_checkpoint
+from ..model.checkpoint import CONFIG, TOKENIZER, load_model, resolve_checkpoint
 from ..util.device import resolve_device
+from ..util.schema import load_yaml
+from .settings import GenerationConfig
 
 
 @dataclass
@@ -17,11 +19,18 @@ class LoadedModel:
     model: SparseSSMForCausalLM
     tokenizer: object
     path: Path             # the checkpoint directory
+    weights: str = "fp32"  # the weights it was loaded with: fp32 | bf16 | int8
 
 
-def load_checkpoint(model_dir: str | Path, which: str | None = None, device: str = "auto") -> LoadedModel:
+def load_checkpoint(model_dir: str | Path, which: str | None = None, device: str = "auto",
+                    weights: str | None = None) -> LoadedModel:
     """The checkpoint `which` (best | latest | STEP | PATH; None: best, else latest) of a training
-    output directory, on `device` (auto | cpu | cuda[:N] | mps), in eval mode."""
+    output directory, on `device` (auto | cpu | cuda[:N] | mps), in eval mode, with its weights as
+    `weights` (fp32 | bf16 | int8; None: the checkpoint's own `generation.weights`, fp32 unless set)."""
     path = resolve_checkpoint(model_dir, which)
-    model = load_model(path, resolve_device(device))
-    return LoadedModel(model, load_tokenizer(path / TOKENIZER), path)
+    if weights is None:
+        saved = (load_yaml(path / CONFIG) or {}).get("generation") or {}
+        weights = saved.get("weights", "fp32")
+    weights = GenerationConfig(weights=weights).weights           # a ConfigError naming the key and values
+    model = load_model(path, resolve_device(device), weights)
+    return LoadedModel(model, load_tokenizer(path / TOKENIZER), path, weights)

@@ -1,9 +1,10 @@
 """The `generation` section: the one class of sampling settings, used by `main.py generate` (whose
-flags override it), `generate.stream_generate`, the teachers' own decoding and the server."""
+flags override it), `generate.stream_generate`, the teachers' own decoding and the server, and the
+weights a checkpoint is loaded with for inference (`generate.loading`: generate, evaluate, serve)."""
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 from pydantic import Field, field_validator
 
@@ -25,6 +26,9 @@ class GenerationConfig(Section):
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)    # sequence i draws from a generator seeded seed + i
     stop_strings: List[str] = Field(default_factory=list)
     num_return_sequences: int = Field(1, ge=1)
+    # the weights for inference (the scan and its state stay float32): fp32 as trained, bf16, or int8
+    # weight-only with per-output-channel scales (`model.quantize`); flag --weights
+    weights: Literal["fp32", "bf16", "int8"] = "fp32"
 
     @field_validator("stop_strings")
     @classmethod

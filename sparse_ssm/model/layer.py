@@ -26,7 +26,7 @@ from ..ssm.conv import causal_conv_silu, conv_step
 from ..ssm.fused import BlockStepPlan, block_step_plan, decode_layer_step, decode_rms_norm
 from ..ssm.scan import selective_scan, selective_scan_step
 from ..ssm.structures import make_structure
-from ..ssm.selective import SelectiveParameterGenerator
+from ..ssm.selective import SelectiveParameterGenerator, apply_linear
 
 
 @dataclass
@@ -79,12 +79,12 @@ class SelectiveSSMLayer(nn.Module):
         """x (b, L, hidden) -> (out (b, L, hidden), LayerState after the last token).  Without a
         state the sequence starts from the learned initial state, or from zero."""
         b, L, _ = x.shape
-        u, z = self.in_proj(x).chunk(2, dim=-1)                          # views (b, L, E)
-        # the conv and the scan run in (at least) float32, as Mamba's kernels do, whatever the autocast dtype
+        u, z = apply_linear(self.in_proj, x).chunk(2, dim=-1)            # views (b, L, E)
+        # the conv and the scan run in (at least) float32, as Mamba's kernels do, whatever the autocast
+        # dtype or the weights' (the projections run in the weights' dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             u, z = _at_least_float32(u), _at_least_float32(z)
-            u, conv_state = causal_conv_silu(u, self.conv.weight[:, 0], self.conv.bias,
-                                             None if state is None else state.conv)
+            u, conv_state = causal_conv_silu(u, *self._conv_filter(u.dtype), None if state is None else state.conv)
             dt, A_raw, B, C, D = self.generator(u)
             cfg, heads = self.config, (b, L, self.num_heads, self.head_dim)
             initial = state.ssm if state is not None else (
@@ -93,8 +93,19 @@ class SelectiveSSMLayer(nn.Module):
                 u.view(heads), dt, A_raw, B, C, D, self.structure, self.discretization, cfg.gbt_alpha,
                 initial, z.reshape(heads),
                 use_parallel_scan=cfg.use_parallel_scan and L > 1, chunk_size=cfg.scan_chunk_size)
-        out = self.out_proj(y.reshape(b, L, self.inner_dim).to(self.out_proj.weight.dtype))
+        out = apply_linear(self.out_proj, y.reshape(b, L, self.inner_dim))
         return out, LayerState(conv_state, ssm_state)
+
+    def _conv_filter(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The depthwise conv's weight (E, K) and bias (E,) in the scan's dtype (no copy when they are
+        in it already: the float32 fused kernels' fast path)."""
+        return self.conv.weight[:, 0].to(dtype), self.conv.bias.to(dtype)
+
+    def _native_decode_weights(self) -> dict | None:
+        """The generator's tensors for the fused decoding step, or None when the layer's maps are
+        not plain float linear maps (quantised) or the structure is not the kernel's."""
+        plain = isinstance(self.in_proj, nn.Linear) and isinstance(self.out_proj, nn.Linear)
+        return self.generator.decode_weights() if plain else None
 
     @torch.no_grad()
     def residual_step(self, x: torch.Tensor, norm: nn.RMSNorm, state: LayerState) -> torch.Tensor:
@@ -103,7 +114,7 @@ class SelectiveSSMLayer(nn.Module):
         The call's arguments are bound at the first step of a cache (`state.plan`): the cache is
         decoded with the weights' storage of that step (in-place updates are seen)."""
         if state.plan is None or not state.plan.fits(x, state.conv, state.ssm):
-            weights = self.generator.decode_weights()
+            weights = self._native_decode_weights()
             state.plan = None if weights is None else block_step_plan(
                 x, norm.weight, norm.eps, self.in_proj.weight, self.out_proj.weight, self.conv.weight[:, 0],
                 self.conv.bias, weights, state.conv, state.ssm, self.discretization, self.config.gbt_alpha)
@@ -115,8 +126,8 @@ class SelectiveSSMLayer(nn.Module):
     def step(self, x: torch.Tensor, state: LayerState) -> torch.Tensor:
         """One token x (b, hidden) -> out (b, hidden); `state` is advanced in place."""
         b = x.shape[0]
-        xz = self.in_proj(x)
-        weights = self.generator.decode_weights()
+        xz = apply_linear(self.in_proj, x)
+        weights = self._native_decode_weights()
         if weights is not None:                                          # one native call (diagonal A)
             cfg = self.config
             y = decode_layer_step(xz, self.conv.weight[:, 0], self.conv.bias, weights, state.conv, state.ssm,
@@ -124,12 +135,13 @@ class SelectiveSSMLayer(nn.Module):
             if y is not None:
                 return self.out_proj(y)
         u, z = xz.chunk(2, dim=-1)                                       # (b, E) each
-        u = conv_step(_at_least_float32(u), self.conv.weight[:, 0], self.conv.bias, state.conv)
+        u = _at_least_float32(u)
+        u = conv_step(u, *self._conv_filter(u.dtype), state.conv)
         dt, A_raw, B, C, D = self.generator(u[:, None])
         cfg, heads = self.config, (b, self.num_heads, self.head_dim)
         y = selective_scan_step(u.view(heads), dt[:, 0], A_raw[:, 0], B[:, 0], C[:, 0], D[:, 0], self.structure,
                                 self.discretization, cfg.gbt_alpha, state.ssm, _at_least_float32(z).reshape(heads))
-        return self.out_proj(y.reshape(b, self.inner_dim).to(self.out_proj.weight.dtype))
+        return apply_linear(self.out_proj, y.reshape(b, self.inner_dim))
 
     def ssm_cost_per_token(self) -> dict:
         """Analytic cost of the selective SSM per token (multiply-adds counted as 2 FLOPs).

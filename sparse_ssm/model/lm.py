@@ -97,17 +97,19 @@ class SparseSSMForCausalLM(nn.Module):
             states.append(state)
         h = self.norm(x)
         loss = logits = None
+        # the fused chunked head needs a float head weight (an int8 head computes its logits)
+        fused_loss = labels is not None and not return_logits and isinstance(self.lm_head, nn.Linear)
         if labels is not None:
             # shift the labels, not the logits: slicing the logits would copy them (and their grad)
             targets = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
-            if not return_logits:
+            if fused_loss:
                 loss = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets)
-        if return_logits:
+        if return_logits or (labels is not None and not fused_loss):
             logits = self.lm_head(h[:, -1:] if last_logits_only else h)
             if labels is not None:
                 flat = logits.flatten(0, 1)
                 loss = F.cross_entropy(flat.to(torch.promote_types(flat.dtype, torch.float32)), targets, ignore_index=-100)
-        return CausalLMOutput(logits, loss, states)
+        return CausalLMOutput(logits if return_logits else None, loss, states)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor):

@@ -135,7 +135,7 @@ def serve(model_dir: str | Path, checkpoint: str | None, limits: ServeConfig, lo
         limits = limits.model_copy(update={"api_key": os.environ[API_KEY_ENV]})
     sock = listening_socket(limits.host, limits.port)
     try:
-        loaded = load_checkpoint(model_dir, checkpoint, limits.device)
+        loaded = load_checkpoint(model_dir, checkpoint, limits.device, limits.weights)
     except BaseException:
         sock.close()
         raise
@@ -143,7 +143,7 @@ def serve(model_dir: str | Path, checkpoint: str | None, limits: ServeConfig, lo
     served = served_model(loaded.model, loaded.tokenizer, name, limits)
     port = sock.getsockname()[1]
     config = uvicorn_config(create_app(served), limits, log_level="warning", timeout_graceful_shutdown=10)
-    log(f"serving {name} ({loaded.path}) on http://{limits.host}:{port} — Ollama API /api/*, OpenAI API /v1/*; "
+    log(f"serving {name} ({loaded.path}, {loaded.weights} weights) on http://{limits.host}:{port} — Ollama API /api/*, OpenAI API /v1/*; "
         f"up to {limits.max_batch} sequences decoded together", flush=True)
     warning = exposure_warning(limits.host, limits.api_key is not None)
     if warning:

@@ -3,7 +3,7 @@ and who may use it."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field
 
@@ -27,3 +27,4 @@ class ServeConfig(Section):
     #                                                   at most between two pieces of its body (408 / closed)
     api_key: Optional[str] = Field(None, min_length=1, repr=False)  # Bearer key every route but / requires
     device: str = "auto"
+    weights: Optional[Literal["fp32", "bf16", "int8"]] = None   # None: the checkpoint's generation.weights

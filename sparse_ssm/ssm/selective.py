@@ -43,6 +43,14 @@ import torch.nn.functional as F
 from .hippo import hippo
 
 
+def apply_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """linear(x) (..., in) -> (..., out) in the map's own precision: x is cast to the weight's dtype
+    (a bf16/fp16 model's matmuls run in bf16/fp16); a map without a float `weight` (a quantised
+    one, `model.quantize`) takes x as it is and answers in x's dtype."""
+    weight = getattr(linear, "weight", None)
+    return linear(x if weight is None else x.to(weight.dtype))
+
+
 class SelectiveParameterGenerator(nn.Module):
     """u (batch, length, E) -> dt (b, L, H), A_raw (b, L, H, structure.raw_size),
     B (b, L, G, N), C (b, L, G, N), D (b, L, H)."""
@@ -85,22 +93,23 @@ class SelectiveParameterGenerator(nn.Module):
         b, L, _ = u.shape
         H, N = self.num_heads, self.structure.state_dim
         source = u if self.selective else self.lti_input.to(u.dtype).expand_as(u)
-        dt_raw, a_low, B, C, d_raw = self.proj(source).split(self.sizes, dim=-1)
-        dt = F.softplus(dt_raw + self.dt_bias)
-        A_raw = self.A_base + self.a_up(a_low).reshape(b, L, H, -1)
+        # the maps run in the weights' dtype; their outputs, and all that follows, in u's (at least float32)
+        dt_raw, a_low, B, C, d_raw = apply_linear(self.proj, source).to(u.dtype).split(self.sizes, dim=-1)
+        dt = F.softplus(dt_raw + self.dt_bias.to(u.dtype))
+        A_raw = self.A_base.to(u.dtype) + apply_linear(self.a_up, a_low).to(u.dtype).reshape(b, L, H, -1)
         if self.angle_grid:
             A_raw = self.structure.snap_to_grid(A_raw, dt, self.angle_grid)
             B = torch.zeros_like(B)
         G = self.num_groups
-        return dt, A_raw, B.reshape(b, L, G, N), C.reshape(b, L, G, N), self.D_base + d_raw
+        return dt, A_raw, B.reshape(b, L, G, N), C.reshape(b, L, G, N), self.D_base.to(u.dtype) + d_raw
 
     def decode_weights(self) -> dict | None:
         """The generator's tensors in the layout of the fused decoding step
         (`ssm.kernels.layer_step.cpp`), or None when this generator is not the one it implements
-        (a non-diagonal structure)."""
+        (a non-diagonal structure, a quantised projection)."""
         from .structures import DiagonalStructure
 
-        if type(self.structure) is not DiagonalStructure:
+        if type(self.structure) is not DiagonalStructure or not isinstance(self.proj, nn.Linear):
             return None
         return {"Wg": self.proj.weight, "dt_bias": self.dt_bias, "Wa": self.a_up.weight,
                 "A_base": self.A_base, "D_base": self.D_base, "groups": self.num_groups,

@@ -1,0 +1,190 @@
+"""Weights for inference (`--weights fp32|bf16|int8`): speed of the int8 matmul, quality, memory.
+
+    taskset -c 0 python bench/weights.py --checkpoint /tmp/small/best [--rounds 5]
+
+1. matmul: `Int8Linear` (torch._weight_int8pack_mm, weight-only int8) and a bf16 `F.linear` against
+   the float32 `F.linear`, at the projection shapes of a ~130 M model (hidden 768, expand 2, 24 heads,
+   state 16, vocab 50,280) for 1, 8 and 512 rows, one thread, rounds interleaved (median);
+2. quality of a trained checkpoint: perplexity on its run's test split (the embedded corpus) and the
+   greedy tokens' agreement with float32 (share of the first --new-tokens positions equal, and the
+   mean length of the common prefix) for --prompts prompts taken from the test split;
+3. memory: peak RSS of a fresh process that loads a random ~130 M checkpoint with each weights
+   format and decodes a few tokens, and of one that builds the model on the meta device (the
+   code's own memory, no weights: the baseline);
+   the ratio is given both for the whole process and above the baseline;
+4. decoding at batch 1 on that model (tokens/s, rounds interleaved).
+Writes bench/results/weights.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+
+from common import HERE, peak_rss_gb, write_results  # noqa: E402
+from provenance import provenance  # noqa: E402
+from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM  # noqa: E402
+from sparse_ssm.config import Config  # noqa: E402
+from sparse_ssm.data.pipeline import prepare_lm_data  # noqa: E402
+from sparse_ssm.model.checkpoint import TOKENIZER, WEIGHTS, load_model, save_weights, weights_of  # noqa: E402
+from sparse_ssm.model.quantize import Int8Linear  # noqa: E402
+from sparse_ssm.train.evaluation import loss_metrics, loss_sum  # noqa: E402
+
+FORMATS = ("fp32", "bf16", "int8")
+SHAPES = {"in_proj": (3072, 768), "out_proj": (768, 1536), "generator": (128, 1536), "lm_head": (50280, 768)}
+MODEL_130M = dict(vocab_size=50280, hidden_dim=768, state_dim=16, ffn_dim=0, num_layers=24, max_seq_len=2048,
+                  dropout=0.0, selective_param_class="sparse", sparsity_level=0.9)
+
+
+def seconds(fn, repeat: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+def matmul_times(rounds: int) -> list[dict]:
+    """Median seconds per call of each matmul at each shape and row count, rounds interleaved."""
+    rows = []
+    for name, (out_features, in_features) in SHAPES.items():
+        weight = torch.randn(out_features, in_features) / in_features ** 0.5
+        int8, bf16 = Int8Linear.from_float(weight), weight.bfloat16()
+        for m in (1, 8, 512):
+            x = torch.randn(m, in_features)
+            repeat = max(1, int(2e8 / (2 * m * in_features * out_features)))
+            calls = {"fp32": lambda: F.linear(x, weight), "bf16": lambda: F.linear(x.bfloat16(), bf16),
+                     "int8": lambda: int8(x)}
+            times = {k: [] for k in calls}
+            for _ in range(rounds):
+                for k, call in calls.items():
+                    times[k].append(seconds(call, repeat))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            rows.append({"map": name, "shape": [out_features, in_features], "rows": m,
+                         **{f"{k}_ms": 1e3 * v for k, v in med.items()},
+                         "int8_speedup": med["fp32"] / med["int8"], "bf16_speedup": med["fp32"] / med["bf16"]})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def quality(checkpoint: Path, prompts: int, prompt_tokens: int, new_tokens: int, max_windows: int) -> dict:
+    """Test-split perplexity per weights format and greedy agreement with float32."""
+    cfg = Config.load(checkpoint / "config.yaml", saved=True)
+    data = prepare_lm_data(cfg.dataset, cfg.model.vocab_size, checkpoint / TOKENIZER, log=lambda *_: None)
+    test = data.windows("test", cfg.dataset.max_seq_len, cfg.dataset.max_seq_len)
+    n = min(len(test), max_windows)
+    models = {w: load_model(checkpoint, "cpu", w) for w in FORMATS}
+    out = {"checkpoint": str(checkpoint), "test_windows": n, "perplexity": {}, "greedy": {}}
+    for w, model in models.items():
+        total, count = loss_sum(model, test, data.pad_id, torch.device("cpu"), range(0, n, 16), 16)
+        out["perplexity"][w] = loss_metrics(total, count)["perplexity"]
+    stream = torch.as_tensor(data.streams["test"][: prompts * (prompt_tokens + new_tokens)].astype("int64"))
+    starts = stream.reshape(prompts, -1)[:, :prompt_tokens]
+    greedy = {w: _greedy(m, starts, new_tokens) for w, m in models.items()}
+    for w in ("bf16", "int8"):
+        same = greedy[w] == greedy["fp32"]
+        prefix = same.int().cumprod(1).sum(1).float()
+        out["greedy"][w] = {"agreement": float(same.float().mean()), "mean_common_prefix": float(prefix.mean()),
+                            "identical_sequences": int((prefix == new_tokens).sum()), "prompts": prompts}
+    out["models"] = models["fp32"]
+    return out
+
+
+@torch.no_grad()
+def _greedy(model, prompt_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    logits, cache = model.prefill(prompt_ids)
+    tokens = []
+    for _ in range(new_tokens):
+        nxt = logits.float().argmax(-1)
+        tokens.append(nxt)
+        logits, cache = model.step(nxt, cache)
+    return torch.stack(tokens, 1)
+
+
+def write_random_checkpoint(folder: Path) -> Path:
+    """A random ~130 M diagonal model (hidden 768, 24 layers, no FFN) as a checkpoint directory."""
+    import yaml
+    torch.manual_seed(0)
+    model = SparseSSMForCausalLM(SparseSSMConfig(**MODEL_130M))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(folder / WEIGHTS, weights_of(model))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"model": model.config.to_dict()}))
+    return folder
+
+
+def memory_and_decoding(folder: Path, rounds: int) -> dict:
+    decode = (f"from sparse_ssm.model.checkpoint import load_model\n"
+              f"m = load_model({str(folder)!r}, 'cpu', W)\n"
+              f"logits, cache = m.prefill(torch.arange(64)[None])\n"
+              f"for _ in range(4): logits, cache = m.step(logits.argmax(-1), cache)")
+    # the code's own memory: the package and what building a model loads (native library, ...), no weights
+    baseline = peak_rss_gb("from weights import MODEL_130M, SparseSSMConfig, SparseSSMForCausalLM\n"
+                           "with torch.device('meta'): SparseSSMForCausalLM(SparseSSMConfig(**MODEL_130M))", 1)
+    peaks = {w: peak_rss_gb(f"W = {w!r}\n" + decode, 1) for w in FORMATS}
+    out = {"baseline_gb": baseline, "peak_rss_gb": peaks,
+           "ratio_to_fp32": {w: peaks[w] / peaks["fp32"] for w in FORMATS},
+           "ratio_to_fp32_above_baseline": {w: (peaks[w] - baseline) / (peaks["fp32"] - baseline) for w in FORMATS}}
+    models = {w: load_model(folder, "cpu", w) for w in FORMATS}
+    times = {w: [] for w in FORMATS}
+    with torch.no_grad():
+        caches = {w: m.prefill(torch.arange(16)[None])[1] for w, m in models.items()}
+        token = torch.tensor([5])
+        for _ in range(rounds):
+            for w, m in models.items():
+                times[w].append(seconds(lambda: m.step(token, caches[w]), 8))
+    out["decode_tokens_per_s"] = {w: 1 / statistics.median(t) for w, t in times.items()}
+    out["num_parameters"] = models["fp32"].num_parameters()
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, required=True, help="a trained checkpoint directory (quality)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--max-windows", type=int, default=400, help="test windows scored at most")
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    matmuls = matmul_times(args.rounds)
+    scored = quality(args.checkpoint, args.prompts, args.prompt_tokens, args.new_tokens, args.max_windows)
+    trained = scored.pop("models")
+    with tempfile.TemporaryDirectory() as tmp:
+        memory = memory_and_decoding(write_random_checkpoint(Path(tmp) / "m130"), args.rounds)
+    lines = ["# Weights for inference: fp32, bf16, int8 weight-only (one thread)", "",
+             "Matmul, ms per call (median of interleaved rounds); speed-up over float32 `F.linear`; int8 is "
+             "`Int8Linear`: `torch._weight_int8pack_mm` below 64 rows, a bf16 GEMM of the cast weight from 64 rows:", "",
+             "| map | (out, in) | rows | fp32 | bf16 | int8 | int8 speed-up | bf16 speed-up |", "|--|--|--|--|--|--|--|--|"]
+    lines += [f"| {r['map']} | {tuple(r['shape'])} | {r['rows']} | {r['fp32_ms']:.3f} | {r['bf16_ms']:.3f} | "
+              f"{r['int8_ms']:.3f} | {r['int8_speedup']:.2f}x | {r['bf16_speedup']:.2f}x |" for r in matmuls]
+    ppl, greedy = scored["perplexity"], scored["greedy"]
+    lines += ["", f"Quality of {scored['checkpoint']} on its test split ({scored['test_windows']} windows):", "",
+              "| weights | perplexity | vs fp32 | greedy agreement (first "
+              f"{args.new_tokens} tokens) | mean common prefix | identical sequences |", "|--|--|--|--|--|--|",
+              f"| fp32 | {ppl['fp32']:.3f} | - | - | - | - |"]
+    lines += [f"| {w} | {ppl[w]:.3f} | {100 * (ppl[w] / ppl['fp32'] - 1):+.2f}% | {100 * g['agreement']:.1f}% | "
+              f"{g['mean_common_prefix']:.1f} | {g['identical_sequences']}/{g['prompts']} |" for w, g in greedy.items()]
+    lines += ["", f"Random ~130 M model ({memory['num_parameters']:,} parameters): peak RSS loading it and decoding "
+              f"4 tokens (a fresh process; the code alone, a model built on the meta device: {memory['baseline_gb']:.3f} GB), "
+              f"decode batch 1:",
+              "", "| weights | peak RSS GB | / fp32 | / fp32 above the code alone | decode tokens/s |", "|--|--|--|--|--|"]
+    lines += [f"| {w} | {memory['peak_rss_gb'][w]:.3f} | {memory['ratio_to_fp32'][w]:.2f} | "
+              f"{memory['ratio_to_fp32_above_baseline'][w]:.2f} | {memory['decode_tokens_per_s'][w]:.1f} |"
+              for w in FORMATS]
+    write_results(args.out, "weights", {"matmul": matmuls, "quality": scored, "memory": memory},
+                  lines, provenance({"trained": trained}, rounds=args.rounds, model_130m=MODEL_130M))
+
+
+if __name__ == "__main__":
+    main()
