@@ -7,8 +7,10 @@ the shared scan signature of `sparse_ssm.ssm.scan` (shapes there).  Recurrent ke
 backward: the diagonal structure (positive and signed eigenvalues, zoh / bilinear / gbt; the
 discretisation inlined, `diagonal.py`), and the block-diagonal and rotation structures with blocks
 of 2, 4 or 8 states, a dense A of that many states included (zoh / bilinear / gbt; the per-token
-blocks discretised in PyTorch, `block.py`).  The other structures (householder, permutation,
-banded, low-rank, larger blocks and dense) are not here yet and run on the PyTorch paths, where
+blocks discretised in PyTorch, `block.py`), and the Householder products of any number of
+reflections per token (the decay, keys and strengths computed in PyTorch, the reflections applied
+as rank-1 updates in the kernels, `householder.py`).  The other structures (permutation, banded,
+low-rank, larger blocks and dense) are not here yet and run on the PyTorch paths, where
 `sparse_ssm.ssm.scan.selective_scan` sends them.  `triton` itself is imported on the first call,
 so importing this package costs nothing on machines without it.
 
@@ -25,7 +27,7 @@ import sys
 
 import torch
 
-from ..structures import BlockStructure, DiagonalStructure, RotationStructure
+from ..structures import BlockStructure, DiagonalStructure, HouseholderStructure, RotationStructure
 
 BLOCK_SIZES = (2, 4, 8)    # the block kernel keeps each b x b block's product in registers
 
@@ -37,7 +39,7 @@ def importable() -> bool:
 
 def supports(structure) -> bool:
     """Does a Triton kernel cover this structure?"""
-    if isinstance(structure, DiagonalStructure):
+    if isinstance(structure, (DiagonalStructure, HouseholderStructure)):
         return True
     return type(structure) in (BlockStructure, RotationStructure) and structure.block_size in BLOCK_SIZES
 
@@ -74,9 +76,14 @@ def selective_scan_triton(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=
     """The selective scan on the Triton kernels (the shared signature of `sparse_ssm.ssm.scan`)."""
     if not supports(structure):
         raise NotImplementedError(
-            f"the Triton selective scan covers the diagonal, rotation and block ({BLOCK_SIZES}) structures, not "
+            f"the Triton selective scan covers the diagonal, rotation, block ({BLOCK_SIZES}) and householder "
+            f"structures, not "
             f"{structure.name!r}: that structure runs on the PyTorch path (sparse_ssm.ssm.scan.selective_scan sends "
             f"it there)")
+    if isinstance(structure, HouseholderStructure):
+        from .householder import householder_scan
+
+        return householder_scan(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z)
     if not isinstance(structure, DiagonalStructure):
         from .block import block_scan
 
