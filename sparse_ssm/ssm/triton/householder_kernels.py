@@ -117,8 +117,7 @@ def _reflections_backward(Gs, Xprev, dv, k_ptr, beta_ptr, dk_ptr, dbeta_ptr, par
                           R: tl.constexpr, COMPUTE: tl.constexpr):
     """The state gradient through the token's reflections, last first; their key and strength
     gradients added at `part` (the token's padded index).  Returns G at diag(d) X_{t-1}."""
-    for j in tl.static_range(R):
-        i: tl.constexpr = R - 1 - j
+    for i in tl.static_range(R - 1, -1, -1):
         Xi = _transition(Xprev, dv, k_ptr, beta_ptr, tok, live, h, H, N, offs_n, i, R, COMPUTE)   # its input
         k, beta = _reflection(k_ptr, beta_ptr, tok, live, h, H, N, i, offs_n, R, COMPUTE)
         w = tl.sum(k[:, None] * Xi, axis=0)
