@@ -9,8 +9,9 @@ discretisation inlined, `diagonal.py`), and the block-diagonal and rotation stru
 of 2, 4 or 8 states, a dense A of that many states included (zoh / bilinear / gbt; the per-token
 blocks discretised in PyTorch, `block.py`), and the Householder products of any number of
 reflections per token (the decay, keys and strengths computed in PyTorch, the reflections applied
-as rank-1 updates in the kernels, `householder.py`).  The other structures (permutation, banded,
-low-rank, larger blocks and dense) are not here yet and run on the PyTorch paths, where
+as rank-1 updates in the kernels, `householder.py`), and the diagonal-plus-low-rank structure
+(bilinear / gbt; its Woodbury form from PyTorch applied as two low-rank sweeps, `low_rank.py`).
+The other structures (permutation, banded, larger blocks and dense) are not here yet and run on the PyTorch paths, where
 `sparse_ssm.ssm.scan.selective_scan` sends them.  `triton` itself is imported on the first call,
 so importing this package costs nothing on machines without it.
 
@@ -27,7 +28,7 @@ import sys
 
 import torch
 
-from ..structures import BlockStructure, DiagonalStructure, HouseholderStructure, RotationStructure
+from ..structures import BlockStructure, DiagonalStructure, HouseholderStructure, LowRankStructure, RotationStructure
 
 BLOCK_SIZES = (2, 4, 8)    # the block kernel keeps each b x b block's product in registers
 
@@ -39,7 +40,7 @@ def importable() -> bool:
 
 def supports(structure) -> bool:
     """Does a Triton kernel cover this structure?"""
-    if isinstance(structure, (DiagonalStructure, HouseholderStructure)):
+    if isinstance(structure, (DiagonalStructure, HouseholderStructure, LowRankStructure)):
         return True
     return type(structure) in (BlockStructure, RotationStructure) and structure.block_size in BLOCK_SIZES
 
@@ -76,14 +77,18 @@ def selective_scan_triton(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=
     """The selective scan on the Triton kernels (the shared signature of `sparse_ssm.ssm.scan`)."""
     if not supports(structure):
         raise NotImplementedError(
-            f"the Triton selective scan covers the diagonal, rotation, block ({BLOCK_SIZES}) and householder "
-            f"structures, not "
+            f"the Triton selective scan covers the diagonal, rotation, block ({BLOCK_SIZES}), householder and "
+            f"low-rank structures, not "
             f"{structure.name!r}: that structure runs on the PyTorch path (sparse_ssm.ssm.scan.selective_scan sends "
             f"it there)")
     if isinstance(structure, HouseholderStructure):
         from .householder import householder_scan
 
         return householder_scan(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z)
+    if isinstance(structure, LowRankStructure):
+        from .low_rank import low_rank_scan
+
+        return low_rank_scan(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z)
     if not isinstance(structure, DiagonalStructure):
         from .block import block_scan
 
