@@ -10,9 +10,10 @@ of 2, 4 or 8 states, a dense A of that many states included (zoh / bilinear / gb
 blocks discretised in PyTorch, `block.py`), and the Householder products of any number of
 reflections per token (the decay, keys and strengths computed in PyTorch, the reflections applied
 as rank-1 updates in the kernels, `householder.py`), and the diagonal-plus-low-rank structure
-(bilinear / gbt; its Woodbury form from PyTorch applied as two low-rank sweeps, `low_rank.py`).
-The other structures (permutation, banded, larger blocks and dense) are not here yet and run on the PyTorch paths, where
-`sparse_ssm.ssm.scan.selective_scan` sends them.  `triton` itself is imported on the first call,
+(bilinear / gbt; its Woodbury form from PyTorch applied as two low-rank sweeps, `low_rank.py`),
+and the banded structure with blocks of 2, 4 or 8 (its two block-diagonal Lie-Trotter factors from
+PyTorch, `banded.py`).  The other structures (permutation, larger blocks and dense) are not here
+yet and run on the PyTorch paths, where `sparse_ssm.ssm.scan.selective_scan` sends them.  `triton` itself is imported on the first call,
 so importing this package costs nothing on machines without it.
 
 `use_triton(device, structure)` is the dispatcher's choice on a device: the Triton path on CUDA
@@ -28,7 +29,8 @@ import sys
 
 import torch
 
-from ..structures import BlockStructure, DiagonalStructure, HouseholderStructure, LowRankStructure, RotationStructure
+from ..structures import (BandedStructure, BlockStructure, DiagonalStructure, HouseholderStructure, LowRankStructure,
+                          RotationStructure)
 
 BLOCK_SIZES = (2, 4, 8)    # the block kernel keeps each b x b block's product in registers
 
@@ -42,7 +44,8 @@ def supports(structure) -> bool:
     """Does a Triton kernel cover this structure?"""
     if isinstance(structure, (DiagonalStructure, HouseholderStructure, LowRankStructure)):
         return True
-    return type(structure) in (BlockStructure, RotationStructure) and structure.block_size in BLOCK_SIZES
+    blocked = (BlockStructure, RotationStructure, BandedStructure)
+    return type(structure) in blocked and structure.block_size in BLOCK_SIZES
 
 
 _announced: set[str] = set()
@@ -77,8 +80,8 @@ def selective_scan_triton(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=
     """The selective scan on the Triton kernels (the shared signature of `sparse_ssm.ssm.scan`)."""
     if not supports(structure):
         raise NotImplementedError(
-            f"the Triton selective scan covers the diagonal, rotation, block ({BLOCK_SIZES}), householder and "
-            f"low-rank structures, not "
+            f"the Triton selective scan covers the diagonal, rotation, block ({BLOCK_SIZES}), householder, "
+            f"low-rank and banded ({BLOCK_SIZES}) structures, not "
             f"{structure.name!r}: that structure runs on the PyTorch path (sparse_ssm.ssm.scan.selective_scan sends "
             f"it there)")
     if isinstance(structure, HouseholderStructure):
@@ -89,6 +92,10 @@ def selective_scan_triton(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=
         from .low_rank import low_rank_scan
 
         return low_rank_scan(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z)
+    if isinstance(structure, BandedStructure):
+        from .banded import banded_scan
+
+        return banded_scan(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z)
     if not isinstance(structure, DiagonalStructure):
         from .block import block_scan
 
