@@ -222,6 +222,19 @@ for dtype, bs, block_nb0, block_nb1, block_p in (("fp32", 8, 16, 32, 4), ("bf16"
         src = ASTSource(fn, types, {(fn.arg_names.index(n),): v for n, v in consts.items()})
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert kernel.asm["cubin"], fn.__name__
+
+from sparse_ssm.ssm.triton.permutation_kernels import permutation_backward, permutation_forward
+
+INTS = {"L", "H", "G", "N", "P", "n_chunks"}
+for dtype, block_n, block_p in (("fp32", 16, 16), ("bf16", 64, 4)):
+    for fn, flags in ((permutation_forward, dict(HAS_H0=True, SAVE=True)), (permutation_backward, {})):
+        consts = dict(HAS_Z=True, CHUNK=32, BLOCK_N=block_n, BLOCK_P=block_p, COMPUTE=tl.float32, **flags)
+        inputs = {"u_ptr", "C_ptr", "D_ptr", "z_ptr", "y_ptr", "dout_ptr", "du_ptr", "dz_ptr"}
+        types = {n: "constexpr" if n in consts else "i32" if n in INTS
+                 else "*i32" if n == "f_ptr" else "*" + (dtype if n in inputs else "fp32") for n in fn.arg_names}
+        src = ASTSource(fn, types, {(fn.arg_names.index(n),): v for n, v in consts.items()})
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        assert kernel.asm["cubin"], fn.__name__
 print("compiled")
 """
 
@@ -232,7 +245,8 @@ def test_the_kernels_compile_for_an_h100_without_one(tmp_path):
     backward, fp32 and bf16 inputs, the diagonal kernels at the shapes of N = 16 and 128, the block
     kernels at those of block 8 and block 2 at N = 128, the householder kernels with 2 reflections at
     N = 128, 4 at N = 16 and 1 at N = 64 (fp16), the low-rank kernels of rank 2 at N = 128 and rank 3
-    at N = 16, the banded kernels of blocks of 8 and 2 at N = 128."""
+    at N = 16, the banded kernels of blocks of 8 and 2 at N = 128, the permutation kernels at N = 16
+    and 64."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env |= {"TRITON_CACHE_DIR": str(tmp_path), "TRITON_DEFAULT_FP_FUSION": "1",
             "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
