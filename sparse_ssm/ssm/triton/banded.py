@@ -23,7 +23,7 @@ CHUNK = 32                 # tokens between the forward's state checkpoints (the
 STEP_ELEMENTS = 4096       # the per-token block product of a program (BLOCK_NB1 BS BS BLOCK_P), in elements
 
 
-def _constants(u, A1_bar, structure, z):
+def _constants(u, structure, z):
     """The kernels' compile-time arguments."""
     NB0, NB1, BS = structure.n0, structure.n1, structure.block_size
     block_nb1 = triton.next_power_of_2(NB1)
@@ -43,7 +43,7 @@ def _launch_forward(u, A0_bar, A1_bar, B_bar, C, D, h0, z, structure, save):
     b, L, H, P = u.shape
     G, N = C.shape[2], C.shape[3]
     state_dtype = _compute_dtype(u.dtype)[0]
-    consts = _constants(u, A1_bar, structure, z)
+    consts = _constants(u, structure, z)
     y = torch.empty_like(u)
     hT = u.new_empty(b, H, N, P, dtype=state_dtype)
     n_chunks = triton.cdiv(L, CHUNK)
@@ -61,7 +61,7 @@ def _launch_backward(u, A0_bar, A1_bar, B_bar, C, D, z, ckpt, dout, dhT, structu
     b, L, H, P = u.shape
     G, N = C.shape[2], C.shape[3]
     state_dtype = _compute_dtype(u.dtype)[0]
-    consts = _constants(u, A1_bar, structure, z)
+    consts = _constants(u, structure, z)
     tiles = triton.cdiv(P, consts["BLOCK_P"])
     du = torch.empty_like(u)
     dz = torch.empty_like(z) if z is not None else None

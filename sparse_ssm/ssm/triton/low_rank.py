@@ -31,7 +31,7 @@ def _blocks(N: int, P: int):
     return block_n, min(triton.next_power_of_2(P), max(MIN_TILE, STATE_ELEMENTS // block_n))
 
 
-def _constants(u, s, Pm, z):
+def _constants(u, Pm, z):
     """The kernels' compile-time arguments for these operators."""
     sweeps, N, rank = Pm.shape[3], Pm.shape[4], Pm.shape[5]
     block_n, block_p = _blocks(N, u.shape[3])
@@ -43,7 +43,7 @@ def _launch_forward(u, s, Pm, Qm, B_bar, C, D, h0, z, save):
     b, L, H, P = u.shape
     G, N = C.shape[2], C.shape[3]
     state_dtype = _compute_dtype(u.dtype)[0]
-    consts = _constants(u, s, Pm, z)
+    consts = _constants(u, Pm, z)
     y = torch.empty_like(u)
     hT = u.new_empty(b, H, N, P, dtype=state_dtype)
     n_chunks = triton.cdiv(L, CHUNK)
@@ -59,7 +59,7 @@ def _launch_backward(u, s, Pm, Qm, B_bar, C, D, z, ckpt, dout, dhT):
     b, L, H, P = u.shape
     G, N = C.shape[2], C.shape[3]
     state_dtype = _compute_dtype(u.dtype)[0]
-    consts = _constants(u, s, Pm, z)
+    consts = _constants(u, Pm, z)
     tiles = triton.cdiv(P, consts["BLOCK_P"])
     du = torch.empty_like(u)
     dz = torch.empty_like(z) if z is not None else None
