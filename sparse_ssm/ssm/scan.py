@@ -27,9 +27,9 @@ All functions here share one signature (like mamba_ssm's `selective_scan_ref`):
 - `selective_scan_fused` (`fused.py`): the fast path on CPUs for the diagonal structure, a native
   kernel that walks the sequence once with the state in registers (`selective_scan` uses it
   whenever it is available; otherwise the chunked path below).
-- `selective_scan_triton` (`triton/`): the path on CUDA devices for the diagonal, rotation and
-  block (b = 2, 4, 8) structures, Triton kernels that walk the sequence once with the state in
-  registers (where triton is importable).
+- `selective_scan_triton` (`triton/`): the path on CUDA devices for the diagonal, rotation,
+  block and banded (b = 2, 4, 8), householder, low-rank and permutation structures, Triton
+  kernels that walk the sequence once with the state in registers (where triton is importable).
 - `selective_scan_chunked`: the pure-PyTorch fast path.  The sequence is cut into chunks of T tokens.
   * Diagonal A (the Mamba case) uses the matmul form of Mamba-2's SSD, with one decay per state:
     inside a chunk, with l_t = log A_bar_t and the inclusive cumulative sum S_t = sum_{k<=t} l_k,

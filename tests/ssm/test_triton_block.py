@@ -11,7 +11,7 @@ pytest.importorskip("triton", reason="triton is not installed (the gpu extra: pi
 
 from sparse_ssm.ssm import triton as triton_scan  # noqa: E402
 from sparse_ssm.ssm.scan import selective_scan_sequential  # noqa: E402
-from sparse_ssm.ssm.structures import BlockStructure, HouseholderStructure, RotationStructure  # noqa: E402
+from sparse_ssm.ssm.structures import BlockStructure, RotationStructure  # noqa: E402
 from sparse_ssm.ssm.triton import block  # noqa: E402
 
 NAMES = ("u", "dt", "A_raw", "B", "C", "D", "initial_state", "z")
@@ -118,7 +118,7 @@ def test_the_dispatcher_takes_triton_on_cuda_for_blocks_of_2_4_8_only(monkeypatc
     assert capsys.readouterr().err.splitlines() == [
         f"sparse-ssm: the selective scan on CUDA runs on the Triton kernel of the {name!r} structure"
         for name in ("block8", "block2", "block4", "rotation")]
-    for other in (BlockStructure(32, 16), HouseholderStructure(8, 1)):
+    for other in (BlockStructure(32, 16),):
         assert not triton_scan.use_triton(cuda, other)
         assert f"chunked path for the {other.name!r} structure" in capsys.readouterr().err
         with pytest.raises(NotImplementedError, match="PyTorch path"):

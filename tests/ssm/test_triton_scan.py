@@ -179,6 +179,60 @@ for dtype, bs, block_nb, block_p in (("fp32", 8, 16, 4), ("bf16", 2, 8, 64)):
         src = ASTSource(fn, types, {(fn.arg_names.index(n),): v for n, v in consts.items()})
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert kernel.asm["cubin"], fn.__name__
+
+from sparse_ssm.ssm.triton.householder_kernels import householder_backward, householder_forward
+
+INTS = {"L", "H", "G", "N", "P", "n_chunks"}
+for dtype, reflections, block_n, block_p in (("fp32", 2, 128, 16), ("bf16", 4, 16, 64), ("fp16", 1, 64, 32)):
+    for fn, flags in ((householder_forward, dict(HAS_H0=True, SAVE=True)), (householder_backward, {})):
+        consts = dict(HAS_Z=True, CHUNK=32, R=reflections, BLOCK_N=block_n, BLOCK_P=block_p, COMPUTE=tl.float32,
+                      **flags)
+        inputs = {"u_ptr", "C_ptr", "D_ptr", "z_ptr", "y_ptr", "dout_ptr", "du_ptr", "dz_ptr"}
+        types = {n: "constexpr" if n in consts else "i32" if n in INTS
+                 else "*" + (dtype if n in inputs else "fp32") for n in fn.arg_names}
+        src = ASTSource(fn, types, {(fn.arg_names.index(n),): v for n, v in consts.items()})
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        assert kernel.asm["cubin"], fn.__name__
+
+from sparse_ssm.ssm.triton.low_rank_kernels import low_rank_backward, low_rank_forward
+
+for dtype, rank, block_n, block_p in (("fp32", 2, 128, 16), ("bf16", 3, 16, 64)):
+    for fn, flags in ((low_rank_forward, dict(HAS_H0=True, SAVE=True)), (low_rank_backward, {})):
+        consts = dict(HAS_Z=True, CHUNK=32, SWEEPS=2, RANK=rank, BLOCK_R=triton.next_power_of_2(rank),
+                      BLOCK_N=block_n, BLOCK_P=block_p, COMPUTE=tl.float32, **flags)
+        inputs = {"u_ptr", "C_ptr", "D_ptr", "z_ptr", "y_ptr", "dout_ptr", "du_ptr", "dz_ptr"}
+        types = {n: "constexpr" if n in consts else "i32" if n in INTS
+                 else "*" + (dtype if n in inputs else "fp32") for n in fn.arg_names}
+        src = ASTSource(fn, types, {(fn.arg_names.index(n),): v for n, v in consts.items()})
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        assert kernel.asm["cubin"], fn.__name__
+
+from sparse_ssm.ssm.triton.banded_kernels import banded_backward, banded_forward
+
+INTS = {"L", "H", "G", "NB0", "NB1", "P", "n_chunks"}
+for dtype, bs, block_nb0, block_nb1, block_p in (("fp32", 8, 16, 32, 4), ("bf16", 2, 64, 128, 16)):
+    for fn, flags in ((banded_forward, dict(HAS_H0=True, SAVE=True)), (banded_backward, {})):
+        consts = dict(HAS_Z=True, CHUNK=32, BS=bs, FRONT=bs - bs // 2, BLOCK_NB0=block_nb0, BLOCK_NB1=block_nb1,
+                      BLOCK_P=block_p, COMPUTE=tl.float32, **flags)
+        inputs = {"u_ptr", "C_ptr", "D_ptr", "z_ptr", "y_ptr", "dout_ptr", "du_ptr", "dz_ptr"}
+        types = {n: "constexpr" if n in consts else "i32" if n in INTS
+                 else "*" + (dtype if n in inputs else "fp32") for n in fn.arg_names}
+        src = ASTSource(fn, types, {(fn.arg_names.index(n),): v for n, v in consts.items()})
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        assert kernel.asm["cubin"], fn.__name__
+
+from sparse_ssm.ssm.triton.permutation_kernels import permutation_backward, permutation_forward
+
+INTS = {"L", "H", "G", "N", "P", "n_chunks"}
+for dtype, block_n, block_p in (("fp32", 16, 16), ("bf16", 64, 4)):
+    for fn, flags in ((permutation_forward, dict(HAS_H0=True, SAVE=True)), (permutation_backward, {})):
+        consts = dict(HAS_Z=True, CHUNK=32, BLOCK_N=block_n, BLOCK_P=block_p, COMPUTE=tl.float32, **flags)
+        inputs = {"u_ptr", "C_ptr", "D_ptr", "z_ptr", "y_ptr", "dout_ptr", "du_ptr", "dz_ptr"}
+        types = {n: "constexpr" if n in consts else "i32" if n in INTS
+                 else "*i32" if n == "f_ptr" else "*" + (dtype if n in inputs else "fp32") for n in fn.arg_names}
+        src = ASTSource(fn, types, {(fn.arg_names.index(n),): v for n, v in consts.items()})
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        assert kernel.asm["cubin"], fn.__name__
 print("compiled")
 """
 
@@ -187,7 +241,10 @@ print("compiled")
 def test_the_kernels_compile_for_an_h100_without_one(tmp_path):
     """The real backend (TTIR -> PTX -> cubin for sm_90), which the interpreter never runs: forward and
     backward, fp32 and bf16 inputs, the diagonal kernels at the shapes of N = 16 and 128, the block
-    kernels at those of block 8 and block 2 at N = 128."""
+    kernels at those of block 8 and block 2 at N = 128, the householder kernels with 2 reflections at
+    N = 128, 4 at N = 16 and 1 at N = 64 (fp16), the low-rank kernels of rank 2 at N = 128 and rank 3
+    at N = 16, the banded kernels of blocks of 8 and 2 at N = 128, the permutation kernels at N = 16
+    and 64."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env |= {"TRITON_CACHE_DIR": str(tmp_path), "TRITON_DEFAULT_FP_FUSION": "1",
             "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}

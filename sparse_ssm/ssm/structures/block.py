@@ -29,8 +29,8 @@ def rate_exp(x: torch.Tensor) -> torch.Tensor:
 
 def identity_at_padding(dt: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """M (..., N, N) with the identity wherever dt (...) is 0: the steps the chunked scan pads chunks
-    with, for the discrete-only structures whose A_bar does not follow from dt (permutation,
-    householder)."""
+    with, for the discrete-only structures whose A_bar does not follow from dt (permutation;
+    householder zeroes its reflections' strengths there instead)."""
     eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
     return torch.where((dt == 0)[..., None, None], eye, M)
 

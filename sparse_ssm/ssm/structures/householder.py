@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from ..discretization import discretize, discretize_diagonal
-from .block import UNIT_MAGNITUDE_RAW, BlockStructure, DiagonalStructure, identity_at_padding, rate_exp
+from .block import UNIT_MAGNITUDE_RAW, BlockStructure, DiagonalStructure, rate_exp
 
 # The reflections' initial strength: beta = 2 sigmoid(-3) = 0.095, so A_bar starts close to the
 # diagonal SSM's diag(d) while every direction already passes gradients.
@@ -90,16 +90,24 @@ class HouseholderStructure(BlockStructure):
         unit = torch.full_like(raw[..., :N], UNIT_MAGNITUDE_RAW)
         return torch.cat([unit, torch.cat([reflections[..., :N], exact], -1).flatten(-2)], -1)
 
+    def factors(self, A, dt, B, method, alpha=0.5):
+        """A = (a, keys, beta), dt (...), B (..., N) -> the factors of A_bar_t = H_r ... H_1 diag(d):
+        d (..., N), unit keys (..., r, N), beta (..., r) (0 where dt is 0: a padding step is the
+        identity) and B_bar (..., N); what the Triton kernel takes (`triton/householder.py`)."""
+        a, keys, beta = A
+        d, B_bar = discretize_diagonal(a, B, dt, method, alpha)
+        beta = torch.where((dt == 0)[..., None], 0.0, beta)
+        return d, torch.nn.functional.normalize(keys, dim=-1), beta, B_bar
+
     def discretize(self, A, dt, B, method, alpha=0.5):
         """A = (a, keys, beta), dt (...), B (..., N) -> ((A_bar (..., 1, N, N),), B_bar (..., N)), each
         reflection applied to the columns of diag(d) as M - beta k (k^T M) with k of unit norm.  A step
         of dt = 0 is the identity (the chunked scan pads chunks with such steps)."""
-        a, keys, beta = A
-        d, B_bar = discretize_diagonal(a, B, dt, method, alpha)
+        d, keys, beta, B_bar = self.factors(A, dt, B, method, alpha)
         M = torch.diag_embed(d)
-        for k, b in zip(torch.nn.functional.normalize(keys, dim=-1).unbind(-2), beta.unbind(-1)):
+        for k, b in zip(keys.unbind(-2), beta.unbind(-1)):
             M = M - b[..., None, None] * k[..., :, None] * (k[..., None, :] @ M)
-        return (identity_at_padding(dt, M)[..., None, :, :],), B_bar
+        return (M[..., None, :, :],), B_bar
 
     def dense_discretize(self, A, dt, B, method, alpha=0.5):
         """The reference: the textbook reflections I - beta k k^T / (k^T k), multiplied as matrices,

@@ -66,6 +66,15 @@ class LowRankStructure(DensePrefix):
         return op, B_bar
 
     @staticmethod
+    def sweeps(op):
+        """The operator of `discretize` as two diagonal-plus-low-rank sweeps X <- diag(s) X + P (Q^T X)
+        (the forward step, then the Woodbury solve): s (..., 2, N), P, Q (..., 2, N, r); what the
+        Triton kernel takes (`triton/low_rank.py`)."""
+        fwd, lam, U, V, dinv, K, W = op
+        return (torch.stack([1.0 + fwd[..., 0] * lam, dinv], -2), torch.stack([fwd * U, K], -3),
+                torch.stack([V, W], -3))
+
+    @staticmethod
     def _solve(op, Y):
         _, _, _, _, dinv, K, W = op
         return dinv[..., None] * Y + K @ (W.transpose(-1, -2) @ Y)

@@ -64,12 +64,18 @@ class PermutationStructure(BlockStructure):
         hard = F.one_hot(logits.argmax(-1), self.state_dim).to(soft.dtype)
         return (hard + (soft - soft.detach())).transpose(-1, -2)
 
+    def factors(self, A, dt, B, method, alpha=0.5):
+        """A = (a, logits), dt (...), B (..., N) -> the factors of A_bar = P diag(d): P (..., N, N)
+        (`selection`; the identity where dt is 0), d (..., N) and B_bar (..., N); what the Triton
+        kernel takes (`triton/permutation.py`)."""
+        a, logits = A
+        d, B_bar = discretize_diagonal(a, B, dt, method, alpha)
+        return identity_at_padding(dt, self.selection(logits)), d, B_bar
+
     def discretize(self, A, dt, B, method, alpha=0.5):
         """A = (a, logits), dt (...), B (..., N) -> ((A_bar (..., 1, N, N),), B_bar (..., N)).  A step
         of dt = 0 is the identity, whatever its logits (the chunked scan pads chunks with such steps)."""
-        a, logits = A
-        d, B_bar = discretize_diagonal(a, B, dt, method, alpha)
-        P = identity_at_padding(dt, self.selection(logits))
+        P, d, B_bar = self.factors(A, dt, B, method, alpha)
         return ((P * d[..., None, :])[..., None, :, :],), B_bar
 
     def dense_discretize(self, A, dt, B, method, alpha=0.5):

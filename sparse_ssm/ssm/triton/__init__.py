@@ -4,13 +4,22 @@
         -> (y, final_state)
 
 the shared scan signature of `sparse_ssm.ssm.scan` (shapes there).  Recurrent kernels, forward and
-backward: the diagonal structure (positive and signed eigenvalues, zoh / bilinear / gbt; the
-discretisation inlined, `diagonal.py`), and the block-diagonal and rotation structures with blocks
-of 2, 4 or 8 states, a dense A of that many states included (zoh / bilinear / gbt; the per-token
-blocks discretised in PyTorch, `block.py`).  The other structures (householder, permutation,
-banded, low-rank, larger blocks and dense) are not here yet and run on the PyTorch paths, where
-`sparse_ssm.ssm.scan.selective_scan` sends them.  `triton` itself is imported on the first call,
-so importing this package costs nothing on machines without it.
+backward, one per structure:
+- diagonal (positive and signed eigenvalues, zoh / bilinear / gbt; the discretisation inlined,
+  `diagonal.py`);
+- block-diagonal and rotation with blocks of 2, 4 or 8 states, a dense A of that many states
+  included (zoh / bilinear / gbt; the per-token blocks discretised in PyTorch, `block.py`);
+- householder products, any number of reflections per token (decay, keys and strengths from
+  PyTorch, the reflections applied as rank-1 updates, `householder.py`);
+- low-rank, diagonal plus U V^T (bilinear / gbt; its Woodbury form from PyTorch applied as two
+  low-rank sweeps, `low_rank.py`);
+- banded with blocks of 2, 4 or 8 (its two block-diagonal Lie-Trotter factors from PyTorch,
+  `banded.py`);
+- permutation-diagonal (selection and decay from PyTorch, the forward reading N destination rows
+  per token, `permutation.py`).
+Larger blocks and dense A run on the PyTorch paths, where `sparse_ssm.ssm.scan.selective_scan`
+sends them.  `triton` itself is imported on the first call, so importing this package costs
+nothing on machines without it.
 
 `use_triton(device, structure)` is the dispatcher's choice on a device: the Triton path on CUDA
 where triton is importable and a kernel covers the structure, unless ``SPARSE_SSM_TRITON=0``; the
@@ -25,7 +34,8 @@ import sys
 
 import torch
 
-from ..structures import BlockStructure, DiagonalStructure, RotationStructure
+from ..structures import (BandedStructure, BlockStructure, DiagonalStructure, HouseholderStructure, LowRankStructure,
+                          PermutationStructure, RotationStructure)
 
 BLOCK_SIZES = (2, 4, 8)    # the block kernel keeps each b x b block's product in registers
 
@@ -37,9 +47,10 @@ def importable() -> bool:
 
 def supports(structure) -> bool:
     """Does a Triton kernel cover this structure?"""
-    if isinstance(structure, DiagonalStructure):
+    if isinstance(structure, (DiagonalStructure, HouseholderStructure, LowRankStructure, PermutationStructure)):
         return True
-    return type(structure) in (BlockStructure, RotationStructure) and structure.block_size in BLOCK_SIZES
+    blocked = (BlockStructure, RotationStructure, BandedStructure)
+    return type(structure) in blocked and structure.block_size in BLOCK_SIZES
 
 
 _announced: set[str] = set()
@@ -74,9 +85,26 @@ def selective_scan_triton(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=
     """The selective scan on the Triton kernels (the shared signature of `sparse_ssm.ssm.scan`)."""
     if not supports(structure):
         raise NotImplementedError(
-            f"the Triton selective scan covers the diagonal, rotation and block ({BLOCK_SIZES}) structures, not "
+            f"the Triton selective scan covers the diagonal, rotation, block ({BLOCK_SIZES}), householder, "
+            f"low-rank, banded ({BLOCK_SIZES}) and permutation structures, not "
             f"{structure.name!r}: that structure runs on the PyTorch path (sparse_ssm.ssm.scan.selective_scan sends "
             f"it there)")
+    if isinstance(structure, HouseholderStructure):
+        from .householder import householder_scan
+
+        return householder_scan(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z)
+    if isinstance(structure, LowRankStructure):
+        from .low_rank import low_rank_scan
+
+        return low_rank_scan(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z)
+    if isinstance(structure, PermutationStructure):
+        from .permutation import permutation_scan
+
+        return permutation_scan(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z)
+    if isinstance(structure, BandedStructure):
+        from .banded import banded_scan
+
+        return banded_scan(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z)
     if not isinstance(structure, DiagonalStructure):
         from .block import block_scan
 

@@ -1,0 +1,115 @@
+"""The banded selective scan on the Triton kernels (`banded_kernels.py`), with autograd.
+
+    banded_scan(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z) -> (y, final_state)
+
+the shared scan signature (shapes in `sparse_ssm.ssm.scan`) for `BandedStructure` with blocks of 2,
+4 or 8 states (zoh / bilinear / gbt).  Every token's two block-diagonal operators (the Lie-Trotter
+factors D(A0), D(A1)) and B_bar come from `structure.discretize` in PyTorch, in float32 (float64 for
+float64 inputs) and outside autocast; their gradients flow back through it by autograd.  That costs
+4 ((2 N + bs) bs + N) bytes per token and head of operators, kept for the backward; the kernels'
+state is float32 (float64) whatever the inputs' dtype, y has u's dtype and every gradient its
+input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .banded_kernels import banded_backward, banded_forward
+from .block import _compute_dtype
+
+CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
+STEP_ELEMENTS = 4096       # the per-token block product of a program (BLOCK_NB1 BS BS BLOCK_P), in elements
+
+
+def _constants(u, structure, z):
+    """The kernels' compile-time arguments."""
+    NB0, NB1, BS = structure.n0, structure.n1, structure.block_size
+    block_nb1 = triton.next_power_of_2(NB1)
+    block_p = min(triton.next_power_of_2(u.shape[3]), max(4, STEP_ELEMENTS // (block_nb1 * BS * BS)))
+    return dict(HAS_Z=z is not None, CHUNK=CHUNK, BS=BS, FRONT=structure.front,
+                BLOCK_NB0=triton.next_power_of_2(NB0), BLOCK_NB1=block_nb1, BLOCK_P=block_p,
+                COMPUTE=_compute_dtype(u.dtype)[1])
+
+
+def _shuffle(u, consts, programs):
+    """Every program's zeroed buffer for moving the state between the two partitions."""
+    return torch.zeros(programs * consts["BLOCK_NB1"] * consts["BS"] * consts["BLOCK_P"],
+                       dtype=_compute_dtype(u.dtype)[0], device=u.device)
+
+
+def _launch_forward(u, A0_bar, A1_bar, B_bar, C, D, h0, z, structure, save):
+    b, L, H, P = u.shape
+    G, N = C.shape[2], C.shape[3]
+    state_dtype = _compute_dtype(u.dtype)[0]
+    consts = _constants(u, structure, z)
+    y = torch.empty_like(u)
+    hT = u.new_empty(b, H, N, P, dtype=state_dtype)
+    n_chunks = triton.cdiv(L, CHUNK)
+    ckpt = u.new_empty(b, H, n_chunks, N, P, dtype=state_dtype) if save else hT
+    grid = (b * H, triton.cdiv(P, consts["BLOCK_P"]))
+    banded_forward[grid](A0_bar, A1_bar, B_bar, C, u, D, u if z is None else z, hT if h0 is None else h0, y, hT,
+                         ckpt, _shuffle(u, consts, grid[0] * grid[1]), L, H, G, structure.n0, structure.n1, P,
+                         n_chunks, HAS_H0=h0 is not None, SAVE=save, **consts)
+    return y, hT, ckpt
+
+
+def _launch_backward(u, A0_bar, A1_bar, B_bar, C, D, z, ckpt, dout, dhT, structure):
+    """The gradients of u, A0_bar, A1_bar, B_bar, C (per group), D, the initial state (state dtype)
+    and z (or None)."""
+    b, L, H, P = u.shape
+    G, N = C.shape[2], C.shape[3]
+    state_dtype = _compute_dtype(u.dtype)[0]
+    consts = _constants(u, structure, z)
+    tiles = triton.cdiv(P, consts["BLOCK_P"])
+    du = torch.empty_like(u)
+    dz = torch.empty_like(z) if z is not None else None
+    dh0 = u.new_empty(b, H, N, P, dtype=state_dtype)
+    n_chunks = triton.cdiv(L, CHUNK)
+    padded = lambda *shape: torch.zeros(b, n_chunks * CHUNK, H, *shape, dtype=state_dtype, device=u.device)
+    dA0, dA1, dB_bar, dC, dD = padded(*A0_bar.shape[3:]), padded(*A1_bar.shape[3:]), padded(N), padded(N), padded()
+    scratch = torch.empty(b * H * tiles * (CHUNK + 1) * consts["BLOCK_NB0"] * consts["BS"] * consts["BLOCK_P"],
+                          dtype=state_dtype, device=u.device)
+    banded_backward[(b * H, tiles)](A0_bar, A1_bar, B_bar, C, u, D, u if z is None else z, ckpt, dout, dhT, scratch,
+                                    _shuffle(u, consts, b * H * tiles), du, du if dz is None else dz, dh0, dA0, dA1,
+                                    dB_bar, dC, dD, L, H, G, structure.n0, structure.n1, P, n_chunks, **consts)
+    dC = dC[:, :L].reshape(b, L, G, H // G, N).sum(3).to(C.dtype)
+    return du, dA0[:, :L], dA1[:, :L], dB_bar[:, :L], dC, dD[:, :L].to(D.dtype), dh0, dz
+
+
+class BandedScan(torch.autograd.Function):
+    """Forward and backward on the Triton kernels over given operators; the forward keeps the chunk
+    checkpoints only."""
+
+    @staticmethod
+    def forward(ctx, u, A0_bar, A1_bar, B_bar, C, D, h0, z, structure):
+        y, hT, ckpt = _launch_forward(u, A0_bar, A1_bar, B_bar, C, D, h0, z, structure, save=True)
+        ctx.save_for_backward(u, A0_bar, A1_bar, B_bar, C, D, z, ckpt)
+        ctx.structure, ctx.h0_dtype = structure, None if h0 is None else h0.dtype
+        return y, hT
+
+    @staticmethod
+    def backward(ctx, dy, dhT):
+        u, A0_bar, A1_bar, B_bar, C, D, z, ckpt = ctx.saved_tensors
+        *grads, dh0, dz = _launch_backward(u, A0_bar, A1_bar, B_bar, C, D, z, ckpt, dy.contiguous(), dhT.contiguous(),
+                                           ctx.structure)
+        return *grads, None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype), dz, None
+
+
+def banded_scan(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
+    """The scan of a banded A (see the module docstring); autograd through the Triton backward (and
+    PyTorch's, for the discretisation) whenever an input requires a gradient."""
+    work, _ = _compute_dtype(u.dtype)
+    heads = u.shape[2]
+    with torch.autocast(u.device.type, enabled=False):
+        B_heads = B.to(work).repeat_interleave(heads // B.shape[2], dim=2)
+        (A0_bar, A1_bar), B_bar = structure.discretize(structure.continuous(A_raw.to(work)), dt.to(work), B_heads,
+                                                       method, alpha)
+    args = [t.contiguous() for t in (u, A0_bar, A1_bar, B_bar, C, D)]
+    h0 = None if initial_state is None else initial_state.contiguous()
+    z = None if z is None else z.contiguous()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*args, h0, z) if t is not None):
+        return BandedScan.apply(*args, h0, z, structure)
+    y, hT, _ = _launch_forward(*args, h0, z, structure, save=False)
+    return y, hT

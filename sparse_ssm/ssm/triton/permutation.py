@@ -1,0 +1,110 @@
+"""The permutation-diagonal selective scan on the Triton kernels (`permutation_kernels.py`), with autograd.
+
+    permutation_scan(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, z) -> (y, final_state)
+
+the shared scan signature (shapes in `sparse_ssm.ssm.scan`) for `PermutationStructure` (zoh /
+bilinear / gbt for the decay).  Every token's selection P (one-hot forward, the column softmax's
+gradient backward), decay d and B_bar come from `structure.factors` in PyTorch, in float32 (float64
+for float64 inputs) and outside autocast; their gradients flow back through it by autograd.  The
+forward kernel reads P as N destination rows per token (its arg-max per column), not N^2 entries;
+the backward writes the N x N gradient of A_bar = P diag(d) per token (the straight-through
+selection passes it to every logit), from which dP = dA_bar diag(d) and dd = the entries of dA_bar
+where P is 1.  The kernels' state is float32 (float64) whatever the inputs' dtype, y has u's dtype
+and every gradient its input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .block import _compute_dtype
+from .permutation_kernels import permutation_backward, permutation_forward
+
+CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
+STEP_ELEMENTS = 4096       # the per-token one-hot move of a program (BLOCK_N BLOCK_N BLOCK_P), in elements
+MIN_TILE = 4               # the fewest channels of a tile
+
+
+def _blocks(N: int, P: int):
+    """(BLOCK_N, BLOCK_P): all states in one tile, channels tiled so a step's move stays STEP_ELEMENTS."""
+    block_n = triton.next_power_of_2(N)
+    return block_n, min(triton.next_power_of_2(P), max(MIN_TILE, STEP_ELEMENTS // (block_n * block_n)))
+
+
+def _launch_forward(u, f, d, B_bar, C, D, h0, z, save):
+    b, L, H, P = u.shape
+    G, N = C.shape[2], C.shape[3]
+    state_dtype, compute = _compute_dtype(u.dtype)
+    block_n, block_p = _blocks(N, P)
+    y = torch.empty_like(u)
+    hT = u.new_empty(b, H, N, P, dtype=state_dtype)
+    n_chunks = triton.cdiv(L, CHUNK)
+    ckpt = u.new_empty(b, H, n_chunks, N, P, dtype=state_dtype) if save else hT
+    grid = (b * H, triton.cdiv(P, block_p))
+    permutation_forward[grid](f, d, B_bar, C, u, D, u if z is None else z, hT if h0 is None else h0, y, hT, ckpt,
+                              L, H, G, N, P, n_chunks, HAS_Z=z is not None, HAS_H0=h0 is not None, SAVE=save,
+                              CHUNK=CHUNK, BLOCK_N=block_n, BLOCK_P=block_p, COMPUTE=compute)
+    return y, hT, ckpt
+
+
+def _launch_backward(u, f, d, B_bar, C, D, z, ckpt, dout, dhT):
+    """The gradients of u, A_bar (b, L, H, N, N), B_bar, C (per group), D, the initial state (state
+    dtype) and z (or None)."""
+    b, L, H, P = u.shape
+    G, N = C.shape[2], C.shape[3]
+    state_dtype, compute = _compute_dtype(u.dtype)
+    block_n, block_p = _blocks(N, P)
+    tiles = triton.cdiv(P, block_p)
+    du = torch.empty_like(u)
+    dz = torch.empty_like(z) if z is not None else None
+    dh0 = u.new_empty(b, H, N, P, dtype=state_dtype)
+    n_chunks = triton.cdiv(L, CHUNK)
+    padded = lambda *shape: torch.zeros(b, n_chunks * CHUNK, H, *shape, dtype=state_dtype, device=u.device)
+    dA_bar, dB_bar, dC, dD = padded(N, N), padded(N), padded(N), padded()
+    scratch = torch.empty(b * H * tiles * (CHUNK + 1) * block_n * block_p, dtype=state_dtype, device=u.device)
+    permutation_backward[(b * H, tiles)](f, d, B_bar, C, u, D, u if z is None else z, ckpt, dout, dhT, scratch,
+                                         du, du if dz is None else dz, dh0, dA_bar, dB_bar, dC, dD,
+                                         L, H, G, N, P, n_chunks, HAS_Z=z is not None, CHUNK=CHUNK,
+                                         BLOCK_N=block_n, BLOCK_P=block_p, COMPUTE=compute)
+    dC = dC[:, :L].reshape(b, L, G, H // G, N).sum(3).to(C.dtype)
+    return du, dA_bar[:, :L], dB_bar[:, :L], dC, dD[:, :L].to(D.dtype), dh0, dz
+
+
+class PermutationScan(torch.autograd.Function):
+    """Forward and backward on the Triton kernels over given factors; the forward keeps the chunk
+    checkpoints only."""
+
+    @staticmethod
+    def forward(ctx, u, P, d, B_bar, C, D, h0, z):
+        f = P.argmax(-2).to(torch.int32)
+        y, hT, ckpt = _launch_forward(u, f, d, B_bar, C, D, h0, z, save=True)
+        ctx.save_for_backward(u, P, f, d, B_bar, C, D, z, ckpt)
+        ctx.h0_dtype = None if h0 is None else h0.dtype
+        return y, hT
+
+    @staticmethod
+    def backward(ctx, dy, dhT):
+        u, P, f, d, B_bar, C, D, z, ckpt = ctx.saved_tensors
+        du, dA_bar, dB_bar, dC, dD, dh0, dz = _launch_backward(u, f, d, B_bar, C, D, z, ckpt, dy.contiguous(),
+                                                               dhT.contiguous())
+        dP, dd = dA_bar * d[..., None, :], (dA_bar * P).sum(-2)
+        return du, dP, dd, dB_bar, dC, dD, None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype), dz
+
+
+def permutation_scan(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
+    """The scan of a permutation-diagonal A (see the module docstring); autograd through the Triton
+    backward (and PyTorch's, for the factors) whenever an input requires a gradient."""
+    work, _ = _compute_dtype(u.dtype)
+    heads = u.shape[2]
+    with torch.autocast(u.device.type, enabled=False):
+        B_heads = B.to(work).repeat_interleave(heads // B.shape[2], dim=2)
+        P, d, B_bar = structure.factors(structure.continuous(A_raw.to(work)), dt.to(work), B_heads, method, alpha)
+    args = [t.contiguous() for t in (u, P, d, B_bar, C, D)]
+    h0 = None if initial_state is None else initial_state.contiguous()
+    z = None if z is None else z.contiguous()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*args, h0, z) if t is not None):
+        return PermutationScan.apply(*args, h0, z)
+    f = args[1].argmax(-2).to(torch.int32)
+    y, hT, _ = _launch_forward(args[0], f, *args[2:], h0, z, save=False)
+    return y, hT

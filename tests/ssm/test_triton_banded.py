@@ -1,0 +1,157 @@
+"""The Triton kernels of the banded scan (blocks of 2, 4 and 8, the second partition shifted by half a
+block), run by Triton's interpreter on CPU tensors, against the sequential scan (and the dense
+reference): values and gradients (fp64) for every block size and discretisation, odd lengths across
+the kernels' chunks, initial and final state, the gate, shared B/C groups, channel tiles, padded
+block counts, low-precision inputs (one ulp), a model's loss and gradients, and the dispatcher."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")     # read when @triton.jit decorates: before the kernels import
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed (the gpu extra: pip install -e '.[gpu]')")
+
+from sparse_ssm.ssm import triton as triton_scan  # noqa: E402
+from sparse_ssm.ssm.scan import selective_scan_ref, selective_scan_sequential  # noqa: E402
+from sparse_ssm.ssm.structures import BandedStructure  # noqa: E402
+from sparse_ssm.ssm.triton import banded  # noqa: E402
+
+NAMES = ("u", "dt", "A_raw", "B", "C", "D", "initial_state", "z")
+
+
+@pytest.fixture(autouse=True)
+def _short_chunks(monkeypatch):
+    """Checkpoints every 8 tokens and channel tiles of 4 (the fewest): the lengths and head sizes
+    below cross chunk and tile boundaries at interpreter speed."""
+    monkeypatch.setattr(banded, "CHUNK", 8)
+    monkeypatch.setattr(banded, "STEP_ELEMENTS", 16)
+
+
+def inputs(b, L, H, P, structure, G, dtype=torch.float64, state=True, gate=True, seed=0):
+    """The scan's inputs (NAMES), float64 values cast to `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    N = structure.state_dim
+    xs = [r(b, L, H, P), torch.nn.functional.softplus(r(b, L, H) - 1.5), 0.5 * r(b, L, H, structure.raw_size),
+          r(b, L, G, N), r(b, L, G, N), r(b, L, H), r(b, H, N, P) if state else None,
+          r(b, L, H, P) if gate else None]
+    return [None if x is None else x.to(dtype) for x in xs]
+
+
+def run(fn, xs, structure, method, alpha, seed=1):
+    """(y, final state, gradients of a random weighting of both for every given input)."""
+    leaves = [None if x is None else x.clone().requires_grad_() for x in xs]
+    y, h = fn(*leaves[:6], structure, method, alpha, leaves[6], leaves[7])
+    g = torch.Generator().manual_seed(seed)
+    exact = lambda x: x.to(torch.bfloat16).to(torch.float16).double()        # in every dtype of the tests
+    weights = lambda x: exact(torch.randn(x.shape, generator=g, dtype=torch.float64))
+    loss = (y.double() * weights(y)).sum() + (h.double() * weights(h)).sum()
+    grads = torch.autograd.grad(loss, [x for x in leaves if x is not None])
+    return y, h, grads
+
+
+def assert_matches(xs, got, ref):
+    y, h, grads = got
+    y_ref, h_ref, grads_ref = ref
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-10)
+    given = [name for name, x in zip(NAMES, xs) if x is not None]
+    for name, grad, expected in zip(given, grads, grads_ref):
+        torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-10, msg=lambda m: f"d {name}: {m}")
+
+
+# (b, L, H, P, structure, G, method, alpha, state, gate): every block size, odd lengths around the
+# 8-token chunks, a single token, block counts that are not powers of two (12 / 4 = 3 and 4 shifted
+# blocks), heads over two and three channel tiles (P = 6, 10), heads sharing B/C and per-head B/C
+CASES = [
+    (2, 13, 2, 3, BandedStructure(4, 2), 1, "zoh", 0.5, True, True),
+    (1, 9, 2, 6, BandedStructure(12, 4), 2, "bilinear", 0.5, False, True),
+    (1, 17, 1, 2, BandedStructure(16, 8), 1, "gbt", 0.25, True, False),
+    (1, 1, 2, 3, BandedStructure(8, 4), 2, "zoh", 0.5, False, False),
+    (1, 7, 1, 10, BandedStructure(6, 2), 1, "bilinear", 0.5, True, True),
+]
+
+
+@pytest.mark.parametrize("b, L, H, P, structure, G, method, alpha, state, gate", CASES,
+                         ids=lambda v: v.name if hasattr(v, "name") else None)
+def test_forward_and_gradients_match_the_sequential_scan(b, L, H, P, structure, G, method, alpha, state, gate):
+    xs = inputs(b, L, H, P, structure, G, state=state, gate=gate)
+    assert_matches(xs, run(triton_scan.selective_scan_triton, xs, structure, method, alpha),
+                   run(selective_scan_sequential, xs, structure, method, alpha))
+
+
+def test_the_forward_matches_the_dense_reference():
+    """The dense Lie-Trotter product of the two partitions' discretisations (`dense_discretize`)."""
+    structure = BandedStructure(8, 4)
+    xs = inputs(1, 10, 2, 3, structure, 1)
+    with torch.no_grad():
+        y, h = triton_scan.selective_scan_triton(*xs[:6], structure, "zoh", 0.5, xs[6], xs[7])
+        y_ref, h_ref = selective_scan_ref(*xs[:6], structure, "zoh", 0.5, xs[6], xs[7])
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_float64_gradcheck():
+    structure = BandedStructure(4, 2)
+    xs = [x.requires_grad_() for x in inputs(1, 4, 1, 2, structure, 1, seed=3)]
+    fn = lambda *t: triton_scan.selective_scan_triton(*t[:6], structure, "bilinear", 0.5, t[6], t[7])
+    assert torch.autograd.gradcheck(fn, xs, fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2.0 ** -7), (torch.float16, 2.0 ** -10)])
+def test_low_precision_inputs_keep_a_float32_state_within_one_ulp(dtype, ulp):
+    """bf16/fp16 inputs, fp32 operators and state: y and every gradient are the fp32 scan's on the same
+    values, rounded once (one ulp of the dtype); the state is float32."""
+    structure = BandedStructure(8, 4)
+    xs = inputs(1, 11, 2, 3, structure, 1, dtype=dtype)
+    y, h, grads = run(triton_scan.selective_scan_triton, xs, structure, "zoh", 0.5)
+    exact = [None if x is None else x.float() for x in xs]
+    y_ref, h_ref, grads_ref = run(selective_scan_sequential, exact, structure, "zoh", 0.5)
+    assert y.dtype == dtype and h.dtype == torch.float32
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+    for name, got, ref in [("y", y, y_ref), *zip(NAMES, grads, grads_ref)]:
+        assert got.dtype == dtype
+        error = (got.float() - ref).abs()
+        assert (error <= ulp * ref.abs() + 1e-5 * ref.abs().max()).all(), f"{name}: {error.max().item()} off"
+
+
+def test_the_dispatcher_takes_triton_on_cuda_for_banded_blocks_of_2_4_8_only(monkeypatch, capsys):
+    monkeypatch.setattr(triton_scan, "_announced", set())
+    monkeypatch.delenv("SPARSE_SSM_TRITON", raising=False)
+    cuda = torch.device("cuda")
+    assert triton_scan.use_triton(cuda, BandedStructure(128, 8))
+    assert capsys.readouterr().err.splitlines() == [
+        "sparse-ssm: the selective scan on CUDA runs on the Triton kernel of the 'banded4' structure"]
+    wide = BandedStructure(32, 16)
+    assert not triton_scan.use_triton(cuda, wide)
+    assert "chunked path for the 'banded8' structure" in capsys.readouterr().err
+    with pytest.raises(NotImplementedError, match="PyTorch path"):
+        triton_scan.selective_scan_triton(*inputs(1, 3, 1, 2, wide, 1)[:6], wide, "zoh", 0.5)
+
+
+def test_a_banded_model_trains_through_the_triton_path_as_through_the_pytorch_path(monkeypatch):
+    """The layer's real call with a band of 4 x 4 blocks (z a view of the projection, a learned
+    initial state expanded over the batch, two heads sharing B/C): same loss and parameter gradients
+    whichever path the dispatcher picks (here told to pick Triton for CPU tensors, the interpreter's)."""
+    from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM
+    from sparse_ssm.ssm import fused
+
+    config = SparseSSMConfig(vocab_size=40, hidden_dim=16, state_dim=8, ffn_dim=0, num_layers=1, num_heads=2,
+                             sparsity_level=0.5, sparsity_pattern="banded", learned_initial_state=True, dropout=0.0)
+    model = SparseSSMForCausalLM(config).double()
+    assert model.blocks[0].mixer.structure.name == "banded2"
+    monkeypatch.setattr(banded, "STEP_ELEMENTS", 4096)                # one channel tile: interpreter time
+    ids = torch.randint(0, 40, (2, 11))
+    monkeypatch.setattr(fused, "available", lambda *a: False)          # the CPU kernel would take the call
+    results = {}
+    for path in ("triton", "pytorch"):
+        monkeypatch.setattr(triton_scan, "use_triton", lambda device, structure, on=path == "triton": on)
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        results[path] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.testing.assert_close(results["triton"][0], results["pytorch"][0], rtol=1e-10, atol=1e-10)
+    for name, grad in results["pytorch"][1].items():
+        torch.testing.assert_close(results["triton"][1][name], grad, rtol=1e-8, atol=1e-10, msg=name)
