@@ -4,12 +4,8 @@ and gradients (fp64) for 1, 2 and 4 reflections and every discretisation, odd le
 kernels' chunks, initial and final state, the gate, shared B/C groups, channel tiles, exact
 reflections, low-precision inputs (one ulp), a model's loss and gradients, and the dispatcher."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")     # read when @triton.jit decorates: before the kernels import
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton", reason="triton is not installed (the gpu extra: pip install -e '.[gpu]')")
 

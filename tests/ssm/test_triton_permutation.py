@@ -4,12 +4,8 @@ straight-through selection's included) for every discretisation, odd lengths acr
 chunks, initial and final state, the gate, shared B/C groups, channel tiles, states moved onto one
 row, low-precision inputs (one ulp), a model's loss and gradients, and the dispatcher."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")     # read when @triton.jit decorates: before the kernels import
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton", reason="triton is not installed (the gpu extra: pip install -e '.[gpu]')")
 
