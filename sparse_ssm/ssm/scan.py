@@ -162,51 +162,52 @@ def _diagonal_chunked(u, dt, a, B, C, D, method, alpha, initial_state, T, signed
     to_end = _signed_exp(last - cum, None if par is None else plast - par)
     local_end = (Bc * to_end).transpose(-1, -2) @ uc                    # (b, h, c, N, P)
     chunk_decay = _signed_exp(last, plast)[..., 0, :]                   # (b, h, c, N)
-    X_start, X = _chunk_boundary_states(DiagonalStructure(N), (chunk_decay.transpose(1, 2),),
-                                        local_end.transpose(1, 2), initial_state, log_depth)
-    X_start = X_start.transpose(1, 2)                                   # (b, h, c, N, P)
+    X_start, X = _chunk_boundary_states(DiagonalStructure(N), (chunk_decay,), local_end, initial_state, log_depth,
+                                        dim=2)                          # (b, h, c, N, P)
     y = y + (Cc * _signed_exp(cum, par)) @ X_start
     y = y.reshape(b, h, -1, P)[:, :, :L].transpose(1, 2)
     return y + D[..., None] * u, X
 
 
-def _chunk_states_sequential(structure, prefix, Z, X0):
+def _chunk_states_sequential(structure, prefix, Z, X0, dim):
     """`_chunk_boundary_states` one chunk per Python step."""
-    X = torch.zeros_like(Z[:, 0]) if X0 is None else X0
+    X = torch.zeros_like(Z.select(dim, 0)) if X0 is None else X0
     starts = []
     # unbind, not indexing: the backward of x[:, k] would write a full-size zero tensor per chunk
-    for *chunk_op, z_k in zip(*(p.unbind(1) for p in prefix), Z.unbind(1)):
+    for *chunk_op, z_k in zip(*(p.unbind(dim) for p in prefix), Z.unbind(dim)):
         starts.append(X)
         X = structure.transfer(chunk_op, X) + z_k
-    return torch.stack(starts, 1), X
+    return torch.stack(starts, dim), X
 
 
-def _chunk_boundary_states(structure, prefix, Z, X0, log_depth):
+def _chunk_boundary_states(structure, prefix, Z, X0, log_depth, dim=1):
     """The state entering every chunk.
 
     Chunk k maps a state X to prefix_k X + Z_k: prefix is a tuple of (b, c, h, ...) chunk operators
     in the structure's prefix layout, Z (b, c, h, N, P) every chunk's end state from zero, X0
-    (b, h, N, P) the state before the first chunk (None: zeros).  Returns X_start (b, c, h, N, P)
-    and the final state (b, h, N, P).  `log_depth`: a Hillis-Steele scan, ceil(log2 c) Python
-    steps of O(c) work each; else one step per chunk (O(1) work each: on a CPU, with the state
-    in cache, less time than the log-depth scan's O(c log c) memory traffic).
+    (b, h, N, P) the state before the first chunk (None: zeros); `dim`: the chunk axis c (1 as
+    shown; 2 for (b, h, c, ...)).  Returns X_start (Z's shape) and the final state (b, h, N, P).
+    `log_depth`: a Hillis-Steele scan, ceil(log2 c) Python steps of O(c) work each; else one step
+    per chunk (O(1) work each: on a CPU, with the state in cache, less time than the log-depth
+    scan's O(c log c) memory traffic).
     """
     if not log_depth:
-        return _chunk_states_sequential(structure, prefix, Z, X0)
-    c = Z.shape[1]
+        return _chunk_states_sequential(structure, prefix, Z, X0, dim)
+    c = Z.shape[dim]
+    head = lambda x, n: x.narrow(dim, 0, n)
+    tail = lambda x, n: x.narrow(dim, x.shape[dim] - n, n)
     step = 1
     while step < c:
-        later = tuple(p[:, step:] for p in prefix)
-        Z = torch.cat([Z[:, :step], structure.transfer(later, Z[:, :-step]) + Z[:, step:]], 1)
+        later = tuple(tail(p, c - step) for p in prefix)
+        Z = torch.cat([head(Z, step), structure.transfer(later, head(Z, c - step)) + tail(Z, c - step)], dim)
         if X0 is not None or 2 * step < c:            # the last level's products serve X0 only
-            earlier = tuple(p[:, :-step] for p in prefix)
-            composed = structure.compose_prefixes(later, earlier)
-            prefix = tuple(torch.cat([p[:, :step], q], 1) for p, q in zip(prefix, composed))
+            composed = structure.compose_prefixes(later, tuple(head(p, c - step) for p in prefix))
+            prefix = tuple(torch.cat([head(p, step), q], dim) for p, q in zip(prefix, composed))
         step *= 2
     if X0 is None:
-        return torch.cat([torch.zeros_like(Z[:, :1]), Z[:, :-1]], 1), Z[:, -1]
-    X_end = structure.transfer(prefix, X0[:, None].expand_as(Z)) + Z
-    return torch.cat([X0[:, None], X_end[:, :-1]], 1), X_end[:, -1]
+        return torch.cat([torch.zeros_like(head(Z, 1)), head(Z, c - 1)], dim), Z.select(dim, c - 1)
+    X_end = structure.transfer(prefix, X0.unsqueeze(dim).expand_as(Z)) + Z
+    return torch.cat([X0.unsqueeze(dim), head(X_end, c - 1)], dim), X_end.select(dim, c - 1)
 
 
 def _structured_chunked(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, T, log_depth):
