@@ -8,7 +8,8 @@ no padding, which a recurrent state would not ignore), the per-layer states are 
 batch, and every further token costs one recurrent step whatever the context length.  Sampling
 per sequence: repetition penalty -> temperature -> top-k -> top-p -> draw; temperature 0 is
 greedy.  Sequence i draws from its own generator seeded with seed + i, so a batch produces the
-same text as the same prompts one by one.
+same text as the same prompts one by one.  On a GPU the rows are sampled together on the device
+(the same draws, see `sampling.sample_rows`) and reach the host in blocks of DEVICE_BLOCK tokens.
 """
 
 from __future__ import annotations
@@ -96,11 +97,11 @@ def _device_loop(model, cache, logits, seen, generators, settings, eos_token_id,
     rows, device = logits.shape[0], logits.device
     finished = torch.zeros(rows, dtype=torch.bool)
     generated: list[list[int]] = [[] for _ in range(rows)]
+    seeded = generators[0] is not None and settings.temperature != 0
     done = 0
     while done < settings.max_length:
         block = []
         for _ in range(min(DEVICE_BLOCK, settings.max_length - done)):
-            seeded = generators[0] is not None and settings.temperature != 0
             noise = exponential_noise(generators, logits.shape[-1], device) if seeded else None
             tokens = sample_rows(logits, seen, settings, noise)
             seen.scatter_(1, tokens[:, None], True)
