@@ -62,7 +62,8 @@ MEANINGS = {
         "use_parallel_scan": "the fast scan (fused CPU kernel where it applies, else the chunked matmul scan); "
                              "false: the sequential scan, one step per token",
         "selective": "false: the time-invariant ablation (dt, A, B, C, D are parameters, not functions of the token)",
-        "scan_chunk_size": "tokens per chunk of the pure-PyTorch chunked scan",
+        "scan_chunk_size": "tokens per chunk of the pure-PyTorch chunked scan; null: per device (8 on a CPU; "
+                           "32 for the diagonal structure, 16 for the others on a GPU)",
         "expand": "inner width E = expand · hidden_dim",
         "num_heads": "heads; null: E / 64 (heads of 64 channels)",
         "num_groups": "B_t, C_t are shared by the heads of a group",

@@ -62,3 +62,29 @@ def next_token(logits: torch.Tensor, seen: torch.Tensor, settings: GenerationCon
         return int(logits.argmax())
     logits = top_p_filter(top_k_filter(tempered(logits, settings.temperature), settings.top_k), settings.top_p)
     return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+
+
+def exponential_noise(generators, vocab: int, device: torch.device) -> torch.Tensor:
+    """(rows, vocab) float32 Exp(1) draws on `device`, row i from generators[i] (CPU generators,
+    as `next_token` uses them), drawn on the host and copied without waiting for the device."""
+    noise = torch.empty(len(generators), vocab, dtype=torch.float32, pin_memory=device.type == "cuda")
+    for row, generator in zip(noise, generators):
+        row.exponential_(1, generator=generator)
+    return noise.to(device, non_blocking=True)
+
+
+def sample_rows(logits: torch.Tensor, seen: torch.Tensor, settings: GenerationConfig,
+                noise: torch.Tensor | None) -> torch.Tensor:
+    """`next_token` for every row at once, on the logits' device, with no host synchronisation:
+    logits (rows, vocab), seen bool (rows, vocab), noise (rows, vocab) Exp(1) draws
+    (`exponential_noise`; None: drawn here from the device's default generator) -> (rows,) ids.
+    torch.multinomial draws one sample as argmax(probs / q) with q ~ Exp(1), so the same q gives
+    the same token as `next_token`."""
+    logits = apply_repetition_penalty(logits.float(), seen, settings.repetition_penalty)
+    if settings.temperature == 0:
+        return logits.argmax(-1)
+    logits = top_p_filter(top_k_filter(tempered(logits, settings.temperature), settings.top_k), settings.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    if noise is None:
+        noise = torch.empty_like(probs).exponential_(1)
+    return (probs / noise).argmax(-1)

@@ -8,7 +8,8 @@ no padding, which a recurrent state would not ignore), the per-layer states are 
 batch, and every further token costs one recurrent step whatever the context length.  Sampling
 per sequence: repetition penalty -> temperature -> top-k -> top-p -> draw; temperature 0 is
 greedy.  Sequence i draws from its own generator seeded with seed + i, so a batch produces the
-same text as the same prompts one by one.
+same text as the same prompts one by one.  On a GPU the rows are sampled together on the device
+(the same draws, see `sampling.sample_rows`) and reach the host in blocks of DEVICE_BLOCK tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from ..data.tokenizer import EOS
 from ..util.errors import ConfigError
 from .cache import stack_rows
-from .sampling import next_token, seeded_generator
+from .sampling import exponential_noise, next_token, sample_rows, seeded_generator
 from .settings import GenerationConfig
 from .text import TextStream
 
@@ -32,12 +33,19 @@ class Step:
     finished: torch.Tensor    # (batch,) bool
 
 
+# tokens a device-resident decode loop samples before it copies them to the host in one transfer
+DEVICE_BLOCK = 16
+
+
 @torch.no_grad()
 def stream_generate(model, prompts: Sequence[Sequence[int]], settings: GenerationConfig,
-                    eos_token_id: int | None = None, stop=None) -> Iterator[Step]:
+                    eos_token_id: int | None = None, stop=None, on_device: bool | None = None) -> Iterator[Step]:
     """Yield one `Step` per new token for a batch of prompts (lists of token ids, any lengths).
 
-    `stop(i, ids)` may return True to finish sequence i (e.g. when its text hit a stop string)."""
+    `stop(i, ids)` may return True to finish sequence i (e.g. when its text hit a stop string).
+    `on_device` (None: when the model is not on the CPU): sample on the model's device with no
+    host synchronisation per token; the tokens come to the host every DEVICE_BLOCK steps (the
+    Steps arrive in bursts, `stop` sees them then) - the same tokens for a seed."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("prompt: every prompt needs at least one token")
     model.eval()
@@ -54,11 +62,18 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], settings: Generatio
     for i, p in enumerate(prompts):
         seen[i, torch.tensor(list(p), device=device).clamp(max=vocab - 1)] = True
     generators = [None if settings.seed is None else seeded_generator(settings.seed, i) for i in range(len(prompts))]
-    finished = torch.zeros(len(prompts), dtype=torch.bool)
-    generated: list[list[int]] = [[] for _ in prompts]
+    loop = _device_loop if (device.type != "cpu" if on_device is None else on_device) else _host_loop
+    yield from loop(model, cache, logits, seen, generators, settings, eos_token_id, stop)
+
+
+def _host_loop(model, cache, logits, seen, generators, settings, eos_token_id, stop):
+    """One row at a time on the host: the CPU's loop."""
+    rows = logits.shape[0]
+    finished = torch.zeros(rows, dtype=torch.bool)
+    generated: list[list[int]] = [[] for _ in range(rows)]
     for _ in range(settings.max_length):
-        tokens = torch.full((len(prompts),), -1, dtype=torch.long)
-        for i in range(len(prompts)):
+        tokens = torch.full((rows,), -1, dtype=torch.long)
+        for i in range(rows):
             if finished[i]:
                 continue
             token = next_token(logits[i].cpu(), seen[i].cpu(), settings, generators[i])
@@ -70,8 +85,38 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], settings: Generatio
         yield Step(tokens, finished.clone())
         if finished.all():
             return
-        feed = tokens.clamp(min=0).to(device)     # finished rows feed a dummy token; their output is ignored
+        feed = tokens.clamp(min=0).to(device=logits.device)   # finished rows feed a dummy token; output ignored
         logits, cache = model.step(feed, cache)
+
+
+def _device_loop(model, cache, logits, seen, generators, settings, eos_token_id, stop):
+    """All rows at once on the model's device; a block of DEVICE_BLOCK tokens comes to the host
+    in one copy, where end-of-text and `stop` are checked in order.  Rows the host finished
+    mid-block keep decoding on the device until the block ends (rows are independent; their
+    tokens are dropped)."""
+    rows, device = logits.shape[0], logits.device
+    finished = torch.zeros(rows, dtype=torch.bool)
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    seeded = generators[0] is not None and settings.temperature != 0
+    done = 0
+    while done < settings.max_length:
+        block = []
+        for _ in range(min(DEVICE_BLOCK, settings.max_length - done)):
+            noise = exponential_noise(generators, logits.shape[-1], device) if seeded else None
+            tokens = sample_rows(logits, seen, settings, noise)
+            seen.scatter_(1, tokens[:, None], True)
+            block.append(tokens)
+            logits, cache = model.step(tokens, cache)
+        for tokens in torch.stack(block).cpu():
+            done += 1
+            tokens = torch.where(finished, -1, tokens)
+            for i in (~finished).nonzero().flatten().tolist():
+                generated[i].append(int(tokens[i]))
+                if tokens[i] == eos_token_id or (stop is not None and stop(i, generated[i])):
+                    finished[i] = True
+            yield Step(tokens, finished.clone())
+            if finished.all():
+                return
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ class SparseSSMConfig(Section):
     low_rank_rank: int = Field(2, ge=1)              # low_rank: rank of U V^T; householder: reflections per token
     use_parallel_scan: bool = True
     selective: bool = True                           # false: the time-invariant ablation
-    scan_chunk_size: int = Field(8, ge=1)
+    scan_chunk_size: Optional[int] = Field(None, ge=1)   # None: per device (ssm.scan.chunk_size_for)
     expand: int = Field(2, ge=1)
     num_heads: Optional[int] = Field(None, ge=1)     # None: expand * hidden_dim / 64
     num_groups: int = Field(1, ge=1)                 # B_t, C_t are shared by the heads of a group

@@ -41,8 +41,13 @@ All functions here share one signature (like mamba_ssm's `selective_scan_ref`):
     parity of the number of negative factors.)
   * Other structures use a two-level scan: inside every chunk (all chunks at once, T steps) the
     local state from zero and the prefix operator P_t = A_bar_t ... A_bar_1 (block-diagonal for
-    block structures, N x N for banded and low-rank); then the chunk boundary states (one step per chunk);
-    then y_t += (P_t^T C_t)^T X_start.  That is T + L / T Python steps instead of L.
+    block structures, N x N for banded and low-rank); then the chunk boundary states;
+    then y_t += (P_t^T C_t)^T X_start.
+  * The chunk boundary states (both cases): chunk k maps X to P_k X + Z_k.  Off the CPU a
+    log-depth (Hillis-Steele) scan composes these maps in ceil(log2(L / T)) Python steps, so the
+    steps per layer are T + log2(L / T) (structured) or O(log2(L / T)) (diagonal), not L / T; on
+    a CPU one step per chunk is faster (no O(c log c) memory traffic) and stays.  T: the model's
+    `scan_chunk_size`, or `chunk_size_for(device, structure)` when it is unset.
 """
 
 from __future__ import annotations
@@ -132,7 +137,7 @@ def _signed_exp(log_abs, parity):
     return out if parity is None else out * (1.0 - 2.0 * torch.remainder(parity, 2.0))
 
 
-def _diagonal_chunked(u, dt, a, B, C, D, method, alpha, initial_state, T, signed=False):
+def _diagonal_chunked(u, dt, a, B, C, D, method, alpha, initial_state, T, signed, log_depth):
     b, L, h, P = u.shape
     N = a.shape[-1]
     log_decay, negative, b_scale = _diagonal_log_decay(a, dt, method, alpha, signed)
@@ -157,19 +162,55 @@ def _diagonal_chunked(u, dt, a, B, C, D, method, alpha, initial_state, T, signed
     to_end = _signed_exp(last - cum, None if par is None else plast - par)
     local_end = (Bc * to_end).transpose(-1, -2) @ uc                    # (b, h, c, N, P)
     chunk_decay = _signed_exp(last, plast)[..., 0, :]                   # (b, h, c, N)
-    X = _zero_state(u, N) if initial_state is None else initial_state
-    starts = []
-    # unbind, not indexing: the backward of x[:, :, k] would write a full-size zero tensor per chunk
-    for decay_k, end_k in zip(chunk_decay.unbind(2), local_end.unbind(2)):
-        starts.append(X)
-        X = decay_k[..., None] * X + end_k
-    X_start = torch.stack(starts, 2)                                    # (b, h, c, N, P)
+    X_start, X = _chunk_boundary_states(DiagonalStructure(N), (chunk_decay,), local_end, initial_state, log_depth,
+                                        dim=2)                          # (b, h, c, N, P)
     y = y + (Cc * _signed_exp(cum, par)) @ X_start
     y = y.reshape(b, h, -1, P)[:, :, :L].transpose(1, 2)
     return y + D[..., None] * u, X
 
 
-def _structured_chunked(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, T):
+def _chunk_states_sequential(structure, prefix, Z, X0, dim):
+    """`_chunk_boundary_states` one chunk per Python step."""
+    X = torch.zeros_like(Z.select(dim, 0)) if X0 is None else X0
+    starts = []
+    # unbind, not indexing: the backward of x[:, k] would write a full-size zero tensor per chunk
+    for *chunk_op, z_k in zip(*(p.unbind(dim) for p in prefix), Z.unbind(dim)):
+        starts.append(X)
+        X = structure.transfer(chunk_op, X) + z_k
+    return torch.stack(starts, dim), X
+
+
+def _chunk_boundary_states(structure, prefix, Z, X0, log_depth, dim=1):
+    """The state entering every chunk.
+
+    Chunk k maps a state X to prefix_k X + Z_k: prefix is a tuple of (b, c, h, ...) chunk operators
+    in the structure's prefix layout, Z (b, c, h, N, P) every chunk's end state from zero, X0
+    (b, h, N, P) the state before the first chunk (None: zeros); `dim`: the chunk axis c (1 as
+    shown; 2 for (b, h, c, ...)).  Returns X_start (Z's shape) and the final state (b, h, N, P).
+    `log_depth`: a Hillis-Steele scan, ceil(log2 c) Python steps of O(c) work each; else one step
+    per chunk (O(1) work each: on a CPU, with the state in cache, less time than the log-depth
+    scan's O(c log c) memory traffic).
+    """
+    if not log_depth:
+        return _chunk_states_sequential(structure, prefix, Z, X0, dim)
+    c = Z.shape[dim]
+    head = lambda x, n: x.narrow(dim, 0, n)
+    tail = lambda x, n: x.narrow(dim, x.shape[dim] - n, n)
+    step = 1
+    while step < c:
+        later = tuple(tail(p, c - step) for p in prefix)
+        Z = torch.cat([head(Z, step), structure.transfer(later, head(Z, c - step)) + tail(Z, c - step)], dim)
+        if X0 is not None or 2 * step < c:            # the last level's products serve X0 only
+            composed = structure.compose_prefixes(later, tuple(head(p, c - step) for p in prefix))
+            prefix = tuple(torch.cat([head(p, step), q], dim) for p, q in zip(prefix, composed))
+        step *= 2
+    if X0 is None:
+        return torch.cat([torch.zeros_like(head(Z, 1)), head(Z, c - 1)], dim), Z.select(dim, c - 1)
+    X_end = structure.transfer(prefix, X0.unsqueeze(dim).expand_as(Z)) + Z
+    return torch.cat([X0.unsqueeze(dim), head(X_end, c - 1)], dim), X_end.select(dim, c - 1)
+
+
+def _structured_chunked(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, T, log_depth):
     b, L, h, P = u.shape
     N = B.shape[-1]
     # padding tokens get dt = 0: A_bar = I and B_bar = 0, so they leave the state alone
@@ -190,31 +231,46 @@ def _structured_chunked(u, dt, A_raw, B, C, D, structure, method, alpha, initial
         pulled.append(structure.pull_back(prefix, c_t))
     y = torch.stack(ys, 2)                                              # (b, c, T, h, P)
     pulled = torch.stack(pulled, 2)                                     # (b, c, T, h, N)
-    X = _zero_state(u, N) if initial_state is None else initial_state
-    starts = []
-    for *chunk_op, z_k in zip(*(p.unbind(1) for p in prefix), Z.unbind(1)):
-        starts.append(X)
-        X = structure.transfer(chunk_op, X) + z_k
-    X_start = torch.stack(starts, 1)                                    # (b, c, h, N, P)
+    X_start, X = _chunk_boundary_states(structure, prefix, Z, initial_state, log_depth)   # (b, c, h, N, P)
     y = y + (pulled[..., None] * X_start[:, :, None]).sum(-2)
     y = y.reshape(b, -1, h, P)[:, :L]
     return y + D[..., None] * u, X
 
 
+# Tokens per chunk of the chunked scan when the model config leaves `scan_chunk_size` unset.  On a
+# CPU (measured, 1 thread, fwd + bwd, SPARSE_SSM_NATIVE=0): CPU_CHUNK_SIZE.  Elsewhere the chunk
+# boundary states come from the log-depth scan, so the Python steps per layer are
+# T + log2(L / T) (structured) or O(log2(L / T)) (diagonal): the diagonal path forms (T, T, N)
+# decays per chunk (b h L T N elements: memory grows with T), the structured path steps through T
+# tokens inside the chunks.
+CPU_CHUNK_SIZE = {"diagonal": 8, "structured": 8}
+DEVICE_CHUNK_SIZE = {"diagonal": 32, "structured": 16}
+
+
+def chunk_size_for(device: torch.device, structure) -> int:
+    """The chunk size of the chunked scan on `device` for `structure` (see CPU_CHUNK_SIZE)."""
+    sizes = CPU_CHUNK_SIZE if device.type == "cpu" else DEVICE_CHUNK_SIZE
+    return sizes["diagonal" if isinstance(structure, DiagonalStructure) else "structured"]
+
+
 def selective_scan_chunked(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None,
-                           chunk_size=8):
-    """Pure-PyTorch fast path (see the module docstring): chunked matmul scan."""
+                           chunk_size=None, log_depth=None):
+    """Pure-PyTorch fast path (see the module docstring): chunked matmul scan.  chunk_size None:
+    `chunk_size_for(u.device, structure)`; log_depth None: the log-depth scan over the chunks
+    everywhere but on a CPU (see `_chunk_boundary_states`)."""
+    T = chunk_size_for(u.device, structure) if chunk_size is None else chunk_size
+    log_depth = u.device.type != "cpu" if log_depth is None else log_depth
     B, C = _per_head(B, u.shape[2]), _per_head(C, u.shape[2])
     if isinstance(structure, DiagonalStructure):
-        y, X = _diagonal_chunked(u, dt, structure.continuous(A_raw), B, C, D, method, alpha, initial_state, chunk_size,
-                                 structure.signed)
+        y, X = _diagonal_chunked(u, dt, structure.continuous(A_raw), B, C, D, method, alpha, initial_state, T,
+                                 structure.signed, log_depth)
     else:
-        y, X = _structured_chunked(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, chunk_size)
+        y, X = _structured_chunked(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, T, log_depth)
     return _gated(y, z), X
 
 
 def selective_scan(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None,
-                   use_parallel_scan=True, chunk_size=8):
+                   use_parallel_scan=True, chunk_size=None):
     """Dispatch: the fused kernel where it applies (CPU), the Triton kernels on CUDA where they apply
     (`triton.use_triton`), else the chunked path; the sequential scan when `use_parallel_scan` is off."""
     if use_parallel_scan:

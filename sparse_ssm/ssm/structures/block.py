@@ -102,6 +102,10 @@ class BlockStructure:
     def compose(self, A_bar, prefix):
         return (A_bar[0] @ prefix[0],)
 
+    def compose_prefixes(self, later, earlier):
+        """later earlier: two prefix products compose like operators (the same layout)."""
+        return self.compose(later, earlier)
+
     def transfer(self, prefix, X):
         """prefix X for X (..., N, K)."""
         return self.apply(prefix, X)

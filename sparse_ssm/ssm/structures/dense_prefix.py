@@ -17,6 +17,10 @@ class DensePrefix:
     def compose(self, op, prefix):
         return (self.apply(op, prefix[0]),)
 
+    def compose_prefixes(self, later, earlier):
+        """later earlier of two prefix products (dense N x N)."""
+        return (later[0] @ earlier[0],)
+
     def transfer(self, prefix, X):
         return prefix[0] @ X
 
