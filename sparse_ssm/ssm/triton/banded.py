@@ -17,7 +17,7 @@ import torch
 import triton
 
 from .banded_kernels import banded_backward, banded_forward
-from .block import _compute_dtype
+from .block import state_and_compute_dtypes
 
 CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
 STEP_ELEMENTS = 4096       # the per-token block product of a program (BLOCK_NB1 BS BS BLOCK_P), in elements
@@ -30,19 +30,19 @@ def _constants(u, structure, z):
     block_p = min(triton.next_power_of_2(u.shape[3]), max(4, STEP_ELEMENTS // (block_nb1 * BS * BS)))
     return dict(HAS_Z=z is not None, CHUNK=CHUNK, BS=BS, FRONT=structure.front,
                 BLOCK_NB0=triton.next_power_of_2(NB0), BLOCK_NB1=block_nb1, BLOCK_P=block_p,
-                COMPUTE=_compute_dtype(u.dtype)[1])
+                COMPUTE=state_and_compute_dtypes(u.dtype)[1])
 
 
 def _shuffle(u, consts, programs):
     """Every program's zeroed buffer for moving the state between the two partitions."""
     return torch.zeros(programs * consts["BLOCK_NB1"] * consts["BS"] * consts["BLOCK_P"],
-                       dtype=_compute_dtype(u.dtype)[0], device=u.device)
+                       dtype=state_and_compute_dtypes(u.dtype)[0], device=u.device)
 
 
 def _launch_forward(u, A0_bar, A1_bar, B_bar, C, D, h0, z, structure, save):
     b, L, H, P = u.shape
     G, N = C.shape[2], C.shape[3]
-    state_dtype = _compute_dtype(u.dtype)[0]
+    state_dtype = state_and_compute_dtypes(u.dtype)[0]
     consts = _constants(u, structure, z)
     y = torch.empty_like(u)
     hT = u.new_empty(b, H, N, P, dtype=state_dtype)
@@ -60,7 +60,7 @@ def _launch_backward(u, A0_bar, A1_bar, B_bar, C, D, z, ckpt, dout, dhT, structu
     and z (or None)."""
     b, L, H, P = u.shape
     G, N = C.shape[2], C.shape[3]
-    state_dtype = _compute_dtype(u.dtype)[0]
+    state_dtype = state_and_compute_dtypes(u.dtype)[0]
     consts = _constants(u, structure, z)
     tiles = triton.cdiv(P, consts["BLOCK_P"])
     du = torch.empty_like(u)
@@ -100,7 +100,7 @@ class BandedScan(torch.autograd.Function):
 def banded_scan(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
     """The scan of a banded A (see the module docstring); autograd through the Triton backward (and
     PyTorch's, for the discretisation) whenever an input requires a gradient."""
-    work, _ = _compute_dtype(u.dtype)
+    work, _ = state_and_compute_dtypes(u.dtype)
     heads = u.shape[2]
     with torch.autocast(u.device.type, enabled=False):
         B_heads = B.to(work).repeat_interleave(heads // B.shape[2], dim=2)

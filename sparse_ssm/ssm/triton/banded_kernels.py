@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .block_kernels import _readout
+from .block_kernels import readout
 
 
 @triton.jit
@@ -131,7 +131,7 @@ def banded_forward(a0_ptr, a1_ptr, bbar_ptr, C_ptr, u_ptr, D_ptr, z_ptr, h0_ptr,
             X = _to_real(_apply_blocks(A1, Z), shuffle, n, m, N, FRONT,
                          BLOCK_P)
             X = X + Bbar[:, :, None] * u[None, None, :]
-            y = _readout(Cv, X) + dd * u
+            y = readout(Cv, X) + dd * u
             if HAS_Z:
                 zv = tl.load(z_ptr + row, mask=live_p, other=0.0).to(COMPUTE)
                 y = y * zv / (1.0 + tl.exp(-zv))
@@ -192,13 +192,13 @@ def banded_backward(a0_ptr, a1_ptr, bbar_ptr, C_ptr, u_ptr, D_ptr, z_ptr, ckpt_p
             dy = tl.load(dout_ptr + row, mask=live_p, other=0.0).to(COMPUTE)
             if HAS_Z:                              # out = y silu(z): y recomputed from X_t
                 zv = tl.load(z_ptr + row, mask=live_p, other=0.0).to(COMPUTE)
-                y = _readout(Cv, Xt) + dd * u
+                y = readout(Cv, Xt) + dd * u
                 sig = 1.0 / (1.0 + tl.exp(-zv))
                 tl.store(dz_ptr + row, (dy * y * sig * (1.0 + zv * (1.0 - sig))).to(dz_ptr.dtype.element_ty),
                          mask=live_p)
                 dy = dy * zv * sig
             Gs += Cv[:, :, None] * dy[None, None, :]
-            du = dd * dy + _readout(Bbar, Gs)
+            du = dd * dy + readout(Bbar, Gs)
             tl.store(du_ptr + row, du.to(du_ptr.dtype.element_ty), mask=live_p)
             part = (batch * n_chunks * CHUNK + t) * H + h
             live_n = n < N

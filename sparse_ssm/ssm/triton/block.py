@@ -25,7 +25,7 @@ CHUNK = 32                 # tokens between the forward's state checkpoints (the
 STEP_ELEMENTS = 4096       # the per-token block product of a program (BLOCK_NB BS BS BLOCK_P), in elements
 
 
-def _compute_dtype(dtype: torch.dtype):
+def state_and_compute_dtypes(dtype: torch.dtype):
     """(torch dtype of the state and the operators, the kernels' compute dtype)."""
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
@@ -41,7 +41,7 @@ def _launch_forward(u, A_bar, B_bar, C, D, h0, z, save):
     b, L, H, P = u.shape
     G, N = C.shape[2], C.shape[3]
     NB, BS = A_bar.shape[3], A_bar.shape[4]
-    state_dtype, compute = _compute_dtype(u.dtype)
+    state_dtype, compute = state_and_compute_dtypes(u.dtype)
     block_nb, block_p = _blocks(NB, BS, P)
     y = torch.empty_like(u)
     hT = u.new_empty(b, H, N, P, dtype=state_dtype)
@@ -59,7 +59,7 @@ def _launch_backward(u, A_bar, B_bar, C, D, z, ckpt, dout, dhT):
     b, L, H, P = u.shape
     G, N = C.shape[2], C.shape[3]
     NB, BS = A_bar.shape[3], A_bar.shape[4]
-    state_dtype, compute = _compute_dtype(u.dtype)
+    state_dtype, compute = state_and_compute_dtypes(u.dtype)
     block_nb, block_p = _blocks(NB, BS, P)
     tiles = triton.cdiv(P, block_p)
     du = torch.empty_like(u)
@@ -101,7 +101,7 @@ class BlockScan(torch.autograd.Function):
 def block_scan(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
     """The scan of a block-diagonal A (see the module docstring); autograd through the Triton
     backward (and PyTorch's, for the discretisation) whenever an input requires a gradient."""
-    work, _ = _compute_dtype(u.dtype)
+    work, _ = state_and_compute_dtypes(u.dtype)
     heads = u.shape[2]
     with torch.autocast(u.device.type, enabled=False):
         B_heads = B.to(work).repeat_interleave(heads // B.shape[2], dim=2)

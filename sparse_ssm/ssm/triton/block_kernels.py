@@ -58,7 +58,7 @@ def _step(Abar, Bbar, u, X):
 
 
 @triton.jit
-def _readout(Cv, X):
+def readout(Cv, X):
     """sum_{i, r} C[i, r] X[i, r, :]: (BLOCK_P,)."""
     return tl.sum(tl.sum(Cv[:, :, None] * X, axis=1), axis=0)
 
@@ -92,7 +92,7 @@ def block_forward(abar_ptr, bbar_ptr, C_ptr, u_ptr, D_ptr, z_ptr, h0_ptr, y_ptr,
                                                                     t, h, g, L, H, G, NB, P, offs_i, offs_r, offs_p,
                                                                     BS, COMPUTE)
             X = _step(Abar, Bbar, u, X)
-            y = _readout(Cv, X) + d * u
+            y = readout(Cv, X) + d * u
             if HAS_Z:
                 zv = tl.load(z_ptr + row, mask=live_p, other=0.0).to(COMPUTE)
                 y = y * zv / (1.0 + tl.exp(-zv))
@@ -145,13 +145,13 @@ def block_backward(abar_ptr, bbar_ptr, C_ptr, u_ptr, D_ptr, z_ptr, ckpt_ptr, dou
             dy = tl.load(dout_ptr + row, mask=live_p, other=0.0).to(COMPUTE)
             if HAS_Z:                              # out = y silu(z): y recomputed from X_t
                 zv = tl.load(z_ptr + row, mask=live_p, other=0.0).to(COMPUTE)
-                y = _readout(Cv, Xt) + d * u
+                y = readout(Cv, Xt) + d * u
                 sig = 1.0 / (1.0 + tl.exp(-zv))
                 tl.store(dz_ptr + row, (dy * y * sig * (1.0 + zv * (1.0 - sig))).to(dz_ptr.dtype.element_ty),
                          mask=live_p)
                 dy = dy * zv * sig
             Gs += Cv[:, :, None] * dy[None, None, :]
-            du = d * dy + _readout(Bbar, Gs)
+            du = d * dy + readout(Bbar, Gs)
             tl.store(du_ptr + row, du.to(du_ptr.dtype.element_ty), mask=live_p)
             part = (batch * n_chunks * CHUNK + t) * H + h
             live_n = n < N

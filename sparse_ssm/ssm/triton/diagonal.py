@@ -19,7 +19,7 @@ from .diagonal_kernels import diagonal_backward, diagonal_forward
 CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
 
 
-def _compute_dtype(dtype: torch.dtype):
+def state_and_compute_dtypes(dtype: torch.dtype):
     """(torch dtype of the state, the kernels' compute dtype, the series threshold of expm1(x) / x)."""
     if dtype == torch.float64:
         return torch.float64, tl.float64, 1e-3
@@ -35,7 +35,7 @@ def _blocks(N: int, P: int):
 def _launch_forward(u, dt, a, B, C, D, h0, z, gbt, signed, alpha, save):
     b, L, H, P = u.shape
     G, N = B.shape[2], B.shape[3]
-    state_dtype, compute, small = _compute_dtype(u.dtype)
+    state_dtype, compute, small = state_and_compute_dtypes(u.dtype)
     block_n, block_p = _blocks(N, P)
     y = torch.empty_like(u)
     hT = u.new_empty(b, H, N, P, dtype=state_dtype)
@@ -53,7 +53,7 @@ def _launch_backward(u, dt, a, B, C, D, z, ckpt, dout, dhT, gbt, signed, alpha):
     """The gradients of u, dt, a, B, C (per group), D, the initial state (state dtype) and z (or None)."""
     b, L, H, P = u.shape
     G, N = B.shape[2], B.shape[3]
-    state_dtype, compute, small = _compute_dtype(u.dtype)
+    state_dtype, compute, small = state_and_compute_dtypes(u.dtype)
     block_n, block_p = _blocks(N, P)
     tiles = triton.cdiv(P, block_p)
     du = torch.empty_like(u)

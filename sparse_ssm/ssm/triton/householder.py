@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .block import _compute_dtype
+from .block import state_and_compute_dtypes
 from .householder_kernels import householder_backward, householder_forward
 
 CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
@@ -34,7 +34,7 @@ def _blocks(N: int, P: int):
 def _launch_forward(u, d, keys, beta, B_bar, C, D, h0, z, save):
     b, L, H, P = u.shape
     G, N, R = C.shape[2], C.shape[3], keys.shape[3]
-    state_dtype, compute = _compute_dtype(u.dtype)
+    state_dtype, compute = state_and_compute_dtypes(u.dtype)
     block_n, block_p = _blocks(N, P)
     y = torch.empty_like(u)
     hT = u.new_empty(b, H, N, P, dtype=state_dtype)
@@ -52,7 +52,7 @@ def _launch_backward(u, d, keys, beta, B_bar, C, D, z, ckpt, dout, dhT):
     z (or None)."""
     b, L, H, P = u.shape
     G, N, R = C.shape[2], C.shape[3], keys.shape[3]
-    state_dtype, compute = _compute_dtype(u.dtype)
+    state_dtype, compute = state_and_compute_dtypes(u.dtype)
     block_n, block_p = _blocks(N, P)
     tiles = triton.cdiv(P, block_p)
     du = torch.empty_like(u)
@@ -94,7 +94,7 @@ class HouseholderScan(torch.autograd.Function):
 def householder_scan(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
     """The scan of a Householder product (see the module docstring); autograd through the Triton
     backward (and PyTorch's, for the factors) whenever an input requires a gradient."""
-    work, _ = _compute_dtype(u.dtype)
+    work, _ = state_and_compute_dtypes(u.dtype)
     heads = u.shape[2]
     with torch.autocast(u.device.type, enabled=False):
         B_heads = B.to(work).repeat_interleave(heads // B.shape[2], dim=2)

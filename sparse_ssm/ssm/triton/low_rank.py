@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .block import _compute_dtype
+from .block import state_and_compute_dtypes
 from .low_rank_kernels import low_rank_backward, low_rank_forward
 
 CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
@@ -36,13 +36,13 @@ def _constants(u, Pm, z):
     sweeps, N, rank = Pm.shape[3], Pm.shape[4], Pm.shape[5]
     block_n, block_p = _blocks(N, u.shape[3])
     return dict(HAS_Z=z is not None, CHUNK=CHUNK, SWEEPS=sweeps, RANK=rank, BLOCK_R=triton.next_power_of_2(rank),
-                BLOCK_N=block_n, BLOCK_P=block_p, COMPUTE=_compute_dtype(u.dtype)[1])
+                BLOCK_N=block_n, BLOCK_P=block_p, COMPUTE=state_and_compute_dtypes(u.dtype)[1])
 
 
 def _launch_forward(u, s, Pm, Qm, B_bar, C, D, h0, z, save):
     b, L, H, P = u.shape
     G, N = C.shape[2], C.shape[3]
-    state_dtype = _compute_dtype(u.dtype)[0]
+    state_dtype = state_and_compute_dtypes(u.dtype)[0]
     consts = _constants(u, Pm, z)
     y = torch.empty_like(u)
     hT = u.new_empty(b, H, N, P, dtype=state_dtype)
@@ -58,7 +58,7 @@ def _launch_backward(u, s, Pm, Qm, B_bar, C, D, z, ckpt, dout, dhT):
     """The gradients of u, s, P, Q, B_bar, C (per group), D, the initial state (state dtype) and z (or None)."""
     b, L, H, P = u.shape
     G, N = C.shape[2], C.shape[3]
-    state_dtype = _compute_dtype(u.dtype)[0]
+    state_dtype = state_and_compute_dtypes(u.dtype)[0]
     consts = _constants(u, Pm, z)
     tiles = triton.cdiv(P, consts["BLOCK_P"])
     du = torch.empty_like(u)
@@ -98,7 +98,7 @@ class LowRankScan(torch.autograd.Function):
 def low_rank_scan(u, dt, A_raw, B, C, D, structure, method="bilinear", alpha=0.5, initial_state=None, z=None):
     """The scan of a diagonal-plus-low-rank A (see the module docstring); autograd through the Triton
     backward (and PyTorch's, for the discretisation) whenever an input requires a gradient."""
-    work, _ = _compute_dtype(u.dtype)
+    work, _ = state_and_compute_dtypes(u.dtype)
     heads = u.shape[2]
     with torch.autocast(u.device.type, enabled=False):
         B_heads = B.to(work).repeat_interleave(heads // B.shape[2], dim=2)

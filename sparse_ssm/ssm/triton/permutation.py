@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .block import _compute_dtype
+from .block import state_and_compute_dtypes
 from .permutation_kernels import permutation_backward, permutation_forward
 
 CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
@@ -35,7 +35,7 @@ def _blocks(N: int, P: int):
 def _launch_forward(u, f, d, B_bar, C, D, h0, z, save):
     b, L, H, P = u.shape
     G, N = C.shape[2], C.shape[3]
-    state_dtype, compute = _compute_dtype(u.dtype)
+    state_dtype, compute = state_and_compute_dtypes(u.dtype)
     block_n, block_p = _blocks(N, P)
     y = torch.empty_like(u)
     hT = u.new_empty(b, H, N, P, dtype=state_dtype)
@@ -53,7 +53,7 @@ def _launch_backward(u, f, d, B_bar, C, D, z, ckpt, dout, dhT):
     dtype) and z (or None)."""
     b, L, H, P = u.shape
     G, N = C.shape[2], C.shape[3]
-    state_dtype, compute = _compute_dtype(u.dtype)
+    state_dtype, compute = state_and_compute_dtypes(u.dtype)
     block_n, block_p = _blocks(N, P)
     tiles = triton.cdiv(P, block_p)
     du = torch.empty_like(u)
@@ -95,7 +95,7 @@ class PermutationScan(torch.autograd.Function):
 def permutation_scan(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
     """The scan of a permutation-diagonal A (see the module docstring); autograd through the Triton
     backward (and PyTorch's, for the factors) whenever an input requires a gradient."""
-    work, _ = _compute_dtype(u.dtype)
+    work, _ = state_and_compute_dtypes(u.dtype)
     heads = u.shape[2]
     with torch.autocast(u.device.type, enabled=False):
         B_heads = B.to(work).repeat_interleave(heads // B.shape[2], dim=2)
