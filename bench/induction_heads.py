@@ -5,7 +5,7 @@
                                     [--test-lengths 32,128,512] [--name induction_heads] [--out bench/results]
 
 Each run of ours is `python main.py evaluate --task induction-heads --variants V --lr LR --seed S`
-(the same model config, batches and schedule: `sparse_ssm.train.tasks.run_task`, batch 32);
+(the same model config, batches and schedule: `sparse_ssm.tasks.training.run_task`, batch 32);
 `mambapy` is mamba.py's Mamba in the sizes of bench/selective_copying.py, trained by the same harness.
 Results go to NAME.json / NAME.md under --out: one row per variant and learning rate with every
 seed's accuracy, the mean at each test length and the CPU seconds per run; the JSON holds the
@@ -27,7 +27,8 @@ import peers  # noqa: E402
 from common import write_results  # noqa: E402
 from provenance import code_version, model_record, provenance  # noqa: E402
 from selective_copying import EXPAND, LAYERS, STATE, WIDTH, TaskAdapter  # noqa: E402
-from sparse_ssm.train.tasks import VARIANTS, chance_accuracy, run_task, task_model_config, task_vocab  # noqa: E402
+from sparse_ssm.tasks.synthetic import chance_accuracy, task_vocab  # noqa: E402
+from sparse_ssm.tasks.training import VARIANTS, run_task, task_model_config  # noqa: E402
 
 TASK = "induction-heads"
 
