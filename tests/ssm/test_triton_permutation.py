@@ -9,12 +9,14 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed (the gpu extra: pip install -e '.[gpu]')")
 
+import triton_cases  # noqa: E402
+from triton_cases import (  # noqa: E402
+    announcement, assert_both_paths_train_alike, assert_matches_the_sequential_scan,
+    assert_within_one_ulp, fresh_dispatcher)
 from sparse_ssm.ssm import triton as triton_scan  # noqa: E402
-from sparse_ssm.ssm.scan import selective_scan_ref, selective_scan_sequential  # noqa: E402
+from sparse_ssm.ssm.scan import selective_scan_ref  # noqa: E402
 from sparse_ssm.ssm.structures import PermutationStructure  # noqa: E402
 from sparse_ssm.ssm.triton import permutation  # noqa: E402
-
-NAMES = ("u", "dt", "A_raw", "B", "C", "D", "initial_state", "z")
 
 
 @pytest.fixture(autouse=True)
@@ -25,38 +27,10 @@ def _short_chunks(monkeypatch):
     monkeypatch.setattr(permutation, "STEP_ELEMENTS", 16)
 
 
-def inputs(b, L, H, P, structure, G, dtype=torch.float64, state=True, gate=True, seed=0):
-    """The scan's inputs (NAMES), float64 values cast to `dtype`; logits ~ 2 N(0, 1): every token moves
-    states to other rows, some onto the same row."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
-    N = structure.state_dim
-    xs = [r(b, L, H, P), torch.nn.functional.softplus(r(b, L, H) - 1.5), 2 * r(b, L, H, structure.raw_size),
-          r(b, L, G, N), r(b, L, G, N), r(b, L, H), r(b, H, N, P) if state else None,
-          r(b, L, H, P) if gate else None]
-    return [None if x is None else x.to(dtype) for x in xs]
-
-
-def run(fn, xs, structure, method, alpha, seed=1):
-    """(y, final state, gradients of a random weighting of both for every given input)."""
-    leaves = [None if x is None else x.clone().requires_grad_() for x in xs]
-    y, h = fn(*leaves[:6], structure, method, alpha, leaves[6], leaves[7])
-    g = torch.Generator().manual_seed(seed)
-    exact = lambda x: x.to(torch.bfloat16).to(torch.float16).double()        # in every dtype of the tests
-    weights = lambda x: exact(torch.randn(x.shape, generator=g, dtype=torch.float64))
-    loss = (y.double() * weights(y)).sum() + (h.double() * weights(h)).sum()
-    grads = torch.autograd.grad(loss, [x for x in leaves if x is not None])
-    return y, h, grads
-
-
-def assert_matches(xs, got, ref):
-    y, h, grads = got
-    y_ref, h_ref, grads_ref = ref
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-10)
-    given = [name for name, x in zip(NAMES, xs) if x is not None]
-    for name, grad, expected in zip(given, grads, grads_ref):
-        torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-10, msg=lambda m: f"d {name}: {m}")
+def inputs(*args, **kwargs):
+    """triton_cases.inputs with logits ~ 2 N(0, 1): every token moves states to other rows, some onto
+    the same row."""
+    return triton_cases.inputs(*args, raw_scale=2, **kwargs)
 
 
 # (b, L, H, P, N, G, method, alpha, state, gate): odd lengths around the 8-token chunks, a single
@@ -75,8 +49,7 @@ CASES = [
 def test_forward_and_gradients_match_the_sequential_scan(b, L, H, P, N, G, method, alpha, state, gate):
     structure = PermutationStructure(N)
     xs = inputs(b, L, H, P, structure, G, state=state, gate=gate)
-    assert_matches(xs, run(triton_scan.selective_scan_triton, xs, structure, method, alpha),
-                   run(selective_scan_sequential, xs, structure, method, alpha))
+    assert_matches_the_sequential_scan(xs, structure, method, alpha)
 
 
 def test_the_forward_matches_the_dense_reference_and_merges_rows():
@@ -111,23 +84,13 @@ def test_low_precision_inputs_keep_a_float32_state_within_one_ulp(dtype, ulp):
     values, rounded once (one ulp of the dtype); the state is float32."""
     structure = PermutationStructure(4)
     xs = inputs(1, 11, 2, 3, structure, 1, dtype=dtype)
-    y, h, grads = run(triton_scan.selective_scan_triton, xs, structure, "zoh", 0.5)
-    exact = [None if x is None else x.float() for x in xs]
-    y_ref, h_ref, grads_ref = run(selective_scan_sequential, exact, structure, "zoh", 0.5)
-    assert y.dtype == dtype and h.dtype == torch.float32
-    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
-    for name, got, ref in [("y", y, y_ref), *zip(NAMES, grads, grads_ref)]:
-        assert got.dtype == dtype
-        error = (got.float() - ref).abs()
-        assert (error <= ulp * ref.abs() + 1e-5 * ref.abs().max()).all(), f"{name}: {error.max().item()} off"
+    assert_within_one_ulp(xs, structure, "zoh", dtype, ulp)
 
 
 def test_the_dispatcher_takes_triton_on_cuda_for_permutation(monkeypatch, capsys):
-    monkeypatch.setattr(triton_scan, "_announced", set())
-    monkeypatch.delenv("SPARSE_SSM_TRITON", raising=False)
+    fresh_dispatcher(monkeypatch)
     assert triton_scan.use_triton(torch.device("cuda"), PermutationStructure(16))
-    assert capsys.readouterr().err.splitlines() == [
-        "sparse-ssm: the selective scan on CUDA runs on the Triton kernel of the 'permutation' structure"]
+    assert capsys.readouterr().err.splitlines() == [announcement("permutation")]
 
 
 def test_a_permutation_model_trains_through_the_triton_path_as_through_the_pytorch_path(monkeypatch):
@@ -135,7 +98,6 @@ def test_a_permutation_model_trains_through_the_triton_path_as_through_the_pytor
     batch, two heads sharing B/C): same loss and parameter gradients whichever path the dispatcher
     picks (here told to pick Triton for CPU tensors, the interpreter's)."""
     from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM
-    from sparse_ssm.ssm import fused
 
     config = SparseSSMConfig(vocab_size=40, hidden_dim=16, state_dim=4, ffn_dim=0, num_layers=1, num_heads=2,
                              selective_param_class="permutation", learned_initial_state=True, dropout=0.0)
@@ -143,14 +105,4 @@ def test_a_permutation_model_trains_through_the_triton_path_as_through_the_pytor
     assert model.blocks[0].mixer.structure.name == "permutation"
     monkeypatch.setattr(permutation, "STEP_ELEMENTS", 4096)           # one channel tile: interpreter time
     ids = torch.randint(0, 40, (2, 11))
-    monkeypatch.setattr(fused, "available", lambda *a: False)          # the CPU kernel would take the call
-    results = {}
-    for path in ("triton", "pytorch"):
-        monkeypatch.setattr(triton_scan, "use_triton", lambda device, structure, on=path == "triton": on)
-        model.zero_grad()
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        results[path] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-    torch.testing.assert_close(results["triton"][0], results["pytorch"][0], rtol=1e-10, atol=1e-10)
-    for name, grad in results["pytorch"][1].items():
-        torch.testing.assert_close(results["triton"][1][name], grad, rtol=1e-8, atol=1e-10, msg=name)
+    assert_both_paths_train_alike(monkeypatch, model, ids)

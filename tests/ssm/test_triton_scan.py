@@ -14,12 +14,12 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (the gpu extra: pip install -e '.[gpu]')")
 
 from helpers import ROOT  # noqa: E402
+from triton_cases import (  # noqa: E402
+    announcement, assert_both_paths_train_alike, assert_matches_the_sequential_scan, assert_within_one_ulp,
+    fresh_dispatcher)
 from sparse_ssm.ssm import triton as triton_scan  # noqa: E402
-from sparse_ssm.ssm.scan import selective_scan_sequential  # noqa: E402
 from sparse_ssm.ssm.structures import BlockStructure, DiagonalStructure  # noqa: E402
 from sparse_ssm.ssm.triton import diagonal  # noqa: E402
-
-NAMES = ("u", "dt", "A_raw", "B", "C", "D", "initial_state", "z")
 
 
 @pytest.fixture(autouse=True)
@@ -29,26 +29,14 @@ def _short_chunks(monkeypatch):
 
 
 def inputs(b, L, H, P, N, G, dtype=torch.float64, state=True, gate=True, seed=0):
-    """The scan's inputs (NAMES), float64 values cast to `dtype`; dt spans both sides of the
-    series threshold of expm1(x) / x."""
+    """The scan's inputs (triton_cases.NAMES), float64 values cast to `dtype`; dt spans both sides of
+    the series threshold of expm1(x) / x.  Not triton_cases.inputs: dt is drawn first here."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     dt = torch.nn.functional.softplus(r(b, L, H) - 1.5)
     xs = [r(b, L, H, P), dt, 0.5 * r(b, L, H, N), r(b, L, G, N), r(b, L, G, N), r(b, L, H),
           r(b, H, N, P) if state else None, r(b, L, H, P) if gate else None]
     return [None if x is None else x.to(dtype) for x in xs]
-
-
-def run(fn, xs, structure, method, alpha, seed=1):
-    """(y, final state, gradients of a random weighting of both for every given input)."""
-    leaves = [None if x is None else x.clone().requires_grad_() for x in xs]
-    y, h = fn(*leaves[:6], structure, method, alpha, leaves[6], leaves[7])
-    g = torch.Generator().manual_seed(seed)
-    exact = lambda x: x.to(torch.bfloat16).to(torch.float16).double()        # in every dtype of the tests
-    weights = lambda x: exact(torch.randn(x.shape, generator=g, dtype=torch.float64))
-    loss = (y.double() * weights(y)).sum() + (h.double() * weights(h)).sum()
-    grads = torch.autograd.grad(loss, [x for x in leaves if x is not None])
-    return y, h, grads
 
 
 # (b, L, H, P, N, G, method, alpha, signed, state, gate): odd lengths around the 8-token chunks, a
@@ -66,13 +54,7 @@ CASES = [
 def test_forward_and_gradients_match_the_sequential_scan(b, L, H, P, N, G, method, alpha, signed, state, gate):
     xs = inputs(b, L, H, P, N, G, state=state, gate=gate)
     structure = DiagonalStructure(N, signed=signed)
-    y, h, grads = run(triton_scan.selective_scan_triton, xs, structure, method, alpha)
-    y_ref, h_ref, grads_ref = run(selective_scan_sequential, xs, structure, method, alpha)
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-10)
-    given = [name for name, x in zip(NAMES, xs) if x is not None]
-    for name, grad, ref in zip(given, grads, grads_ref):
-        torch.testing.assert_close(grad, ref, rtol=1e-9, atol=1e-10, msg=lambda m: f"d {name}: {m}")
+    assert_matches_the_sequential_scan(xs, structure, method, alpha)
 
 
 def test_float64_gradcheck():
@@ -88,15 +70,7 @@ def test_low_precision_inputs_keep_a_float32_state_within_one_ulp(dtype, ulp):
     the same values, rounded once (one ulp of the dtype); the state is float32."""
     xs = inputs(1, 11, 2, 3, 4, 1, dtype=dtype)
     structure = DiagonalStructure(4)
-    y, h, grads = run(triton_scan.selective_scan_triton, xs, structure, "zoh", 0.5)
-    exact = [None if x is None else x.float() for x in xs]
-    y_ref, h_ref, grads_ref = run(selective_scan_sequential, exact, structure, "zoh", 0.5)
-    assert y.dtype == dtype and h.dtype == torch.float32
-    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
-    for name, got, ref in [("y", y, y_ref), *zip(NAMES, grads, grads_ref)]:
-        assert got.dtype == dtype
-        error = (got.float() - ref).abs()
-        assert (error <= ulp * ref.abs() + 1e-5 * ref.abs().max()).all(), f"{name}: {error.max().item()} off"
+    assert_within_one_ulp(xs, structure, "zoh", dtype, ulp)
 
 
 def test_other_structures_are_left_to_the_pytorch_path():
@@ -106,12 +80,11 @@ def test_other_structures_are_left_to_the_pytorch_path():
 
 
 def test_the_dispatcher_takes_triton_on_cuda_for_diagonal_a_and_says_so_once(monkeypatch, capsys):
-    monkeypatch.setattr(triton_scan, "_announced", set())
-    monkeypatch.delenv("SPARSE_SSM_TRITON", raising=False)
+    fresh_dispatcher(monkeypatch)
     cuda, diag = torch.device("cuda"), DiagonalStructure(4)
     assert triton_scan.use_triton(cuda, diag) and triton_scan.use_triton(cuda, diag)
     announced = capsys.readouterr().err.splitlines()
-    assert announced == ["sparse-ssm: the selective scan on CUDA runs on the Triton kernel of the 'diagonal' structure"]
+    assert announced == [announcement("diagonal")]
     assert not triton_scan.use_triton(torch.device("cpu"), diag)        # CPUs keep the fused / PyTorch paths
     assert not triton_scan.use_triton(cuda, BlockStructure(32, 16))
     assert "chunked path for the 'block16' structure" in capsys.readouterr().err
@@ -129,23 +102,12 @@ def test_a_model_trains_through_the_triton_path_as_through_the_pytorch_path(monk
     batch, signed eigenvalues, two heads sharing B/C): same loss and parameter gradients whichever
     path the dispatcher picks (here told to pick Triton for CPU tensors, the interpreter's)."""
     from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM
-    from sparse_ssm.ssm import fused
 
     config = SparseSSMConfig(vocab_size=40, hidden_dim=16, state_dim=4, ffn_dim=0, num_layers=1, num_heads=2,
                              sparsity_level=0.9, eigenvalue_range="signed", learned_initial_state=True, dropout=0.0)
     model = SparseSSMForCausalLM(config).double()
     ids = torch.randint(0, 40, (2, 11))
-    monkeypatch.setattr(fused, "available", lambda *a: False)          # the CPU kernel would take the call
-    results = {}
-    for path in ("triton", "pytorch"):
-        monkeypatch.setattr(triton_scan, "use_triton", lambda device, structure, on=path == "triton": on)
-        model.zero_grad()
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        results[path] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-    torch.testing.assert_close(results["triton"][0], results["pytorch"][0], rtol=1e-10, atol=1e-10)
-    for name, grad in results["pytorch"][1].items():
-        torch.testing.assert_close(results["triton"][1][name], grad, rtol=1e-8, atol=1e-10, msg=name)
+    assert_both_paths_train_alike(monkeypatch, model, ids)
 
 
 COMPILE = """
