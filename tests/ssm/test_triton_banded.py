@@ -10,8 +10,8 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (the gpu extra: pip install -e '.[gpu]')")
 
 from triton_cases import (  # noqa: E402
-    announcement, assert_both_paths_train_alike, assert_matches_the_sequential_scan,
-    assert_within_one_ulp, fresh_dispatcher, inputs)
+    announcement, assert_both_paths_train_alike, assert_forward_matches, assert_gradcheck,
+    assert_matches_the_sequential_scan, assert_within_one_ulp, fresh_dispatcher, inputs)
 from sparse_ssm.ssm import triton as triton_scan  # noqa: E402
 from sparse_ssm.ssm.scan import selective_scan_ref  # noqa: E402
 from sparse_ssm.ssm.structures import BandedStructure  # noqa: E402
@@ -48,18 +48,12 @@ def test_the_forward_matches_the_dense_reference():
     """The dense Lie-Trotter product of the two partitions' discretisations (`dense_discretize`)."""
     structure = BandedStructure(8, 4)
     xs = inputs(1, 10, 2, 3, structure, 1)
-    with torch.no_grad():
-        y, h = triton_scan.selective_scan_triton(*xs[:6], structure, "zoh", 0.5, xs[6], xs[7])
-        y_ref, h_ref = selective_scan_ref(*xs[:6], structure, "zoh", 0.5, xs[6], xs[7])
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-10)
+    assert_forward_matches(selective_scan_ref, xs, structure, "zoh", 0.5)
 
 
 def test_float64_gradcheck():
     structure = BandedStructure(4, 2)
-    xs = [x.requires_grad_() for x in inputs(1, 4, 1, 2, structure, 1, seed=3)]
-    fn = lambda *t: triton_scan.selective_scan_triton(*t[:6], structure, "bilinear", 0.5, t[6], t[7])
-    assert torch.autograd.gradcheck(fn, xs, fast_mode=True)
+    assert_gradcheck(inputs(1, 4, 1, 2, structure, 1, seed=3), structure, "bilinear", 0.5)
 
 
 @pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2.0 ** -7), (torch.float16, 2.0 ** -10)])

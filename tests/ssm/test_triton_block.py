@@ -10,8 +10,8 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (the gpu extra: pip install -e '.[gpu]')")
 
 from triton_cases import (  # noqa: E402
-    announcement, assert_both_paths_train_alike, assert_matches_the_sequential_scan,
-    assert_within_one_ulp, fresh_dispatcher, inputs)
+    announcement, assert_both_paths_train_alike, assert_forward_matches, assert_gradcheck,
+    assert_matches_the_sequential_scan, assert_within_one_ulp, fresh_dispatcher, inputs)
 from sparse_ssm.ssm import triton as triton_scan  # noqa: E402
 from sparse_ssm.ssm.scan import selective_scan_sequential  # noqa: E402
 from sparse_ssm.ssm.structures import BlockStructure, RotationStructure  # noqa: E402
@@ -49,18 +49,12 @@ def test_inference_without_gradients_matches_the_sequential_scan():
     """No input requires a gradient (generation, evaluation): the forward alone, no checkpoints."""
     structure = BlockStructure(16, 8)
     xs = inputs(2, 12, 2, 5, structure, 1)
-    with torch.no_grad():
-        y, h = triton_scan.selective_scan_triton(*xs[:6], structure, "bilinear", 0.5, xs[6], xs[7])
-        y_ref, h_ref = selective_scan_sequential(*xs[:6], structure, "bilinear", 0.5, xs[6], xs[7])
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-10)
+    assert_forward_matches(selective_scan_sequential, xs, structure, "bilinear", 0.5)
 
 
 def test_float64_gradcheck():
     structure = BlockStructure(4, 2)
-    xs = [x.requires_grad_() for x in inputs(1, 4, 1, 2, structure, 1, seed=3)]
-    fn = lambda *t: triton_scan.selective_scan_triton(*t[:6], structure, "bilinear", 0.5, t[6], t[7])
-    assert torch.autograd.gradcheck(fn, xs, fast_mode=True)
+    assert_gradcheck(inputs(1, 4, 1, 2, structure, 1, seed=3), structure, "bilinear", 0.5)
 
 
 @pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2.0 ** -7), (torch.float16, 2.0 ** -10)])

@@ -11,7 +11,7 @@ pytest.importorskip("triton", reason="triton is not installed (the gpu extra: pi
 
 import triton_cases  # noqa: E402
 from triton_cases import (  # noqa: E402
-    announcement, assert_both_paths_train_alike, assert_matches_the_sequential_scan,
+    announcement, assert_both_paths_train_alike, assert_forward_matches, assert_matches_the_sequential_scan,
     assert_within_one_ulp, fresh_dispatcher)
 from sparse_ssm.ssm import triton as triton_scan  # noqa: E402
 from sparse_ssm.ssm.scan import selective_scan_ref  # noqa: E402
@@ -59,11 +59,7 @@ def test_the_forward_matches_the_dense_reference_and_merges_rows():
     xs = inputs(1, 10, 2, 3, structure, 1)
     P = structure.selection(structure.continuous(xs[2])[1])
     assert (P.sum(-1) > 1).any()
-    with torch.no_grad():
-        y, h = triton_scan.selective_scan_triton(*xs[:6], structure, "zoh", 0.5, xs[6], xs[7])
-        y_ref, h_ref = selective_scan_ref(*xs[:6], structure, "zoh", 0.5, xs[6], xs[7])
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-10)
+    assert_forward_matches(selective_scan_ref, xs, structure, "zoh", 0.5)
 
 
 def test_float64_gradcheck_of_the_continuous_inputs():

@@ -15,8 +15,8 @@ pytest.importorskip("triton", reason="triton is not installed (the gpu extra: pi
 
 from helpers import ROOT  # noqa: E402
 from triton_cases import (  # noqa: E402
-    announcement, assert_both_paths_train_alike, assert_matches_the_sequential_scan, assert_within_one_ulp,
-    fresh_dispatcher)
+    announcement, assert_both_paths_train_alike, assert_gradcheck, assert_matches_the_sequential_scan,
+    assert_within_one_ulp, fresh_dispatcher)
 from sparse_ssm.ssm import triton as triton_scan  # noqa: E402
 from sparse_ssm.ssm.structures import BlockStructure, DiagonalStructure  # noqa: E402
 from sparse_ssm.ssm.triton import diagonal  # noqa: E402
@@ -58,10 +58,8 @@ def test_forward_and_gradients_match_the_sequential_scan(b, L, H, P, N, G, metho
 
 
 def test_float64_gradcheck():
-    xs = [x.requires_grad_() for x in inputs(1, 5, 1, 2, 2, 1, state=True, gate=True, seed=3)]
     structure = DiagonalStructure(2, signed=True)
-    fn = lambda *t: triton_scan.selective_scan_triton(*t[:6], structure, "zoh", 0.5, t[6], t[7])
-    assert torch.autograd.gradcheck(fn, xs, fast_mode=True)
+    assert_gradcheck(inputs(1, 5, 1, 2, 2, 1, state=True, gate=True, seed=3), structure, "zoh", 0.5)
 
 
 @pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2.0 ** -7), (torch.float16, 2.0 ** -10)])

@@ -51,6 +51,22 @@ def assert_matches_the_sequential_scan(xs, structure, method, alpha):
                    run(selective_scan_sequential, xs, structure, method, alpha))
 
 
+def assert_forward_matches(reference, xs, structure, method, alpha):
+    """Without gradients (the forward alone, no checkpoints) y and h match `reference`'s to 1e-10."""
+    with torch.no_grad():
+        y, h = triton_scan.selective_scan_triton(*xs[:6], structure, method, alpha, xs[6], xs[7])
+        y_ref, h_ref = reference(*xs[:6], structure, method, alpha, xs[6], xs[7])
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-10)
+
+
+def assert_gradcheck(xs, structure, method, alpha):
+    """torch.autograd.gradcheck (fast mode) of the Triton scan in every given input of `xs` (fp64)."""
+    xs = [x.requires_grad_() for x in xs]
+    fn = lambda *t: triton_scan.selective_scan_triton(*t[:6], structure, method, alpha, t[6], t[7])
+    assert torch.autograd.gradcheck(fn, xs, fast_mode=True)
+
+
 def assert_within_one_ulp(xs, structure, method, dtype, ulp):
     """Low-precision `xs` (bf16/fp16): y and every gradient of the Triton scan are the fp32 sequential
     scan's on the same values, rounded once (one ulp of the dtype); the state is float32."""
