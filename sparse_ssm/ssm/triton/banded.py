@@ -17,7 +17,7 @@ import torch
 import triton
 
 from .banded_kernels import banded_backward, banded_forward
-from .block import state_and_compute_dtypes
+from .block import kernel_inputs, state_and_compute_dtypes, work_operators
 
 CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
 STEP_ELEMENTS = 4096       # the per-token block product of a program (BLOCK_NB1 BS BS BLOCK_P), in elements
@@ -100,16 +100,9 @@ class BandedScan(torch.autograd.Function):
 def banded_scan(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
     """The scan of a banded A (see the module docstring); autograd through the Triton backward (and
     PyTorch's, for the discretisation) whenever an input requires a gradient."""
-    work, _ = state_and_compute_dtypes(u.dtype)
-    heads = u.shape[2]
-    with torch.autocast(u.device.type, enabled=False):
-        B_heads = B.to(work).repeat_interleave(heads // B.shape[2], dim=2)
-        (A0_bar, A1_bar), B_bar = structure.discretize(structure.continuous(A_raw.to(work)), dt.to(work), B_heads,
-                                                       method, alpha)
-    args = [t.contiguous() for t in (u, A0_bar, A1_bar, B_bar, C, D)]
-    h0 = None if initial_state is None else initial_state.contiguous()
-    z = None if z is None else z.contiguous()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (*args, h0, z) if t is not None):
+    (A0_bar, A1_bar), B_bar = work_operators(structure, u, dt, A_raw, B, method, alpha)
+    args, h0, z, grad = kernel_inputs((u, A0_bar, A1_bar, B_bar, C, D), initial_state, z)
+    if grad:
         return BandedScan.apply(*args, h0, z, structure)
     y, hT, _ = _launch_forward(*args, h0, z, structure, save=False)
     return y, hT

@@ -30,6 +30,24 @@ def state_and_compute_dtypes(dtype: torch.dtype):
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
+def work_operators(structure, u, dt, A_raw, B, method, alpha, how="discretize"):
+    """`structure.<how>` (discretize or factors) of A_raw, dt and B repeated to one group per head, in
+    the state dtype and outside autocast: the per-token operators the kernels of a structure read."""
+    work, _ = state_and_compute_dtypes(u.dtype)
+    with torch.autocast(u.device.type, enabled=False):
+        B_heads = B.to(work).repeat_interleave(u.shape[2] // B.shape[2], dim=2)
+        return getattr(structure, how)(structure.continuous(A_raw.to(work)), dt.to(work), B_heads, method, alpha)
+
+
+def kernel_inputs(tensors, initial_state, z):
+    """(tensors, initial_state, z) made contiguous for the kernels, and whether autograd must record
+    the scan (grad mode on and some input requires a gradient)."""
+    args = [t.contiguous() for t in tensors]
+    h0 = None if initial_state is None else initial_state.contiguous()
+    z = None if z is None else z.contiguous()
+    return args, h0, z, torch.is_grad_enabled() and any(t.requires_grad for t in (*args, h0, z) if t is not None)
+
+
 def _blocks(NB: int, BS: int, P: int):
     """(BLOCK_NB, BLOCK_P): all blocks in one tile; channels tiled (4 at least) so that a step's
     block product stays about STEP_ELEMENTS."""
@@ -101,16 +119,9 @@ class BlockScan(torch.autograd.Function):
 def block_scan(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
     """The scan of a block-diagonal A (see the module docstring); autograd through the Triton
     backward (and PyTorch's, for the discretisation) whenever an input requires a gradient."""
-    work, _ = state_and_compute_dtypes(u.dtype)
-    heads = u.shape[2]
-    with torch.autocast(u.device.type, enabled=False):
-        B_heads = B.to(work).repeat_interleave(heads // B.shape[2], dim=2)
-        (A_bar,), B_bar = structure.discretize(structure.continuous(A_raw.to(work)), dt.to(work), B_heads, method,
-                                               alpha)
-    args = [t.contiguous() for t in (u, A_bar, B_bar, C, D)]
-    h0 = None if initial_state is None else initial_state.contiguous()
-    z = None if z is None else z.contiguous()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (*args, h0, z) if t is not None):
+    (A_bar,), B_bar = work_operators(structure, u, dt, A_raw, B, method, alpha)
+    args, h0, z, grad = kernel_inputs((u, A_bar, B_bar, C, D), initial_state, z)
+    if grad:
         return BlockScan.apply(*args, h0, z)
     y, hT, _ = _launch_forward(*args, h0, z, save=False)
     return y, hT

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ..discretization import alpha_for
+from .block import kernel_inputs
 from .diagonal_kernels import diagonal_backward, diagonal_forward
 
 CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
@@ -99,10 +100,8 @@ def diagonal_scan(u, dt, a, B, C, D, initial_state=None, z=None, method="zoh", a
     whenever an input requires a gradient."""
     gbt = method != "zoh"
     al = alpha_for(method, alpha) if gbt else 0.0
-    args = [t.contiguous() for t in (u, dt, a, B, C, D)]
-    h0 = None if initial_state is None else initial_state.contiguous()
-    z = None if z is None else z.contiguous()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (*args, h0, z) if t is not None):
+    args, h0, z, grad = kernel_inputs((u, dt, a, B, C, D), initial_state, z)
+    if grad:
         return DiagonalScan.apply(*args, h0, z, gbt, signed, al)
     y, hT, _ = _launch_forward(*args, h0, z, gbt, signed, al, save=False)
     return y, hT

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .block import state_and_compute_dtypes
+from .block import kernel_inputs, state_and_compute_dtypes, work_operators
 from .householder_kernels import householder_backward, householder_forward
 
 CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
@@ -94,15 +94,9 @@ class HouseholderScan(torch.autograd.Function):
 def householder_scan(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
     """The scan of a Householder product (see the module docstring); autograd through the Triton
     backward (and PyTorch's, for the factors) whenever an input requires a gradient."""
-    work, _ = state_and_compute_dtypes(u.dtype)
-    heads = u.shape[2]
-    with torch.autocast(u.device.type, enabled=False):
-        B_heads = B.to(work).repeat_interleave(heads // B.shape[2], dim=2)
-        factors = structure.factors(structure.continuous(A_raw.to(work)), dt.to(work), B_heads, method, alpha)
-    args = [t.contiguous() for t in (u, *factors, C, D)]
-    h0 = None if initial_state is None else initial_state.contiguous()
-    z = None if z is None else z.contiguous()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (*args, h0, z) if t is not None):
+    factors = work_operators(structure, u, dt, A_raw, B, method, alpha, how="factors")
+    args, h0, z, grad = kernel_inputs((u, *factors, C, D), initial_state, z)
+    if grad:
         return HouseholderScan.apply(*args, h0, z)
     y, hT, _ = _launch_forward(*args, h0, z, save=False)
     return y, hT

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .block import state_and_compute_dtypes
+from .block import kernel_inputs, state_and_compute_dtypes, work_operators
 from .low_rank_kernels import low_rank_backward, low_rank_forward
 
 CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
@@ -98,15 +98,9 @@ class LowRankScan(torch.autograd.Function):
 def low_rank_scan(u, dt, A_raw, B, C, D, structure, method="bilinear", alpha=0.5, initial_state=None, z=None):
     """The scan of a diagonal-plus-low-rank A (see the module docstring); autograd through the Triton
     backward (and PyTorch's, for the discretisation) whenever an input requires a gradient."""
-    work, _ = state_and_compute_dtypes(u.dtype)
-    heads = u.shape[2]
-    with torch.autocast(u.device.type, enabled=False):
-        B_heads = B.to(work).repeat_interleave(heads // B.shape[2], dim=2)
-        op, B_bar = structure.discretize(structure.continuous(A_raw.to(work)), dt.to(work), B_heads, method, alpha)
-    args = [t.contiguous() for t in (u, *structure.sweeps(op), B_bar, C, D)]
-    h0 = None if initial_state is None else initial_state.contiguous()
-    z = None if z is None else z.contiguous()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (*args, h0, z) if t is not None):
+    op, B_bar = work_operators(structure, u, dt, A_raw, B, method, alpha)
+    args, h0, z, grad = kernel_inputs((u, *structure.sweeps(op), B_bar, C, D), initial_state, z)
+    if grad:
         return LowRankScan.apply(*args, h0, z)
     y, hT, _ = _launch_forward(*args, h0, z, save=False)
     return y, hT

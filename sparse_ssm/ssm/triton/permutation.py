@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .block import state_and_compute_dtypes
+from .block import kernel_inputs, state_and_compute_dtypes, work_operators
 from .permutation_kernels import permutation_backward, permutation_forward
 
 CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
@@ -95,15 +95,9 @@ class PermutationScan(torch.autograd.Function):
 def permutation_scan(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
     """The scan of a permutation-diagonal A (see the module docstring); autograd through the Triton
     backward (and PyTorch's, for the factors) whenever an input requires a gradient."""
-    work, _ = state_and_compute_dtypes(u.dtype)
-    heads = u.shape[2]
-    with torch.autocast(u.device.type, enabled=False):
-        B_heads = B.to(work).repeat_interleave(heads // B.shape[2], dim=2)
-        P, d, B_bar = structure.factors(structure.continuous(A_raw.to(work)), dt.to(work), B_heads, method, alpha)
-    args = [t.contiguous() for t in (u, P, d, B_bar, C, D)]
-    h0 = None if initial_state is None else initial_state.contiguous()
-    z = None if z is None else z.contiguous()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (*args, h0, z) if t is not None):
+    P, d, B_bar = work_operators(structure, u, dt, A_raw, B, method, alpha, how="factors")
+    args, h0, z, grad = kernel_inputs((u, P, d, B_bar, C, D), initial_state, z)
+    if grad:
         return PermutationScan.apply(*args, h0, z)
     f = args[1].argmax(-2).to(torch.int32)
     y, hT, _ = _launch_forward(args[0], f, *args[2:], h0, z, save=False)
