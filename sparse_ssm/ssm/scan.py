@@ -43,11 +43,12 @@ All functions here share one signature (like mamba_ssm's `selective_scan_ref`):
     local state from zero and the prefix operator P_t = A_bar_t ... A_bar_1 (block-diagonal for
     block structures, N x N for banded and low-rank); then the chunk boundary states;
     then y_t += (P_t^T C_t)^T X_start.
-  * The chunk boundary states (both cases): chunk k maps X to P_k X + Z_k.  Off the CPU a
-    log-depth (Hillis-Steele) scan composes these maps in ceil(log2(L / T)) Python steps, so the
-    steps per layer are T + log2(L / T) (structured) or O(log2(L / T)) (diagonal), not L / T; on
-    a CPU one step per chunk is faster (no O(c log c) memory traffic) and stays.  T: the model's
-    `scan_chunk_size`, or `chunk_size_for(device, structure)` when it is unset.
+  * The chunk boundary states (both cases): chunk k maps X to P_k X + Z_k.  A tree over the chunks
+    (odd-even reduction, `_chunk_boundary_states`) composes these maps in about 4 log2(L / T)
+    Python steps of O(L / T) work in all, on every device, so the steps per layer are
+    T + O(log2(L / T)) (structured) or O(log2(L / T)) (diagonal), never one per chunk.
+    T: the model's `scan_chunk_size`, or `chunk_size_for(device, structure)` when it is unset.
+  * bf16 / fp16 inputs are computed in float32 (y in the inputs' dtype, the state float32).
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ def _per_head(X, heads: int):
 
 def _gated(y, z):
     return y if z is None else y * F.silu(z)
+
+
+def _at_least_fp32(x):
+    """bf16 / fp16 tensors as float32; anything else (None included) as it is."""
+    return x.float() if x is not None and x.dtype in (torch.bfloat16, torch.float16) else x
 
 
 def _zero_state(u, N):
@@ -137,7 +143,7 @@ def _signed_exp(log_abs, parity):
     return out if parity is None else out * (1.0 - 2.0 * torch.remainder(parity, 2.0))
 
 
-def _diagonal_chunked(u, dt, a, B, C, D, method, alpha, initial_state, T, signed, log_depth):
+def _diagonal_chunked(u, dt, a, B, C, D, method, alpha, initial_state, T, signed, leaf):
     b, L, h, P = u.shape
     N = a.shape[-1]
     log_decay, negative, b_scale = _diagonal_log_decay(a, dt, method, alpha, signed)
@@ -162,8 +168,8 @@ def _diagonal_chunked(u, dt, a, B, C, D, method, alpha, initial_state, T, signed
     to_end = _signed_exp(last - cum, None if par is None else plast - par)
     local_end = (Bc * to_end).transpose(-1, -2) @ uc                    # (b, h, c, N, P)
     chunk_decay = _signed_exp(last, plast)[..., 0, :]                   # (b, h, c, N)
-    X_start, X = _chunk_boundary_states(DiagonalStructure(N), (chunk_decay,), local_end, initial_state, log_depth,
-                                        dim=2)                          # (b, h, c, N, P)
+    X_start, X = _chunk_boundary_states(DiagonalStructure(N), (chunk_decay,), local_end, initial_state, dim=2,
+                                        leaf=leaf)                          # (b, h, c, N, P)
     y = y + (Cc * _signed_exp(cum, par)) @ X_start
     y = y.reshape(b, h, -1, P)[:, :, :L].transpose(1, 2)
     return y + D[..., None] * u, X
@@ -180,37 +186,40 @@ def _chunk_states_sequential(structure, prefix, Z, X0, dim):
     return torch.stack(starts, dim), X
 
 
-def _chunk_boundary_states(structure, prefix, Z, X0, log_depth, dim=1):
+def _chunk_boundary_states(structure, prefix, Z, X0, dim=1, leaf=None):
     """The state entering every chunk.
 
     Chunk k maps a state X to prefix_k X + Z_k: prefix is a tuple of (b, c, h, ...) chunk operators
     in the structure's prefix layout, Z (b, c, h, N, P) every chunk's end state from zero, X0
     (b, h, N, P) the state before the first chunk (None: zeros); `dim`: the chunk axis c (1 as
     shown; 2 for (b, h, c, ...)).  Returns X_start (Z's shape) and the final state (b, h, N, P).
-    `log_depth`: a Hillis-Steele scan, ceil(log2 c) Python steps of O(c) work each; else one step
-    per chunk (O(1) work each: on a CPU, with the state in cache, less time than the log-depth
-    scan's O(c log c) memory traffic).
+
+    A work-efficient tree (odd-even reduction): neighbouring chunks are composed into pairs, the
+    pairs' boundary states come from the same function one level up, and every second chunk's start
+    follows from its left neighbour's.  Each level is a handful of batched calls on half as many
+    chunks, so about 4 log2(c / leaf) + leaf Python steps and O(c) work in all (no per-chunk loop,
+    and none of a Hillis-Steele scan's O(c log c) memory traffic).  At most `leaf` chunks
+    (LEAF_CHUNKS when None) are stepped one at a time.
     """
-    if not log_depth:
-        return _chunk_states_sequential(structure, prefix, Z, X0, dim)
+    leaf = LEAF_CHUNKS if leaf is None else leaf
     c = Z.shape[dim]
-    head = lambda x, n: x.narrow(dim, 0, n)
-    tail = lambda x, n: x.narrow(dim, x.shape[dim] - n, n)
-    step = 1
-    while step < c:
-        later = tuple(tail(p, c - step) for p in prefix)
-        Z = torch.cat([head(Z, step), structure.transfer(later, head(Z, c - step)) + tail(Z, c - step)], dim)
-        if X0 is not None or 2 * step < c:            # the last level's products serve X0 only
-            composed = structure.compose_prefixes(later, tuple(head(p, c - step) for p in prefix))
-            prefix = tuple(torch.cat([head(p, step), q], dim) for p, q in zip(prefix, composed))
-        step *= 2
-    if X0 is None:
-        return torch.cat([torch.zeros_like(head(Z, 1)), head(Z, c - 1)], dim), Z.select(dim, c - 1)
-    X_end = structure.transfer(prefix, X0.unsqueeze(dim).expand_as(Z)) + Z
-    return torch.cat([X0.unsqueeze(dim), head(X_end, c - 1)], dim), X_end.select(dim, c - 1)
+    if c <= leaf:
+        return _chunk_states_sequential(structure, prefix, Z, X0, dim)
+    if c % 2:                                        # the last chunk after the tree over the others
+        head = lambda x: x.narrow(dim, 0, c - 1)
+        starts, X = _chunk_boundary_states(structure, tuple(map(head, prefix)), head(Z), X0, dim, leaf)
+        last = tuple(p.select(dim, c - 1) for p in prefix)
+        return torch.cat([starts, X.unsqueeze(dim)], dim), structure.transfer(last, X) + Z.select(dim, c - 1)
+    pairs = lambda x, i: x.unflatten(dim, (c // 2, 2)).select(dim + 1, i)
+    even, odd = tuple(pairs(p, 0) for p in prefix), tuple(pairs(p, 1) for p in prefix)
+    Z_even = pairs(Z, 0)
+    Z_pair = structure.transfer(odd, Z_even) + pairs(Z, 1)
+    starts_even, X = _chunk_boundary_states(structure, structure.compose_prefixes(odd, even), Z_pair, X0, dim, leaf)
+    starts_odd = structure.transfer(even, starts_even) + Z_even
+    return torch.stack([starts_even, starts_odd], dim + 1).flatten(dim, dim + 1), X
 
 
-def _structured_chunked(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, T, log_depth):
+def _structured_chunked(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, T, leaf):
     b, L, h, P = u.shape
     N = B.shape[-1]
     # padding tokens get dt = 0: A_bar = I and B_bar = 0, so they leave the state alone
@@ -231,20 +240,22 @@ def _structured_chunked(u, dt, A_raw, B, C, D, structure, method, alpha, initial
         pulled.append(structure.pull_back(prefix, c_t))
     y = torch.stack(ys, 2)                                              # (b, c, T, h, P)
     pulled = torch.stack(pulled, 2)                                     # (b, c, T, h, N)
-    X_start, X = _chunk_boundary_states(structure, prefix, Z, initial_state, log_depth)   # (b, c, h, N, P)
+    X_start, X = _chunk_boundary_states(structure, prefix, Z, initial_state, leaf=leaf)   # (b, c, h, N, P)
     y = y + (pulled[..., None] * X_start[:, :, None]).sum(-2)
     y = y.reshape(b, -1, h, P)[:, :L]
     return y + D[..., None] * u, X
 
 
-# Tokens per chunk of the chunked scan when the model config leaves `scan_chunk_size` unset.  On a
-# CPU (measured, 1 thread, fwd + bwd, SPARSE_SSM_NATIVE=0): CPU_CHUNK_SIZE.  Elsewhere the chunk
-# boundary states come from the log-depth scan, so the Python steps per layer are
-# T + log2(L / T) (structured) or O(log2(L / T)) (diagonal): the diagonal path forms (T, T, N)
-# decays per chunk (b h L T N elements: memory grows with T), the structured path steps through T
-# tokens inside the chunks.
+# Tokens per chunk of the chunked scan when the model config leaves `scan_chunk_size` unset, and the
+# chunks stepped one at a time at the bottom of the tree over the chunk boundaries.  On a CPU
+# (measured by bench/fallback.py, 1 thread, fwd + bwd, SPARSE_SSM_NATIVE=0): CPU_CHUNK_SIZE and
+# LEAF_CHUNKS.  The Python steps per layer are then about T + 4 log2(L / (T LEAF_CHUNKS)) + LEAF_CHUNKS
+# (structured) or 4 log2(L / (T LEAF_CHUNKS)) + LEAF_CHUNKS (diagonal), whatever the length: the
+# diagonal path forms (T, T, N) decays per chunk (b h L T N elements: memory grows with T), the
+# structured path steps through T tokens inside the chunks (all chunks at once).
 CPU_CHUNK_SIZE = {"diagonal": 8, "structured": 8}
 DEVICE_CHUNK_SIZE = {"diagonal": 32, "structured": 16}
+LEAF_CHUNKS = 4
 
 
 def chunk_size_for(device: torch.device, structure) -> int:
@@ -254,19 +265,24 @@ def chunk_size_for(device: torch.device, structure) -> int:
 
 
 def selective_scan_chunked(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None,
-                           chunk_size=None, log_depth=None):
+                           chunk_size=None, leaf=None):
     """Pure-PyTorch fast path (see the module docstring): chunked matmul scan.  chunk_size None:
-    `chunk_size_for(u.device, structure)`; log_depth None: the log-depth scan over the chunks
-    everywhere but on a CPU (see `_chunk_boundary_states`)."""
+    `chunk_size_for(u.device, structure)`; leaf: the chunks stepped one at a time at the bottom of
+    the tree over the chunk boundaries (None: LEAF_CHUNKS; see `_chunk_boundary_states`).
+    bf16 / fp16 inputs are computed in float32 (the matrix exponentials, solves and decay products
+    lose every digit in 8 bits of mantissa): y comes back in u's dtype, the final state in float32,
+    each gradient in its input's dtype (as on the Triton path)."""
     T = chunk_size_for(u.device, structure) if chunk_size is None else chunk_size
-    log_depth = u.device.type != "cpu" if log_depth is None else log_depth
+    out_dtype = u.dtype
+    u, dt, A_raw, B, C, D, initial_state, z = map(_at_least_fp32, (u, dt, A_raw, B, C, D, initial_state, z))
     B, C = _per_head(B, u.shape[2]), _per_head(C, u.shape[2])
-    if isinstance(structure, DiagonalStructure):
-        y, X = _diagonal_chunked(u, dt, structure.continuous(A_raw), B, C, D, method, alpha, initial_state, T,
-                                 structure.signed, log_depth)
-    else:
-        y, X = _structured_chunked(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, T, log_depth)
-    return _gated(y, z), X
+    with torch.autocast(u.device.type, enabled=False):
+        if isinstance(structure, DiagonalStructure):
+            y, X = _diagonal_chunked(u, dt, structure.continuous(A_raw), B, C, D, method, alpha, initial_state, T,
+                                     structure.signed, leaf)
+        else:
+            y, X = _structured_chunked(u, dt, A_raw, B, C, D, structure, method, alpha, initial_state, T, leaf)
+        return _gated(y, z).to(out_dtype), X
 
 
 def selective_scan(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None,

@@ -7,7 +7,8 @@ from sparse_ssm.ssm.hippo import hippo
 from sparse_ssm.ssm.scan import (selective_scan, selective_scan_chunked, selective_scan_ref,
                                  selective_scan_sequential)
 from sparse_ssm.ssm.structures import (BandedStructure, BlockStructure, DiagonalStructure, HouseholderStructure,
-                                       LowRankStructure, PermutationStructure)
+                                       LowRankStructure, PermutationStructure, RotationStructure)
+from triton_cases import assert_within_one_ulp, inputs
 
 STRUCTURES = [DiagonalStructure(6), BlockStructure(6, 2), BlockStructure(6, 3), BlockStructure(6, 6),
               BandedStructure(6, 2), BandedStructure(6, 3), LowRankStructure(6, 1), LowRankStructure(6, 2),
@@ -111,6 +112,18 @@ def test_low_precision_inputs_follow_float64(dtype, tol):
     y, _ = run(selective_scan_chunked, structure, low, "zoh")
     assert y.dtype == dtype
     assert ((y.double() - y64).abs().max() / y64.abs().max()) < tol
+
+
+@pytest.mark.parametrize("structure", [*STRUCTURES, RotationStructure(6), DiagonalStructure(6, signed=True)],
+                         ids=lambda s: s.name)
+@pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2.0 ** -7), (torch.float16, 2.0 ** -10)])
+def test_low_precision_inputs_of_every_structure_keep_a_float32_state(structure, dtype, ulp):
+    """bf16 / fp16 inputs to the chunked scan (10 chunks: the tree over the boundaries): y and every
+    gradient are the fp32 sequential scan's on the same values within one ulp of the dtype, the final
+    state float32 (the structured path once gave NaN: matrix_exp in bf16)."""
+    xs = inputs(2, 37, 2, 3, structure, 1, dtype=dtype)
+    chunked = lambda *a: selective_scan_chunked(*a, chunk_size=4)
+    assert_within_one_ulp(xs, structure, "zoh" if structure.supports_zoh else "bilinear", dtype, ulp, scan=chunked)
 
 
 @pytest.mark.parametrize("structure, method", [(BlockStructure(6, 2), "zoh"), (DiagonalStructure(6), "zoh")],

@@ -67,10 +67,10 @@ def assert_gradcheck(xs, structure, method, alpha):
     assert torch.autograd.gradcheck(fn, xs, fast_mode=True)
 
 
-def assert_within_one_ulp(xs, structure, method, dtype, ulp):
-    """Low-precision `xs` (bf16/fp16): y and every gradient of the Triton scan are the fp32 sequential
-    scan's on the same values, rounded once (one ulp of the dtype); the state is float32."""
-    y, h, grads = run(triton_scan.selective_scan_triton, xs, structure, method, 0.5)
+def assert_within_one_ulp(xs, structure, method, dtype, ulp, scan=None):
+    """Low-precision `xs` (bf16/fp16): y and every gradient of `scan` (None: the Triton scan) are the
+    fp32 sequential scan's on the same values, rounded once (one ulp of the dtype); the state is float32."""
+    y, h, grads = run(scan or triton_scan.selective_scan_triton, xs, structure, method, 0.5)
     exact = [None if x is None else x.float() for x in xs]
     y_ref, h_ref, grads_ref = run(selective_scan_sequential, exact, structure, method, 0.5)
     assert y.dtype == dtype and h.dtype == torch.float32
