@@ -301,7 +301,9 @@ def selective_scan(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, in
 def selective_scan_step(u, dt, A_raw, B, C, D, structure, method, alpha, state, z=None):
     """One recurrent step in place (decoding): u (b, H, P), dt (b, H), A_raw (b, H, raw_size),
     B/C (b, G, N), D (b, H), z (b, H, P) or None; `state` (b, H, N, P) is advanced in place.
-    Returns y (b, H, P)."""
+    Returns y (b, H, P).  Dispatch: the fused kernel on CPUs; on CUDA one Triton launch (diagonal,
+    rotation, blocks of 2, 4, 8: `triton.selective_state_update`, unless SPARSE_SSM_TRITON=0);
+    else the sequential scan's step."""
     if fused.available(u, structure, method) and state.is_contiguous() and state.dtype == u.dtype:
         if isinstance(structure, DiagonalStructure):
             return fused.step_in_place(u, dt, structure.continuous(A_raw), B, C, D, method, alpha, state, z, structure)
@@ -309,6 +311,8 @@ def selective_scan_step(u, dt, A_raw, B, C, D, structure, method, alpha, state, 
                                             structure, method, alpha, state, None if z is None else z[:, None])
         state.copy_(new)
         return y[:, 0]
+    if triton.use_triton(u.device, structure) and triton.state_update_fits(structure, u, state):
+        return triton.selective_state_update(u, dt, A_raw, B, C, D, structure, method, alpha, state, z)
     y, new = selective_scan_sequential(u[:, None], dt[:, None], A_raw[:, None], B[:, None], C[:, None], D[:, None],
                                        structure, method, alpha, state, None if z is None else z[:, None])
     state.copy_(new)

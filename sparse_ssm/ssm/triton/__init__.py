@@ -53,6 +53,16 @@ def supports(structure) -> bool:
     return type(structure) in blocked and structure.block_size in BLOCK_SIZES
 
 
+def state_update_fits(structure, u: torch.Tensor, state: torch.Tensor) -> bool:
+    """Can `selective_state_update` advance this state: the diagonal, rotation, householder or a block
+    structure of 2, 4 or 8 states, and a contiguous state in the kernels' state dtype (float32;
+    float64 for float64 u)."""
+    blocked = type(structure) in (BlockStructure, RotationStructure) and structure.block_size in BLOCK_SIZES
+    state_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    return ((isinstance(structure, (DiagonalStructure, HouseholderStructure)) or blocked) and state.is_contiguous()
+            and state.dtype == state_dtype)
+
+
 _announced: set[str] = set()
 
 
@@ -113,3 +123,27 @@ def selective_scan_triton(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=
 
     a = structure.continuous(A_raw if A_raw.dtype == torch.float64 else A_raw.float())   # not rounded to bf16
     return diagonal_scan(u, dt, a, B, C, D, initial_state, z, method, alpha, structure.signed)
+
+
+def selective_state_update(u, dt, A_raw, B, C, D, structure, method, alpha, state, z=None):
+    """One recurrent step in place on a Triton kernel (mamba_ssm's selective_state_update): the
+    arguments of `sparse_ssm.ssm.scan.selective_scan_step` (u, z (b, H, P); dt, D (b, H); A_raw
+    (b, H, raw_size); B, C (b, G, N); `state` (b, H, N, P), advanced in place), for the structures
+    and states `state_update_fits` takes.  Returns y (b, H, P)."""
+    if not state_update_fits(structure, u, state):
+        raise NotImplementedError(
+            f"the Triton decoding step covers the diagonal, rotation, householder and block ({BLOCK_SIZES}) structures with a "
+            f"contiguous float32 state, not {structure.name!r} with a {state.dtype} state: "
+            f"sparse_ssm.ssm.scan.selective_scan_step runs the others on the PyTorch path")
+    if isinstance(structure, DiagonalStructure):
+        from .diagonal import diagonal_state_update
+
+        a = structure.continuous(A_raw if A_raw.dtype == torch.float64 else A_raw.float())
+        return diagonal_state_update(u, dt, a, B, C, D, state, z, method, alpha, structure.signed)
+    if isinstance(structure, HouseholderStructure):
+        from .householder import householder_state_update
+
+        return householder_state_update(u, dt, A_raw, B, C, D, structure, method, alpha, state, z)
+    from .block import block_state_update
+
+    return block_state_update(u, dt, A_raw, B, C, D, structure, method, alpha, state, z)

@@ -17,7 +17,8 @@ import torch
 import triton
 
 from .banded_kernels import banded_backward, banded_forward
-from .block import kernel_inputs, state_and_compute_dtypes, work_operators
+from .autograd import run_kernels
+from .block import state_and_compute_dtypes, work_operators
 
 CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
 STEP_ELEMENTS = 4096       # the per-token block product of a program (BLOCK_NB1 BS BS BLOCK_P), in elements
@@ -78,31 +79,9 @@ def _launch_backward(u, A0_bar, A1_bar, B_bar, C, D, z, ckpt, dout, dhT, structu
     return du, dA0[:, :L], dA1[:, :L], dB_bar[:, :L], dC, dD[:, :L].to(D.dtype), dh0, dz
 
 
-class BandedScan(torch.autograd.Function):
-    """Forward and backward on the Triton kernels over given operators; the forward keeps the chunk
-    checkpoints only."""
-
-    @staticmethod
-    def forward(ctx, u, A0_bar, A1_bar, B_bar, C, D, h0, z, structure):
-        y, hT, ckpt = _launch_forward(u, A0_bar, A1_bar, B_bar, C, D, h0, z, structure, save=True)
-        ctx.save_for_backward(u, A0_bar, A1_bar, B_bar, C, D, z, ckpt)
-        ctx.structure, ctx.h0_dtype = structure, None if h0 is None else h0.dtype
-        return y, hT
-
-    @staticmethod
-    def backward(ctx, dy, dhT):
-        u, A0_bar, A1_bar, B_bar, C, D, z, ckpt = ctx.saved_tensors
-        *grads, dh0, dz = _launch_backward(u, A0_bar, A1_bar, B_bar, C, D, z, ckpt, dy.contiguous(), dhT.contiguous(),
-                                           ctx.structure)
-        return *grads, None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype), dz, None
-
-
 def banded_scan(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
     """The scan of a banded A (see the module docstring); autograd through the Triton backward (and
     PyTorch's, for the discretisation) whenever an input requires a gradient."""
     (A0_bar, A1_bar), B_bar = work_operators(structure, u, dt, A_raw, B, method, alpha)
-    args, h0, z, grad = kernel_inputs((u, A0_bar, A1_bar, B_bar, C, D), initial_state, z)
-    if grad:
-        return BandedScan.apply(*args, h0, z, structure)
-    y, hT, _ = _launch_forward(*args, h0, z, structure, save=False)
-    return y, hT
+    return run_kernels((_launch_forward, _launch_backward), (u, A0_bar, A1_bar, B_bar, C, D), initial_state, z,
+                       structure)

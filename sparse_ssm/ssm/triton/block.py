@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .autograd import run_kernels
 from .block_kernels import block_backward, block_forward
 
 CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
@@ -39,15 +40,6 @@ def work_operators(structure, u, dt, A_raw, B, method, alpha, how="discretize"):
         return getattr(structure, how)(structure.continuous(A_raw.to(work)), dt.to(work), B_heads, method, alpha)
 
 
-def kernel_inputs(tensors, initial_state, z):
-    """(tensors, initial_state, z) made contiguous for the kernels, and whether autograd must record
-    the scan (grad mode on and some input requires a gradient)."""
-    args = [t.contiguous() for t in tensors]
-    h0 = None if initial_state is None else initial_state.contiguous()
-    z = None if z is None else z.contiguous()
-    return args, h0, z, torch.is_grad_enabled() and any(t.requires_grad for t in (*args, h0, z) if t is not None)
-
-
 def _blocks(NB: int, BS: int, P: int):
     """(BLOCK_NB, BLOCK_P): all blocks in one tile; channels tiled (4 at least) so that a step's
     block product stays about STEP_ELEMENTS."""
@@ -55,20 +47,23 @@ def _blocks(NB: int, BS: int, P: int):
     return block_nb, min(triton.next_power_of_2(P), max(4, STEP_ELEMENTS // (block_nb * BS * BS)))
 
 
-def _launch_forward(u, A_bar, B_bar, C, D, h0, z, save):
+def _launch_forward(u, A_bar, B_bar, C, D, h0, z, save, chunk=None, out_state=None):
+    """y, the final state (written into `out_state` when given: h0 itself for a step in place) and the
+    checkpoints every `chunk` tokens (None: CHUNK) when `save`."""
+    chunk = CHUNK if chunk is None else chunk
     b, L, H, P = u.shape
     G, N = C.shape[2], C.shape[3]
     NB, BS = A_bar.shape[3], A_bar.shape[4]
     state_dtype, compute = state_and_compute_dtypes(u.dtype)
     block_nb, block_p = _blocks(NB, BS, P)
     y = torch.empty_like(u)
-    hT = u.new_empty(b, H, N, P, dtype=state_dtype)
-    n_chunks = triton.cdiv(L, CHUNK)
+    hT = u.new_empty(b, H, N, P, dtype=state_dtype) if out_state is None else out_state
+    n_chunks = triton.cdiv(L, chunk)
     ckpt = u.new_empty(b, H, n_chunks, N, P, dtype=state_dtype) if save else hT
     grid = (b * H, triton.cdiv(P, block_p))
     block_forward[grid](A_bar, B_bar, C, u, D, u if z is None else z, hT if h0 is None else h0, y, hT, ckpt,
                         L, H, G, NB, P, n_chunks, HAS_Z=z is not None, HAS_H0=h0 is not None, SAVE=save,
-                        CHUNK=CHUNK, BS=BS, BLOCK_NB=block_nb, BLOCK_P=block_p, COMPUTE=compute)
+                        CHUNK=chunk, BS=BS, BLOCK_NB=block_nb, BLOCK_P=block_p, COMPUTE=compute)
     return y, hT, ckpt
 
 
@@ -97,31 +92,20 @@ def _launch_backward(u, A_bar, B_bar, C, D, z, ckpt, dout, dhT):
     return du, dA_bar[:, :L], dB_bar[:, :L], dC, dD[:, :L].to(D.dtype), dh0, dz
 
 
-class BlockScan(torch.autograd.Function):
-    """Forward and backward on the Triton kernels over given operators; the forward keeps the chunk
-    checkpoints only."""
-
-    @staticmethod
-    def forward(ctx, u, A_bar, B_bar, C, D, h0, z):
-        y, hT, ckpt = _launch_forward(u, A_bar, B_bar, C, D, h0, z, save=True)
-        ctx.save_for_backward(u, A_bar, B_bar, C, D, z, ckpt)
-        ctx.h0_dtype = None if h0 is None else h0.dtype
-        return y, hT
-
-    @staticmethod
-    def backward(ctx, dy, dhT):
-        u, A_bar, B_bar, C, D, z, ckpt = ctx.saved_tensors
-        du, dA_bar, dB_bar, dC, dD, dh0, dz = _launch_backward(u, A_bar, B_bar, C, D, z, ckpt, dy.contiguous(),
-                                                               dhT.contiguous())
-        return du, dA_bar, dB_bar, dC, dD, None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype), dz
-
-
 def block_scan(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
     """The scan of a block-diagonal A (see the module docstring); autograd through the Triton
     backward (and PyTorch's, for the discretisation) whenever an input requires a gradient."""
     (A_bar,), B_bar = work_operators(structure, u, dt, A_raw, B, method, alpha)
-    args, h0, z, grad = kernel_inputs((u, A_bar, B_bar, C, D), initial_state, z)
-    if grad:
-        return BlockScan.apply(*args, h0, z)
-    y, hT, _ = _launch_forward(*args, h0, z, save=False)
-    return y, hT
+    return run_kernels((_launch_forward, _launch_backward), (u, A_bar, B_bar, C, D), initial_state, z)
+
+
+def block_state_update(u, dt, A_raw, B, C, D, structure, method, alpha, state, z=None):
+    """One token in place (decoding, no autograd): u, z (b, H, P) or None; dt, D (b, H); A_raw
+    (b, H, raw_size); B, C (b, G, N); `state` (b, H, N, P), contiguous, in the state dtype.  The
+    token's blocks are discretised in PyTorch (as for the scan), then one launch of the forward kernel
+    specialised to one token (CHUNK 1) advances the state in place.  Returns y (b, H, P)."""
+    token = lambda x: None if x is None else x.contiguous().unsqueeze(1)
+    (A_bar,), B_bar = work_operators(structure, token(u), token(dt), token(A_raw), token(B), method, alpha)
+    y, _, _ = _launch_forward(token(u), A_bar.contiguous(), B_bar.contiguous(), token(C), token(D), state, token(z),
+                              save=False, chunk=1, out_state=state)
+    return y[:, 0]

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..discretization import alpha_for
-from .block import kernel_inputs
+from .autograd import run_kernels
 from .diagonal_kernels import diagonal_backward, diagonal_forward
 
 CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
@@ -33,19 +33,22 @@ def _blocks(N: int, P: int):
     return block_n, min(triton.next_power_of_2(P), max(16, 2048 // block_n))
 
 
-def _launch_forward(u, dt, a, B, C, D, h0, z, gbt, signed, alpha, save):
+def _launch_forward(u, dt, a, B, C, D, h0, z, gbt, signed, alpha, save, chunk=None, out_state=None):
+    """y, the final state (written into `out_state` when given: h0 itself for a step in place) and the
+    checkpoints every `chunk` tokens (None: CHUNK) when `save`."""
+    chunk = CHUNK if chunk is None else chunk
     b, L, H, P = u.shape
     G, N = B.shape[2], B.shape[3]
     state_dtype, compute, small = state_and_compute_dtypes(u.dtype)
     block_n, block_p = _blocks(N, P)
     y = torch.empty_like(u)
-    hT = u.new_empty(b, H, N, P, dtype=state_dtype)
-    n_chunks = triton.cdiv(L, CHUNK)
+    hT = u.new_empty(b, H, N, P, dtype=state_dtype) if out_state is None else out_state
+    n_chunks = triton.cdiv(L, chunk)
     ckpt = u.new_empty(b, H, n_chunks, N, P, dtype=state_dtype) if save else hT
     grid = (b * H, triton.cdiv(P, block_p))
     diagonal_forward[grid](u, dt, a, B, C, D, u if z is None else z, hT if h0 is None else h0, y, hT, ckpt,
                            L, H, G, N, P, n_chunks, alpha, HAS_Z=z is not None, HAS_H0=h0 is not None, SAVE=save,
-                           GBT=gbt, SIGNED=signed, CHUNK=CHUNK, BLOCK_N=block_n, BLOCK_P=block_p, COMPUTE=compute,
+                           GBT=gbt, SIGNED=signed, CHUNK=chunk, BLOCK_N=block_n, BLOCK_P=block_p, COMPUTE=compute,
                            SMALL=small)
     return y, hT, ckpt
 
@@ -76,32 +79,21 @@ def _launch_backward(u, dt, a, B, C, D, z, ckpt, dout, dhT, gbt, signed, alpha):
     return du, ddt.to(dt.dtype), da.to(a.dtype), per_group(dB, B), per_group(dC, C), dD.to(D.dtype), dh0, dz
 
 
-class DiagonalScan(torch.autograd.Function):
-    """Forward and backward on the Triton kernels; the forward keeps the chunk checkpoints only."""
-
-    @staticmethod
-    def forward(ctx, u, dt, a, B, C, D, h0, z, gbt: bool, signed: bool, alpha: float):
-        y, hT, ckpt = _launch_forward(u, dt, a, B, C, D, h0, z, gbt, signed, alpha, save=True)
-        ctx.save_for_backward(u, dt, a, B, C, D, z, ckpt)
-        ctx.flags = (gbt, signed, alpha, None if h0 is None else h0.dtype)
-        return y, hT
-
-    @staticmethod
-    def backward(ctx, dy, dhT):
-        u, dt, a, B, C, D, z, ckpt = ctx.saved_tensors
-        gbt, signed, alpha, h0_dtype = ctx.flags
-        du, ddt, da, dB, dC, dD, dh0, dz = _launch_backward(u, dt, a, B, C, D, z, ckpt, dy.contiguous(),
-                                                            dhT.contiguous(), gbt, signed, alpha)
-        return du, ddt, da, dB, dC, dD, None if h0_dtype is None else dh0.to(h0_dtype), dz, None, None, None
-
-
 def diagonal_scan(u, dt, a, B, C, D, initial_state=None, z=None, method="zoh", alpha=0.5, signed=False):
     """The scan of a diagonal A (see the module docstring); autograd through the Triton backward
     whenever an input requires a gradient."""
     gbt = method != "zoh"
     al = alpha_for(method, alpha) if gbt else 0.0
-    args, h0, z, grad = kernel_inputs((u, dt, a, B, C, D), initial_state, z)
-    if grad:
-        return DiagonalScan.apply(*args, h0, z, gbt, signed, al)
-    y, hT, _ = _launch_forward(*args, h0, z, gbt, signed, al, save=False)
-    return y, hT
+    return run_kernels((_launch_forward, _launch_backward), (u, dt, a, B, C, D), initial_state, z, gbt, signed, al)
+
+
+def diagonal_state_update(u, dt, a, B, C, D, state, z=None, method="zoh", alpha=0.5, signed=False):
+    """One token in place (decoding, no autograd): u, z (b, H, P) or None; dt, D (b, H); a (b, H, N);
+    B, C (b, G, N); `state` (b, H, N, P), contiguous, in the state dtype, advanced in place by one
+    launch of the forward kernel specialised to one token (CHUNK 1).  Returns y (b, H, P)."""
+    gbt = method != "zoh"
+    al = alpha_for(method, alpha) if gbt else 0.0
+    token = lambda x: None if x is None else x.contiguous().unsqueeze(1)
+    y, _, _ = _launch_forward(*map(token, (u, dt, a, B, C, D)), state, token(z), gbt, signed, al, save=False,
+                              chunk=1, out_state=state)
+    return y[:, 0]

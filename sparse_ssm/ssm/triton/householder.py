@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from .block import kernel_inputs, state_and_compute_dtypes, work_operators
+from .autograd import run_kernels
+from .block import state_and_compute_dtypes, work_operators
 from .householder_kernels import householder_backward, householder_forward
 
 CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
@@ -31,19 +32,22 @@ def _blocks(N: int, P: int):
     return block_n, min(triton.next_power_of_2(P), max(MIN_TILE, STATE_ELEMENTS // block_n))
 
 
-def _launch_forward(u, d, keys, beta, B_bar, C, D, h0, z, save):
+def _launch_forward(u, d, keys, beta, B_bar, C, D, h0, z, save, chunk=None, out_state=None):
+    """y, the final state (written into `out_state` when given: h0 itself for a step in place) and the
+    checkpoints every `chunk` tokens (None: CHUNK) when `save`."""
+    chunk = CHUNK if chunk is None else chunk
     b, L, H, P = u.shape
     G, N, R = C.shape[2], C.shape[3], keys.shape[3]
     state_dtype, compute = state_and_compute_dtypes(u.dtype)
     block_n, block_p = _blocks(N, P)
     y = torch.empty_like(u)
-    hT = u.new_empty(b, H, N, P, dtype=state_dtype)
-    n_chunks = triton.cdiv(L, CHUNK)
+    hT = u.new_empty(b, H, N, P, dtype=state_dtype) if out_state is None else out_state
+    n_chunks = triton.cdiv(L, chunk)
     ckpt = u.new_empty(b, H, n_chunks, N, P, dtype=state_dtype) if save else hT
     grid = (b * H, triton.cdiv(P, block_p))
     householder_forward[grid](d, keys, beta, B_bar, C, u, D, u if z is None else z, hT if h0 is None else h0, y, hT,
                               ckpt, L, H, G, N, P, n_chunks, HAS_Z=z is not None, HAS_H0=h0 is not None, SAVE=save,
-                              CHUNK=CHUNK, R=R, BLOCK_N=block_n, BLOCK_P=block_p, COMPUTE=compute)
+                              CHUNK=chunk, R=R, BLOCK_N=block_n, BLOCK_P=block_p, COMPUTE=compute)
     return y, hT, ckpt
 
 
@@ -73,30 +77,20 @@ def _launch_backward(u, d, keys, beta, B_bar, C, D, z, ckpt, dout, dhT):
     return du, dd[:, :L], dkeys[:, :L], dbeta[:, :L], dB_bar[:, :L], dC, dD[:, :L].to(D.dtype), dh0, dz
 
 
-class HouseholderScan(torch.autograd.Function):
-    """Forward and backward on the Triton kernels over given factors; the forward keeps the chunk
-    checkpoints only."""
-
-    @staticmethod
-    def forward(ctx, u, d, keys, beta, B_bar, C, D, h0, z):
-        y, hT, ckpt = _launch_forward(u, d, keys, beta, B_bar, C, D, h0, z, save=True)
-        ctx.save_for_backward(u, d, keys, beta, B_bar, C, D, z, ckpt)
-        ctx.h0_dtype = None if h0 is None else h0.dtype
-        return y, hT
-
-    @staticmethod
-    def backward(ctx, dy, dhT):
-        u, d, keys, beta, B_bar, C, D, z, ckpt = ctx.saved_tensors
-        *grads, dh0, dz = _launch_backward(u, d, keys, beta, B_bar, C, D, z, ckpt, dy.contiguous(), dhT.contiguous())
-        return *grads, None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype), dz
-
-
 def householder_scan(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
     """The scan of a Householder product (see the module docstring); autograd through the Triton
     backward (and PyTorch's, for the factors) whenever an input requires a gradient."""
     factors = work_operators(structure, u, dt, A_raw, B, method, alpha, how="factors")
-    args, h0, z, grad = kernel_inputs((u, *factors, C, D), initial_state, z)
-    if grad:
-        return HouseholderScan.apply(*args, h0, z)
-    y, hT, _ = _launch_forward(*args, h0, z, save=False)
-    return y, hT
+    return run_kernels((_launch_forward, _launch_backward), (u, *factors, C, D), initial_state, z)
+
+
+def householder_state_update(u, dt, A_raw, B, C, D, structure, method, alpha, state, z=None):
+    """One token in place (decoding, no autograd): u, z (b, H, P) or None; dt, D (b, H); A_raw
+    (b, H, raw_size); B, C (b, G, N); `state` (b, H, N, P), contiguous, in the state dtype.  The
+    token's factors come from PyTorch (as for the scan), then one launch of the forward kernel
+    specialised to one token (CHUNK 1) advances the state in place.  Returns y (b, H, P)."""
+    token = lambda x: None if x is None else x.contiguous().unsqueeze(1)
+    factors = work_operators(structure, token(u), token(dt), token(A_raw), token(B), method, alpha, how="factors")
+    y, _, _ = _launch_forward(token(u), *(f.contiguous() for f in factors), token(C), token(D), state, token(z),
+                              save=False, chunk=1, out_state=state)
+    return y[:, 0]

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from .block import kernel_inputs, state_and_compute_dtypes, work_operators
+from .autograd import run_kernels
+from .block import state_and_compute_dtypes, work_operators
 from .low_rank_kernels import low_rank_backward, low_rank_forward
 
 CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
@@ -77,30 +78,8 @@ def _launch_backward(u, s, Pm, Qm, B_bar, C, D, z, ckpt, dout, dhT):
     return du, ds[:, :L], dP[:, :L], dQ[:, :L], dB_bar[:, :L], dC, dD[:, :L].to(D.dtype), dh0, dz
 
 
-class LowRankScan(torch.autograd.Function):
-    """Forward and backward on the Triton kernels over given sweeps; the forward keeps the chunk
-    checkpoints only."""
-
-    @staticmethod
-    def forward(ctx, u, s, Pm, Qm, B_bar, C, D, h0, z):
-        y, hT, ckpt = _launch_forward(u, s, Pm, Qm, B_bar, C, D, h0, z, save=True)
-        ctx.save_for_backward(u, s, Pm, Qm, B_bar, C, D, z, ckpt)
-        ctx.h0_dtype = None if h0 is None else h0.dtype
-        return y, hT
-
-    @staticmethod
-    def backward(ctx, dy, dhT):
-        u, s, Pm, Qm, B_bar, C, D, z, ckpt = ctx.saved_tensors
-        *grads, dh0, dz = _launch_backward(u, s, Pm, Qm, B_bar, C, D, z, ckpt, dy.contiguous(), dhT.contiguous())
-        return *grads, None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype), dz
-
-
 def low_rank_scan(u, dt, A_raw, B, C, D, structure, method="bilinear", alpha=0.5, initial_state=None, z=None):
     """The scan of a diagonal-plus-low-rank A (see the module docstring); autograd through the Triton
     backward (and PyTorch's, for the discretisation) whenever an input requires a gradient."""
     op, B_bar = work_operators(structure, u, dt, A_raw, B, method, alpha)
-    args, h0, z, grad = kernel_inputs((u, *structure.sweeps(op), B_bar, C, D), initial_state, z)
-    if grad:
-        return LowRankScan.apply(*args, h0, z)
-    y, hT, _ = _launch_forward(*args, h0, z, save=False)
-    return y, hT
+    return run_kernels((_launch_forward, _launch_backward), (u, *structure.sweeps(op), B_bar, C, D), initial_state, z)

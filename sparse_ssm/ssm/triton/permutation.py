@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from .block import kernel_inputs, state_and_compute_dtypes, work_operators
+from .autograd import run_kernels
+from .block import state_and_compute_dtypes, work_operators
 from .permutation_kernels import permutation_backward, permutation_forward
 
 CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
@@ -32,7 +33,8 @@ def _blocks(N: int, P: int):
     return block_n, min(triton.next_power_of_2(P), max(MIN_TILE, STEP_ELEMENTS // (block_n * block_n)))
 
 
-def _launch_forward(u, f, d, B_bar, C, D, h0, z, save):
+def _launch_forward(u, moves, d, B_bar, C, D, h0, z, save):
+    f = moves.argmax(-2).to(torch.int32)                # each state's source: the one-hot moves as indices
     b, L, H, P = u.shape
     G, N = C.shape[2], C.shape[3]
     state_dtype, compute = state_and_compute_dtypes(u.dtype)
@@ -48,9 +50,10 @@ def _launch_forward(u, f, d, B_bar, C, D, h0, z, save):
     return y, hT, ckpt
 
 
-def _launch_backward(u, f, d, B_bar, C, D, z, ckpt, dout, dhT):
-    """The gradients of u, A_bar (b, L, H, N, N), B_bar, C (per group), D, the initial state (state
-    dtype) and z (or None)."""
+def _launch_backward(u, moves, d, B_bar, C, D, z, ckpt, dout, dhT):
+    """The gradients of u, the one-hot moves P and d (through A_bar = P diag(d)), B_bar, C (per group),
+    D, the initial state (state dtype) and z (or None)."""
+    f = moves.argmax(-2).to(torch.int32)
     b, L, H, P = u.shape
     G, N = C.shape[2], C.shape[3]
     state_dtype, compute = state_and_compute_dtypes(u.dtype)
@@ -68,37 +71,12 @@ def _launch_backward(u, f, d, B_bar, C, D, z, ckpt, dout, dhT):
                                          L, H, G, N, P, n_chunks, HAS_Z=z is not None, CHUNK=CHUNK,
                                          BLOCK_N=block_n, BLOCK_P=block_p, COMPUTE=compute)
     dC = dC[:, :L].reshape(b, L, G, H // G, N).sum(3).to(C.dtype)
-    return du, dA_bar[:, :L], dB_bar[:, :L], dC, dD[:, :L].to(D.dtype), dh0, dz
-
-
-class PermutationScan(torch.autograd.Function):
-    """Forward and backward on the Triton kernels over given factors; the forward keeps the chunk
-    checkpoints only."""
-
-    @staticmethod
-    def forward(ctx, u, P, d, B_bar, C, D, h0, z):
-        f = P.argmax(-2).to(torch.int32)
-        y, hT, ckpt = _launch_forward(u, f, d, B_bar, C, D, h0, z, save=True)
-        ctx.save_for_backward(u, P, f, d, B_bar, C, D, z, ckpt)
-        ctx.h0_dtype = None if h0 is None else h0.dtype
-        return y, hT
-
-    @staticmethod
-    def backward(ctx, dy, dhT):
-        u, P, f, d, B_bar, C, D, z, ckpt = ctx.saved_tensors
-        du, dA_bar, dB_bar, dC, dD, dh0, dz = _launch_backward(u, f, d, B_bar, C, D, z, ckpt, dy.contiguous(),
-                                                               dhT.contiguous())
-        dP, dd = dA_bar * d[..., None, :], (dA_bar * P).sum(-2)
-        return du, dP, dd, dB_bar, dC, dD, None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype), dz
+    dA_bar = dA_bar[:, :L]
+    return du, dA_bar * d[..., None, :], (dA_bar * moves).sum(-2), dB_bar[:, :L], dC, dD[:, :L].to(D.dtype), dh0, dz
 
 
 def permutation_scan(u, dt, A_raw, B, C, D, structure, method="zoh", alpha=0.5, initial_state=None, z=None):
     """The scan of a permutation-diagonal A (see the module docstring); autograd through the Triton
     backward (and PyTorch's, for the factors) whenever an input requires a gradient."""
     P, d, B_bar = work_operators(structure, u, dt, A_raw, B, method, alpha, how="factors")
-    args, h0, z, grad = kernel_inputs((u, P, d, B_bar, C, D), initial_state, z)
-    if grad:
-        return PermutationScan.apply(*args, h0, z)
-    f = args[1].argmax(-2).to(torch.int32)
-    y, hT, _ = _launch_forward(args[0], f, *args[2:], h0, z, save=False)
-    return y, hT
+    return run_kernels((_launch_forward, _launch_backward), (u, P, d, B_bar, C, D), initial_state, z)
