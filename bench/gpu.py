@@ -21,7 +21,10 @@ In one process, after checking the Triton path against the pure-PyTorch one on t
 3. the training step (forward, loss, backward, AdamW) of `config/default_config.yaml`'s model (8 x 8
    blocks at state 128) and of the same model made diagonal (sparsity_level 0.995: block size 1),
    bf16 autocast, batch 8 x 1024: the Triton path vs the pure-PyTorch path (SPARSE_SSM_TRITON=0),
-   tokens/s and peak memory (torch.cuda.max_memory_allocated).
+   tokens/s and peak memory (torch.cuda.max_memory_allocated);
+4. decoding (`model.step`, one token per call, greedy, on the device) of the same two models in
+   float32 at batch 1 and 32 after a 16-token prompt: the Triton step (one `selective_state_update`
+   launch per layer and token) vs the PyTorch step (SPARSE_SSM_TRITON=0), tokens/s.
 Medians over --rounds timed calls after a warm-up (the first call compiles the kernels).  The
 results carry their provenance (commit, versions, device).  The GPU machine has no pydantic: bring
 its wheels (pydantic, pydantic-core, annotated-types, typing-inspection for Python 3.12) and
@@ -44,10 +47,12 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 # scans: (state N, structure: "diagonal", "block<b>" or "householder<r>")
 FULL = {"batch": 8, "length": 2048, "heads": 24, "head_dim": 64,
         "scans": ((16, "diagonal"), (128, "diagonal"), (128, "block8"), (128, "householder2")),
-        "step_batch": 8, "step_length": 1024, "chunked_operator_bytes": 2 ** 31}
+        "step_batch": 8, "step_length": 1024, "chunked_operator_bytes": 2 ** 31,
+        "decode_batches": (1, 32), "decode_tokens": 128}
 TINY = {"batch": 2, "length": 19, "heads": 2, "head_dim": 4, "scans": ((4, "diagonal"), (8, "block8"),
                                                                       (4, "householder2")),
-        "step_batch": 2, "step_length": 12, "chunked_operator_bytes": 2 ** 13}   # the dry run takes both branches
+        "step_batch": 2, "step_length": 12, "chunked_operator_bytes": 2 ** 13,   # the dry run takes both branches
+        "decode_batches": (1, 2), "decode_tokens": 2}
 CUT = 256                          # tokens of one batch row that check the agreement where it is not timed
 
 
@@ -193,19 +198,56 @@ def default_model(shape, device, dry_run, diagonal):
     return SparseSSMForCausalLM(config).to(device).train(), config
 
 
+def set_path(env):
+    """SPARSE_SSM_TRITON unset (None: the Triton path) or set to `env`."""
+    if env is None:
+        os.environ.pop("SPARSE_SSM_TRITON", None)
+    else:
+        os.environ["SPARSE_SSM_TRITON"] = env
+
+
+PATHS = (("triton", None), ("pytorch", "0"))
+
+
+def decode_rows(shape, device, rounds, dry_run):
+    """Decoding tokens/s (`model.step`, greedy, float32), Triton step vs PyTorch step, for the default
+    (block 8) model and its diagonal variant at each of the shape's decode batches."""
+    import torch
+
+    rows = []
+    for model_name in ("block 8 (default)", "diagonal"):
+        torch.manual_seed(0)
+        model, config = default_model(shape, device, dry_run, diagonal=model_name == "diagonal")
+        model.eval()
+        for batch in shape["decode_batches"]:
+            prompt = torch.randint(0, config.vocab_size, (batch, 16), device=device)
+            for path, env in PATHS:
+                set_path(env)
+
+                def decode():
+                    logits, cache = model.prefill(prompt)
+                    for _ in range(shape["decode_tokens"]):
+                        logits, cache = model.step(logits.argmax(-1), cache)
+
+                seconds = median_seconds(decode, rounds, device)
+                rows.append({"model": model_name, "structure": model.blocks[0].mixer.structure.name, "path": path,
+                             "batch": batch, "new_tokens": shape["decode_tokens"],
+                             "tokens_per_s": batch * shape["decode_tokens"] / seconds})
+                print(rows[-1], flush=True)
+        del model
+    set_path(None)
+    return rows
+
+
 def train_step_rows(shape, device, rounds, dry_run):
     """Tokens/s and peak memory of the training step, Triton path vs pure-PyTorch path, for the
     default (block 8) model and its diagonal variant."""
     import torch
 
     rows = []
-    paths = (("triton", None), ("pytorch", "0"))
-    runs = [(model, *path) for model in ("block 8 (default)", "diagonal") for path in paths]
+    runs = [(model, *path) for model in ("block 8 (default)", "diagonal") for path in PATHS]
     for model_name, path, env in runs:
-        if env is None:
-            os.environ.pop("SPARSE_SSM_TRITON", None)
-        else:
-            os.environ["SPARSE_SSM_TRITON"] = env
+        set_path(env)
         torch.manual_seed(0)
         model, config = default_model(shape, device, dry_run, diagonal=model_name == "diagonal")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -233,11 +275,11 @@ def train_step_rows(shape, device, rounds, dry_run):
         rows.append(row)
         print(row, flush=True)
         del model, optimizer
-    os.environ.pop("SPARSE_SSM_TRITON", None)
+    set_path(None)
     return rows
 
 
-def report(args, rounds, device, bandwidth, scans, steps):
+def report(args, rounds, device, bandwidth, scans, steps, decodes):
     import torch
 
     from common import write_results
@@ -261,11 +303,14 @@ def report(args, rounds, device, bandwidth, scans, steps):
               "|---|---|---:|---:|---:|"]
     lines += [f"| {r['model']} ({r['structure']}) | {r['path']} | {r['tokens_per_s']:.0f} | {r['step_ms']:.1f} | "
               f"{r['peak_memory_gib']:.2f} {r.get('error', '')}|" for r in steps]
+    lines += ["", "| decoding (float32, greedy, prompt 16) | path | batch | tokens/s |", "|---|---|---:|---:|"]
+    lines += [f"| {r['model']} ({r['structure']}) | {r['path']} | {r['batch']} | {r['tokens_per_s']:.0f} |"
+              for r in decodes]
     import triton
 
     out = Path(args.out or (tempfile.mkdtemp(prefix="gpu-dry-run-") if args.dry_run else HERE / "results"))
     write_results(out, "gpu", {"device": name, "copy_bytes_per_s": bandwidth, "scan": scans, "train_step": steps,
-                               "triton": triton.__version__}, lines,
+                               "decode": decodes, "triton": triton.__version__}, lines,
                   provenance(seeds=[0], dry_run=args.dry_run, device=name))
 
 
@@ -283,7 +328,8 @@ def main(argv=None):
     bandwidth = copy_bandwidth(device, rounds, 2 ** 16 if args.dry_run else 2 ** 28)
     scans = scan_rows(shape, device, rounds, bandwidth)
     steps = train_step_rows(shape, device, rounds, args.dry_run)
-    report(args, rounds, device, bandwidth, scans, steps)
+    decodes = decode_rows(shape, device, rounds, args.dry_run)
+    report(args, rounds, device, bandwidth, scans, steps, decodes)
 
 
 if __name__ == "__main__":
