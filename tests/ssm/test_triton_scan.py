@@ -115,10 +115,11 @@ from triton.compiler import ASTSource
 from sparse_ssm.ssm.triton.diagonal_kernels import diagonal_backward, diagonal_forward
 
 INTS = {"L", "H", "G", "N", "P", "n_chunks", "rows"}
+STEP = ((diagonal_forward, dict(HAS_H0=True, SAVE=False, CHUNK=1)), dict(HAS_H0=True, SAVE=False, CHUNK=1))   # decoding
 for dtype, block_n, block_p in (("fp32", 16, 64), ("bf16", 128, 16)):
-    for fn, flags in ((diagonal_forward, dict(HAS_H0=True, SAVE=True)), (diagonal_backward, {})):
-        consts = dict(HAS_Z=True, GBT=False, SIGNED=True, CHUNK=32, BLOCK_N=block_n, BLOCK_P=block_p,
-                      COMPUTE=tl.float32, SMALL=0.1, **flags)
+    for fn, flags in ((diagonal_forward, dict(HAS_H0=True, SAVE=True)), (diagonal_backward, {}), STEP[0]):
+        consts = {**dict(HAS_Z=True, GBT=False, SIGNED=True, CHUNK=32, BLOCK_N=block_n, BLOCK_P=block_p,
+                         COMPUTE=tl.float32, SMALL=0.1), **flags}
         inputs = {"u_ptr", "dt_ptr", "a_ptr", "B_ptr", "C_ptr", "D_ptr", "z_ptr", "y_ptr", "dout_ptr", "du_ptr",
                   "dz_ptr"}
         types = {n: "constexpr" if n in consts else "fp32" if n == "alpha" else "i32" if n in INTS
@@ -131,8 +132,8 @@ from sparse_ssm.ssm.triton.block_kernels import block_backward, block_forward
 
 INTS = {"L", "H", "G", "NB", "P", "n_chunks"}
 for dtype, bs, block_nb, block_p in (("fp32", 8, 16, 4), ("bf16", 2, 8, 64)):
-    for fn, flags in ((block_forward, dict(HAS_H0=True, SAVE=True)), (block_backward, {})):
-        consts = dict(HAS_Z=True, CHUNK=32, BS=bs, BLOCK_NB=block_nb, BLOCK_P=block_p, COMPUTE=tl.float32, **flags)
+    for fn, flags in ((block_forward, dict(HAS_H0=True, SAVE=True)), (block_backward, {}), (block_forward, STEP[1])):
+        consts = {**dict(HAS_Z=True, CHUNK=32, BS=bs, BLOCK_NB=block_nb, BLOCK_P=block_p, COMPUTE=tl.float32), **flags}
         inputs = {"u_ptr", "C_ptr", "D_ptr", "z_ptr", "y_ptr", "dout_ptr", "du_ptr", "dz_ptr"}
         types = {n: "constexpr" if n in consts else "i32" if n in INTS
                  else "*" + (dtype if n in inputs else "fp32") for n in fn.arg_names}
@@ -144,9 +145,10 @@ from sparse_ssm.ssm.triton.householder_kernels import householder_backward, hous
 
 INTS = {"L", "H", "G", "N", "P", "n_chunks"}
 for dtype, reflections, block_n, block_p in (("fp32", 2, 128, 16), ("bf16", 4, 16, 64), ("fp16", 1, 64, 32)):
-    for fn, flags in ((householder_forward, dict(HAS_H0=True, SAVE=True)), (householder_backward, {})):
-        consts = dict(HAS_Z=True, CHUNK=32, R=reflections, BLOCK_N=block_n, BLOCK_P=block_p, COMPUTE=tl.float32,
-                      **flags)
+    for fn, flags in ((householder_forward, dict(HAS_H0=True, SAVE=True)), (householder_backward, {}),
+                      (householder_forward, STEP[1])):
+        consts = {**dict(HAS_Z=True, CHUNK=32, R=reflections, BLOCK_N=block_n, BLOCK_P=block_p, COMPUTE=tl.float32),
+                  **flags}
         inputs = {"u_ptr", "C_ptr", "D_ptr", "z_ptr", "y_ptr", "dout_ptr", "du_ptr", "dz_ptr"}
         types = {n: "constexpr" if n in consts else "i32" if n in INTS
                  else "*" + (dtype if n in inputs else "fp32") for n in fn.arg_names}
@@ -200,7 +202,8 @@ print("compiled")
 @pytest.mark.slow
 def test_the_kernels_compile_for_an_h100_without_one(tmp_path):
     """The real backend (TTIR -> PTX -> cubin for sm_90), which the interpreter never runs: forward and
-    backward, fp32 and bf16 inputs, the diagonal kernels at the shapes of N = 16 and 128, the block
+    backward (and the forward of one token, the decoding step's, for the diagonal, block and householder
+    kernels), fp32 and bf16 inputs, the diagonal kernels at the shapes of N = 16 and 128, the block
     kernels at those of block 8 and block 2 at N = 128, the householder kernels with 2 reflections at
     N = 128, 4 at N = 16 and 1 at N = 64 (fp16), the low-rank kernels of rank 2 at N = 128 and rank 3
     at N = 16, the banded kernels of blocks of 8 and 2 at N = 128, the permutation kernels at N = 16

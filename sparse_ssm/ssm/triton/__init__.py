@@ -18,7 +18,14 @@ backward, one per structure:
 - permutation-diagonal (selection and decay from PyTorch, the forward reading N destination rows
   per token, `permutation.py`).
 Larger blocks and dense A run on the PyTorch paths, where `sparse_ssm.ssm.scan.selective_scan`
-sends them.  `triton` itself is imported on the first call, so importing this package costs
+sends them.  Every structure's module prepares its operators and hands them, with its two launchers,
+to the one autograd Function of `autograd.py`.
+
+    selective_state_update(u, dt, A_raw, B, C, D, structure, method, alpha, state, z=None) -> y
+
+is the decoding step (`sparse_ssm.ssm.scan.selective_scan_step`'s signature, the state advanced in
+place): the forward kernel specialised to one token, one launch per layer and token, for the
+diagonal, rotation, block (2, 4, 8) and householder structures (`state_update_fits`).  `triton` itself is imported on the first call, so importing this package costs
 nothing on machines without it.
 
 `use_triton(device, structure)` is the dispatcher's choice on a device: the Triton path on CUDA

@@ -11,6 +11,7 @@ hands them here with its two launchers, which follow one convention:
 tensors: the kernel's inputs, u first (b, L, H, P); h0 / hT the states (b, H, N, P) or None; z the
 gate or None; options: anything else the kernels need (flags, the structure).  The forward keeps the
 chunk checkpoints only; gradients flow back to the tensors, the initial state (in its dtype) and z.
+`forward_outputs` allocates what every forward launcher returns.
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ class KernelScan(torch.autograd.Function):
         *tensors, z, ckpt = ctx.saved_tensors
         *grads, dh0, dz = ctx.kernels[1](*tensors, z, ckpt, dy.contiguous(), dhT.contiguous(), *ctx.options)
         return None, None, None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype), dz, *grads
+
+
+def forward_outputs(u, N: int, chunk: int, save: bool, out_state=None):
+    """A forward launcher's outputs for u (b, L, H, P): (y like u, the final state (b, H, N, P) in the
+    state dtype (float32; float64 for float64 u) or `out_state` (h0 itself for a step in place), the
+    number of chunks of `chunk` tokens, the checkpoints (b, H, n_chunks, N, P) when `save`, else the
+    final state (the kernels then never write it))."""
+    b, L, H, P = u.shape
+    state_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    hT = u.new_empty(b, H, N, P, dtype=state_dtype) if out_state is None else out_state
+    n_chunks = -(-L // chunk)
+    return torch.empty_like(u), hT, n_chunks, u.new_empty(b, H, n_chunks, N, P, dtype=state_dtype) if save else hT
 
 
 def run_kernels(kernels, tensors, initial_state, z, *options):

@@ -17,7 +17,7 @@ import torch
 import triton
 
 from .banded_kernels import banded_backward, banded_forward
-from .autograd import run_kernels
+from .autograd import forward_outputs, run_kernels
 from .block import state_and_compute_dtypes, work_operators
 
 CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
@@ -43,12 +43,8 @@ def _shuffle(u, consts, programs):
 def _launch_forward(u, A0_bar, A1_bar, B_bar, C, D, h0, z, structure, save):
     b, L, H, P = u.shape
     G, N = C.shape[2], C.shape[3]
-    state_dtype = state_and_compute_dtypes(u.dtype)[0]
     consts = _constants(u, structure, z)
-    y = torch.empty_like(u)
-    hT = u.new_empty(b, H, N, P, dtype=state_dtype)
-    n_chunks = triton.cdiv(L, CHUNK)
-    ckpt = u.new_empty(b, H, n_chunks, N, P, dtype=state_dtype) if save else hT
+    y, hT, n_chunks, ckpt = forward_outputs(u, N, CHUNK, save)
     grid = (b * H, triton.cdiv(P, consts["BLOCK_P"]))
     banded_forward[grid](A0_bar, A1_bar, B_bar, C, u, D, u if z is None else z, hT if h0 is None else h0, y, hT,
                          ckpt, _shuffle(u, consts, grid[0] * grid[1]), L, H, G, structure.n0, structure.n1, P,

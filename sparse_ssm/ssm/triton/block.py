@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autograd import run_kernels
+from .autograd import forward_outputs, run_kernels
 from .block_kernels import block_backward, block_forward
 
 CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
@@ -54,12 +54,9 @@ def _launch_forward(u, A_bar, B_bar, C, D, h0, z, save, chunk=None, out_state=No
     b, L, H, P = u.shape
     G, N = C.shape[2], C.shape[3]
     NB, BS = A_bar.shape[3], A_bar.shape[4]
-    state_dtype, compute = state_and_compute_dtypes(u.dtype)
+    compute = state_and_compute_dtypes(u.dtype)[1]
     block_nb, block_p = _blocks(NB, BS, P)
-    y = torch.empty_like(u)
-    hT = u.new_empty(b, H, N, P, dtype=state_dtype) if out_state is None else out_state
-    n_chunks = triton.cdiv(L, chunk)
-    ckpt = u.new_empty(b, H, n_chunks, N, P, dtype=state_dtype) if save else hT
+    y, hT, n_chunks, ckpt = forward_outputs(u, N, chunk, save, out_state)
     grid = (b * H, triton.cdiv(P, block_p))
     block_forward[grid](A_bar, B_bar, C, u, D, u if z is None else z, hT if h0 is None else h0, y, hT, ckpt,
                         L, H, G, NB, P, n_chunks, HAS_Z=z is not None, HAS_H0=h0 is not None, SAVE=save,

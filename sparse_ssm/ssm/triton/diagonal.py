@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..discretization import alpha_for
-from .autograd import run_kernels
+from .autograd import forward_outputs, run_kernels
 from .diagonal_kernels import diagonal_backward, diagonal_forward
 
 CHUNK = 32                 # tokens between the forward's state checkpoints (the backward recomputes a chunk)
@@ -39,12 +39,9 @@ def _launch_forward(u, dt, a, B, C, D, h0, z, gbt, signed, alpha, save, chunk=No
     chunk = CHUNK if chunk is None else chunk
     b, L, H, P = u.shape
     G, N = B.shape[2], B.shape[3]
-    state_dtype, compute, small = state_and_compute_dtypes(u.dtype)
+    _, compute, small = state_and_compute_dtypes(u.dtype)
     block_n, block_p = _blocks(N, P)
-    y = torch.empty_like(u)
-    hT = u.new_empty(b, H, N, P, dtype=state_dtype) if out_state is None else out_state
-    n_chunks = triton.cdiv(L, chunk)
-    ckpt = u.new_empty(b, H, n_chunks, N, P, dtype=state_dtype) if save else hT
+    y, hT, n_chunks, ckpt = forward_outputs(u, N, chunk, save, out_state)
     grid = (b * H, triton.cdiv(P, block_p))
     diagonal_forward[grid](u, dt, a, B, C, D, u if z is None else z, hT if h0 is None else h0, y, hT, ckpt,
                            L, H, G, N, P, n_chunks, alpha, HAS_Z=z is not None, HAS_H0=h0 is not None, SAVE=save,

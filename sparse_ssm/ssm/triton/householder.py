@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .autograd import run_kernels
+from .autograd import forward_outputs, run_kernels
 from .block import state_and_compute_dtypes, work_operators
 from .householder_kernels import householder_backward, householder_forward
 
@@ -38,12 +38,9 @@ def _launch_forward(u, d, keys, beta, B_bar, C, D, h0, z, save, chunk=None, out_
     chunk = CHUNK if chunk is None else chunk
     b, L, H, P = u.shape
     G, N, R = C.shape[2], C.shape[3], keys.shape[3]
-    state_dtype, compute = state_and_compute_dtypes(u.dtype)
+    compute = state_and_compute_dtypes(u.dtype)[1]
     block_n, block_p = _blocks(N, P)
-    y = torch.empty_like(u)
-    hT = u.new_empty(b, H, N, P, dtype=state_dtype) if out_state is None else out_state
-    n_chunks = triton.cdiv(L, chunk)
-    ckpt = u.new_empty(b, H, n_chunks, N, P, dtype=state_dtype) if save else hT
+    y, hT, n_chunks, ckpt = forward_outputs(u, N, chunk, save, out_state)
     grid = (b * H, triton.cdiv(P, block_p))
     householder_forward[grid](d, keys, beta, B_bar, C, u, D, u if z is None else z, hT if h0 is None else h0, y, hT,
                               ckpt, L, H, G, N, P, n_chunks, HAS_Z=z is not None, HAS_H0=h0 is not None, SAVE=save,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .autograd import run_kernels
+from .autograd import forward_outputs, run_kernels
 from .block import state_and_compute_dtypes, work_operators
 from .low_rank_kernels import low_rank_backward, low_rank_forward
 
@@ -43,12 +43,8 @@ def _constants(u, Pm, z):
 def _launch_forward(u, s, Pm, Qm, B_bar, C, D, h0, z, save):
     b, L, H, P = u.shape
     G, N = C.shape[2], C.shape[3]
-    state_dtype = state_and_compute_dtypes(u.dtype)[0]
     consts = _constants(u, Pm, z)
-    y = torch.empty_like(u)
-    hT = u.new_empty(b, H, N, P, dtype=state_dtype)
-    n_chunks = triton.cdiv(L, CHUNK)
-    ckpt = u.new_empty(b, H, n_chunks, N, P, dtype=state_dtype) if save else hT
+    y, hT, n_chunks, ckpt = forward_outputs(u, N, CHUNK, save)
     grid = (b * H, triton.cdiv(P, consts["BLOCK_P"]))
     low_rank_forward[grid](s, Pm, Qm, B_bar, C, u, D, u if z is None else z, hT if h0 is None else h0, y, hT, ckpt,
                            L, H, G, N, P, n_chunks, HAS_H0=h0 is not None, SAVE=save, **consts)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .autograd import run_kernels
+from .autograd import forward_outputs, run_kernels
 from .block import state_and_compute_dtypes, work_operators
 from .permutation_kernels import permutation_backward, permutation_forward
 
@@ -37,12 +37,9 @@ def _launch_forward(u, moves, d, B_bar, C, D, h0, z, save):
     f = moves.argmax(-2).to(torch.int32)                # each state's source: the one-hot moves as indices
     b, L, H, P = u.shape
     G, N = C.shape[2], C.shape[3]
-    state_dtype, compute = state_and_compute_dtypes(u.dtype)
+    compute = state_and_compute_dtypes(u.dtype)[1]
     block_n, block_p = _blocks(N, P)
-    y = torch.empty_like(u)
-    hT = u.new_empty(b, H, N, P, dtype=state_dtype)
-    n_chunks = triton.cdiv(L, CHUNK)
-    ckpt = u.new_empty(b, H, n_chunks, N, P, dtype=state_dtype) if save else hT
+    y, hT, n_chunks, ckpt = forward_outputs(u, N, CHUNK, save)
     grid = (b * H, triton.cdiv(P, block_p))
     permutation_forward[grid](f, d, B_bar, C, u, D, u if z is None else z, hT if h0 is None else h0, y, hT, ckpt,
                               L, H, G, N, P, n_chunks, HAS_Z=z is not None, HAS_H0=h0 is not None, SAVE=save,
