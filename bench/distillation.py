@@ -8,12 +8,14 @@ Two students of the same size, seed, data order and step budget train on the tea
 ids (its tokenizer, compacted): one with the plain next-token loss (alpha 0), one with the
 distillation loss (alpha > 0, temperature T).  Both are scored by cross-entropy on held-out
 records of the teacher text (validation during training; the best checkpoint then on the test
-records).  Writes bench/results/distillation.json and .md.
+records).  Writes bench/results/distillation.json and .md (each run's config in its row, the
+dataset file's sha256, the provenance of bench/provenance.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import sys
@@ -58,12 +60,11 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     meta = json.loads(Path(args.data).read_text())
-    rows, configs = [], {}
+    rows = []
     for seed in map(int, args.seeds.split(",")):
         for alpha in map(float, args.alphas.split(",")):
             run = Path(args.work) / f"alpha{alpha}-seed{seed}"
             config = student_config(args.data, run, args.steps, alpha, args.temperature, seed)
-            configs[run.name] = config.to_dict()
             start = time.perf_counter()
             trainer = Trainer(config, overwrite=True, log=lambda *_: None)      # a rerun replaces its scratch run
             result = trainer.train()
@@ -73,7 +74,8 @@ def main():
                    "validation_final_loss": result["validation"]["loss"], "test_loss": test["loss"],
                    "test_perplexity": test["perplexity"], "seconds": round(time.perf_counter() - start, 1),
                    "student_vocab": trainer.config.model.vocab_size,
-                   "train_tokens": int(len(trainer.data.streams["train"])), "test_tokens": test["tokens"]}
+                   "train_tokens": int(len(trainer.data.streams["train"])), "test_tokens": test["tokens"],
+                   "config": config.to_dict()}
             rows.append(row)
             print(json.dumps(row), flush=True)
     by_alpha = {}
@@ -83,7 +85,8 @@ def main():
                    "test_perplexity": sum(r["test_perplexity"] for r in rs) / len(rs)} for a, rs in by_alpha.items()}
     out = Path(args.out)
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch thread, torch {torch.__version__}"
-    payload = {"teacher": meta.get("teacher"), "dataset": {"path": args.data, **meta.get("stats", {})},
+    digest = hashlib.sha256(Path(args.data).read_bytes()).hexdigest()              # which teacher text it was
+    payload = {"teacher": meta.get("teacher"), "dataset": {"path": args.data, "sha256": digest, **meta.get("stats", {})},
                "machine": machine, "rows": rows, "mean_by_alpha": summary}
     base = summary[min(summary)]["test_perplexity"]
     lines = [f"# Distillation vs. plain training on teacher text ({meta['teacher'].get('model')})", "",
@@ -99,7 +102,7 @@ def main():
     lines += [f"| {r['alpha']} | {r['seed']} | {r['best_step']} | {r['validation_best_loss']:.4f} | "
               f"{r['test_perplexity']:.2f} | {r['seconds']} |" for r in rows]
     write_results(out, "distillation", payload, lines,
-                  provenance(seeds=[int(x) for x in args.seeds.split(",")], run_configs=configs))
+                  provenance(seeds=[int(x) for x in args.seeds.split(",")]))
 
 
 if __name__ == "__main__":

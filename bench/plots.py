@@ -1,6 +1,6 @@
 """PNG plots of the benchmark results in bench/results/*.json (matplotlib; `pip install -e '.[bench]'`).
 
-    python bench/plots.py       # writes bench/results/{train_step,length_scaling,generation,tasks}.png
+    python bench/plots.py       # writes bench/results/{train_step,length_scaling,generation}.png
 """
 
 from __future__ import annotations
@@ -75,33 +75,12 @@ def generation(data):
     fig.savefig(RESULTS / "generation.png", dpi=110)
 
 
-def tasks(datas):
-    fig, axes = plt.subplots(1, len(datas), figsize=(5 * len(datas), 3.5), squeeze=False)
-    for ax, data in zip(axes[0], datas):
-        for row in data["rows"]:
-            lengths = sorted(row["accuracy"], key=int)
-            ax.plot([int(n) for n in lengths], [100 * row["accuracy"][n] for n in lengths], "o-", label=row["variant"])
-        ax.axhline(100 * data["chance"], color="k", ls=":", lw=0.8, label="chance")
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(0, 105)
-        ax.set_xlabel(f"test length (trained at {data['train_length']})")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title(f"{data['task']} ({data['steps']} steps)", fontsize=10)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "tasks.png", dpi=110)
-
-
 def main():
     for name, fn in (("train_step", train_step), ("length_scaling", length_scaling), ("generation", generation)):
         data = load(name)
         if data:
             fn(data)
             print(f"wrote {RESULTS / (name + '.png')}")
-    task_data = [d for d in (load("selective-copying"), load("induction-heads")) if d]
-    if task_data:
-        tasks(task_data)
-        print(f"wrote {RESULTS / 'tasks.png'}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,18 @@
 """Weights for inference (`--weights fp32|bf16|int8`): speed of the int8 matmul, quality, memory.
 
-    taskset -c 0 python bench/weights.py --checkpoint /tmp/small/best [--rounds 5]
+    nice -n 19 python bench/weights.py --checkpoint outputs/weights_demo --train config/demo.yaml --train-only
+    taskset -c 0 python bench/weights.py --checkpoint outputs/weights_demo [--rounds 5]
+
+0. the checkpoint: `--train CONFIG` trains CONFIG into the --checkpoint folder as `make demo` does
+   (`main.py train --config CONFIG --output-dir DIR --use-best-model`; the embedded corpus is written
+   first when the config reads it and it is missing) and records the command, the run's resolved
+   config and the code version in DIR/weights_bench_training.json; the quality part reads that record
+   into the results (a folder without one is refused: its figures could not be reproduced);
 
 1. matmul: `Int8Linear` (torch._weight_int8pack_mm, weight-only int8) and a bf16 `F.linear` against
    the float32 `F.linear`, at the projection shapes of a ~130 M model (hidden 768, expand 2, 24 heads,
    state 16, vocab 50,280) for 1, 8 and 512 rows, one thread, rounds interleaved (median);
-2. quality of a trained checkpoint: perplexity on its run's test split (the embedded corpus) and the
+2. quality of the trained checkpoint (DIR/best): perplexity on its run's test split (the embedded corpus) and the
    greedy tokens' agreement with float32 (share of the first --new-tokens positions equal, and the
    mean length of the common prefix) for --prompts prompts taken from the test split;
 3. memory: peak RSS of a fresh process that loads a random ~130 M checkpoint with each weights
@@ -19,7 +26,9 @@ Writes bench/results/weights.{json,md}.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,16 +40,19 @@ import torch.nn.functional as F
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
 from common import HERE, peak_rss_gb, write_results  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import AT_START, REPO, code_version, provenance, versions  # noqa: E402
 from sparse_ssm import SparseSSMConfig, SparseSSMForCausalLM  # noqa: E402
 from sparse_ssm.config import Config  # noqa: E402
+from sparse_ssm.data.corpus import ensure_shakespeare  # noqa: E402
 from sparse_ssm.data.pipeline import prepare_lm_data  # noqa: E402
 from sparse_ssm.model.checkpoint import TOKENIZER, WEIGHTS, load_model, save_weights, weights_of  # noqa: E402
 from sparse_ssm.model.quantize import Int8Linear  # noqa: E402
 from sparse_ssm.train.evaluation import loss_metrics, loss_sum  # noqa: E402
+from sparse_ssm.util.files import atomic_write_text  # noqa: E402
 
 FORMATS = ("fp32", "bf16", "int8")
 SHAPES = {"in_proj": (3072, 768), "out_proj": (768, 1536), "generator": (128, 1536), "lm_head": (50280, 768)}
+TRAINING_RECORD = "weights_bench_training.json"
 MODEL_130M = dict(vocab_size=50280, hidden_dim=768, state_dim=16, ffn_dim=0, num_layers=24, max_seq_len=2048,
                   dropout=0.0, selective_param_class="sparse", sparsity_level=0.9)
 
@@ -74,6 +86,33 @@ def matmul_times(rounds: int) -> list[dict]:
                          "int8_speedup": med["fp32"] / med["int8"], "bf16_speedup": med["fp32"] / med["bf16"]})
             print(rows[-1], flush=True)
     return rows
+
+
+def train_checkpoint(config: Path, folder: Path) -> dict:
+    """Train `config` into `folder` as `make demo` does and record how in folder/TRAINING_RECORD:
+    the command, the run's resolved config (its config.yaml), the code version and the packages."""
+    data_path = Config.load(config).dataset.data_path
+    if data_path and Path(data_path).resolve() == (REPO / "data/shakespeare").resolve():
+        ensure_shakespeare(data_path)                                # the embedded corpus, as `make demo` writes it
+    command = ["main.py", "train", "--config", str(config), "--output-dir", str(folder), "--use-best-model"]
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(REPO / "main.py"), *command[1:]], check=True)
+    import yaml
+    record = {"command": ["python", *command], "cwd": str(Path.cwd()), "config_file": str(config),
+              "config": yaml.safe_load((folder / "config.yaml").read_text()), "git": AT_START,
+              "code_version": code_version(), "versions": versions(), "wall_s": time.perf_counter() - start}
+    atomic_write_text(folder / TRAINING_RECORD, json.dumps(record, indent=2))
+    return record
+
+
+def training_record(folder: Path) -> dict:
+    """The record `train_checkpoint` left in `folder`; exits naming the fix when there is none."""
+    path = folder / TRAINING_RECORD
+    if not (path.is_file() and (folder / "best").is_dir()):
+        sys.exit(f"{folder} holds no checkpoint trained by this script ({path.name} and best/ are missing): its quality "
+                 f"figures could not be reproduced. Train one: python bench/weights.py --checkpoint {folder} "
+                 f"--train config/demo.yaml --train-only")
+    return json.loads(path.read_text())
 
 
 def quality(checkpoint: Path, prompts: int, prompt_tokens: int, new_tokens: int, max_windows: int) -> dict:
@@ -148,7 +187,10 @@ def memory_and_decoding(folder: Path, rounds: int) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", type=Path, required=True, help="a trained checkpoint directory (quality)")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="the output folder of a training run that --train made (quality: its best/)")
+    p.add_argument("--train", type=Path, metavar="CONFIG", help="first train CONFIG into --checkpoint (config/demo.yaml)")
+    p.add_argument("--train-only", action="store_true", help="stop after --train (time the rest on a quiet core)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=32)
@@ -156,9 +198,15 @@ def main():
     p.add_argument("--max-windows", type=int, default=400, help="test windows scored at most")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
+    if args.train:
+        train_checkpoint(args.train, args.checkpoint)
+        if args.train_only:
+            return
+    record = training_record(args.checkpoint)
     torch.set_num_threads(1)
     matmuls = matmul_times(args.rounds)
-    scored = quality(args.checkpoint, args.prompts, args.prompt_tokens, args.new_tokens, args.max_windows)
+    scored = quality(args.checkpoint / "best", args.prompts, args.prompt_tokens, args.new_tokens, args.max_windows)
+    scored["training"] = record
     trained = scored.pop("models")
     with tempfile.TemporaryDirectory() as tmp:
         memory = memory_and_decoding(write_random_checkpoint(Path(tmp) / "m130"), args.rounds)
@@ -169,7 +217,8 @@ def main():
     lines += [f"| {r['map']} | {tuple(r['shape'])} | {r['rows']} | {r['fp32_ms']:.3f} | {r['bf16_ms']:.3f} | "
               f"{r['int8_ms']:.3f} | {r['int8_speedup']:.2f}x | {r['bf16_speedup']:.2f}x |" for r in matmuls]
     ppl, greedy = scored["perplexity"], scored["greedy"]
-    lines += ["", f"Quality of {scored['checkpoint']} on its test split ({scored['test_windows']} windows):", "",
+    lines += ["", f"Quality of {scored['checkpoint']} on its test split ({scored['test_windows']} windows), trained by "
+              f"`{' '.join(record['command'])}` at {record['code_version'][:12]} ({record['wall_s']:.0f} s):", "",
               "| weights | perplexity | vs fp32 | greedy agreement (first "
               f"{args.new_tokens} tokens) | mean common prefix | identical sequences |", "|--|--|--|--|--|--|",
               f"| fp32 | {ppl['fp32']:.3f} | - | - | - | - |"]

@@ -1,6 +1,7 @@
 """The README and docs/ stay true: every command shown parses, every linked file exists, every
-figure of the benchmark and experiment pages is in the results file its section links, and the
-configuration reference is what the pydantic models give.
+figure of the benchmark and experiment pages is in the results file its section links, every
+results file a page links records what produced it, and the configuration reference is what the
+pydantic models give.
 
 Commands are read from the fenced code blocks (whole command lines, checked with the CLI's own
 argparse parser) and from inline code spans (their subcommand and --flags checked, as spans may hold
@@ -10,6 +11,7 @@ placeholders such as COMMAND or STEP).
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shlex
 from pathlib import Path
@@ -156,6 +158,45 @@ def test_every_linked_file_exists(page):
         elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
             problems.append(f"link to a missing heading: {target}")
     problems += [f"missing: {p}" for p in results_paths(text) if not (ROOT / p).exists()]
+    assert not problems, "\n".join(problems)
+
+
+def _results_json(target: Path) -> list[Path]:
+    """The JSON files behind a linked results path: itself, the NAME.json beside NAME.md / NAME.png,
+    or every JSON under a folder."""
+    if target.is_dir():
+        return sorted(target.rglob("*.json"))
+    return [target if target.suffix == ".json" else target.with_suffix(".json")]
+
+
+def provenance_problems(data) -> list[str]:
+    """What a results file's JSON lacks of its provenance (bench/provenance.py): a "provenance" block
+    with the git commit and the package versions, and the config of what ran (each model's config in
+    the block, a "config" in every row or cell, or the run's "setup")."""
+    prov = data.get("provenance") if isinstance(data, dict) else None
+    if not isinstance(prov, dict):
+        return ["no provenance block"]
+    problems = [] if (prov.get("git") or {}).get("commit") else ["no git commit"]
+    problems += [] if (prov.get("versions") or {}).get("torch") else ["no package versions"]
+    models = [m.get("config") for m in (prov.get("models") or {}).values()]
+    records = [r for v in data.values() if isinstance(v, list) for r in v if isinstance(r, dict)]
+    if not ((models and all(models)) or (records and all(r.get("config") for r in records)) or data.get("setup")):
+        problems.append("no config of what ran")
+    return problems
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_rel)
+def test_every_linked_results_file_records_provenance(page):
+    """Each bench/results file a page links or names has a JSON beside it that records the commit,
+    the versions and the config that produced it."""
+    text = FENCE.sub("", page.read_text())
+    targets = {(page.parent / t.partition("#")[0]).resolve() for t in LINK.findall(text) if not re.match(r"[a-z]+:", t)}
+    targets |= {(ROOT / p).resolve() for p in results_paths(text)}
+    problems = []
+    for target in sorted(t for t in targets if t.is_relative_to(ROOT / "bench" / "results") and t.exists()):
+        for path in _results_json(target):
+            found = provenance_problems(json.loads(path.read_text())) if path.is_file() else ["no results JSON"]
+            problems += [f"{path.relative_to(ROOT)} (linked as {target.relative_to(ROOT)}): {p}" for p in found]
     assert not problems, "\n".join(problems)
 
 
