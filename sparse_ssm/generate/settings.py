@@ -11,6 +11,10 @@ from pydantic import Field, field_validator
 from ..util.schema import Section
 
 MAX_SEED = 2**64 - 1                 # the largest seed torch.Generator.manual_seed takes
+# prompt tokens a prefill pass takes at most (bench/serve.py's prefill table: at 4,096 prompt tokens,
+# 256 keeps ~0.9-1.2x the one-pass prefill's tokens/s at 1/2-1/8 of its peak memory; smaller chunks
+# lose throughput to per-pass overhead)
+PREFILL_CHUNK_TOKENS = 256
 
 
 class GenerationConfig(Section):
@@ -29,6 +33,9 @@ class GenerationConfig(Section):
     # the weights for inference (the scan and its state stay float32): fp32 as trained, bf16, or int8
     # weight-only with per-output-channel scales (`model.quantize`); flag --weights
     weights: Literal["fp32", "bf16", "int8"] = "fp32"
+    # the prompt runs through the parallel scan in chunks of at most this many tokens, each layer's
+    # state carried between them: the prefill's memory is bounded by it, not by the prompt's length
+    prefill_chunk_tokens: int = Field(PREFILL_CHUNK_TOKENS, ge=1)
 
     @field_validator("stop_strings")
     @classmethod
