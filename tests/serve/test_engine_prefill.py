@@ -157,3 +157,23 @@ def test_a_long_prompt_is_not_starved_by_short_ones(lm, monkeypatch):
         engine.stop()
     sizes = [n for kind, n in calls if kind == "prefill"]
     assert sizes[:6] == [CHUNK, 1, 1, CHUNK, 1, 1]     # without the rule: [CHUNK, 1, 1, 1, 1, 1]
+
+
+def test_the_server_reads_prompts_in_chunks_of_its_setting(monkeypatch):
+    """Through the HTTP server (serve.prefill_chunk_tokens): the prompt goes in chunks of 3 tokens
+    and the answer equals `generate`'s."""
+    import ollama
+
+    from server_fixture import running_server
+    from sparse_ssm.generate import generate_text
+
+    model, tokenizer = tiny_language_model(seed=3)
+    prompt = "It was the best of times, it was the worst of times"
+    expected = generate_text(model, tokenizer, [prompt], GenerationConfig(max_length=10, temperature=0))[0]
+    calls = recording(model, monkeypatch)
+    with running_server(model, tokenizer, max_batch=2, prefill_chunk_tokens=3) as (url, _):
+        answer = ollama.Client(host=url).generate(model="tiny", prompt=prompt, options={
+            "num_predict": 10, "temperature": 0, "repeat_penalty": 1.0})
+    assert answer.response == expected
+    sizes = [n for kind, n in calls if kind == "prefill"]
+    assert sum(sizes) == len(tokenizer.encode(prompt).ids) and max(sizes) == 3 and len(sizes) > 3
