@@ -11,9 +11,10 @@ from pydantic import Field, field_validator
 from ..util.schema import Section
 
 MAX_SEED = 2**64 - 1                 # the largest seed torch.Generator.manual_seed takes
-# prompt tokens a prefill pass takes at most (bench/serve.py's prefill table: at 4,096 prompt tokens,
-# 256 keeps ~0.9-1.2x the one-pass prefill's tokens/s at 1/2-1/8 of its peak memory; smaller chunks
-# lose throughput to per-pass overhead)
+# prompt tokens a prefill pass takes at most (bench/results/prefill_chunks.md, a 4,096-token prompt at
+# widths 128 / 512: 256 keeps 0.89 / 0.99x the one-pass prefill's tokens/s at 1/3 / 1/7 of its peak
+# memory, and a chunk - what a long prompt may stall the server's other streams by - takes 14 / 138 ms;
+# 128 loses 13-23% of the throughput, 512 doubles the stall for 4-9%)
 PREFILL_CHUNK_TOKENS = 256
 
 
