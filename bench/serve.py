@@ -17,7 +17,7 @@ Without --model-dir: the model of config/small_cpu.yaml (or its shape at width -
 the width) with random weights and a BPE tokenizer trained on the package's own Python source
 (about 0.5 MB, so the config's vocab of 2048 is reached), sampling at temperature 1 (text of random
 tokens); the long prompt is the longest prefix of that source that encodes to 4,096 tokens.  TTFT
-is measured from the request's send, after the client's own set-up.  Writes
+is measured from the request's send; the HTTP clients are made before any timing.  Writes
 bench/results/NAME.json and .md (NAME: --name, default serve).
 """
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import statistics
 import subprocess
 import sys
@@ -102,18 +103,30 @@ def request_body(prompt: str, tokens: int, seed: int) -> dict:
                         "seed": seed}}
 
 
+CLIENTS: queue.SimpleQueue = queue.SimpleQueue()      # HTTP clients made before the timing (`make_clients`)
+
+
+def make_clients(n: int):
+    """Set up n HTTP clients now: making one (its TLS context) holds this process's interpreter lock
+    for tens of ms, which would delay the time stamps of the other streams' tokens."""
+    for _ in range(n):
+        CLIENTS.put(httpx.Client(timeout=600))
+
+
 def stream(url: str, prompt: str, tokens: int, seed: int, arrivals: list | None = None, stop=None) -> int:
     """One streamed /api/generate request: its new tokens.  `arrivals` gets the time the request
-    was sent (after the client's own set-up), then each line's arrival time; `stop` (a
-    threading.Event): hang up once it is set."""
+    was sent, then each line's arrival time; `stop` (a threading.Event): hang up once it is set."""
     arrivals = [] if arrivals is None else arrivals
-    with httpx.Client(timeout=600) as client:
+    client = CLIENTS.get_nowait() if not CLIENTS.empty() else httpx.Client(timeout=600)
+    try:
         arrivals.append(time.perf_counter())
         with client.stream("POST", f"{url}/api/generate", json=request_body(prompt, tokens, seed)) as response:
             for line in response.iter_lines():
                 arrivals.append(time.perf_counter())
                 if stop is not None and stop.is_set():
                     return len(arrivals) - 1
+    finally:
+        CLIENTS.put(client)
     return json.loads(line)["eval_count"]
 
 
@@ -260,6 +273,7 @@ def main():
             for name, chunk in chunks.items():
                 servers[name] = start_server(model_dir, args.server_core, max(levels), chunk)
             urls = {name: url for name, (_, url) in servers.items()}
+            make_clients(max(levels) + 3)
             for url in urls.values():
                 run(url, 1, 1, 8)                                   # warm-up
                 alone_ttft(url, prompt)

@@ -8,7 +8,8 @@ bench/serve.py (random weights, sampling at temperature 1, 64 new tokens a reque
 2. cProfile of the engine's loop decoding 8 requests: the share of its time in the batched model
    step, in sampling (torch.multinomial with each request's own generator), in the text of each
    token (TextStream: tokenizer.decode) and the rest (events, bookkeeping).
-3. torch.profiler of one batched decode step at 8 rows: the operators that take most of it.
+3. torch.profiler of one batched decode step at 8 rows: the operators that take most of it; and
+   the step's time at 1 and at 8 rows.
 One torch thread.  Writes bench/results/NAME.json and .md (default serve_profile).
 """
 
@@ -95,6 +96,24 @@ def engine_loop_parts(model, tokenizer) -> dict:
     return {"seconds": total, "tokens": 8 * TOKENS, **parts, "other": total - sum(parts.values())}
 
 
+def step_ms(model, rows: int, steps: int = 40, rounds: int = 5) -> float:
+    """Milliseconds of one batched decode step of `rows` rows (the median of `rounds` timings)."""
+    import torch
+
+    from sparse_ssm.generate.cache import stack_rows
+    cache = stack_rows([model.prefill(torch.tensor([[1, 2, 3]]))[1] for _ in range(rows)])
+    tokens = torch.zeros(rows, dtype=torch.long)
+    for _ in range(5):
+        model.step(tokens, cache)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(steps):
+            model.step(tokens, cache)
+        times.append((time.perf_counter() - start) / steps)
+    return 1000 * sorted(times)[rounds // 2]
+
+
 def step_operators(model, rows: int = 8, steps: int = 50) -> list[tuple[str, float]]:
     """torch.profiler over `steps` batched decode steps of `rows` rows: (operator, share of the
     steps' time), the largest first."""
@@ -135,8 +154,11 @@ def main():
     speeds = engine_tokens_per_s(model, tokenizer, args.rounds)
     parts = engine_loop_parts(model, tokenizer)
     ops = step_operators(model)
+    steps = {rows: step_ms(model, rows) for rows in (1, 8)}
     lines = ["| engine alone (no HTTP) | tokens/s |", "|---|---:|",
              f"| 1 request | {speeds[1]:,.0f} |", f"| 8 concurrent requests | {speeds[8]:,.0f} ({speeds[8] / speeds[1]:.2f}×) |",
+             "", f"The batched decode step (`model.step`): {steps[1]:.2f} ms at 1 row, {steps[8]:.2f} ms at 8 rows "
+             f"({steps[8] / steps[1]:.1f}×).",
              "", f"The engine loop decoding 8 requests ({parts['tokens']} tokens, {parts['seconds']:.2f} s under cProfile):", "",
              "| part | share |", "|---|---:|"]
     lines += [f"| {label} | {parts[label] / parts['seconds']:.0%} |" for label, *_ in PARTS]
@@ -146,7 +168,7 @@ def main():
     lines += [f"| `{name}` | {share:.0%} |" for name, share in ops[1:-1]] + [f"| {ops[-1][0]} | {ops[-1][1]:.0%} |"]
     write_results(Path(args.output_dir), args.name,
                   {"hidden": args.hidden or 128, "tokens_per_request": TOKENS, "engine_tokens_per_s": speeds,
-                   "engine_loop_seconds": parts, "step_operators": ops}, lines,
+                   "engine_loop_seconds": parts, "step_operators": ops, "step_ms": steps}, lines,
                   provenance(rounds=args.rounds, model_config=model_config))
 
 
