@@ -94,12 +94,14 @@ def main():
         for chunk in CHUNKS:
             s = statistics.median(times[chunk])
             rows.append({"hidden": hidden, "chunk": chunk or PROMPT, "seconds": s, "rounds_seconds": times[chunk],
-                         "tokens_per_s": PROMPT / s, "vs_whole": whole / s, "chunk_ms": 1000 * s * (chunk or PROMPT) / PROMPT,
+                         "tokens_per_s": PROMPT / s, "vs_whole": whole / s,
+                         "chunk_ms": 1000 * s * (chunk or PROMPT) / PROMPT,
                          "peak_mb": peak_mb(hidden, chunk)})
-    lines = [f"| width | chunk (tokens) | prefill of {PROMPT:,} tokens | tokens/s | × one pass | one chunk | peak memory added |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| width | chunk (tokens) | prefill of {PROMPT:,} tokens | tokens/s | × one pass | one chunk "
+             f"| peak memory added |", "|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['hidden']} | {r['chunk']:,}{' (one pass)' if r['chunk'] == PROMPT else ''} | "
-              f"{1000 * r['seconds']:,.0f} ms | {r['tokens_per_s']:,.0f} | {r['vs_whole']:.2f} | {r['chunk_ms']:,.1f} ms | "
+              f"{1000 * r['seconds']:,.0f} ms | {r['tokens_per_s']:,.0f} | {r['vs_whole']:.2f} | "
+              f"{r['chunk_ms']:,.1f} ms | "
               f"{r['peak_mb']:,.0f} MB |" for r in rows]
     write_results(Path(args.output_dir), "prefill_chunks", {"prompt_tokens": PROMPT, "rows": rows}, lines,
                   provenance(rounds=args.rounds, widths=args.widths, model="config/small_cpu.yaml, random weights",

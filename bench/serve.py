@@ -89,7 +89,8 @@ def start_server(model_dir: Path, core: int, max_batch: int, chunk: int):
     proc = subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-u", str(ROOT / "main.py"), "serve",
                              "--model-dir", str(model_dir), "--port", "0", "--name", "bench", "--device", "cpu",
                              "--max-batch", str(max_batch), "--max-prompt-tokens", str(LONG_PROMPT),
-                             "--prefill-chunk-tokens", str(chunk)], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                             "--prefill-chunk-tokens", str(chunk)],
+                            stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     line = proc.stdout.readline()
     if " on " not in line:
         proc.kill()

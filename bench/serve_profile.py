@@ -31,20 +31,26 @@ from serve import random_checkpoint, served_config  # noqa: E402
 
 TOKENS = 64
 # (label, function names whose cumulative time is that part of the engine loop)
-PARTS = [("model step (batched)", ("step",), "lm.py"), ("sampling (torch.multinomial et al.)", ("next_token",), "sampling.py"),
+PARTS = [("model step (batched)", ("step",), "lm.py"),
+         ("sampling (torch.multinomial et al.)", ("next_token",), "sampling.py"),
          ("text of each token (TextStream, tokenizer.decode)", ("push", "take"), "text.py"),
          ("prefill of the prompts", ("prefill",), "lm.py")]
 
 
-def submit_all(engine, tokenizer, rows: int, seed: int = 0):
-    """Submit `rows` requests and wait for them: their new tokens."""
+def request(tokenizer, i: int, seed: int, on_event):
+    """Request i: a short prompt, TOKENS new tokens sampled at temperature 1."""
     from sparse_ssm.generate import GenerationConfig
     from sparse_ssm.serve import Job
 
+    return Job(tokenizer.encode(f"Request {i}: the").ids, GenerationConfig(max_length=TOKENS, temperature=1.0, seed=seed),
+               on_event=on_event)
+
+
+def submit_all(engine, tokenizer, rows: int, seed: int = 0):
+    """Submit `rows` requests and wait for them: their new tokens."""
     events = [queue.Queue() for _ in range(rows)]
     for i, q in enumerate(events):
-        engine.submit(Job(tokenizer.encode(f"Request {i}: the").ids,
-                          GenerationConfig(max_length=TOKENS, temperature=1.0, seed=seed + i), on_event=q.put))
+        engine.submit(request(tokenizer, i, seed + i, q.put))
     total = 0
     for q in events:
         while not (event := q.get()).done:
@@ -80,11 +86,8 @@ def engine_loop_parts(model, tokenizer) -> dict:
     def on_event(event):
         left[0] -= bool(event.done)
         engine._stopping = engine._stopping or not left[0]          # the loop ends after the last request
-    from sparse_ssm.generate import GenerationConfig
-    from sparse_ssm.serve import Job
     for i in range(8):
-        engine.submit(Job(tokenizer.encode(f"Request {i}: the").ids, GenerationConfig(max_length=TOKENS, temperature=1.0,
-                                                                                     seed=i), on_event=on_event))
+        engine.submit(request(tokenizer, i, i, on_event))
     profile = cProfile.Profile()
     profile.enable()
     engine._loop()
@@ -155,15 +158,16 @@ def main():
     parts = engine_loop_parts(model, tokenizer)
     ops = step_operators(model)
     steps = {rows: step_ms(model, rows) for rows in (1, 8)}
-    lines = ["| engine alone (no HTTP) | tokens/s |", "|---|---:|",
-             f"| 1 request | {speeds[1]:,.0f} |", f"| 8 concurrent requests | {speeds[8]:,.0f} ({speeds[8] / speeds[1]:.2f}×) |",
-             "", f"The batched decode step (`model.step`): {steps[1]:.2f} ms at 1 row, {steps[8]:.2f} ms at 8 rows "
-             f"({steps[8] / steps[1]:.1f}×).",
-             "", f"The engine loop decoding 8 requests ({parts['tokens']} tokens, {parts['seconds']:.2f} s under cProfile):", "",
-             "| part | share |", "|---|---:|"]
+    lines = ["| engine alone (no HTTP) | tokens/s |", "|---|---:|", f"| 1 request | {speeds[1]:,.0f} |",
+             f"| 8 concurrent requests | {speeds[8]:,.0f} ({speeds[8] / speeds[1]:.2f}×) |", "",
+             f"The batched decode step (`model.step`): {steps[1]:.2f} ms at 1 row, {steps[8]:.2f} ms at 8 rows "
+             f"({steps[8] / steps[1]:.1f}×).", "",
+             f"The engine loop decoding 8 requests ({parts['tokens']} tokens, {parts['seconds']:.2f} s under "
+             f"cProfile):", "", "| part | share |", "|---|---:|"]
     lines += [f"| {label} | {parts[label] / parts['seconds']:.0%} |" for label, *_ in PARTS]
     lines += [f"| other (events, bookkeeping) | {parts['other'] / parts['seconds']:.0%} |", "",
-              f"One batched decode step at 8 rows (torch.profiler, {ops[0][1]:.2f} ms a step), operators' self time:", "",
+              f"One batched decode step at 8 rows (torch.profiler, {ops[0][1]:.2f} ms a step), operators' self "
+              f"time:", "",
               "| operator | share of the step |", "|---|---:|"]
     lines += [f"| `{name}` | {share:.0%} |" for name, share in ops[1:-1]] + [f"| {ops[-1][0]} | {ops[-1][1]:.0%} |"]
     write_results(Path(args.output_dir), args.name,

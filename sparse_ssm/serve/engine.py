@@ -16,8 +16,9 @@ joins the batch (its rows stacked on: `generate.cache.stack_rows`) and samples i
 that step; finished or cancelled jobs leave (`select_rows`).  A row's state has a constant size,
 so a join or a leave costs one copy of the (b, H, N, P) states and nothing grows with the context.
 At most `max_batch` jobs are admitted (being prefilled or decoding); further ones wait in arrival
-order (at most `max_waiting`, else `submit` raises `EngineFull`).  Sampling per row is `generate.sampling.next_token` with the
-job's own settings and generator, so a request decodes as `generate_text` would on its own.
+order (at most `max_waiting`, else `submit` raises `EngineFull`).  Sampling per row is
+`generate.sampling.next_token` with the job's own settings and generator, so a request decodes as
+`generate_text` would on its own.
 
 No request can stop the engine: a job whose prompt or draw fails ends with done="error" (and the
 message in `Event.error`) and leaves the batch; a batched step that fails ends the jobs running

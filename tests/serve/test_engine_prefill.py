@@ -22,7 +22,8 @@ def lm():
 
 def alone(model, ids, n, eos):
     """The greedy tokens of `ids` generated on its own (end-of-text left out)."""
-    tokens = [int(s.tokens[0]) for s in stream_generate(model, [ids], GenerationConfig(max_length=n, temperature=0), eos)]
+    steps = stream_generate(model, [ids], GenerationConfig(max_length=n, temperature=0), eos)
+    tokens = [int(s.tokens[0]) for s in steps]
     return [t for t in tokens if t >= 0 and t != eos]
 
 
