@@ -14,7 +14,7 @@ MAX_SEED = 2**64 - 1                 # the largest seed torch.Generator.manual_s
 # prompt tokens a prefill pass takes at most (bench/results/prefill_chunks.md, a 4,096-token prompt at
 # widths 128 / 512: 256 keeps 0.89 / 0.99x the one-pass prefill's tokens/s at 1/3 / 1/7 of its peak
 # memory, and a chunk - what a long prompt may stall the server's other streams by - takes 14 / 138 ms;
-# 128 loses 13-23% of the throughput, 512 doubles the stall for 4-9%)
+# 128 loses 13-23% of the throughput, 512 doubles the stall for 5-9%)
 PREFILL_CHUNK_TOKENS = 256
 
 

@@ -5,8 +5,8 @@
 
 Each prompt is prefilled on its own with the parallel scan, in chunks of at most
 `settings.prefill_chunk_tokens` (so prompts of different lengths need no padding, which a recurrent
-state would not ignore, and a long prompt's memory is bounded), the per-layer states are stacked into one
-batch, and every further token costs one recurrent step whatever the context length.  Sampling
+state would not ignore, and a long prompt's memory is bounded), the per-layer states are stacked
+into one batch, and every further token costs one recurrent step whatever the context length.  Sampling
 per sequence: repetition penalty -> temperature -> top-k -> top-p -> draw; temperature 0 is
 greedy.  Sequence i draws from its own generator seeded with seed + i, so a batch produces the
 same text as the same prompts one by one.  On a GPU the rows are sampled together on the device

@@ -4,8 +4,8 @@
 
 Recurrent inference: `prefill(input_ids)` runs the prompt through the parallel scan (in one pass,
 or in chunks of `chunk_tokens` with each layer's state carried between them, so that memory is
-bounded) and returns the per-layer `LayerState`s; `step(token_ids, cache)` advances every layer by one token
-with the recurrent update, in place (cost independent of the context length).  Sampling loops live in
+bounded) and returns the per-layer `LayerState`s; `step(token_ids, cache)` advances every layer by
+one token with the recurrent update, in place (cost independent of the context length).  Sampling loops live in
 `sparse_ssm.generate`; optimizer groups in `sparse_ssm.train.optim`.
 """
 
