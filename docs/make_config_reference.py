@@ -160,6 +160,9 @@ MEANINGS = {
         "num_return_sequences": "continuations per prompt",
         "weights": "weights for inference (`generate`, `evaluate`, `serve`; flag `--weights`): `fp32` as trained, "
                    "`bf16`, `int8` weight-only with per-output-channel scales; the scan and its state stay float32",
+        "prefill_chunk_tokens": "the prompt runs through the parallel scan in chunks of at most this many tokens "
+                                "(the state carried between them): the prefill's memory is set by it, not by the "
+                                "prompt's length (`serve --prefill-chunk-tokens` for the server)",
     },
     "synthetic": {
         "backend": "`ollama`, `llama_cpp`, `transformers`; `auto`: Ollama when a server answers with the model, "

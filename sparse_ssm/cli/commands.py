@@ -348,7 +348,8 @@ def cmd_serve(args) -> int:
 
     flags = {"host": args.host, "port": args.port, "name": args.name, "max_batch": args.max_batch,
              "max_waiting": args.max_waiting, "max_tokens": args.max_tokens,
-             "max_prompt_tokens": args.max_prompt_tokens, "max_body_bytes": args.max_body_bytes,
+             "max_prompt_tokens": args.max_prompt_tokens, "prefill_chunk_tokens": args.prefill_chunk_tokens,
+             "max_body_bytes": args.max_body_bytes,
              "api_key": args.api_key, "device": args.device, "weights": args.weights}
     serve(args.model_dir, args.checkpoint, ServeConfig(**{k: v for k, v in flags.items() if v is not None}))
     return 0

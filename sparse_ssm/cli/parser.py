@@ -243,6 +243,9 @@ def _add_export_serve_parsers(sub):
     s.add_argument("--max-tokens", type=int, help="new tokens per request at most; larger requests are refused "
                                                   "(default 1024)")
     s.add_argument("--max-prompt-tokens", type=int, help="prompt tokens per request at most (default 4096)")
+    s.add_argument("--prefill-chunk-tokens", type=int,
+                   help="prompt tokens prefilled between two decode steps at most, so a long prompt delays the "
+                        "running streams by one chunk at a time (default 256)")
     s.add_argument("--max-body-bytes", type=int, help="request body size at most; larger ones get 413 (default 1 MiB)")
     s.add_argument("--api-key", help="require \"Authorization: Bearer KEY\" on every route but / (default "
                                      "$SPARSE_SSM_API_KEY; none: no key). Set one when --host is not loopback")

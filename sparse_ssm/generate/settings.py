@@ -11,6 +11,11 @@ from pydantic import Field, field_validator
 from ..util.schema import Section
 
 MAX_SEED = 2**64 - 1                 # the largest seed torch.Generator.manual_seed takes
+# prompt tokens a prefill pass takes at most (bench/results/prefill_chunks.md, a 4,096-token prompt at
+# widths 128 / 512: 256 keeps 0.89 / 0.99x the one-pass prefill's tokens/s at 1/3 / 1/7 of its peak
+# memory, and a chunk - what a long prompt may stall the server's other streams by - takes 14 / 138 ms;
+# 128 loses 13-23% of the throughput, 512 doubles the stall for 5-9%)
+PREFILL_CHUNK_TOKENS = 256
 
 
 class GenerationConfig(Section):
@@ -29,6 +34,9 @@ class GenerationConfig(Section):
     # the weights for inference (the scan and its state stay float32): fp32 as trained, bf16, or int8
     # weight-only with per-output-channel scales (`model.quantize`); flag --weights
     weights: Literal["fp32", "bf16", "int8"] = "fp32"
+    # the prompt runs through the parallel scan in chunks of at most this many tokens, each layer's
+    # state carried between them: the prefill's memory is bounded by it, not by the prompt's length
+    prefill_chunk_tokens: int = Field(PREFILL_CHUNK_TOKENS, ge=1)
 
     @field_validator("stop_strings")
     @classmethod

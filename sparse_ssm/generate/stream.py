@@ -3,9 +3,10 @@
     for step in stream_generate(model, prompts, settings, eos_token_id):   # an iterator
         ...step.tokens (batch,), step.finished (batch,) ...
 
-Each prompt is prefilled on its own with the parallel scan (so prompts of different lengths need
-no padding, which a recurrent state would not ignore), the per-layer states are stacked into one
-batch, and every further token costs one recurrent step whatever the context length.  Sampling
+Each prompt is prefilled on its own with the parallel scan, in chunks of at most
+`settings.prefill_chunk_tokens` (so prompts of different lengths need no padding, which a recurrent
+state would not ignore, and a long prompt's memory is bounded), the per-layer states are stacked
+into one batch, and every further token costs one recurrent step whatever the context length.  Sampling
 per sequence: repetition penalty -> temperature -> top-k -> top-p -> draw; temperature 0 is
 greedy.  Sequence i draws from its own generator seeded with seed + i, so a batch produces the
 same text as the same prompts one by one.  On a GPU the rows are sampled together on the device
@@ -52,7 +53,7 @@ def stream_generate(model, prompts: Sequence[Sequence[int]], settings: Generatio
     device = next(model.parameters()).device
     caches, last = [], []
     for p in prompts:
-        logits, cache = model.prefill(torch.tensor([list(p)], device=device))
+        logits, cache = model.prefill(torch.tensor([list(p)], device=device), chunk_tokens=settings.prefill_chunk_tokens)
         caches.append(cache)
         last.append(logits[0])
     cache = stack_rows(caches)

@@ -2,9 +2,10 @@
 
     logits = lm_head(RMSNorm(blocks(embed(input_ids))))      (batch, length, vocab)
 
-Recurrent inference: `prefill(input_ids)` runs the prompt through the parallel scan once and
-returns the per-layer `LayerState`s; `step(token_ids, cache)` advances every layer by one token
-with the recurrent update, in place (cost independent of the context length).  Sampling loops live in
+Recurrent inference: `prefill(input_ids)` runs the prompt through the parallel scan (in one pass,
+or in chunks of `chunk_tokens` with each layer's state carried between them, so that memory is
+bounded) and returns the per-layer `LayerState`s; `step(token_ids, cache)` advances every layer by
+one token with the recurrent update, in place (cost independent of the context length).  Sampling loops live in
 `sparse_ssm.generate`; optimizer groups in `sparse_ssm.train.optim`.
 """
 
@@ -112,10 +113,21 @@ class SparseSSMForCausalLM(nn.Module):
         return CausalLMOutput(logits if return_logits else None, loss, states)
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor):
-        """Run a prompt (b, L) in one parallel pass: (logits of the last token (b, vocab), cache)."""
-        out = self(input_ids, last_logits_only=True)
-        return out.logits[:, -1], out.cache
+    def prefill(self, input_ids: torch.Tensor, cache: list[LayerState] | None = None,
+                chunk_tokens: int | None = None):
+        """Run a prompt (b, L) through the parallel scan: (logits of its last token (b, vocab), cache).
+
+        `cache`: continue from this state (e.g. the previous chunk's; it is not modified); None: from
+        the start.  `chunk_tokens` C: at most C tokens a pass, each layer's state (SSM state and conv
+        tail) carried from chunk to chunk, so the activations' memory is set by C, not L (None: one
+        pass).  The result equals the one-pass prefill's up to float rounding."""
+        if input_ids.shape[1] == 0:
+            raise ValueError("prefill needs at least one token a row")
+        step = input_ids.shape[1] if chunk_tokens is None else chunk_tokens
+        for start in range(0, input_ids.shape[1], step):
+            out = self(input_ids[:, start:start + step], cache=cache, last_logits_only=True)
+            cache = out.cache
+        return out.logits[:, -1], cache
 
     @torch.no_grad()
     def step(self, token_ids: torch.Tensor, cache: list[LayerState]):

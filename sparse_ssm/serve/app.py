@@ -71,7 +71,8 @@ def create_app(served: Served) -> RequestGuard:
 
 
 def served_model(model, tokenizer, name: str, limits: ServeConfig) -> Served:
-    engine = BatchEngine(model, tokenizer, tokenizer.token_to_id(EOS), limits.max_batch, limits.max_waiting)
+    engine = BatchEngine(model, tokenizer, tokenizer.token_to_id(EOS), limits.max_batch, limits.max_waiting,
+                         limits.prefill_chunk_tokens)
     return Served(engine, tokenizer, name, limits, model.num_parameters(), int(time.time()), model.config.to_dict(),
                   limits.max_prompt_tokens * longest_token_bytes(tokenizer))
 

@@ -5,13 +5,20 @@ sequence by one token per step, whatever request it belongs to.
     ... on_event(Event(text=..., token=..., done=...)) per new token, then once with done set ...
     job.cancel()                                  # e.g. the client went away: the row is dropped
 
-Between two steps, new jobs join (each prompt is prefilled on its own with the parallel scan and
-its `LayerState` rows are stacked onto the batch: `generate.cache.stack_rows`) and finished or
-cancelled ones leave (`select_rows`).  A row's state has a constant size, so a join or a leave
-costs one copy of the (b, H, N, P) states and nothing grows with the context.  At most
-`max_batch` jobs run; further ones wait in arrival order (at most `max_waiting`, else
-`submit` raises `EngineFull`).  Sampling per row is `generate.sampling.next_token` with the
-job's own settings and generator, so a request decodes as `generate_text` would on its own.
+Prompts are prefilled with the parallel scan in chunks (chunked prefill): between two decode steps
+the engine runs at most `prefill_chunk_tokens` prompt tokens - either one chunk of one prompt, or
+the whole remainders of several prompts that fit together - each prompt's `LayerState` carried
+from its chunk to the next.  A long prompt therefore delays the running streams by one chunk a
+step, never by its whole prefill.  The prompts with the fewest tokens left go first, so a short
+request joins within about one chunk's time even while a long prompt is being read; a prompt
+passed over `max_batch` times in a row goes first (no starvation).  A prompt whose last chunk is done
+joins the batch (its rows stacked on: `generate.cache.stack_rows`) and samples its first token at
+that step; finished or cancelled jobs leave (`select_rows`).  A row's state has a constant size,
+so a join or a leave costs one copy of the (b, H, N, P) states and nothing grows with the context.
+At most `max_batch` jobs are admitted (being prefilled or decoding); further ones wait in arrival
+order (at most `max_waiting`, else `submit` raises `EngineFull`).  Sampling per row is
+`generate.sampling.next_token` with the job's own settings and generator, so a request decodes as
+`generate_text` would on its own.
 
 No request can stop the engine: a job whose prompt or draw fails ends with done="error" (and the
 message in `Event.error`) and leaves the batch; a batched step that fails ends the jobs running
@@ -30,7 +37,7 @@ import torch
 
 from ..generate.cache import select_rows, stack_rows
 from ..generate.sampling import next_token, seeded_generator
-from ..generate.settings import GenerationConfig
+from ..generate.settings import PREFILL_CHUNK_TOKENS, GenerationConfig
 from ..generate.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -69,18 +76,23 @@ class Job:
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None
     new_tokens: int = 0
+    prefilled: int = 0                    # prompt tokens prefilled so far
+    prefill_state: list | None = None     # the prompt's cache after them (batch 1)
+    passed_over: int = 0                  # prefill rounds that ran other prompts while this one waited
 
     def cancel(self):
         self.cancelled = True
 
 
 class BatchEngine:
-    def __init__(self, model, tokenizer, eos_token_id: int | None, max_batch: int = 16, max_waiting: int = 64):
+    def __init__(self, model, tokenizer, eos_token_id: int | None, max_batch: int = 16, max_waiting: int = 64,
+                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS):
         self.model, self.tokenizer, self.eos_token_id = model.eval(), tokenizer, eos_token_id
-        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.max_batch, self.max_waiting, self.prefill_chunk_tokens = max_batch, max_waiting, prefill_chunk_tokens
         self.device = next(model.parameters()).device
         self.waiting: collections.deque[Job] = collections.deque()
-        self.running: list[Job] = []
+        self.prefilling: list[Job] = []       # admitted, their prompts being read
+        self.running: list[Job] = []          # the rows of the decoding batch
         self.steps = 0                        # decode steps taken (batched)
         self.changed = threading.Condition()
         self._stopping = False
@@ -102,8 +114,9 @@ class BatchEngine:
         with self.changed:
             if self._stopping:
                 raise EngineFull("the server is shutting down")
-            if len(self.waiting) >= self.max_waiting and len(self.running) >= self.max_batch:
-                raise EngineFull(f"{len(self.running)} requests are running and {len(self.waiting)} waiting "
+            admitted = len(self.running) + len(self.prefilling)
+            if len(self.waiting) >= self.max_waiting and admitted >= self.max_batch:
+                raise EngineFull(f"{admitted} requests are running and {len(self.waiting)} waiting "
                                  f"(the limits are --max-batch {self.max_batch} and --max-waiting {self.max_waiting})")
             self.waiting.append(job)
             self.changed.notify_all()
@@ -119,19 +132,18 @@ class BatchEngine:
             return self.changed.wait_for(lambda: predicate(self._status()), timeout)
 
     def _status(self) -> dict:
-        return {"running": len(self.running), "waiting": len(self.waiting), "max_batch": self.max_batch,
-                "max_waiting": self.max_waiting, "steps": self.steps}
+        return {"running": len(self.running) + len(self.prefilling), "prefilling": len(self.prefilling),
+                "waiting": len(self.waiting), "max_batch": self.max_batch, "max_waiting": self.max_waiting,
+                "steps": self.steps}
 
     # --- the decode thread ---------------------------------------------------------------
     @torch.no_grad()
     def _loop(self):
         cache, logits = None, None
-        while True:
-            joining = self._next_joining()
-            if joining is None:
-                break
+        while self._admit():
+            cache, logits = self._prefill_round(cache, logits)
             try:
-                cache, logits = self._advance(joining, cache, logits)
+                cache, logits = self._decode_step(cache, logits)
             except Exception as e:           # the batched step failed: its jobs end with the error, the engine goes on
                 log.exception("the decode step failed; its %d requests end with an error", len(self.running))
                 with self.changed:
@@ -141,33 +153,67 @@ class BatchEngine:
                     self._fail(job, e)
                 cache, logits = None, None
         with self.changed:
-            for job in [*self.running, *self.waiting]:
+            for job in [*self.running, *self.prefilling, *self.waiting]:
                 self._emit(job, Event(done="cancelled", prompt_tokens=len(job.prompt_ids),
                                       completion_tokens=job.new_tokens))
-            self.running, self.waiting = [], collections.deque()
+            self.running, self.prefilling, self.waiting = [], [], collections.deque()
             self.changed.notify_all()
 
-    def _next_joining(self) -> list[Job] | None:
-        """Wait for work; the waiting jobs that fit into the batch now (None: the engine stops)."""
+    def _admit(self) -> bool:
+        """Wait for work; admit the waiting jobs that fit (False: the engine stops)."""
         with self.changed:
-            while not self._stopping and not self.running and not self.waiting:
+            while not self._stopping and not self.running and not self.prefilling and not self.waiting:
                 self.changed.wait()
-            if self._stopping:
-                return None
-            joining = []
-            while self.waiting and len(self.running) + len(joining) < self.max_batch:
-                joining.append(self.waiting.popleft())
-            return joining
+            while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch:
+                self.prefilling.append(self.waiting.popleft())
+            return not self._stopping
 
-    def _advance(self, joining: list[Job], cache, logits):
-        """Prefill the joining jobs, sample a token for every row and take one batched step:
-        the next (cache, logits), or (None, None) when no row goes on."""
-        for job in joining:
+    def _prefill_round(self, cache, logits):
+        """Prefill at most `prefill_chunk_tokens` prompt tokens (`_prefill_plan`); the prompts that
+        are done join the batch: the next (cache, logits).  A prompt that fails (or whose job was
+        cancelled) ends only its own job."""
+        for job, end in self._prefill_plan():
             try:
-                cache, logits = self._join(job, cache, logits)
+                ids = torch.tensor([job.prompt_ids[job.prefilled:end]], device=self.device)
+                last, job.prefill_state = self.model.prefill(ids, job.prefill_state)
+                job.prefilled = end
+                if end == len(job.prompt_ids):
+                    cache, logits = self._join(job, last, cache, logits)
             except Exception as e:           # this prompt failed: only its request ends with the error
                 log.exception("a request failed while its prompt was read")
+                self._leave_prefill(job)
                 self._fail(job, e)
+        return cache, logits
+
+    def _prefill_plan(self) -> list[tuple[Job, int]]:
+        """The prompts to read in this round and the token each is read up to: the one passed over
+        `max_batch` times (else the one with the fewest tokens left) and, when it is read to its end,
+        every further whole remainder that fits in the round's `prefill_chunk_tokens`."""
+        for job in [j for j in self.prefilling if j.cancelled]:
+            self._leave_prefill(job)
+            self._emit(job, Event(done="cancelled", prompt_tokens=len(job.prompt_ids)))
+        jobs = sorted(self.prefilling, key=lambda j: (j.passed_over < self.max_batch, len(j.prompt_ids) - j.prefilled))
+        plan, budget = [], self.prefill_chunk_tokens
+        for job in jobs:
+            left = len(job.prompt_ids) - job.prefilled
+            if plan and left > budget:
+                break
+            plan.append((job, job.prefilled + min(left, budget)))
+            budget -= min(left, budget)
+            if budget == 0:
+                break
+        for job in self.prefilling:
+            job.passed_over = 0 if any(job is j for j, _ in plan) else job.passed_over + 1
+        return plan
+
+    def _leave_prefill(self, job: Job):
+        with self.changed:
+            self.prefilling = [j for j in self.prefilling if j is not job]
+            self.changed.notify_all()
+
+    def _decode_step(self, cache, logits):
+        """Sample a token for every row and take one batched step: the next (cache, logits), or
+        (None, None) when no row goes on."""
         if not self.running:
             return None, None
         tokens, keep = self._sample(logits)
@@ -188,17 +234,20 @@ class BatchEngine:
                                                   f"requests are not affected, and this one may be sent again",
                               prompt_tokens=len(job.prompt_ids), completion_tokens=job.new_tokens))
 
-    def _join(self, job: Job, cache, logits):
-        """Prefill `job`'s prompt and append its rows to the batch."""
-        settings = job.settings
+    def _join(self, job: Job, last: torch.Tensor, cache, logits):
+        """Append `job`'s prefilled rows (its prompt's state, the last token's logits (1, vocab)) to
+        the batch: the next (cache, logits)."""
+        settings, state = job.settings, job.prefill_state
         job.stream = TextStream(self.tokenizer, settings.stop_strings, self.eos_token_id)
         job.generator = seeded_generator(settings.seed if settings.seed is not None else random.getrandbits(63))
-        last, state = self.model.prefill(torch.tensor([job.prompt_ids], device=self.device))
         job.seen = torch.zeros(last.shape[-1], dtype=torch.bool)
         job.seen[torch.tensor(job.prompt_ids).clamp(max=last.shape[-1] - 1)] = True
         cache, logits = (state, last) if cache is None else (stack_rows([cache, state]), torch.cat([logits, last]))
+        job.prefill_state = None
         with self.changed:
+            self.prefilling = [j for j in self.prefilling if j is not job]
             self.running.append(job)
+            self.changed.notify_all()
         return cache, logits
 
     def _sample(self, logits: torch.Tensor):

@@ -24,7 +24,7 @@ def start_server(tmp_path, env=None):
     write_checkpoint(tmp_path / "tinyrun" / "best", model, tokenizer)
     proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "main.py"), "serve", "--model-dir", str(tmp_path / "tinyrun"),
                              "--host", "127.0.0.1", "--port", "0", "--name", "tiny", "--max-tokens", "100000",
-                             "--device", "cpu"],
+                             "--device", "cpu", "--prefill-chunk-tokens", "3"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                             env=None if env is None else {**os.environ, **env})
     line = proc.stdout.readline()
