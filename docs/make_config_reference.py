@@ -83,6 +83,9 @@ MEANINGS = {
         "exact_reflections": "`householder` only: each β snapped to 0 or 2 and the decay to 1, **no inputs "
                              "into the state** (needs `learned_initial_state`): an automaton construction",
         "reflection_init_logit": "`householder` only: each reflection's logit b at initialisation, β = 2σ(b)",
+        "reflection_range": "`householder` only: `open` β = 2σ(b) ∈ (0, 2); `closed` β ∈ [0, 2], 2σ(b) stretched "
+                            "by 10% and clipped, so a learnt flip reaches eigenvalue −1 exactly (at b ≈ 3) "
+                            "instead of approaching it",
         "learned_initial_state": "each layer learns the state a sequence starts from (heads × N × P, N(0, 1) "
                                  "at first, no weight decay; a cache passed in replaces it)",
         "gbt_alpha": "`gbt`: 0 forward Euler, 0.5 bilinear, 1 backward Euler",
