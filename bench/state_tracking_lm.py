@@ -10,8 +10,9 @@ Equal tokens: both models train in lockstep on the same batches (the demo's wind
 --steps steps each, and are scored on the same validation windows (every token once, eval mode,
 full logits) every --eval-every steps.  Speed: afterwards each model's training step (forward, loss,
 backward, AdamW) is timed --timing-steps times, the two interleaved, 1 torch thread; tokens/s is
-batch x 128 / the median step.  Run the whole script under `taskset -c 0` on a machine whose other
-core is busy, so that the timing phase is not shared.  Equal wall-clock: the faster model's
+batch x 128 / the median step.  --timing-cpu pins the timing phase (only) to one core and
+--timing-lock holds an exclusive lock on a file while it runs (on a shared machine: a core kept for
+timing, `--timing-cpu 0 --timing-lock /work/core0.lock`); the training before it may run niced.  Equal wall-clock: the faster model's
 training time (its steps x its median step) bounds the slower one's, which has then taken that time
 / its median step steps; its perplexity there is read from its evaluation log (linearly interpolated
 in steps between evaluations).  Both models start from seed 0 and see the same data.
@@ -20,7 +21,10 @@ in steps between evaluations).  Both models start from seed 0 and see the same d
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import math
+import os
 import statistics
 import sys
 import time
@@ -81,6 +85,8 @@ def parse_args(argv=None):
     ap.add_argument("--eval-every", type=int, default=100, help="steps between validation scores (default 100)")
     ap.add_argument("--eval-windows", type=int, default=200, help="validation windows scored (default 200)")
     ap.add_argument("--timing-steps", type=int, default=15, help="timed steps per model, interleaved (default 15)")
+    ap.add_argument("--timing-cpu", type=int, help="the core the timing phase runs on (default: any)")
+    ap.add_argument("--timing-lock", help="a file locked (flock) while the timing phase runs")
     ap.add_argument("--out", default=str(HERE / "results"))
     return ap.parse_args(argv)
 
@@ -109,15 +115,41 @@ def main(argv=None):
         ids, _ = collate(rows, pad)
         for name, (model, opt, sched, _) in runs.items():
             losses[name].append(step(model, opt, sched, ids))
+    batches = [collate([train[order[(i * bs + j) % len(order)]] for j in range(bs)], pad)[0]
+               for i in range(args.timing_steps)]
+    with timing_conditions(args.timing_cpu, args.timing_lock):
+        times = time_steps(runs, batches)
+    report(args, runs, logs, losses, times, bs * L)
+
+
+@contextlib.contextmanager
+def timing_conditions(cpu: int | None, lock: str | None):
+    """Hold an exclusive flock on `lock` and run on core `cpu` (either may be None) inside the block;
+    the process's niceness is reset to 0 where it may be (a niced training phase times unniced)."""
+    affinity, niceness = os.sched_getaffinity(0), os.getpriority(os.PRIO_PROCESS, 0)
+    with open(lock, "a") if lock else contextlib.nullcontext() as handle:
+        if handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+        with contextlib.suppress(PermissionError):
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+        try:
+            yield
+        finally:
+            os.setpriority(os.PRIO_PROCESS, 0, niceness)
+            os.sched_setaffinity(0, affinity)
+
+
+def time_steps(runs: dict, batches: list) -> dict:
+    """Seconds of each training step of every model, the models interleaved on each batch."""
     times = {name: [] for name in runs}
-    for i in range(args.timing_steps):                        # interleaved, on fresh batches
-        rows = [train[order[(i * bs + j) % len(order)]] for j in range(bs)]
-        ids, _ = collate(rows, pad)
+    for ids in batches:
         for name, (model, opt, sched, _) in runs.items():
             start = time.perf_counter()
             step(model, opt, sched, ids)
             times[name].append(time.perf_counter() - start)
-    report(args, runs, logs, losses, times, bs * L)
+    return times
 
 
 def report(args, runs, logs, losses, times, tokens_per_step):

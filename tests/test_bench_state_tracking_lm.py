@@ -32,3 +32,19 @@ def test_the_equal_wall_clock_perplexity_is_interpolated_in_steps():
     assert state_tracking_lm.at_step(log, 150) == pytest.approx(45.0)
     assert state_tracking_lm.at_step(log, 200) == 40.0 and state_tracking_lm.at_step(log, 0) == 100.0
     assert state_tracking_lm.at_step(log, 250) == 40.0
+
+
+def test_the_timing_phase_runs_on_its_core_under_its_lock_and_then_returns(tmp_path):
+    import fcntl
+    import os
+
+    lock = tmp_path / "core.lock"
+    before = os.sched_getaffinity(0)
+    core = min(before)
+    with state_tracking_lm.timing_conditions(core, str(lock)):
+        assert os.sched_getaffinity(0) == {core}
+        with open(lock) as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)          # held while timing
+    assert os.sched_getaffinity(0) == before
+    with open(lock) as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)               # released after
