@@ -74,8 +74,8 @@ MEANINGS = {
                           "householder, `bilinear` for block, banded, dense and low-rank (`low_rank` needs "
                           "`bilinear`/`gbt`; `zoh` for block, banded or dense needs a matrix exponential per token "
                           "and runs on the slow pure-PyTorch path)",
-        "eigenvalue_range": "diagonal only: `positive` exp(dt·a) ∈ (0, 1] (Mamba), `signed` 2·exp(dt·a) − 1 ∈ "
-                            "(−1, 1] (what parity needs)",
+        "eigenvalue_range": "diagonal, and `householder`'s decay: `positive` exp(dt·a) ∈ (0, 1] (Mamba), "
+                            "`signed` 2·exp(dt·a) − 1 ∈ (−1, 1] (what parity needs)",
         "rotation_angle_grid": "`rotation` only: K > 0 snaps each pair's turn to a multiple of 2π/K with "
                                "magnitude 1 and **no inputs into the state** (B = 0; needs "
                                "`learned_initial_state`): an automaton construction, not a language-model "

@@ -117,3 +117,21 @@ def test_closed_reflection_range_reaches_exact_flips_in_every_layer_and_every_sc
     path.write_text(MODEL + "  reflection_range: closed\n")
     with pytest.raises(ConfigError, match="reflection_range: applies to the reflections"):
         Config.load(path)
+
+
+def test_signed_eigenvalue_range_reaches_the_decay_of_every_householder_layer(tmp_path):
+    """`eigenvalue_range: signed` with householder maps every layer's decay to 2 exp(dt a) - 1, which a
+    long step takes to -1 (a flip of each state alone, the signed diagonal's parity) and a short one
+    keeps near 1; the positive range stays in (0, 1]."""
+    path = tmp_path / "c.yaml"
+    decays = {}
+    for kind in ("positive", "signed"):
+        path.write_text(MODEL + f"  selective_param_class: householder\n  eigenvalue_range: {kind}\n")
+        model = SparseSSMForCausalLM(Config.load(path).model).double()
+        for block in model.blocks:
+            structure = block.mixer.structure
+            a = structure.continuous(block.mixer.generator.A_base[None])
+            dt = torch.tensor([[50.0, 1e-6]], dtype=torch.float64).T
+            decays[kind] = structure.factors(a, dt, torch.zeros(2, structure.state_dim, dtype=torch.float64), "zoh")[0]
+    assert (decays["signed"][0] < -1 + 1e-9).all() and (decays["signed"][1] > 0.99).all()
+    assert (decays["positive"] > 0).all() and (decays["positive"] <= 1).all()

@@ -4,7 +4,9 @@ DeltaNet with eigenvalues in [-1, 1]: Grazzi et al., ICLR 2025).
 
     A_bar_t = H_{t,r} ... H_{t,1} diag(d_t)      H_{t,i} = I - beta_{t,i} k_{t,i} k_{t,i}^T / |k_{t,i}|^2
     beta = 2 sigmoid(b) in (0, 2)                  H's eigenvalue along k is 1 - beta in (-1, 1), 1 elsewhere
-    d_t = the diagonal's discretisation of a_t = -exp(2 r_t), in (0, 1]
+    d_t = the diagonal's discretisation of a_t = -exp(2 r_t), in (0, 1]; with `signed` 2 d_t - 1 in
+          (-1, 1] (the model's `eigenvalue_range: signed`: each state can flip its sign alone, as the
+          signed diagonal's parity does, beside the reflections' flips along learnt keys)
 
 A_bar_t - diag(d_t) has rank at most r (`low_rank_rank` reflections per token): a diagonal-plus-
 low-rank transition that is discrete by construction (it has no continuous-time generator; the
@@ -56,10 +58,10 @@ class HouseholderStructure(BlockStructure):
     for the scans."""
 
     def __init__(self, state_dim: int, num_reflections: int = 2, initial_logit: float = INITIAL_REFLECTION_LOGIT,
-                 closed: bool = False):
+                 closed: bool = False, signed: bool = False):
         super().__init__(state_dim, state_dim)
-        self.name = f"householder{num_reflections}"
-        self.num_reflections, self.initial_logit, self.closed = num_reflections, initial_logit, closed
+        self.name = f"householder{num_reflections}" + ("-signed" if signed else "")
+        self.num_reflections, self.initial_logit, self.closed, self.signed = num_reflections, initial_logit, closed, signed
         self.raw_size = state_dim + num_reflections * (state_dim + 1)
 
     def continuous(self, raw: torch.Tensor):
@@ -112,6 +114,7 @@ class HouseholderStructure(BlockStructure):
         identity) and B_bar (..., N); what the Triton kernel takes (`triton/householder.py`)."""
         a, keys, beta = A
         d, B_bar = discretize_diagonal(a, B, dt, method, alpha)
+        d = 2 * d - 1 if self.signed else d
         beta = torch.where((dt == 0)[..., None], 0.0, beta)
         return d, torch.nn.functional.normalize(keys, dim=-1), beta, B_bar
 
@@ -131,6 +134,7 @@ class HouseholderStructure(BlockStructure):
         a, keys, beta = A
         D_bar, B_bar = discretize(torch.diag_embed(a), B, dt, method, alpha)
         eye = torch.eye(self.state_dim, dtype=a.dtype, device=a.device)
+        D_bar = 2 * D_bar - eye if self.signed else D_bar
         for i in range(self.num_reflections):
             k = keys[..., i, :, None]
             D_bar = (eye - beta[..., i, None, None] * (k @ k.transpose(-1, -2)) / (k.transpose(-1, -2) @ k)) @ D_bar
