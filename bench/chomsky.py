@@ -84,9 +84,11 @@ def load_cells(path: Path, setup: dict, allow_mixed: bool = False) -> list[dict]
     return load_grid_cells(path, setup, lambda c: cell_config(c["task"], c["variant"], setup).to_dict(), allow_mixed)
 
 
-def spread(values: list[float]) -> str:
+def spread(values: list[float], percent: bool = False) -> str:
+    """mean (min–max) of the values, as 0.123 or (percent) 12.3%."""
+    show = (lambda v: f"{100 * v:.1f}%") if percent else (lambda v: f"{v:.3f}")
     mean = statistics.fmean(values)
-    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ({min(values):.3f}–{max(values):.3f})"
+    return show(mean) if len(values) == 1 else f"{show(mean)} ({show(min(values))}–{show(max(values))})"
 
 
 def markdown(setup: dict, cells: list[dict]) -> list[str]:
@@ -113,6 +115,12 @@ def markdown(setup: dict, cells: list[dict]) -> list[str]:
                          + " | ".join(spread([r["scaled"][b] for r in runs]) for b in buckets)
                          + f" | {spread([r['overall_scaled'] for r in runs])} | {len(runs)} | "
                          f"{statistics.fmean(r['cpu_seconds'] for r in runs) / 60:.2f} |")
+        lines += ["", "Accuracy (not scaled), mean (min–max) over seeds:", "",
+                  "| variant | " + " | ".join(f"acc. @ {b}" for b in buckets) + " |", "|---|" + "---:|" * len(buckets)]
+        for variant in dict.fromkeys(c["variant"] for c in mine):
+            runs = [c for c in mine if c["variant"] == variant]
+            lines.append(f"| {variant} | " + " | ".join(spread([r["accuracy"][b] for r in runs], True) for b in buckets)
+                         + " |")
         lines.append("")
     lines.append(f"{len(cells)} runs, {sum(c['cpu_seconds'] for c in cells) / 60:.1f} CPU minutes in all.")
     return lines

@@ -26,6 +26,8 @@ def test_dry_run_writes_scaled_accuracy_per_cell_with_provenance_and_resumes(tmp
     assert data["provenance"]["git"]["commit"] and data["provenance"]["seeds"] == [0]
     md = (tmp_path / "chomsky_quick.md").read_text()
     assert "**s3** (6 classes, chance 0.167)" in md and "| diagonal | 2 x 32 |" in md and "Produced by" in md
+    accuracy = 100 * data["cells"][0]["accuracy"]["8-12"]
+    assert "| acc. @ 8-12 | acc. @ 12-16 |" in md and f"| diagonal | {accuracy:.1f}% |" in md
     capsys.readouterr()
     chomsky.main(argv)
     assert "4 runs already in" in capsys.readouterr().out.splitlines()[0]
