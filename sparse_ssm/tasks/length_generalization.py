@@ -83,7 +83,7 @@ def bucket_accuracies(model, task: ChomskyTask, test_edges: Sequence[int], gener
     return out
 
 
-def training_lengths(steps: int, train_range: Sequence[int], generator: torch.Generator,
+def curriculum_lengths(steps: int, train_range: Sequence[int], generator: torch.Generator,
                      curriculum: float = 0.0) -> list[int]:
     """The length of each step's batch, uniform in `train_range` (inclusive).  With `curriculum` f > 0
     the longest length allowed grows linearly from the shortest to the longest over the first f of the
@@ -107,12 +107,12 @@ def run_length_generalization(task: ChomskyTask, model_config: SparseSSMConfig |
     """Train a fresh model (a `SparseSSMConfig`, or a callable building any model with the task
     harness's interface, `training.run_task`) for `steps` steps, each on a fresh batch of one
     length drawn uniformly from `train_range` (inclusive; under a `curriculum`, from its growing
-    part: `training_lengths`), then score it per bucket of `test_edges`."""
+    part: `curriculum_lengths`), then score it per bucket of `test_edges`."""
     check_protocol(train_range, test_edges)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = SparseSSMForCausalLM(model_config) if isinstance(model_config, SparseSSMConfig) else model_config()
-    lengths = (training_lengths(steps, train_range, g, curriculum) if curriculum
+    lengths = (curriculum_lengths(steps, train_range, g, curriculum) if curriculum
                else torch.randint(train_range[0], train_range[1] + 1, (steps,), generator=g).tolist())
     start = time.perf_counter()
     loss = fit(model, lambda n, L: task.batch(n, L, g), lengths, batch, lr, angle_grid_from=angle_grid_from,
