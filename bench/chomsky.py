@@ -41,6 +41,8 @@ from provenance import code_version, load_grid_cells, provenance, summary_line  
 from sparse_ssm.tasks.chomsky import DELETANG_TASKS, chomsky_task  # noqa: E402
 from sparse_ssm.tasks.length_generalization import (TEST_EDGES, TRAIN_RANGE, bucket_labels,  # noqa: E402
                                                     check_protocol, run_length_generalization)
+from sparse_ssm.util.schema import parse_value  # noqa: E402
+from sparse_ssm.model import SparseSSMConfig  # noqa: E402
 from sparse_ssm.tasks.training import TASK_MODEL, VARIANTS, task_model_config  # noqa: E402
 from sparse_ssm.util.errors import ConfigError  # noqa: E402
 from sparse_ssm.util.files import atomic_write_text  # noqa: E402
@@ -56,9 +58,10 @@ def task_of(name: str):
 
 
 def cell_config(name: str, variant: str, setup: dict):
-    """The model config of a (task, variant) cell under the setup's shape overrides."""
+    """The model config of a (task, variant) cell under the setup's shape and --set overrides."""
     shape = {k: setup[k] for k in ("num_layers", "hidden_dim") if setup.get(k)}
-    return task_model_config(variant, setup["test_buckets"][-1] + 8, task_of(name).vocab, **shape)
+    return task_model_config(variant, setup["test_buckets"][-1] + 8, task_of(name).vocab,
+                             **shape, **setup.get("overrides", {}))
 
 
 def run_cell(name: str, variant: str, seed: int, setup: dict) -> dict:
@@ -66,7 +69,8 @@ def run_cell(name: str, variant: str, seed: int, setup: dict) -> dict:
     task, config = task_of(name), cell_config(name, variant, setup)
     cpu, wall = time.process_time(), time.perf_counter()
     result = run_length_generalization(task, config, setup["steps"], setup["batch"], setup["train_lengths"],
-                                       setup["test_buckets"], lr=setup["lr"], seed=seed)
+                                       setup["test_buckets"], lr=setup["lr"], seed=seed,
+                                       curriculum=setup.get("curriculum", 0.0))
     return {"task": name, "variant": variant, "seed": seed, "chance": task.chance, "classes": task.classes,
             "num_layers": config.num_layers, "hidden_dim": config.hidden_dim, "state_dim": config.state_dim,
             "accuracy": result.accuracy, "scaled": result.scaled, "overall_scaled": result.overall_scaled,
@@ -80,9 +84,11 @@ def load_cells(path: Path, setup: dict, allow_mixed: bool = False) -> list[dict]
     return load_grid_cells(path, setup, lambda c: cell_config(c["task"], c["variant"], setup).to_dict(), allow_mixed)
 
 
-def spread(values: list[float]) -> str:
+def spread(values: list[float], percent: bool = False) -> str:
+    """mean (min–max) of the values, as 0.123 or (percent) 12.3%."""
+    show = (lambda v: f"{100 * v:.1f}%") if percent else (lambda v: f"{v:.3f}")
     mean = statistics.fmean(values)
-    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ({min(values):.3f}–{max(values):.3f})"
+    return show(mean) if len(values) == 1 else f"{show(mean)} ({show(min(values))}–{show(max(values))})"
 
 
 def markdown(setup: dict, cells: list[dict]) -> list[str]:
@@ -93,6 +99,8 @@ def markdown(setup: dict, cells: list[dict]) -> list[str]:
              f"uniformly from {low}-{high}; AdamW lr {setup['lr']} (one-cycle); model: the variant's shape (default "
              f"{TASK_MODEL['num_layers']} layers, width {TASK_MODEL['hidden_dim']}, state {TASK_MODEL['state_dim']})"
              f"{'' if not (setup.get('num_layers') or setup.get('hidden_dim')) else ', layers / width set by flag'}"
+             f"{''.join(f', {k} = {v}' for k, v in setup.get('overrides', {}).items())}"
+             f"{'' if not setup.get('curriculum') else ', longest training length growing from ' + str(low) + ' to ' + str(high) + ' over the first ' + format(setup['curriculum'], '.0%') + ' of the steps'}"
              f", {setup['threads']} CPU thread(s).  Scaled accuracy (1 perfect, 0 chance) on 256 fresh strings per "
              f"test bucket; mean (min–max) over seeds.", ""]
     for name in dict.fromkeys(c["task"] for c in cells):
@@ -107,9 +115,23 @@ def markdown(setup: dict, cells: list[dict]) -> list[str]:
                          + " | ".join(spread([r["scaled"][b] for r in runs]) for b in buckets)
                          + f" | {spread([r['overall_scaled'] for r in runs])} | {len(runs)} | "
                          f"{statistics.fmean(r['cpu_seconds'] for r in runs) / 60:.2f} |")
+        lines += ["", "Accuracy (not scaled), mean (min–max) over seeds:", "",
+                  "| variant | " + " | ".join(f"acc. @ {b}" for b in buckets) + " |", "|---|" + "---:|" * len(buckets)]
+        for variant in dict.fromkeys(c["variant"] for c in mine):
+            runs = [c for c in mine if c["variant"] == variant]
+            lines.append(f"| {variant} | " + " | ".join(spread([r["accuracy"][b] for r in runs], True) for b in buckets)
+                         + " |")
         lines.append("")
     lines.append(f"{len(cells)} runs, {sum(c['cpu_seconds'] for c in cells) / 60:.1f} CPU minutes in all.")
     return lines
+
+
+def override(text: str) -> tuple[str, object]:
+    """KEY=VALUE of --set, the value read as the config files read it (`config.parse_value`)."""
+    key, sep, value = text.partition("=")
+    if not sep or key not in SparseSSMConfig.model_fields:
+        raise argparse.ArgumentTypeError(f"{text!r}: need KEY=VALUE with KEY a model config key")
+    return key, parse_value(value)
 
 
 def parse_args(argv=None):
@@ -126,6 +148,11 @@ def parse_args(argv=None):
                     help=f"bucket edges (default {','.join(map(str, TEST_EDGES))}; --quick 8,12,16)")
     ap.add_argument("--layers", type=int, help="layers of every variant (default: the variant's)")
     ap.add_argument("--width", type=int, help="hidden width of every variant (default: the variant's)")
+    ap.add_argument("--curriculum", type=float, default=0.0,
+                    help="fraction of the steps over which the longest training length grows from MIN to MAX "
+                         "(default 0: uniform in MIN-MAX from the start)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], type=override, metavar="KEY=VALUE",
+                    help="a model config key for every variant (repeatable; e.g. --set low_rank_rank=3): ablations")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--quick", action="store_true", help="tiny budget and one seed, written to chomsky_quick.*")
     ap.add_argument("--out", default="bench/results")
@@ -142,6 +169,10 @@ def main(argv=None):
              "train_lengths": args.train_lengths or ([3, 8] if args.quick else list(TRAIN_RANGE)),
              "test_buckets": args.test_buckets or ([8, 12, 16] if args.quick else list(TEST_EDGES)),
              "num_layers": args.layers, "hidden_dim": args.width, "threads": args.threads}
+    if args.curriculum:
+        setup["curriculum"] = args.curriculum
+    if args.overrides:
+        setup["overrides"] = dict(args.overrides)
     try:
         check_protocol(setup["train_lengths"], setup["test_buckets"])
     except ConfigError as e:

@@ -74,8 +74,8 @@ MEANINGS = {
                           "householder, `bilinear` for block, banded, dense and low-rank (`low_rank` needs "
                           "`bilinear`/`gbt`; `zoh` for block, banded or dense needs a matrix exponential per token "
                           "and runs on the slow pure-PyTorch path)",
-        "eigenvalue_range": "diagonal only: `positive` exp(dt·a) ∈ (0, 1] (Mamba), `signed` 2·exp(dt·a) − 1 ∈ "
-                            "(−1, 1] (what parity needs)",
+        "eigenvalue_range": "diagonal, and `householder`'s decay: `positive` exp(dt·a) ∈ (0, 1] (Mamba), "
+                            "`signed` 2·exp(dt·a) − 1 ∈ (−1, 1] (what parity needs)",
         "rotation_angle_grid": "`rotation` only: K > 0 snaps each pair's turn to a multiple of 2π/K with "
                                "magnitude 1 and **no inputs into the state** (B = 0; needs "
                                "`learned_initial_state`): an automaton construction, not a language-model "
@@ -83,6 +83,9 @@ MEANINGS = {
         "exact_reflections": "`householder` only: each β snapped to 0 or 2 and the decay to 1, **no inputs "
                              "into the state** (needs `learned_initial_state`): an automaton construction",
         "reflection_init_logit": "`householder` only: each reflection's logit b at initialisation, β = 2σ(b)",
+        "reflection_range": "`householder` only: `open` β = 2σ(b) ∈ (0, 2); `closed` β ∈ [0, 2], 2σ(b) stretched "
+                            "by 10% and clipped, so a learnt flip reaches eigenvalue −1 exactly (at b ≈ 3) "
+                            "instead of approaching it",
         "learned_initial_state": "each layer learns the state a sequence starts from (heads × N × P, N(0, 1) "
                                  "at first, no weight decay; a cache passed in replaces it)",
         "gbt_alpha": "`gbt`: 0 forward Euler, 0.5 bilinear, 1 backward Euler",

@@ -47,10 +47,11 @@ class SparseSSMConfig(Section):
     conv_kernel: int = Field(4, ge=1)
     hippo_init: Literal["legs", "legt", "fourier", "random"] = "legs"
     discretization: Literal["auto", "zoh", "bilinear", "gbt"] = "auto"   # auto: zoh for diagonal/rotation, else bilinear
-    eigenvalue_range: Literal["positive", "signed"] = "positive"   # diagonal: exp(dt a) in (0, 1], or 2 exp(dt a) - 1
+    eigenvalue_range: Literal["positive", "signed"] = "positive"   # diagonal/householder decay: (0, 1] or (-1, 1]
     rotation_angle_grid: int = Field(0, ge=0)        # rotation: pairs exact elements of Z_K (magnitude 1); 0: off
     exact_reflections: bool = False                  # householder: each beta 0 or 2, decay 1 (orthogonal A_bar)
     reflection_init_logit: float = INITIAL_REFLECTION_LOGIT   # householder: b of beta = 2 sigmoid(b) at first
+    reflection_range: Literal["open", "closed"] = "open"   # householder: beta in (0, 2), or [0, 2] (exact flips)
     learned_initial_state: bool = False              # each layer learns its SSM state before the first token
     gbt_alpha: float = Field(0.5, ge=0.0, le=1.0)
     dt_min: float = Field(0.001, gt=0.0)
@@ -113,16 +114,17 @@ class SparseSSMConfig(Section):
             raise ValueError(f"hippo_init: 'fourier' needs an even state_dim, got {self.state_dim}")
         if self.selective_param_class == "rotation" and self.state_dim % 2:
             raise ValueError(f"state_dim: 'rotation' pairs the states and needs an even state_dim, got {self.state_dim}")
-        if self.eigenvalue_range == "signed" and not self.is_diagonal:
+        if self.eigenvalue_range == "signed" and not (self.is_diagonal or self.selective_param_class == "householder"):
             raise ValueError("eigenvalue_range: 'signed' applies to the diagonal structure (selective_param_class "
-                             "'sparse' with blocks of 1); rotation blocks reach negative eigenvalues through their "
+                             "'sparse' with blocks of 1) and to householder's decay; rotation blocks reach negative eigenvalues through their "
                              "angle, block/dense/low-rank ones through the bilinear discretisation, permutation ones "
-                             "by moving the states, householder ones through their reflections")
+                             "by moving the states")
         if self.rotation_angle_grid and self.selective_param_class != "rotation":
             raise ValueError(f"rotation_angle_grid: snaps the turns of rotation pairs (selective_param_class "
                              f"'rotation'); set it to 0 for '{self.selective_param_class}'")
         for key, is_set in (("exact_reflections", self.exact_reflections),
-                            ("reflection_init_logit", self.reflection_init_logit != INITIAL_REFLECTION_LOGIT)):
+                            ("reflection_init_logit", self.reflection_init_logit != INITIAL_REFLECTION_LOGIT),
+                            ("reflection_range", self.reflection_range != "open")):
             if is_set and self.selective_param_class != "householder":
                 raise ValueError(f"{key}: applies to the reflections of selective_param_class 'householder'; "
                                  f"leave it at its default for '{self.selective_param_class}'")

@@ -58,7 +58,8 @@ class SelectiveSSMLayer(nn.Module):
         self.structure = make_structure(config.selective_param_class, config.state_dim, config.sparsity_level,
                                         config.low_rank_rank, config.sparsity_pattern,
                                         signed=config.eigenvalue_range == "signed",
-                                        reflection_init_logit=config.reflection_init_logit)
+                                        reflection_init_logit=config.reflection_init_logit,
+                                        closed_reflections=config.reflection_range == "closed")
         self.discretization = config.resolved_discretization
         self.in_proj = nn.Linear(config.hidden_dim, 2 * E, bias=False)
         self.conv = nn.Conv1d(E, E, config.conv_kernel, groups=E, bias=True)

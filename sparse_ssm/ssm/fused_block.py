@@ -125,7 +125,7 @@ register_scan_autograd(block_scan, block_scan_backward)
 def selective_scan_fused_block(u, dt, A_raw, B, C, D, structure, method="bilinear", alpha=0.5, initial_state=None,
                                z=None):
     """The common scan signature (see `scan.py`) for `supports(structure, method)`."""
-    code, al = method_id(method, alpha)
+    code, al = method_id(method, alpha, structure)           # householder's signed decay: bit 1
     kind = _kind(structure)
     args = [t.contiguous() for t in (u, dt, A_raw, B, C, D)]
     h0 = None if initial_state is None else initial_state.contiguous()

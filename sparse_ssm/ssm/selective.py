@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .hippo import hippo
+from .structures.householder import HouseholderStructure
 
 
 def apply_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -97,6 +98,8 @@ class SelectiveParameterGenerator(nn.Module):
         dt_raw, a_low, B, C, d_raw = apply_linear(self.proj, source).to(u.dtype).split(self.sizes, dim=-1)
         dt = F.softplus(dt_raw + self.dt_bias.to(u.dtype))
         A_raw = self.A_base.to(u.dtype) + apply_linear(self.a_up, a_low).to(u.dtype).reshape(b, L, H, -1)
+        if isinstance(self.structure, HouseholderStructure) and self.structure.closed:
+            A_raw = self.structure.close_range(A_raw)          # beta in [0, 2]: exact flips are reachable
         if self.angle_grid:
             A_raw = self.structure.snap_to_grid(A_raw, dt, self.angle_grid)
             B = torch.zeros_like(B)

@@ -83,19 +83,37 @@ def bucket_accuracies(model, task: ChomskyTask, test_edges: Sequence[int], gener
     return out
 
 
+def curriculum_lengths(steps: int, train_range: Sequence[int], generator: torch.Generator,
+                     curriculum: float = 0.0) -> list[int]:
+    """The length of each step's batch, uniform in `train_range` (inclusive).  With `curriculum` f > 0
+    the longest length allowed grows linearly from the shortest to the longest over the first f of the
+    steps (a length curriculum: short strings first, whose answers a fresh model can fit, as in the
+    papers' curricula), then stays at the longest."""
+    if not 0 <= curriculum <= 1:
+        raise ConfigError(f"--curriculum {curriculum}: the fraction of the steps must be in [0, 1]")
+    low, high = train_range
+    ramp = max(1, round(curriculum * steps))
+    tops = [high if not curriculum else low + round((high - low) * min(1.0, (i + 1) / ramp)) for i in range(steps)]
+    draws = torch.rand(steps, generator=generator).tolist()
+    return [low + min(top - low, int(u * (top - low + 1))) for u, top in zip(draws, tops)]
+
+
 def run_length_generalization(task: ChomskyTask, model_config: SparseSSMConfig | Callable[[], torch.nn.Module],
                               steps: int, batch: int, train_range: Sequence[int] = TRAIN_RANGE,
                               test_edges: Sequence[int] = TEST_EDGES, lr: float = 3e-3, seed: int = 0,
                               test_sequences: int = 256, lengths_per_bucket: int = 8, log=None,
-                              angle_grid_from: float = ANGLE_GRID_FROM) -> LengthGeneralizationResult:
+                              angle_grid_from: float = ANGLE_GRID_FROM,
+                              curriculum: float = 0.0) -> LengthGeneralizationResult:
     """Train a fresh model (a `SparseSSMConfig`, or a callable building any model with the task
     harness's interface, `training.run_task`) for `steps` steps, each on a fresh batch of one
-    length drawn uniformly from `train_range` (inclusive), then score it per bucket of `test_edges`."""
+    length drawn uniformly from `train_range` (inclusive; under a `curriculum`, from its growing
+    part: `curriculum_lengths`), then score it per bucket of `test_edges`."""
     check_protocol(train_range, test_edges)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = SparseSSMForCausalLM(model_config) if isinstance(model_config, SparseSSMConfig) else model_config()
-    lengths = torch.randint(train_range[0], train_range[1] + 1, (steps,), generator=g).tolist()
+    lengths = (curriculum_lengths(steps, train_range, g, curriculum) if curriculum
+               else torch.randint(train_range[0], train_range[1] + 1, (steps,), generator=g).tolist())
     start = time.perf_counter()
     loss = fit(model, lambda n, L: task.batch(n, L, g), lengths, batch, lr, angle_grid_from=angle_grid_from,
                log=log)

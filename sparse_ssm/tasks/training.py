@@ -29,6 +29,11 @@ VARIANTS = {
     # DeltaProduct: 2 reflections; a 32-wide generator bottleneck (the default, hidden / 16 = 4, is
     # narrow for the 2 x 50 raw values of its two heads: S3 holds at 4x on every seed with 32)
     "householder": dict(selective_param_class="householder", low_rank_rank=2, a_generator_rank=32),
+    # the same with beta in the closed [0, 2]: a flip reaches eigenvalue -1 (at b ~ 3) instead of approaching
+    # it, so composed flips and permutations neither fade nor drift with length (issue 36: S3 at 4x the
+    # training length; config/state_tracking_lm.yaml is this transition in a language model)
+    "householder_closed": dict(selective_param_class="householder", low_rank_rank=2, a_generator_rank=32,
+                               reflection_range="closed"),
     # one layer and no conv window (a token's angle depends on that token alone), angles that start
     # at multiples of pi (Fourier HiPPO), a 32-wide generator and 4 pairs a head: a pair learns to
     # turn by 2 pi / 3 a token (two layers with a window fit mod 3 with pairs that hardly turn), and

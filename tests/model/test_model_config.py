@@ -90,3 +90,48 @@ def test_exact_reflections_from_a_config_file_make_every_layer_a_product_of_refl
         path.write_text(MODEL + extra)
         with pytest.raises(ConfigError, match=message):
             Config.load(path)
+
+
+def test_closed_reflection_range_reaches_exact_flips_in_every_layer_and_every_scan(tmp_path):
+    """`reflection_range: closed` makes beta reach 2 (eigenvalue -1 along the key, to float rounding)
+    where the open range 2 sigmoid(b) stays short of it; the native kernel and the PyTorch scan see
+    the same betas; the key belongs to the householder class."""
+    path = tmp_path / "c.yaml"
+    householder = "  selective_param_class: householder\n  low_rank_rank: 2\n  reflection_init_logit: 3.5\n"
+    betas = {}
+    for kind in ("open", "closed"):
+        path.write_text(MODEL + householder + f"  reflection_range: {kind}\n")
+        model = SparseSSMForCausalLM(Config.load(path).model).double().eval()
+        for block in model.blocks:
+            u = torch.randn(2, 9, block.mixer.inner_dim, dtype=torch.float64)
+            _, A_raw, *_ = block.mixer.generator(u)
+            betas[kind] = block.mixer.structure.continuous(A_raw)[2]
+        ids = torch.randint(0, 97, (2, 13))
+        randomise_generators(model, std=0.3)
+        native = model(ids).logits
+        model.config.use_parallel_scan = False
+        for block in model.blocks:
+            block.mixer.config = model.config
+        assert torch.allclose(model(ids).logits, native, atol=1e-8), kind
+    assert (betas["closed"] > 2 - 1e-6).all() and (betas["open"] < 1.95).all()
+    path.write_text(MODEL + "  reflection_range: closed\n")
+    with pytest.raises(ConfigError, match="reflection_range: applies to the reflections"):
+        Config.load(path)
+
+
+def test_signed_eigenvalue_range_reaches_the_decay_of_every_householder_layer(tmp_path):
+    """`eigenvalue_range: signed` with householder maps every layer's decay to 2 exp(dt a) - 1, which a
+    long step takes to -1 (a flip of each state alone, the signed diagonal's parity) and a short one
+    keeps near 1; the positive range stays in (0, 1]."""
+    path = tmp_path / "c.yaml"
+    decays = {}
+    for kind in ("positive", "signed"):
+        path.write_text(MODEL + f"  selective_param_class: householder\n  eigenvalue_range: {kind}\n")
+        model = SparseSSMForCausalLM(Config.load(path).model).double()
+        for block in model.blocks:
+            structure = block.mixer.structure
+            a = structure.continuous(block.mixer.generator.A_base[None])
+            dt = torch.tensor([[50.0, 1e-6]], dtype=torch.float64).T
+            decays[kind] = structure.factors(a, dt, torch.zeros(2, structure.state_dim, dtype=torch.float64), "zoh")[0]
+    assert (decays["signed"][0] < -1 + 1e-9).all() and (decays["signed"][1] > 0.99).all()
+    assert (decays["positive"] > 0).all() and (decays["positive"] <= 1).all()

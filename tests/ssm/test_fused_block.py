@@ -17,7 +17,8 @@ pytestmark = requires_native_kernel()
 STRUCTURES = [BlockStructure(8, 2), BlockStructure(8, 4), BlockStructure(8, 8), BlockStructure(9, 3),
               RotationStructure(8), RotationStructure(6), BandedStructure(8, 2), BandedStructure(8, 4),
               BandedStructure(9, 3), LowRankStructure(8, 1), LowRankStructure(8, 2), LowRankStructure(7, 3),
-              HouseholderStructure(8, 1), HouseholderStructure(8, 2), HouseholderStructure(7, 3)]
+              HouseholderStructure(8, 1), HouseholderStructure(8, 2), HouseholderStructure(7, 3),
+              HouseholderStructure(8, 2, signed=True)]
 METHODS = {"block": [("bilinear", 0.5), ("gbt", 0.3), ("gbt", 1.0)],
            "rotation": [("zoh", 0.5), ("bilinear", 0.5), ("gbt", 0.8)],
            "householder": [("zoh", 0.5), ("bilinear", 0.5), ("gbt", 0.8)]}

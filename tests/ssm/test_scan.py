@@ -12,7 +12,8 @@ from triton_cases import assert_within_one_ulp, inputs
 
 STRUCTURES = [DiagonalStructure(6), BlockStructure(6, 2), BlockStructure(6, 3), BlockStructure(6, 6),
               BandedStructure(6, 2), BandedStructure(6, 3), LowRankStructure(6, 1), LowRankStructure(6, 2),
-              PermutationStructure(6), HouseholderStructure(6, 1), HouseholderStructure(6, 3)]
+              PermutationStructure(6), HouseholderStructure(6, 1), HouseholderStructure(6, 3),
+              HouseholderStructure(6, 2, signed=True)]
 
 
 def make_inputs(structure, batch, length, heads=2, head_dim=3, dtype=torch.float64, dt_scale=0.5, seed=0):

@@ -11,7 +11,8 @@ import torch
 from sparse_ssm import cli
 from sparse_ssm.tasks import chomsky
 from sparse_ssm.tasks.chomsky import CHOMSKY_TASKS, ChomskyTask, DELETANG_TASKS, SYMBOLS, chomsky_task, scaled_accuracy
-from sparse_ssm.tasks.length_generalization import bucket_accuracies, bucket_lengths, run_length_generalization
+from sparse_ssm.tasks.length_generalization import (bucket_accuracies, bucket_lengths, run_length_generalization,
+                                                    curriculum_lengths)
 from sparse_ssm.tasks.state_tracking import GROUPS
 from sparse_ssm.tasks.training import task_model_config
 from sparse_ssm.util.errors import ConfigError
@@ -182,6 +183,15 @@ def test_each_training_batch_has_one_length_drawn_from_the_range():
     run_length_generalization(task, task_model_config("diagonal", 64, task.vocab), 60, 4, (3, 6), (6, 8),
                               test_sequences=4, lengths_per_bucket=1)
     assert set(lengths[:60]) == {3, 4, 5, 6} and lengths[60:] == [8]      # then the test length of the bucket
+
+
+def test_a_length_curriculum_starts_short_and_reaches_the_whole_range_after_its_fraction():
+    lengths = curriculum_lengths(1000, (3, 40), torch.Generator().manual_seed(0), curriculum=0.5)
+    assert max(lengths[:50]) <= 7 and max(lengths[:250]) <= 22          # the longest grows linearly ...
+    assert set(lengths[500:]) == set(range(3, 41))                      # ... and covers 3-40 after half the steps
+    assert len(lengths) == 1000 and min(lengths) == 3
+    with pytest.raises(ConfigError, match="--curriculum 1.5: the fraction of the steps must be in"):
+        curriculum_lengths(10, (3, 40), torch.Generator(), curriculum=1.5)
 
 
 @pytest.mark.parametrize("name, train_range, edges", [("even-pairs", (2, 5), (2, 5)), ("cycle-navigation", (2, 5), (2, 5)),

@@ -8,6 +8,7 @@
 //   a = -exp(2 q),  x = dt a
 //   zoh:     d = exp(x),                         gain = dt expm1(x) / x
 //   gbt(al): d = (1 + (1 - al) x) / (1 - al x),  gain = dt / (1 - al x)
+//   signed range (method bit 1): d <- 2 d - 1, in (-1, 1] (the diagonal's signed range; gain unchanged)
 //   khat_i = k_i / max(|k_i|, 1e-12),  beta_i = 2 sigmoid(c_i)
 //   S_t = H_r ... H_1 diag(d) S_{t-1} + (gain * B) u_t^T,   H_i = I - beta_i khat_i khat_i^T
 //   y_t = C^T S_t + D u_t, optionally * silu(z_t)
@@ -83,6 +84,7 @@ template <typename T> class HHKernel {
         op.d[n] = e, op.d_dx[n] = e;
         op.gain[n] = dt * phi, op.gain_ddt[n] = phi + x * psi, op.gain_da[n] = dt * dt * psi;
       }
+      if (method & 2) op.d[n] = 2 * op.d[n] - 1, op.d_dx[n] = 2 * op.d_dx[n];     // the signed range
     }
     for (int64_t i = 0; i < r; ++i) {
       const T* k = raw + N + i * (N + 1);

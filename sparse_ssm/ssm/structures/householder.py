@@ -4,7 +4,9 @@ DeltaNet with eigenvalues in [-1, 1]: Grazzi et al., ICLR 2025).
 
     A_bar_t = H_{t,r} ... H_{t,1} diag(d_t)      H_{t,i} = I - beta_{t,i} k_{t,i} k_{t,i}^T / |k_{t,i}|^2
     beta = 2 sigmoid(b) in (0, 2)                  H's eigenvalue along k is 1 - beta in (-1, 1), 1 elsewhere
-    d_t = the diagonal's discretisation of a_t = -exp(2 r_t), in (0, 1]
+    d_t = the diagonal's discretisation of a_t = -exp(2 r_t), in (0, 1]; with `signed` 2 d_t - 1 in
+          (-1, 1] (the model's `eigenvalue_range: signed`: each state can flip its sign alone, as the
+          signed diagonal's parity does, beside the reflections' flips along learnt keys)
 
 A_bar_t - diag(d_t) has rank at most r (`low_rank_rank` reflections per token): a diagonal-plus-
 low-rank transition that is discrete by construction (it has no continuous-time generator; the
@@ -43,6 +45,9 @@ from .block import UNIT_MAGNITUDE_RAW, BlockStructure, DiagonalStructure, rate_e
 # The reflections' initial strength: beta = 2 sigmoid(-3) = 0.095, so A_bar starts close to the
 # diagonal SSM's diag(d) while every direction already passes gradients.
 INITIAL_REFLECTION_LOGIT = -3.0
+# The closed range (`close_range`): beta = 2 ((1 + 2 s) sigmoid(b) - s) clipped to [0, 2], so beta = 2
+# (an exact flip) at b = log((1 + s) / s) ~ 3.0 and 0 at -3.0, where 2 sigmoid(b) never gets
+CLOSED_STRETCH = 0.05
 # b of an exact reflection (+) or of none (-) (`snap_to_grid`): 2 sigmoid(40) is 2 and
 # 2 sigmoid(-40) = 8e-18 leaves 1 - beta = 1, both exactly, in float32 and float64.
 EXACT_REFLECTION_LOGIT = 40.0
@@ -52,10 +57,11 @@ class HouseholderStructure(BlockStructure):
     """A_bar_t = H_{t,r} ... H_{t,1} diag(d_t) (see the module docstring): one dense N x N block
     for the scans."""
 
-    def __init__(self, state_dim: int, num_reflections: int = 2, initial_logit: float = INITIAL_REFLECTION_LOGIT):
+    def __init__(self, state_dim: int, num_reflections: int = 2, initial_logit: float = INITIAL_REFLECTION_LOGIT,
+                 closed: bool = False, signed: bool = False):
         super().__init__(state_dim, state_dim)
-        self.name = f"householder{num_reflections}"
-        self.num_reflections, self.initial_logit = num_reflections, initial_logit
+        self.name = f"householder{num_reflections}" + ("-signed" if signed else "")
+        self.num_reflections, self.initial_logit, self.closed, self.signed = num_reflections, initial_logit, closed, signed
         self.raw_size = state_dim + num_reflections * (state_dim + 1)
 
     def continuous(self, raw: torch.Tensor):
@@ -73,6 +79,18 @@ class HouseholderStructure(BlockStructure):
         keys = torch.randn(self.num_reflections, N, generator=g, dtype=torch.float64).to(rates)
         logits = torch.full((self.num_reflections, 1), self.initial_logit, dtype=rates.dtype)
         return torch.cat([rates, torch.cat([keys, logits], -1).reshape(-1)])
+
+    def close_range(self, raw: torch.Tensor) -> torch.Tensor:
+        """raw (..., raw_size) -> the same with each reflection's b replaced by c, 2 sigmoid(c) = beta of
+        the closed range [0, 2] (CLOSED_STRETCH; the model's `reflection_range: closed`): a learnt flip
+        reaches eigenvalue -1 along its key (to 1 - 2.4e-7: c is the logit of beta / 2 clipped to
+        [1e-7, 1 - 1e-7], so every scan, the native kernel's included, takes it as it takes b), and
+        the gradient is zero once beta is clipped at an end.  Decays and keys pass unchanged."""
+        N = self.state_dim
+        reflections = raw[..., N:].reshape(*raw.shape[:-1], self.num_reflections, N + 1)
+        half_beta = ((1 + 2 * CLOSED_STRETCH) * torch.sigmoid(reflections[..., N:]) - CLOSED_STRETCH).clamp(0, 1)
+        closed = torch.cat([reflections[..., :N], torch.logit(half_beta, eps=1e-7)], -1)
+        return torch.cat([raw[..., :N], closed.flatten(-2)], -1)
 
     def snap_to_grid(self, raw: torch.Tensor, dt: torch.Tensor, grid: int) -> torch.Tensor:
         """raw (..., raw_size), dt (...) -> raw of exact reflections: every H's eigenvalue 1 - beta
@@ -96,6 +114,7 @@ class HouseholderStructure(BlockStructure):
         identity) and B_bar (..., N); what the Triton kernel takes (`triton/householder.py`)."""
         a, keys, beta = A
         d, B_bar = discretize_diagonal(a, B, dt, method, alpha)
+        d = 2 * d - 1 if self.signed else d
         beta = torch.where((dt == 0)[..., None], 0.0, beta)
         return d, torch.nn.functional.normalize(keys, dim=-1), beta, B_bar
 
@@ -115,6 +134,7 @@ class HouseholderStructure(BlockStructure):
         a, keys, beta = A
         D_bar, B_bar = discretize(torch.diag_embed(a), B, dt, method, alpha)
         eye = torch.eye(self.state_dim, dtype=a.dtype, device=a.device)
+        D_bar = 2 * D_bar - eye if self.signed else D_bar
         for i in range(self.num_reflections):
             k = keys[..., i, :, None]
             D_bar = (eye - beta[..., i, None, None] * (k @ k.transpose(-1, -2)) / (k.transpose(-1, -2) @ k)) @ D_bar

@@ -1,0 +1,50 @@
+"""bench/state_tracking_lm.py compares config/state_tracking_lm.yaml with the demo's diagonal model:
+the two configs differ only in the state matrix (same shape, data and schedule), and the equal
+wall-clock perplexity is read from the evaluation log between its entries."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparse_ssm.config import Config
+from sparse_ssm.util.schema import load_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import state_tracking_lm  # noqa: E402
+
+
+def test_the_state_tracking_config_is_the_demo_with_another_state_matrix():
+    demo, tracking = (Config.load(ROOT / p).to_dict() for p in state_tracking_lm.CONFIGS.values())
+    differ = {(section, key) for section in demo for key in demo[section] if demo[section][key] != tracking[section][key]}
+    transition = {"selective_param_class", "sparsity_level", "low_rank_rank", "reflection_range", "a_generator_rank",
+                  "dt_min", "dt_max", "reflection_init_logit"}
+    assert {("model", "selective_param_class"), ("training", "output_dir")} <= differ
+    assert {key for section, key in differ if section == "model"} <= transition
+    assert {section for section, _ in differ} == {"model", "training"}
+    assert set(load_yaml(ROOT / "config" / "state_tracking_lm.yaml")) == set(load_yaml(ROOT / "config" / "demo.yaml"))
+
+
+def test_the_equal_wall_clock_perplexity_is_interpolated_in_steps():
+    log = [(0, 100.0), (100, 50.0), (200, 40.0)]
+    assert state_tracking_lm.at_step(log, 150) == pytest.approx(45.0)
+    assert state_tracking_lm.at_step(log, 200) == 40.0 and state_tracking_lm.at_step(log, 0) == 100.0
+    assert state_tracking_lm.at_step(log, 250) == 40.0
+
+
+def test_the_timing_phase_runs_on_its_core_under_its_lock_and_then_returns(tmp_path):
+    import fcntl
+    import os
+
+    lock = tmp_path / "core.lock"
+    before = os.sched_getaffinity(0)
+    core = min(before)
+    with state_tracking_lm.timing_conditions(core, str(lock)):
+        assert os.sched_getaffinity(0) == {core}
+        with open(lock) as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)          # held while timing
+    assert os.sched_getaffinity(0) == before
+    with open(lock) as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)               # released after
