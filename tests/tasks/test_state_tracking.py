@@ -121,7 +121,7 @@ def test_exact_rotations_from_a_learned_state_count_modulo_3_at_16x_the_training
     """`rotation_grid` (one layer of rotation pairs that become exact rotations by multiples of
     2 pi / 60 from half the steps, started from a learned state) holds mod 3 at 16x the length it
     was trained at, where its signed-diagonal ablation stays near chance (1/3) — 400 steps at
-    length 8; bench/results/state_tracking_rotation_grid_mod3 has the 18-seed run."""
+    length 8 (`bench/state_tracking.py --variants rotation_grid` runs it at more seeds)."""
     rotation = run_task("modular-counting", task_model_config("rotation_grid", 129, 3), steps=400, batch=32,
                         length=8, test_lengths=[8, 128])
     diagonal = run_task("modular-counting", task_model_config("diagonal_signed_shallow", 129, 3), steps=400,
