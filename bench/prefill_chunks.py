@@ -63,9 +63,9 @@ def peak_mb(hidden: int, chunk: int) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def seconds(hidden: int, rounds: int) -> dict[int, list[float]]:
-    """Seconds of one whole prefill per chunk size, the sizes interleaved in every round."""
-    model, ids = build(hidden)
+def seconds(model, ids, rounds: int) -> dict[int, list[float]]:
+    """Seconds of one whole prefill of `ids` (1, PROMPT) per chunk size, the sizes interleaved in
+    every round."""
     model.prefill(ids[:, :256])                                       # warm-up
     times = {chunk: [] for chunk in CHUNKS}
     for _ in range(rounds):
@@ -87,9 +87,11 @@ def main():
         return peak_child(*args.peak_child)
     import torch
     torch.set_num_threads(1)
-    rows = []
+    rows, models = [], {}
     for hidden in (int(w) for w in args.widths.split(",")):
-        times = seconds(hidden, args.rounds)
+        model, ids = build(hidden)
+        models[f"width {hidden}"] = model
+        times = seconds(model, ids, args.rounds)
         whole = statistics.median(times[0])
         for chunk in CHUNKS:
             s = statistics.median(times[chunk])
@@ -104,7 +106,7 @@ def main():
               f"{r['chunk_ms']:,.1f} ms | "
               f"{r['peak_mb']:,.0f} MB |" for r in rows]
     write_results(Path(args.output_dir), "prefill_chunks", {"prompt_tokens": PROMPT, "rows": rows}, lines,
-                  provenance(rounds=args.rounds, widths=args.widths, model="config/small_cpu.yaml, random weights",
+                  provenance(models, rounds=args.rounds, widths=args.widths, model="config/small_cpu.yaml, random weights",
                              peak_memory_malloc_env={"MALLOC_MMAP_MAX_": os.environ.get("MALLOC_MMAP_MAX_", "0")}))
 
 

@@ -178,7 +178,7 @@ def provenance_problems(data) -> list[str]:
         return ["no provenance block"]
     problems = [] if (prov.get("git") or {}).get("commit") else ["no git commit"]
     problems += [] if (prov.get("versions") or {}).get("torch") else ["no package versions"]
-    models = [m.get("config") for m in (prov.get("models") or {}).values()]
+    models = [m.get("config") for m in (prov.get("models") or {}).values()] or [prov.get("model_config")]
     records = [r for v in data.values() if isinstance(v, list) for r in v if isinstance(r, dict)]
     if not ((models and all(models)) or (records and all(r.get("config") for r in records)) or data.get("setup")):
         problems.append("no config of what ran")
