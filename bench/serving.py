@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu", type=int, default=None, help="pin every measuring process to this core")
     p.add_argument("--lock", type=Path, default=None,
                    help="hold an flock on this file during each measuring process (a shared timing core)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after the rounds, torch.profiler over this many decode steps of each of ours (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true", help="tiny sizes, one round (a check that it runs)")
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -171,6 +173,17 @@ def table(args, summary: dict, rows: list[dict], described: dict) -> list[str]:
     return lines
 
 
+def profile_lines(profiles: dict) -> list[str]:
+    """Where a decode step of ours spends its time (torch.profiler, batch 1)."""
+    lines = []
+    for name, p in profiles.items():
+        top = "; ".join(f"{t['op']} {t['self_ms']:.2f} ms ({t['calls']:.0f} calls)" for t in p["top"][:5])
+        lines += ["", f"Profile of a decode step of {name} (batch 1): {p['step_ms']:.2f} ms a step; outside PyTorch "
+                      f"operators (Python, native fused kernels) {p['outside_operators_ms']:.2f} ms; top operators "
+                      f"by self time a step: {top}."]
+    return lines
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.archs and importlib.util.find_spec("llama_cpp") is None:
@@ -183,6 +196,9 @@ def main(argv=None):
         for name, spec in plan:
             runs[name].append(measure(dict(spec, path=str(paths[spec["model"]]), vocab=vocab), args.cpu, args.lock))
             print(f"round {r + 1}/{args.rounds} {name}: {json.dumps(runs[name][-1])}", flush=True)
+    profiles = {name: measure(dict(spec, path=str(paths[spec["model"]]), vocab=vocab, prompt_lengths=[], batches=[],
+                                   profile_steps=args.profile_steps), args.cpu, args.lock)["profile"]
+                for name, spec in plan if args.profile_steps and spec["engine"] == "ours"}
     summary = {name: medians(r) for name, r in runs.items()}
     rows = ratios(summary)
     described = describe(paths)
@@ -193,8 +209,8 @@ def main(argv=None):
                       model_configs=described, engines=dict(plan))
     write_results(args.out, args.name, {"setup": vars(args) | {"cache": str(args.cache), "out": str(args.out),
                                                                 "lock": str(args.lock)},
-                                        "runs": runs, "median": summary, "ratios": rows},
-                  table(args, summary, rows, described), prov)
+                                        "runs": runs, "median": summary, "ratios": rows, "profiles": profiles},
+                  table(args, summary, rows, described) + profile_lines(profiles), prov)
 
 
 if __name__ == "__main__":

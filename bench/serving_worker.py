@@ -62,12 +62,40 @@ def run_ours(spec: dict) -> dict:
         for length in spec["prompt_lengths"]:
             ids = torch.tensor([prompt_ids(length, spec["seed"], spec["vocab"])])
             _, out["ttft_s"][length] = _timed(lambda: int(model.prefill(ids)[0].argmax(-1)))
+    if spec.get("profile_steps"):
+        out["profile"] = profile_steps(model, spec)
     settings = GenerationConfig(max_length=spec["decode_tokens"] + 1, temperature=0.0)
     for batch in spec["batches"]:
         prompts = [prompt_ids(spec["short_prompt"], spec["seed"], spec["vocab"], row) for row in range(batch)]
         stamps = [time.perf_counter() for _ in stream_generate(model, prompts, settings)]
         out["decode_tok_s"][batch] = batch * spec["decode_tokens"] / (stamps[-1] - stamps[0])
     return out
+
+
+def profile_steps(model, spec: dict, rows: int = 8) -> dict:
+    """torch.profiler over `profile_steps` greedy decode steps at batch 1 (after 4 warm-up steps):
+    wall ms a step, the operators' self CPU ms a step (the top `rows`), and the rest of the wall time
+    (Python, and native kernels that are no PyTorch operator: the fused block step)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    steps = spec["profile_steps"]
+    with torch.no_grad():
+        logits, cache = model.prefill(torch.tensor([prompt_ids(spec["short_prompt"], spec["seed"], spec["vocab"])]))
+        token = logits.argmax(-1)
+        for _ in range(4):
+            logits, cache = model.step(token, cache)
+            token = logits.argmax(-1)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                logits, cache = model.step(token, cache)
+                token = logits.argmax(-1)
+            wall = (time.perf_counter() - start) / steps
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    in_ops = sum(e.self_cpu_time_total for e in ops) / 1e3 / steps
+    return {"step_ms": 1e3 * wall, "outside_operators_ms": 1e3 * wall - in_ops,
+            "top": [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3 / steps, "calls": e.count / steps}
+                    for e in ops[:rows]]}
 
 
 # ---- llama.cpp --------------------------------------------------------------------------------------
