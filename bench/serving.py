@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--archs", type=lambda s: comma_list(s, ARCHS), default=list(ARCHS),
                    help="llama.cpp models ('' for none: ours only)")
     p.add_argument("--gguf-types", type=lambda s: comma_list(s, GGUF_TYPES), default=["f32", "f16", "q8_0"])
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--prompt-lengths", type=int_list, default=[16, 512, 4096])
     p.add_argument("--short-prompt", type=int, default=16, help="the prompt of each decoded sequence")
     p.add_argument("--decode-tokens", type=int, default=64)
@@ -151,15 +151,16 @@ def table(args, summary: dict, rows: list[dict], described: dict) -> list[str]:
              f"interleaved rounds)", "",
              "Decode: greedy tokens/s over all sequences after a " f"{args.short_prompt}-token prompt each "
              f"({args.decode_tokens} steps); prefill: prompt tokens/s to the first token; TTFT: prompt in, first "
-             "token out; peak RSS of the measuring process (everything it did).", "",
+             "token out; RSS loaded: the process's resident memory once the model is loaded; peak RSS: its peak over everything "
+             "it did (the 4,096-token prefill included).", "",
              "| engine | " + " | ".join(f"decode b{b} tok/s" for b in b_cols) + " | "
              + " | ".join(f"prefill {n} tok/s" for n in n_cols) + " | " + " | ".join(f"TTFT {n} ms" for n in n_cols)
-             + " | peak RSS GB | load s |", "|--" * (2 + 2 * len(n_cols) + len(b_cols) + 1) + "|"]
+             + " | RSS loaded GB | peak RSS GB | load s |", "|--" * (3 + 2 * len(n_cols) + len(b_cols) + 1) + "|"]
     for name, m in summary.items():
         lines.append(f"| {name} | " + " | ".join(f"{m['decode_tok_s'][b]:.1f}" for b in b_cols) + " | "
                      + " | ".join(f"{m['prefill_tok_s'][n]:.0f}" for n in n_cols) + " | "
                      + " | ".join(f"{1e3 * m['ttft_s'][n]:.0f}" for n in n_cols)
-                     + f" | {m['peak_rss_gb']:.3f} | {m['load_s']:.2f} |")
+                     + f" | {m['rss_after_load_gb']:.3f} | {m['peak_rss_gb']:.3f} | {m['load_s']:.2f} |")
     if rows:
         lines += ["", "Ratios ours / llama.cpp at equal precision (> 1: ours faster; RSS: < 1 ours smaller):", "",
                   "| ours | llama.cpp | " + " | ".join(f"decode b{b}" for b in b_cols) + " | "
@@ -186,6 +187,8 @@ def profile_lines(profiles: dict) -> list[str]:
 
 def main(argv=None):
     args = parse_args(argv)
+    import torch
+    torch.set_num_threads(args.threads)        # what the provenance records: the workers' thread count
     if args.archs and importlib.util.find_spec("llama_cpp") is None:
         sys.exit(NO_LLAMA)
     paths = prepare(args.cache, args.size, args.gguf_types, args.archs, args.structures)
