@@ -8,7 +8,8 @@ spec: {"engine": "ours" | "llama", "path": checkpoint dir | GGUF file, "weights"
 
 Every prompt is random token ids (the same for both engines: `prompt_ids`); every decode is greedy.
 - time to first token at each prompt length L: the prompt through the model, then the argmax of the
-  last logits; prefill tokens/s = L / that time (ours: `model.prefill`; llama.cpp: `Llama.eval`, which
+  last logits; prefill tokens/s = L / that time (ours: `model.prefill` in chunks of the product's default
+  `prefill_chunk_tokens`, as `generate` and `serve` read prompts; llama.cpp: `Llama.eval`, which
   feeds the prompt in n_batch pieces);
 - decode tokens/s at batch b: b short prompts prefilled, then `decode_tokens` greedy steps of all b
   (ours: `stream_generate`, the loop `generate` and `serve` use, timed from its first token to its
@@ -57,11 +58,12 @@ def run_ours(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     model, load_s = _timed(lambda: load_model(spec["path"], "cpu", spec["weights"]))
     out = {"load_s": load_s, "rss_after_load_gb": rss_gb("VmRSS"), "ttft_s": {}, "decode_tok_s": {}}
+    chunk = GenerationConfig().prefill_chunk_tokens              # the product's default, as generate / serve
     with torch.no_grad():
         model.prefill(torch.tensor([prompt_ids(8, spec["seed"], spec["vocab"], 99)]))       # warm-up
         for length in spec["prompt_lengths"]:
             ids = torch.tensor([prompt_ids(length, spec["seed"], spec["vocab"])])
-            _, out["ttft_s"][length] = _timed(lambda: int(model.prefill(ids)[0].argmax(-1)))
+            _, out["ttft_s"][length] = _timed(lambda: int(model.prefill(ids, chunk_tokens=chunk)[0].argmax(-1)))
     if spec.get("profile_steps"):
         out["profile"] = profile_steps(model, spec)
     settings = GenerationConfig(max_length=spec["decode_tokens"] + 1, temperature=0.0)
