@@ -237,6 +237,32 @@ void block_step(const StepDims& d, StepArgs<T> x, const T* x_in, T* x_out, const
   project_rows(W_out, y.data(), x_in, x_out, d.b, D, d.E);
 }
 
+// The pre-norm FFN of a block for b rows (`ssm_ffn_step`): x_out = x + W_down @ act(W_up @ rms_norm(x) + b_up)
+// + b_down, W_up (F, D), W_down (D, F); act 0 gelu (erf), 1 gelu (tanh), 2 silu, 3 relu, as torch's
+template <typename T> void activate(T* v, int64_t n, int act) {
+  if (act == 2) return silu_in_place(v, n);
+  for (int64_t i = 0; i < n; ++i) {
+    const T x = v[i];
+    if (act == 0) v[i] = T(0.5) * x * (1 + std::erf(x * T(M_SQRT1_2)));
+    else if (act == 1) v[i] = T(0.5) * x * (1 + std::tanh(T(0.7978845608028654) * (x + T(0.044715) * x * x * x)));
+    else v[i] = x > 0 ? x : T(0);
+  }
+}
+
+template <typename T>
+void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const T* W_up, const T* b_up, const T* W_down,
+              const T* b_down, int64_t b, int64_t D, int64_t F, int act) {
+  std::vector<T> h(b * D), f(b * F), res(b * D);
+  for (int64_t bi = 0; bi < b; ++bi) {
+    rms_norm_row(x_in + bi * D, norm_w, &h[bi * D], D, eps);
+    std::memcpy(&f[bi * F], b_up, sizeof(T) * F);
+    for (int64_t i = 0; i < D; ++i) res[bi * D + i] = x_in[bi * D + i] + b_down[i];
+  }
+  project_rows(W_up, h.data(), f.data(), f.data(), b, F, D);
+  activate(f.data(), b * F, act);
+  project_rows(W_down, f.data(), res.data(), x_out, b, D, F);
+}
+
 }  // namespace
 
 #define SSM_STEP_EXPORT(T, SUFFIX)                                                                              \
@@ -269,5 +295,16 @@ void block_step(const StepDims& d, StepArgs<T> x, const T* x_in, T* x_out, const
     return 0;                                                                                                   \
   }
 
+#define SSM_FFN_EXPORT(T, SUFFIX)                                                                               \
+  extern "C" int ssm_ffn_step_##SUFFIX(const T* x_in, T* x_out, const T* norm_w, double eps, const T* W_up,      \
+                                       const T* b_up, const T* W_down, const T* b_down, int64_t b, int64_t D,   \
+                                       int64_t F, int act) {                                                    \
+    if (b < 0 || D < 1 || F < 1 || act < 0 || act > 3) return 1;                                                \
+    ffn_step(x_in, x_out, norm_w, eps, W_up, b_up, W_down, b_down, b, D, F, act);                               \
+    return 0;                                                                                                   \
+  }
+
+SSM_FFN_EXPORT(float, f32)
+SSM_FFN_EXPORT(double, f64)
 SSM_STEP_EXPORT(float, f32)
 SSM_STEP_EXPORT(double, f64)
