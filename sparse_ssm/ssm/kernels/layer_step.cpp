@@ -167,6 +167,7 @@ void project_tile(const T* W, const T* in, const T* add, T* out, int64_t O, int6
     for (int j = 0; j < R; ++j) v[j] = vload(in + j * I + i);
 #pragma GCC unroll 4
     for (int k = 0; k < 4; ++k) {
+      __builtin_prefetch(w[k] + i + 4 * I);   // the next 4 W rows, from memory while this tile computes
       V<T> wk = vload(w[k] + i);
 #if defined(__GNUC__) && defined(__AVX__)
       if (R > 1) asm("" : "+x"(wk));   // load W once into a register (GCC folds it into each row's
