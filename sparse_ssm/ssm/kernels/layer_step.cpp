@@ -29,7 +29,8 @@
 // from memory and push the operators' code and data out of the caches, so each dispatch costs ~10x
 // its arithmetic.  With b rows (concurrent streams) the projections (in, out and the generator's) are
 // matrix-matrix products: each weight tile is read once and used for all rows from registers; the
-// conv and the scan run row by row (each row has its own state).
+// conv and the scan run row by row (each row has its own state).  The block's FFN likewise
+// (`ssm_ffn_step`): x_out = x + W_down @ act(W_up @ rms_norm(x) + b_up) + b_down, in one call.
 
 #include "vec.h"
 
