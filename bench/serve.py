@@ -294,7 +294,7 @@ def main():
     write_results(Path(args.output_dir), args.name,
                   {"model_dir": str(args.model_dir or f"random small_cpu, hidden {args.hidden or 128}"),
                    "tokens_per_request": args.tokens, "rows": rows, "long_prompt_tokens": LONG_PROMPT,
-                   "prefill_chunks": chunks, "long_prompt": long_rows}, lines,
+                   "prefill_chunks": chunks, "long_prompt": long_rows, "setup": {"model": model_config}}, lines,
                   provenance(server_core=args.server_core, rounds=args.rounds, model_config=model_config))
 
 

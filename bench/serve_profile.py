@@ -6,8 +6,8 @@ bench/serve.py (random weights, sampling at temperature 1, 64 new tokens a reque
 1. Tokens/s of the engine alone with 1 and 8 concurrent requests (what bench/serve.py measures
    through HTTP, without the server's event loop and sockets).
 2. cProfile of the engine's loop decoding 8 requests: the share of its time in the batched model
-   step, in sampling (torch.multinomial with each request's own generator), in the text of each
-   token (TextStream: tokenizer.decode) and the rest (events, bookkeeping).
+   step, in sampling (each request's own generator; rows that share settings drawn together), in
+   the text of each token (TextStream: tokenizer.decode) and the rest (events, bookkeeping).
 3. torch.profiler of one batched decode step at 8 rows: the operators that take most of it; and
    the step's time at 1 and at 8 rows.
 One torch thread.  Writes bench/results/NAME.json and .md (default serve_profile).
@@ -32,7 +32,7 @@ from serve import random_checkpoint, served_config  # noqa: E402
 TOKENS = 64
 # (label, function names whose cumulative time is that part of the engine loop)
 PARTS = [("model step (batched)", ("step",), "lm.py"),
-         ("sampling (torch.multinomial et al.)", ("next_token",), "sampling.py"),
+         ("sampling (next_token, sample_group)", ("next_token", "sample_group"), "sampling.py"),
          ("text of each token (TextStream, tokenizer.decode)", ("push", "take"), "text.py"),
          ("prefill of the prompts", ("prefill",), "lm.py")]
 
@@ -172,7 +172,8 @@ def main():
     lines += [f"| `{name}` | {share:.0%} |" for name, share in ops[1:-1]] + [f"| {ops[-1][0]} | {ops[-1][1]:.0%} |"]
     write_results(Path(args.output_dir), args.name,
                   {"hidden": args.hidden or 128, "tokens_per_request": TOKENS, "engine_tokens_per_s": speeds,
-                   "engine_loop_seconds": parts, "step_operators": ops, "step_ms": steps}, lines,
+                   "engine_loop_seconds": parts, "step_operators": ops, "step_ms": steps,
+                   "setup": {"model": model_config}}, lines,
                   provenance(rounds=args.rounds, model_config=model_config))
 
 

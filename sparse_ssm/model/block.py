@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..ssm.fused import decode_ffn
 from .config import SparseSSMConfig
 from .layer import LayerState, SelectiveSSMLayer, norm_step
 
@@ -19,6 +20,7 @@ class FeedForward(nn.Module):
     def __init__(self, config: SparseSSMConfig):
         super().__init__()
         self.up = nn.Linear(config.hidden_dim, config.ffn_dim)
+        self.activation = config.activation
         self.act = ACTIVATIONS[config.activation]()
         self.down = nn.Linear(config.ffn_dim, config.hidden_dim)
 
@@ -47,5 +49,15 @@ class SparseSSMBlock(nn.Module):
         """One token x (b, hidden) -> (b, hidden); `state` is advanced in place."""
         x = self.mixer.residual_step(x, self.mixer_norm, state)
         if self.ffn is not None:
-            x = x + self.ffn(norm_step(self.ffn_norm, x))
+            x = self._ffn_step(x)
         return x
+
+    def _ffn_step(self, x: torch.Tensor) -> torch.Tensor:
+        """x + ffn(ffn_norm(x)) for one token a row x (b, hidden): one native call where it runs
+        (float32/64 on CPU, plain Linear maps), else the modules."""
+        up, down, norm = self.ffn.up, self.ffn.down, self.ffn_norm
+        if isinstance(up, nn.Linear) and isinstance(down, nn.Linear):
+            out = decode_ffn(x, norm.weight, norm.eps, up.weight, up.bias, down.weight, down.bias, self.ffn.activation)
+            if out is not None:
+                return out
+        return x + self.ffn(norm_step(norm, x))

@@ -18,7 +18,8 @@ so a join or a leave costs one copy of the (b, H, N, P) states and nothing grows
 At most `max_batch` jobs are admitted (being prefilled or decoding); further ones wait in arrival
 order (at most `max_waiting`, else `submit` raises `EngineFull`).  Sampling per row is
 `generate.sampling.next_token` with the job's own settings and generator, so a request decodes as
-`generate_text` would on its own.
+`generate_text` would on its own; rows that share their settings are drawn together
+(`sample_group`: the same tokens, each from its job's generator, in one pass over their logits).
 
 No request can stop the engine: a job whose prompt or draw fails ends with done="error" (and the
 message in `Event.error`) and leaves the batch; a batched step that fails ends the jobs running
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..generate.cache import select_rows, stack_rows
-from ..generate.sampling import next_token, seeded_generator
+from ..generate.sampling import next_token, sample_group, seeded_generator
 from ..generate.settings import PREFILL_CHUNK_TOKENS, GenerationConfig
 from ..generate.text import TextStream
 
@@ -255,14 +256,19 @@ class BatchEngine:
         sampling fails ends its job with the error; the other rows go on."""
         rows = logits.float().cpu()
         tokens = torch.zeros(len(self.running), dtype=torch.long)
-        keep = []
+        keep, live = [], []
         for i, job in enumerate(list(self.running)):
             if job.cancelled:
                 self._emit(job, Event(done="cancelled", prompt_tokens=len(job.prompt_ids),
                                       completion_tokens=job.new_tokens))
-                continue
+            else:
+                live.append(i)
+        drawn = self._draw_groups(rows, live)
+        for i in live:
+            job = self.running[i]
             try:
-                tokens[i], goes_on = self._sample_row(job, rows[i])
+                token = drawn[i] if i in drawn else next_token(rows[i], job.seen, job.settings, job.generator)
+                tokens[i], goes_on = self._take_token(job, rows[i], token)
             except Exception as e:
                 log.exception("a request failed while its next token was drawn")
                 self._fail(job, e)
@@ -271,9 +277,29 @@ class BatchEngine:
                 keep.append(i)
         return tokens, keep
 
-    def _sample_row(self, job: Job, logits: torch.Tensor) -> tuple[int, bool]:
-        """Draw `job`'s next token from its logits (vocab,) and emit its event: (token, goes on)."""
-        token = next_token(logits, job.seen, job.settings, job.generator)
+    def _draw_groups(self, rows: torch.Tensor, live: list[int]) -> dict[int, int]:
+        """The tokens of the rows whose jobs share their sampling settings with another row, drawn a
+        group at a time (`sample_group`: the tokens `next_token` draws, each from its job's generator);
+        {row: token}.  Rows left out (alone, or a group that failed) are drawn one by one."""
+        groups = collections.defaultdict(list)
+        for i in live:
+            settings = self.running[i].settings
+            groups[(settings.temperature, settings.top_k, settings.top_p, settings.repetition_penalty)].append(i)
+        drawn = {}
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            jobs = [self.running[i] for i in members]
+            try:
+                tokens = sample_group(rows[members], torch.stack([j.seen for j in jobs]), jobs[0].settings,
+                                      [j.generator for j in jobs])
+            except Exception:  # noqa: BLE001 - drawn row by row instead, where each failure reaches its job
+                tokens = None
+            drawn.update(zip(members, tokens or []))
+        return drawn
+
+    def _take_token(self, job: Job, logits: torch.Tensor, token: int) -> tuple[int, bool]:
+        """Record `job`'s next token (drawn from its logits (vocab,)) and emit its event: (token, goes on)."""
         job.seen[token] = True
         job.new_tokens += 1
         stopped = token == self.eos_token_id or job.stream.push(token)
