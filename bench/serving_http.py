@@ -33,6 +33,7 @@ from importlib import metadata
 from pathlib import Path
 
 import httpx
+import yaml
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 from common import HERE, comma_list, write_results  # noqa: E402
@@ -281,10 +282,13 @@ def main(argv=None):
                 proc.terminate()
                 proc.wait()
     lines = [f"Aggregate tokens/s of all streams and median time to first token (median of {args.rounds} "
-             f"interleaved rounds; {args.tokens} new tokens a request, greedy):", "", *table(rows, args.streams)]
+             f"interleaved rounds; {args.tokens} new tokens a request, greedy):", "", *table(rows, args.streams), "",
+             f"Each server one process on core {args.server_core}, one thread; ours "
+             "`main.py serve --weights fp32|int8 --max-batch 8`, llama.cpp through llama-cpp-python "
+             f"{metadata.version('llama-cpp-python') if args.archs else '(not run)'}'s server "
+             "(`--n_threads 1 --interrupt_requests false`)."]
     setup = {"servers": {name: {"kind": k, "target": str(t), "weights": w} for name, (k, t, w) in servers.items()},
-             "model": json.loads(json.dumps(__import__("yaml").safe_load(
-                 (root / "ours_diagonal" / "config.yaml").read_text()))),
+             "model": yaml.safe_load((root / "ours_diagonal" / "config.yaml").read_text())["model"],
              "gguf_bytes": {f"{a}-{t}": (root / f"{a}-{t}.gguf").stat().st_size
                             for a in args.archs for t in args.gguf_types},
              "llama_cpp_python": metadata.version("llama-cpp-python") if args.archs else None,
