@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .data.config import DatasetConfig
 from .generate.settings import GenerationConfig
+from .model.checkpoint import read_checkpoint_yaml
 from .model.config import SparseSSMConfig, complete_saved
 from .teacher.config import SyntheticConfig
 from .train.config import DistillationConfig, OptimizerConfig, SchedulerConfig, TrainingConfig
@@ -62,7 +63,7 @@ class Config(BaseModel):
         """Read a YAML file and apply dotted overrides such as 'training.num_epochs=1'.  saved: the
         file is a run's or checkpoint's own config.yaml, whose model section lacks only keys added
         since it was written; those take the values that describe it (`model.config.SAVED_BEFORE_KEY`)."""
-        data = load_yaml(path)
+        data = read_checkpoint_yaml(path) if saved else load_yaml(path)
         if saved and "model" in data:
             data["model"] = complete_saved(data["model"])
         for item in overrides:

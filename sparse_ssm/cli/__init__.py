@@ -23,8 +23,19 @@ from .parser import build_parser
 __all__ = ["build_parser", "main"]
 
 
+def _printable_output():
+    """A terminal or file whose encoding cannot hold some characters (a Windows code page, an ASCII
+    locale) shows them as '?' rather than ending a command (a generated text, a prompt) with a
+    UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if encoding not in ("", "utf8", "utf8sig") and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    _printable_output()
     try:
         return args.func(args)
     except SparseSSMError as e:

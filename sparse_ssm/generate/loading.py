@@ -8,9 +8,10 @@ from pathlib import Path
 
 from ..data.tokenizer import load_tokenizer
 from ..model import SparseSSMForCausalLM
-from ..model.checkpoint import CONFIG, TOKENIZER, load_model, resolve_checkpoint
+from ..model.checkpoint import (CONFIG, TOKENIZER, another_checkpoint_hint, load_model, read_checkpoint_yaml,
+                                resolve_checkpoint)
 from ..util.device import resolve_device
-from ..util.schema import load_yaml
+from ..util.errors import CheckpointError, DataError
 from .settings import GenerationConfig
 
 
@@ -29,8 +30,12 @@ def load_checkpoint(model_dir: str | Path, which: str | None = None, device: str
     `weights` (fp32 | bf16 | int8; None: the checkpoint's own `generation.weights`, fp32 unless set)."""
     path = resolve_checkpoint(model_dir, which)
     if weights is None:
-        saved = (load_yaml(path / CONFIG) or {}).get("generation") or {}
+        saved = read_checkpoint_yaml(path / CONFIG).get("generation") or {}
         weights = saved.get("weights", "fp32")
     weights = GenerationConfig(weights=weights).weights           # a ConfigError naming the key and values
     model = load_model(path, resolve_device(device), weights)
-    return LoadedModel(model, load_tokenizer(path / TOKENIZER), path, weights)
+    try:
+        tokenizer = load_tokenizer(path / TOKENIZER)
+    except DataError as e:
+        raise CheckpointError(f"{e}: the checkpoint is damaged; {another_checkpoint_hint(path)}") from None
+    return LoadedModel(model, tokenizer, path, weights)

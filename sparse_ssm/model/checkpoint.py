@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..util.errors import CheckpointError
+from ..util.errors import CheckpointError, ConfigError
 from ..util.files import atomic_path
 from ..util.schema import load_yaml
 from .config import SparseSSMConfig
@@ -257,10 +257,20 @@ def _load_int8(path: Path, config: SparseSSMConfig) -> SparseSSMForCausalLM:
     return model
 
 
+def read_checkpoint_yaml(file: str | Path) -> dict:
+    """A checkpoint's config.yaml as a dict; a damaged one (not YAML, not a mapping) is a
+    CheckpointError that names the checkpoints to use instead."""
+    try:
+        return load_yaml(file)
+    except ConfigError as e:
+        raise CheckpointError(f"{e}\nthe checkpoint's config.yaml is damaged; "
+                              f"{another_checkpoint_hint(Path(file).parent)}") from None
+
+
 def load_model_config(path: str | Path) -> SparseSSMConfig:
     """The `model` section of a checkpoint's config.yaml (keys added since it was written take the
     values that describe it: `SparseSSMConfig.from_saved`)."""
-    return SparseSSMConfig.from_saved(load_yaml(Path(path) / CONFIG).get("model"))
+    return SparseSSMConfig.from_saved(read_checkpoint_yaml(Path(path) / CONFIG).get("model"))
 
 
 def load_model(path: str | Path, device="cpu", weights: str = "fp32") -> SparseSSMForCausalLM:

@@ -15,6 +15,7 @@ request that fails while it streams ends its stream with "data: {"error": {...}}
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -164,11 +165,14 @@ def finish(event) -> str:
     return "length" if event.done == "length" else "stop"
 
 
-def completion_logprobs(logprobs) -> dict | None:
+def completion_logprobs(logprobs, start: int) -> dict | None:
+    """The legacy logprobs object; text_offset: each token's character offset from the start of the
+    prompt (`start`: where the first of these tokens begins)."""
     if not logprobs:
         return None
+    offsets = list(itertools.accumulate((len(lp.token) for lp in logprobs[:-1]), initial=start))
     return {"tokens": [lp.token for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [dict(lp.top) for lp in logprobs], "text_offset": []}
+            "top_logprobs": [dict(lp.top) for lp in logprobs], "text_offset": offsets}
 
 
 async def completions(request: Request):
@@ -186,17 +190,22 @@ async def completions(request: Request):
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.get("model") or served.name}
 
+        n = len(jobs) // len(prompts)
+        offset = {}                                # choice -> where its next token begins (text_offset)
+
         def chunk_of(index, event):
             if event is None:
                 return []
-            choice = {"index": index, "text": event.text, "logprobs": completion_logprobs(event.logprobs),
+            start = offset.get(index, len(prompts[index // n]))
+            offset[index] = start + sum(len(lp.token) for lp in event.logprobs)
+            choice = {"index": index, "text": event.text, "logprobs": completion_logprobs(event.logprobs, start),
                       "finish_reason": finish(event) if event.done else None}
             return [{**head, "choices": [choice]}]
 
         def response_of(results):
-            choices = [{"index": i, "text": text, "logprobs": completion_logprobs(lps), "finish_reason": finish(last)}
-                       for i, (text, last, lps) in enumerate(results)]
-            return {**head, "choices": choices, "usage": usage(results, len(jobs) // len(prompts))}
+            choices = [{"index": i, "text": text, "logprobs": completion_logprobs(lps, len(prompts[i // n])),
+                        "finish_reason": finish(last)} for i, (text, last, lps) in enumerate(results)]
+            return {**head, "choices": choices, "usage": usage(results, n)}
 
         return await run(served, request, jobs, chunk_of, response_of)
     except RequestError as e:

@@ -66,10 +66,12 @@ def perplexity_on_file(model, tokenizer, path, max_seq_len: int, stride: int | N
     """Loss, perplexity, bits per token and per byte of `model` on the documents of a file."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"evaluation data {path} does not exist")
+        raise DataError(f"evaluation data {path} does not exist; pass an existing file with --data (a text file, "
+                        f"or JSON lines / parquet records with a --text-field)")
     docs = read_documents([path], text_field)
     if not docs:
-        raise DataError(f"{path}: no non-empty documents")
+        raise DataError(f"{path}: no non-empty documents (an empty file, or no --text-field {text_field!r} in its "
+                        f"records); pass a file with text in it")
     stride = max_seq_len if stride is None else stride
     if not 1 <= stride <= max_seq_len:
         raise ConfigError(f"stride: must be in [1, max_seq_len = {max_seq_len}], got {stride}")

@@ -1,6 +1,9 @@
 """`generate` given bytes that are not UTF-8 (a prompt argument, a prompts file) or a file where a
 folder belongs: a one-line error that names the problem and the fix, exit code 2."""
 
+import io
+import sys
+
 import pytest
 
 from helpers import tiny_language_model, write_checkpoint
@@ -49,3 +52,14 @@ def test_a_model_dir_that_is_a_file_says_so_and_what_is_expected(checkpoint, tmp
 def test_a_checkpoint_folder_is_a_model_dir(checkpoint, capsys):
     assert _generate(checkpoint, "--prompt", "The sun") == 0
     assert f"from {checkpoint})" in capsys.readouterr().err
+
+
+def test_text_an_ascii_terminal_cannot_show_is_printed_as_question_marks(checkpoint, monkeypatch):
+    """A stdout whose encoding lacks a character of the prompt or the text (a Windows code page, an
+    ASCII locale) shows '?' instead of ending the command with a UnicodeEncodeError."""
+    out, err = io.BytesIO(), io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, encoding="ascii"))
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(err, encoding="ascii"))
+    assert _generate(checkpoint, "--prompt", "Café 日本") == 0
+    sys.stdout.flush()
+    assert out.getvalue().startswith(b"Caf? ??")

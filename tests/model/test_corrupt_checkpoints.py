@@ -100,3 +100,19 @@ def test_divergence_right_after_resuming_does_not_call_that_checkpoint_the_last_
     with pytest.raises(TrainingError, match="every step since resuming from .*step-00000006.*--resume 3") as stop:
         trainer.train()
     assert "last good" not in str(stop.value)
+
+
+@pytest.mark.parametrize("damaged", ["config.yaml", "tokenizer.json"])
+def test_a_damaged_config_or_tokenizer_names_the_earlier_checkpoint(copy, capsys, damaged):
+    """Not only the weights: a checkpoint's config.yaml or tokenizer.json that does not parse is
+    reported as a damaged checkpoint, with the earlier one to use instead (generate and resume)."""
+    (copy / "checkpoints" / "step-00000006" / damaged).write_text("model: [unclosed\n")
+    assert cli.main(["generate", "--model-dir", str(copy), "--checkpoint", "latest", "--prompt", "The sun"]) == 2
+    err = capsys.readouterr().err
+    assert f"step-00000006/{damaged}" in err and "damaged" in err and "--checkpoint 3" in err, err
+    assert "Traceback" not in err
+    if damaged == "config.yaml":
+        code = cli.main(["train", "--config", str(copy / "config.yaml"), "--output-dir", str(copy), "--resume",
+                         "--set", "training.max_steps=9"])
+        err = capsys.readouterr().err
+        assert code == 2 and "config.yaml is damaged" in err and "--resume 3 for train" in err, err

@@ -91,6 +91,22 @@ def test_openai_completions_and_chat_equal_our_generation(server, lm):
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
 
 
+def test_openai_completion_logprobs_give_each_tokens_offset_from_the_prompts_start(server):
+    """Legacy logprobs: text_offset[i] is where token i begins, counted from the start of the prompt;
+    a stream's chunks continue the offsets of the chunks before them."""
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    ask = dict(model="tiny", prompt=PROMPTS[0], max_tokens=10, temperature=0, logprobs=2)
+    lp = client.completions.create(**ask).choices[0].logprobs
+    expected, at = [], len(PROMPTS[0])
+    for token in lp.tokens:
+        expected.append(at)
+        at += len(token)
+    assert len(lp.tokens) >= 2 and lp.text_offset == expected
+    streamed = [o for c in client.completions.create(**ask, stream=True) if c.choices[0].logprobs
+                for o in c.choices[0].logprobs.text_offset]
+    assert streamed == expected
+
 def test_concurrent_clients_are_decoded_in_one_batch(server, lm):
     url, served = server
     expected = [ours(lm, p, max_length=24, temperature=0) for p in PROMPTS]

@@ -163,3 +163,21 @@ def test_decode_rms_norm_equals_torch_rms_norm(dtype, eps, dim):
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     assert torch.allclose(out, norm(x).detach(), atol=tol, rtol=tol)
     assert fused.decode_rms_norm(x.t(), norm.weight.detach(), eps) is None      # not contiguous rows: module
+
+
+def test_the_kernels_build_with_the_environments_own_ninja(monkeypatch, tmp_path):
+    """A system ninja of another version than the `ninja` wheel's reads the other's build log as
+    stale: `.venv/bin/python` and an activated venv alternating rebuilt every kernel each time."""
+    import shutil
+
+    import ninja
+    from torch.utils import cpp_extension
+
+    from sparse_ssm.ssm import kernels
+
+    monkeypatch.setenv("SPARSE_SSM_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATH", "/usr/bin" + os.pathsep + "/bin")   # what `make` runs with: no venv on PATH
+    used = []
+    monkeypatch.setattr(cpp_extension, "load", lambda name, *a, **k: used.append(shutil.which("ninja")) or name)
+    kernels._build()
+    assert used == [shutil.which("ninja", path=ninja.BIN_DIR)]

@@ -53,3 +53,13 @@ def test_task_inputs_are_checked_before_any_variant_trains(monkeypatch, capsys, 
     except SystemExit as parser_exit:           # (argparse refuses malformed values itself)
         code = parser_exit.code
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_a_missing_or_empty_data_file_is_refused_with_the_fix(model_dir, capsys):
+    args = ["evaluate", "--model-dir", str(model_dir), "--data"]
+    assert cli.main([*args, str(model_dir.parent / "nothere.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation data" in err and "does not exist; pass an existing file with --data" in err
+    (model_dir.parent / "empty.txt").write_text("\n\n")
+    assert cli.main([*args, str(model_dir.parent / "empty.txt")]) == 2
+    assert "no non-empty documents" in (err := capsys.readouterr().err) and "pass a file with text in it" in err

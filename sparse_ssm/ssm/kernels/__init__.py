@@ -52,8 +52,14 @@ def _build() -> Path:
 
     from torch.utils.cpp_extension import load
 
-    if shutil.which("ninja") is None:          # the `ninja` wheel (a dependency) when no system ninja is on PATH
+    # always the `ninja` wheel's (a dependency) when it is installed: a system ninja of another version
+    # (1.11 against the wheel's 1.13) reads the other's build log as stale and silently rebuilds every
+    # kernel, so `.venv/bin/python` (system ninja first on PATH) and an activated venv would alternate
+    try:
         import ninja
+    except ImportError:
+        ninja = None
+    if ninja is not None and shutil.which("ninja") != shutil.which("ninja", path=ninja.BIN_DIR):
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
     text = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
