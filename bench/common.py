@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -19,6 +21,25 @@ def peak_rss_gb(setup: str, threads: int) -> float:
             f"print(int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1e6)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else float("nan")
+
+
+def run_concurrently(count: int, work) -> float:
+    """Run work(i) for i in 0..count-1 in one thread each, started together (a barrier): the wall
+    seconds from the start until the last one returns."""
+    barrier = threading.Barrier(count + 1)
+
+    def one(i):
+        barrier.wait()
+        work(i)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
 
 
 def write_results(out: Path, name: str, payload: dict, lines: list[str], provenance: dict):

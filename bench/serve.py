@@ -38,7 +38,7 @@ from pathlib import Path
 import httpx
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-from common import HERE, write_results  # noqa: E402
+from common import HERE, run_concurrently, write_results  # noqa: E402
 from provenance import provenance  # noqa: E402
 from sparse_ssm.data.tokenizer import load_tokenizer  # noqa: E402
 from sparse_ssm.generate.settings import PREFILL_CHUNK_TOKENS  # noqa: E402
@@ -133,21 +133,12 @@ def stream(url: str, prompt: str, tokens: int, seed: int, arrivals: list | None 
 
 def run(url: str, streams: int, requests_each: int, tokens: int) -> dict:
     counts = [0] * streams
-    barrier = threading.Barrier(streams + 1)
 
     def client(i):
-        barrier.wait()
         for r in range(requests_each):
             counts[i] += stream(url, f"Request {i}.{r}: the", tokens, seed=1000 * i + r)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(streams)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - start
+    seconds = run_concurrently(streams, client)
     return {"streams": streams, "requests": streams * requests_each, "tokens": sum(counts), "seconds": seconds,
             "tokens_per_s": sum(counts) / seconds, "per_stream_tokens_per_s": sum(counts) / seconds / streams}
 

@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -36,7 +35,7 @@ import httpx
 import yaml
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-from common import HERE, comma_list, write_results  # noqa: E402
+from common import HERE, comma_list, run_concurrently, write_results  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 ROOT = HERE.parent
@@ -118,20 +117,11 @@ def stream(client: httpx.Client, url: str, model: str, tokens: int) -> dict:
 def run_level(clients: list[httpx.Client], url: str, model: str, streams: int, tokens: int) -> dict:
     """`streams` concurrent requests (one thread each): aggregate tokens/s over the wall time."""
     results = [None] * streams
-    barrier = threading.Barrier(streams + 1)
 
     def one(i):
-        barrier.wait()
         results[i] = stream(clients[i], url, model, tokens)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - start
+    seconds = run_concurrently(streams, one)
     if any(r is None for r in results):
         raise RuntimeError(f"a stream to {url} failed (see the thread's traceback above)")
     total = sum(r["tokens"] for r in results)
