@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .fused_block import selective_scan_fused_block, supports
+from .fused_block import kernel_kind, selective_scan_fused_block, supports
 from .kernels import (cpu_op, gradient_buffers, method_id, native_library, ptr, register_scan_autograd,
                       scan_buffers, suffix, sum_heads_per_group, token_rows)
 from .structures import DiagonalStructure
@@ -122,20 +122,36 @@ def _step_inputs_ok(lib, dtype, tensors, states) -> bool:
             and all(t.is_contiguous() for t in states))
 
 
+def step_code(method: str, alpha: float, structure) -> tuple[int, float] | None:
+    """The decoding step's method code and alpha (`kernels/layer_step.cpp`): the scans' discretisation
+    code (`method_id`), with a structure of the block family (block, dense, rotation, banded) in bits 2-7
+    (1 + its block-scan kind) and its block size in bits 8 and up; None where the step does not take the
+    structure or its discretisation (ZOH of a block or banded A, as the block scan)."""
+    code, al = method_id(method, alpha, structure)
+    if isinstance(structure, DiagonalStructure):
+        return code, al
+    kind = kernel_kind(structure)
+    if kind not in (0, 1, 2) or not supports(structure, method):
+        return None
+    return code | (kind + 1) << 2 | structure.block_size << 8, al
+
+
 def decode_layer_step(xz, conv_weight, conv_bias, weights: dict, conv_state, ssm_state, method, alpha):
-    """A whole decoding step of a diagonal layer between its projections (`kernels/layer_step.cpp`):
+    """A whole decoding step of a layer between its projections (`kernels/layer_step.cpp`; diagonal A
+    and the block family, `step_code`):
     xz (b, 2E) = in_proj(x); conv_state (b, K - 1, E) and ssm_state (b, H, N, P) advanced in place;
     `weights` from `SelectiveParameterGenerator.decode_weights()` (parameters: contiguous, of the
     layer's dtype).  Returns y (b, E), gated; None when the kernel cannot take it (then the caller
     runs the step operation by operation)."""
     lib = native_library()
-    if not _step_inputs_ok(lib, xz.dtype, (conv_weight,), (xz, conv_state, ssm_state)):
+    found = step_code(method, alpha, weights["structure"])
+    if found is None or not _step_inputs_ok(lib, xz.dtype, (conv_weight,), (xz, conv_state, ssm_state)):
         return None
     dtype = xz.dtype
     b, H, N, P = ssm_state.shape
     E, K = conv_weight.shape
     y = xz.new_empty(b, E)
-    code, al = method_id(method, alpha, weights.get("structure"))
+    code, al = found
     Wa = weights["Wa"]
     err = getattr(lib, f"ssm_layer_step_{suffix(dtype)}")(
         xz.data_ptr(), conv_state.data_ptr(), conv_weight.data_ptr(), conv_bias.data_ptr(), weights["Wg"].data_ptr(),
@@ -217,11 +233,12 @@ def block_step_plan(x, norm_weight, eps, in_weight, out_weight, conv_weight, con
     out_weight (D, E), the rest as `decode_layer_step`; None when the kernel cannot take them."""
     lib = native_library()
     params = (norm_weight, in_weight, out_weight, conv_weight, weights["Wg"])
-    if not _step_inputs_ok(lib, x.dtype, params, (x, conv_state, ssm_state, in_weight, out_weight)):
+    found = step_code(method, alpha, weights["structure"])
+    if found is None or not _step_inputs_ok(lib, x.dtype, params, (x, conv_state, ssm_state, in_weight, out_weight)):
         return None
     b, H, N, P = ssm_state.shape
     E, K = conv_weight.shape
-    code, al = method_id(method, alpha, weights.get("structure"))
+    code, al = found
     Wa, lti = weights["Wa"], weights["lti"]
     tensors = (conv_state, conv_weight, conv_bias, weights["Wg"], weights["dt_bias"], Wa, weights["A_base"],
                weights["D_base"], lti, ssm_state)

@@ -108,11 +108,11 @@ class SelectiveParameterGenerator(nn.Module):
 
     def decode_weights(self) -> dict | None:
         """The generator's tensors in the layout of the fused decoding step
-        (`ssm.kernels.layer_step.cpp`), or None when this generator is not the one it implements
-        (a non-diagonal structure, a quantised projection)."""
-        from .structures import DiagonalStructure
-
-        if type(self.structure) is not DiagonalStructure or not isinstance(self.proj, nn.Linear):
+        (`ssm.kernels.layer_step.cpp`, which decides from "structure" whether it takes the structure),
+        or None when this generator is not the one it implements (a quantised projection, the angle
+        grid's snapped transitions, the closed range of reflections)."""
+        closed = isinstance(self.structure, HouseholderStructure) and self.structure.closed
+        if self.angle_grid or closed or not isinstance(self.proj, nn.Linear):
             return None
         return {"Wg": self.proj.weight, "dt_bias": self.dt_bias, "Wa": self.a_up.weight,
                 "A_base": self.A_base, "D_base": self.D_base, "groups": self.num_groups,

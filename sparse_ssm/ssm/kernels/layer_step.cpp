@@ -1,6 +1,6 @@
-// One decoding step of a selective SSM layer between its two projections, for a diagonal A: the
-// work of a whole `SelectiveSSMLayer.step` but for in_proj and out_proj, in one call, the states
-// updated in place.  Per batch row, with E = H * P channels, from xz = in_proj(x) = [u, z]:
+// One decoding step of a selective SSM layer between its two projections, for a diagonal A (and the
+// block family: below): the work of a whole `SelectiveSSMLayer.step` but for in_proj and out_proj, in
+// one call, the states updated in place.  Per batch row, with E = H * P channels, from xz = in_proj(x) = [u, z]:
 //
 //   u      <- silu(conv_bias + sum_{k < K - 1} conv_w[:, k] conv_state[k] + conv_w[:, K - 1] u)
 //   conv_state <- (conv_state[1:], u before the conv)                 (the K - 1 latest inputs)
@@ -14,8 +14,16 @@
 //   S[h, n, :] = A_bar S[h, n, :] + beta B[g, n] u[h, :]
 //   y[h, :]    = (sum_n C[g, n] S[h, n, :] + D_h u[h, :]) * silu(z[h, :])
 //
+// The structured A's of the block family (method bits 2-7: 1 + block_scan.cpp's kind, 0 for the
+// diagonal; bits 8 and up: the block size bs) take the scan part from `block_ops.h`, as the scan does:
+//   raw    = A_base + Wa @ a_low          (H, R), R the structure's raw size (block: N bs, rotation: N,
+//                                          banded: (2 N / bs + 1) bs^2)
+//   per head: (A_bar, B_bar) = the token's operator of block_scan.cpp from (raw[h], dt_h, B[g])
+//   S[h] = A_bar S[h] + B_bar u[h]^T;  y[h, :] = (C[g]^T S[h] + D_h u[h, :]) * silu(z[h, :])
+//
 // Layouts: xz (b, 2E); conv_state (b, K - 1, E); conv_w (E, K); Wg (O, E) with O = 2H + r + 2GN
-// (a Linear weight); Wa (H N, r); A_base (H, N); the SSM state (b, H, N, P); y (b, E).
+// (a Linear weight); Wa (H R, r); A_base (H, R) (R = N for the diagonal); the SSM state (b, H, N, P);
+// y (b, E).
 // `sparse_ssm.ssm.selective.SelectiveParameterGenerator.decode_weights` hands these over; the
 // decode-equals-forward tests hold the two in step.
 //
@@ -32,7 +40,7 @@
 // conv and the scan run row by row (each row has its own state).  The block's FFN likewise
 // (`ssm_ffn_step`): x_out = x + W_down @ act(W_up @ rms_norm(x) + b_up) + b_down, in one call.
 
-#include "vec.h"
+#include "block_ops.h"
 
 namespace {
 
@@ -40,9 +48,20 @@ using namespace ssmk;
 
 struct StepDims {
   int64_t b, E, H, P, N, G, r, K;
-  int method;
+  int method;      // bits 0-1: the discretisation (as the scans); bits 2-7: the structure; 8 up: its block size
   double alpha;
+  int structure() const { return (method >> 2) & 63; }   // 0 diagonal, else 1 + block_scan.cpp's kind
+  BlockKind blocks() const { return {N, int64_t(method >> 8), structure() - 1, method & 1, alpha}; }
 };
+
+// Can the step take this structure (the block scan's own checks: rotation blocks of 2, block and banded
+// with gbt only, no signed range but the diagonal's)?
+inline bool structure_ok(const StepDims& d) {
+  if (d.structure() == 0) return (d.method >> 8) == 0;
+  const BlockKind k = d.blocks();
+  if (k.kind > 2 || k.bs < 1 || d.N % k.bs || (d.method & 2)) return false;
+  return k.kind == 1 ? k.bs == 2 : (k.method == 1 && (k.kind == 0 || k.bs >= 2));
+}
 
 template <typename T> struct StepArgs {
   const T *xz, *conv_w, *conv_b, *Wg, *dt_bias, *Wa, *A_base, *D_base, *lti;
@@ -116,16 +135,49 @@ template <typename T> void conv_row(const StepDims& d, const StepArgs<T>& x, int
   }
 }
 
+template <typename T> inline T softplus(T v) { return v > 20 ? v : std::log1p(std::exp(v)); }   // as torch's
+
+// scan_row for the block family: each head's operator built and applied by block_ops.h
+template <typename T>
+void scan_row_blocks(const StepDims& d, const StepArgs<T>& x, int64_t bi, const T* u, const T* g) {
+  const int64_t E = d.E, H = d.H, P = d.P, N = d.N, G = d.G, r = d.r;
+  const BlockKind k = d.blocks();
+  const std::vector<BlockRef> refs = block_refs(k);
+  const int64_t R = k.R(), bs = k.bs;
+  const T* z = x.xz + bi * 2 * E + E;
+  std::vector<T> raw(H * R), Ab(refs.size() * bs * bs), Bb(N), next(bs * Vec<T>::lanes);
+  Scratch<T> scratch(bs);
+  const T *dt_raw = g, *a_low = dt_raw + H, *Bv = a_low + r, *Cv = Bv + G * N, *d_raw = Cv + G * N;
+  for (int64_t i = 0; i < H * R; ++i) raw[i] = x.A_base[i] + dot(x.Wa + i * r, a_low, r);
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t grp = h / (H / G);
+    build_token_ops(k, refs, &raw[h * R], softplus(dt_raw[h] + x.dt_bias[h]), Bv + grp * N, Ab.data(), Bb.data(),
+                    scratch);
+    T* S = x.ssm_state + (bi * H + h) * N * P;
+    const T* uh = u + h * P;
+    T* yh = x.y + bi * E + h * P;
+    apply_token_ops(refs, bs, P, Ab.data(), Bb.data(), uh, S, next.data(), k.last_stage());
+    const T Dh = x.D_base[h] + d_raw[h];
+    for (int64_t p = 0; p < P; ++p) yh[p] = Dh * uh[p];
+    for (int64_t n = 0; n < N; ++n) {
+      const T cn = Cv[grp * N + n];
+      const T* Sn = S + n * P;
+      for (int64_t p = 0; p < P; ++p) yh[p] += cn * Sn[p];
+    }
+    gate_row(yh, z + h * P, yh, P);                              // y * silu(z)
+  }
+}
+
 // The scan of row bi from its conv output u (E) and generator output g (O): y row bi, the state advanced
 template <typename T> void scan_row(const StepDims& d, const StepArgs<T>& x, int64_t bi, const T* u, const T* g) {
+  if (d.structure()) return scan_row_blocks(d, x, bi, u, g);
   const int64_t E = d.E, H = d.H, P = d.P, N = d.N, G = d.G, r = d.r;
   const T* z = x.xz + bi * 2 * E + E;
   std::vector<T> a(H * N), Ab(N), Bb(N);
   const T *dt_raw = g, *a_low = dt_raw + H, *Bv = a_low + r, *Cv = Bv + G * N, *d_raw = Cv + G * N;
   for (int64_t i = 0; i < H * N; ++i) a[i] = -rate_exp(2 * (x.A_base[i] + dot(x.Wa + i * r, a_low, r)));
   for (int64_t h = 0; h < H; ++h) {
-    const T v = dt_raw[h] + x.dt_bias[h];
-    const T dt = v > 20 ? v : std::log1p(std::exp(v));          // softplus (as torch's, threshold 20)
+    const T dt = softplus(dt_raw[h] + x.dt_bias[h]);
     const T Dh = x.D_base[h] + d_raw[h];
     const int64_t grp = h / (H / G);
     discretize_head(d, dt, &a[h * N], Bv + grp * N, Ab.data(), Bb.data());
@@ -275,6 +327,7 @@ void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const T* W_u
                                          int64_t K, int method, double alpha, int threads) {                    \
     if (b < 0 || H < 1 || E != H * P || N < 1 || G < 1 || H % G || r < 1 || K < 1) return 1;                   \
     StepDims d{b, E, H, P, N, G, r, K, method, alpha};                                                         \
+    if (!structure_ok(d)) return 2;                                                                             \
     StepArgs<T> x{xz, conv_w, conv_b, Wg, dt_bias, Wa, A_base, D_base, lti, conv_state, ssm_state, y};         \
     layer_step(d, x, threads);                                                                                  \
     return 0;                                                                                                   \
@@ -292,6 +345,7 @@ void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const T* W_u
                                          int64_t r, int64_t K, int method, double alpha, int threads) {         \
     if (b < 0 || D < 1 || H < 1 || E != H * P || N < 1 || G < 1 || H % G || r < 1 || K < 1) return 1;          \
     StepDims d{b, E, H, P, N, G, r, K, method, alpha};                                                         \
+    if (!structure_ok(d)) return 2;                                                                             \
     StepArgs<T> x{nullptr, conv_w, conv_b, Wg, dt_bias, Wa, A_base, D_base, lti, conv_state, ssm_state, nullptr}; \
     block_step(d, x, x_in, x_out, norm_w, eps, W_in, W_out, D, threads);                                       \
     return 0;                                                                                                   \
