@@ -111,9 +111,10 @@ class SelectiveSSMLayer(nn.Module):
     @torch.no_grad()
     def residual_step(self, x: torch.Tensor, norm: nn.RMSNorm, state: LayerState) -> torch.Tensor:
         """x + self.step(norm(x), state) for one token x (b, hidden): one native call for the whole
-        residual block where it runs (diagonal A, float32/64 on CPU), else operator by operator.
-        The call's arguments are bound at the first step of a cache (`state.plan`): the cache is
-        decoded with the weights' storage of that step (in-place updates are seen)."""
+        residual block where it runs (diagonal A and the block family, `ssm.fused.step_code`;
+        float32/64 on CPU), else operator by operator.  The call's arguments are bound at the first
+        step of a cache (`state.plan`): the cache is decoded with the weights' storage of that step
+        (in-place updates are seen)."""
         if state.plan is None or not state.plan.fits(x, state.conv, state.ssm):
             weights = self._native_decode_weights()
             state.plan = None if weights is None else block_step_plan(
@@ -129,7 +130,7 @@ class SelectiveSSMLayer(nn.Module):
         b = x.shape[0]
         xz = apply_linear(self.in_proj, x)
         weights = self._native_decode_weights()
-        if weights is not None:                                          # one native call (diagonal A)
+        if weights is not None:                                          # one native call (`ssm.fused.step_code`)
             cfg = self.config
             y = decode_layer_step(xz, self.conv.weight[:, 0], self.conv.bias, weights, state.conv, state.ssm,
                                   self.discretization, cfg.gbt_alpha)

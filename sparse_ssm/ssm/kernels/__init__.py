@@ -9,8 +9,10 @@ A_t through the Woodbury identity; `householder_scan.cpp`: for products of House
 times a diagonal, applied to the state one reflection at a time; `scan_head.h`: the walk over one
 (batch row, head) that those two share; `causal_conv.cpp`: the causal depthwise convolution +
 SiLU; `cross_entropy.cpp`: the softmax cross-entropy of the LM head's logits, in place;
-`layer_step.cpp`: a whole decoding step of a diagonal layer between its projections, the RMSNorm
-of its rows, the residual block around both, and the pre-norm FFN of a block; `vec.h`: their vector utilities — plain C++
+`layer_step.cpp`: a whole decoding step of a layer (diagonal A or the block family) between its
+projections, the RMSNorm of its rows, the residual block around both, and the pre-norm FFN of a block;
+`block_ops.h`: the per-token operators of the block family, shared by `block_scan.cpp` and the step;
+`vec.h`: their vector utilities — plain C++
 with C entry points and no PyTorch headers, built in under a minute) are compiled by
 `torch.utils.cpp_extension.load` (ninja; the build is cached under ~/.cache/sparse_ssm/kernels,
 keyed by the source, the compiler flags, the CPU and the paths of the sources and of torch, and
