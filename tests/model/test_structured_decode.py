@@ -17,13 +17,16 @@ from sparse_ssm.ssm.structures import (BandedStructure, BlockStructure, Diagonal
 
 SPARSE, BANDED = dict(selective_param_class="sparse"), dict(selective_param_class="sparse", sparsity_pattern="banded")
 # (name, config keys): the structure (its block size) and the discretisation; hidden 13 leaves remainders
-# in the kernels' vector loops (head width P = 13)
+# in the kernels' vector loops (head width P = 13), 9 heads in the step's vectors over heads (8 or 4 lanes)
 CASES = [("block4-bilinear", dict(SPARSE, state_dim=8, sparsity_level=0.5)),
          ("block8-gbt", dict(SPARSE, state_dim=16, sparsity_level=0.5, discretization="gbt", gbt_alpha=0.25)),
          ("block6-bilinear-P13", dict(SPARSE, state_dim=12, sparsity_level=0.5, hidden_dim=13)),
          ("dense5-gbt-groups", dict(selective_param_class="dense", state_dim=5, discretization="gbt", gbt_alpha=0.7,
                                     num_groups=2)),
+         ("block8-9heads-3groups", dict(SPARSE, state_dim=16, sparsity_level=0.5, hidden_dim=18, num_heads=9,
+                                        num_groups=3)),
          ("banded2-bilinear", dict(BANDED, state_dim=8, sparsity_level=0.5)),
+         ("banded4-9heads", dict(BANDED, state_dim=16, sparsity_level=0.5, hidden_dim=18, num_heads=9)),
          ("banded1-gbt-P13", dict(BANDED, state_dim=12, sparsity_level=0.7, discretization="gbt", gbt_alpha=0.25,
                                   hidden_dim=13)),
          ("rotation-zoh", dict(selective_param_class="rotation", state_dim=8)),
@@ -70,7 +73,7 @@ def test_the_native_step_of_a_structured_layer_equals_the_pytorch_step_and_the_f
 
 
 @requires_native_kernel()
-@pytest.mark.parametrize("name,kw", CASES[:1] + CASES[4:5] + CASES[6:7], ids=["block4", "banded2", "rotation"])
+@pytest.mark.parametrize("name,kw", CASES[:1] + CASES[5:6] + CASES[8:9], ids=["block4", "banded2", "rotation"])
 def test_the_layer_step_between_the_projections_takes_the_structures_too(name, kw, monkeypatch):
     """`decode_layer_step` (one native call between in_proj and out_proj: the path of a model whose block
     step is refused) decodes as the forward."""

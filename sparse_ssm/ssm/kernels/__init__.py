@@ -12,6 +12,7 @@ SiLU; `cross_entropy.cpp`: the softmax cross-entropy of the LM head's logits, in
 `layer_step.cpp`: a whole decoding step of a layer (diagonal A or the block family) between its
 projections, the RMSNorm of its rows, the residual block around both, and the pre-norm FFN of a block;
 `block_ops.h`: the per-token operators of the block family, shared by `block_scan.cpp` and the step;
+`block_heads.h`: those of every head of a step at once;
 `vec.h`: their vector utilities — plain C++
 with C entry points and no PyTorch headers, built in under a minute) are compiled by
 `torch.utils.cpp_extension.load` (ninja; the build is cached under ~/.cache/sparse_ssm/kernels,
@@ -34,7 +35,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 SOURCES = [HERE / name for name in ("selective_scan.cpp", "block_scan.cpp", "lowrank_scan.cpp", "householder_scan.cpp",
                                     "causal_conv.cpp", "cross_entropy.cpp", "layer_step.cpp")]
-HEADERS = [HERE / "vec.h", HERE / "scan_head.h", HERE / "block_ops.h"]
+HEADERS = [HERE / "vec.h", HERE / "scan_head.h", HERE / "block_ops.h", HERE / "block_heads.h"]
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-pthread"]
 ABI_VERSION = 3
 

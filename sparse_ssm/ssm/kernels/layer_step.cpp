@@ -40,7 +40,7 @@
 // conv and the scan run row by row (each row has its own state).  The block's FFN likewise
 // (`ssm_ffn_step`): x_out = x + W_down @ act(W_up @ rms_norm(x) + b_up) + b_down, in one call.
 
-#include "block_ops.h"
+#include "block_heads.h"
 
 namespace {
 
@@ -135,28 +135,31 @@ template <typename T> void conv_row(const StepDims& d, const StepArgs<T>& x, int
   }
 }
 
+template <typename T> void project_rows(const T* W, const T* in, const T* add, T* out, int64_t b, int64_t O, int64_t I);
+
 template <typename T> inline T softplus(T v) { return v > 20 ? v : std::log1p(std::exp(v)); }   // as torch's
 
-// scan_row for the block family: each head's operator built and applied by block_ops.h
+// scan_row for the block family: every head's operator built at once (block_heads.h), then applied
+// head by head (block_ops.h)
 template <typename T>
 void scan_row_blocks(const StepDims& d, const StepArgs<T>& x, int64_t bi, const T* u, const T* g) {
   const int64_t E = d.E, H = d.H, P = d.P, N = d.N, G = d.G, r = d.r;
   const BlockKind k = d.blocks();
   const std::vector<BlockRef> refs = block_refs(k);
-  const int64_t R = k.R(), bs = k.bs;
+  const int64_t R = k.R(), bs = k.bs, op_size = refs.size() * bs * bs;
   const T* z = x.xz + bi * 2 * E + E;
-  std::vector<T> raw(H * R), Ab(refs.size() * bs * bs), Bb(N), next(bs * Vec<T>::lanes);
+  std::vector<T> raw(H * R), dt(H), Ab(H * op_size), Bb(H * N), next(bs * Vec<T>::lanes);
   Scratch<T> scratch(bs);
   const T *dt_raw = g, *a_low = dt_raw + H, *Bv = a_low + r, *Cv = Bv + G * N, *d_raw = Cv + G * N;
-  for (int64_t i = 0; i < H * R; ++i) raw[i] = x.A_base[i] + dot(x.Wa + i * r, a_low, r);
+  project_rows(x.Wa, a_low, x.A_base, raw.data(), 1, H * R, r);    // raw = A_base + Wa @ a_low
+  for (int64_t h = 0; h < H; ++h) dt[h] = softplus(dt_raw[h] + x.dt_bias[h]);
+  build_heads_ops(k, refs, H, raw.data(), dt.data(), Bv, H / G, Ab.data(), Bb.data(), scratch);
   for (int64_t h = 0; h < H; ++h) {
     const int64_t grp = h / (H / G);
-    build_token_ops(k, refs, &raw[h * R], softplus(dt_raw[h] + x.dt_bias[h]), Bv + grp * N, Ab.data(), Bb.data(),
-                    scratch);
     T* S = x.ssm_state + (bi * H + h) * N * P;
     const T* uh = u + h * P;
     T* yh = x.y + bi * E + h * P;
-    apply_token_ops(refs, bs, P, Ab.data(), Bb.data(), uh, S, next.data(), k.last_stage());
+    apply_token_ops(refs, bs, P, &Ab[h * op_size], &Bb[h * N], uh, S, next.data(), k.last_stage());
     const T Dh = x.D_base[h] + d_raw[h];
     for (int64_t p = 0; p < P; ++p) yh[p] = Dh * uh[p];
     for (int64_t n = 0; n < N; ++n) {
