@@ -35,3 +35,23 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
             out.data_ptr(), x.shape[0], qweight.shape[0], x.shape[1], torch.get_num_threads()):
         raise ValueError("int8 linear: invalid shapes")
     return out
+
+
+def decode_weight(linear) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+    """A linear map's weight as the native decoding steps take it: a float map's `weight` (out, in),
+    or (qweight (out, in) int8, scales (out,)) of a weight-only int8 map (`model.quantize.Int8Linear`);
+    None for any other map.  A bias is the caller's to pass (or to refuse)."""
+    weight = getattr(linear, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight
+    q, scales = getattr(linear, "qweight", None), getattr(linear, "scales", None)
+    return (q, scales) if isinstance(q, torch.Tensor) and isinstance(scales, torch.Tensor) else None
+
+
+def kernel_operands(weight, dtype) -> tuple | None:
+    """The tensors the kernels take for a `decode_weight`: (W,) for a contiguous CPU float W of `dtype`,
+    (q, s) for a contiguous CPU int8 q with float32 scales s; None when the kernels cannot take it."""
+    pair = isinstance(weight, tuple)
+    tensors = weight if pair else (weight,)
+    ok = (tensors[0].dtype == torch.int8 and tensors[1].dtype == torch.float32) if pair else weight.dtype == dtype
+    return tensors if ok and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors) else None
