@@ -36,6 +36,10 @@ CASES = [("block4-bilinear", dict(SPARSE, state_dim=8, sparsity_level=0.5)),
                                    selective=False))]
 
 
+def pick(*names: str) -> list:
+    return [pytest.param(*case, id=case[0]) for case in CASES if case[0] in names]
+
+
 def model_of(dtype, **kw) -> SparseSSMForCausalLM:
     base = dict(vocab_size=97, hidden_dim=32, ffn_dim=0, num_layers=2, max_seq_len=64, dropout=0.0, num_heads=2)
     return randomise_generators(SparseSSMForCausalLM(SparseSSMConfig(**{**base, **kw})).to(dtype).eval())
@@ -73,7 +77,7 @@ def test_the_native_step_of_a_structured_layer_equals_the_pytorch_step_and_the_f
 
 
 @requires_native_kernel()
-@pytest.mark.parametrize("name,kw", CASES[:1] + CASES[5:6] + CASES[8:9], ids=["block4", "banded2", "rotation"])
+@pytest.mark.parametrize("name,kw", pick("block4-bilinear", "banded2-bilinear", "rotation-zoh"))
 def test_the_layer_step_between_the_projections_takes_the_structures_too(name, kw, monkeypatch):
     """`decode_layer_step` (one native call between in_proj and out_proj: the path of a model whose block
     step is refused) decodes as the forward."""
@@ -120,3 +124,20 @@ def test_the_kernel_refuses_a_structure_code_it_does_not_take(code):
     err = native_library().ssm_layer_step_f32(*args, None, t["ssm_state"].data_ptr(), t["y"].data_ptr(),
                                               b, E, H, P, N, G, r, K, code, ctypes.c_double(0.5), 1)
     assert err == 2 and torch.equal(t["ssm_state"], state)
+
+
+@requires_native_kernel()
+@pytest.mark.parametrize("name,kw", pick("block8-gbt", "banded4-9heads", "rotation-bilinear-P13"))
+def test_the_int8_native_step_of_a_structured_layer_equals_the_int8_pytorch_step(name, kw, monkeypatch):
+    """Weight-only int8 maps (`quantize_model`): the `_q8` block step with the structure's scan against
+    the same int8 model operator by operator (tolerance as the diagonal's int8 test: activations rounded
+    to int16 on either side of a boundary move a product by 2^-15 of its row's largest value)."""
+    from sparse_ssm.model.quantize import quantize_model
+
+    torch.manual_seed(0)
+    model = quantize_model(model_of(torch.float32, **kw))
+    ids = torch.randint(0, 97, (3, 10))
+    native, used = decode(model, ids, 4, True, monkeypatch)
+    reference, refused = decode(model, ids, 4, False, monkeypatch)
+    assert used and not refused
+    assert torch.allclose(native, reference, atol=1e-4, rtol=1e-4)

@@ -8,6 +8,7 @@
 //
 //   build_heads_ops(kind, refs, H, raw, dt, B, heads_per_group, Ab, Bb, scratch)
 //       raw (H, R), dt (H), B (G, N) -> Ab (H, refs, bs, bs), Bb (H, N): build_token_ops for each head
+//   step_heads(kind, H, P, G, raw, dt, B, C, D, u, z, S, y)     one row's token through every head
 #pragma once
 
 #include "block_ops.h"
@@ -90,6 +91,29 @@ void build_heads_ops(const BlockKind& d, const std::vector<BlockRef>& refs, int6
   if (done) return;
   for (int64_t h = 0; h < H; ++h)
     build_token_ops(d, refs, raw + h * R, dt[h], B + (h / hpg) * N, Ab + h * nr * bs * bs, Bb + h * N, s);
+}
+
+// One row's token through every head (the decoding step's scan): raw (H, R), dt (H), B, C (G, N), D (H),
+// u, z (H, P); the states S (H, N, P) advanced (S_h <- A_bar S_h + B_bar u_h^T) and
+// y (H, P) = (C_g^T S_h + D_h u_h) * silu(z_h), g the group of head h
+template <typename T>
+void step_heads(const BlockKind& k, int64_t H, int64_t P, int64_t G, const T* raw, const T* dt, const T* B, const T* C,
+                const T* D, const T* u, const T* z, T* S, T* y) {
+  const std::vector<BlockRef> refs = block_refs(k);
+  const int64_t N = k.N, bs = k.bs, op_size = refs.size() * bs * bs, hpg = H / G;
+  std::vector<T> Ab(H * op_size), Bb(H * N), next(bs * Vec<T>::lanes);
+  Scratch<T> scratch(bs);
+  build_heads_ops(k, refs, H, raw, dt, B, hpg, Ab.data(), Bb.data(), scratch);
+  for (int64_t h = 0; h < H; ++h) {
+    T* Sh = S + h * N * P;
+    const T *uh = u + h * P, *Ch = C + (h / hpg) * N;
+    T* yh = y + h * P;
+    apply_token_ops(refs, bs, P, &Ab[h * op_size], &Bb[h * N], uh, Sh, next.data(), k.last_stage());
+    for (int64_t p = 0; p < P; ++p) yh[p] = D[h] * uh[p];
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t p = 0; p < P; ++p) yh[p] += Ch[n] * Sh[n * P + p];
+    gate_row(yh, z + h * P, yh, P);                              // y * silu(z)
+  }
 }
 
 }  // namespace ssmk

@@ -39,8 +39,11 @@
 // matrix-matrix products: each weight tile is read once and used for all rows from registers; the
 // conv and the scan run row by row (each row has its own state).  The block's FFN likewise
 // (`ssm_ffn_step`): x_out = x + W_down @ act(W_up @ rms_norm(x) + b_up) + b_down, in one call.
+// The `_q8` variants of the two take weight-only int8 projections (W_in, W_out, Wg; W_up, W_down: int8
+// rows with float32 row scales, `int8_gemv.h`), the rest as the float ones.
 
 #include "block_heads.h"
+#include "int8_gemv.h"
 
 namespace {
 
@@ -66,6 +69,8 @@ inline bool structure_ok(const StepDims& d) {
 template <typename T> struct StepArgs {
   const T *xz, *conv_w, *conv_b, *Wg, *dt_bias, *Wa, *A_base, *D_base, *lti;
   T *conv_state, *ssm_state, *y;
+  const int8_t* Wg_q = nullptr;        // an int8 Wg (weight-only int8) with its row scales: Wg unused
+  const float* Wg_s = nullptr;
 };
 
 template <typename T> inline T silu(T v) { return v / (1 + std::exp(-v)); }
@@ -139,36 +144,17 @@ template <typename T> void project_rows(const T* W, const T* in, const T* add, T
 
 template <typename T> inline T softplus(T v) { return v > 20 ? v : std::log1p(std::exp(v)); }   // as torch's
 
-// scan_row for the block family: every head's operator built at once (block_heads.h), then applied
-// head by head (block_ops.h)
+// scan_row for the block family (block_heads.h's step_heads after the raw rows, steps and skips)
 template <typename T>
 void scan_row_blocks(const StepDims& d, const StepArgs<T>& x, int64_t bi, const T* u, const T* g) {
-  const int64_t E = d.E, H = d.H, P = d.P, N = d.N, G = d.G, r = d.r;
+  const int64_t E = d.E, H = d.H, N = d.N, G = d.G, r = d.r;
   const BlockKind k = d.blocks();
-  const std::vector<BlockRef> refs = block_refs(k);
-  const int64_t R = k.R(), bs = k.bs, op_size = refs.size() * bs * bs;
-  const T* z = x.xz + bi * 2 * E + E;
-  std::vector<T> raw(H * R), dt(H), Ab(H * op_size), Bb(H * N), next(bs * Vec<T>::lanes);
-  Scratch<T> scratch(bs);
+  std::vector<T> raw(H * k.R()), dt(H), D(H);
   const T *dt_raw = g, *a_low = dt_raw + H, *Bv = a_low + r, *Cv = Bv + G * N, *d_raw = Cv + G * N;
-  project_rows(x.Wa, a_low, x.A_base, raw.data(), 1, H * R, r);    // raw = A_base + Wa @ a_low
-  for (int64_t h = 0; h < H; ++h) dt[h] = softplus(dt_raw[h] + x.dt_bias[h]);
-  build_heads_ops(k, refs, H, raw.data(), dt.data(), Bv, H / G, Ab.data(), Bb.data(), scratch);
-  for (int64_t h = 0; h < H; ++h) {
-    const int64_t grp = h / (H / G);
-    T* S = x.ssm_state + (bi * H + h) * N * P;
-    const T* uh = u + h * P;
-    T* yh = x.y + bi * E + h * P;
-    apply_token_ops(refs, bs, P, &Ab[h * op_size], &Bb[h * N], uh, S, next.data(), k.last_stage());
-    const T Dh = x.D_base[h] + d_raw[h];
-    for (int64_t p = 0; p < P; ++p) yh[p] = Dh * uh[p];
-    for (int64_t n = 0; n < N; ++n) {
-      const T cn = Cv[grp * N + n];
-      const T* Sn = S + n * P;
-      for (int64_t p = 0; p < P; ++p) yh[p] += cn * Sn[p];
-    }
-    gate_row(yh, z + h * P, yh, P);                              // y * silu(z)
-  }
+  project_rows(x.Wa, a_low, x.A_base, raw.data(), 1, H * k.R(), r);    // raw = A_base + Wa @ a_low
+  for (int64_t h = 0; h < H; ++h) dt[h] = softplus(dt_raw[h] + x.dt_bias[h]), D[h] = x.D_base[h] + d_raw[h];
+  step_heads(k, H, d.P, G, raw.data(), dt.data(), Bv, Cv, D.data(), u, x.xz + bi * 2 * E + E,
+             x.ssm_state + bi * H * N * d.P, x.y + bi * E);
 }
 
 // The scan of row bi from its conv output u (E) and generator output g (O): y row bi, the state advanced
@@ -268,30 +254,37 @@ template <typename T> void project_rows(const T* W, const T* in, const T* add, T
     for (int64_t bi = 0; bi < b; ++bi) out[bi * O + o] = (add ? add[bi * O + o] : T(0)) + dot(W + o * I, in + bi * I, I);
 }
 
+// out (b, O) = in (b, I) @ W^T (+ add): a float W as project_rows, an int8 one as project_rows_q8
+template <typename T> void project(const Weights<T>& W, const T* in, const T* add, T* out, int64_t b, int64_t O, int64_t I) {
+  if (W.q) project_rows_q8(W, in, add, out, b, O, I);
+  else project_rows(W.w, in, add, out, b, O, I);
+}
+
 // The layer step of all b rows (x.xz and x.y set): the conv of every row, the generator projection of
 // all rows as one product (for the time-invariant ablation: once, the same for every row), the scans
 template <typename T> void layer_step(const StepDims& d, const StepArgs<T>& x, int threads) {
   const int64_t O = 2 * d.H + d.r + 2 * d.G * d.N;
+  const Weights<T> Wg{x.Wg, x.Wg_q, x.Wg_s};
   std::vector<T> u(d.b * d.E), g(d.b * O);
   parallel_for(d.b, threads, [&](int64_t bi) { conv_row(d, x, bi, &u[bi * d.E]); });
   if (x.lti) {
-    if (d.b > 0) project_rows(x.Wg, x.lti, (const T*)nullptr, g.data(), 1, O, d.E);
+    if (d.b > 0) project(Wg, x.lti, (const T*)nullptr, g.data(), 1, O, d.E);
     for (int64_t bi = 1; bi < d.b; ++bi) std::memcpy(&g[bi * O], g.data(), sizeof(T) * O);
   } else {
-    project_rows(x.Wg, u.data(), (const T*)nullptr, g.data(), d.b, O, d.E);
+    project(Wg, u.data(), (const T*)nullptr, g.data(), d.b, O, d.E);
   }
   parallel_for(d.b, threads, [&](int64_t bi) { scan_row(d, x, bi, &u[bi * d.E], &g[bi * O]); });
 }
 
 template <typename T>
-void block_step(const StepDims& d, StepArgs<T> x, const T* x_in, T* x_out, const T* norm_w, double eps, const T* W_in,
-                const T* W_out, int64_t D, int threads) {
+void block_step(const StepDims& d, StepArgs<T> x, const T* x_in, T* x_out, const T* norm_w, double eps,
+                const Weights<T>& W_in, const Weights<T>& W_out, int64_t D, int threads) {
   std::vector<T> h(d.b * D), xz(d.b * 2 * d.E), y(d.b * d.E);
   for (int64_t bi = 0; bi < d.b; ++bi) rms_norm_row(x_in + bi * D, norm_w, &h[bi * D], D, eps);
-  project_rows(W_in, h.data(), (const T*)nullptr, xz.data(), d.b, 2 * d.E, D);
+  project(W_in, h.data(), (const T*)nullptr, xz.data(), d.b, 2 * d.E, D);
   x.xz = xz.data(), x.y = y.data();
   layer_step(d, x, threads);
-  project_rows(W_out, y.data(), x_in, x_out, d.b, D, d.E);
+  project(W_out, y.data(), x_in, x_out, d.b, D, d.E);
 }
 
 // The pre-norm FFN of a block for b rows (`ssm_ffn_step`): x_out = x + W_down @ act(W_up @ rms_norm(x) + b_up)
@@ -307,17 +300,17 @@ template <typename T> void activate(T* v, int64_t n, int act) {
 }
 
 template <typename T>
-void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const T* W_up, const T* b_up, const T* W_down,
-              const T* b_down, int64_t b, int64_t D, int64_t F, int act) {
+void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const Weights<T>& W_up, const T* b_up,
+              const Weights<T>& W_down, const T* b_down, int64_t b, int64_t D, int64_t F, int act) {
   std::vector<T> h(b * D), f(b * F), res(b * D);
   for (int64_t bi = 0; bi < b; ++bi) {
     rms_norm_row(x_in + bi * D, norm_w, &h[bi * D], D, eps);
     std::memcpy(&f[bi * F], b_up, sizeof(T) * F);
     for (int64_t i = 0; i < D; ++i) res[bi * D + i] = x_in[bi * D + i] + b_down[i];
   }
-  project_rows(W_up, h.data(), f.data(), f.data(), b, F, D);
+  project(W_up, h.data(), f.data(), f.data(), b, F, D);
   activate(f.data(), b * F, act);
-  project_rows(W_down, f.data(), res.data(), x_out, b, D, F);
+  project(W_down, f.data(), res.data(), x_out, b, D, F);
 }
 
 }  // namespace
@@ -350,7 +343,7 @@ void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const T* W_u
     StepDims d{b, E, H, P, N, G, r, K, method, alpha};                                                         \
     if (!structure_ok(d)) return 2;                                                                             \
     StepArgs<T> x{nullptr, conv_w, conv_b, Wg, dt_bias, Wa, A_base, D_base, lti, conv_state, ssm_state, nullptr}; \
-    block_step(d, x, x_in, x_out, norm_w, eps, W_in, W_out, D, threads);                                       \
+    block_step(d, x, x_in, x_out, norm_w, eps, {W_in}, {W_out}, D, threads);                                   \
     return 0;                                                                                                   \
   }
 
@@ -359,10 +352,41 @@ void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const T* W_u
                                        const T* b_up, const T* W_down, const T* b_down, int64_t b, int64_t D,   \
                                        int64_t F, int act) {                                                    \
     if (b < 0 || D < 1 || F < 1 || act < 0 || act > 3) return 1;                                                \
-    ffn_step(x_in, x_out, norm_w, eps, W_up, b_up, W_down, b_down, b, D, F, act);                               \
+    ffn_step(x_in, x_out, norm_w, eps, {W_up}, b_up, {W_down}, b_down, b, D, F, act);                           \
     return 0;                                                                                                   \
   }
 
+// The same two with int8 weights (weight-only int8: each an int8 matrix q and its row scales s, float32)
+#define SSM_Q8_EXPORT(T, SUFFIX)                                                                                \
+  extern "C" int ssm_block_step_q8_##SUFFIX(const T* x_in, T* x_out, const T* norm_w, double eps,               \
+                                            const int8_t* W_in_q, const float* W_in_s, const int8_t* W_out_q,   \
+                                            const float* W_out_s, int64_t D, T* conv_state, const T* conv_w,    \
+                                            const T* conv_b, const int8_t* Wg_q, const float* Wg_s,            \
+                                            const T* dt_bias, const T* Wa, const T* A_base, const T* D_base,    \
+                                            const T* lti, T* ssm_state, int64_t b, int64_t E, int64_t H,        \
+                                            int64_t P, int64_t N, int64_t G, int64_t r, int64_t K, int method,  \
+                                            double alpha, int threads) {                                        \
+    if (b < 0 || D < 1 || H < 1 || E != H * P || N < 1 || G < 1 || H % G || r < 1 || K < 1) return 1;          \
+    StepDims d{b, E, H, P, N, G, r, K, method, alpha};                                                         \
+    if (!structure_ok(d)) return 2;                                                                             \
+    StepArgs<T> x{nullptr, conv_w,    conv_b,    nullptr, dt_bias, Wa,   A_base, D_base,                        \
+                  lti,     conv_state, ssm_state, nullptr, Wg_q,    Wg_s};                                      \
+    block_step(d, x, x_in, x_out, norm_w, eps, {nullptr, W_in_q, W_in_s}, {nullptr, W_out_q, W_out_s}, D,       \
+               threads);                                                                                        \
+    return 0;                                                                                                   \
+  }                                                                                                             \
+  extern "C" int ssm_ffn_step_q8_##SUFFIX(const T* x_in, T* x_out, const T* norm_w, double eps,                 \
+                                          const int8_t* W_up_q, const float* W_up_s, const T* b_up,             \
+                                          const int8_t* W_down_q, const float* W_down_s, const T* b_down,       \
+                                          int64_t b, int64_t D, int64_t F, int act) {                           \
+    if (b < 0 || D < 1 || F < 1 || act < 0 || act > 3) return 1;                                                \
+    ffn_step(x_in, x_out, norm_w, eps, {nullptr, W_up_q, W_up_s}, b_up, {nullptr, W_down_q, W_down_s}, b_down,  \
+             b, D, F, act);                                                                                     \
+    return 0;                                                                                                   \
+  }
+
+SSM_Q8_EXPORT(float, f32)
+SSM_Q8_EXPORT(double, f64)
 SSM_FFN_EXPORT(float, f32)
 SSM_FFN_EXPORT(double, f64)
 SSM_STEP_EXPORT(float, f32)
