@@ -15,6 +15,21 @@
 
 namespace ssmk {
 
+// The decoding step's method code (`ssm.fused.step_code`): bits 0-1 the discretisation (as the scans'),
+// bits 2-7 the structure (0 the diagonal, else 1 + block_scan.cpp's kind), bits 8 and up its block size
+inline int step_structure(int code) { return (code >> 2) & 63; }
+inline BlockKind step_blocks(int code, int64_t N, double alpha) {
+  return {N, int64_t(code >> 8), step_structure(code) - 1, code & 1, alpha};
+}
+// Can the step take the code (the block scan's own checks: rotation blocks of 2, block and banded with
+// gbt only; the signed range the diagonal's only)?
+inline bool step_code_ok(int code, int64_t N) {
+  if (step_structure(code) == 0) return (code >> 8) == 0;
+  const BlockKind k = step_blocks(code, N, 0);
+  if (k.kind > 2 || k.bs < 1 || N % k.bs || (code & 2)) return false;
+  return k.kind == 1 ? k.bs == 2 : (k.method == 1 && (k.kind == 0 || k.bs >= 2));
+}
+
 // The blocks of ref r for heads [0, n): head h reads raw + h * raw_stride (its bs x bs raw block), dt[h],
 // B + (h / hpg) * N + r.state0 (stage 0) and writes Ab + h * ab_stride (bs x bs), Bb + h * N + r.state0
 template <typename T, int BS>

@@ -14,10 +14,9 @@
 //   S[h, n, :] = A_bar S[h, n, :] + beta B[g, n] u[h, :]
 //   y[h, :]    = (sum_n C[g, n] S[h, n, :] + D_h u[h, :]) * silu(z[h, :])
 //
-// The structured A's of the block family (method bits 2-7: 1 + block_scan.cpp's kind, 0 for the
-// diagonal; bits 8 and up: the block size bs) take the scan part from `block_ops.h`, as the scan does:
-//   raw    = A_base + Wa @ a_low          (H, R), R the structure's raw size (block: N bs, rotation: N,
-//                                          banded: (2 N / bs + 1) bs^2)
+// The structured A's of the block family (the structure in the method code, block_heads.h) take the
+// scan part from block_heads.h / block_ops.h, the scan's operators (block_scan.cpp):
+//   raw    = A_base + Wa @ a_low   (H, R), R the raw size (block N bs, rotation N, banded (2N/bs + 1) bs^2)
 //   per head: (A_bar, B_bar) = the token's operator of block_scan.cpp from (raw[h], dt_h, B[g])
 //   S[h] = A_bar S[h] + B_bar u[h]^T;  y[h, :] = (C[g]^T S[h] + D_h u[h, :]) * silu(z[h, :])
 //
@@ -51,20 +50,11 @@ using namespace ssmk;
 
 struct StepDims {
   int64_t b, E, H, P, N, G, r, K;
-  int method;      // bits 0-1: the discretisation (as the scans); bits 2-7: the structure; 8 up: its block size
+  int method;      // the step's code (block_heads.h): the discretisation, and the structure of the block family
   double alpha;
-  int structure() const { return (method >> 2) & 63; }   // 0 diagonal, else 1 + block_scan.cpp's kind
-  BlockKind blocks() const { return {N, int64_t(method >> 8), structure() - 1, method & 1, alpha}; }
+  int structure() const { return step_structure(method); }
+  BlockKind blocks() const { return step_blocks(method, N, alpha); }
 };
-
-// Can the step take this structure (the block scan's own checks: rotation blocks of 2, block and banded
-// with gbt only, no signed range but the diagonal's)?
-inline bool structure_ok(const StepDims& d) {
-  if (d.structure() == 0) return (d.method >> 8) == 0;
-  const BlockKind k = d.blocks();
-  if (k.kind > 2 || k.bs < 1 || d.N % k.bs || (d.method & 2)) return false;
-  return k.kind == 1 ? k.bs == 2 : (k.method == 1 && (k.kind == 0 || k.bs >= 2));
-}
 
 template <typename T> struct StepArgs {
   const T *xz, *conv_w, *conv_b, *Wg, *dt_bias, *Wa, *A_base, *D_base, *lti;
@@ -140,26 +130,24 @@ template <typename T> void conv_row(const StepDims& d, const StepArgs<T>& x, int
   }
 }
 
-template <typename T> void project_rows(const T* W, const T* in, const T* add, T* out, int64_t b, int64_t O, int64_t I);
-
 template <typename T> inline T softplus(T v) { return v > 20 ? v : std::log1p(std::exp(v)); }   // as torch's
 
-// scan_row for the block family (block_heads.h's step_heads after the raw rows, steps and skips)
+// scan_row for the block family (block_heads.h's step_heads) from the row's raw (H, R) = A_base + Wa @ a_low
 template <typename T>
-void scan_row_blocks(const StepDims& d, const StepArgs<T>& x, int64_t bi, const T* u, const T* g) {
-  const int64_t E = d.E, H = d.H, N = d.N, G = d.G, r = d.r;
-  const BlockKind k = d.blocks();
-  std::vector<T> raw(H * k.R()), dt(H), D(H);
-  const T *dt_raw = g, *a_low = dt_raw + H, *Bv = a_low + r, *Cv = Bv + G * N, *d_raw = Cv + G * N;
-  project_rows(x.Wa, a_low, x.A_base, raw.data(), 1, H * k.R(), r);    // raw = A_base + Wa @ a_low
+void scan_row_blocks(const StepDims& d, const StepArgs<T>& x, int64_t bi, const T* u, const T* g, const T* raw) {
+  const int64_t E = d.E, H = d.H, N = d.N, G = d.G;
+  std::vector<T> dt(H), D(H);
+  const T *dt_raw = g, *Bv = dt_raw + H + d.r, *Cv = Bv + G * N, *d_raw = Cv + G * N;
   for (int64_t h = 0; h < H; ++h) dt[h] = softplus(dt_raw[h] + x.dt_bias[h]), D[h] = x.D_base[h] + d_raw[h];
-  step_heads(k, H, d.P, G, raw.data(), dt.data(), Bv, Cv, D.data(), u, x.xz + bi * 2 * E + E,
+  step_heads(d.blocks(), H, d.P, G, raw, dt.data(), Bv, Cv, D.data(), u, x.xz + bi * 2 * E + E,
              x.ssm_state + bi * H * N * d.P, x.y + bi * E);
 }
 
-// The scan of row bi from its conv output u (E) and generator output g (O): y row bi, the state advanced
-template <typename T> void scan_row(const StepDims& d, const StepArgs<T>& x, int64_t bi, const T* u, const T* g) {
-  if (d.structure()) return scan_row_blocks(d, x, bi, u, g);
+// The scan of row bi from its conv output u (E) and generator output g (O) (and the block family's raw
+// row): y row bi, the state advanced
+template <typename T>
+void scan_row(const StepDims& d, const StepArgs<T>& x, int64_t bi, const T* u, const T* g, const T* raw) {
+  if (d.structure()) return scan_row_blocks(d, x, bi, u, g, raw);
   const int64_t E = d.E, H = d.H, P = d.P, N = d.N, G = d.G, r = d.r;
   const T* z = x.xz + bi * 2 * E + E;
   std::vector<T> a(H * N), Ab(N), Bb(N);
@@ -260,6 +248,20 @@ template <typename T> void project(const Weights<T>& W, const T* in, const T* ad
   else project_rows(W.w, in, add, out, b, O, I);
 }
 
+// The block family's raw rows (b, H R) = A_base + Wa @ a_low of all b rows at once (each tile of Wa read
+// once for a tile of rows) from the generator's outputs g (b, O); empty for the diagonal
+template <typename T> std::vector<T> block_raw(const StepDims& d, const StepArgs<T>& x, const T* g) {
+  if (!d.structure()) return {};
+  const int64_t O = 2 * d.H + d.r + 2 * d.G * d.N, HR = d.H * d.blocks().R(), r = d.r;
+  std::vector<T> a_low(d.b * r), raw(d.b * HR);
+  for (int64_t bi = 0; bi < d.b; ++bi) {
+    std::memcpy(&a_low[bi * r], g + bi * O + d.H, sizeof(T) * r);
+    std::memcpy(&raw[bi * HR], x.A_base, sizeof(T) * HR);
+  }
+  project_rows(x.Wa, a_low.data(), raw.data(), raw.data(), d.b, HR, r);
+  return raw;
+}
+
 // The layer step of all b rows (x.xz and x.y set): the conv of every row, the generator projection of
 // all rows as one product (for the time-invariant ablation: once, the same for every row), the scans
 template <typename T> void layer_step(const StepDims& d, const StepArgs<T>& x, int threads) {
@@ -273,7 +275,10 @@ template <typename T> void layer_step(const StepDims& d, const StepArgs<T>& x, i
   } else {
     project(Wg, u.data(), (const T*)nullptr, g.data(), d.b, O, d.E);
   }
-  parallel_for(d.b, threads, [&](int64_t bi) { scan_row(d, x, bi, &u[bi * d.E], &g[bi * O]); });
+  const std::vector<T> raw = block_raw(d, x, g.data());
+  parallel_for(d.b, threads, [&](int64_t bi) {
+    scan_row(d, x, bi, &u[bi * d.E], &g[bi * O], raw.empty() ? nullptr : &raw[bi * d.H * d.blocks().R()]);
+  });
 }
 
 template <typename T>
@@ -323,7 +328,7 @@ void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const Weight
                                          int64_t K, int method, double alpha, int threads) {                    \
     if (b < 0 || H < 1 || E != H * P || N < 1 || G < 1 || H % G || r < 1 || K < 1) return 1;                   \
     StepDims d{b, E, H, P, N, G, r, K, method, alpha};                                                         \
-    if (!structure_ok(d)) return 2;                                                                             \
+    if (!step_code_ok(method, N)) return 2;                                                                     \
     StepArgs<T> x{xz, conv_w, conv_b, Wg, dt_bias, Wa, A_base, D_base, lti, conv_state, ssm_state, y};         \
     layer_step(d, x, threads);                                                                                  \
     return 0;                                                                                                   \
@@ -341,7 +346,7 @@ void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const Weight
                                          int64_t r, int64_t K, int method, double alpha, int threads) {         \
     if (b < 0 || D < 1 || H < 1 || E != H * P || N < 1 || G < 1 || H % G || r < 1 || K < 1) return 1;          \
     StepDims d{b, E, H, P, N, G, r, K, method, alpha};                                                         \
-    if (!structure_ok(d)) return 2;                                                                             \
+    if (!step_code_ok(method, N)) return 2;                                                                     \
     StepArgs<T> x{nullptr, conv_w, conv_b, Wg, dt_bias, Wa, A_base, D_base, lti, conv_state, ssm_state, nullptr}; \
     block_step(d, x, x_in, x_out, norm_w, eps, {W_in}, {W_out}, D, threads);                                   \
     return 0;                                                                                                   \
@@ -368,7 +373,7 @@ void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const Weight
                                             double alpha, int threads) {                                        \
     if (b < 0 || D < 1 || H < 1 || E != H * P || N < 1 || G < 1 || H % G || r < 1 || K < 1) return 1;          \
     StepDims d{b, E, H, P, N, G, r, K, method, alpha};                                                         \
-    if (!structure_ok(d)) return 2;                                                                             \
+    if (!step_code_ok(method, N)) return 2;                                                                     \
     StepArgs<T> x{nullptr, conv_w,    conv_b,    nullptr, dt_bias, Wa,   A_base, D_base,                        \
                   lti,     conv_state, ssm_state, nullptr, Wg_q,    Wg_s};                                      \
     block_step(d, x, x_in, x_out, norm_w, eps, {nullptr, W_in_q, W_in_s}, {nullptr, W_out_q, W_out_s}, D,       \
