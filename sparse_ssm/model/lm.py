@@ -26,8 +26,8 @@ from .loss import linear_cross_entropy
 from ..ssm.kernels import lm_head_rows
 from ..ssm.selective import SelectiveParameterGenerator
 
-# decoding batches up to this many rows take the native LM head kernel (bf16: it widens the weight
-# for every row, and from 8 rows F.linear's bf16 GEMM is faster)
+# decoding batches up to this many rows take the native LM head kernel (bf16: from 8 rows F.linear's
+# bf16 GEMM is as fast, bench/lm_head.py)
 HEAD_KERNEL_ROWS = {torch.float32: 8, torch.float64: 8, torch.bfloat16: 4}
 
 

@@ -5,7 +5,8 @@
 // block of four weight rows is multiplied with every x row while it is in L1 (x stays there too),
 // the vocabulary split into contiguous ranges, one a thread.  Weights float32, float64 (x and the
 // logits of the same dtype) or bf16 (x and logits bf16, accumulation in float32, each product of
-// two bf16 values exact in float32; the logits rounded to nearest even once).
+// two bf16 values exact in float32; the logits rounded to nearest even once; the AVX512-BF16 dot
+// product where the CPU has it, else the weight widened to float32 as it is read).
 
 #include <type_traits>
 
@@ -192,6 +193,43 @@ void lm_head(const typename Load<WT>::A* x, const WT* w, typename Load<WT>::A* o
   });
 }
 
+#if defined(__AVX512BF16__)
+// bf16 x and weight by the AVX512-BF16 dot product (32 bf16 pairs a step, each pair's products exact
+// in float32 and added in float32; no widening of the weight): NW weight rows (4 or 1) against
+// every x row, logits float32, the weight prefetched kPrefetchBlocks blocks ahead on the first row
+template <int NW>
+void bf16_block_dots(const uint16_t* x, int64_t rows, const uint16_t* w, int64_t dim, float* out, int64_t vocab) {
+  for (int64_t r = 0; r < rows; ++r) {
+    __m512 acc[NW];
+    for (int j = 0; j < NW; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < dim; k += 32) {
+      const __mmask32 m = dim - k >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << (dim - k)) - 1);
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + r * dim + k);
+      if (NW == kWeightRows && r == 0)
+        for (int j = 0; j < kWeightRows; ++j)
+          _mm_prefetch((const char*)(w + (j + kPrefetchBlocks * kWeightRows) * dim + k), _MM_HINT_T0);
+      for (int j = 0; j < NW; ++j)
+        acc[j] = _mm512_dpbf16_ps(acc[j], xv, (__m512bh)_mm512_maskz_loadu_epi16(m, w + j * dim + k));
+    }
+    for (int j = 0; j < NW; ++j) out[r * vocab + j] = _mm512_reduce_add_ps(acc[j]);
+  }
+}
+
+void lm_head_bf16_dot(const uint16_t* x, const uint16_t* w, float* out, int64_t rows, int64_t vocab, int64_t dim,
+                      int threads) {
+  const int64_t blocks = (vocab + kWeightRows - 1) / kWeightRows;
+  const int parts = (int)std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
+  parallel_for(parts, parts, [&](int64_t part) {
+    for (int64_t b = blocks * part / parts; b < blocks * (part + 1) / parts; ++b) {
+      const int64_t j = b * kWeightRows;
+      if (j + kWeightRows <= vocab) bf16_block_dots<kWeightRows>(x, rows, w + j * dim, dim, out + j, vocab);
+      else
+        for (int64_t t = j; t < vocab; ++t) bf16_block_dots<1>(x, rows, w + t * dim, dim, out + t, vocab);
+    }
+  });
+}
+#endif
+
 }  // namespace
 
 #define SSM_LM_HEAD_EXPORT(T, SUFFIX)                                                                             \
@@ -209,9 +247,14 @@ SSM_LM_HEAD_EXPORT(double, f64)
 extern "C" int ssm_lm_head_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t rows, int64_t vocab,
                                 int64_t dim, int threads) {
   if (rows < 0 || vocab < 0 || dim < 0) return 1;
-  std::vector<float> xf(rows * dim), logits(rows * vocab);
+  std::vector<float> logits(rows * vocab);
+#if defined(__AVX512BF16__)
+  lm_head_bf16_dot(x, w, logits.data(), rows, vocab, dim, threads);
+#else
+  std::vector<float> xf(rows * dim);
   for (int64_t i = 0; i < rows * dim; ++i) xf[i] = bf16_to_float(x[i]);
   lm_head<uint16_t>(xf.data(), w, logits.data(), rows, vocab, dim, threads);
+#endif
   for (int64_t i = 0; i < rows * vocab; ++i) out[i] = float_to_bf16(logits[i]);
   return 0;
 }
