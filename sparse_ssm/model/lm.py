@@ -23,7 +23,12 @@ from .block import SparseSSMBlock
 from .config import SparseSSMConfig
 from .layer import LayerState, norm_step
 from .loss import linear_cross_entropy
+from ..ssm.kernels import lm_head_rows
 from ..ssm.selective import SelectiveParameterGenerator
+
+# decoding batches up to this many rows take the native LM head kernel (bf16: from 8 rows F.linear's
+# bf16 GEMM is as fast, bench/lm_head.py)
+HEAD_KERNEL_ROWS = {torch.float32: 8, torch.float64: 8, torch.bfloat16: 4}
 
 
 @dataclass
@@ -139,7 +144,18 @@ class SparseSSMForCausalLM(nn.Module):
         x = self.embed(token_ids)
         for block, state in zip(self.blocks, cache):
             x = block.step(x, state)
-        return self.lm_head(norm_step(self.norm, x)), cache
+        return self.head_rows(norm_step(self.norm, x)), cache
+
+    def head_rows(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head of a decoding step's rows h (b, hidden) -> logits (b, vocab): a float head by
+        the native few-rows kernel for b <= HEAD_KERNEL_ROWS (one pass over its weight; 1.5-2x
+        F.linear at the 130 M size, bench/lm_head.py), otherwise (and as the reference) `lm_head`."""
+        head = self.lm_head
+        if isinstance(head, nn.Linear) and head.bias is None and h.shape[0] <= HEAD_KERNEL_ROWS.get(h.dtype, 0):
+            logits = lm_head_rows(h, head.weight)
+            if logits is not None:
+                return logits
+        return head(h)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

@@ -9,6 +9,7 @@ A_t through the Woodbury identity; `householder_scan.cpp`: for products of House
 times a diagonal, applied to the state one reflection at a time; `scan_head.h`: the walk over one
 (batch row, head) that those two share; `causal_conv.cpp`: the causal depthwise convolution +
 SiLU; `cross_entropy.cpp`: the softmax cross-entropy of the LM head's logits, in place;
+`lm_head.cpp`: the LM head's logits for the few rows of a decoding step (one pass over its weight);
 `layer_step.cpp`: a whole decoding step of a layer (diagonal A or the block family) between its
 projections, the RMSNorm of its rows, the residual block around both, and the pre-norm FFN of a block;
 `block_ops.h`: the per-token operators of the block family, shared by `block_scan.cpp` and the step;
@@ -35,7 +36,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 SOURCES = [HERE / name for name in ("selective_scan.cpp", "block_scan.cpp", "lowrank_scan.cpp", "householder_scan.cpp",
-                                    "causal_conv.cpp", "cross_entropy.cpp", "layer_step.cpp", "int8_gemv.cpp")]
+                                    "causal_conv.cpp", "cross_entropy.cpp", "layer_step.cpp", "int8_gemv.cpp",
+                                    "lm_head.cpp")]
 HEADERS = [HERE / "vec.h", HERE / "scan_head.h", HERE / "block_ops.h", HERE / "block_heads.h", HERE / "int8_gemv.h"]
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-pthread"]
 ABI_VERSION = 3
@@ -103,6 +105,7 @@ def _bind(lib: ctypes.CDLL):
                   "ssm_block_step_q8": [ptr] * 3 + [ctypes.c_double] + [ptr] * 4 + [i64] + [ptr] * 11 + [i64] * 8
                   + [c_int, ctypes.c_double, c_int],
                   "ssm_rms_norm": [ptr] * 3 + [i64, i64, ctypes.c_double],
+                  "ssm_lm_head": [ptr] * 3 + [i64] * 3 + [c_int],
                   "ssm_ffn_step": [ptr] * 3 + [ctypes.c_double] + [ptr] * 4 + [i64] * 3 + [c_int],
                   "ssm_block_step": [ptr] * 3 + [ctypes.c_double] + [ptr] * 2 + [i64] + [ptr] * 10 + [i64] * 8
                   + [c_int, ctypes.c_double, c_int]}
@@ -110,6 +113,7 @@ def _bind(lib: ctypes.CDLL):
         for suffix in ("f32", "f64"):
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes, fn.restype = argtypes, c_int
+    lib.ssm_lm_head_bf16.argtypes, lib.ssm_lm_head_bf16.restype = signatures["ssm_lm_head"], c_int
     lib.ssm_kernel_abi_version.restype = ctypes.c_int
     lib.ssm_scan_chunk.restype = ctypes.c_int64
     if lib.ssm_kernel_abi_version() != ABI_VERSION:
@@ -157,6 +161,26 @@ def cross_entropy_rows_(logits, targets, scale: float, grad: bool):
     if err:
         raise ValueError(f"cross entropy kernel: a target is outside the vocabulary of {logits.shape[1]} (code {err})")
     return losses
+
+
+LM_HEAD_DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
+
+
+def lm_head_rows(x, weight):
+    """x (rows, dim) @ weight (vocab, dim)^T -> (rows, vocab) by the native few-rows kernel (one pass
+    over the weight; float32 / float64 / bf16, x and weight of the same dtype, CPU), or None when the
+    kernel is unavailable or does not take these tensors (the caller uses F.linear, its reference)."""
+    lib = native_library()
+    name = LM_HEAD_DTYPES.get(x.dtype)
+    if (lib is None or name is None or weight.dtype != x.dtype or x.device.type != "cpu" or x.dim() != 2
+            or weight.dim() != 2 or x.shape[1] != weight.shape[1]
+            or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return None
+    x, weight = x.contiguous(), weight.detach().contiguous()
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    getattr(lib, f"ssm_lm_head_{name}")(ptr(x), ptr(weight), ptr(out), x.shape[0], weight.shape[0], x.shape[1],
+                                        torch.get_num_threads())
+    return out
 
 
 # --- the operators that wrap the kernels, and the conventions of their arguments -----------------
