@@ -130,8 +130,10 @@ def decode_layer_step(xz, conv_weight, conv_bias, weights: dict, conv_state, ssm
     layer's dtype).  Returns y (b, E), gated; None when the kernel cannot take it (then the caller
     runs the step operation by operation)."""
     lib = native_library()
-    if isinstance(weights["Wg"], tuple) or not _step_inputs_ok(lib, xz.dtype, (conv_weight,), (xz, conv_state, ssm_state)):
-        return None                                      # (an int8 Wg: the block step only)
+    if isinstance(weights["Wg"], tuple):                 # an int8 Wg: the block step only
+        return None
+    if not _step_inputs_ok(lib, xz.dtype, (conv_weight,), (xz, conv_state, ssm_state)):
+        return None
     dtype = xz.dtype
     b, H, N, P = ssm_state.shape
     E, K = conv_weight.shape
@@ -231,7 +233,8 @@ def block_step_plan(x, norm_weight, eps, in_weight, out_weight, conv_weight, con
     lib = native_library()
     Wa, lti = weights["Wa"], weights["lti"]
     projections = _projections(x.dtype, in_weight, out_weight, weights["Wg"])
-    if projections is None or not _step_inputs_ok(lib, x.dtype, (norm_weight, conv_weight, Wa), (x, conv_state, ssm_state)):
+    if projections is None or not _step_inputs_ok(lib, x.dtype, (norm_weight, conv_weight, Wa),
+                                                  (x, conv_state, ssm_state)):
         return None
     (W_in, W_out, Wg) = projections
     b, H, N, P = ssm_state.shape

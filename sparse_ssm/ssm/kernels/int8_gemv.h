@@ -27,8 +27,11 @@ template <typename T> struct Weights {
   const float* s = nullptr;
 };
 
-// Inner elements summed in int32 before a flush to int64: 4096 * 127 * 32767 < 2^31
+// Inner elements summed in int32 before a flush to int64: an AVX-512 lane takes 2 of every 32, so 256
+// products of |q| <= 127 and |xq| <= 32767 in a chunk (< 2^31; its 16 lanes are added in int64); the
+// portable loop flushes every 256
 constexpr int64_t kQ8Chunk = 4096;
+constexpr int64_t kQ8PortableChunk = 256;
 constexpr int64_t kQ8Align = 32;          // int16 lanes of a 512-bit register; xq rows are padded with zeros
 
 // xq (I) = round(x / a) with a = max|x| / 32767 (0 for a zero row); false when x holds a NaN or inf
@@ -67,7 +70,8 @@ inline void q8_step(__m512i (&acc)[4][R], const int8_t* const w[4], const int16_
 #pragma GCC unroll 4
   for (int k = 0; k < 4; ++k) {
     if (!Masked) __builtin_prefetch(w[k] + i + ahead);
-    const __m256i bytes = Masked ? _mm256_maskz_loadu_epi8(m, w[k] + i) : _mm256_loadu_si256((const __m256i*)(w[k] + i));
+    const __m256i bytes =
+        Masked ? _mm256_maskz_loadu_epi8(m, w[k] + i) : _mm256_loadu_si256((const __m256i*)(w[k] + i));
     const __m512i wk = _mm512_cvtepi8_epi16(bytes);
 #pragma GCC unroll 4
     for (int j = 0; j < R; ++j) acc[k][j] = madd_i16(acc[k][j], wk, x[j]);
@@ -86,7 +90,11 @@ template <int R> void q8_chunk(const int8_t* const w[4], const int16_t* xq, int6
   for (; i + kQ8Align <= hi; i += kQ8Align) q8_step<R, false>(acc, w, xq, Ip, i, ahead, 0);
   if (i < hi) q8_step<R, true>(acc, w, xq, Ip, i, ahead, __mmask32((1u << (hi - i)) - 1));
   for (int k = 0; k < 4; ++k)
-    for (int j = 0; j < R; ++j) sums[k][j] += _mm512_reduce_add_epi32(acc[k][j]);
+    for (int j = 0; j < R; ++j) {
+      const __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[k][j]));
+      const __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[k][j], 1));
+      sums[k][j] += _mm512_reduce_add_epi64(_mm512_add_epi64(lo, hi));
+    }
 }
 #else
 template <int R> void q8_chunk(const int8_t* const w[4], const int16_t* xq, int64_t Ip, int64_t lo, int64_t hi,
@@ -94,9 +102,11 @@ template <int R> void q8_chunk(const int8_t* const w[4], const int16_t* xq, int6
   for (int k = 0; k < 4; ++k)
     for (int j = 0; j < R; ++j) {
       const int16_t* x = xq + j * Ip;
-      int32_t acc = 0;
-      for (int64_t i = lo; i < hi; ++i) acc += int32_t(w[k][i]) * int32_t(x[i]);
-      sums[k][j] += acc;
+      for (int64_t c = lo; c < hi; c += kQ8PortableChunk) {
+        int32_t acc = 0;
+        for (int64_t i = c; i < std::min(hi, c + kQ8PortableChunk); ++i) acc += int32_t(w[k][i]) * int32_t(x[i]);
+        sums[k][j] += acc;
+      }
     }
 }
 #endif
