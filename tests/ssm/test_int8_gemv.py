@@ -74,6 +74,14 @@ def test_a_row_with_a_nan_gives_nan_and_the_others_their_products():
     assert y[1].isnan().all() and torch.allclose(y[[0, 2]].double(), reference[[0, 2]], rtol=1e-5, atol=1e-5)
 
 
+def test_a_row_of_subnormal_values_gets_its_products():
+    """32767 / max|x| would overflow for such a row: the kernel takes the float path instead."""
+    x, q, scales, _ = operands(2, 10, 50, torch.float32)
+    x[1] = torch.linspace(-1e-40, 1e-40, 50)
+    reference = x.double() @ (q.double() * scales.double()[:, None]).T
+    assert torch.allclose(int8_linear(x, q, scales).double(), reference, rtol=1e-5, atol=1e-45)
+
+
 def test_what_the_kernel_cannot_take_is_refused():
     x, q, scales, _ = operands(2, 8, 32, torch.float32)
     assert int8_linear(x.bfloat16(), q, scales) is None

@@ -10,7 +10,8 @@
 // int16 and multiplies pairs into int32 lanes (`vpdpwssd` with VNNI, `vpmaddwd` + add without); elsewhere
 // a plain loop the compiler vectorises.  Tiles of 4 weight rows x R input rows keep their sums in
 // registers, so each weight byte is read once from memory for all rows (decoding: 1-8 rows, memory bound).
-// A row with a non-finite value takes the float path (s[o] * sum q x), which propagates it as torch does.
+// Rows with a NaN or inf (or so small that 32767 / max|x| overflows) take the float path (s[o] * sum q x),
+// which propagates a NaN as torch does.
 #pragma once
 
 #include "vec.h"
@@ -34,7 +35,8 @@ constexpr int64_t kQ8Chunk = 4096;
 constexpr int64_t kQ8PortableChunk = 256;
 constexpr int64_t kQ8Align = 32;          // int16 lanes of a 512-bit register; xq rows are padded with zeros
 
-// xq (I) = round(x / a) with a = max|x| / 32767 (0 for a zero row); false when x holds a NaN or inf
+// xq (I) = round(x / a) with a = max|x| / 32767 (0 for a zero row); false when x holds a NaN or inf, or
+// its largest value is so small (subnormal) that 32767 / max|x| is not finite
 template <typename T> bool quantize_i16(const T* x, int16_t* xq, int64_t I, T& a) {
   T amax = 0, check = 0;
   for (int64_t i = 0; i < I; ++i) {
@@ -44,6 +46,7 @@ template <typename T> bool quantize_i16(const T* x, int16_t* xq, int64_t I, T& a
   if (check != 0 || std::isnan(check)) return false;
   a = amax / T(32767);
   const T inv = amax > 0 ? T(32767) / amax : T(0);
+  if (!(inv <= std::numeric_limits<T>::max())) return false;
   for (int64_t i = 0; i < I; ++i) xq[i] = int16_t(std::nearbyint(x[i] * inv));
   return true;
 }
@@ -146,13 +149,13 @@ void project_rows_q8(const Weights<T>& W, const T* in, const T* add, T* out, int
   const int64_t Ip = (I + kQ8Align - 1) / kQ8Align * kQ8Align;
   std::vector<int16_t> xq(b * Ip, 0);
   std::vector<T> a(b);
-  bool finite = true;
-  for (int64_t j = 0; j < b; ++j) finite = finite && quantize_i16(in + j * I, &xq[j * Ip], I, a[j]);
+  bool quantised = true;
+  for (int64_t j = 0; j < b; ++j) quantised = quantised && quantize_i16(in + j * I, &xq[j * Ip], I, a[j]);
   const int64_t blocks = (O + 3) / 4;
   if (O * I < (int64_t(1) << 20)) threads = 1;
   parallel_for(threads, threads, [&](int64_t t) {
     const int64_t o0 = 4 * (blocks * t / threads), o1 = std::min(O, 4 * (blocks * (t + 1) / threads));
-    if (!finite) return q8_float_rows(W, in, add, out, b, O, I, o0, o1);
+    if (!quantised) return q8_float_rows(W, in, add, out, b, O, I, o0, o1);
     for (int64_t o = o0; o < o1; o += 4)
       for (int64_t j = 0; j < b;) {
         const int64_t rows = std::min<int64_t>(4, b - j);
