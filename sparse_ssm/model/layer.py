@@ -119,8 +119,9 @@ class SelectiveSSMLayer(nn.Module):
         if state.plan is None or not state.plan.fits(x, state.conv, state.ssm):
             weights = self._native_decode_weights()
             state.plan = None if weights is None else block_step_plan(
-                x, norm.weight, norm.eps, decode_weight(self.in_proj), decode_weight(self.out_proj), self.conv.weight[:, 0],
-                self.conv.bias, weights, state.conv, state.ssm, self.discretization, self.config.gbt_alpha)
+                x, norm.weight, norm.eps, decode_weight(self.in_proj), decode_weight(self.out_proj),
+                self.conv.weight[:, 0], self.conv.bias, weights, state.conv, state.ssm, self.discretization,
+                self.config.gbt_alpha)
         if state.plan is not None:
             return state.plan(x)
         return x + self.step(norm_step(norm, x), state)

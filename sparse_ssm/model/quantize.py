@@ -72,11 +72,11 @@ class Int8Linear(nn.Module):
         return cls(*quantize_rows(weight), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if rows.shape[0] < _MANY_ROWS:                   # decoding: the native int8 product
             y = int8_linear(rows, self.qweight, self.scales, self.bias)
             if y is not None:
-                return y.reshape(*x.shape[:-1], self.out_features)
+                return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
         if rows.shape[0] >= _MANY_ROWS:                  # a prompt, a batch of windows: bf16 GEMM
             unscaled = F.linear(rows.to(torch.bfloat16), self.qweight.to(torch.bfloat16)).to(x.dtype)
         elif x.device.type == "cpu" and self.in_features % _KERNEL_INNER_MULTIPLE == 0:

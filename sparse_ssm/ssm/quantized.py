@@ -13,26 +13,34 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import native_library, suffix
+from .kernels import native_library
+
+_KERNELS: dict = {}        # x's dtype -> the library's entry point, once the library is loaded
+
+
+def _kernels() -> dict:
+    lib = native_library()
+    if lib is not None and not _KERNELS:
+        _KERNELS.update({torch.float32: lib.ssm_int8_linear_f32, torch.float64: lib.ssm_int8_linear_f64})
+    return _KERNELS
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """(b, O) in x's dtype, or None when the kernel cannot take these (no native library, not CPU
-    float32/64 rows, a weight or scale of another dtype or layout)."""
-    lib = native_library()
-    if (lib is None or x.dim() != 2 or suffix(x.dtype) is None or x.device.type != "cpu"
-            or qweight.dtype != torch.int8 or scales.dtype != torch.float32 or qweight.device.type != "cpu"
-            or not (qweight.is_contiguous() and scales.is_contiguous())
-            or x.shape[1] != qweight.shape[1] or scales.shape != qweight.shape[:1]):
+    float32/64 rows, a weight or scale of another dtype or layout).  Its checks are kept to what a
+    decoding step can afford (a map of the step costs ~20 microseconds of arithmetic)."""
+    fn = (_KERNELS or _kernels()).get(x.dtype)
+    if (fn is None or x.dim() != 2 or not x.is_cpu or qweight.dtype != torch.int8 or scales.dtype != torch.float32
+            or not (qweight.is_cpu and qweight.is_contiguous() and scales.is_contiguous())
+            or x.shape[1] != qweight.shape[1] or scales.shape[0] != qweight.shape[0] or scales.dim() != 1):
         return None
     x = x.contiguous()
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
     out = x.new_empty(x.shape[0], qweight.shape[0])
-    if getattr(lib, f"ssm_int8_linear_{suffix(x.dtype)}")(
-            x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr(),
-            out.data_ptr(), x.shape[0], qweight.shape[0], x.shape[1], torch.get_num_threads()):
+    if fn(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr(),
+          out.data_ptr(), x.shape[0], qweight.shape[0], x.shape[1], torch.get_num_threads()):
         raise ValueError("int8 linear: invalid shapes")
     return out
 

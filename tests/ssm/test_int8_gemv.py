@@ -31,6 +31,13 @@ def error_bound(x, q, scales, reference):
     return a / 2 * W.abs().sum(1) + 1e-5 * (x.double().abs() @ W.abs().T + reference.abs()) + 1e-12
 
 
+def largest_sums(inner: int = 9000):
+    """Operands whose every product is the largest the kernel forms (|q| = 127, |xq| = 32767, one sign):
+    the integer sums as large as they can be, over several int32 chunks (4,096 inner elements)."""
+    q, scales = quantize_rows(torch.ones(5, inner))
+    return torch.ones(2, inner), q, scales
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize("O, I", [(40, 64), (13, 77), (6, 33), (5, 4100)], ids=["64", "77", "33", "4100"])
@@ -67,6 +74,14 @@ def test_a_row_with_a_nan_gives_nan_and_the_others_their_products():
     assert y[1].isnan().all() and torch.allclose(y[[0, 2]].double(), reference[[0, 2]], rtol=1e-5, atol=1e-5)
 
 
+def test_a_row_of_subnormal_values_gets_its_products():
+    """32767 / max|x| would overflow for such a row: the kernel takes the float path instead."""
+    x, q, scales, _ = operands(2, 10, 50, torch.float32)
+    x[1] = torch.linspace(-1e-40, 1e-40, 50)
+    reference = x.double() @ (q.double() * scales.double()[:, None]).T
+    assert torch.allclose(int8_linear(x, q, scales).double(), reference, rtol=1e-5, atol=1e-45)
+
+
 def test_what_the_kernel_cannot_take_is_refused():
     x, q, scales, _ = operands(2, 8, 32, torch.float32)
     assert int8_linear(x.bfloat16(), q, scales) is None
@@ -91,3 +106,12 @@ def test_the_portable_path_gives_the_vectorised_numbers(tmp_path):
         out = torch.empty(rows, O)
         assert fn(x.data_ptr(), q.data_ptr(), scales.data_ptr(), bias.data_ptr(), out.data_ptr(), rows, O, I, 1) == 0
         assert torch.allclose(out, int8_linear(x, q, scales, bias), rtol=1e-6, atol=1e-6)
+    x, q, scales = largest_sums()
+    out = torch.empty(2, 5)
+    assert fn(x.data_ptr(), q.data_ptr(), scales.data_ptr(), None, out.data_ptr(), 2, 5, x.shape[1], 1) == 0
+    assert torch.allclose(out, torch.full((2, 5), float(x.shape[1])), rtol=1e-6)
+
+
+def test_the_largest_sums_do_not_overflow():
+    x, q, scales = largest_sums()
+    assert torch.allclose(int8_linear(x, q, scales), torch.full((2, 5), float(x.shape[1])), rtol=1e-6)

@@ -10,7 +10,8 @@
 // int16 and multiplies pairs into int32 lanes (`vpdpwssd` with VNNI, `vpmaddwd` + add without); elsewhere
 // a plain loop the compiler vectorises.  Tiles of 4 weight rows x R input rows keep their sums in
 // registers, so each weight byte is read once from memory for all rows (decoding: 1-8 rows, memory bound).
-// A row with a non-finite value takes the float path (s[o] * sum q x), which propagates it as torch does.
+// Rows with a NaN or inf (or so small that 32767 / max|x| overflows) take the float path (s[o] * sum q x),
+// which propagates a NaN as torch does.
 #pragma once
 
 #include "vec.h"
@@ -27,11 +28,15 @@ template <typename T> struct Weights {
   const float* s = nullptr;
 };
 
-// Inner elements summed in int32 before a flush to int64: 4096 * 127 * 32767 < 2^31
+// Inner elements summed in int32 before a flush to int64: an AVX-512 lane takes 2 of every 32, so 256
+// products of |q| <= 127 and |xq| <= 32767 in a chunk (< 2^31; its 16 lanes are added in int64); the
+// portable loop flushes every 256
 constexpr int64_t kQ8Chunk = 4096;
+constexpr int64_t kQ8PortableChunk = 256;
 constexpr int64_t kQ8Align = 32;          // int16 lanes of a 512-bit register; xq rows are padded with zeros
 
-// xq (I) = round(x / a) with a = max|x| / 32767 (0 for a zero row); false when x holds a NaN or inf
+// xq (I) = round(x / a) with a = max|x| / 32767 (0 for a zero row); false when x holds a NaN or inf, or
+// its largest value is so small (subnormal) that 32767 / max|x| is not finite
 template <typename T> bool quantize_i16(const T* x, int16_t* xq, int64_t I, T& a) {
   T amax = 0, check = 0;
   for (int64_t i = 0; i < I; ++i) {
@@ -41,6 +46,7 @@ template <typename T> bool quantize_i16(const T* x, int16_t* xq, int64_t I, T& a
   if (check != 0 || std::isnan(check)) return false;
   a = amax / T(32767);
   const T inv = amax > 0 ? T(32767) / amax : T(0);
+  if (!(inv <= std::numeric_limits<T>::max())) return false;
   for (int64_t i = 0; i < I; ++i) xq[i] = int16_t(std::nearbyint(x[i] * inv));
   return true;
 }
@@ -67,7 +73,8 @@ inline void q8_step(__m512i (&acc)[4][R], const int8_t* const w[4], const int16_
 #pragma GCC unroll 4
   for (int k = 0; k < 4; ++k) {
     if (!Masked) __builtin_prefetch(w[k] + i + ahead);
-    const __m256i bytes = Masked ? _mm256_maskz_loadu_epi8(m, w[k] + i) : _mm256_loadu_si256((const __m256i*)(w[k] + i));
+    const __m256i bytes =
+        Masked ? _mm256_maskz_loadu_epi8(m, w[k] + i) : _mm256_loadu_si256((const __m256i*)(w[k] + i));
     const __m512i wk = _mm512_cvtepi8_epi16(bytes);
 #pragma GCC unroll 4
     for (int j = 0; j < R; ++j) acc[k][j] = madd_i16(acc[k][j], wk, x[j]);
@@ -86,7 +93,11 @@ template <int R> void q8_chunk(const int8_t* const w[4], const int16_t* xq, int6
   for (; i + kQ8Align <= hi; i += kQ8Align) q8_step<R, false>(acc, w, xq, Ip, i, ahead, 0);
   if (i < hi) q8_step<R, true>(acc, w, xq, Ip, i, ahead, __mmask32((1u << (hi - i)) - 1));
   for (int k = 0; k < 4; ++k)
-    for (int j = 0; j < R; ++j) sums[k][j] += _mm512_reduce_add_epi32(acc[k][j]);
+    for (int j = 0; j < R; ++j) {
+      const __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[k][j]));
+      const __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[k][j], 1));
+      sums[k][j] += _mm512_reduce_add_epi64(_mm512_add_epi64(lo, hi));
+    }
 }
 #else
 template <int R> void q8_chunk(const int8_t* const w[4], const int16_t* xq, int64_t Ip, int64_t lo, int64_t hi,
@@ -94,9 +105,11 @@ template <int R> void q8_chunk(const int8_t* const w[4], const int16_t* xq, int6
   for (int k = 0; k < 4; ++k)
     for (int j = 0; j < R; ++j) {
       const int16_t* x = xq + j * Ip;
-      int32_t acc = 0;
-      for (int64_t i = lo; i < hi; ++i) acc += int32_t(w[k][i]) * int32_t(x[i]);
-      sums[k][j] += acc;
+      for (int64_t c = lo; c < hi; c += kQ8PortableChunk) {
+        int32_t acc = 0;
+        for (int64_t i = c; i < std::min(hi, c + kQ8PortableChunk); ++i) acc += int32_t(w[k][i]) * int32_t(x[i]);
+        sums[k][j] += acc;
+      }
     }
 }
 #endif
@@ -136,13 +149,13 @@ void project_rows_q8(const Weights<T>& W, const T* in, const T* add, T* out, int
   const int64_t Ip = (I + kQ8Align - 1) / kQ8Align * kQ8Align;
   std::vector<int16_t> xq(b * Ip, 0);
   std::vector<T> a(b);
-  bool finite = true;
-  for (int64_t j = 0; j < b; ++j) finite = finite && quantize_i16(in + j * I, &xq[j * Ip], I, a[j]);
+  bool quantised = true;
+  for (int64_t j = 0; j < b; ++j) quantised = quantised && quantize_i16(in + j * I, &xq[j * Ip], I, a[j]);
   const int64_t blocks = (O + 3) / 4;
   if (O * I < (int64_t(1) << 20)) threads = 1;
   parallel_for(threads, threads, [&](int64_t t) {
     const int64_t o0 = 4 * (blocks * t / threads), o1 = std::min(O, 4 * (blocks * (t + 1) / threads));
-    if (!finite) return q8_float_rows(W, in, add, out, b, O, I, o0, o1);
+    if (!quantised) return q8_float_rows(W, in, add, out, b, O, I, o0, o1);
     for (int64_t o = o0; o < o1; o += 4)
       for (int64_t j = 0; j < b;) {
         const int64_t rows = std::min<int64_t>(4, b - j);

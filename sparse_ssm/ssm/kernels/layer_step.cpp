@@ -243,7 +243,8 @@ template <typename T> void project_rows(const T* W, const T* in, const T* add, T
 }
 
 // out (b, O) = in (b, I) @ W^T (+ add): a float W as project_rows, an int8 one as project_rows_q8
-template <typename T> void project(const Weights<T>& W, const T* in, const T* add, T* out, int64_t b, int64_t O, int64_t I) {
+template <typename T>
+void project(const Weights<T>& W, const T* in, const T* add, T* out, int64_t b, int64_t O, int64_t I) {
   if (W.q) project_rows_q8(W, in, add, out, b, O, I);
   else project_rows(W.w, in, add, out, b, O, I);
 }
