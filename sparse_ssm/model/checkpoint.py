@@ -12,10 +12,6 @@ An output directory holds `checkpoints/step-NNNNNNNN/`, `latest` (a link to the 
 
 from __future__ import annotations
 
-import json
-import math
-import os
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -28,6 +24,7 @@ from .config import SparseSSMConfig
 from .lm import SparseSSMForCausalLM
 from .memory import MemoryNeed
 from .quantize import WEIGHT_FORMATS, quantize_model
+from .weights_file import TensorsOnDemand, empty_model, fill_parameters
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.yaml", "tokenizer.json"
 REQUIRED = (WEIGHTS, CONFIG, TOKENIZER)
@@ -126,7 +123,8 @@ def _all_finite(tensor: torch.Tensor, elements_at_once: int = 1 << 20) -> bool:
 
 def check_weights(path: str | Path, state: dict, model: SparseSSMForCausalLM):
     """Refuse (CheckpointError naming the file and what to use instead) tensors `state` read from
-    `path` that do not fit `model` (names, shapes, floating-point dtypes) or hold NaN or inf."""
+    `path` that do not fit `model` (names, shapes, floating-point dtypes) or hold NaN or inf (meta
+    tensors: names, shapes and dtypes only; their values are checked as they are read)."""
     expected = model.state_dict()        # under FSDP: DTensors, whose shapes are the full ones
     missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
     problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
@@ -141,13 +139,17 @@ def check_weights(path: str | Path, state: dict, model: SparseSSMForCausalLM):
                               f"the checkpoint is damaged or its files come from different runs; "
                               f"{another_checkpoint_hint(Path(path).parent)}")
     tied = state.get("lm_head.weight") is state.get("embed.weight")
-    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not (tied and k == "lm_head.weight")
-                 and not _all_finite(v)]
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not v.is_meta
+                 and not (tied and k == "lm_head.weight") and not _all_finite(v)]
     if nonfinite:
-        raise CheckpointError(f"{path} holds NaN or inf values in {len(nonfinite)} tensor(s) "
-                              f"({', '.join(nonfinite[:4])}{', ...' if len(nonfinite) > 4 else ''}): the checkpoint "
-                              f"is corrupt (saved after training diverged, or the file was altered); "
-                              f"{another_checkpoint_hint(Path(path).parent)}")
+        raise _nonfinite(path, nonfinite)
+
+
+def _nonfinite(path, names: list[str]) -> CheckpointError:
+    return CheckpointError(f"{path} holds NaN or inf values in {len(names)} tensor(s) "
+                           f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): the checkpoint "
+                           f"is corrupt (saved after training diverged, or the file was altered); "
+                           f"{another_checkpoint_hint(Path(path).parent)}")
 
 
 def _unreadable(path, e: Exception) -> CheckpointError:
@@ -169,91 +171,26 @@ def read_weights(path: str | Path, model: SparseSSMForCausalLM) -> dict:
     return state
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
-
-class _TensorsOnDemand(Mapping):
-    """The tensors of a safetensors file (or blocks of their rows), read with plain reads into one
-    buffer when each is asked for: a tensor is valid until another is read (no mapping of the
-    file, whose pages would stay resident, and no fragmenting of the heap by many float copies:
-    the buffer is the only float memory).  The tied LM head is the embedding.  The format: an 8-byte
-    little-endian header size, a JSON header {name: {dtype, shape, data_offsets}} and the data;
-    any inconsistency raises ValueError."""
-
-    def __init__(self, file, tie_embeddings: bool):
-        self.file = file
-        size = int.from_bytes(file.read(8), "little")
-        self.entries = json.loads(file.read(size))
-        self.entries.pop("__metadata__", None)
-        self.data_start, file_size = 8 + size, os.fstat(file.fileno()).st_size
-        for name, e in self.entries.items():
-            begin, end = e["data_offsets"]
-            itemsize = torch.empty(0, dtype=_DTYPES[e["dtype"]]).element_size()
-            if not 0 <= begin <= end <= file_size - self.data_start or end - begin != math.prod(e["shape"]) * itemsize:
-                raise ValueError(f"tensor {name}: data offsets {begin}..{end} do not fit its shape or the file")
-        self.buffer = bytearray(0)
-        self.last = None                                       # (name, start, stop) of the rows in the buffer
-        self.aliases = {"lm_head.weight": "embed.weight"} if (
-            tie_embeddings and "lm_head.weight" not in self.entries and "embed.weight" in self.entries) else {}
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        shape = self.entries[self.aliases.get(name, name)]["shape"]
-        return self.rows(name, 0, shape[0] if shape else 1).reshape(shape)
-
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of tensor `name` (the buffer grows to the largest read)."""
-        name = self.aliases.get(name, name)
-        e = self.entries[name]
-        dtype, shape = _DTYPES[e["dtype"]], e["shape"] or [1]
-        row_bytes = math.prod(shape[1:]) * torch.empty(0, dtype=dtype).element_size()
-        begin, size = e["data_offsets"][0] + start * row_bytes, (stop - start) * row_bytes
-        if size == 0:
-            return torch.empty([stop - start, *shape[1:]], dtype=dtype)
-        if self.last != (name, start, stop):
-            if len(self.buffer) < size:
-                self.buffer = None                                  # the old one freed before the new one
-                self.buffer = bytearray(size)
-            self.file.seek(self.data_start + begin)
-            if self.file.readinto(memoryview(self.buffer)[:size]) != size:
-                raise ValueError(f"tensor {name}: the file ends inside its data")
-            self.last = (name, start, stop)
-        count = size // (row_bytes // max(1, math.prod(shape[1:])))
-        return torch.frombuffer(self.buffer, dtype=dtype, count=count).reshape(stop - start, *shape[1:])
-
-    def release(self):
-        """Free the buffer (later reads make a new one, as large as they need)."""
-        self.buffer, self.last = bytearray(0), None
-
-    def __contains__(self, name) -> bool:
-        return self.aliases.get(name, name) in self.entries
-
-    def __iter__(self):
-        return iter([*self.entries, *self.aliases])
-
-    def __len__(self) -> int:
-        return len(self.entries) + len(self.aliases)
-
-
-def _load_int8(path: Path, config: SparseSSMConfig) -> SparseSSMForCausalLM:
-    """The model of weights file `path` with int8 linear maps (`quantize`), built without a float
-    copy of them: the model is made on the meta device and each tensor is read, checked and
-    quantised one at a time."""
-    with torch.device("meta"):
-        model = SparseSSMForCausalLM(config)
+def _load_weights(path: Path, config: SparseSSMConfig, weights: str) -> SparseSSMForCausalLM:
+    """The model of weights file `path` with its weights as `weights` (fp32 | bf16 | int8), holding
+    one copy of them: the model is allocated without being initialised (`weights_file.empty_model`),
+    checked against the file's header, and each tensor is read into its parameter a block of rows
+    at a time (int8: the linear maps quantised from those blocks, `quantize`; their float memory is
+    never written).  NaN or inf met on the way is a CheckpointError after the reading."""
+    model = empty_model(lambda: SparseSSMForCausalLM(config, init_weights=False))
     try:
         with open(path, "rb") as file:
-            tensors = _TensorsOnDemand(file, config.tie_embeddings)
-            check_weights(path, tensors, model)
-            tensors.release()                                  # the embedding's size: quantise in row blocks
-            quantize_model(model, tensors.rows)
-            rest = {name: tensors[name].clone() for name, t in model.state_dict().items() if t.is_meta}
+            tensors = TensorsOnDemand(file, config.tie_embeddings)
+            check_weights(path, tensors.meta(), model)
+            if weights == "int8":
+                quantize_model(model, tensors.rows)
+            fill_parameters(model, tensors.rows, torch.bfloat16 if weights == "bf16" else None)
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for damaged files
+    except Exception as e:  # noqa: BLE001 - a damaged file fails in several ways
         raise _unreadable(path, e) from None
-    model.load_state_dict(rest, strict=False, assign=True)
+    if tensors.nonfinite:
+        raise _nonfinite(path, tensors.nonfinite)
     return model
 
 
@@ -284,12 +221,8 @@ def load_model(path: str | Path, device="cpu", weights: str = "fp32") -> SparseS
     config = load_model_config(path)
     fix = (f"its config.yaml describes a model too large for this machine: load it where more memory is free, "
            f"or pick another checkpoint")
-    MemoryNeed.inference(config, extra_bytes=(path / WEIGHTS).stat().st_size).check(f"checkpoint {path}", "cpu",
-                                                                                    fix, CheckpointError)
+    # the weights are read on the CPU, into the model (one copy: `_load_weights`), then moved to `device`
+    MemoryNeed.inference(config).check(f"checkpoint {path}", "cpu", fix, CheckpointError)
     if device.type != "cpu":
         MemoryNeed.inference(config).check(f"checkpoint {path}", device, fix, CheckpointError)
-    if weights == "int8":
-        return _load_int8(path / WEIGHTS, config).to(device).eval()
-    model = SparseSSMForCausalLM(config)
-    model.load_state_dict(read_weights(path / WEIGHTS, model))
-    return model.to(device, torch.bfloat16 if weights == "bf16" else None).eval()
+    return _load_weights(path / WEIGHTS, config, weights).to(device).eval()

@@ -34,7 +34,9 @@ class CausalLMOutput:
 
 
 class SparseSSMForCausalLM(nn.Module):
-    def __init__(self, config: SparseSSMConfig):
+    def __init__(self, config: SparseSSMConfig, init_weights: bool = True):
+        """init_weights=False: the linear maps and embedding keep what their constructors gave them
+        (a loader that overwrites every parameter skips the work: `weights_file.empty_model`)."""
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_dim)
@@ -44,7 +46,8 @@ class SparseSSMForCausalLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.gradient_checkpointing = False
-        self._init_weights()
+        if init_weights:
+            self._init_weights()
 
     @torch.no_grad()
     def _init_weights(self):

@@ -65,15 +65,14 @@ class MemoryNeed:
     detail: str
 
     @classmethod
-    def inference(cls, config: SparseSSMConfig, tokens: int = 1, extra_bytes: int = 0) -> "MemoryNeed":
+    def inference(cls, config: SparseSSMConfig, tokens: int = 1) -> "MemoryNeed":
         """Building the model and a forward pass (no gradients) over `tokens` tokens of one
-        sequence; `extra_bytes`: more held at the same time (a weights file being read)."""
+        sequence."""
         n = parameter_count(config)
         init = config.state_dim ** 2 * 8                  # the float64 HiPPO matrix each layer starts from
         activations = tokens * (_kept_per_token(config) + config.vocab_size) * FLOAT32
-        return cls(n * FLOAT32 + init + activations + extra_bytes,
+        return cls(n * FLOAT32 + init + activations,
                    f"{n:,} parameters: {n * FLOAT32 / GIB:,.1f} GiB of float32 weights"
-                   + (f"; the weights file read: {extra_bytes / GIB:,.1f} GiB" if extra_bytes else "")
                    + (f"; the {config.state_dim} x {config.state_dim} HiPPO matrix each layer starts from: "
                       f"{init / GIB:,.1f} GiB" if init > GIB / 10 else ""))
 
