@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .config import SparseSSMConfig
 from ..ssm.conv import causal_conv_silu, conv_step
-from ..ssm.fused import BlockStepPlan, block_step_plan, decode_layer_step, decode_rms_norm
+from ..ssm.fused import BlockStepPlan, block_step_plan, decode_layer_step, decode_rms_norm, step_code
 from ..ssm.quantized import decode_weight
 from ..ssm.scan import selective_scan, selective_scan_step
 from ..ssm.structures import make_structure
@@ -105,9 +105,11 @@ class SelectiveSSMLayer(nn.Module):
 
     def _native_decode_weights(self) -> dict | None:
         """The generator's tensors for the fused decoding step, or None when the layer's maps are
-        not float or weight-only int8 linear maps or the structure is not the kernel's."""
+        not float or weight-only int8 linear maps or the structure (with its discretisation) is not
+        the kernel's (`step_code`: checked first, so that such a layer builds no tensors at each step)."""
         plain = decode_weight(self.in_proj) is not None and decode_weight(self.out_proj) is not None
-        return self.generator.decode_weights() if plain else None
+        taken = step_code(self.discretization, self.config.gbt_alpha, self.structure) is not None
+        return self.generator.decode_weights() if plain and taken else None
 
     @torch.no_grad()
     def residual_step(self, x: torch.Tensor, norm: nn.RMSNorm, state: LayerState) -> torch.Tensor:
