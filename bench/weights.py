@@ -9,7 +9,7 @@
    config and the code version in DIR/weights_bench_training.json; the quality part reads that record
    into the results (a folder without one is refused: its figures could not be reproduced);
 
-1. matmul: `Int8Linear` (torch._weight_int8pack_mm, weight-only int8) and a bf16 `F.linear` against
+1. matmul: `Int8Linear` (weight-only int8: the native int8 product below 64 rows) and a bf16 `F.linear` against
    the float32 `F.linear`, at the projection shapes of a ~130 M model (hidden 768, expand 2, 24 heads,
    state 16, vocab 50,280) for 1, 8 and 512 rows, one thread, rounds interleaved (median);
 2. quality of the trained checkpoint (DIR/best): perplexity on its run's test split (the embedded corpus) and the
@@ -212,7 +212,8 @@ def main():
         memory = memory_and_decoding(write_random_checkpoint(Path(tmp) / "m130"), args.rounds)
     lines = ["# Weights for inference: fp32, bf16, int8 weight-only (one thread)", "",
              "Matmul, ms per call (median of interleaved rounds); speed-up over float32 `F.linear`; int8 is "
-             "`Int8Linear`: `torch._weight_int8pack_mm` below 64 rows, a bf16 GEMM of the cast weight from 64 rows:", "",
+             "`Int8Linear`: the native int8 product (`ssm.quantized.int8_linear`; `torch._weight_int8pack_mm` "
+             "without the native kernels) below 64 rows, a bf16 GEMM of the cast weight from 64 rows:", "",
              "| map | (out, in) | rows | fp32 | bf16 | int8 | int8 speed-up | bf16 speed-up |", "|--|--|--|--|--|--|--|--|"]
     lines += [f"| {r['map']} | {tuple(r['shape'])} | {r['rows']} | {r['fp32_ms']:.3f} | {r['bf16_ms']:.3f} | "
               f"{r['int8_ms']:.3f} | {r['int8_speedup']:.2f}x | {r['bf16_speedup']:.2f}x |" for r in matmuls]

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..ssm.fused import decode_ffn
+from ..ssm.quantized import decode_weight
 from .config import SparseSSMConfig
 from .layer import LayerState, SelectiveSSMLayer, norm_step
 
@@ -54,10 +55,11 @@ class SparseSSMBlock(nn.Module):
 
     def _ffn_step(self, x: torch.Tensor) -> torch.Tensor:
         """x + ffn(ffn_norm(x)) for one token a row x (b, hidden): one native call where it runs
-        (float32/64 on CPU, plain Linear maps), else the modules."""
+        (float32/64 on CPU, float or weight-only int8 linear maps), else the modules."""
         up, down, norm = self.ffn.up, self.ffn.down, self.ffn_norm
-        if isinstance(up, nn.Linear) and isinstance(down, nn.Linear):
-            out = decode_ffn(x, norm.weight, norm.eps, up.weight, up.bias, down.weight, down.bias, self.ffn.activation)
+        W_up, W_down = decode_weight(up), decode_weight(down)
+        if W_up is not None and W_down is not None:
+            out = decode_ffn(x, norm.weight, norm.eps, W_up, up.bias, W_down, down.bias, self.ffn.activation)
             if out is not None:
                 return out
         return x + self.ffn(norm_step(norm, x))

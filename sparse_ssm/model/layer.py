@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from .config import SparseSSMConfig
 from ..ssm.conv import causal_conv_silu, conv_step
-from ..ssm.fused import BlockStepPlan, block_step_plan, decode_layer_step, decode_rms_norm
+from ..ssm.fused import BlockStepPlan, block_step_plan, decode_layer_step, decode_rms_norm, step_code
+from ..ssm.quantized import decode_weight
 from ..ssm.scan import selective_scan, selective_scan_step
 from ..ssm.structures import make_structure
 from ..ssm.selective import SelectiveParameterGenerator, apply_linear
@@ -104,21 +105,25 @@ class SelectiveSSMLayer(nn.Module):
 
     def _native_decode_weights(self) -> dict | None:
         """The generator's tensors for the fused decoding step, or None when the layer's maps are
-        not plain float linear maps (quantised) or the structure is not the kernel's."""
-        plain = isinstance(self.in_proj, nn.Linear) and isinstance(self.out_proj, nn.Linear)
-        return self.generator.decode_weights() if plain else None
+        not float or weight-only int8 linear maps or the structure (with its discretisation) is not
+        the kernel's (`step_code`: checked first, so that such a layer builds no tensors at each step)."""
+        plain = decode_weight(self.in_proj) is not None and decode_weight(self.out_proj) is not None
+        taken = step_code(self.discretization, self.config.gbt_alpha, self.structure) is not None
+        return self.generator.decode_weights() if plain and taken else None
 
     @torch.no_grad()
     def residual_step(self, x: torch.Tensor, norm: nn.RMSNorm, state: LayerState) -> torch.Tensor:
         """x + self.step(norm(x), state) for one token x (b, hidden): one native call for the whole
-        residual block where it runs (diagonal A, float32/64 on CPU), else operator by operator.
-        The call's arguments are bound at the first step of a cache (`state.plan`): the cache is
-        decoded with the weights' storage of that step (in-place updates are seen)."""
+        residual block where it runs (diagonal A and the block family, `ssm.fused.step_code`;
+        float32/64 on CPU, float or weight-only int8 maps), else operator by operator.  The call's
+        arguments are bound at the first step of a cache (`state.plan`): the cache is decoded with
+        the weights' storage of that step (in-place updates are seen)."""
         if state.plan is None or not state.plan.fits(x, state.conv, state.ssm):
             weights = self._native_decode_weights()
             state.plan = None if weights is None else block_step_plan(
-                x, norm.weight, norm.eps, self.in_proj.weight, self.out_proj.weight, self.conv.weight[:, 0],
-                self.conv.bias, weights, state.conv, state.ssm, self.discretization, self.config.gbt_alpha)
+                x, norm.weight, norm.eps, decode_weight(self.in_proj), decode_weight(self.out_proj),
+                self.conv.weight[:, 0], self.conv.bias, weights, state.conv, state.ssm, self.discretization,
+                self.config.gbt_alpha)
         if state.plan is not None:
             return state.plan(x)
         return x + self.step(norm_step(norm, x), state)
@@ -129,7 +134,7 @@ class SelectiveSSMLayer(nn.Module):
         b = x.shape[0]
         xz = apply_linear(self.in_proj, x)
         weights = self._native_decode_weights()
-        if weights is not None:                                          # one native call (diagonal A)
+        if weights is not None:                                          # one native call (`ssm.fused.step_code`)
             cfg = self.config
             y = decode_layer_step(xz, self.conv.weight[:, 0], self.conv.bias, weights, state.conv, state.ssm,
                                   self.discretization, cfg.gbt_alpha)

@@ -5,7 +5,10 @@ output channel; activations, the conv, the scan and its state stay float.
     scales = max_j |W[:, j]| / 127                         (the error of each weight <= scales / 2)
     y = x W^T ~ (x q^T) * scales
 
-The matmul is PyTorch's weight-only int8 kernel (`torch._weight_int8pack_mm`: bf16 activations,
+Below 64 rows (decoding, short prompts) the matmul is the native int8 product
+(`sparse_ssm.ssm.quantized.int8_linear`: int16 activations, exact integer sums; 2x PyTorch's kernel at
+1-63 rows, the LM head of a 130 M model at one row in 1.1 ms against 2.3 ms).  Without the native
+kernels it is PyTorch's weight-only int8 kernel (`torch._weight_int8pack_mm`: bf16 activations,
 int8 weights, float accumulation) on CPUs where the inner size is a multiple of 16 (its kernel's
 requirement; other sizes give wrong numbers), else an int8 -> float cast of the weight and
 `F.linear` (small maps of tiny models, other devices); from 64 rows on (prefill, evaluation) the
@@ -21,6 +24,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..ssm.quantized import int8_linear
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int8")
 _KERNEL_INNER_MULTIPLE = 16          # torch._weight_int8pack_mm's inner size must be a multiple of it
@@ -67,7 +72,11 @@ class Int8Linear(nn.Module):
         return cls(*quantize_rows(weight), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if rows.shape[0] < _MANY_ROWS:                   # decoding: the native int8 product
+            y = int8_linear(rows, self.qweight, self.scales, self.bias)
+            if y is not None:
+                return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
         if rows.shape[0] >= _MANY_ROWS:                  # a prompt, a batch of windows: bf16 GEMM
             unscaled = F.linear(rows.to(torch.bfloat16), self.qweight.to(torch.bfloat16)).to(x.dtype)
         elif x.device.type == "cpu" and self.in_features % _KERNEL_INNER_MULTIPLE == 0:

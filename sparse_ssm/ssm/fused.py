@@ -19,7 +19,8 @@ from typing import Optional
 
 import torch
 
-from .fused_block import selective_scan_fused_block, supports
+from .fused_block import kernel_kind, selective_scan_fused_block, supports
+from .quantized import kernel_operands
 from .kernels import (cpu_op, gradient_buffers, method_id, native_library, ptr, register_scan_autograd,
                       scan_buffers, suffix, sum_heads_per_group, token_rows)
 from .structures import DiagonalStructure
@@ -122,20 +123,37 @@ def _step_inputs_ok(lib, dtype, tensors, states) -> bool:
             and all(t.is_contiguous() for t in states))
 
 
+def step_code(method: str, alpha: float, structure) -> tuple[int, float] | None:
+    """The decoding step's method code and alpha (`kernels/layer_step.cpp`): the scans' discretisation
+    code (`method_id`), with a structure of the block family (block, dense, rotation, banded) in bits 2-7
+    (1 + its block-scan kind) and its block size in bits 8 and up; None where the step does not take the
+    structure or its discretisation (ZOH of a block or banded A, as the block scan)."""
+    code, al = method_id(method, alpha, structure)
+    if isinstance(structure, DiagonalStructure):
+        return code, al
+    kind = kernel_kind(structure)
+    if kind not in (0, 1, 2) or not supports(structure, method):
+        return None
+    return code | (kind + 1) << 2 | structure.block_size << 8, al
+
+
 def decode_layer_step(xz, conv_weight, conv_bias, weights: dict, conv_state, ssm_state, method, alpha):
-    """A whole decoding step of a diagonal layer between its projections (`kernels/layer_step.cpp`):
+    """A whole decoding step of a layer between its projections (`kernels/layer_step.cpp`; diagonal A
+    and the block family, `step_code`):
     xz (b, 2E) = in_proj(x); conv_state (b, K - 1, E) and ssm_state (b, H, N, P) advanced in place;
     `weights` from `SelectiveParameterGenerator.decode_weights()` (parameters: contiguous, of the
     layer's dtype).  Returns y (b, E), gated; None when the kernel cannot take it (then the caller
     runs the step operation by operation)."""
     lib = native_library()
-    if not _step_inputs_ok(lib, xz.dtype, (conv_weight,), (xz, conv_state, ssm_state)):
+    found = step_code(method, alpha, weights["structure"])
+    if (found is None or isinstance(weights["Wg"], tuple)              # (an int8 Wg: the block step only)
+            or not _step_inputs_ok(lib, xz.dtype, (conv_weight,), (xz, conv_state, ssm_state))):
         return None
     dtype = xz.dtype
     b, H, N, P = ssm_state.shape
     E, K = conv_weight.shape
     y = xz.new_empty(b, E)
-    code, al = method_id(method, alpha, weights.get("structure"))
+    code, al = found
     Wa = weights["Wa"]
     err = getattr(lib, f"ssm_layer_step_{suffix(dtype)}")(
         xz.data_ptr(), conv_state.data_ptr(), conv_weight.data_ptr(), conv_bias.data_ptr(), weights["Wg"].data_ptr(),
@@ -168,21 +186,31 @@ def decode_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float | None) ->
 FFN_ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "relu": 3}   # the kernel's codes
 
 
+def _projections(dtype, *weights) -> list[tuple] | None:
+    """The kernels' tensors of each projection weight (`quantized.kernel_operands`), all float or all
+    int8; None when one cannot be taken or they mix."""
+    operands = [None if w is None else kernel_operands(w, dtype) for w in weights]
+    return None if any(o is None for o in operands) or len({len(o) for o in operands}) != 1 else operands
+
+
 def decode_ffn(x, norm_weight, eps, up_weight, up_bias, down_weight, down_bias, activation: str):
     """x + down(act(up(rms_norm(x)))) for one token a row x (b, D) by the native kernel: up_weight
-    (F, D), down_weight (D, F), biases (F,) and (D,), `activation` a key of FFN_ACTIVATIONS.  At
-    several rows its products reuse each weight tile for all rows (torch's addmm ran at ~1/2 the
-    rate at 8 rows).  None when the kernel cannot take them (then the caller runs the module)."""
+    (F, D), down_weight (D, F) (float, or both (int8 weight, scales): `quantized.decode_weight`), biases
+    (F,) and (D,), `activation` a key of FFN_ACTIVATIONS.  At several rows its products reuse each
+    weight tile for all rows (torch's addmm ran at ~1/2 the rate at 8 rows).  None when the kernel
+    cannot take them (then the caller runs the module)."""
     lib = native_library()
-    params = (norm_weight, up_weight, up_bias, down_weight, down_bias)
-    if (x.dim() != 2 or activation not in FFN_ACTIVATIONS or any(p is None for p in params)
+    params = (norm_weight, up_bias, down_bias)
+    projections = _projections(x.dtype, up_weight, down_weight)
+    if (x.dim() != 2 or activation not in FFN_ACTIVATIONS or any(p is None for p in params) or projections is None
             or not _step_inputs_ok(lib, x.dtype, params, (x, *params))):
         return None
-    out = torch.empty_like(x)
-    if getattr(lib, f"ssm_ffn_step_{suffix(x.dtype)}")(
-            x.data_ptr(), out.data_ptr(), norm_weight.data_ptr(), _rms_eps(eps, x.dtype), up_weight.data_ptr(),
-            up_bias.data_ptr(), down_weight.data_ptr(), down_bias.data_ptr(), x.shape[0], x.shape[1],
-            up_weight.shape[0], FFN_ACTIVATIONS[activation]):
+    (up, down), out = projections, torch.empty_like(x)
+    name = "ssm_ffn_step_q8" if len(up) == 2 else "ssm_ffn_step"
+    if getattr(lib, f"{name}_{suffix(x.dtype)}")(
+            x.data_ptr(), out.data_ptr(), norm_weight.data_ptr(), _rms_eps(eps, x.dtype), *map(ptr, up),
+            up_bias.data_ptr(), *map(ptr, down), down_bias.data_ptr(), x.shape[0], x.shape[1],
+            up[0].shape[0], FFN_ACTIVATIONS[activation]):
         raise ValueError("ffn step: invalid shapes")
     return out
 
@@ -214,18 +242,23 @@ class BlockStepPlan:
 def block_step_plan(x, norm_weight, eps, in_weight, out_weight, conv_weight, conv_bias, weights: dict,
                     conv_state, ssm_state, method, alpha) -> BlockStepPlan | None:
     """The bound native step of a residual block for rows like x (b, D): in_weight (2E, D),
-    out_weight (D, E), the rest as `decode_layer_step`; None when the kernel cannot take them."""
+    out_weight (D, E) and the generator's Wg all float, or all (int8 weight, scales)
+    (`quantized.decode_weight`: weight-only int8), the rest as `decode_layer_step`; None when the
+    kernel cannot take them."""
     lib = native_library()
-    params = (norm_weight, in_weight, out_weight, conv_weight, weights["Wg"])
-    if not _step_inputs_ok(lib, x.dtype, params, (x, conv_state, ssm_state, in_weight, out_weight)):
+    Wa, lti = weights["Wa"], weights["lti"]
+    projections = _projections(x.dtype, in_weight, out_weight, weights["Wg"])
+    found = step_code(method, alpha, weights["structure"])
+    if (found is None or projections is None
+            or not _step_inputs_ok(lib, x.dtype, (norm_weight, conv_weight, Wa), (x, conv_state, ssm_state))):
         return None
+    (W_in, W_out, Wg) = projections
     b, H, N, P = ssm_state.shape
     E, K = conv_weight.shape
-    code, al = method_id(method, alpha, weights.get("structure"))
-    Wa, lti = weights["Wa"], weights["lti"]
-    tensors = (conv_state, conv_weight, conv_bias, weights["Wg"], weights["dt_bias"], Wa, weights["A_base"],
-               weights["D_base"], lti, ssm_state)
-    bound = (ptr(norm_weight), _rms_eps(eps, x.dtype), ptr(in_weight), ptr(out_weight), x.shape[1],
+    code, al = found
+    tensors = (conv_state, conv_weight, conv_bias, *Wg, weights["dt_bias"], Wa, weights["A_base"], weights["D_base"],
+               lti, ssm_state)
+    bound = (ptr(norm_weight), _rms_eps(eps, x.dtype), *map(ptr, W_in), *map(ptr, W_out), x.shape[1],
              *map(ptr, tensors), b, E, H, P, N, weights["groups"], Wa.shape[1], K, code, al)
-    fn = getattr(lib, f"ssm_block_step_{suffix(x.dtype)}")
-    return BlockStepPlan(fn, x, conv_state, ssm_state, bound, (norm_weight, in_weight, out_weight, *tensors))
+    fn = getattr(lib, f"ssm_block_step{'_q8' if len(Wg) == 2 else ''}_{suffix(x.dtype)}")
+    return BlockStepPlan(fn, x, conv_state, ssm_state, bound, (norm_weight, *W_in, *W_out, *tensors))

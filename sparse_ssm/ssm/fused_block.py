@@ -31,7 +31,9 @@ from .structures import (BandedStructure, BlockStructure, DiagonalStructure, Hou
                          PermutationStructure, RotationStructure)
 
 
-def _kind(structure) -> int | None:
+def kernel_kind(structure) -> int | None:
+    """The kernels' structure code: 0 block (and dense), 1 rotation, 2 banded, 3 low-rank, 4 householder; None
+    for a structure no kernel takes."""
     if isinstance(structure, RotationStructure):
         return 1
     if isinstance(structure, HouseholderStructure):
@@ -46,7 +48,7 @@ def _kind(structure) -> int | None:
 
 
 def supports(structure, method: str) -> bool:
-    kind = _kind(structure)
+    kind = kernel_kind(structure)
     return kind in (1, 4) or (kind in (0, 2, 3) and method != "zoh")
 
 
@@ -126,7 +128,7 @@ def selective_scan_fused_block(u, dt, A_raw, B, C, D, structure, method="bilinea
                                z=None):
     """The common scan signature (see `scan.py`) for `supports(structure, method)`."""
     code, al = method_id(method, alpha, structure)           # householder's signed decay: bit 1
-    kind = _kind(structure)
+    kind = kernel_kind(structure)
     args = [t.contiguous() for t in (u, dt, A_raw, B, C, D)]
     h0 = None if initial_state is None else initial_state.contiguous()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*args, h0, z) if t is not None)

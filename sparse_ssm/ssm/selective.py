@@ -108,12 +108,18 @@ class SelectiveParameterGenerator(nn.Module):
 
     def decode_weights(self) -> dict | None:
         """The generator's tensors in the layout of the fused decoding step
-        (`ssm.kernels.layer_step.cpp`), or None when this generator is not the one it implements
-        (a non-diagonal structure, a quantised projection)."""
-        from .structures import DiagonalStructure
+        (`ssm.kernels.layer_step.cpp`, which decides from "structure" whether it takes the structure),
+        or None when this generator is not the one it implements (maps other than float or weight-only
+        int8 linear ones, the angle grid's snapped transitions, the closed range of reflections).  With
+        int8 maps Wg is (int8 weight, scales) and Wa (H R, r) the dequantised float32 weight."""
+        from .quantized import decode_weight
 
-        if type(self.structure) is not DiagonalStructure or not isinstance(self.proj, nn.Linear):
+        closed = isinstance(self.structure, HouseholderStructure) and self.structure.closed
+        Wg, Wa = decode_weight(self.proj), decode_weight(self.a_up)
+        if self.angle_grid or closed or Wg is None or Wa is None:
             return None
-        return {"Wg": self.proj.weight, "dt_bias": self.dt_bias, "Wa": self.a_up.weight,
+        if isinstance(Wa, tuple):                                 # small: (H R, r)
+            Wa = Wa[0].float() * Wa[1][:, None]
+        return {"Wg": Wg, "dt_bias": self.dt_bias, "Wa": Wa,
                 "A_base": self.A_base, "D_base": self.D_base, "groups": self.num_groups,
                 "lti": None if self.selective else self.lti_input, "structure": self.structure}

@@ -63,3 +63,26 @@ def test_the_native_step_of_many_rows_equals_the_pytorch_step(kw, rows):
     assert used and not not_used
     assert ffn_steps == (0 if kw.get("ffn_dim") == 0 else 6 * 2)          # 6 steps, 2 layers
     assert torch.allclose(native, reference, atol=2e-5, rtol=2e-5)
+
+
+@requires_native_kernel()
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("kw", [dict(), dict(hidden_dim=13, state_dim=6), dict(activation="silu", ffn_dim=37),
+                                dict(selective=False), dict(ffn_dim=0, num_groups=2)],
+                         ids=lambda k: "-".join(f"{n}={v}" for n, v in k.items()) or "diagonal")
+def test_the_int8_native_step_equals_the_int8_pytorch_step(kw, rows):
+    """Weight-only int8 maps (`quantize_model`): the block and FFN steps with int8 weights (`_q8` kernels)
+    against the same int8 model operator by operator (its Int8Linear maps); width 13 gives inner sizes
+    13 and 26 (the int8 product's masked tails), FFN width 37 output rows not a multiple of 4."""
+    from sparse_ssm.model.quantize import quantize_model
+
+    torch.manual_seed(rows)
+    model = quantize_model(model_of(**kw))
+    ids = torch.randint(0, 97, (rows, 10))
+    native, used, ffn_steps = decode(model, ids, 4, native=True)
+    reference, not_used, _ = decode(model, ids, 4, native=False)
+    assert used and not not_used
+    assert ffn_steps == (0 if kw.get("ffn_dim") == 0 else 6 * 2)
+    # the same int8 products, but of activations from differently ordered float arithmetic: one that lands
+    # on the other side of an int16 rounding moves a product by 2^-15 of its row's largest value
+    assert torch.allclose(native, reference, atol=1e-4, rtol=1e-4)

@@ -10,8 +10,12 @@ times a diagonal, applied to the state one reflection at a time; `scan_head.h`: 
 (batch row, head) that those two share; `causal_conv.cpp`: the causal depthwise convolution +
 SiLU; `cross_entropy.cpp`: the softmax cross-entropy of the LM head's logits, in place;
 `lm_head.cpp`: the LM head's logits for the few rows of a decoding step (one pass over its weight);
-`layer_step.cpp`: a whole decoding step of a diagonal layer between its projections, the RMSNorm
-of its rows, the residual block around both, and the pre-norm FFN of a block; `vec.h`: their vector utilities — plain C++
+`layer_step.cpp`: a whole decoding step of a layer (diagonal A or the block family) between its
+projections, the RMSNorm of its rows, the residual block around both, and the pre-norm FFN of a block;
+`block_ops.h`: the per-token operators of the block family, shared by `block_scan.cpp` and the step;
+`block_heads.h`: those of every head of a step at once; `int8_gemv.h` / `int8_gemv.cpp`: the product
+of a few float rows with an int8 weight (weight-only int8, int16 activations, AVX512-VNNI); `vec.h`:
+their vector utilities — plain C++
 with C entry points and no PyTorch headers, built in under a minute) are compiled by
 `torch.utils.cpp_extension.load` (ninja; the build is cached under ~/.cache/sparse_ssm/kernels,
 keyed by the source, the compiler flags, the CPU and the paths of the sources and of torch, and
@@ -32,8 +36,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 SOURCES = [HERE / name for name in ("selective_scan.cpp", "block_scan.cpp", "lowrank_scan.cpp", "householder_scan.cpp",
-                                    "causal_conv.cpp", "cross_entropy.cpp", "layer_step.cpp", "lm_head.cpp")]
-HEADERS = [HERE / "vec.h", HERE / "scan_head.h"]
+                                    "causal_conv.cpp", "cross_entropy.cpp", "layer_step.cpp", "int8_gemv.cpp",
+                                    "lm_head.cpp")]
+HEADERS = [HERE / "vec.h", HERE / "scan_head.h", HERE / "block_ops.h", HERE / "block_heads.h", HERE / "int8_gemv.h"]
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-pthread"]
 ABI_VERSION = 3
 
@@ -95,6 +100,10 @@ def _bind(lib: ctypes.CDLL):
                   "ssm_conv_forward": [ptr] * 6 + conv_dims, "ssm_conv_backward": [ptr] * 9 + conv_dims,
                   "ssm_cross_entropy": [ptr] * 3 + [i64, i64, ctypes.c_double, c_int, c_int],
                   "ssm_layer_step": [ptr] * 12 + [i64] * 8 + [c_int, ctypes.c_double, c_int],
+                  "ssm_int8_linear": [ptr] * 5 + [i64] * 3 + [c_int],
+                  "ssm_ffn_step_q8": [ptr] * 3 + [ctypes.c_double] + [ptr] * 6 + [i64] * 3 + [c_int],
+                  "ssm_block_step_q8": [ptr] * 3 + [ctypes.c_double] + [ptr] * 4 + [i64] + [ptr] * 11 + [i64] * 8
+                  + [c_int, ctypes.c_double, c_int],
                   "ssm_rms_norm": [ptr] * 3 + [i64, i64, ctypes.c_double],
                   "ssm_lm_head": [ptr] * 3 + [i64] * 3 + [c_int],
                   "ssm_ffn_step": [ptr] * 3 + [ctypes.c_double] + [ptr] * 4 + [i64] * 3 + [c_int],

@@ -1,6 +1,6 @@
-// One decoding step of a selective SSM layer between its two projections, for a diagonal A: the
-// work of a whole `SelectiveSSMLayer.step` but for in_proj and out_proj, in one call, the states
-// updated in place.  Per batch row, with E = H * P channels, from xz = in_proj(x) = [u, z]:
+// One decoding step of a selective SSM layer between its two projections, for a diagonal A (and the
+// block family: below): the work of a whole `SelectiveSSMLayer.step` but for in_proj and out_proj, in
+// one call, the states updated in place.  Per batch row, with E = H * P channels, from xz = in_proj(x) = [u, z]:
 //
 //   u      <- silu(conv_bias + sum_{k < K - 1} conv_w[:, k] conv_state[k] + conv_w[:, K - 1] u)
 //   conv_state <- (conv_state[1:], u before the conv)                 (the K - 1 latest inputs)
@@ -14,8 +14,15 @@
 //   S[h, n, :] = A_bar S[h, n, :] + beta B[g, n] u[h, :]
 //   y[h, :]    = (sum_n C[g, n] S[h, n, :] + D_h u[h, :]) * silu(z[h, :])
 //
+// The structured A's of the block family (the structure in the method code, block_heads.h) take the
+// scan part from block_heads.h / block_ops.h, the scan's operators (block_scan.cpp):
+//   raw    = A_base + Wa @ a_low   (H, R), R the raw size (block N bs, rotation N, banded (2N/bs + 1) bs^2)
+//   per head: (A_bar, B_bar) = the token's operator of block_scan.cpp from (raw[h], dt_h, B[g])
+//   S[h] = A_bar S[h] + B_bar u[h]^T;  y[h, :] = (C[g]^T S[h] + D_h u[h, :]) * silu(z[h, :])
+//
 // Layouts: xz (b, 2E); conv_state (b, K - 1, E); conv_w (E, K); Wg (O, E) with O = 2H + r + 2GN
-// (a Linear weight); Wa (H N, r); A_base (H, N); the SSM state (b, H, N, P); y (b, E).
+// (a Linear weight); Wa (H R, r); A_base (H, R) (R = N for the diagonal); the SSM state (b, H, N, P);
+// y (b, E).
 // `sparse_ssm.ssm.selective.SelectiveParameterGenerator.decode_weights` hands these over; the
 // decode-equals-forward tests hold the two in step.
 //
@@ -31,8 +38,11 @@
 // matrix-matrix products: each weight tile is read once and used for all rows from registers; the
 // conv and the scan run row by row (each row has its own state).  The block's FFN likewise
 // (`ssm_ffn_step`): x_out = x + W_down @ act(W_up @ rms_norm(x) + b_up) + b_down, in one call.
+// The `_q8` variants of the two take weight-only int8 projections (W_in, W_out, Wg; W_up, W_down: int8
+// rows with float32 row scales, `int8_gemv.h`), the rest as the float ones.
 
-#include "vec.h"
+#include "block_heads.h"
+#include "int8_gemv.h"
 
 namespace {
 
@@ -40,13 +50,17 @@ using namespace ssmk;
 
 struct StepDims {
   int64_t b, E, H, P, N, G, r, K;
-  int method;
+  int method;      // the step's code (block_heads.h): the discretisation, and the structure of the block family
   double alpha;
+  int structure() const { return step_structure(method); }
+  BlockKind blocks() const { return step_blocks(method, N, alpha); }
 };
 
 template <typename T> struct StepArgs {
   const T *xz, *conv_w, *conv_b, *Wg, *dt_bias, *Wa, *A_base, *D_base, *lti;
   T *conv_state, *ssm_state, *y;
+  const int8_t* Wg_q = nullptr;        // an int8 Wg (weight-only int8) with its row scales: Wg unused
+  const float* Wg_s = nullptr;
 };
 
 template <typename T> inline T silu(T v) { return v / (1 + std::exp(-v)); }
@@ -116,16 +130,31 @@ template <typename T> void conv_row(const StepDims& d, const StepArgs<T>& x, int
   }
 }
 
-// The scan of row bi from its conv output u (E) and generator output g (O): y row bi, the state advanced
-template <typename T> void scan_row(const StepDims& d, const StepArgs<T>& x, int64_t bi, const T* u, const T* g) {
+template <typename T> inline T softplus(T v) { return v > 20 ? v : std::log1p(std::exp(v)); }   // as torch's
+
+// scan_row for the block family (block_heads.h's step_heads) from the row's raw (H, R) = A_base + Wa @ a_low
+template <typename T>
+void scan_row_blocks(const StepDims& d, const StepArgs<T>& x, int64_t bi, const T* u, const T* g, const T* raw) {
+  const int64_t E = d.E, H = d.H, N = d.N, G = d.G;
+  std::vector<T> dt(H), D(H);
+  const T *dt_raw = g, *Bv = dt_raw + H + d.r, *Cv = Bv + G * N, *d_raw = Cv + G * N;
+  for (int64_t h = 0; h < H; ++h) dt[h] = softplus(dt_raw[h] + x.dt_bias[h]), D[h] = x.D_base[h] + d_raw[h];
+  step_heads(d.blocks(), H, d.P, G, raw, dt.data(), Bv, Cv, D.data(), u, x.xz + bi * 2 * E + E,
+             x.ssm_state + bi * H * N * d.P, x.y + bi * E);
+}
+
+// The scan of row bi from its conv output u (E) and generator output g (O) (and the block family's raw
+// row): y row bi, the state advanced
+template <typename T>
+void scan_row(const StepDims& d, const StepArgs<T>& x, int64_t bi, const T* u, const T* g, const T* raw) {
+  if (d.structure()) return scan_row_blocks(d, x, bi, u, g, raw);
   const int64_t E = d.E, H = d.H, P = d.P, N = d.N, G = d.G, r = d.r;
   const T* z = x.xz + bi * 2 * E + E;
   std::vector<T> a(H * N), Ab(N), Bb(N);
   const T *dt_raw = g, *a_low = dt_raw + H, *Bv = a_low + r, *Cv = Bv + G * N, *d_raw = Cv + G * N;
   for (int64_t i = 0; i < H * N; ++i) a[i] = -rate_exp(2 * (x.A_base[i] + dot(x.Wa + i * r, a_low, r)));
   for (int64_t h = 0; h < H; ++h) {
-    const T v = dt_raw[h] + x.dt_bias[h];
-    const T dt = v > 20 ? v : std::log1p(std::exp(v));          // softplus (as torch's, threshold 20)
+    const T dt = softplus(dt_raw[h] + x.dt_bias[h]);
     const T Dh = x.D_base[h] + d_raw[h];
     const int64_t grp = h / (H / G);
     discretize_head(d, dt, &a[h * N], Bv + grp * N, Ab.data(), Bb.data());
@@ -213,30 +242,55 @@ template <typename T> void project_rows(const T* W, const T* in, const T* add, T
     for (int64_t bi = 0; bi < b; ++bi) out[bi * O + o] = (add ? add[bi * O + o] : T(0)) + dot(W + o * I, in + bi * I, I);
 }
 
+// out (b, O) = in (b, I) @ W^T (+ add): a float W as project_rows, an int8 one as project_rows_q8
+template <typename T>
+void project(const Weights<T>& W, const T* in, const T* add, T* out, int64_t b, int64_t O, int64_t I) {
+  if (W.q) project_rows_q8(W, in, add, out, b, O, I);
+  else project_rows(W.w, in, add, out, b, O, I);
+}
+
+// The block family's raw rows (b, H R) = A_base + Wa @ a_low of all b rows at once (each tile of Wa read
+// once for a tile of rows) from the generator's outputs g (b, O); empty for the diagonal
+template <typename T> std::vector<T> block_raw(const StepDims& d, const StepArgs<T>& x, const T* g) {
+  if (!d.structure()) return {};
+  const int64_t O = 2 * d.H + d.r + 2 * d.G * d.N, HR = d.H * d.blocks().R(), r = d.r;
+  std::vector<T> a_low(d.b * r), raw(d.b * HR);
+  for (int64_t bi = 0; bi < d.b; ++bi) {
+    std::memcpy(&a_low[bi * r], g + bi * O + d.H, sizeof(T) * r);
+    std::memcpy(&raw[bi * HR], x.A_base, sizeof(T) * HR);
+  }
+  project_rows(x.Wa, a_low.data(), raw.data(), raw.data(), d.b, HR, r);
+  return raw;
+}
+
 // The layer step of all b rows (x.xz and x.y set): the conv of every row, the generator projection of
 // all rows as one product (for the time-invariant ablation: once, the same for every row), the scans
 template <typename T> void layer_step(const StepDims& d, const StepArgs<T>& x, int threads) {
   const int64_t O = 2 * d.H + d.r + 2 * d.G * d.N;
+  const Weights<T> Wg{x.Wg, x.Wg_q, x.Wg_s};
   std::vector<T> u(d.b * d.E), g(d.b * O);
   parallel_for(d.b, threads, [&](int64_t bi) { conv_row(d, x, bi, &u[bi * d.E]); });
   if (x.lti) {
-    if (d.b > 0) project_rows(x.Wg, x.lti, (const T*)nullptr, g.data(), 1, O, d.E);
+    if (d.b > 0) project(Wg, x.lti, (const T*)nullptr, g.data(), 1, O, d.E);
     for (int64_t bi = 1; bi < d.b; ++bi) std::memcpy(&g[bi * O], g.data(), sizeof(T) * O);
   } else {
-    project_rows(x.Wg, u.data(), (const T*)nullptr, g.data(), d.b, O, d.E);
+    project(Wg, u.data(), (const T*)nullptr, g.data(), d.b, O, d.E);
   }
-  parallel_for(d.b, threads, [&](int64_t bi) { scan_row(d, x, bi, &u[bi * d.E], &g[bi * O]); });
+  const std::vector<T> raw = block_raw(d, x, g.data());
+  parallel_for(d.b, threads, [&](int64_t bi) {
+    scan_row(d, x, bi, &u[bi * d.E], &g[bi * O], raw.empty() ? nullptr : &raw[bi * d.H * d.blocks().R()]);
+  });
 }
 
 template <typename T>
-void block_step(const StepDims& d, StepArgs<T> x, const T* x_in, T* x_out, const T* norm_w, double eps, const T* W_in,
-                const T* W_out, int64_t D, int threads) {
+void block_step(const StepDims& d, StepArgs<T> x, const T* x_in, T* x_out, const T* norm_w, double eps,
+                const Weights<T>& W_in, const Weights<T>& W_out, int64_t D, int threads) {
   std::vector<T> h(d.b * D), xz(d.b * 2 * d.E), y(d.b * d.E);
   for (int64_t bi = 0; bi < d.b; ++bi) rms_norm_row(x_in + bi * D, norm_w, &h[bi * D], D, eps);
-  project_rows(W_in, h.data(), (const T*)nullptr, xz.data(), d.b, 2 * d.E, D);
+  project(W_in, h.data(), (const T*)nullptr, xz.data(), d.b, 2 * d.E, D);
   x.xz = xz.data(), x.y = y.data();
   layer_step(d, x, threads);
-  project_rows(W_out, y.data(), x_in, x_out, d.b, D, d.E);
+  project(W_out, y.data(), x_in, x_out, d.b, D, d.E);
 }
 
 // The pre-norm FFN of a block for b rows (`ssm_ffn_step`): x_out = x + W_down @ act(W_up @ rms_norm(x) + b_up)
@@ -252,17 +306,17 @@ template <typename T> void activate(T* v, int64_t n, int act) {
 }
 
 template <typename T>
-void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const T* W_up, const T* b_up, const T* W_down,
-              const T* b_down, int64_t b, int64_t D, int64_t F, int act) {
+void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const Weights<T>& W_up, const T* b_up,
+              const Weights<T>& W_down, const T* b_down, int64_t b, int64_t D, int64_t F, int act) {
   std::vector<T> h(b * D), f(b * F), res(b * D);
   for (int64_t bi = 0; bi < b; ++bi) {
     rms_norm_row(x_in + bi * D, norm_w, &h[bi * D], D, eps);
     std::memcpy(&f[bi * F], b_up, sizeof(T) * F);
     for (int64_t i = 0; i < D; ++i) res[bi * D + i] = x_in[bi * D + i] + b_down[i];
   }
-  project_rows(W_up, h.data(), f.data(), f.data(), b, F, D);
+  project(W_up, h.data(), f.data(), f.data(), b, F, D);
   activate(f.data(), b * F, act);
-  project_rows(W_down, f.data(), res.data(), x_out, b, D, F);
+  project(W_down, f.data(), res.data(), x_out, b, D, F);
 }
 
 }  // namespace
@@ -275,6 +329,7 @@ void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const T* W_u
                                          int64_t K, int method, double alpha, int threads) {                    \
     if (b < 0 || H < 1 || E != H * P || N < 1 || G < 1 || H % G || r < 1 || K < 1) return 1;                   \
     StepDims d{b, E, H, P, N, G, r, K, method, alpha};                                                         \
+    if (!step_code_ok(method, N)) return 2;                                                                     \
     StepArgs<T> x{xz, conv_w, conv_b, Wg, dt_bias, Wa, A_base, D_base, lti, conv_state, ssm_state, y};         \
     layer_step(d, x, threads);                                                                                  \
     return 0;                                                                                                   \
@@ -292,8 +347,9 @@ void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const T* W_u
                                          int64_t r, int64_t K, int method, double alpha, int threads) {         \
     if (b < 0 || D < 1 || H < 1 || E != H * P || N < 1 || G < 1 || H % G || r < 1 || K < 1) return 1;          \
     StepDims d{b, E, H, P, N, G, r, K, method, alpha};                                                         \
+    if (!step_code_ok(method, N)) return 2;                                                                     \
     StepArgs<T> x{nullptr, conv_w, conv_b, Wg, dt_bias, Wa, A_base, D_base, lti, conv_state, ssm_state, nullptr}; \
-    block_step(d, x, x_in, x_out, norm_w, eps, W_in, W_out, D, threads);                                       \
+    block_step(d, x, x_in, x_out, norm_w, eps, {W_in}, {W_out}, D, threads);                                   \
     return 0;                                                                                                   \
   }
 
@@ -302,10 +358,41 @@ void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const T* W_u
                                        const T* b_up, const T* W_down, const T* b_down, int64_t b, int64_t D,   \
                                        int64_t F, int act) {                                                    \
     if (b < 0 || D < 1 || F < 1 || act < 0 || act > 3) return 1;                                                \
-    ffn_step(x_in, x_out, norm_w, eps, W_up, b_up, W_down, b_down, b, D, F, act);                               \
+    ffn_step(x_in, x_out, norm_w, eps, {W_up}, b_up, {W_down}, b_down, b, D, F, act);                           \
     return 0;                                                                                                   \
   }
 
+// The same two with int8 weights (weight-only int8: each an int8 matrix q and its row scales s, float32)
+#define SSM_Q8_EXPORT(T, SUFFIX)                                                                                \
+  extern "C" int ssm_block_step_q8_##SUFFIX(const T* x_in, T* x_out, const T* norm_w, double eps,               \
+                                            const int8_t* W_in_q, const float* W_in_s, const int8_t* W_out_q,   \
+                                            const float* W_out_s, int64_t D, T* conv_state, const T* conv_w,    \
+                                            const T* conv_b, const int8_t* Wg_q, const float* Wg_s,            \
+                                            const T* dt_bias, const T* Wa, const T* A_base, const T* D_base,    \
+                                            const T* lti, T* ssm_state, int64_t b, int64_t E, int64_t H,        \
+                                            int64_t P, int64_t N, int64_t G, int64_t r, int64_t K, int method,  \
+                                            double alpha, int threads) {                                        \
+    if (b < 0 || D < 1 || H < 1 || E != H * P || N < 1 || G < 1 || H % G || r < 1 || K < 1) return 1;          \
+    StepDims d{b, E, H, P, N, G, r, K, method, alpha};                                                         \
+    if (!step_code_ok(method, N)) return 2;                                                                     \
+    StepArgs<T> x{nullptr, conv_w,    conv_b,    nullptr, dt_bias, Wa,   A_base, D_base,                        \
+                  lti,     conv_state, ssm_state, nullptr, Wg_q,    Wg_s};                                      \
+    block_step(d, x, x_in, x_out, norm_w, eps, {nullptr, W_in_q, W_in_s}, {nullptr, W_out_q, W_out_s}, D,       \
+               threads);                                                                                        \
+    return 0;                                                                                                   \
+  }                                                                                                             \
+  extern "C" int ssm_ffn_step_q8_##SUFFIX(const T* x_in, T* x_out, const T* norm_w, double eps,                 \
+                                          const int8_t* W_up_q, const float* W_up_s, const T* b_up,             \
+                                          const int8_t* W_down_q, const float* W_down_s, const T* b_down,       \
+                                          int64_t b, int64_t D, int64_t F, int act) {                           \
+    if (b < 0 || D < 1 || F < 1 || act < 0 || act > 3) return 1;                                                \
+    ffn_step(x_in, x_out, norm_w, eps, {nullptr, W_up_q, W_up_s}, b_up, {nullptr, W_down_q, W_down_s}, b_down,  \
+             b, D, F, act);                                                                                     \
+    return 0;                                                                                                   \
+  }
+
+SSM_Q8_EXPORT(float, f32)
+SSM_Q8_EXPORT(double, f64)
 SSM_FFN_EXPORT(float, f32)
 SSM_FFN_EXPORT(double, f64)
 SSM_STEP_EXPORT(float, f32)
