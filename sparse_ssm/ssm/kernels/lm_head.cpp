@@ -134,6 +134,31 @@ void block4_dots_avx512(const float* x, const WT* w, int64_t dim, float* out, bo
   out[2] = _mm512_reduce_add_ps(a2), out[3] = _mm512_reduce_add_ps(a3);
 }
 
+// the same for two x rows at once: eight accumulators, each weight vector loaded once for both (six
+// loads per eight FMAs instead of ten: 8 rows of the 130 M head 13.5 -> 10.8 ms in a C loop)
+template <typename WT>
+void block4x2_dots_avx512(const float* x, const WT* w, int64_t dim, float* out, int64_t vocab, bool prefetch) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
+  for (int64_t k = 0; k < dim; k += 16) {
+    const __mmask16 m = dim - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (dim - k)) - 1);
+    const __m512 xa = _mm512_maskz_loadu_ps(m, x + k), xb = _mm512_maskz_loadu_ps(m, x + dim + k);
+    if (prefetch)
+      for (int j = 0; j < kWeightRows; ++j)
+        _mm_prefetch((const char*)(w + (j + kPrefetchBlocks * kWeightRows) * dim + k), _MM_HINT_T0);
+    const __m512 w0 = load16(w + k, m), w1 = load16(w + dim + k, m);
+    const __m512 w2 = load16(w + 2 * dim + k, m), w3 = load16(w + 3 * dim + k, m);
+    a0 = _mm512_fmadd_ps(xa, w0, a0), b0 = _mm512_fmadd_ps(xb, w0, b0);
+    a1 = _mm512_fmadd_ps(xa, w1, a1), b1 = _mm512_fmadd_ps(xb, w1, b1);
+    a2 = _mm512_fmadd_ps(xa, w2, a2), b2 = _mm512_fmadd_ps(xb, w2, b2);
+    a3 = _mm512_fmadd_ps(xa, w3, a3), b3 = _mm512_fmadd_ps(xb, w3, b3);
+  }
+  out[0] = _mm512_reduce_add_ps(a0), out[1] = _mm512_reduce_add_ps(a1);
+  out[2] = _mm512_reduce_add_ps(a2), out[3] = _mm512_reduce_add_ps(a3);
+  out[vocab] = _mm512_reduce_add_ps(b0), out[vocab + 1] = _mm512_reduce_add_ps(b1);
+  out[vocab + 2] = _mm512_reduce_add_ps(b2), out[vocab + 3] = _mm512_reduce_add_ps(b3);
+}
+
 template <typename WT>
 void block1_dot_avx512(const float* x, const WT* w, int64_t dim, float* out) {
   __m512 a = _mm512_setzero_ps();
@@ -147,7 +172,10 @@ void block1_dot_avx512(const float* x, const WT* w, int64_t dim, float* out) {
 template <typename WT, int NW, int NX>
 void block_dots_avx512(const float* x, const WT* w, int64_t dim, float* out, int64_t vocab) {
   static_assert(NW == kWeightRows || NW == 1, "blocks of 4 weight rows, or one");
-  for (int r = 0; r < NX; ++r) {
+  int r = 0;
+  if constexpr (NW == kWeightRows)
+    for (; r + 2 <= NX; r += 2) block4x2_dots_avx512(x + r * dim, w, dim, out + r * vocab, vocab, r == 0);
+  for (; r < NX; ++r) {
     if constexpr (NW == 1) block1_dot_avx512(x + r * dim, w, dim, out + r * vocab);
     else block4_dots_avx512(x + r * dim, w, dim, out + r * vocab, r == 0);
   }
