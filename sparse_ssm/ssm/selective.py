@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .gemm import linear_rows
 from .hippo import hippo
 from .structures.householder import HouseholderStructure
 
@@ -47,8 +48,11 @@ from .structures.householder import HouseholderStructure
 def apply_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """linear(x) (..., in) -> (..., out) in the map's own precision: x is cast to the weight's dtype
     (a bf16/fp16 model's matmuls run in bf16/fp16); a map without a float `weight` (a quantised
-    one, `model.quantize`) takes x as it is and answers in x's dtype."""
+    one, `model.quantize`) takes x as it is and answers in x's dtype.  A float32 nn.Linear of many
+    rows runs through `gemm.linear_rows` (oneDNN's GEMM on CPUs)."""
     weight = getattr(linear, "weight", None)
+    if type(linear) is nn.Linear:
+        return linear_rows(x.to(weight.dtype), weight, linear.bias)
     return linear(x if weight is None else x.to(weight.dtype))
 
 
