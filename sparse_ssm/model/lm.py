@@ -131,9 +131,11 @@ class SparseSSMForCausalLM(nn.Module):
         pass).  The result equals the one-pass prefill's up to float rounding."""
         if input_ids.shape[1] == 0:
             raise ValueError("prefill needs at least one token a row")
-        step = input_ids.shape[1] if chunk_tokens is None else chunk_tokens
-        for start in range(0, input_ids.shape[1], step):
-            out = self(input_ids[:, start:start + step], cache=cache, last_logits_only=True)
+        L = input_ids.shape[1]
+        step = L if chunk_tokens is None else chunk_tokens
+        for start in range(0, L, step):          # the LM head only for the last chunk's last token
+            out = self(input_ids[:, start:start + step], cache=cache, return_logits=start + step >= L,
+                       last_logits_only=True)
             cache = out.cache
         return out.logits[:, -1], cache
 
