@@ -28,7 +28,7 @@
 // chunk-start states saved by the forward (b, H, chunks, N, P).  Gradients of B and C come out per
 // head (b, L, H, N); the caller sums them over the heads of a group.
 
-#include "block_ops.h"
+#include "block_heads.h"
 
 namespace {
 
@@ -133,18 +133,39 @@ void build_rotation_backward(const T* r, T dt, const T* Bv, int method, T al, co
 
 template <typename T> struct ChunkOps {
   std::vector<T> Ab, Bb, Cc;      // (tc, blocks, bs, bs), (tc, N) stage-0 input weights, (tc, N)
+  std::vector<T> dt, Bin;         // the head's dt (tc) and input B (tc, N), gathered for the builder
 };
 
+// The operators of head hi for tokens [t0, t0 + tc): blocks of a compile-time size (block and banded
+// kinds) by `block_heads.h`'s builder with its vector lanes over the chunk's tokens (W tokens at once,
+// the same equations as build_token_ops), other sizes and rotation token by token.
 template <typename T>
 void build_chunk(const BDims& d, const std::vector<BlockRef>& refs, const BTensors<T>& x, int64_t bi, int64_t hi,
                  int64_t t0, int64_t tc, ChunkOps<T>& ops, Scratch<T>& s) {
-  const int64_t N = d.N, bs = d.bs, nr = refs.size(), g = hi / (d.H / d.G);
+  const int64_t N = d.N, bs = d.bs, nr = refs.size(), g = hi / (d.H / d.G), R = d.R(), tok0 = bi * d.L + t0;
+  ops.dt.resize(CHUNK), ops.Bin.resize(CHUNK * N);
   for (int64_t t = 0; t < tc; ++t) {
-    const int64_t tok = bi * d.L + t0 + t;
+    const int64_t tok = tok0 + t;
     std::memcpy(&ops.Cc[t * N], x.C + (tok * d.G + g) * N, sizeof(T) * N);
-    build_token_ops(d.op(), refs, x.raw + (tok * d.H + hi) * d.R(), x.dt[tok * d.H + hi], x.B + (tok * d.G + g) * N,
-                    &ops.Ab[t * nr * bs * bs], &ops.Bb[t * N], s);
+    std::memcpy(&ops.Bin[t * N], x.B + (tok * d.G + g) * N, sizeof(T) * N);
+    ops.dt[t] = x.dt[tok * d.H + hi];
   }
+  const T* raw0 = x.raw + (tok0 * d.H + hi) * R;      // token t's raw row: raw0 + t * H * R
+  bool done = false;
+  if (d.kind != 1)
+    with_block_size(bs, [&](auto K) {
+      constexpr int BS = decltype(K)::value;
+      if constexpr (BS > 0) {
+        for (int64_t k = 0; k < nr; ++k)
+          build_ref_heads<T, BS>(refs[k], tc, raw0 + refs[k].raw_index * bs * bs, d.H * R, ops.dt.data(),
+                                 ops.Bin.data(), N, 1, T(d.alpha), &ops.Ab[k * bs * bs], nr * bs * bs, ops.Bb.data());
+        done = true;
+      }
+    });
+  if (done) return;
+  for (int64_t t = 0; t < tc; ++t)
+    build_token_ops(d.op(), refs, raw0 + t * d.H * R, ops.dt[t], &ops.Bin[t * N], &ops.Ab[t * nr * bs * bs],
+                    &ops.Bb[t * N], s);
 }
 
 // one token's operator applied to S (N x P): every block of stage 0 (with the input), then stage 1
