@@ -33,12 +33,12 @@ _ONEDNN = _onednn_linear()
 
 def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Does `linear_rows` send this product to oneDNN (float32 CPU tensors, >= MANY_ROWS rows, no
-    gradient wanted, not under torch.compile)?"""
+    gradient wanted, no autocast (which would run F.linear in its lower dtype), not under torch.compile)?"""
     tensors = (x, weight) if bias is None else (x, weight, bias)
     return (_ONEDNN is not None and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and weight.dim() == 2 and x.numel() >= MANY_ROWS * x.shape[-1] > 0
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            and not torch.compiler.is_compiling())
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

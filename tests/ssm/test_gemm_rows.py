@@ -54,3 +54,18 @@ def test_apply_linear_uses_it_with_the_module_result():
     with torch.no_grad():
         torch.testing.assert_close(apply_linear(linear, x), linear(x), rtol=1e-5, atol=1e-5)
         assert apply_linear(linear, x.double()).dtype == torch.float32      # cast to the weight's dtype
+
+
+def test_autocast_and_hooks_keep_the_module_call():
+    """Under autocast F.linear runs in bf16 (oneDNN's operator would not); a hooked module is called."""
+    torch.manual_seed(4)
+    linear = nn.Linear(16, 8, bias=False)
+    x = torch.randn(64, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not gemm.takes(x, linear.weight)
+        assert apply_linear(linear, x).dtype == torch.bfloat16
+    seen = []
+    linear.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        apply_linear(linear, x)
+    assert seen == [(64, 8)]
