@@ -38,7 +38,8 @@ HERE = Path(__file__).resolve().parent
 SOURCES = [HERE / name for name in ("selective_scan.cpp", "block_scan.cpp", "lowrank_scan.cpp", "householder_scan.cpp",
                                     "causal_conv.cpp", "cross_entropy.cpp", "layer_step.cpp", "int8_gemv.cpp",
                                     "lm_head.cpp")]
-HEADERS = [HERE / "vec.h", HERE / "scan_head.h", HERE / "block_ops.h", HERE / "block_heads.h", HERE / "int8_gemv.h"]
+HEADERS = [HERE / "vec.h", HERE / "scan_head.h", HERE / "block_ops.h", HERE / "block_heads.h", HERE / "int8_gemv.h",
+           HERE / "float_gemv.h"]
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-pthread"]
 ABI_VERSION = 3
 

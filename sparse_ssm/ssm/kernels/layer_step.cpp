@@ -42,7 +42,7 @@
 // rows with float32 row scales, `int8_gemv.h`), the rest as the float ones.
 
 #include "block_heads.h"
-#include "int8_gemv.h"
+#include "float_gemv.h"
 
 namespace {
 
@@ -177,76 +177,6 @@ void scan_row(const StepDims& d, const StepArgs<T>& x, int64_t bi, const T* u, c
 template <typename T> void rms_norm_row(const T* x, const T* w, T* out, int64_t dim, double eps) {
   const T scale = T(1) / std::sqrt(dot(x, x, dim) / T(dim) + T(eps));
   for (int64_t i = 0; i < dim; ++i) out[i] = x[i] * scale * w[i];
-}
-
-// out rows r0 .. r0 + R of W rows o .. o + 4: a tile of 4 x R dot products whose accumulators stay in
-// registers, so each vector load of W serves R rows and each load of an input serves 4 W rows
-template <typename T, int R>
-void project_tile(const T* W, const T* in, const T* add, T* out, int64_t O, int64_t I, int64_t o) {
-  constexpr int Wd = Vec<T>::lanes;
-  const T* w[4] = {W + o * I, W + (o + 1) * I, W + (o + 2) * I, W + (o + 3) * I};
-  V<T> acc[4][R];
-#pragma GCC unroll 4
-  for (int k = 0; k < 4; ++k)
-#pragma GCC unroll 4
-    for (int j = 0; j < R; ++j) acc[k][j] = vsplat(T(0));
-  int64_t i = 0;
-  for (; i + Wd <= I; i += Wd) {
-    V<T> v[R];
-#pragma GCC unroll 4
-    for (int j = 0; j < R; ++j) v[j] = vload(in + j * I + i);
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) {
-      __builtin_prefetch(w[k] + i + 4 * I);   // the next 4 W rows, from memory while this tile computes
-      V<T> wk = vload(w[k] + i);
-#if defined(__GNUC__) && defined(__AVX__)
-      if (R > 1) asm("" : "+x"(wk));   // load W once into a register (GCC folds it into each row's
-#endif                                  // multiply-add: R loads instead of one; 1.4x at 8 rows)
-#pragma GCC unroll 4
-      for (int j = 0; j < R; ++j) acc[k][j] += wk * v[j];
-    }
-  }
-  for (int j = 0; j < R; ++j) {
-    T sum[4];
-    hsum4<T>(acc[0][j], acc[1][j], acc[2][j], acc[3][j], sum);
-    const T* v = in + j * I;
-    for (int64_t t = i; t < I; ++t)
-      for (int k = 0; k < 4; ++k) sum[k] += w[k][t] * v[t];
-    for (int k = 0; k < 4; ++k) out[j * O + o + k] = (add ? add[j * O + o + k] : T(0)) + sum[k];
-  }
-}
-
-// Rows a tile holds: 4 x 4 accumulators fit the 32 vector registers of AVX-512, 4 x 3 the 16 of AVX2
-#if defined(__AVX512VL__)
-constexpr int kTileRows = 4;
-#else
-constexpr int kTileRows = 3;
-#endif
-
-// out (b, O) = in (b, I) @ W^T (+ add (b, O) when given), W (O, I) row-major: every block of 4 W rows
-// is read once for all b rows (a matrix-matrix product in tiles of 4 W rows x kTileRows rows)
-template <typename T> void project_rows(const T* W, const T* in, const T* add, T* out, int64_t b, int64_t O, int64_t I) {
-  int64_t o = 0;
-  for (; o + 4 <= O; o += 4)
-    for (int64_t bi = 0; bi < b;) {
-      const int64_t rows = std::min<int64_t>(kTileRows, b - bi);
-      const T *src = in + bi * I, *more = add ? add + bi * O : nullptr;
-      T* dst = out + bi * O;
-      if (rows >= 4 && kTileRows >= 4) project_tile<T, kTileRows>(W, src, more, dst, O, I, o);
-      else if (rows == 3) project_tile<T, 3>(W, src, more, dst, O, I, o);
-      else if (rows == 2) project_tile<T, 2>(W, src, more, dst, O, I, o);
-      else project_tile<T, 1>(W, src, more, dst, O, I, o);
-      bi += rows;
-    }
-  for (; o < O; ++o)
-    for (int64_t bi = 0; bi < b; ++bi) out[bi * O + o] = (add ? add[bi * O + o] : T(0)) + dot(W + o * I, in + bi * I, I);
-}
-
-// out (b, O) = in (b, I) @ W^T (+ add): a float W as project_rows, an int8 one as project_rows_q8
-template <typename T>
-void project(const Weights<T>& W, const T* in, const T* add, T* out, int64_t b, int64_t O, int64_t I) {
-  if (W.q) project_rows_q8(W, in, add, out, b, O, I);
-  else project_rows(W.w, in, add, out, b, O, I);
 }
 
 // The block family's raw rows (b, H R) = A_base + Wa @ a_low of all b rows at once (each tile of Wa read
