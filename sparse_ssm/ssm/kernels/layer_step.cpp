@@ -7,7 +7,7 @@
 //   g      = Wg @ src,  src = u (or a learned constant: the time-invariant ablation)
 //   [dt_raw (H), a_low (r), B (G N), C (G N), d_raw (H)] = g
 //   dt     = softplus(dt_raw + dt_bias)
-//   a      = -exp(2 (A_base + Wa @ a_low))        (H, N)                 the diagonal continuous A_t
+//   a      = -exp(2 raw), raw = A_base + Wa @ a_low       (H, N)        the diagonal continuous A_t
 //   D      = D_base + d_raw
 //   per head h (group g = h / (H / G)) and state n: (A_bar, beta) = discretize(dt_h, a_hn)  (zoh / gbt,
 //   method bit 1: the signed range 2 A_bar - 1, as in selective_scan.cpp)
@@ -39,7 +39,8 @@
 // conv and the scan run row by row (each row has its own state).  The block's FFN likewise
 // (`ssm_ffn_step`): x_out = x + W_down @ act(W_up @ rms_norm(x) + b_up) + b_down, in one call.
 // The `_q8` variants of the two take weight-only int8 projections (W_in, W_out, Wg; W_up, W_down: int8
-// rows with float32 row scales, `int8_gemv.h`), the rest as the float ones.
+// rows with float32 row scales, `int8_gemv.h`), the rest as the float ones; the block step's Wa float
+// (Wa set) or int8 (Wa_q, Wa_s set, Wa null).
 
 #include "block_heads.h"
 #include "float_gemv.h"
@@ -54,6 +55,7 @@ struct StepDims {
   double alpha;
   int structure() const { return step_structure(method); }
   BlockKind blocks() const { return step_blocks(method, N, alpha); }
+  int64_t R() const { return structure() ? blocks().R() : N; }    // the raw size of a head: Wa (H R, r)
 };
 
 template <typename T> struct StepArgs {
@@ -61,6 +63,8 @@ template <typename T> struct StepArgs {
   T *conv_state, *ssm_state, *y;
   const int8_t* Wg_q = nullptr;        // an int8 Wg (weight-only int8) with its row scales: Wg unused
   const float* Wg_s = nullptr;
+  const int8_t* Wa_q = nullptr;        // an int8 Wa likewise
+  const float* Wa_s = nullptr;
 };
 
 template <typename T> inline T silu(T v) { return v / (1 + std::exp(-v)); }
@@ -143,16 +147,16 @@ void scan_row_blocks(const StepDims& d, const StepArgs<T>& x, int64_t bi, const 
              x.ssm_state + bi * H * N * d.P, x.y + bi * E);
 }
 
-// The scan of row bi from its conv output u (E) and generator output g (O) (and the block family's raw
-// row): y row bi, the state advanced
+// The scan of row bi from its conv output u (E), generator output g (O) and raw row (H R): y row bi, the
+// state advanced
 template <typename T>
 void scan_row(const StepDims& d, const StepArgs<T>& x, int64_t bi, const T* u, const T* g, const T* raw) {
   if (d.structure()) return scan_row_blocks(d, x, bi, u, g, raw);
   const int64_t E = d.E, H = d.H, P = d.P, N = d.N, G = d.G, r = d.r;
   const T* z = x.xz + bi * 2 * E + E;
   std::vector<T> a(H * N), Ab(N), Bb(N);
-  const T *dt_raw = g, *a_low = dt_raw + H, *Bv = a_low + r, *Cv = Bv + G * N, *d_raw = Cv + G * N;
-  for (int64_t i = 0; i < H * N; ++i) a[i] = -rate_exp(2 * (x.A_base[i] + dot(x.Wa + i * r, a_low, r)));
+  const T *dt_raw = g, *Bv = dt_raw + H + r, *Cv = Bv + G * N, *d_raw = Cv + G * N;
+  for (int64_t i = 0; i < H * N; ++i) a[i] = -rate_exp(2 * raw[i]);
   for (int64_t h = 0; h < H; ++h) {
     const T dt = softplus(dt_raw[h] + x.dt_bias[h]);
     const T Dh = x.D_base[h] + d_raw[h];
@@ -179,17 +183,16 @@ template <typename T> void rms_norm_row(const T* x, const T* w, T* out, int64_t 
   for (int64_t i = 0; i < dim; ++i) out[i] = x[i] * scale * w[i];
 }
 
-// The block family's raw rows (b, H R) = A_base + Wa @ a_low of all b rows at once (each tile of Wa read
-// once for a tile of rows) from the generator's outputs g (b, O); empty for the diagonal
-template <typename T> std::vector<T> block_raw(const StepDims& d, const StepArgs<T>& x, const T* g) {
-  if (!d.structure()) return {};
-  const int64_t O = 2 * d.H + d.r + 2 * d.G * d.N, HR = d.H * d.blocks().R(), r = d.r;
+// The raw rows (b, H R) = A_base + Wa @ a_low of all b rows at once (each tile of Wa read once for a tile
+// of rows; Wa float or int8) from the generator's outputs g (b, O)
+template <typename T> std::vector<T> raw_rows(const StepDims& d, const StepArgs<T>& x, const T* g) {
+  const int64_t O = 2 * d.H + d.r + 2 * d.G * d.N, HR = d.H * d.R(), r = d.r;
   std::vector<T> a_low(d.b * r), raw(d.b * HR);
   for (int64_t bi = 0; bi < d.b; ++bi) {
     std::memcpy(&a_low[bi * r], g + bi * O + d.H, sizeof(T) * r);
     std::memcpy(&raw[bi * HR], x.A_base, sizeof(T) * HR);
   }
-  project_rows(x.Wa, a_low.data(), raw.data(), raw.data(), d.b, HR, r);
+  project(Weights<T>{x.Wa, x.Wa_q, x.Wa_s}, a_low.data(), raw.data(), raw.data(), d.b, HR, r);
   return raw;
 }
 
@@ -206,9 +209,9 @@ template <typename T> void layer_step(const StepDims& d, const StepArgs<T>& x, i
   } else {
     project(Wg, u.data(), (const T*)nullptr, g.data(), d.b, O, d.E);
   }
-  const std::vector<T> raw = block_raw(d, x, g.data());
+  const std::vector<T> raw = raw_rows(d, x, g.data());
   parallel_for(d.b, threads, [&](int64_t bi) {
-    scan_row(d, x, bi, &u[bi * d.E], &g[bi * O], raw.empty() ? nullptr : &raw[bi * d.H * d.blocks().R()]);
+    scan_row(d, x, bi, &u[bi * d.E], &g[bi * O], &raw[bi * d.H * d.R()]);
   });
 }
 
@@ -298,7 +301,8 @@ void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const Weight
                                             const int8_t* W_in_q, const float* W_in_s, const int8_t* W_out_q,   \
                                             const float* W_out_s, int64_t D, T* conv_state, const T* conv_w,    \
                                             const T* conv_b, const int8_t* Wg_q, const float* Wg_s,            \
-                                            const T* dt_bias, const T* Wa, const T* A_base, const T* D_base,    \
+                                            const T* dt_bias, const T* Wa, const int8_t* Wa_q,                  \
+                                            const float* Wa_s, const T* A_base, const T* D_base,                \
                                             const T* lti, T* ssm_state, int64_t b, int64_t E, int64_t H,        \
                                             int64_t P, int64_t N, int64_t G, int64_t r, int64_t K, int method,  \
                                             double alpha, int threads) {                                        \
@@ -306,7 +310,7 @@ void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const Weight
     StepDims d{b, E, H, P, N, G, r, K, method, alpha};                                                         \
     if (!step_code_ok(method, N)) return 2;                                                                     \
     StepArgs<T> x{nullptr, conv_w,    conv_b,    nullptr, dt_bias, Wa,   A_base, D_base,                        \
-                  lti,     conv_state, ssm_state, nullptr, Wg_q,    Wg_s};                                      \
+                  lti,     conv_state, ssm_state, nullptr, Wg_q,    Wg_s, Wa_q, Wa_s};                          \
     block_step(d, x, x_in, x_out, norm_w, eps, {nullptr, W_in_q, W_in_s}, {nullptr, W_out_q, W_out_s}, D,       \
                threads);                                                                                        \
     return 0;                                                                                                   \
