@@ -255,7 +255,7 @@ def block_step_plan(x, norm_weight, eps, in_weight, out_weight, conv_weight, con
         return None
     (W_in, W_out, Wg) = projections
     if len(Wg) == 2:                                                  # the int8 step: Wa float or int8
-        Wa = (Wa[0], None, None) if len(Wa) == 1 else (None, *Wa)
+        Wa = (Wa[0], None, None) if len(Wa) == 1 else (None, Wa[0].t().contiguous(), Wa[1])   # int8 transposed
     b, H, N, P = ssm_state.shape
     E, K = conv_weight.shape
     code, al = found

@@ -172,4 +172,25 @@ void project_rows_q8(const Weights<T>& W, const T* in, const T* add, T* out, int
   });
 }
 
+// out (b, O) = add (b, O) + in (b, I) @ (s[:, None] * q)^T for a short inner size with the int8 weight
+// given transposed, qt (I, O) = q^T (the generator's A map: I = r ~ 48, O = H R ~ 3072 at the 130 M size,
+// where project_rows_q8's four horizontal sums a tile of 4 x 48 products cost more than streaming the
+// weight): a row's sums accumulate across the outputs, qt widened to float in the inner (contiguous)
+// loop, which the compiler vectorises; the activations stay float (no int16 rounding).  add may alias out.
+template <typename T>
+void project_columns_q8(const int8_t* qt, const float* s, const T* in, const T* add, T* out, int64_t b, int64_t O,
+                        int64_t I) {
+  std::vector<T> sum(O);
+  for (int64_t j = 0; j < b; ++j) {
+    std::fill(sum.begin(), sum.end(), T(0));
+    for (int64_t i = 0; i < I; ++i) {
+      const T v = in[j * I + i];
+      const int8_t* __restrict__ q = qt + i * O;
+      T* __restrict__ acc = sum.data();
+      for (int64_t o = 0; o < O; ++o) acc[o] += v * T(q[o]);
+    }
+    for (int64_t o = 0; o < O; ++o) out[j * O + o] = (add ? add[j * O + o] : T(0)) + T(s[o]) * sum[o];
+  }
+}
+
 }  // namespace ssmk

@@ -40,7 +40,7 @@
 // (`ssm_ffn_step`): x_out = x + W_down @ act(W_up @ rms_norm(x) + b_up) + b_down, in one call.
 // The `_q8` variants of the two take weight-only int8 projections (W_in, W_out, Wg; W_up, W_down: int8
 // rows with float32 row scales, `int8_gemv.h`), the rest as the float ones; the block step's Wa float
-// (Wa set) or int8 (Wa_q, Wa_s set, Wa null).
+// (Wa set) or int8 (Wa null; Wa_qt (r, H R) its int8 rows transposed, Wa_s (H R) their scales).
 
 #include "block_heads.h"
 #include "float_gemv.h"
@@ -63,7 +63,7 @@ template <typename T> struct StepArgs {
   T *conv_state, *ssm_state, *y;
   const int8_t* Wg_q = nullptr;        // an int8 Wg (weight-only int8) with its row scales: Wg unused
   const float* Wg_s = nullptr;
-  const int8_t* Wa_q = nullptr;        // an int8 Wa likewise
+  const int8_t* Wa_qt = nullptr;       // an int8 Wa likewise, transposed: (r, H R), Wa = s[:, None] * qt^T
   const float* Wa_s = nullptr;
 };
 
@@ -184,7 +184,7 @@ template <typename T> void rms_norm_row(const T* x, const T* w, T* out, int64_t 
 }
 
 // The raw rows (b, H R) = A_base + Wa @ a_low of all b rows at once (each tile of Wa read once for a tile
-// of rows; Wa float or int8) from the generator's outputs g (b, O)
+// of rows; Wa float, or int8 transposed) from the generator's outputs g (b, O)
 template <typename T> std::vector<T> raw_rows(const StepDims& d, const StepArgs<T>& x, const T* g) {
   const int64_t O = 2 * d.H + d.r + 2 * d.G * d.N, HR = d.H * d.R(), r = d.r;
   std::vector<T> a_low(d.b * r), raw(d.b * HR);
@@ -192,7 +192,8 @@ template <typename T> std::vector<T> raw_rows(const StepDims& d, const StepArgs<
     std::memcpy(&a_low[bi * r], g + bi * O + d.H, sizeof(T) * r);
     std::memcpy(&raw[bi * HR], x.A_base, sizeof(T) * HR);
   }
-  project(Weights<T>{x.Wa, x.Wa_q, x.Wa_s}, a_low.data(), raw.data(), raw.data(), d.b, HR, r);
+  if (x.Wa_qt) project_columns_q8(x.Wa_qt, x.Wa_s, a_low.data(), raw.data(), raw.data(), d.b, HR, r);
+  else project_rows(x.Wa, a_low.data(), raw.data(), raw.data(), d.b, HR, r);
   return raw;
 }
 
@@ -301,7 +302,7 @@ void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const Weight
                                             const int8_t* W_in_q, const float* W_in_s, const int8_t* W_out_q,   \
                                             const float* W_out_s, int64_t D, T* conv_state, const T* conv_w,    \
                                             const T* conv_b, const int8_t* Wg_q, const float* Wg_s,            \
-                                            const T* dt_bias, const T* Wa, const int8_t* Wa_q,                  \
+                                            const T* dt_bias, const T* Wa, const int8_t* Wa_qt,                 \
                                             const float* Wa_s, const T* A_base, const T* D_base,                \
                                             const T* lti, T* ssm_state, int64_t b, int64_t E, int64_t H,        \
                                             int64_t P, int64_t N, int64_t G, int64_t r, int64_t K, int method,  \
@@ -310,7 +311,7 @@ void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const Weight
     StepDims d{b, E, H, P, N, G, r, K, method, alpha};                                                         \
     if (!step_code_ok(method, N)) return 2;                                                                     \
     StepArgs<T> x{nullptr, conv_w,    conv_b,    nullptr, dt_bias, Wa,   A_base, D_base,                        \
-                  lti,     conv_state, ssm_state, nullptr, Wg_q,    Wg_s, Wa_q, Wa_s};                          \
+                  lti,     conv_state, ssm_state, nullptr, Wg_q,    Wg_s, Wa_qt, Wa_s};                          \
     block_step(d, x, x_in, x_out, norm_w, eps, {nullptr, W_in_q, W_in_s}, {nullptr, W_out_q, W_out_s}, D,       \
                threads);                                                                                        \
     return 0;                                                                                                   \
