@@ -15,6 +15,7 @@ library built); `sparse_ssm.ssm.scan.selective_scan` dispatches to it.
 
 from __future__ import annotations
 
+import ctypes
 from typing import Optional
 
 import torch
@@ -146,7 +147,7 @@ def decode_layer_step(xz, conv_weight, conv_bias, weights: dict, conv_state, ssm
     runs the step operation by operation)."""
     lib = native_library()
     found = step_code(method, alpha, weights["structure"])
-    if (found is None or isinstance(weights["Wg"], tuple)              # (an int8 Wg: the block step only)
+    if (found is None or isinstance(weights["Wg"], tuple) or isinstance(weights["Wa"], tuple)   # (int8: the block step only)
             or not _step_inputs_ok(lib, xz.dtype, (conv_weight,), (xz, conv_state, ssm_state))):
         return None
     dtype = xz.dtype
@@ -224,7 +225,11 @@ class BlockStepPlan:
     (`fits` checks the states and x; a new plan is needed for weights replaced or moved)."""
 
     def __init__(self, fn, x_like: torch.Tensor, conv_state, ssm_state, bound: tuple, keep: tuple):
-        self.fn, self.bound, self.keep = fn, bound, keep      # keep: the tensors the pointers point into
+        # the bound arguments as ctypes values of the argument types (x and out first): converted once,
+        # not at every call (~0.5 us); keep: the tensors the pointers point into
+        types = fn.argtypes[2:]
+        self.fn, self.keep = fn, keep
+        self.bound = tuple(v if v is None or isinstance(v, ctypes.c_void_p) else kind(v) for v, kind in zip(bound, types))
         self.dtype, self.shape = x_like.dtype, x_like.shape
         self.conv_state, self.ssm_state = conv_state, ssm_state
 
@@ -243,22 +248,26 @@ def block_step_plan(x, norm_weight, eps, in_weight, out_weight, conv_weight, con
                     conv_state, ssm_state, method, alpha) -> BlockStepPlan | None:
     """The bound native step of a residual block for rows like x (b, D): in_weight (2E, D),
     out_weight (D, E) and the generator's Wg all float, or all (int8 weight, scales)
-    (`quantized.decode_weight`: weight-only int8), the rest as `decode_layer_step`; None when the
-    kernel cannot take them."""
+    (`quantized.decode_weight`: weight-only int8), the generator's Wa (H R, r) either with int8 ones
+    (float with float ones), the rest as `decode_layer_step`; None when the kernel cannot take them."""
     lib = native_library()
-    Wa, lti = weights["Wa"], weights["lti"]
+    lti = weights["lti"]
     projections = _projections(x.dtype, in_weight, out_weight, weights["Wg"])
+    Wa = kernel_operands(weights["Wa"], x.dtype)
     found = step_code(method, alpha, weights["structure"])
-    if (found is None or projections is None
-            or not _step_inputs_ok(lib, x.dtype, (norm_weight, conv_weight, Wa), (x, conv_state, ssm_state))):
+    if (found is None or projections is None or Wa is None or len(Wa) > len(projections[0])
+            or not _step_inputs_ok(lib, x.dtype, (norm_weight, conv_weight), (x, conv_state, ssm_state))):
         return None
     (W_in, W_out, Wg) = projections
+    if len(Wg) == 2:                                                  # the int8 step: Wa float or int8
+        Wa = (Wa[0], None, None) if len(Wa) == 1 else (None, Wa[0].t().contiguous(), Wa[1])   # int8 transposed
     b, H, N, P = ssm_state.shape
     E, K = conv_weight.shape
     code, al = found
-    tensors = (conv_state, conv_weight, conv_bias, *Wg, weights["dt_bias"], Wa, weights["A_base"], weights["D_base"],
+    tensors = (conv_state, conv_weight, conv_bias, *Wg, weights["dt_bias"], *Wa, weights["A_base"], weights["D_base"],
                lti, ssm_state)
     bound = (ptr(norm_weight), _rms_eps(eps, x.dtype), *map(ptr, W_in), *map(ptr, W_out), x.shape[1],
-             *map(ptr, tensors), b, E, H, P, N, weights["groups"], Wa.shape[1], K, code, al)
+             *map(ptr, tensors), b, E, H, P, N, weights["groups"], weights["Wa"][0].shape[1] if isinstance(weights["Wa"], tuple) else weights["Wa"].shape[1], K,
+             code, al)
     fn = getattr(lib, f"ssm_block_step{'_q8' if len(Wg) == 2 else ''}_{suffix(x.dtype)}")
     return BlockStepPlan(fn, x, conv_state, ssm_state, bound, (norm_weight, *W_in, *W_out, *tensors))

@@ -136,7 +136,29 @@ def test_the_int8_native_step_of_a_structured_layer_equals_the_int8_pytorch_step
 
     torch.manual_seed(0)
     model = quantize_model(model_of(torch.float32, **kw))
+    assert all(isinstance(blk.mixer.generator.decode_weights()["Wa"], tuple) for blk in model.blocks)   # int8 Wa
     ids = torch.randint(0, 97, (3, 10))
+    native, used = decode(model, ids, 4, True, monkeypatch)
+    reference, refused = decode(model, ids, 4, False, monkeypatch)
+    assert used and not refused
+    assert torch.allclose(native, reference, atol=1e-4, rtol=1e-4)
+
+
+@requires_native_kernel()
+@pytest.mark.parametrize("name,kw", pick("block8-gbt"))
+def test_the_int8_step_takes_a_float_a_map(name, kw, monkeypatch):
+    """int8 projections with the generator's A map Wa left float32 (the `_q8` step's float Wa): the
+    native step against the same model operator by operator."""
+    from sparse_ssm.model.quantize import quantize_model
+
+    torch.manual_seed(1)
+    model = model_of(torch.float32, **kw)
+    maps = [blk.mixer.generator.a_up for blk in model.blocks]
+    model = quantize_model(model)
+    for blk, a_up in zip(model.blocks, maps):
+        blk.mixer.generator.a_up = a_up
+    assert all(isinstance(blk.mixer.generator.decode_weights()["Wa"], torch.Tensor) for blk in model.blocks)
+    ids = torch.randint(0, 97, (2, 9))
     native, used = decode(model, ids, 4, True, monkeypatch)
     reference, refused = decode(model, ids, 4, False, monkeypatch)
     assert used and not refused

@@ -7,7 +7,7 @@
 //   g      = Wg @ src,  src = u (or a learned constant: the time-invariant ablation)
 //   [dt_raw (H), a_low (r), B (G N), C (G N), d_raw (H)] = g
 //   dt     = softplus(dt_raw + dt_bias)
-//   a      = -exp(2 (A_base + Wa @ a_low))        (H, N)                 the diagonal continuous A_t
+//   a      = -exp(2 raw), raw = A_base + Wa @ a_low       (H, N)        the diagonal continuous A_t
 //   D      = D_base + d_raw
 //   per head h (group g = h / (H / G)) and state n: (A_bar, beta) = discretize(dt_h, a_hn)  (zoh / gbt,
 //   method bit 1: the signed range 2 A_bar - 1, as in selective_scan.cpp)
@@ -39,10 +39,11 @@
 // conv and the scan run row by row (each row has its own state).  The block's FFN likewise
 // (`ssm_ffn_step`): x_out = x + W_down @ act(W_up @ rms_norm(x) + b_up) + b_down, in one call.
 // The `_q8` variants of the two take weight-only int8 projections (W_in, W_out, Wg; W_up, W_down: int8
-// rows with float32 row scales, `int8_gemv.h`), the rest as the float ones.
+// rows with float32 row scales, `int8_gemv.h`), the rest as the float ones; the block step's Wa float
+// (Wa set) or int8 (Wa null; Wa_qt (r, H R) its int8 rows transposed, Wa_s (H R) their scales).
 
 #include "block_heads.h"
-#include "int8_gemv.h"
+#include "float_gemv.h"
 
 namespace {
 
@@ -54,6 +55,7 @@ struct StepDims {
   double alpha;
   int structure() const { return step_structure(method); }
   BlockKind blocks() const { return step_blocks(method, N, alpha); }
+  int64_t R() const { return structure() ? blocks().R() : N; }    // the raw size of a head: Wa (H R, r)
 };
 
 template <typename T> struct StepArgs {
@@ -61,6 +63,8 @@ template <typename T> struct StepArgs {
   T *conv_state, *ssm_state, *y;
   const int8_t* Wg_q = nullptr;        // an int8 Wg (weight-only int8) with its row scales: Wg unused
   const float* Wg_s = nullptr;
+  const int8_t* Wa_qt = nullptr;       // an int8 Wa likewise, transposed: (r, H R), Wa = s[:, None] * qt^T
+  const float* Wa_s = nullptr;
 };
 
 template <typename T> inline T silu(T v) { return v / (1 + std::exp(-v)); }
@@ -143,16 +147,16 @@ void scan_row_blocks(const StepDims& d, const StepArgs<T>& x, int64_t bi, const 
              x.ssm_state + bi * H * N * d.P, x.y + bi * E);
 }
 
-// The scan of row bi from its conv output u (E) and generator output g (O) (and the block family's raw
-// row): y row bi, the state advanced
+// The scan of row bi from its conv output u (E), generator output g (O) and raw row (H R): y row bi, the
+// state advanced
 template <typename T>
 void scan_row(const StepDims& d, const StepArgs<T>& x, int64_t bi, const T* u, const T* g, const T* raw) {
   if (d.structure()) return scan_row_blocks(d, x, bi, u, g, raw);
   const int64_t E = d.E, H = d.H, P = d.P, N = d.N, G = d.G, r = d.r;
   const T* z = x.xz + bi * 2 * E + E;
   std::vector<T> a(H * N), Ab(N), Bb(N);
-  const T *dt_raw = g, *a_low = dt_raw + H, *Bv = a_low + r, *Cv = Bv + G * N, *d_raw = Cv + G * N;
-  for (int64_t i = 0; i < H * N; ++i) a[i] = -rate_exp(2 * (x.A_base[i] + dot(x.Wa + i * r, a_low, r)));
+  const T *dt_raw = g, *Bv = dt_raw + H + r, *Cv = Bv + G * N, *d_raw = Cv + G * N;
+  for (int64_t i = 0; i < H * N; ++i) a[i] = -rate_exp(2 * raw[i]);
   for (int64_t h = 0; h < H; ++h) {
     const T dt = softplus(dt_raw[h] + x.dt_bias[h]);
     const T Dh = x.D_base[h] + d_raw[h];
@@ -179,87 +183,17 @@ template <typename T> void rms_norm_row(const T* x, const T* w, T* out, int64_t 
   for (int64_t i = 0; i < dim; ++i) out[i] = x[i] * scale * w[i];
 }
 
-// out rows r0 .. r0 + R of W rows o .. o + 4: a tile of 4 x R dot products whose accumulators stay in
-// registers, so each vector load of W serves R rows and each load of an input serves 4 W rows
-template <typename T, int R>
-void project_tile(const T* W, const T* in, const T* add, T* out, int64_t O, int64_t I, int64_t o) {
-  constexpr int Wd = Vec<T>::lanes;
-  const T* w[4] = {W + o * I, W + (o + 1) * I, W + (o + 2) * I, W + (o + 3) * I};
-  V<T> acc[4][R];
-#pragma GCC unroll 4
-  for (int k = 0; k < 4; ++k)
-#pragma GCC unroll 4
-    for (int j = 0; j < R; ++j) acc[k][j] = vsplat(T(0));
-  int64_t i = 0;
-  for (; i + Wd <= I; i += Wd) {
-    V<T> v[R];
-#pragma GCC unroll 4
-    for (int j = 0; j < R; ++j) v[j] = vload(in + j * I + i);
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) {
-      __builtin_prefetch(w[k] + i + 4 * I);   // the next 4 W rows, from memory while this tile computes
-      V<T> wk = vload(w[k] + i);
-#if defined(__GNUC__) && defined(__AVX__)
-      if (R > 1) asm("" : "+x"(wk));   // load W once into a register (GCC folds it into each row's
-#endif                                  // multiply-add: R loads instead of one; 1.4x at 8 rows)
-#pragma GCC unroll 4
-      for (int j = 0; j < R; ++j) acc[k][j] += wk * v[j];
-    }
-  }
-  for (int j = 0; j < R; ++j) {
-    T sum[4];
-    hsum4<T>(acc[0][j], acc[1][j], acc[2][j], acc[3][j], sum);
-    const T* v = in + j * I;
-    for (int64_t t = i; t < I; ++t)
-      for (int k = 0; k < 4; ++k) sum[k] += w[k][t] * v[t];
-    for (int k = 0; k < 4; ++k) out[j * O + o + k] = (add ? add[j * O + o + k] : T(0)) + sum[k];
-  }
-}
-
-// Rows a tile holds: 4 x 4 accumulators fit the 32 vector registers of AVX-512, 4 x 3 the 16 of AVX2
-#if defined(__AVX512VL__)
-constexpr int kTileRows = 4;
-#else
-constexpr int kTileRows = 3;
-#endif
-
-// out (b, O) = in (b, I) @ W^T (+ add (b, O) when given), W (O, I) row-major: every block of 4 W rows
-// is read once for all b rows (a matrix-matrix product in tiles of 4 W rows x kTileRows rows)
-template <typename T> void project_rows(const T* W, const T* in, const T* add, T* out, int64_t b, int64_t O, int64_t I) {
-  int64_t o = 0;
-  for (; o + 4 <= O; o += 4)
-    for (int64_t bi = 0; bi < b;) {
-      const int64_t rows = std::min<int64_t>(kTileRows, b - bi);
-      const T *src = in + bi * I, *more = add ? add + bi * O : nullptr;
-      T* dst = out + bi * O;
-      if (rows >= 4 && kTileRows >= 4) project_tile<T, kTileRows>(W, src, more, dst, O, I, o);
-      else if (rows == 3) project_tile<T, 3>(W, src, more, dst, O, I, o);
-      else if (rows == 2) project_tile<T, 2>(W, src, more, dst, O, I, o);
-      else project_tile<T, 1>(W, src, more, dst, O, I, o);
-      bi += rows;
-    }
-  for (; o < O; ++o)
-    for (int64_t bi = 0; bi < b; ++bi) out[bi * O + o] = (add ? add[bi * O + o] : T(0)) + dot(W + o * I, in + bi * I, I);
-}
-
-// out (b, O) = in (b, I) @ W^T (+ add): a float W as project_rows, an int8 one as project_rows_q8
-template <typename T>
-void project(const Weights<T>& W, const T* in, const T* add, T* out, int64_t b, int64_t O, int64_t I) {
-  if (W.q) project_rows_q8(W, in, add, out, b, O, I);
-  else project_rows(W.w, in, add, out, b, O, I);
-}
-
-// The block family's raw rows (b, H R) = A_base + Wa @ a_low of all b rows at once (each tile of Wa read
-// once for a tile of rows) from the generator's outputs g (b, O); empty for the diagonal
-template <typename T> std::vector<T> block_raw(const StepDims& d, const StepArgs<T>& x, const T* g) {
-  if (!d.structure()) return {};
-  const int64_t O = 2 * d.H + d.r + 2 * d.G * d.N, HR = d.H * d.blocks().R(), r = d.r;
+// The raw rows (b, H R) = A_base + Wa @ a_low of all b rows at once (each tile of Wa read once for a tile
+// of rows; Wa float, or int8 transposed) from the generator's outputs g (b, O)
+template <typename T> std::vector<T> raw_rows(const StepDims& d, const StepArgs<T>& x, const T* g) {
+  const int64_t O = 2 * d.H + d.r + 2 * d.G * d.N, HR = d.H * d.R(), r = d.r;
   std::vector<T> a_low(d.b * r), raw(d.b * HR);
   for (int64_t bi = 0; bi < d.b; ++bi) {
     std::memcpy(&a_low[bi * r], g + bi * O + d.H, sizeof(T) * r);
     std::memcpy(&raw[bi * HR], x.A_base, sizeof(T) * HR);
   }
-  project_rows(x.Wa, a_low.data(), raw.data(), raw.data(), d.b, HR, r);
+  if (x.Wa_qt) project_columns_q8(x.Wa_qt, x.Wa_s, a_low.data(), raw.data(), raw.data(), d.b, HR, r);
+  else project_rows(x.Wa, a_low.data(), raw.data(), raw.data(), d.b, HR, r);
   return raw;
 }
 
@@ -276,9 +210,9 @@ template <typename T> void layer_step(const StepDims& d, const StepArgs<T>& x, i
   } else {
     project(Wg, u.data(), (const T*)nullptr, g.data(), d.b, O, d.E);
   }
-  const std::vector<T> raw = block_raw(d, x, g.data());
+  const std::vector<T> raw = raw_rows(d, x, g.data());
   parallel_for(d.b, threads, [&](int64_t bi) {
-    scan_row(d, x, bi, &u[bi * d.E], &g[bi * O], raw.empty() ? nullptr : &raw[bi * d.H * d.blocks().R()]);
+    scan_row(d, x, bi, &u[bi * d.E], &g[bi * O], &raw[bi * d.H * d.R()]);
   });
 }
 
@@ -368,7 +302,8 @@ void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const Weight
                                             const int8_t* W_in_q, const float* W_in_s, const int8_t* W_out_q,   \
                                             const float* W_out_s, int64_t D, T* conv_state, const T* conv_w,    \
                                             const T* conv_b, const int8_t* Wg_q, const float* Wg_s,            \
-                                            const T* dt_bias, const T* Wa, const T* A_base, const T* D_base,    \
+                                            const T* dt_bias, const T* Wa, const int8_t* Wa_qt,                 \
+                                            const float* Wa_s, const T* A_base, const T* D_base,                \
                                             const T* lti, T* ssm_state, int64_t b, int64_t E, int64_t H,        \
                                             int64_t P, int64_t N, int64_t G, int64_t r, int64_t K, int method,  \
                                             double alpha, int threads) {                                        \
@@ -376,7 +311,7 @@ void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const Weight
     StepDims d{b, E, H, P, N, G, r, K, method, alpha};                                                         \
     if (!step_code_ok(method, N)) return 2;                                                                     \
     StepArgs<T> x{nullptr, conv_w,    conv_b,    nullptr, dt_bias, Wa,   A_base, D_base,                        \
-                  lti,     conv_state, ssm_state, nullptr, Wg_q,    Wg_s};                                      \
+                  lti,     conv_state, ssm_state, nullptr, Wg_q,    Wg_s, Wa_qt, Wa_s};                          \
     block_step(d, x, x_in, x_out, norm_w, eps, {nullptr, W_in_q, W_in_s}, {nullptr, W_out_q, W_out_s}, D,       \
                threads);                                                                                        \
     return 0;                                                                                                   \
