@@ -88,22 +88,32 @@ void build_ref_heads(const BlockRef& r, int64_t n, const T* raw, int64_t raw_str
   }
 }
 
+// Every block of `count` lanes at once (heads of a step, or tokens of a chunk), lane i's raw rows at
+// raw + i * raw_stride, dt (count), B per lane i / hpg; Ab (count, blocks, bs, bs) and Bb (count, N) as
+// build_token_ops writes them.  False (nothing written) for rotation and block sizes with no compiled builder.
 template <typename T>
-void build_heads_ops(const BlockKind& d, const std::vector<BlockRef>& refs, int64_t H, const T* raw, const T* dt,
-                     const T* B, int64_t hpg, T* Ab, T* Bb, Scratch<T>& s) {
-  const int64_t nr = refs.size(), bs = d.bs, R = d.R(), N = d.N;
+bool build_lanes(const BlockKind& d, const std::vector<BlockRef>& refs, int64_t count, const T* raw,
+                 int64_t raw_stride, const T* dt, const T* B, int64_t hpg, T* Ab, T* Bb) {
+  const int64_t nr = refs.size(), bs = d.bs;
   bool done = false;
   if (d.kind != 1)
     with_block_size(bs, [&](auto K) {
       constexpr int BS = decltype(K)::value;
       if constexpr (BS > 0) {
         for (int64_t k = 0; k < nr; ++k)
-          build_ref_heads<T, BS>(refs[k], H, raw + refs[k].raw_index * bs * bs, R, dt, B, N, hpg, T(d.alpha),
-                                 Ab + k * bs * bs, nr * bs * bs, Bb);
+          build_ref_heads<T, BS>(refs[k], count, raw + refs[k].raw_index * bs * bs, raw_stride, dt, B, d.N, hpg,
+                                 T(d.alpha), Ab + k * bs * bs, nr * bs * bs, Bb);
         done = true;
       }
     });
-  if (done) return;
+  return done;
+}
+
+template <typename T>
+void build_heads_ops(const BlockKind& d, const std::vector<BlockRef>& refs, int64_t H, const T* raw, const T* dt,
+                     const T* B, int64_t hpg, T* Ab, T* Bb, Scratch<T>& s) {
+  const int64_t nr = refs.size(), bs = d.bs, R = d.R(), N = d.N;
+  if (build_lanes(d, refs, H, raw, R, dt, B, hpg, Ab, Bb)) return;
   for (int64_t h = 0; h < H; ++h)
     build_token_ops(d, refs, raw + h * R, dt[h], B + (h / hpg) * N, Ab + h * nr * bs * bs, Bb + h * N, s);
 }

@@ -151,18 +151,8 @@ void build_chunk(const BDims& d, const std::vector<BlockRef>& refs, const BTenso
     ops.dt[t] = x.dt[tok * d.H + hi];
   }
   const T* raw0 = x.raw + (tok0 * d.H + hi) * R;      // token t's raw row: raw0 + t * H * R
-  bool done = false;
-  if (d.kind != 1)
-    with_block_size(bs, [&](auto K) {
-      constexpr int BS = decltype(K)::value;
-      if constexpr (BS > 0) {
-        for (int64_t k = 0; k < nr; ++k)
-          build_ref_heads<T, BS>(refs[k], tc, raw0 + refs[k].raw_index * bs * bs, d.H * R, ops.dt.data(),
-                                 ops.Bin.data(), N, 1, T(d.alpha), &ops.Ab[k * bs * bs], nr * bs * bs, ops.Bb.data());
-        done = true;
-      }
-    });
-  if (done) return;
+  if (build_lanes(d.op(), refs, tc, raw0, d.H * R, ops.dt.data(), ops.Bin.data(), 1, ops.Ab.data(), ops.Bb.data()))
+    return;
   for (int64_t t = 0; t < tc; ++t)
     build_token_ops(d.op(), refs, raw0 + t * d.H * R, ops.dt[t], &ops.Bin[t * N], &ops.Ab[t * nr * bs * bs],
                     &ops.Bb[t * N], s);
