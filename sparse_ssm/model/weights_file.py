@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
 from contextlib import contextmanager
 from unittest import mock
 
@@ -31,9 +30,9 @@ _INITIALISERS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "
                  "xavier_normal_", "trunc_normal_", "orthogonal_")
 
 
-class TensorsOnDemand(Mapping):
-    """The tensors of a safetensors file (or blocks of their rows), read with plain reads into one
-    buffer when each is asked for: a tensor is valid until another is read (no mapping of the
+class TensorsOnDemand:
+    """Blocks of rows of the tensors of a safetensors file, read with plain reads into one
+    buffer when each is asked for: a block is valid until another is read (no mapping of the
     file, whose pages would stay resident).  The tied LM head is the embedding.  The format: an
     8-byte little-endian header size, a JSON header {name: {dtype, shape, data_offsets}} and the
     data; any inconsistency raises ValueError.  `nonfinite`: the floating-point tensors in which a
@@ -55,10 +54,6 @@ class TensorsOnDemand(Mapping):
         self.nonfinite: list[str] = []
         self.aliases = {"lm_head.weight": "embed.weight"} if (
             tie_embeddings and "lm_head.weight" not in self.entries and "embed.weight" in self.entries) else {}
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        shape = self.entries[self.aliases.get(name, name)]["shape"]
-        return self.rows(name, 0, shape[0] if shape else 1).reshape(shape)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of tensor `name` (the buffer grows to the largest read)."""
@@ -90,19 +85,6 @@ class TensorsOnDemand(Mapping):
         out = {name: torch.empty(e["shape"], dtype=_DTYPES[e["dtype"]], device="meta") for name, e in self.entries.items()}
         out.update({alias: out[name] for alias, name in self.aliases.items()})
         return out
-
-    def release(self):
-        """Free the buffer (later reads make a new one, as large as they need)."""
-        self.buffer, self.last = bytearray(0), None
-
-    def __contains__(self, name) -> bool:
-        return self.aliases.get(name, name) in self.entries
-
-    def __iter__(self):
-        return iter([*self.entries, *self.aliases])
-
-    def __len__(self) -> int:
-        return len(self.entries) + len(self.aliases)
 
 
 @contextmanager

@@ -258,7 +258,7 @@ def block_step_plan(x, norm_weight, eps, in_weight, out_weight, conv_weight, con
     if (found is None or projections is None or Wa is None or len(Wa) > len(projections[0])
             or not _step_inputs_ok(lib, x.dtype, (norm_weight, conv_weight), (x, conv_state, ssm_state))):
         return None
-    (W_in, W_out, Wg) = projections
+    (W_in, W_out, Wg), r = projections, Wa[0].shape[1]              # Wa[0]: the (H R, r) weight, float or int8
     if len(Wg) == 2:                                                  # the int8 step: Wa float or int8
         Wa = (Wa[0], None, None) if len(Wa) == 1 else (None, Wa[0].t().contiguous(), Wa[1])   # int8 transposed
     b, H, N, P = ssm_state.shape
@@ -267,7 +267,6 @@ def block_step_plan(x, norm_weight, eps, in_weight, out_weight, conv_weight, con
     tensors = (conv_state, conv_weight, conv_bias, *Wg, weights["dt_bias"], *Wa, weights["A_base"], weights["D_base"],
                lti, ssm_state)
     bound = (ptr(norm_weight), _rms_eps(eps, x.dtype), *map(ptr, W_in), *map(ptr, W_out), x.shape[1],
-             *map(ptr, tensors), b, E, H, P, N, weights["groups"], weights["Wa"][0].shape[1] if isinstance(weights["Wa"], tuple) else weights["Wa"].shape[1], K,
-             code, al)
+             *map(ptr, tensors), b, E, H, P, N, weights["groups"], r, K, code, al)
     fn = getattr(lib, f"ssm_block_step{'_q8' if len(Wg) == 2 else ''}_{suffix(x.dtype)}")
     return BlockStepPlan(fn, x, conv_state, ssm_state, bound, (norm_weight, *W_in, *W_out, *tensors))
