@@ -1,7 +1,8 @@
 // The product of a few float rows with a float weight at a decoding step (`layer_step.cpp`'s projections):
 // out (b, O) = in (b, I) @ W^T (+ add (b, O), which may alias out), W (O, I) row-major, b ~ 1-8 rows.  The
-// time is one pass over W from memory: tiles of 4 W rows x up to 4 input rows keep their sums in
-// registers, so each W element is read from memory once for all rows.  `project` picks this or the
+// time is one pass over W from memory: one row reads W row after row in one stream (vec.h
+// row_dot_avx512, with AVX-512); more rows go by tiles of 4 W rows x up to 4 input rows that keep their
+// sums in registers, so each W element is read from memory once for all rows.  `project` picks this or the
 // int8 product of `int8_gemv.h` by the weight.
 #pragma once
 
@@ -123,6 +124,13 @@ void project_rows_tile(const T* W, const T* in, const T* add, T* out, int64_t O,
 // out (b, O) = in (b, I) @ W^T (+ add (b, O) when given), W (O, I) row-major: every block of 4 W rows
 // is read once for all b rows (a matrix-matrix product in tiles of 4 W rows x kTileRows rows)
 template <typename T> void project_rows(const T* W, const T* in, const T* add, T* out, int64_t b, int64_t O, int64_t I) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value)
+    if (b == 1) {   // one row: W read row after row in one stream (vec.h row_dot_avx512)
+      for (int64_t o = 0; o < O; ++o) out[o] = (add ? add[o] : 0.f) + row_dot_avx512(W + o * I, in, I);
+      return;
+    }
+#endif
   int64_t o = 0;
   for (; o + 4 <= O; o += 4)
     for (int64_t bi = 0; bi < b;) {

@@ -2,7 +2,8 @@
 // and few rows (a decoding batch, rows <= ~8), where a GEMM library's packing and blocking for
 // large matrices costs more than it saves and the time is one pass over W (154 MB in float32 at
 // the 130 M size: the bound is memory bandwidth).  Every weight row is read from memory once: a
-// block of four weight rows is multiplied with every x row while it is in L1 (x stays there too),
+// block of four weight rows is multiplied with every x row while it is in L1 (x stays there too;
+// one float32 x row reads the weight row after row instead, vec.h row_dot_avx512),
 // the vocabulary split into contiguous ranges, one a thread.  Weights float32, float64 (x and the
 // logits of the same dtype) or bf16 (x and logits bf16, accumulation in float32, each product of
 // two bf16 values exact in float32; the logits rounded to nearest even once; the AVX512-BF16 dot
@@ -210,6 +211,14 @@ void lm_head(const typename Load<WT>::A* x, const WT* w, typename Load<WT>::A* o
   const int64_t blocks = (vocab + kWeightRows - 1) / kWeightRows;
   const int parts = (int)std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
   parallel_for(parts, parts, [&](int64_t part) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same<WT, float>::value)
+      if (rows == 1) {   // one x row: the weight read row after row in one stream (vec.h)
+        const int64_t end = std::min(vocab, blocks * (part + 1) / parts * kWeightRows);
+        for (int64_t t = blocks * part / parts * kWeightRows; t < end; ++t) out[t] = row_dot_avx512(w + t * dim, x, dim);
+        return;
+      }
+#endif
     for (int64_t b = blocks * part / parts; b < blocks * (part + 1) / parts; ++b) {
       const int64_t j = b * kWeightRows;
       if (j + kWeightRows <= vocab) {
