@@ -1,8 +1,9 @@
 // The product of a few float rows with a float weight at a decoding step (`layer_step.cpp`'s projections):
 // out (b, O) = in (b, I) @ W^T (+ add (b, O), which may alias out), W (O, I) row-major, b ~ 1-8 rows.  The
-// time is one pass over W from memory: one row reads W row after row in one stream (vec.h
-// row_dot_avx512, with AVX-512); more rows go by tiles of 4 W rows x up to 4 input rows that keep their
-// sums in registers, so each W element is read from memory once for all rows.  `project` picks this or the
+// time is one pass over W from memory (at eight rows, as much arithmetic).  float32 with AVX-512: one row
+// reads W row after row in one stream (vec.h row_dot_avx512), more rows go by tiles of 3 W rows x up to 8
+// input rows; elsewhere tiles of 4 W rows x up to 4 (3) rows.  The tiles keep their sums in registers, so
+// each W element is read from memory once for all rows.  `project` picks this or the
 // int8 product of `int8_gemv.h` by the weight.
 #pragma once
 
@@ -57,85 +58,101 @@ constexpr int kTileRows = 3;
 #endif
 
 #if defined(__AVX512F__)
-// float32 with AVX-512 (as lm_head.cpp): the 4 W rows' 16 floats from i loaded once into registers and
-// multiplied with every input row (4 W loads and R input loads per 4 R FMAs; the generic tile above
-// compiles to one W load per FMA), the rows `ahead` floats on prefetched (the hardware prefetcher alone
-// streamed the step's weights at well below the core's read bandwidth); the tail by masked loads
+// float32 with AVX-512, 2-8 rows: tiles of 3 W rows x R input rows, whose 3 R (<= 24) sums stay in
+// registers over the whole inner size, so each W vector is loaded once for all R rows (3 W loads and R
+// input loads per 3 R FMAs) and eight rows take one pass over W; the W rows four tiles (12 rows) on
+// are prefetched into L2.  At eight rows a step is as much arithmetic as reading: 3 x 8 tiles with
+// that prefetch took a 377 MB product (I = 768) from 17-18 ms (4 x 4 tiles, two passes, prefetch into
+// L1 two tiles on) to 14-15 ms in a C loop on one Zen 5 core.  The tail by masked loads.
+constexpr int kTile3Rows = 8;
 template <int R, bool Masked>
-inline void project_step_avx512(__m512 (&acc)[4][R], const float* w, const float* in, int64_t I, int64_t i,
-                                int64_t ahead, __mmask16 m) {
-  if (!Masked && ahead)
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) _mm_prefetch((const char*)(w + k * I + i + ahead), _MM_HINT_T0);
+inline void tile3_step_avx512(__m512 (&acc)[3][R], const float* w, const float* in, int64_t I, int64_t i,
+                              __mmask16 m) {
+  if (!Masked)
+#pragma GCC unroll 3
+    for (int k = 0; k < 3; ++k) _mm_prefetch((const char*)(w + (k + 12) * I + i), _MM_HINT_T1);
   __m512 w0 = _mm512_maskz_loadu_ps(m, w + i), w1 = _mm512_maskz_loadu_ps(m, w + I + i);
-  __m512 w2 = _mm512_maskz_loadu_ps(m, w + 2 * I + i), w3 = _mm512_maskz_loadu_ps(m, w + 3 * I + i);
-  asm("" : "+v"(w0), "+v"(w1), "+v"(w2), "+v"(w3));   // each W vector loaded once (GCC would fold the
-                                                       // loads into the FMAs: R loads of each)
-#pragma GCC unroll 4
+  __m512 w2 = _mm512_maskz_loadu_ps(m, w + 2 * I + i);
+  asm("" : "+v"(w0), "+v"(w1), "+v"(w2));   // each W vector loaded once (GCC would fold the loads
+                                            // into the FMAs: R loads of each)
+#pragma GCC unroll 8
   for (int j = 0; j < R; ++j) {
     __m512 v = _mm512_maskz_loadu_ps(m, in + j * I + i);
-    if (R > 1) asm("" : "+v"(v));
+    asm("" : "+v"(v));
     acc[0][j] = _mm512_fmadd_ps(w0, v, acc[0][j]), acc[1][j] = _mm512_fmadd_ps(w1, v, acc[1][j]);
-    acc[2][j] = _mm512_fmadd_ps(w2, v, acc[2][j]), acc[3][j] = _mm512_fmadd_ps(w3, v, acc[3][j]);
+    acc[2][j] = _mm512_fmadd_ps(w2, v, acc[2][j]);
   }
 }
 
-// out rows 0 .. R of W rows o .. o + 4 (as project_tile); `prefetch`: the W rows two blocks (8 rows) on
+// out rows j < R (ldo apart) at W rows o .. o + 3 (+ add, which may alias out)
 template <int R>
-void project_tile_avx512(const float* W, const float* in, const float* add, float* out, int64_t O, int64_t I,
-                         int64_t o, bool prefetch) {
+void tile3_avx512(const float* W, const float* in, const float* add, float* out, int64_t ldo, int64_t I, int64_t o) {
   const float* w = W + o * I;
-  __m512 acc[4][R];
-#pragma GCC unroll 4
-  for (int k = 0; k < 4; ++k)
-#pragma GCC unroll 4
+  __m512 acc[3][R];
+#pragma GCC unroll 3
+  for (int k = 0; k < 3; ++k)
+#pragma GCC unroll 8
     for (int j = 0; j < R; ++j) acc[k][j] = _mm512_setzero_ps();
-  const int64_t ahead = prefetch ? 8 * I : 0;
   int64_t i = 0;
-  for (; i + 16 <= I; i += 16) project_step_avx512<R, false>(acc, w, in, I, i, ahead, __mmask16(0xffff));
-  if (i < I) project_step_avx512<R, true>(acc, w, in, I, i, 0, __mmask16((1u << (I - i)) - 1));
-#pragma GCC unroll 4
+  for (; i + 16 <= I; i += 16) tile3_step_avx512<R, false>(acc, w, in, I, i, __mmask16(0xffff));
+  if (i < I) tile3_step_avx512<R, true>(acc, w, in, I, i, __mmask16((1u << (I - i)) - 1));
+#pragma GCC unroll 8
   for (int j = 0; j < R; ++j)                // unrolled: a loop here kept the accumulators in memory
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k)
-      out[j * O + o + k] = (add ? add[j * O + o + k] : 0.f) + _mm512_reduce_add_ps(acc[k][j]);
+#pragma GCC unroll 3
+    for (int k = 0; k < 3; ++k)
+      out[j * ldo + o + k] = (add ? add[j * ldo + o + k] : 0.f) + _mm512_reduce_add_ps(acc[k][j]);
 }
-#endif
 
-// The tile of `rows` (<= kTileRows) input rows and W rows o .. o + 4; `first`: the first tile of the W rows
-template <typename T>
-void project_rows_tile(const T* W, const T* in, const T* add, T* out, int64_t O, int64_t I, int64_t o,
-                       int64_t rows, bool first) {
-#if defined(__AVX512F__)
-  if constexpr (std::is_same<T, float>::value) {
-    if (rows >= 4) project_tile_avx512<4>(W, in, add, out, O, I, o, first);
-    else if (rows == 3) project_tile_avx512<3>(W, in, add, out, O, I, o, first);
-    else if (rows == 2) project_tile_avx512<2>(W, in, add, out, O, I, o, first);
-    else project_tile_avx512<1>(W, in, add, out, O, I, o, first);
+// out rows j < b (ldo apart) of W rows [o0, o1) for b >= 1 rows: one row by row_dot_avx512 (vec.h),
+// more in passes of up to 8 rows over tiles of 3 W rows; the last O % 3 W rows one at a time
+inline void project_rows_avx512(const float* W, const float* in, const float* add, float* out, int64_t b,
+                                int64_t ldo, int64_t I, int64_t o0, int64_t o1) {
+  if (b == 1) {
+    for (int64_t o = o0; o < o1; ++o) out[o] = (add ? add[o] : 0.f) + row_dot_avx512(W + o * I, in, I);
     return;
   }
+  int64_t o = o0;
+  for (; o + 3 <= o1; o += 3)
+    for (int64_t j = 0; j < b; j += kTile3Rows) {
+      const float* x = in + j * I;
+      const float* more = add ? add + j * ldo : nullptr;
+      float* dst = out + j * ldo;
+      switch (std::min<int64_t>(kTile3Rows, b - j)) {
+        case 8: tile3_avx512<8>(W, x, more, dst, ldo, I, o); break;
+        case 7: tile3_avx512<7>(W, x, more, dst, ldo, I, o); break;
+        case 6: tile3_avx512<6>(W, x, more, dst, ldo, I, o); break;
+        case 5: tile3_avx512<5>(W, x, more, dst, ldo, I, o); break;
+        case 4: tile3_avx512<4>(W, x, more, dst, ldo, I, o); break;
+        case 3: tile3_avx512<3>(W, x, more, dst, ldo, I, o); break;
+        case 2: tile3_avx512<2>(W, x, more, dst, ldo, I, o); break;
+        default: tile3_avx512<1>(W, x, more, dst, ldo, I, o); break;
+      }
+    }
+  for (; o < o1; ++o)
+    for (int64_t j = 0; j < b; ++j) out[j * ldo + o] = (add ? add[j * ldo + o] : 0.f) + row_dot_avx512(W + o * I, in + j * I, I);
+}
 #endif
+
+// The tile of `rows` (<= kTileRows) input rows and W rows o .. o + 4
+template <typename T>
+void project_rows_tile(const T* W, const T* in, const T* add, T* out, int64_t O, int64_t I, int64_t o, int64_t rows) {
   if (rows >= 4 && kTileRows >= 4) project_tile<T, kTileRows>(W, in, add, out, O, I, o);
   else if (rows == 3) project_tile<T, 3>(W, in, add, out, O, I, o);
   else if (rows == 2) project_tile<T, 2>(W, in, add, out, O, I, o);
   else project_tile<T, 1>(W, in, add, out, O, I, o);
 }
 
-// out (b, O) = in (b, I) @ W^T (+ add (b, O) when given), W (O, I) row-major: every block of 4 W rows
-// is read once for all b rows (a matrix-matrix product in tiles of 4 W rows x kTileRows rows)
+// out (b, O) = in (b, I) @ W^T (+ add (b, O) when given), W (O, I) row-major: every block of W rows is
+// read once for all b rows (a matrix-matrix product in tiles; float32 with AVX-512 as above)
 template <typename T> void project_rows(const T* W, const T* in, const T* add, T* out, int64_t b, int64_t O, int64_t I) {
 #if defined(__AVX512F__)
-  if constexpr (std::is_same<T, float>::value)
-    if (b == 1) {   // one row: W read row after row in one stream (vec.h row_dot_avx512)
-      for (int64_t o = 0; o < O; ++o) out[o] = (add ? add[o] : 0.f) + row_dot_avx512(W + o * I, in, I);
-      return;
-    }
+  if constexpr (std::is_same<T, float>::value) return project_rows_avx512(W, in, add, out, b, O, I, 0, O);
 #endif
   int64_t o = 0;
   for (; o + 4 <= O; o += 4)
     for (int64_t bi = 0; bi < b;) {
       const int64_t rows = std::min<int64_t>(kTileRows, b - bi);
-      project_rows_tile(W, in + bi * I, add ? add + bi * O : nullptr, out + bi * O, O, I, o, rows, bi == 0);
+      project_rows_tile(W, in + bi * I, add ? add + bi * O : nullptr, out + bi * O, O, I, o, rows);
       bi += rows;
     }
   for (; o < O; ++o)

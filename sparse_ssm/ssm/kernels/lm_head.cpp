@@ -3,7 +3,7 @@
 // large matrices costs more than it saves and the time is one pass over W (154 MB in float32 at
 // the 130 M size: the bound is memory bandwidth).  Every weight row is read from memory once: a
 // block of four weight rows is multiplied with every x row while it is in L1 (x stays there too;
-// one float32 x row reads the weight row after row instead, vec.h row_dot_avx512),
+// float32 with AVX-512 goes by float_gemv.h's products of the decoding step instead),
 // the vocabulary split into contiguous ranges, one a thread.  Weights float32, float64 (x and the
 // logits of the same dtype) or bf16 (x and logits bf16, accumulation in float32, each product of
 // two bf16 values exact in float32; the logits rounded to nearest even once; the AVX512-BF16 dot
@@ -11,7 +11,7 @@
 
 #include <type_traits>
 
-#include "vec.h"
+#include "float_gemv.h"
 
 namespace {
 
@@ -105,9 +105,9 @@ void block_dots_portable(const typename Load<WT>::A* x, const WT* w, int64_t dim
 }
 
 #if defined(__AVX512F__)
-// AVX-512 for float32 and bf16 weights: 16 lanes a register, the dim tail by masked loads, the sums
-// by the reduce instruction (the generic vectors above compile to a slower reduction and spills)
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+// AVX-512 for bf16 weights widened to float32 (float32 weights go by float_gemv.h): 16 lanes a register,
+// the dim tail by masked loads, the sums by the reduce instruction (the generic vectors above compile to
+// a slower reduction and spills)
 inline __m512 load16(const uint16_t* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
@@ -212,12 +212,11 @@ void lm_head(const typename Load<WT>::A* x, const WT* w, typename Load<WT>::A* o
   const int parts = (int)std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
   parallel_for(parts, parts, [&](int64_t part) {
 #if defined(__AVX512F__)
-    if constexpr (std::is_same<WT, float>::value)
-      if (rows == 1) {   // one x row: the weight read row after row in one stream (vec.h)
-        const int64_t end = std::min(vocab, blocks * (part + 1) / parts * kWeightRows);
-        for (int64_t t = blocks * part / parts * kWeightRows; t < end; ++t) out[t] = row_dot_avx512(w + t * dim, x, dim);
-        return;
-      }
+    if constexpr (std::is_same<WT, float>::value) {   // float32: the decoding step's products (float_gemv.h)
+      const int64_t o1 = std::min(vocab, blocks * (part + 1) / parts * kWeightRows);
+      project_rows_avx512(w, x, nullptr, out, rows, vocab, dim, blocks * part / parts * kWeightRows, o1);
+      return;
+    } else
 #endif
     for (int64_t b = blocks * part / parts; b < blocks * (part + 1) / parts; ++b) {
       const int64_t j = b * kWeightRows;
