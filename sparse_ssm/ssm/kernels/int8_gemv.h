@@ -53,6 +53,33 @@ template <typename T> bool quantize_i16(const T* x, int16_t* xq, int64_t I, T& a
   return true;
 }
 
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+// The same for float32 rows, 16 lanes at a time (the scalar loop's rounding, to nearest even, is what
+// the conversion does under the default rounding mode: the same int16 values); a decoding step rounds
+// every projection's input rows, ~0.9 of 11 ms at eight rows of the 130 M model before
+template <> inline bool quantize_i16<float>(const float* x, int16_t* xq, int64_t I, float& a) {
+  __m512 amax = _mm512_setzero_ps(), check = _mm512_setzero_ps();
+  for (int64_t i = 0; i < I; i += 16) {
+    const __mmask16 m = I - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (I - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+    check = _mm512_add_ps(check, _mm512_sub_ps(v, v));     // NaN once any x is NaN or inf
+  }
+  const float c = _mm512_reduce_add_ps(check), top = _mm512_reduce_max_ps(amax);
+  if (c != 0 || std::isnan(c)) return false;
+  a = top / 32767.f;
+  const float inv = top > 0 ? 32767.f / top : 0.f;
+  if (!(inv <= std::numeric_limits<float>::max())) return false;
+  const __m512 scale = _mm512_set1_ps(inv);
+  for (int64_t i = 0; i < I; i += 16) {
+    const __mmask16 m = I - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (I - i)) - 1);
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), scale));
+    _mm256_mask_storeu_epi16(xq + i, m, _mm512_cvtsepi32_epi16(q));
+  }
+  return true;
+}
+#endif
+
 #if defined(__AVX512BW__)
 inline __m512i madd_i16(__m512i acc, __m512i w, __m512i x) {
 #if defined(__AVX512VNNI__)
