@@ -2,7 +2,7 @@
 // O x I), by the order the weight is read in: row after row in one stream, with and without software
 // prefetch, against tiles of four rows side by side (float_gemv.h's tiles for several rows).  This is
 // what chose vec.h's row_dot_avx512 for one row.  Needs AVX-512:
-//   gcc -O3 -march=native bench/row_stream.c -o /tmp/row_stream && taskset -c 0 /tmp/row_stream 768
+//   python bench/row_stream.py   (builds this with gcc -O3 -march=native, runs it pinned to one core)
 // Prints the median and the best of 11 interleaved rounds over a 360 MB weight (larger than the caches);
 // results: bench/results/row_stream.md.
 #include <immintrin.h>
