@@ -1,4 +1,4 @@
-"""gemm.linear_rows (oneDNN's float32 GEMM for many rows) against F.linear, the reference."""
+"""gemm.linear_rows (oneDNN's float32 GEMM for a prompt's rows) against F.linear, the reference."""
 
 import pytest
 import torch
@@ -10,7 +10,8 @@ from sparse_ssm.ssm.selective import apply_linear
 
 
 @pytest.mark.parametrize("shape,out_features,bias", [((64, 48), 40, False), ((2, 33, 48), 96, True),
-                                                     ((5, 48), 24, True), ((300, 16), 70, False)])
+                                                     ((5, 48), 24, True), ((300, 16), 70, False),
+                                                     ((1, 48), 33, True), ((1, 1, 7), 5, False)])
 def test_linear_rows_matches_f_linear(shape, out_features, bias):
     torch.manual_seed(0)
     x = torch.randn(*shape)
@@ -20,8 +21,8 @@ def test_linear_rows_matches_f_linear(shape, out_features, bias):
         got = gemm.linear_rows(x, w, b)
     assert got.shape == (*shape[:-1], out_features)
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
-    many = x.numel() // shape[-1] >= gemm.MANY_ROWS
-    assert gemm.takes(x, w, b) == (many and gemm._ONEDNN is not None)
+    assert gemm.takes(x, w, b) == (gemm._ONEDNN is not None)
+    assert not gemm.takes(x[..., :0, :], w, b)                   # no rows: F.linear
 
 
 def test_linear_rows_of_a_strided_view():
