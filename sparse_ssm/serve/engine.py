@@ -7,8 +7,8 @@ sequence by one token per step, whatever request it belongs to.
 
 Prompts are prefilled with the parallel scan in chunks (chunked prefill): between two decode steps
 the engine runs at most `prefill_chunk_tokens` prompt tokens - either one chunk of one prompt, or
-the whole remainders of several prompts that fit together - each prompt's `LayerState` carried
-from its chunk to the next.  A long prompt therefore delays the running streams by one chunk a
+the whole remainders of several prompts that fit together (those with as many tokens to read read
+as one batch) - each prompt's `LayerState` carried from its chunk to the next.  A long prompt therefore delays the running streams by one chunk a
 step, never by its whole prefill.  The prompts with the fewest tokens left go first, so a short
 request joins within about one chunk's time even while a long prompt is being read; a prompt
 passed over `max_batch` times in a row goes first (no starvation).  A prompt whose last chunk is done
@@ -83,6 +83,15 @@ class Job:
 
     def cancel(self):
         self.cancelled = True
+
+
+def alike(plan: list[tuple[Job, int]]) -> list[list[tuple[Job, int]]]:
+    """The (job, end) pairs of a prefill plan grouped by what one batched prefill needs equal: the
+    number of tokens to read, and whether a state is carried (a fresh prompt or a continued one)."""
+    groups: dict[tuple[int, bool], list[tuple[Job, int]]] = {}
+    for job, end in plan:
+        groups.setdefault((end - job.prefilled, job.prefill_state is None), []).append((job, end))
+    return list(groups.values())
 
 
 class BatchEngine:
@@ -171,20 +180,39 @@ class BatchEngine:
 
     def _prefill_round(self, cache, logits):
         """Prefill at most `prefill_chunk_tokens` prompt tokens (`_prefill_plan`); the prompts that
-        are done join the batch: the next (cache, logits).  A prompt that fails (or whose job was
-        cancelled) ends only its own job."""
-        for job, end in self._prefill_plan():
-            try:
-                ids = torch.tensor([job.prompt_ids[job.prefilled:end]], device=self.device)
-                last, job.prefill_state = self.model.prefill(ids, job.prefill_state)
-                job.prefilled = end
-                if end == len(job.prompt_ids):
-                    cache, logits = self._join(job, last, cache, logits)
-            except Exception as e:           # this prompt failed: only its request ends with the error
-                log.exception("a request failed while its prompt was read")
-                self._leave_prefill(job)
-                self._fail(job, e)
+        are done join the batch: the next (cache, logits).  Prompts of the round that start alike
+        (`alike`) are read in one batched prefill, one pass over the weights for all of them (eight
+        16-token prompts arriving at once: one prefill of 8 rows, not eight).  A prompt that fails
+        (or whose job was cancelled) ends only its own job: a batched read that fails is redone one
+        prompt at a time."""
+        for group in alike(self._prefill_plan()):
+            lasts = None
+            if len(group) > 1:
+                try:
+                    lasts = self._read(group)
+                except Exception:            # noqa: BLE001 - which prompt failed is found one by one below
+                    log.warning("a batched prefill of %d prompts failed; reading them one by one", len(group))
+            for i, (job, end) in enumerate(group):
+                try:
+                    last = lasts[i] if lasts else self._read([(job, end)])[0]
+                    if end == len(job.prompt_ids):
+                        cache, logits = self._join(job, last, cache, logits)
+                except Exception as e:       # this prompt failed: only its request ends with the error
+                    log.exception("a request failed while its prompt was read")
+                    self._leave_prefill(job)
+                    self._fail(job, e)
         return cache, logits
+
+    def _read(self, group: list[tuple[Job, int]]) -> list[torch.Tensor]:
+        """Prefill the prompts of `group` (alike) up to their ends in one call: each job's state and
+        count of prefilled tokens move on; the last token's logits (1, vocab) of each."""
+        ids = torch.tensor([job.prompt_ids[job.prefilled:end] for job, end in group], device=self.device)
+        states = [job.prefill_state for job, _ in group]
+        carried = None if states[0] is None else states[0] if len(states) == 1 else stack_rows(states)
+        last, state = self.model.prefill(ids, carried)
+        for i, (job, end) in enumerate(group):
+            job.prefill_state, job.prefilled = (state if len(group) == 1 else select_rows(state, [i])), end
+        return [last[i:i + 1] for i in range(len(group))]
 
     def _prefill_plan(self) -> list[tuple[Job, int]]:
         """The prompts to read in this round and the token each is read up to: the one passed over

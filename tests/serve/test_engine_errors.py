@@ -89,3 +89,22 @@ def test_stopping_reports_what_each_cancelled_job_produced(lm):
         seen.append(events.get(timeout=30))
     assert seen[-1].done == "cancelled" and seen[-1].completion_tokens >= 5
     assert seen[-1].prompt_tokens == len(tokenizer.encode("The quick").ids)
+
+
+def test_a_failing_prompt_read_in_a_batch_with_others_ends_only_its_own_request(lm):
+    """Prompts of one length are read in one batched prefill; when one of them fails, they are read
+    again one by one, so only the failing request ends with the error."""
+    model, tokenizer = lm
+    engine = BatchEngine(model, tokenizer, tokenizer.token_to_id(EOS), max_batch=4)
+    ids = tokenizer.encode("The quick").ids
+    expected = generate_text(model, tokenizer, ["The quick"], greedy(10))[0]
+    good = submit(engine, ids, greedy(10))
+    bad = submit(engine, [model.config.vocab_size + 5] * len(ids), greedy(10))        # same length, fails
+    also_good = submit(engine, ids, greedy(10))
+    engine.start()
+    try:
+        _, last = bad()
+        assert last.done == "error" and "not affected" in last.error
+        assert good()[0] == expected and also_good()[0] == expected
+    finally:
+        engine.stop()

@@ -178,3 +178,30 @@ def test_the_server_reads_prompts_in_chunks_of_its_setting(monkeypatch):
     assert answer.response == expected
     sizes = [n for kind, n in calls if kind == "prefill"]
     assert sum(sizes) == len(tokenizer.encode(prompt).ids) and max(sizes) == 3 and len(sizes) > 3
+
+
+def test_prompts_that_start_alike_are_read_in_one_batched_prefill(lm, monkeypatch):
+    """Waiting prompts with as many tokens to read (all fresh) go through one prefill of all their rows;
+    each request still decodes the greedy tokens it would alone."""
+    model, tokenizer = lm
+    eos = tokenizer.token_to_id(EOS)
+    shapes, prefill = [], model.prefill
+
+    def recorded_prefill(ids, *args, **kwargs):
+        shapes.append(tuple(ids.shape))
+        return prefill(ids, *args, **kwargs)
+    monkeypatch.setattr(model, "prefill", recorded_prefill)
+    engine = BatchEngine(model, tokenizer, eos, max_batch=8, prefill_chunk_tokens=CHUNK)
+    prompts = [[5, 6, 7], [30, 31, 32], [8, 9], [40, 41, 42]]
+    done = queue.Queue()
+    jobs = [engine.submit(Job(p, GenerationConfig(max_length=6, temperature=0), on_event=lambda e: e.done and
+                              done.put(e.done))) for p in prompts]
+    engine.start()
+    try:
+        for _ in prompts:
+            done.get(timeout=60)
+    finally:
+        engine.stop()
+    assert shapes == [(1, 2), (2, 3), (1, 3)]      # 8 tokens a round: [8, 9], then two of the three alike, then one
+    for job, p in zip(jobs, prompts):
+        assert job.stream.ids == alone(model, p, 6, eos)
