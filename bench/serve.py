@@ -12,6 +12,7 @@ clients streaming /api/generate (NDJSON) from threads of this process.
    later: the short request's TTFT, and the running stream's longest pause between two tokens.
 
     flock /work/core0.lock taskset -c 1 python bench/serve.py [--hidden 512] [--name serve_h512]
+    ... python bench/serve.py --serving-cache DIR --name serve_130m     (bench/serving.py's ~130 M model)
 
 Without --model-dir: the model of config/small_cpu.yaml (or its shape at width --hidden, FFN twice
 the width) with random weights and a BPE tokenizer trained on the package's own Python source
@@ -244,6 +245,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir", help="a training output directory (default: random small_cpu model)")
     parser.add_argument("--hidden", type=int, help="the random model's width (default: small_cpu's 128)")
+    parser.add_argument("--serving-cache", help="serve bench/serving.py's ~130 M diagonal checkpoint from this cache "
+                                                "(with the GGUFs' vocabulary, as bench/serving_http.py does)")
     parser.add_argument("--streams", default="1,8", help="concurrent streams to measure (default 1,8)")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per request (default 64)")
     parser.add_argument("--tokens-per-level", type=int, default=1024, help="tokens requested per level (default 1024)")
@@ -258,7 +261,12 @@ def main():
     chunks = {"chunked": args.chunk, "whole": LONG_PROMPT}
     servers = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(args.model_dir) if args.model_dir else random_checkpoint(Path(tmp), args.hidden)
+        if args.serving_cache:
+            from serving_http import our_model_dir
+            root = Path(args.serving_cache) / "130m"
+            model_dir = our_model_dir(root / "ours_diagonal", root / "mamba2-f32.gguf", Path(tmp))
+        else:
+            model_dir = Path(args.model_dir) if args.model_dir else random_checkpoint(Path(tmp), args.hidden)
         model_config = served_config(model_dir)
         prompt = long_prompt(load_tokenizer(next(model_dir.glob("*/tokenizer.json"))), LONG_PROMPT)
         try:
@@ -283,7 +291,8 @@ def main():
     lines += ["", f"A {LONG_PROMPT:,}-token prompt (TTFT: time to first token; median of {args.rounds} rounds):", "",
               *long_prompt_lines(long_rows, chunks, LONG_PROMPT)]
     write_results(Path(args.output_dir), args.name,
-                  {"model_dir": str(args.model_dir or f"random small_cpu, hidden {args.hidden or 128}"),
+                  {"model_dir": (f"{args.serving_cache}/130m/ours_diagonal" if args.serving_cache else
+                                 str(args.model_dir or f"random small_cpu, hidden {args.hidden or 128}")),
                    "tokens_per_request": args.tokens, "rows": rows, "long_prompt_tokens": LONG_PROMPT,
                    "prefill_chunks": chunks, "long_prompt": long_rows, "setup": {"model": model_config}}, lines,
                   provenance(server_core=args.server_core, rounds=args.rounds, model_config=model_config))
