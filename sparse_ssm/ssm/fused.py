@@ -211,7 +211,7 @@ def decode_ffn(x, norm_weight, eps, up_weight, up_bias, down_weight, down_bias, 
     if getattr(lib, f"{name}_{suffix(x.dtype)}")(
             x.data_ptr(), out.data_ptr(), norm_weight.data_ptr(), _rms_eps(eps, x.dtype), *map(ptr, up),
             up_bias.data_ptr(), *map(ptr, down), down_bias.data_ptr(), x.shape[0], x.shape[1],
-            up[0].shape[0], FFN_ACTIVATIONS[activation]):
+            up[0].shape[0], FFN_ACTIVATIONS[activation], torch.get_num_threads()):
         raise ValueError("ffn step: invalid shapes")
     return out
 

@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 SOURCES = [HERE / name for name in ("selective_scan.cpp", "block_scan.cpp", "lowrank_scan.cpp", "householder_scan.cpp",
                                     "causal_conv.cpp", "cross_entropy.cpp", "layer_step.cpp", "int8_gemv.cpp",
                                     "lm_head.cpp")]
-HEADERS = [HERE / "vec.h", HERE / "scan_head.h", HERE / "block_ops.h", HERE / "block_heads.h", HERE / "int8_gemv.h",
+HEADERS = [HERE / "vec.h", HERE / "pool.h", HERE / "scan_head.h", HERE / "block_ops.h", HERE / "block_heads.h", HERE / "int8_gemv.h",
            HERE / "float_gemv.h"]
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-pthread"]
 ABI_VERSION = 3
@@ -102,12 +102,12 @@ def _bind(lib: ctypes.CDLL):
                   "ssm_cross_entropy": [ptr] * 3 + [i64, i64, ctypes.c_double, c_int, c_int],
                   "ssm_layer_step": [ptr] * 12 + [i64] * 8 + [c_int, ctypes.c_double, c_int],
                   "ssm_int8_linear": [ptr] * 5 + [i64] * 3 + [c_int],
-                  "ssm_ffn_step_q8": [ptr] * 3 + [ctypes.c_double] + [ptr] * 6 + [i64] * 3 + [c_int],
+                  "ssm_ffn_step_q8": [ptr] * 3 + [ctypes.c_double] + [ptr] * 6 + [i64] * 3 + [c_int] * 2,
                   "ssm_block_step_q8": [ptr] * 3 + [ctypes.c_double] + [ptr] * 4 + [i64] + [ptr] * 13 + [i64] * 8
                   + [c_int, ctypes.c_double, c_int],
                   "ssm_rms_norm": [ptr] * 3 + [i64, i64, ctypes.c_double],
                   "ssm_lm_head": [ptr] * 3 + [i64] * 3 + [c_int],
-                  "ssm_ffn_step": [ptr] * 3 + [ctypes.c_double] + [ptr] * 4 + [i64] * 3 + [c_int],
+                  "ssm_ffn_step": [ptr] * 3 + [ctypes.c_double] + [ptr] * 4 + [i64] * 3 + [c_int] * 2,
                   "ssm_block_step": [ptr] * 3 + [ctypes.c_double] + [ptr] * 2 + [i64] + [ptr] * 10 + [i64] * 8
                   + [c_int, ctypes.c_double, c_int]}
     for name, argtypes in signatures.items():

@@ -159,11 +159,24 @@ template <typename T> void project_rows(const T* W, const T* in, const T* add, T
     for (int64_t bi = 0; bi < b; ++bi) out[bi * O + o] = (add ? add[bi * O + o] : T(0)) + dot(W + o * I, in + bi * I, I);
 }
 
-// out (b, O) = in (b, I) @ W^T (+ add): a float W as project_rows, an int8 one as project_rows_q8
+// out (b, O) = in (b, I) @ W^T (+ add): a float W as project_rows, an int8 one as project_rows_q8; a map of
+// kSplitWeights or more in `threads` ranges of output rows (float32 with AVX-512 and int8)
 template <typename T>
-void project(const Weights<T>& W, const T* in, const T* add, T* out, int64_t b, int64_t O, int64_t I) {
-  if (W.q) project_rows_q8(W, in, add, out, b, O, I);
-  else project_rows(W.w, in, add, out, b, O, I);
+void project(const Weights<T>& W, const T* in, const T* add, T* out, int64_t b, int64_t O, int64_t I,
+             int threads = 1) {
+  if (W.q) return project_rows_q8(W, in, add, out, b, O, I, threads);
+  if (O * I < kSplitWeights) threads = 1;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
+    const int64_t tiles = (O + 2) / 3;       // ranges of whole tiles of 3 rows
+    parallel_for(threads, threads, [&](int64_t k) {
+      project_rows_avx512(W.w, in, add, out, b, O, I, 3 * (tiles * k / threads),
+                          std::min(O, 3 * (tiles * (k + 1) / threads)));
+    });
+    return;
+  }
+#endif
+  project_rows(W.w, in, add, out, b, O, I);
 }
 
 }  // namespace ssmk

@@ -205,10 +205,10 @@ template <typename T> void layer_step(const StepDims& d, const StepArgs<T>& x, i
   std::vector<T> u(d.b * d.E), g(d.b * O);
   parallel_for(d.b, threads, [&](int64_t bi) { conv_row(d, x, bi, &u[bi * d.E]); });
   if (x.lti) {
-    if (d.b > 0) project(Wg, x.lti, (const T*)nullptr, g.data(), 1, O, d.E);
+    if (d.b > 0) project(Wg, x.lti, (const T*)nullptr, g.data(), 1, O, d.E, threads);
     for (int64_t bi = 1; bi < d.b; ++bi) std::memcpy(&g[bi * O], g.data(), sizeof(T) * O);
   } else {
-    project(Wg, u.data(), (const T*)nullptr, g.data(), d.b, O, d.E);
+    project(Wg, u.data(), (const T*)nullptr, g.data(), d.b, O, d.E, threads);
   }
   const std::vector<T> raw = raw_rows(d, x, g.data());
   parallel_for(d.b, threads, [&](int64_t bi) {
@@ -221,10 +221,10 @@ void block_step(const StepDims& d, StepArgs<T> x, const T* x_in, T* x_out, const
                 const Weights<T>& W_in, const Weights<T>& W_out, int64_t D, int threads) {
   std::vector<T> h(d.b * D), xz(d.b * 2 * d.E), y(d.b * d.E);
   for (int64_t bi = 0; bi < d.b; ++bi) rms_norm_row(x_in + bi * D, norm_w, &h[bi * D], D, eps);
-  project(W_in, h.data(), (const T*)nullptr, xz.data(), d.b, 2 * d.E, D);
+  project(W_in, h.data(), (const T*)nullptr, xz.data(), d.b, 2 * d.E, D, threads);
   x.xz = xz.data(), x.y = y.data();
   layer_step(d, x, threads);
-  project(W_out, y.data(), x_in, x_out, d.b, D, d.E);
+  project(W_out, y.data(), x_in, x_out, d.b, D, d.E, threads);
 }
 
 // The pre-norm FFN of a block for b rows (`ssm_ffn_step`): x_out = x + W_down @ act(W_up @ rms_norm(x) + b_up)
@@ -241,16 +241,16 @@ template <typename T> void activate(T* v, int64_t n, int act) {
 
 template <typename T>
 void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const Weights<T>& W_up, const T* b_up,
-              const Weights<T>& W_down, const T* b_down, int64_t b, int64_t D, int64_t F, int act) {
+              const Weights<T>& W_down, const T* b_down, int64_t b, int64_t D, int64_t F, int act, int threads) {
   std::vector<T> h(b * D), f(b * F), res(b * D);
   for (int64_t bi = 0; bi < b; ++bi) {
     rms_norm_row(x_in + bi * D, norm_w, &h[bi * D], D, eps);
     std::memcpy(&f[bi * F], b_up, sizeof(T) * F);
     for (int64_t i = 0; i < D; ++i) res[bi * D + i] = x_in[bi * D + i] + b_down[i];
   }
-  project(W_up, h.data(), f.data(), f.data(), b, F, D);
+  project(W_up, h.data(), f.data(), f.data(), b, F, D, threads);
   activate(f.data(), b * F, act);
-  project(W_down, f.data(), res.data(), x_out, b, D, F);
+  project(W_down, f.data(), res.data(), x_out, b, D, F, threads);
 }
 
 }  // namespace
@@ -290,9 +290,9 @@ void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const Weight
 #define SSM_FFN_EXPORT(T, SUFFIX)                                                                               \
   extern "C" int ssm_ffn_step_##SUFFIX(const T* x_in, T* x_out, const T* norm_w, double eps, const T* W_up,      \
                                        const T* b_up, const T* W_down, const T* b_down, int64_t b, int64_t D,   \
-                                       int64_t F, int act) {                                                    \
+                                       int64_t F, int act, int threads) {                                       \
     if (b < 0 || D < 1 || F < 1 || act < 0 || act > 3) return 1;                                                \
-    ffn_step(x_in, x_out, norm_w, eps, {W_up}, b_up, {W_down}, b_down, b, D, F, act);                           \
+    ffn_step(x_in, x_out, norm_w, eps, {W_up}, b_up, {W_down}, b_down, b, D, F, act, threads);                  \
     return 0;                                                                                                   \
   }
 
@@ -319,10 +319,10 @@ void ffn_step(const T* x_in, T* x_out, const T* norm_w, double eps, const Weight
   extern "C" int ssm_ffn_step_q8_##SUFFIX(const T* x_in, T* x_out, const T* norm_w, double eps,                 \
                                           const int8_t* W_up_q, const float* W_up_s, const T* b_up,             \
                                           const int8_t* W_down_q, const float* W_down_s, const T* b_down,       \
-                                          int64_t b, int64_t D, int64_t F, int act) {                           \
+                                          int64_t b, int64_t D, int64_t F, int act, int threads) {              \
     if (b < 0 || D < 1 || F < 1 || act < 0 || act > 3) return 1;                                                \
     ffn_step(x_in, x_out, norm_w, eps, {nullptr, W_up_q, W_up_s}, b_up, {nullptr, W_down_q, W_down_s}, b_down,  \
-             b, D, F, act);                                                                                     \
+             b, D, F, act, threads);                                                                            \
     return 0;                                                                                                   \
   }
 

@@ -10,6 +10,8 @@
 #include <limits>
 #include <thread>
 #include <vector>
+
+#include "pool.h"
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -236,7 +238,8 @@ void store_rows(const T* ych, int64_t tc, int64_t P, T* y, T* ypre, int64_t y_st
   }
 }
 
-// Run work(task) for task in [0, tasks) on up to `threads` threads (contiguous ranges each).
+// Run work(task) for task in [0, tasks) on up to `threads` threads (contiguous ranges each): the
+// process's kept workers (pool.h), or threads of its own when they are busy.
 template <typename F> void parallel_for(int64_t tasks, int threads, F work) {
   threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, tasks));
   auto run = [&](int64_t lo, int64_t hi) {
@@ -246,8 +249,10 @@ template <typename F> void parallel_for(int64_t tasks, int threads, F work) {
     run(0, tasks);
     return;
   }
+  const std::function<void(int64_t)> part = [&](int64_t k) { run(tasks * k / threads, tasks * (k + 1) / threads); };
+  if (WorkerPool::get().run(threads, part)) return;
   std::vector<std::thread> pool;
-  for (int k = 0; k < threads; ++k) pool.emplace_back(run, tasks * k / threads, tasks * (k + 1) / threads);
+  for (int k = 0; k < threads; ++k) pool.emplace_back(part, k);
   for (auto& t : pool) t.join();
 }
 
