@@ -43,6 +43,21 @@ def recording(model, monkeypatch):
     return calls
 
 
+def decode_all(engine, prompts, n):
+    """Submit greedy jobs of n new tokens for `prompts` to a stopped engine, start it, wait for them all,
+    stop it: the jobs."""
+    done = queue.Queue()
+    jobs = [engine.submit(Job(p, GenerationConfig(max_length=n, temperature=0), on_event=lambda e: e.done and
+                              done.put(e.done))) for p in prompts]
+    engine.start()
+    try:
+        for _ in prompts:
+            done.get(timeout=60)
+    finally:
+        engine.stop()
+    return jobs
+
+
 def test_a_long_prompt_is_read_one_chunk_between_decode_steps(lm, monkeypatch):
     model, tokenizer = lm
     eos = tokenizer.token_to_id(EOS)
@@ -94,15 +109,7 @@ def test_short_prompts_that_fit_one_chunk_are_read_in_one_round(lm, monkeypatch)
     calls = recording(model, monkeypatch)
     engine = BatchEngine(model, tokenizer, eos, max_batch=4, prefill_chunk_tokens=CHUNK)
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [20]]
-    done = queue.Queue()
-    jobs = [engine.submit(Job(p, GenerationConfig(max_length=6, temperature=0), on_event=lambda e: e.done and
-                              done.put(e.done))) for p in prompts]
-    engine.start()
-    try:
-        for _ in prompts:
-            done.get(timeout=60)
-    finally:
-        engine.stop()
+    jobs = decode_all(engine, prompts, 6)
     # fewest tokens first: [20], [8, 9], [5, 6, 7] (6 of 8 tokens) in round 1, then the long one's chunks
     assert calls[:4] == [("prefill", 1), ("prefill", 2), ("prefill", 3), ("step", 3)]
     assert calls[4] == ("prefill", CHUNK)
@@ -193,15 +200,7 @@ def test_prompts_that_start_alike_are_read_in_one_batched_prefill(lm, monkeypatc
     monkeypatch.setattr(model, "prefill", recorded_prefill)
     engine = BatchEngine(model, tokenizer, eos, max_batch=8, prefill_chunk_tokens=CHUNK)
     prompts = [[5, 6, 7], [30, 31, 32], [8, 9], [40, 41, 42]]
-    done = queue.Queue()
-    jobs = [engine.submit(Job(p, GenerationConfig(max_length=6, temperature=0), on_event=lambda e: e.done and
-                              done.put(e.done))) for p in prompts]
-    engine.start()
-    try:
-        for _ in prompts:
-            done.get(timeout=60)
-    finally:
-        engine.stop()
+    jobs = decode_all(engine, prompts, 6)
     assert shapes == [(1, 2), (2, 3), (1, 3)]      # 8 tokens a round: [8, 9], then two of the three alike, then one
     for job, p in zip(jobs, prompts):
         assert job.stream.ids == alone(model, p, 6, eos)
