@@ -8,8 +8,8 @@ sequence by one token per step, whatever request it belongs to.
 Prompts are prefilled with the parallel scan in chunks (chunked prefill): between two decode steps
 the engine runs at most `prefill_chunk_tokens` prompt tokens - either one chunk of one prompt, or
 the whole remainders of several prompts that fit together (those with as many tokens to read read
-as one batch) - each prompt's `LayerState` carried from its chunk to the next.  A long prompt therefore delays the running streams by one chunk a
-step, never by its whole prefill.  The prompts with the fewest tokens left go first, so a short
+as one batch) - each prompt's `LayerState` carried from its chunk to the next.  A long prompt
+therefore delays the running streams by one chunk a step, never by its whole prefill.  The prompts with the fewest tokens left go first, so a short
 request joins within about one chunk's time even while a long prompt is being read; a prompt
 passed over `max_batch` times in a row goes first (no starvation).  A prompt whose last chunk is done
 joins the batch (its rows stacked on: `generate.cache.stack_rows`) and samples its first token at
