@@ -12,8 +12,9 @@
 1. matmul: `Int8Linear` (weight-only int8: the native int8 product below 64 rows) and a bf16 `F.linear` against
    the float32 `F.linear`, at the projection shapes of a ~130 M model (hidden 768, expand 2, 24 heads,
    state 16, vocab 50,280) for 1, 8 and 512 rows, one thread, rounds interleaved (median);
-2. quality of the trained checkpoint (DIR/best): perplexity on its run's test split (the embedded corpus) and the
-   greedy tokens' agreement with float32 (share of the first --new-tokens positions equal, and the
+2. quality of the trained checkpoint (DIR/best): perplexity on its run's test split (the embedded corpus), read
+   whole (forward: prompts and evaluation) and token by token (the decoding step, whose int8 products round
+   the activations to int8, on the first --decode-windows windows), and the greedy tokens' agreement with float32 (share of the first --new-tokens positions equal, and the
    mean length of the common prefix) for --prompts prompts taken from the test split;
 3. memory: peak RSS of a fresh process that loads a random ~130 M checkpoint with each weights
    format and decodes a few tokens, and of one that imports the package and loads its native library (the
@@ -115,7 +116,8 @@ def training_record(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def quality(checkpoint: Path, prompts: int, prompt_tokens: int, new_tokens: int, max_windows: int) -> dict:
+def quality(checkpoint: Path, prompts: int, prompt_tokens: int, new_tokens: int, max_windows: int,
+            decode_windows: int) -> dict:
     """Test-split perplexity per weights format and greedy agreement with float32."""
     cfg = Config.load(checkpoint / "config.yaml", saved=True)
     data = prepare_lm_data(cfg.dataset, cfg.model.vocab_size, checkpoint / TOKENIZER, log=lambda *_: None)
@@ -123,9 +125,12 @@ def quality(checkpoint: Path, prompts: int, prompt_tokens: int, new_tokens: int,
     n = min(len(test), max_windows)
     models = {w: load_model(checkpoint, "cpu", w) for w in FORMATS}
     out = {"checkpoint": str(checkpoint), "test_windows": n, "perplexity": {}, "greedy": {}}
+    out["decode_windows"], out["decode_perplexity"] = min(n, decode_windows), {}
     for w, model in models.items():
         total, count = loss_sum(model, test, data.pad_id, torch.device("cpu"), range(0, n, 16), 16)
         out["perplexity"][w] = loss_metrics(total, count)["perplexity"]
+        ids = torch.stack([test[i][0] for i in range(out["decode_windows"])])
+        out["decode_perplexity"][w] = _stepped_perplexity(model, ids)
     stream = torch.as_tensor(data.streams["test"][: prompts * (prompt_tokens + new_tokens)].astype("int64"))
     starts = stream.reshape(prompts, -1)[:, :prompt_tokens]
     greedy = {w: _greedy(m, starts, new_tokens) for w, m in models.items()}
@@ -136,6 +141,20 @@ def quality(checkpoint: Path, prompts: int, prompt_tokens: int, new_tokens: int,
                             "identical_sequences": int((prefix == new_tokens).sum()), "prompts": prompts}
     out["models"] = models["fp32"]
     return out
+
+
+@torch.no_grad()
+def _stepped_perplexity(model, ids: torch.Tensor, batch: int = 32) -> float:
+    """Perplexity of windows ids (n, T) read one token at a time (`model.step`, 32 rows a step), each token
+    scored from the logits of the step before it."""
+    total, count = 0.0, 0
+    for rows in ids.split(batch):
+        logits, cache = model.prefill(rows[:, :1])
+        for t in range(1, rows.shape[1]):
+            total += F.cross_entropy(logits.float(), rows[:, t], reduction="sum").item()
+            count += rows.shape[0]
+            logits, cache = model.step(rows[:, t], cache)
+    return float(torch.tensor(total / count).exp())
 
 
 @torch.no_grad()
@@ -197,6 +216,7 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--max-windows", type=int, default=400, help="test windows scored at most")
+    p.add_argument("--decode-windows", type=int, default=128, help="test windows also scored token by token")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
     if args.train:
@@ -206,7 +226,8 @@ def main():
     record = training_record(args.checkpoint)
     torch.set_num_threads(1)
     matmuls = matmul_times(args.rounds)
-    scored = quality(args.checkpoint / "best", args.prompts, args.prompt_tokens, args.new_tokens, args.max_windows)
+    scored = quality(args.checkpoint / "best", args.prompts, args.prompt_tokens, args.new_tokens, args.max_windows,
+                     args.decode_windows)
     scored["training"] = record
     trained = scored.pop("models")
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,13 +239,15 @@ def main():
              "| map | (out, in) | rows | fp32 | bf16 | int8 | int8 speed-up | bf16 speed-up |", "|--|--|--|--|--|--|--|--|"]
     lines += [f"| {r['map']} | {tuple(r['shape'])} | {r['rows']} | {r['fp32_ms']:.3f} | {r['bf16_ms']:.3f} | "
               f"{r['int8_ms']:.3f} | {r['int8_speedup']:.2f}x | {r['bf16_speedup']:.2f}x |" for r in matmuls]
-    ppl, greedy = scored["perplexity"], scored["greedy"]
-    lines += ["", f"Quality of {scored['checkpoint']} on its test split ({scored['test_windows']} windows), trained by "
+    ppl, stepped, greedy = scored["perplexity"], scored["decode_perplexity"], scored["greedy"]
+    lines += ["", f"Quality of {scored['checkpoint']} on its test split ({scored['test_windows']} windows; token by token: "
+              f"the first {scored['decode_windows']}), trained by "
               f"`{' '.join(record['command'])}` at {record['code_version'][:12]} ({record['wall_s']:.0f} s):", "",
-              "| weights | perplexity | vs fp32 | greedy agreement (first "
-              f"{args.new_tokens} tokens) | mean common prefix | identical sequences |", "|--|--|--|--|--|--|",
-              f"| fp32 | {ppl['fp32']:.3f} | - | - | - | - |"]
-    lines += [f"| {w} | {ppl[w]:.3f} | {100 * (ppl[w] / ppl['fp32'] - 1):+.2f}% | {100 * g['agreement']:.1f}% | "
+              "| weights | perplexity | vs fp32 | token by token | vs fp32 | greedy agreement (first "
+              f"{args.new_tokens} tokens) | mean common prefix | identical sequences |", "|--|--|--|--|--|--|--|--|",
+              f"| fp32 | {ppl['fp32']:.3f} | - | {stepped['fp32']:.3f} | - | - | - | - |"]
+    lines += [f"| {w} | {ppl[w]:.3f} | {100 * (ppl[w] / ppl['fp32'] - 1):+.2f}% | {stepped[w]:.3f} | "
+              f"{100 * (stepped[w] / stepped['fp32'] - 1):+.2f}% | {100 * g['agreement']:.1f}% | "
               f"{g['mean_common_prefix']:.1f} | {g['identical_sequences']}/{g['prompts']} |" for w, g in greedy.items()]
     lines += ["", f"Random ~130 M model ({memory['num_parameters']:,} parameters): peak RSS loading it and decoding "
               f"4 tokens (a fresh process; the code alone, torch, the package and its native library, no model: {memory['baseline_gb']:.3f} GB), "

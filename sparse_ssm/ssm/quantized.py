@@ -3,8 +3,8 @@
     int8_linear(x, qweight, scales, bias) = x @ (scales[:, None] * qweight)^T + bias
 
 x (b, I) float32/64, qweight (O, I) int8, scales (O,) float32, bias (O,) or None.  Each row of x is
-quantised to int16 with its own scale (max |x| / 32767, an error of at most half that per element) and
-the products summed exactly in integers, so a row's answer does not depend on the rows beside it.  The
+quantised to int8 values with its own scale (max |x| / 127, an error of at most half that per element)
+and the products summed exactly in integers, so a row's answer does not depend on the rows beside it.  The
 decoding step's projections and LM head (1-8 rows) read each weight byte once for all rows;
 `sparse_ssm.model.quantize.Int8Linear` calls it below its many-rows threshold.
 """

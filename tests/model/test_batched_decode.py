@@ -85,5 +85,7 @@ def test_the_int8_native_step_equals_the_int8_pytorch_step(kw, rows):
     assert used and not not_used
     assert ffn_steps == (0 if kw.get("ffn_dim") == 0 else 6 * 2)
     # the same int8 products, but of activations from differently ordered float arithmetic: one that lands
-    # on the other side of an int16 rounding moves a product by 2^-15 of its row's largest value
-    assert torch.allclose(native, reference, atol=1e-4, rtol=1e-4)
+    # on the other side of an int8 rounding moves a product by 1/127 of its row's largest value times the
+    # weight (up to ~7e-3 in these models, carried on through the later layers and steps); without such a
+    # flip the two agree to ~1e-6
+    assert torch.allclose(native, reference, atol=2e-2, rtol=0)

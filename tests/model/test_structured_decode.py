@@ -131,7 +131,7 @@ def test_the_kernel_refuses_a_structure_code_it_does_not_take(code):
 def test_the_int8_native_step_of_a_structured_layer_equals_the_int8_pytorch_step(name, kw, monkeypatch):
     """Weight-only int8 maps (`quantize_model`): the `_q8` block step with the structure's scan against
     the same int8 model operator by operator (tolerance as the diagonal's int8 test: activations rounded
-    to int16 on either side of a boundary move a product by 2^-15 of its row's largest value)."""
+    to int8 on either side of a boundary move a product by 1/127 of its row's largest value)."""
     from sparse_ssm.model.quantize import quantize_model
 
     torch.manual_seed(0)
@@ -141,7 +141,7 @@ def test_the_int8_native_step_of_a_structured_layer_equals_the_int8_pytorch_step
     native, used = decode(model, ids, 4, True, monkeypatch)
     reference, refused = decode(model, ids, 4, False, monkeypatch)
     assert used and not refused
-    assert torch.allclose(native, reference, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(native, reference, atol=2e-2, rtol=0)
 
 
 @requires_native_kernel()

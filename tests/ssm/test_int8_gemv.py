@@ -1,5 +1,5 @@
 """The native int8 weight product (`ssm.quantized.int8_linear`, kernels/int8_gemv.h) against the float
-product of the dequantised weight, within the error of its int16 activations; its portable path (built
+product of the dequantised weight, within the error of its int8 activations; its portable path (built
 without AVX-512) against the vectorised one."""
 
 import ctypes
@@ -24,15 +24,15 @@ def operands(rows, O, I, dtype, seed=0):
 
 
 def error_bound(x, q, scales, reference):
-    """|x W^T - ours| <= sum_i |W[o, i]| a / 2 with a = max|x| / 32767 (each activation off by at most a / 2),
+    """|x W^T - ours| <= sum_i |W[o, i]| a / 2 with a = max|x| / 127 (each activation off by at most a / 2),
     plus the float rounding of the sum and the scales (relative 1e-5 in float32)."""
     W = q.double() * scales.double()[:, None]
-    a = x.double().abs().amax(1, keepdim=True) / 32767
+    a = x.double().abs().amax(1, keepdim=True) / 127
     return a / 2 * W.abs().sum(1) + 1e-5 * (x.double().abs() @ W.abs().T + reference.abs()) + 1e-12
 
 
 def largest_sums(inner: int = 9000):
-    """Operands whose every product is the largest the kernel forms (|q| = 127, |xq| = 32767, one sign):
+    """Operands whose every product is the largest the kernel forms (|q| = 127, |xq| = 127, one sign):
     the integer sums as large as they can be, over several int32 chunks (4,096 inner elements)."""
     q, scales = quantize_rows(torch.ones(5, inner))
     return torch.ones(2, inner), q, scales
@@ -75,7 +75,7 @@ def test_a_row_with_a_nan_gives_nan_and_the_others_their_products():
 
 
 def test_a_row_of_subnormal_values_gets_its_products():
-    """32767 / max|x| would overflow for such a row: the kernel takes the float path instead."""
+    """127 / max|x| would overflow for such a row: the kernel takes the float path instead."""
     x, q, scales, _ = operands(2, 10, 50, torch.float32)
     x[1] = torch.linspace(-1e-40, 1e-40, 50)
     reference = x.double() @ (q.double() * scales.double()[:, None]).T

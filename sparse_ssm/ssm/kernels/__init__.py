@@ -14,7 +14,7 @@ SiLU; `cross_entropy.cpp`: the softmax cross-entropy of the LM head's logits, in
 projections, the RMSNorm of its rows, the residual block around both, and the pre-norm FFN of a block;
 `block_ops.h`: the per-token operators of the block family, shared by `block_scan.cpp` and the step;
 `block_heads.h`: those of every head of a step at once; `int8_gemv.h` / `int8_gemv.cpp`: the product
-of a few float rows with an int8 weight (weight-only int8, int16 activations, AVX512-VNNI); `vec.h`:
+of a few float rows with an int8 weight (weight-only int8, int8 activations, AVX512-VNNI); `vec.h`:
 their vector utilities — plain C++
 with C entry points and no PyTorch headers, built in under a minute) are compiled by
 `torch.utils.cpp_extension.load` (ninja; the build is cached under ~/.cache/sparse_ssm/kernels,

@@ -1,16 +1,20 @@
 // The product of a few float rows with a weight-only int8 matrix (`sparse_ssm.model.quantize`): W (O, I)
 // int8 row-major with one float32 scale per output row, W ~ s[:, None] * q.  Each input row x (I) is
-// quantised on the fly to int16 with its own scale a = max|x| / 32767 (x = a * xq + e, |e| <= a / 2),
-// the dot products q . xq summed exactly in integers, and
+// quantised on the fly to int8 values with its own scale a = max|x| / 127 (x = a * xq + e, |e| <= a / 2;
+// llama.cpp's q8_0 rounds its activations to int8 as well, with a scale per 32), the dot products
+// q . xq summed exactly in integers, and
 //
 //   out[j, o] = add[j, o] + s[o] * a_j * (q[o, :] . xq[j, :])        (add optional, may alias out)
 //
-// so the only error beyond the weights' own is sum_i |W[o, i]| a_j / 2 (int16 activations: ~3e-5 of a
-// row's largest value), the same for a row whatever the rows beside it.  AVX-512 widens 32 weights to
-// int16 and multiplies pairs into int32 lanes (`vpdpwssd` with VNNI, `vpmaddwd` + add without); elsewhere
-// a plain loop the compiler vectorises.  Tiles of 4 weight rows x R input rows keep their sums in
-// registers, so each weight byte is read once from memory for all rows (decoding: 1-8 rows, memory bound).
-// Rows with a NaN or inf (or so small that 32767 / max|x| overflows) take the float path (s[o] * sum q x),
+// so the only error beyond the weights' own is sum_i |W[o, i]| a_j / 2, the same for a row whatever the
+// rows beside it and whichever loop below sums it (the integer sums are exact in all of them).
+// Several rows, with AVX-512 VNNI: xq as unsigned bytes and 64 byte products a `vpdpbusd` (u8_tile).
+// One row, or without VNNI: xq held in int16, 32 weights widened to int16 and multiplied in pairs
+// (`vpdpwssd`, or `vpmaddwd` + add): one row streams its weights faster so (the 130 M LM head at one row
+// took 1.2 ms so, ~1.9 ms as bytes).
+// Elsewhere a plain loop the compiler vectorises.  Tiles of 4 weight rows x up to 4 input rows keep their
+// sums in registers, so each weight byte is read once from memory for all rows (decoding: 1-8 rows).
+// Rows with a NaN or inf (or so small that 127 / max|x| overflows) take the float path (s[o] * sum q x),
 // which propagates a NaN as torch does.
 #pragma once
 
@@ -31,33 +35,37 @@ template <typename T> struct Weights {
 };
 
 // Inner elements summed in int32 before a flush to int64: an AVX-512 lane takes 2 of every 32, so 256
-// products of |q| <= 127 and |xq| <= 32767 in a chunk (< 2^31; its 16 lanes are added in int64); the
-// portable loop flushes every 256
+// products of |q| <= 127 and |xq| <= 127 in a chunk (far below 2^31; its 16 lanes are added in int64);
+// the portable loop flushes every 256
 constexpr int64_t kQ8Chunk = 4096;
 constexpr int64_t kQ8PortableChunk = 256;
 constexpr int64_t kQ8Align = 32;          // int16 lanes of a 512-bit register; xq rows are padded with zeros
+constexpr int kQ8ActMax = 127;            // the activations' range: int8 values, whatever holds them
 
-// xq (I) = round(x / a) with a = max|x| / 32767 (0 for a zero row); false when x holds a NaN or inf, or
-// its largest value is so small (subnormal) that 32767 / max|x| is not finite
-template <typename T> bool quantize_i16(const T* x, int16_t* xq, int64_t I, T& a) {
+// The holder of a rounded activation: int16 (the value) or, for VNNI's unsigned operand, uint8 (value + 128)
+template <typename Q> constexpr int kQ8Offset = std::is_same<Q, uint8_t>::value ? 128 : 0;
+
+// xq (I) = round(x / a) (+ kQ8Offset) with a = max|x| / 127 (0 for a zero row); false when x holds a NaN
+// or inf, or its largest value is so small (subnormal) that 127 / max|x| is not finite
+template <typename T, typename Q> bool quantize_row(const T* x, Q* xq, int64_t I, T& a) {
   T amax = 0, check = 0;
   for (int64_t i = 0; i < I; ++i) {
     amax = std::max(amax, std::abs(x[i]));
     check += x[i] - x[i];                  // NaN once any x is NaN or inf
   }
   if (check != 0 || std::isnan(check)) return false;
-  a = amax / T(32767);
-  const T inv = amax > 0 ? T(32767) / amax : T(0);
+  a = amax / T(kQ8ActMax);
+  const T inv = amax > 0 ? T(kQ8ActMax) / amax : T(0);
   if (!(inv <= std::numeric_limits<T>::max())) return false;
-  for (int64_t i = 0; i < I; ++i) xq[i] = int16_t(std::nearbyint(x[i] * inv));
+  for (int64_t i = 0; i < I; ++i) xq[i] = Q(int(std::nearbyint(x[i] * inv)) + kQ8Offset<Q>);
   return true;
 }
 
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
 // The same for float32 rows, 16 lanes at a time (the scalar loop's rounding, to nearest even, is what
-// the conversion does under the default rounding mode: the same int16 values); a decoding step rounds
-// every projection's input rows, ~0.9 of 11 ms at eight rows of the 130 M model before
-template <> inline bool quantize_i16<float>(const float* x, int16_t* xq, int64_t I, float& a) {
+// the conversion does under the default rounding mode: the same values); a decoding step rounds every
+// projection's input rows, ~0.9 of 11 ms at eight rows of the 130 M model with a scalar loop
+template <typename Q> bool quantize_row(const float* x, Q* xq, int64_t I, float& a) {
   __m512 amax = _mm512_setzero_ps(), check = _mm512_setzero_ps();
   for (int64_t i = 0; i < I; i += 16) {
     const __mmask16 m = I - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (I - i)) - 1);
@@ -67,14 +75,17 @@ template <> inline bool quantize_i16<float>(const float* x, int16_t* xq, int64_t
   }
   const float c = _mm512_reduce_add_ps(check), top = _mm512_reduce_max_ps(amax);
   if (c != 0 || std::isnan(c)) return false;
-  a = top / 32767.f;
-  const float inv = top > 0 ? 32767.f / top : 0.f;
+  a = top / float(kQ8ActMax);
+  const float inv = top > 0 ? float(kQ8ActMax) / top : 0.f;
   if (!(inv <= std::numeric_limits<float>::max())) return false;
   const __m512 scale = _mm512_set1_ps(inv);
   for (int64_t i = 0; i < I; i += 16) {
     const __mmask16 m = I - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (I - i)) - 1);
     const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), scale));
-    _mm256_mask_storeu_epi16(xq + i, m, _mm512_cvtsepi32_epi16(q));
+    if constexpr (std::is_same<Q, uint8_t>::value)
+      _mm_mask_storeu_epi8(xq + i, m, _mm512_cvtepi32_epi8(_mm512_add_epi32(q, _mm512_set1_epi32(128))));
+    else
+      _mm256_mask_storeu_epi16(xq + i, m, _mm512_cvtepi32_epi16(q));
   }
   return true;
 }
@@ -158,6 +169,99 @@ void q8_tile(const Weights<T>& W, const int16_t* xq, const T* a, const T* add, T
     }
 }
 
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+// With VNNI the activations go as unsigned bytes xu = xq + 128 (1..255; rows padded with 128, i.e. zero):
+// `vpdpbusd` sums 64 byte products a 512-bit register (2x `vpdpwssd`'s 32 of int16), and
+// q . xq = q . xu - 128 sum(q), the sum of each weight row formed alongside (a product with a vector of
+// ones), once for all the input rows.  The integer sums are those of the int16 path above.
+
+inline __m512i dot_u8s8(__m512i acc, __m512i u, __m512i s) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));     // acc += u (unsigned) . s (signed), 4 a lane
+  return acc;
+}
+
+// acc[k][j] += weight row w[k] . xu row j at the 64 elements from i (Masked: those of m, no weight byte past
+// them read); Sum: wsum[k] += sum of w[k] there
+template <int R, bool Sum, bool Masked>
+inline void u8_step(__m512i (&acc)[4][4], __m512i (&wsum)[4], const int8_t* const w[4], const uint8_t* xu, int64_t Ip,
+                    int64_t i, int64_t ahead, __mmask64 m) {
+  __m512i x[R];
+#pragma GCC unroll 4
+  for (int j = 0; j < R; ++j) x[j] = _mm512_loadu_si512(xu + j * Ip + i);
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {
+    if (!Masked) __builtin_prefetch(w[k] + i + ahead);
+    const __m512i wk = Masked ? _mm512_maskz_loadu_epi8(m, w[k] + i) : _mm512_loadu_si512(w[k] + i);
+    if (Sum) wsum[k] = dot_u8s8(wsum[k], _mm512_set1_epi8(1), wk);
+#pragma GCC unroll 4
+    for (int j = 0; j < R; ++j) acc[k][j] = dot_u8s8(acc[k][j], x[j], wk);
+  }
+}
+
+// The sums of the 16 lanes of each of a[0..3], added to out[0..3]
+inline void add_lane_sums(const __m512i a0, const __m512i a1, const __m512i a2, const __m512i a3, int64_t* out,
+                          int64_t stride) {
+  const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+  const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+  const __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
+  alignas(16) int32_t v[4];
+  _mm_store_si128((__m128i*)v, _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+  for (int k = 0; k < 4; ++k) out[k * stride] += v[k];
+}
+
+// sums[k][j] (+ wsums[k] when Sum) over [lo, hi), hi - lo <= kQ8Chunk: a lane gains at most 4 * 255 * 127 a
+// step, so a chunk's 16 lanes stay below 2^31 in all (129,540 * 4096 / 4)
+template <int R, bool Sum>
+void u8_chunk(const int8_t* const w[4], const uint8_t* xu, int64_t Ip, int64_t lo, int64_t hi, int64_t ahead,
+              int64_t (&sums)[4][4], int64_t (&wsums)[4]) {
+  __m512i acc[4][4], wsum[4];
+  for (int k = 0; k < 4; ++k) {
+    wsum[k] = _mm512_setzero_si512();
+    for (int j = 0; j < R; ++j) acc[k][j] = _mm512_setzero_si512();
+  }
+  int64_t i = lo;
+  for (; i + 64 <= hi; i += 64) u8_step<R, Sum, false>(acc, wsum, w, xu, Ip, i, ahead, 0);
+  if (i < hi) u8_step<R, Sum, true>(acc, wsum, w, xu, Ip, i, ahead, (__mmask64(1) << (hi - i)) - 1);
+  for (int j = 0; j < R; ++j) add_lane_sums(acc[0][j], acc[1][j], acc[2][j], acc[3][j], &sums[0][j], 4);
+  if (Sum) add_lane_sums(wsum[0], wsum[1], wsum[2], wsum[3], wsums, 1);
+}
+
+template <int R>
+void u8_rows(const int8_t* const w[4], const uint8_t* xu, int64_t Ip, int64_t I, bool first, int64_t (&sums)[4][4],
+             int64_t (&wsums)[4]) {
+  for (int64_t lo = 0; lo < I; lo += kQ8Chunk) {
+    const int64_t hi = std::min(I, lo + kQ8Chunk);
+    if (first) u8_chunk<R, true>(w, xu, Ip, lo, hi, 8 * I, sums, wsums);
+    else u8_chunk<R, false>(w, xu, Ip, lo, hi, 8 * I, sums, wsums);
+  }
+}
+
+// Output columns o .. o + 4 (those below O) of all b rows, 4 rows at a time (the weight rows' sums from the
+// first 4); xu rows Ip apart
+template <typename T>
+void u8_tile(const Weights<T>& W, const uint8_t* xu, const T* a, const T* add, T* out, int64_t b, int64_t O,
+             int64_t I, int64_t Ip, int64_t o) {
+  const int8_t* w[4];
+  for (int k = 0; k < 4; ++k) w[k] = W.q + std::min(o + k, O - 1) * I;      // past O: the last row again, unused
+  int64_t wsums[4] = {};
+  for (int64_t j0 = 0; j0 < b; j0 += 4) {
+    const int64_t rows = std::min<int64_t>(4, b - j0);
+    int64_t sums[4][4] = {};
+    const uint8_t* x = xu + j0 * Ip;
+    if (rows == 4) u8_rows<4>(w, x, Ip, I, j0 == 0, sums, wsums);
+    else if (rows == 3) u8_rows<3>(w, x, Ip, I, j0 == 0, sums, wsums);
+    else if (rows == 2) u8_rows<2>(w, x, Ip, I, j0 == 0, sums, wsums);
+    else u8_rows<1>(w, x, Ip, I, j0 == 0, sums, wsums);
+    for (int j = 0; j < rows; ++j)
+      for (int k = 0; k < 4 && o + k < O; ++k) {
+        const int64_t at = (j0 + j) * O + o + k;
+        out[at] = (add ? add[at] : T(0)) + T(W.s[o + k]) * a[j0 + j] * T(sums[k][j] - 128 * wsums[k]);
+      }
+  }
+}
+#endif
+
 // The float path (a row with a NaN or inf): out = add + s[o] * sum_i q[o, i] x[i], rows o in [o0, o1)
 template <typename T>
 void q8_float_rows(const Weights<T>& W, const T* in, const T* add, T* out, int64_t b, int64_t O, int64_t I,
@@ -180,15 +284,28 @@ template <typename T>
 void project_rows_q8(const Weights<T>& W, const T* in, const T* add, T* out, int64_t b, int64_t O, int64_t I,
                      int threads = 1) {
   if (O * I < kSplitWeights) threads = 1;
-  const int64_t Ip = (I + kQ8Align - 1) / kQ8Align * kQ8Align;
-  std::vector<int16_t> xq(b * Ip, 0);
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  const bool bytes = b > 1;                 // VNNI's unsigned bytes (one row: the int16 loop streams faster)
+#else
+  const bool bytes = false;
+#endif
+  const int64_t Ip = (I + kQ8Align - 1) / kQ8Align * kQ8Align, Iu = (I + 63) / 64 * 64;
+  std::vector<int16_t> xq(bytes ? 0 : b * Ip, 0);
+  std::vector<uint8_t> xu(bytes ? b * Iu : 0, 128);
   std::vector<T> a(b);
   bool quantised = true;
-  for (int64_t j = 0; j < b; ++j) quantised = quantised && quantize_i16(in + j * I, &xq[j * Ip], I, a[j]);
+  for (int64_t j = 0; j < b && quantised; ++j)
+    quantised = bytes ? quantize_row(in + j * I, &xu[j * Iu], I, a[j]) : quantize_row(in + j * I, &xq[j * Ip], I, a[j]);
   const int64_t blocks = (O + 3) / 4;
   parallel_for(threads, threads, [&](int64_t t) {
     const int64_t o0 = 4 * (blocks * t / threads), o1 = std::min(O, 4 * (blocks * (t + 1) / threads));
     if (!quantised) return q8_float_rows(W, in, add, out, b, O, I, o0, o1);
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    if (bytes) {
+      for (int64_t o = o0; o < o1; o += 4) u8_tile(W, xu.data(), a.data(), add, out, b, O, I, Iu, o);
+      return;
+    }
+#endif
     for (int64_t o = o0; o < o1; o += 4)
       for (int64_t j = 0; j < b;) {
         const int64_t rows = std::min<int64_t>(4, b - j);
