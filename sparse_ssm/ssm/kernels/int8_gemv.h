@@ -210,8 +210,8 @@ inline void add_lane_sums(const __m512i a0, const __m512i a1, const __m512i a2, 
   for (int k = 0; k < 4; ++k) out[k * stride] += v[k];
 }
 
-// sums[k][j] (+ wsums[k] when Sum) over [lo, hi), hi - lo <= kQ8Chunk: a lane gains at most 4 * 255 * 127 a
-// step, so a chunk's 16 lanes stay below 2^31 in all (129,540 * 4096 / 4)
+// sums[k][j] (+ wsums[k] when Sum) over [lo, hi), hi - lo <= kQ8Chunk: a lane gains at most 4 * 255 * 128 a
+// step, so a chunk's 16 lanes stay below 2^31 in all (16 lanes x 64 steps x 130,560 = 1.3e8)
 template <int R, bool Sum>
 void u8_chunk(const int8_t* const w[4], const uint8_t* xu, int64_t Ip, int64_t lo, int64_t hi, int64_t ahead,
               int64_t (&sums)[4][4], int64_t (&wsums)[4]) {
@@ -360,7 +360,7 @@ void columns_q8_rows_avx512(const int8_t* qt, const float* s, const float* in, c
 // given transposed, qt (I, O) = q^T (the generator's A map: I = r ~ 48, O = H R ~ 3072 at the 130 M size,
 // where project_rows_q8's four horizontal sums a tile of 4 x 48 products cost more than streaming the
 // weight): the sums accumulate across the outputs, each in the order of i, the activations float (no
-// int16 rounding); float32 with AVX-512 in registers for 8 rows at a time, else a row's sums in memory
+// int8 rounding); float32 with AVX-512 in registers for 8 rows at a time, else a row's sums in memory
 // with qt widened in the contiguous inner loop, which the compiler vectorises.  add may alias out.
 template <typename T>
 void project_columns_q8(const int8_t* qt, const float* s, const T* in, const T* add, T* out, int64_t b, int64_t O,
