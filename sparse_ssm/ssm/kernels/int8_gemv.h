@@ -34,9 +34,9 @@ template <typename T> struct Weights {
   const float* s = nullptr;
 };
 
-// Inner elements summed in int32 before a flush to int64: an AVX-512 lane takes 2 of every 32, so 256
-// products of |q| <= 127 and |xq| <= 127 in a chunk (far below 2^31; its 16 lanes are added in int64);
-// the portable loop flushes every 256
+// Inner elements summed in int32 before a flush to int64: all of a chunk's products together stay below
+// 2^31 (4096 x 127 x 128 = 6.7e7 with int16-held activations; the bytes' bound is at u8_chunk); the
+// portable loop flushes every 256
 constexpr int64_t kQ8Chunk = 4096;
 constexpr int64_t kQ8PortableChunk = 256;
 constexpr int64_t kQ8Align = 32;          // int16 lanes of a 512-bit register; xq rows are padded with zeros
@@ -92,6 +92,17 @@ template <typename Q> bool quantize_row(const float* x, Q* xq, int64_t I, float&
 #endif
 
 #if defined(__AVX512BW__)
+// The sums of the 16 int32 lanes of each of a[0..3] (each sum below 2^31), added to out[0..3]
+inline void add_lane_sums(const __m512i a0, const __m512i a1, const __m512i a2, const __m512i a3, int64_t* out) {
+  const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+  const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+  const __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
+  const __m128i v = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  // one 256-bit store, which the tile's 256-bit read of out forwards (four 8-byte stores would stall it)
+  _mm256_storeu_si256((__m256i*)out, _mm256_add_epi64(_mm256_loadu_si256((const __m256i*)out), _mm256_cvtepi32_epi64(v)));
+}
+
 inline __m512i madd_i16(__m512i acc, __m512i w, __m512i x) {
 #if defined(__AVX512VNNI__)
   asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));   // the intrinsic: GCC copies the tied
@@ -121,38 +132,49 @@ inline void q8_step(__m512i (&acc)[4][R], const int8_t* const w[4], const int16_
   }
 }
 
-// sums[k][j] += q row w[k] . xq row j over [lo, hi) (hi - lo <= kQ8Chunk); xq rows Ip apart, zero-padded.
+// sums[j][k] += q row w[k] . xq row j over [lo, hi) (hi - lo <= kQ8Chunk); xq rows Ip apart, zero-padded.
 // (The loop's body is a function of its own: with the tail's branch inside, GCC kept the 16 accumulators
 // in memory as well, storing each at every step.)
 template <int R> void q8_chunk(const int8_t* const w[4], const int16_t* xq, int64_t Ip, int64_t lo, int64_t hi,
-                               int64_t ahead, int64_t sums[4][R]) {
+                               int64_t ahead, int64_t sums[R][4]) {
   __m512i acc[4][R];
   for (int k = 0; k < 4; ++k)
     for (int j = 0; j < R; ++j) acc[k][j] = _mm512_setzero_si512();
   int64_t i = lo;
   for (; i + kQ8Align <= hi; i += kQ8Align) q8_step<R, false>(acc, w, xq, Ip, i, ahead, 0);
   if (i < hi) q8_step<R, true>(acc, w, xq, Ip, i, ahead, __mmask32((1u << (hi - i)) - 1));
-  for (int k = 0; k < 4; ++k)
-    for (int j = 0; j < R; ++j) {
-      const __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[k][j]));
-      const __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[k][j], 1));
-      sums[k][j] += _mm512_reduce_add_epi64(_mm512_add_epi64(lo, hi));
-    }
+  for (int j = 0; j < R; ++j) add_lane_sums(acc[0][j], acc[1][j], acc[2][j], acc[3][j], sums[j]);
 }
 #else
 template <int R> void q8_chunk(const int8_t* const w[4], const int16_t* xq, int64_t Ip, int64_t lo, int64_t hi,
-                               int64_t, int64_t sums[4][R]) {
+                               int64_t, int64_t sums[R][4]) {
   for (int k = 0; k < 4; ++k)
     for (int j = 0; j < R; ++j) {
       const int16_t* x = xq + j * Ip;
       for (int64_t c = lo; c < hi; c += kQ8PortableChunk) {
         int32_t acc = 0;
         for (int64_t i = c; i < std::min(hi, c + kQ8PortableChunk); ++i) acc += int32_t(w[k][i]) * int32_t(x[i]);
-        sums[k][j] += acc;
+        sums[j][k] += acc;
       }
     }
 }
 #endif
+
+// One row's outputs of a tile, out[o + k] = add[o + k] + s[o + k] * a * dot[k] for k < 4 (those below O),
+// the one expression every loop ends with (so a row's answer is the same whichever loop summed it)
+template <typename T>
+inline void tile_out(const float* s, T a, const int64_t (&dot)[4], const T* add, T* out, int64_t o, int64_t O) {
+#if defined(__AVX512DQ__) && defined(__AVX512VL__)
+  if constexpr (std::is_same<T, float>::value) {
+    const __mmask8 m = O - o >= 4 ? __mmask8(0xf) : __mmask8((1u << (O - o)) - 1);
+    const __m128 v = _mm256_cvtepi64_ps(_mm256_loadu_si256((const __m256i*)dot));
+    const __m128 sa = _mm_mul_ps(_mm_maskz_loadu_ps(m, s + o), _mm_set1_ps(a));
+    const __m128 base = add ? _mm_maskz_loadu_ps(m, add + o) : _mm_setzero_ps();
+    return _mm_mask_storeu_ps(out + o, m, _mm_fmadd_ps(sa, v, base));
+  }
+#endif
+  for (int k = 0; k < 4 && o + k < O; ++k) out[o + k] = std::fma(T(s[o + k]) * a, T(dot[k]), add ? add[o + k] : T(0));
+}
 
 // Output columns o .. o + 4 (those below O) of R rows: out rows j at out + j * O
 template <typename T, int R>
@@ -160,13 +182,10 @@ void q8_tile(const Weights<T>& W, const int16_t* xq, const T* a, const T* add, T
              int64_t Ip, int64_t o) {
   const int8_t* w[4];
   for (int k = 0; k < 4; ++k) w[k] = W.q + std::min(o + k, O - 1) * I;      // past O: the last row again, unused
-  int64_t sums[4][R] = {};
+  __builtin_prefetch(W.s + std::min(o + 16, O - 1));      // the scales 4 tiles on (else a miss at each 16th)
+  int64_t sums[R][4] = {};
   for (int64_t lo = 0; lo < I; lo += kQ8Chunk) q8_chunk<R>(w, xq, Ip, lo, std::min(I, lo + kQ8Chunk), 8 * I, sums);
-  for (int j = 0; j < R; ++j)
-    for (int k = 0; k < 4 && o + k < O; ++k) {
-      const int64_t at = j * O + o + k;
-      out[at] = (add ? add[at] : T(0)) + T(W.s[o + k]) * a[j] * T(sums[k][j]);
-    }
+  for (int j = 0; j < R; ++j) tile_out(W.s, a[j], sums[j], add ? add + j * O : nullptr, out + j * O, o, O);
 }
 
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -198,19 +217,7 @@ inline void u8_step(__m512i (&acc)[4][4], __m512i (&wsum)[4], const int8_t* cons
   }
 }
 
-// The sums of the 16 lanes of each of a[0..3], added to out[0..3]
-inline void add_lane_sums(const __m512i a0, const __m512i a1, const __m512i a2, const __m512i a3, int64_t* out,
-                          int64_t stride) {
-  const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
-  const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
-  const __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
-  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
-  alignas(16) int32_t v[4];
-  _mm_store_si128((__m128i*)v, _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
-  for (int k = 0; k < 4; ++k) out[k * stride] += v[k];
-}
-
-// sums[k][j] (+ wsums[k] when Sum) over [lo, hi), hi - lo <= kQ8Chunk: a lane gains at most 4 * 255 * 128 a
+// sums[j][k] (+ wsums[k] when Sum) over [lo, hi), hi - lo <= kQ8Chunk: a lane gains at most 4 * 255 * 128 a
 // step, so a chunk's 16 lanes stay below 2^31 in all (16 lanes x 64 steps x 130,560 = 1.3e8)
 template <int R, bool Sum>
 void u8_chunk(const int8_t* const w[4], const uint8_t* xu, int64_t Ip, int64_t lo, int64_t hi, int64_t ahead,
@@ -223,8 +230,8 @@ void u8_chunk(const int8_t* const w[4], const uint8_t* xu, int64_t Ip, int64_t l
   int64_t i = lo;
   for (; i + 64 <= hi; i += 64) u8_step<R, Sum, false>(acc, wsum, w, xu, Ip, i, ahead, 0);
   if (i < hi) u8_step<R, Sum, true>(acc, wsum, w, xu, Ip, i, ahead, (__mmask64(1) << (hi - i)) - 1);
-  for (int j = 0; j < R; ++j) add_lane_sums(acc[0][j], acc[1][j], acc[2][j], acc[3][j], &sums[0][j], 4);
-  if (Sum) add_lane_sums(wsum[0], wsum[1], wsum[2], wsum[3], wsums, 1);
+  for (int j = 0; j < R; ++j) add_lane_sums(acc[0][j], acc[1][j], acc[2][j], acc[3][j], sums[j]);
+  if (Sum) add_lane_sums(wsum[0], wsum[1], wsum[2], wsum[3], wsums);
 }
 
 template <int R>
@@ -244,6 +251,7 @@ void u8_tile(const Weights<T>& W, const uint8_t* xu, const T* a, const T* add, T
              int64_t I, int64_t Ip, int64_t o) {
   const int8_t* w[4];
   for (int k = 0; k < 4; ++k) w[k] = W.q + std::min(o + k, O - 1) * I;      // past O: the last row again, unused
+  __builtin_prefetch(W.s + std::min(o + 16, O - 1));      // the scales 4 tiles on (else a miss at each 16th)
   int64_t wsums[4] = {};
   for (int64_t j0 = 0; j0 < b; j0 += 4) {
     const int64_t rows = std::min<int64_t>(4, b - j0);
@@ -253,11 +261,11 @@ void u8_tile(const Weights<T>& W, const uint8_t* xu, const T* a, const T* add, T
     else if (rows == 3) u8_rows<3>(w, x, Ip, I, j0 == 0, sums, wsums);
     else if (rows == 2) u8_rows<2>(w, x, Ip, I, j0 == 0, sums, wsums);
     else u8_rows<1>(w, x, Ip, I, j0 == 0, sums, wsums);
-    for (int j = 0; j < rows; ++j)
-      for (int k = 0; k < 4 && o + k < O; ++k) {
-        const int64_t at = (j0 + j) * O + o + k;
-        out[at] = (add ? add[at] : T(0)) + T(W.s[o + k]) * a[j0 + j] * T(sums[k][j] - 128 * wsums[k]);
-      }
+    for (int j = 0; j < rows; ++j) {
+      const int64_t dot[4] = {sums[j][0] - 128 * wsums[0], sums[j][1] - 128 * wsums[1], sums[j][2] - 128 * wsums[2],
+                              sums[j][3] - 128 * wsums[3]};
+      tile_out(W.s, a[j0 + j], dot, add ? add + (j0 + j) * O : nullptr, out + (j0 + j) * O, o, O);
+    }
   }
 }
 #endif
