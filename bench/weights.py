@@ -14,8 +14,9 @@
    state 16, vocab 50,280) for 1, 8 and 512 rows, one thread, rounds interleaved (median);
 2. quality of the trained checkpoint (DIR/best): perplexity on its run's test split (the embedded corpus), read
    whole (forward: prompts and evaluation) and token by token (the decoding step, whose int8 products round
-   the activations to int8, on the first --decode-windows windows), and the greedy tokens' agreement with float32 (share of the first --new-tokens positions equal, and the
-   mean length of the common prefix) for --prompts prompts taken from the test split;
+   the activations to int8, on the first --decode-windows windows), and the greedy tokens' agreement
+   with float32 (share of the first --new-tokens positions equal, and the mean length of the common
+   prefix) for --prompts prompts taken from the test split;
 3. memory: peak RSS of a fresh process that loads a random ~130 M checkpoint with each weights
    format and decodes a few tokens, and of one that imports the package and loads its native library (the
    code's own memory, no weights: the baseline);
@@ -240,8 +241,8 @@ def main():
     lines += [f"| {r['map']} | {tuple(r['shape'])} | {r['rows']} | {r['fp32_ms']:.3f} | {r['bf16_ms']:.3f} | "
               f"{r['int8_ms']:.3f} | {r['int8_speedup']:.2f}x | {r['bf16_speedup']:.2f}x |" for r in matmuls]
     ppl, stepped, greedy = scored["perplexity"], scored["decode_perplexity"], scored["greedy"]
-    lines += ["", f"Quality of {scored['checkpoint']} on its test split ({scored['test_windows']} windows; token by token: "
-              f"the first {scored['decode_windows']}), trained by "
+    lines += ["", f"Quality of {scored['checkpoint']} on its test split ({scored['test_windows']} windows; token by "
+              f"token: the first {scored['decode_windows']}), trained by "
               f"`{' '.join(record['command'])}` at {record['code_version'][:12]} ({record['wall_s']:.0f} s):", "",
               "| weights | perplexity | vs fp32 | token by token | vs fp32 | greedy agreement (first "
               f"{args.new_tokens} tokens) | mean common prefix | identical sequences |", "|--|--|--|--|--|--|--|--|",

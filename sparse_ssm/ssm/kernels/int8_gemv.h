@@ -100,7 +100,8 @@ inline void add_lane_sums(const __m512i a0, const __m512i a1, const __m512i a2, 
   const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
   const __m128i v = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
   // one 256-bit store, which the tile's 256-bit read of out forwards (four 8-byte stores would stall it)
-  _mm256_storeu_si256((__m256i*)out, _mm256_add_epi64(_mm256_loadu_si256((const __m256i*)out), _mm256_cvtepi32_epi64(v)));
+  const __m256i before = _mm256_loadu_si256((const __m256i*)out);
+  _mm256_storeu_si256((__m256i*)out, _mm256_add_epi64(before, _mm256_cvtepi32_epi64(v)));
 }
 
 inline __m512i madd_i16(__m512i acc, __m512i w, __m512i x) {
