@@ -50,6 +50,7 @@ def _timed(fn):
 # ---- ours -------------------------------------------------------------------------------------------
 
 def run_ours(spec: dict) -> dict:
+    import sparse_ssm  # noqa: F401 - before torch, as main.py imports it: idle OpenMP threads sleep (its __init__)
     import torch
 
     from sparse_ssm.generate.settings import GenerationConfig
