@@ -104,6 +104,12 @@ inline void add_lane_sums(const __m512i a0, const __m512i a1, const __m512i a2, 
   _mm256_storeu_si256((__m256i*)out, _mm256_add_epi64(before, _mm256_cvtepi32_epi64(v)));
 }
 
+// x[j] = the 64 bytes of input row j (rows Ip elements apart) from element i, for the R rows of a tile
+template <int R, typename Q> inline void load_rows(__m512i (&x)[R], const Q* rows, int64_t Ip, int64_t i) {
+#pragma GCC unroll 4
+  for (int j = 0; j < R; ++j) x[j] = _mm512_loadu_si512(rows + j * Ip + i);
+}
+
 inline __m512i madd_i16(__m512i acc, __m512i w, __m512i x) {
 #if defined(__AVX512VNNI__)
   asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));   // the intrinsic: GCC copies the tied
@@ -120,8 +126,7 @@ template <int R, bool Masked>
 inline void q8_step(__m512i (&acc)[4][R], const int8_t* const w[4], const int16_t* xq, int64_t Ip, int64_t i,
                     int64_t ahead, __mmask32 m) {
   __m512i x[R];
-#pragma GCC unroll 4
-  for (int j = 0; j < R; ++j) x[j] = _mm512_loadu_si512(xq + j * Ip + i);
+  load_rows(x, xq, Ip, i);
 #pragma GCC unroll 4
   for (int k = 0; k < 4; ++k) {
     if (!Masked) __builtin_prefetch(w[k] + i + ahead);
@@ -206,8 +211,7 @@ template <int R, bool Sum, bool Masked>
 inline void u8_step(__m512i (&acc)[4][4], __m512i (&wsum)[4], const int8_t* const w[4], const uint8_t* xu, int64_t Ip,
                     int64_t i, int64_t ahead, __mmask64 m) {
   __m512i x[R];
-#pragma GCC unroll 4
-  for (int j = 0; j < R; ++j) x[j] = _mm512_loadu_si512(xu + j * Ip + i);
+  load_rows(x, xu, Ip, i);
 #pragma GCC unroll 4
   for (int k = 0; k < 4; ++k) {
     if (!Masked) __builtin_prefetch(w[k] + i + ahead);
