@@ -3,6 +3,7 @@ product of the dequantised weight, within the error of its int8 activations; its
 without AVX-512) against the vectorised one."""
 
 import ctypes
+import platform
 import shutil
 import subprocess
 
@@ -11,7 +12,7 @@ import torch
 
 from helpers import requires_native_kernel
 from sparse_ssm.model.quantize import quantize_rows
-from sparse_ssm.ssm.kernels import HERE
+from sparse_ssm.ssm.kernels import HERE, cpu_flags
 from sparse_ssm.ssm.quantized import int8_linear
 
 pytestmark = requires_native_kernel()
@@ -90,16 +91,23 @@ def test_what_the_kernel_cannot_take_is_refused():
     assert int8_linear(x, q[:, ::2], scales) is None                        # a strided weight: refused
 
 
+X86 = platform.machine() in ("x86_64", "AMD64")
+# other builds of the kernel than the native one: a plain x86-64 (no AVX-512: the scalar loop) and, where
+# the CPU runs it, AVX-512 without VNNI (the int16-held loop with vpmaddwd for every row count)
+BUILDS = {"plain": ["-march=x86-64-v2"] if X86 else [], "avx512-no-vnni": ["-march=skylake-avx512"]}
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the portable path")
-def test_the_portable_path_gives_the_vectorised_numbers(tmp_path):
-    """int8_gemv.cpp built for a plain x86-64 (no AVX-512: the scalar loop) or the machine's own
-    generic target elsewhere: the same integer sums as the native build's loops (one row: int16-held
-    activations; several rows, where the CPU has AVX512-VNNI: unsigned bytes), so the same answers."""
-    import platform
-    march = ["-march=x86-64-v2"] if platform.machine() in ("x86_64", "AMD64") else []
-    library = tmp_path / "portable.so"
-    subprocess.run(["g++", "-O2", *march, "-shared", "-fPIC", "-pthread", f"-I{HERE}", str(HERE / "int8_gemv.cpp"),
-                    "-o", str(library)], check=True, capture_output=True)
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_the_other_builds_give_the_native_numbers(tmp_path, build):
+    """int8_gemv.cpp built for another target: the same integer sums as the native build's loops (one
+    row: int16-held activations; several rows, where the CPU has AVX512-VNNI: unsigned bytes) and the
+    same epilogue, so the same answers."""
+    if build == "avx512-no-vnni" and not (X86 and {"avx512bw", "avx512vl", "avx512dq"} <= set(cpu_flags().split())):
+        pytest.skip("this CPU does not run AVX-512 (BW, VL, DQ)")
+    library = tmp_path / f"{build}.so"
+    subprocess.run(["g++", "-O2", *BUILDS[build], "-shared", "-fPIC", "-pthread", f"-I{HERE}",
+                    str(HERE / "int8_gemv.cpp"), "-o", str(library)], check=True, capture_output=True)
     fn = ctypes.CDLL(str(library)).ssm_int8_linear_f32
     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     for rows, O, I in [(1, 9, 77), (5, 12, 4100), (8, 7, 130)]:

@@ -46,12 +46,17 @@ ABI_VERSION = 3
 _state = {"tried": False, "lib": None, "reason": None}
 
 
-def _cpu_signature() -> str:
+def cpu_flags() -> str:
+    """The CPU's feature flags as /proc/cpuinfo lists them ("" where it cannot be read)."""
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(("flags", "Features")))
-    except (OSError, StopIteration):
-        flags = ""
-    return f"{platform.machine()}:{platform.processor()}:{flags}"
+        rows = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line for line in rows if line.startswith(("flags", "Features"))).split(":", 1)[1].strip()
+    except (OSError, StopIteration, IndexError):
+        return ""
+
+
+def _cpu_signature() -> str:
+    return f"{platform.machine()}:{platform.processor()}:{cpu_flags()}"
 
 
 def _build() -> Path:
