@@ -14,8 +14,9 @@ SiLU; `cross_entropy.cpp`: the softmax cross-entropy of the LM head's logits, in
 projections, the RMSNorm of its rows, the residual block around both, and the pre-norm FFN of a block;
 `block_ops.h`: the per-token operators of the block family, shared by `block_scan.cpp` and the step;
 `block_heads.h`: those of every head of a step at once; `int8_gemv.h` / `int8_gemv.cpp`: the product
-of a few float rows with an int8 weight (weight-only int8, int8 activations, AVX512-VNNI); `vec.h`:
-their vector utilities — plain C++
+of a few float rows with an int8 weight (weight-only int8, int8 activations, AVX512-VNNI),
+`int8_columns.h` the same with the weight transposed (the generator's short A map); `vec.h`: their
+vector utilities — plain C++
 with C entry points and no PyTorch headers, built in under a minute) are compiled by
 `torch.utils.cpp_extension.load` (ninja; the build is cached under ~/.cache/sparse_ssm/kernels,
 keyed by the source, the compiler flags, the CPU and the paths of the sources and of torch, and
@@ -38,8 +39,8 @@ HERE = Path(__file__).resolve().parent
 SOURCES = [HERE / name for name in ("selective_scan.cpp", "block_scan.cpp", "lowrank_scan.cpp", "householder_scan.cpp",
                                     "causal_conv.cpp", "cross_entropy.cpp", "layer_step.cpp", "int8_gemv.cpp",
                                     "lm_head.cpp")]
-HEADERS = [HERE / "vec.h", HERE / "pool.h", HERE / "scan_head.h", HERE / "block_ops.h", HERE / "block_heads.h", HERE / "int8_gemv.h",
-           HERE / "float_gemv.h"]
+HEADERS = [HERE / name for name in ("vec.h", "pool.h", "scan_head.h", "block_ops.h", "block_heads.h", "int8_gemv.h",
+                                    "int8_columns.h", "float_gemv.h")]
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-pthread"]
 ABI_VERSION = 3
 

@@ -44,6 +44,14 @@ constexpr int kQ8ActMax = 127;            // the activations' range: int8 values
 
 // The holder of a rounded activation: int16 (the value) or, for VNNI's unsigned operand, uint8 (value + 128)
 template <typename Q> constexpr int kQ8Offset = std::is_same<Q, uint8_t>::value ? 128 : 0;
+constexpr int64_t kU8Align = 64;          // bytes of a 512-bit register; xu rows are padded with the offset
+
+// f(std::integral_constant<int, rows>) for rows in 1..R: a tile's row count as a template argument
+template <int R = 4, typename F> inline void with_rows(int64_t rows, F&& f) {
+  if constexpr (R > 1)
+    if (rows < R) return with_rows<R - 1>(rows, f);
+  f(std::integral_constant<int, R>{});
+}
 
 // xq (I) = round(x / a) (+ kQ8Offset) with a = max|x| / 127 (0 for a zero row); false when x holds a NaN
 // or inf, or its largest value is so small (subnormal) that 127 / max|x| is not finite
@@ -83,7 +91,7 @@ template <typename Q> bool quantize_row(const float* x, Q* xq, int64_t I, float&
     const __mmask16 m = I - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (I - i)) - 1);
     const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), scale));
     if constexpr (std::is_same<Q, uint8_t>::value)
-      _mm_mask_storeu_epi8(xq + i, m, _mm512_cvtepi32_epi8(_mm512_add_epi32(q, _mm512_set1_epi32(128))));
+      _mm_mask_storeu_epi8(xq + i, m, _mm512_cvtepi32_epi8(_mm512_add_epi32(q, _mm512_set1_epi32(kQ8Offset<Q>))));
     else
       _mm256_mask_storeu_epi16(xq + i, m, _mm512_cvtepi32_epi16(q));
   }
@@ -182,13 +190,20 @@ inline void tile_out(const float* s, T a, const int64_t (&dot)[4], const T* add,
   for (int k = 0; k < 4 && o + k < O; ++k) out[o + k] = std::fma(T(s[o + k]) * a, T(dot[k]), add ? add[o + k] : T(0));
 }
 
+// w[k] = weight row o + k of the tile (past O: the last row again, unused); the scales 4 tiles on prefetched
+// (else a miss at every 16th tile)
+template <typename T>
+inline void tile_rows(const Weights<T>& W, int64_t o, int64_t O, int64_t I, const int8_t* (&w)[4]) {
+  for (int k = 0; k < 4; ++k) w[k] = W.q + std::min(o + k, O - 1) * I;
+  __builtin_prefetch(W.s + std::min(o + 16, O - 1));
+}
+
 // Output columns o .. o + 4 (those below O) of R rows: out rows j at out + j * O
 template <typename T, int R>
 void q8_tile(const Weights<T>& W, const int16_t* xq, const T* a, const T* add, T* out, int64_t O, int64_t I,
              int64_t Ip, int64_t o) {
   const int8_t* w[4];
-  for (int k = 0; k < 4; ++k) w[k] = W.q + std::min(o + k, O - 1) * I;      // past O: the last row again, unused
-  __builtin_prefetch(W.s + std::min(o + 16, O - 1));      // the scales 4 tiles on (else a miss at each 16th)
+  tile_rows(W, o, O, I, w);
   int64_t sums[R][4] = {};
   for (int64_t lo = 0; lo < I; lo += kQ8Chunk) q8_chunk<R>(w, xq, Ip, lo, std::min(I, lo + kQ8Chunk), 8 * I, sums);
   for (int j = 0; j < R; ++j) tile_out(W.s, a[j], sums[j], add ? add + j * O : nullptr, out + j * O, o, O);
@@ -233,7 +248,7 @@ void u8_chunk(const int8_t* const w[4], const uint8_t* xu, int64_t Ip, int64_t l
     for (int j = 0; j < R; ++j) acc[k][j] = _mm512_setzero_si512();
   }
   int64_t i = lo;
-  for (; i + 64 <= hi; i += 64) u8_step<R, Sum, false>(acc, wsum, w, xu, Ip, i, ahead, 0);
+  for (; i + kU8Align <= hi; i += kU8Align) u8_step<R, Sum, false>(acc, wsum, w, xu, Ip, i, ahead, 0);
   if (i < hi) u8_step<R, Sum, true>(acc, wsum, w, xu, Ip, i, ahead, (__mmask64(1) << (hi - i)) - 1);
   for (int j = 0; j < R; ++j) add_lane_sums(acc[0][j], acc[1][j], acc[2][j], acc[3][j], sums[j]);
   if (Sum) add_lane_sums(wsum[0], wsum[1], wsum[2], wsum[3], wsums);
@@ -255,20 +270,17 @@ template <typename T>
 void u8_tile(const Weights<T>& W, const uint8_t* xu, const T* a, const T* add, T* out, int64_t b, int64_t O,
              int64_t I, int64_t Ip, int64_t o) {
   const int8_t* w[4];
-  for (int k = 0; k < 4; ++k) w[k] = W.q + std::min(o + k, O - 1) * I;      // past O: the last row again, unused
-  __builtin_prefetch(W.s + std::min(o + 16, O - 1));      // the scales 4 tiles on (else a miss at each 16th)
+  tile_rows(W, o, O, I, w);
   int64_t wsums[4] = {};
   for (int64_t j0 = 0; j0 < b; j0 += 4) {
     const int64_t rows = std::min<int64_t>(4, b - j0);
     int64_t sums[4][4] = {};
     const uint8_t* x = xu + j0 * Ip;
-    if (rows == 4) u8_rows<4>(w, x, Ip, I, j0 == 0, sums, wsums);
-    else if (rows == 3) u8_rows<3>(w, x, Ip, I, j0 == 0, sums, wsums);
-    else if (rows == 2) u8_rows<2>(w, x, Ip, I, j0 == 0, sums, wsums);
-    else u8_rows<1>(w, x, Ip, I, j0 == 0, sums, wsums);
+    with_rows(rows, [&](auto r) { u8_rows<decltype(r)::value>(w, x, Ip, I, j0 == 0, sums, wsums); });
     for (int j = 0; j < rows; ++j) {
-      const int64_t dot[4] = {sums[j][0] - 128 * wsums[0], sums[j][1] - 128 * wsums[1], sums[j][2] - 128 * wsums[2],
-                              sums[j][3] - 128 * wsums[3]};
+      constexpr int64_t c = kQ8Offset<uint8_t>;
+      const int64_t dot[4] = {sums[j][0] - c * wsums[0], sums[j][1] - c * wsums[1], sums[j][2] - c * wsums[2],
+                              sums[j][3] - c * wsums[3]};
       tile_out(W.s, a[j0 + j], dot, add ? add + (j0 + j) * O : nullptr, out + (j0 + j) * O, o, O);
     }
   }
@@ -302,9 +314,9 @@ void project_rows_q8(const Weights<T>& W, const T* in, const T* add, T* out, int
 #else
   const bool bytes = false;
 #endif
-  const int64_t Ip = (I + kQ8Align - 1) / kQ8Align * kQ8Align, Iu = (I + 63) / 64 * 64;
+  const int64_t Ip = (I + kQ8Align - 1) / kQ8Align * kQ8Align, Iu = (I + kU8Align - 1) / kU8Align * kU8Align;
   std::vector<int16_t> xq(bytes ? 0 : b * Ip, 0);
-  std::vector<uint8_t> xu(bytes ? b * Iu : 0, 128);
+  std::vector<uint8_t> xu(bytes ? b * Iu : 0, kQ8Offset<uint8_t>);      // the padding: zeros
   std::vector<T> a(b);
   bool quantised = true;
   for (int64_t j = 0; j < b && quantised; ++j)
@@ -320,83 +332,11 @@ void project_rows_q8(const Weights<T>& W, const T* in, const T* add, T* out, int
     }
 #endif
     for (int64_t o = o0; o < o1; o += 4)
-      for (int64_t j = 0; j < b;) {
-        const int64_t rows = std::min<int64_t>(4, b - j);
-        const int16_t* x = &xq[j * Ip];
-        const T* more = add ? add + j * O : nullptr;
-        T* dst = out + j * O;
-        if (rows == 4) q8_tile<T, 4>(W, x, &a[j], more, dst, O, I, Ip, o);
-        else if (rows == 3) q8_tile<T, 3>(W, x, &a[j], more, dst, O, I, Ip, o);
-        else if (rows == 2) q8_tile<T, 2>(W, x, &a[j], more, dst, O, I, Ip, o);
-        else q8_tile<T, 1>(W, x, &a[j], more, dst, O, I, Ip, o);
-        j += rows;
-      }
+      for (int64_t j = 0; j < b; j += 4)
+        with_rows(std::min<int64_t>(4, b - j), [&](auto r) {
+          q8_tile<T, decltype(r)::value>(W, &xq[j * Ip], &a[j], add ? add + j * O : nullptr, out + j * O, O, I, Ip, o);
+        });
   });
-}
-
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-// project_columns_q8 of R (<= 8) float rows: 16 outputs at a time, their R sums in registers over the
-// whole inner size (each weight vector widened once for the R rows; no pass over a sum row in memory)
-template <int R>
-void columns_q8_avx512(const int8_t* qt, const float* s, const float* in, const float* add, float* out, int64_t O,
-                       int64_t I) {
-  for (int64_t o = 0; o < O; o += 16) {
-    const __mmask16 m = O - o >= 16 ? __mmask16(0xffff) : __mmask16((1u << (O - o)) - 1);
-    __m512 acc[R];
-#pragma GCC unroll 8
-    for (int j = 0; j < R; ++j) acc[j] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < I; ++i) {
-      if ((o & 63) == 0) _mm_prefetch((const char*)(qt + i * O + o + 512), _MM_HINT_T0);   // 8 lines on
-      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, qt + i * O + o)));
-#pragma GCC unroll 8
-      for (int j = 0; j < R; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(in[j * I + i]), w, acc[j]);
-    }
-    const __m512 scale = _mm512_maskz_loadu_ps(m, s + o);
-#pragma GCC unroll 8
-    for (int j = 0; j < R; ++j) {
-      const __m512 base = add ? _mm512_maskz_loadu_ps(m, add + j * O + o) : _mm512_setzero_ps();
-      _mm512_mask_storeu_ps(out + j * O + o, m, _mm512_fmadd_ps(scale, acc[j], base));
-    }
-  }
-}
-
-template <int R = 8>
-void columns_q8_rows_avx512(const int8_t* qt, const float* s, const float* in, const float* add, float* out,
-                            int64_t rows, int64_t O, int64_t I) {
-  if constexpr (R > 1)
-    if (rows < R) return columns_q8_rows_avx512<R - 1>(qt, s, in, add, out, rows, O, I);
-  columns_q8_avx512<R>(qt, s, in, add, out, O, I);
-}
-#endif
-
-// out (b, O) = add (b, O) + in (b, I) @ (s[:, None] * q)^T for a short inner size with the int8 weight
-// given transposed, qt (I, O) = q^T (the generator's A map: I = r ~ 48, O = H R ~ 3072 at the 130 M size,
-// where project_rows_q8's four horizontal sums a tile of 4 x 48 products cost more than streaming the
-// weight): the sums accumulate across the outputs, each in the order of i, the activations float (no
-// int8 rounding); float32 with AVX-512 in registers for 8 rows at a time, else a row's sums in memory
-// with qt widened in the contiguous inner loop, which the compiler vectorises.  add may alias out.
-template <typename T>
-void project_columns_q8(const int8_t* qt, const float* s, const T* in, const T* add, T* out, int64_t b, int64_t O,
-                        int64_t I) {
-#if defined(__AVX512BW__) && defined(__AVX512VL__)
-  if constexpr (std::is_same<T, float>::value) {
-    for (int64_t j = 0; j < b; j += 8)
-      columns_q8_rows_avx512(qt, s, in + j * I, add ? add + j * O : nullptr, out + j * O, std::min<int64_t>(8, b - j),
-                             O, I);
-    return;
-  }
-#endif
-  std::vector<T> sum(O);
-  for (int64_t j = 0; j < b; ++j) {
-    std::fill(sum.begin(), sum.end(), T(0));
-    for (int64_t i = 0; i < I; ++i) {
-      const T v = in[j * I + i];
-      const int8_t* __restrict__ q = qt + i * O;
-      T* __restrict__ acc = sum.data();
-      for (int64_t o = 0; o < O; ++o) acc[o] += v * T(q[o]);
-    }
-    for (int64_t o = 0; o < O; ++o) out[j * O + o] = (add ? add[j * O + o] : T(0)) + T(s[o]) * sum[o];
-  }
 }
 
 }  // namespace ssmk

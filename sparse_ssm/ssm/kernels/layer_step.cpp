@@ -44,6 +44,7 @@
 
 #include "block_heads.h"
 #include "float_gemv.h"
+#include "int8_columns.h"
 
 namespace {
 
@@ -117,15 +118,15 @@ template <typename T> void discretize_head(const StepDims& d, T dt, const T* a, 
   }
 }
 
-// out (E) = the conv of the window ending at u (E) over the buffer cs (K - 1, E), weights w (E, K): with K
-// a constant (4, the default) the compiler vectorises over the channels, the taps of w de-interleaved
-template <typename T, int K>
-void conv_window(const T* __restrict__ w, const T* __restrict__ bias, const T* __restrict__ u,
-                 const T* __restrict__ cs, int64_t E, int64_t Kn, T* __restrict__ out) {
-  const int64_t k_count = K > 0 ? K : Kn;
+// out (E) = the conv of the window ending at u (E) over the buffer cs (K - 1, E), weights w (E, K); inlined
+// where K is the constant 4 (the default), the compiler vectorises over the channels, w's taps de-interleaved
+template <typename T>
+__attribute__((always_inline)) inline void conv_window(const T* __restrict__ w, const T* __restrict__ bias,
+                                                       const T* __restrict__ u, const T* __restrict__ cs, int64_t E,
+                                                       int64_t K, T* __restrict__ out) {
   for (int64_t e = 0; e < E; ++e) {
-    T pre = bias[e] + w[e * k_count + k_count - 1] * u[e];
-    for (int64_t k = 0; k < k_count - 1; ++k) pre += w[e * k_count + k] * cs[k * E + e];
+    T pre = bias[e] + w[e * K + K - 1] * u[e];
+    for (int64_t k = 0; k < K - 1; ++k) pre += w[e * K + k] * cs[k * E + e];
     out[e] = pre;
   }
 }
@@ -135,8 +136,8 @@ template <typename T> void conv_row(const StepDims& d, const StepArgs<T>& x, int
   const int64_t E = d.E, K = d.K;
   const T* u_in = x.xz + bi * 2 * E;
   T* cs = x.conv_state + bi * (K - 1) * E;
-  if (K == 4) conv_window<T, 4>(x.conv_w, x.conv_b, u_in, cs, E, K, u_out);
-  else conv_window<T, 0>(x.conv_w, x.conv_b, u_in, cs, E, K, u_out);
+  if (K == 4) conv_window(x.conv_w, x.conv_b, u_in, cs, E, int64_t(4), u_out);
+  else conv_window(x.conv_w, x.conv_b, u_in, cs, E, K, u_out);
   silu_in_place(u_out, E);
   if (K > 1) {
     std::memmove(cs, cs + E, sizeof(T) * (K - 2) * E);
