@@ -119,7 +119,8 @@ def training_record(folder: Path) -> dict:
 
 def quality(checkpoint: Path, prompts: int, prompt_tokens: int, new_tokens: int, max_windows: int,
             decode_windows: int) -> dict:
-    """Test-split perplexity per weights format and greedy agreement with float32."""
+    """Test-split perplexity per weights format, read whole (forward) and token by token (the decoding
+    step) on the first `decode_windows` windows, and greedy agreement with float32."""
     cfg = Config.load(checkpoint / "config.yaml", saved=True)
     data = prepare_lm_data(cfg.dataset, cfg.model.vocab_size, checkpoint / TOKENIZER, log=lambda *_: None)
     test = data.windows("test", cfg.dataset.max_seq_len, cfg.dataset.max_seq_len)
@@ -127,10 +128,10 @@ def quality(checkpoint: Path, prompts: int, prompt_tokens: int, new_tokens: int,
     models = {w: load_model(checkpoint, "cpu", w) for w in FORMATS}
     out = {"checkpoint": str(checkpoint), "test_windows": n, "perplexity": {}, "greedy": {}}
     out["decode_windows"], out["decode_perplexity"] = min(n, decode_windows), {}
+    ids = torch.stack([test[i][0] for i in range(out["decode_windows"])])
     for w, model in models.items():
         total, count = loss_sum(model, test, data.pad_id, torch.device("cpu"), range(0, n, 16), 16)
         out["perplexity"][w] = loss_metrics(total, count)["perplexity"]
-        ids = torch.stack([test[i][0] for i in range(out["decode_windows"])])
         out["decode_perplexity"][w] = _stepped_perplexity(model, ids)
     stream = torch.as_tensor(data.streams["test"][: prompts * (prompt_tokens + new_tokens)].astype("int64"))
     starts = stream.reshape(prompts, -1)[:, :prompt_tokens]
@@ -155,7 +156,7 @@ def _stepped_perplexity(model, ids: torch.Tensor, batch: int = 32) -> float:
             total += F.cross_entropy(logits.float(), rows[:, t], reduction="sum").item()
             count += rows.shape[0]
             logits, cache = model.step(rows[:, t], cache)
-    return float(torch.tensor(total / count).exp())
+    return loss_metrics(total, count)["perplexity"]
 
 
 @torch.no_grad()

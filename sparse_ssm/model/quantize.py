@@ -6,8 +6,8 @@ output channel; activations, the conv, the scan and its state stay float.
     y = x W^T ~ (x q^T) * scales
 
 Below 64 rows (decoding, short prompts) the matmul is the native int8 product
-(`sparse_ssm.ssm.quantized.int8_linear`: int8 activations, exact integer sums; 2x PyTorch's kernel at
-1-63 rows, the LM head of a 130 M model at one row in 1.1 ms against 2.3 ms).  Without the native
+(`sparse_ssm.ssm.quantized.int8_linear`: int8 activations, exact integer sums; ~2x PyTorch's kernel at
+1-63 rows; bench/results/weights.md has the times).  Without the native
 kernels it is PyTorch's weight-only int8 kernel (`torch._weight_int8pack_mm`: bf16 activations,
 int8 weights, float accumulation) on CPUs where the inner size is a multiple of 16 (its kernel's
 requirement; other sizes give wrong numbers), else an int8 -> float cast of the weight and

@@ -1,6 +1,6 @@
 """The native int8 weight product (`ssm.quantized.int8_linear`, kernels/int8_gemv.h) against the float
-product of the dequantised weight, within the error of its int8 activations; its portable path (built
-without AVX-512) against the vectorised one."""
+product of the dequantised weight, within the error of its int8 activations; its other builds (a plain
+x86-64, AVX-512 without VNNI) against the native one."""
 
 import ctypes
 import platform
