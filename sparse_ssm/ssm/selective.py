@@ -49,7 +49,7 @@ def apply_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """linear(x) (..., in) -> (..., out) in the map's own precision: x is cast to the weight's dtype
     (a bf16/fp16 model's matmuls run in bf16/fp16); a map without a float `weight` (a quantised
     one, `model.quantize`) takes x as it is and answers in x's dtype.  A plain nn.Linear (no hooks)
-    runs through `gemm.linear_rows` (oneDNN's GEMM on CPUs for many float32 rows, else F.linear)."""
+    runs through `gemm.linear_rows` (oneDNN's GEMM on CPUs for float32 without gradient, else F.linear)."""
     weight = getattr(linear, "weight", None)
     if type(linear) is nn.Linear and not (linear._forward_hooks or linear._forward_pre_hooks):
         return linear_rows(x.to(weight.dtype), weight, linear.bias)

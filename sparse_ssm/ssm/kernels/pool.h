@@ -37,7 +37,7 @@ class WorkerPool {
   // part(k) for k in [0, parts), the caller taking part 0 and every part no worker has claimed; false
   // (nothing run) when the pool is busy
   bool run(int parts, const std::function<void(int64_t)>& part) {
-    if (!busy_.try_lock()) return false;
+    if (busy_.exchange(true, std::memory_order_acquire)) return false;   // (also from a part of this loop)
     for (; started_ < parts - 1; ++started_) std::thread(&WorkerPool::work, this, generation_.load()).detach();
     uint64_t gen;
     {
@@ -58,7 +58,7 @@ class WorkerPool {
         done_.wait(lock, [&] { return unfinished_.load(std::memory_order_acquire) == 0; });
       }
     }
-    busy_.unlock();
+    busy_.store(false, std::memory_order_release);
     return true;
   }
 
@@ -71,10 +71,11 @@ class WorkerPool {
 #endif
   }
 
-  // the next unclaimed part of loop `gen`, or -1 when there is none (or that loop is over)
+  // the next unclaimed part of loop `gen`, or -1 when there is none (or that loop is over); claims_ holds
+  // the generation's low 32 bits (a server makes 2^32 loops in days)
   int64_t claim(uint64_t gen, int parts) {
     uint64_t c = claims_.load(std::memory_order_acquire);
-    while ((c >> 32) == gen && int64_t(c & 0xffffffffu) < parts)
+    while ((c >> 32) == (gen & 0xffffffffu) && int64_t(c & 0xffffffffu) < parts)
       if (claims_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel)) return int64_t(c & 0xffffffffu);
     return -1;
   }
@@ -102,12 +103,13 @@ class WorkerPool {
   }
 
   const pid_t pid_ = getpid();
-  std::mutex busy_, m_;
+  std::atomic<bool> busy_{false};      // a loop holds the pool
+  std::mutex m_;
   std::condition_variable wake_, done_;
   std::atomic<uint64_t> generation_{0};
   std::atomic<uint64_t> claims_{0};     // the loop's generation << 32 | its next unclaimed part
   std::atomic<int> unfinished_{0};      // parts 1.. not yet done
-  int started_ = 0;                     // workers (changed under busy_)
+  int started_ = 0;                     // workers (changed by the loop that holds busy_)
   const std::function<void(int64_t)>* job_ = nullptr;
   int parts_ = 0;
 };
