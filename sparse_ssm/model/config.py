@@ -52,6 +52,7 @@ class SparseSSMConfig(Section):
     exact_reflections: bool = False                  # householder: each beta 0 or 2, decay 1 (orthogonal A_bar)
     reflection_init_logit: float = INITIAL_REFLECTION_LOGIT   # householder: b of beta = 2 sigmoid(b) at first
     reflection_range: Literal["open", "closed"] = "open"   # householder: beta in (0, 2), or [0, 2] (exact flips)
+    reflection_input: Literal["b", "delta", "both"] = "b"   # householder: input through B, by delta writes, or both
     learned_initial_state: bool = False              # each layer learns its SSM state before the first token
     gbt_alpha: float = Field(0.5, ge=0.0, le=1.0)
     dt_min: float = Field(0.001, gt=0.0)
@@ -124,7 +125,8 @@ class SparseSSMConfig(Section):
                              f"'rotation'); set it to 0 for '{self.selective_param_class}'")
         for key, is_set in (("exact_reflections", self.exact_reflections),
                             ("reflection_init_logit", self.reflection_init_logit != INITIAL_REFLECTION_LOGIT),
-                            ("reflection_range", self.reflection_range != "open")):
+                            ("reflection_range", self.reflection_range != "open"),
+                            ("reflection_input", self.reflection_input != "b")):
             if is_set and self.selective_param_class != "householder":
                 raise ValueError(f"{key}: applies to the reflections of selective_param_class 'householder'; "
                                  f"leave it at its default for '{self.selective_param_class}'")

@@ -60,7 +60,8 @@ class SelectiveSSMLayer(nn.Module):
                                         config.low_rank_rank, config.sparsity_pattern,
                                         signed=config.eigenvalue_range == "signed",
                                         reflection_init_logit=config.reflection_init_logit,
-                                        closed_reflections=config.reflection_range == "closed")
+                                        closed_reflections=config.reflection_range == "closed",
+                                        reflection_input=config.reflection_input)
         self.discretization = config.resolved_discretization
         self.in_proj = nn.Linear(config.hidden_dim, 2 * E, bias=False)
         self.conv = nn.Conv1d(E, E, config.conv_kernel, groups=E, bias=True)

@@ -119,6 +119,32 @@ def test_closed_reflection_range_reaches_exact_flips_in_every_layer_and_every_sc
         Config.load(path)
 
 
+@pytest.mark.parametrize("reflection_input", ["delta", "both"])
+def test_delta_writes_reach_every_layer_and_every_scan(tmp_path, reflection_input):
+    """`reflection_input: delta | both` changes what every householder layer computes (the logits
+    differ from the input through B), the native kernel and the sequential PyTorch scan agree on it,
+    and the key belongs to the householder class."""
+    path = tmp_path / "d.yaml"
+    householder = "  selective_param_class: householder\n  low_rank_rank: 2\n  reflection_init_logit: 0.0\n"
+    ids = torch.randint(0, 97, (2, 13))
+    logits = {}
+    for kind in ("b", reflection_input):
+        path.write_text(MODEL + householder + f"  reflection_input: {kind}\n")
+        torch.manual_seed(0)
+        model = SparseSSMForCausalLM(Config.load(path).model).double().eval()
+        assert all(block.mixer.structure.reflection_input == kind for block in model.blocks)
+        randomise_generators(model, std=0.3)
+        logits[kind] = model(ids).logits
+        model.config.use_parallel_scan = False
+        for block in model.blocks:
+            block.mixer.config = model.config
+        assert torch.allclose(model(ids).logits, logits[kind], atol=1e-8), kind
+    assert (logits["b"] - logits[reflection_input]).abs().max() > 1e-3
+    path.write_text(MODEL + f"  reflection_input: {reflection_input}\n")
+    with pytest.raises(ConfigError, match="reflection_input: applies to the reflections"):
+        Config.load(path)
+
+
 def test_signed_eigenvalue_range_reaches_the_decay_of_every_householder_layer(tmp_path):
     """`eigenvalue_range: signed` with householder maps every layer's decay to 2 exp(dt a) - 1, which a
     long step takes to -1 (a flip of each state alone, the signed diagonal's parity) and a short one

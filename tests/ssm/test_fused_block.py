@@ -18,7 +18,8 @@ STRUCTURES = [BlockStructure(8, 2), BlockStructure(8, 4), BlockStructure(8, 8), 
               RotationStructure(8), RotationStructure(6), BandedStructure(8, 2), BandedStructure(8, 4),
               BandedStructure(9, 3), LowRankStructure(8, 1), LowRankStructure(8, 2), LowRankStructure(7, 3),
               HouseholderStructure(8, 1), HouseholderStructure(8, 2), HouseholderStructure(7, 3),
-              HouseholderStructure(8, 2, signed=True)]
+              HouseholderStructure(8, 2, signed=True), HouseholderStructure(8, 2, reflection_input="delta"),
+              HouseholderStructure(7, 3, signed=True, reflection_input="both")]
 METHODS = {"block": [("bilinear", 0.5), ("gbt", 0.3), ("gbt", 1.0)],
            "rotation": [("zoh", 0.5), ("bilinear", 0.5), ("gbt", 0.8)],
            "householder": [("zoh", 0.5), ("bilinear", 0.5), ("gbt", 0.8)]}
@@ -49,8 +50,10 @@ def run(fn, xs, structure, method, alpha, z=None):
     y, h = fn(*leaves[:6], structure, method, alpha, leaves[6], leaves[7])
     g = torch.Generator().manual_seed(1)
     wy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
-    grads = torch.autograd.grad((y * wy).sum() + (h ** 2).sum(), [x for x in leaves if x is not None])
-    return y.detach(), h.detach(), grads
+    inputs = [x for x in leaves if x is not None]
+    grads = torch.autograd.grad((y * wy).sum() + (h ** 2).sum(), inputs, allow_unused=True)
+    # delta writes take no B: no gradient on the PyTorch paths, zeros from the kernel
+    return y.detach(), h.detach(), [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
 
 
 @pytest.mark.parametrize("structure", STRUCTURES, ids=lambda s: f"{s.name}-N{s.state_dim}")
@@ -85,9 +88,11 @@ def test_fused_block_scan_in_float32_with_the_gate_and_no_initial_state(structur
 @pytest.mark.parametrize("structure, method", [(BlockStructure(6, 3), "bilinear"), (RotationStructure(4), "zoh"),
                                                (RotationStructure(4), "gbt"), (BandedStructure(6, 2), "bilinear"),
                                                (LowRankStructure(5, 2), "gbt"), (HouseholderStructure(5, 2), "zoh"),
-                                               (HouseholderStructure(4, 1), "gbt")],
+                                               (HouseholderStructure(4, 1), "gbt"),
+                                               (HouseholderStructure(4, 2, reflection_input="delta"), "zoh"),
+                                               (HouseholderStructure(4, 2, reflection_input="both"), "gbt")],
                          ids=["block3-bilinear", "rotation-zoh", "rotation-gbt", "banded-bilinear", "lowrank-gbt",
-                              "householder2-zoh", "householder1-gbt"])
+                              "householder2-zoh", "householder1-gbt", "householder2-delta-zoh", "householder2-both-gbt"])
 def test_fused_block_scan_gradcheck(structure, method):
     xs = [x.requires_grad_() for x in inputs(structure, 1, 34, 2, 3, 1, torch.float64)]
     fn = lambda *t: selective_scan_fused_block(*t[:6], structure, method, 0.3, t[6])

@@ -106,3 +106,31 @@ def test_snapped_factors_are_the_identity_or_exact_reflections_and_only_the_keys
     assert (grad[..., :N] == 0).all() and (grad[..., -1] == 0).all()                # decays, betas
     with pytest.raises(ValueError, match="grid 2"):
         s.snap_to_grid(raw, dt, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_delta_writes_track_parity_exactly_from_a_zero_state_with_the_input_entering(dtype):
+    """`reflection_input: delta`, one reflection along a fixed key, beta = 2 on a one and 0 on a zero,
+    decay 1, every token's input x = 1: the state along the key is 2 x - s after a one and s after a
+    zero, so it stays 0 or 2 (2 times the parity of the prefix; beta 8e-18 for "0") over 6,000
+    tokens, to rounding that does not grow, in both scans
+    (the kernel's and the chunked one); the same transitions with the input through B ('b') pile
+    the inputs up instead (the state along the key reaches beyond 100)."""
+    from sparse_ssm.ssm.fused import selective_scan_fused
+
+    L = 6000
+    bits = torch.randint(0, 2, (L,), generator=torch.Generator().manual_seed(0))
+    keys = torch.zeros(L, 1, N, dtype=torch.float64)
+    keys[:, 0, 2] = 1.0
+    logits = torch.where(bits == 1, EXACT_REFLECTION_LOGIT, -EXACT_REFLECTION_LOGIT).double()[:, None]
+    raw = raw_for(keys, logits)[None, :, None].to(dtype)
+    ones = lambda *shape: torch.ones(*shape, dtype=dtype)
+    C = torch.zeros(1, L, 1, N, dtype=dtype)
+    C[..., 2] = 1.0                                           # read the state along the key
+    args = (ones(1, L, 1, 1), ones(1, L, 1), raw, ones(1, L, 1, N), C, torch.zeros(1, L, 1, dtype=dtype))
+    expected = 2 * (bits.cumsum(0) % 2).to(dtype)
+    for scan in (selective_scan_fused, lambda *a: selective_scan_chunked(*a, chunk_size=64)):
+        y, _ = scan(*args, HouseholderStructure(N, 1, reflection_input="delta"), "zoh")
+        assert torch.allclose(y[0, :, 0, 0], expected, atol=1e-12 if dtype == torch.float64 else 1e-5, rtol=0)
+        y_b, _ = scan(*args, HouseholderStructure(N, 1), "zoh")
+        assert y_b[0, :, 0, 0].abs().max() > 100

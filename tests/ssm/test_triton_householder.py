@@ -52,6 +52,14 @@ def test_forward_and_gradients_match_the_sequential_scan(b, L, H, P, reflections
     assert_matches_the_sequential_scan(xs, structure, method, alpha)
 
 
+@pytest.mark.parametrize("reflection_input", ["delta", "both"])
+def test_delta_writes_match_the_sequential_scan(reflection_input):
+    """The delta writes reach the kernels through B_bar (`HouseholderStructure.factors`)."""
+    structure = HouseholderStructure(6, 2, reflection_input=reflection_input)
+    xs = inputs(1, 11, 2, 3, structure, 1, gate=True)
+    assert_matches_the_sequential_scan(xs, structure, "zoh", 0.5)
+
+
 def test_the_forward_matches_the_dense_reference():
     """The textbook matrices (`dense_discretize`: I - beta k k^T / k^T k times the dense discretisation)."""
     structure = HouseholderStructure(4, 2)

@@ -260,12 +260,13 @@ def ptr(t) -> ctypes.c_void_p:
 
 
 def method_id(method: str, alpha: float, structure=None) -> tuple[int, float]:
-    """The scans' discretisation code (bit 0: gbt, else zoh; bit 1: the diagonal's signed range)
-    and alpha (0.5 for bilinear)."""
+    """The scans' discretisation code (bit 0: gbt, else zoh; bit 1: the diagonal's signed range;
+    householder's input, bit 2: delta writes, bit 3: no B term) and alpha (0.5 for bilinear)."""
     from ..discretization import alpha_for
 
-    signed = 2 if getattr(structure, "signed", False) else 0
-    return (signed, 0.0) if method == "zoh" else (1 + signed, alpha_for(method, alpha))
+    code = 2 if getattr(structure, "signed", False) else 0
+    code += {"delta": 4 + 8, "both": 4}.get(getattr(structure, "reflection_input", "b"), 0)
+    return (code, 0.0) if method == "zoh" else (1 + code, alpha_for(method, alpha))
 
 
 def token_rows(x):

@@ -11,12 +11,15 @@
 //   signed range (method bit 1): d <- 2 d - 1, in (-1, 1] (the diagonal's signed range; gain unchanged)
 //   khat_i = k_i / max(|k_i|, 1e-12),  beta_i = 2 sigmoid(c_i)
 //   S_t = H_r ... H_1 diag(d) S_{t-1} + (gain * B) u_t^T,   H_i = I - beta_i khat_i khat_i^T
+//   delta writes (method bit 2): each H_i S is instead S - beta_i khat_i (khat_i^T S - u_t^T), the
+//   delta rule (DeltaNet): the state's value along khat_i moves towards u_t, and is flipped about
+//   u_t / 2 ... at beta = 2; method bit 3 drops the (gain * B) u_t^T term (the input enters only so)
 //   y_t = C^T S_t + D u_t, optionally * silu(z_t)
 //
 // Backward of one token, with G the adjoint of S_t and g_0 = diag(d) S_{t-1}, g_i = H_i g_{i-1}
 // (recomputed), going down i = r .. 1 with G_r = G, w = khat^T g_{i-1}, v = khat^T G_i (P-vectors):
 //   dbeta_i = -v . w,   dkhat_i = -beta_i (G_i w + g_{i-1} v),   G_{i-1} = G_i - beta_i khat_i v^T
-//   (H_i is symmetric), then dd = rowsum(G_0 * S_{t-1}), adjoint of S_{t-1} = diag(d) G_0;
+//   (H_i is symmetric; with delta writes w = khat^T g_{i-1} - u and du += beta_i v), then dd = rowsum(G_0 * S_{t-1}), adjoint of S_{t-1} = diag(d) G_0;
 //   d, gain -> dt, a -> q; khat -> k by the projection (I - khat khat^T) / |k|; beta -> c by beta (1 - beta/2).
 // Cost per token and channel: N (decay) + 4 r N (reflections) + 2 N (input, output) multiply-adds.
 //
@@ -60,7 +63,8 @@ template <typename T> class HHKernel {
  public:
   using Op = HHOp<T>;
   HHKernel(int64_t N, int64_t P, int64_t r, int method, double alpha)
-      : N(N), P(P), r(r), method(method), alpha(T(alpha)), g(r * N * P), w(P), v(P), dkhat(N), da(N) {}
+      : N(N), P(P), r(r), method(method), alpha(T(alpha)), delta(method & 4), b_input(!(method & 8)), g(r * N * P),
+        w(P), v(P), dkhat(N), da(N) {}
 
   Op make_op() const {
     Op op;
@@ -95,12 +99,12 @@ template <typename T> class HHKernel {
     }
   }
 
-  // S <- H_r .. H_1 diag(d) S + (gain B) u^T
+  // S <- H_r .. H_1 diag(d) S + (gain B) u^T (each H_i a delta write with bit 2; no B term with bit 3)
   void apply(const Op& op, const T* B, const T* u, T* S) {
     for (int64_t n = 0; n < N; ++n)
       for (int64_t p = 0; p < P; ++p) S[n * P + p] *= op.d[n];
-    for (int64_t i = 0; i < r; ++i) reflect(op, i, S);
-    for (int64_t n = 0; n < N; ++n) {
+    for (int64_t i = 0; i < r; ++i) reflect(op, i, u, S);
+    for (int64_t n = 0; n < N && b_input; ++n) {
       const T bn = op.gain[n] * B[n];
       for (int64_t p = 0; p < P; ++p) S[n * P + p] += bn * u[p];
     }
@@ -110,7 +114,8 @@ template <typename T> class HHKernel {
                 T* du) {
     // 1. the input term (gain B) u^T: gradients of B, u and of the gain (through dt and a)
     ddt = 0;
-    for (int64_t n = 0; n < N; ++n) {
+    if (!b_input) std::fill(dB, dB + N, T(0)), std::fill(da.begin(), da.end(), T(0));
+    for (int64_t n = 0; n < N && b_input; ++n) {
       const T* gr = G + n * P;
       const T gu = dot(gr, u, P), dgain = B[n] * gu, gb = op.gain[n] * B[n];
       dB[n] = op.gain[n] * gu;
@@ -123,7 +128,7 @@ template <typename T> class HHKernel {
       for (int64_t p = 0; p < P; ++p) g[n * P + p] = op.d[n] * S_prev[n * P + p];
     for (int64_t i = 1; i < r; ++i) {
       std::memcpy(&g[i * N * P], &g[(i - 1) * N * P], sizeof(T) * N * P);
-      reflect(op, i - 1, &g[i * N * P]);
+      reflect(op, i - 1, u, &g[i * N * P]);
     }
     // 3. down through the reflections (H_i is symmetric: its adjoint is itself)
     for (int64_t i = r - 1; i >= 0; --i) {
@@ -131,7 +136,10 @@ template <typename T> class HHKernel {
       const T* gin = &g[i * N * P];
       kt_s(khat, gin, N, P, w.data());
       kt_s(khat, G, N, P, v.data());
-      const T beta = op.beta[i], dbeta = -dot(v.data(), w.data(), P);
+      const T beta = op.beta[i];
+      if (delta)
+        for (int64_t p = 0; p < P; ++p) w[p] -= u[p], du[p] += beta * v[p];
+      const T dbeta = -dot(v.data(), w.data(), P);
       T proj = 0;
       for (int64_t n = 0; n < N; ++n) {
         dkhat[n] = -beta * (dot(G + n * P, w.data(), P) + dot(gin + n * P, v.data(), P));
@@ -153,15 +161,18 @@ template <typename T> class HHKernel {
   }
 
  private:
-  // S <- H_i S (one reflection)
-  void reflect(const Op& op, int64_t i, T* S) {
+  // S <- H_i S (one reflection), or S - beta_i khat_i (khat_i^T S - u^T) (a delta write)
+  void reflect(const Op& op, int64_t i, const T* u, T* S) {
     kt_s(&op.khat[i * N], S, N, P, w.data());
+    if (delta)
+      for (int64_t p = 0; p < P; ++p) w[p] -= u[p];
     sub_outer(S, &op.khat[i * N], w.data(), op.beta[i], N, P);
   }
 
   int64_t N, P, r;
   int method;
   T alpha;
+  bool delta, b_input;
   std::vector<T> g, w, v, dkhat, da;     // the reflections' inputs g_0 .. g_{r-1} (r N P), P- and N-vectors
 };
 

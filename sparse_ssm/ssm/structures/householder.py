@@ -8,6 +8,15 @@ DeltaNet with eigenvalues in [-1, 1]: Grazzi et al., ICLR 2025).
           (-1, 1] (the model's `eigenvalue_range: signed`: each state can flip its sign alone, as the
           signed diagonal's parity does, beside the reflections' flips along learnt keys)
 
+The input (`reflection_input`): 'b' adds B_bar_t x_t^T, the diagonal's (Mamba's B, beside the
+reflections); 'delta' makes each reflection a delta write (DeltaNet's rule, DeltaProduct's r writes a
+token), S <- S - beta k (k^T S - x_t^T) for unit k, the state's value along k moved towards the
+token's x_t (replaced at beta = 1, mirrored about it at beta = 2); the writes add up to B_bar_t =
+sum_i beta_i H_r ... H_{i+1} k_i, so the scans take them as a B_bar, and no B enters; 'both' adds
+the two.  Delta writes keep the state bounded without a decay (a write replaces, it does not pile up),
+so d can stay at 1 and a flip at -1: parity's exact automaton writes at beta = 2 on a one (the value
+along k, s, becomes 2 x - s) and not at all on a zero (beta = 0), which keeps s at 0 or 2 x.
+
 A_bar_t - diag(d_t) has rank at most r (`low_rank_rank` reflections per token): a diagonal-plus-
 low-rank transition that is discrete by construction (it has no continuous-time generator; the
 decay and `B_bar` are the diagonal's).  Stable by construction: each H is symmetric with
@@ -58,10 +67,14 @@ class HouseholderStructure(BlockStructure):
     for the scans."""
 
     def __init__(self, state_dim: int, num_reflections: int = 2, initial_logit: float = INITIAL_REFLECTION_LOGIT,
-                 closed: bool = False, signed: bool = False):
+                 closed: bool = False, signed: bool = False, reflection_input: str = "b"):
         super().__init__(state_dim, state_dim)
-        self.name = f"householder{num_reflections}" + ("-signed" if signed else "")
+        if reflection_input not in ("b", "delta", "both"):
+            raise ValueError(f"reflection_input: 'b', 'delta' or 'both', got {reflection_input!r}")
+        self.name = f"householder{num_reflections}" + ("-signed" if signed else "") + \
+            ("" if reflection_input == "b" else f"-{reflection_input}")
         self.num_reflections, self.initial_logit, self.closed, self.signed = num_reflections, initial_logit, closed, signed
+        self.reflection_input = reflection_input
         self.raw_size = state_dim + num_reflections * (state_dim + 1)
 
     def continuous(self, raw: torch.Tensor):
@@ -111,12 +124,19 @@ class HouseholderStructure(BlockStructure):
     def factors(self, A, dt, B, method, alpha=0.5):
         """A = (a, keys, beta), dt (...), B (..., N) -> the factors of A_bar_t = H_r ... H_1 diag(d):
         d (..., N), unit keys (..., r, N), beta (..., r) (0 where dt is 0: a padding step is the
-        identity) and B_bar (..., N); what the Triton kernel takes (`triton/householder.py`)."""
+        identity) and B_bar (..., N), the delta writes' sum_i beta_i H_r .. H_{i+1} k_i in it (the module
+        docstring); what the Triton kernel takes (`triton/householder.py`)."""
         a, keys, beta = A
         d, B_bar = discretize_diagonal(a, B, dt, method, alpha)
         d = 2 * d - 1 if self.signed else d
         beta = torch.where((dt == 0)[..., None], 0.0, beta)
-        return d, torch.nn.functional.normalize(keys, dim=-1), beta, B_bar
+        keys = torch.nn.functional.normalize(keys, dim=-1)
+        if self.reflection_input != "b":
+            writes = torch.zeros_like(keys[..., 0, :])
+            for k, b in zip(keys.unbind(-2), beta.unbind(-1)):       # w <- H_i w + beta_i k_i
+                writes = writes - b[..., None] * k * ((k * writes).sum(-1, keepdim=True) - 1)
+            B_bar = writes.expand_as(B_bar) + (B_bar if self.reflection_input == "both" else 0)
+        return d, keys, beta, B_bar
 
     def discretize(self, A, dt, B, method, alpha=0.5):
         """A = (a, keys, beta), dt (...), B (..., N) -> ((A_bar (..., 1, N, N),), B_bar (..., N)), each
@@ -130,15 +150,24 @@ class HouseholderStructure(BlockStructure):
 
     def dense_discretize(self, A, dt, B, method, alpha=0.5):
         """The reference: the textbook reflections I - beta k k^T / (k^T k), multiplied as matrices,
-        times the dense discretisation (`discretization.discretize`) of diag(a)."""
+        times the dense discretisation (`discretization.discretize`) of diag(a); a delta write is the
+        affine map [H_i, beta_i k_i / |k_i|] on [S; x^T], composed as (N + 1) x (N + 1) matrices."""
         a, keys, beta = A
         D_bar, B_bar = discretize(torch.diag_embed(a), B, dt, method, alpha)
         eye = torch.eye(self.state_dim, dtype=a.dtype, device=a.device)
         D_bar = 2 * D_bar - eye if self.signed else D_bar
+        affine = torch.zeros(*D_bar.shape[:-2], self.state_dim + 1, self.state_dim + 1, dtype=a.dtype, device=a.device)
+        affine[..., :-1, :-1], affine[..., -1, -1] = D_bar, 1
         for i in range(self.num_reflections):
             k = keys[..., i, :, None]
-            D_bar = (eye - beta[..., i, None, None] * (k @ k.transpose(-1, -2)) / (k.transpose(-1, -2) @ k)) @ D_bar
-        return D_bar, B_bar
+            step = torch.zeros_like(affine)
+            step[..., :-1, :-1] = eye - beta[..., i, None, None] * (k @ k.transpose(-1, -2)) / (k.transpose(-1, -2) @ k)
+            step[..., :-1, -1] = beta[..., i, None] * k[..., 0] / k[..., 0].norm(dim=-1, keepdim=True)
+            step[..., -1, -1] = 1
+            affine = step @ affine
+        writes = affine[..., :-1, -1]
+        B_bar = {"b": B_bar, "delta": writes.expand_as(B_bar), "both": B_bar + writes}[self.reflection_input]
+        return affine[..., :-1, :-1], B_bar
 
     def flops_per_token(self, head_dim: int) -> dict:
         """As the kernel runs it: unit keys and betas, the diagonal's discretisation, then per channel
