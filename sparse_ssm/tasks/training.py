@@ -34,6 +34,13 @@ VARIANTS = {
     # training length; config/state_tracking_lm.yaml is this transition in a language model)
     "householder_closed": dict(selective_param_class="householder", low_rank_rank=2, a_generator_rank=32,
                                reflection_range="closed"),
+    # the same with each reflection a delta write (DeltaNet's rule, DeltaProduct's two writes a token: the
+    # input enters along the keys, not through B, so the state stays bounded without a decay), the
+    # writes at beta = 1 from the start (from 0.004, nothing enters the state) and steps dt of 1e-4 to
+    # 1e-2 (decays that start near 1; dt no longer scales the input): issue 36's trainable transition
+    "householder_delta": dict(selective_param_class="householder", low_rank_rank=2, a_generator_rank=32,
+                              reflection_range="closed", reflection_input="delta", reflection_init_logit=0.0,
+                              dt_min=1e-4, dt_max=1e-2),
     # one layer and no conv window (a token's angle depends on that token alone), angles that start
     # at multiples of pi (Fourier HiPPO), a 32-wide generator and 4 pairs a head: a pair learns to
     # turn by 2 pi / 3 a token (two layers with a window fit mod 3 with pairs that hardly turn), and
