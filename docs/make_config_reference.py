@@ -86,6 +86,10 @@ MEANINGS = {
         "reflection_range": "`householder` only: `open` β = 2σ(b) ∈ (0, 2); `closed` β ∈ [0, 2], 2σ(b) stretched "
                             "by 10% and clipped, so a learnt flip reaches eigenvalue −1 exactly (at b ≈ 3) "
                             "instead of approaching it",
+        "reflection_input": "`householder` only: how a token's input x enters the state: `b` through B (Mamba's "
+                            "B x, beside the reflections); `delta` by each reflection as a delta write, S − β k (kᵀS − xᵀ) "
+                            "(DeltaNet's rule: the value along k moves towards x; no B, and a bounded state without "
+                            "a decay); `both` the two",
         "learned_initial_state": "each layer learns the state a sequence starts from (heads × N × P, N(0, 1) "
                                  "at first, no weight decay; a cache passed in replaces it)",
         "gbt_alpha": "`gbt`: 0 forward Euler, 0.5 bilinear, 1 backward Euler",

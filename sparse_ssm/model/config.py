@@ -130,6 +130,9 @@ class SparseSSMConfig(Section):
             if is_set and self.selective_param_class != "householder":
                 raise ValueError(f"{key}: applies to the reflections of selective_param_class 'householder'; "
                                  f"leave it at its default for '{self.selective_param_class}'")
+        if self.exact_reflections and self.reflection_input != "b":
+            raise ValueError("exact_reflections: snapped reflections take no input into the state, but "
+                             f"reflection_input '{self.reflection_input}' writes it along their keys; use one of the two")
         for key in ("rotation_angle_grid", "exact_reflections"):
             if getattr(self, key) and not self.learned_initial_state:
                 raise ValueError(f"{key}: exact transitions take no inputs into the state (B = 0), so it only moves "

@@ -143,6 +143,10 @@ def test_delta_writes_reach_every_layer_and_every_scan(tmp_path, reflection_inpu
     path.write_text(MODEL + f"  reflection_input: {reflection_input}\n")
     with pytest.raises(ConfigError, match="reflection_input: applies to the reflections"):
         Config.load(path)
+    path.write_text(MODEL + householder + f"  reflection_input: {reflection_input}\n  exact_reflections: true\n"
+                    "  learned_initial_state: true\n")
+    with pytest.raises(ConfigError, match="exact_reflections: snapped reflections take no input"):
+        Config.load(path)
 
 
 def test_signed_eigenvalue_range_reaches_the_decay_of_every_householder_layer(tmp_path):
