@@ -204,7 +204,7 @@ def _sections(text: str) -> list[str]:
     return re.split(r"^#+ .*$", text, flags=re.M)
 
 
-@pytest.mark.parametrize("name", ["benchmarks.md", "experiments.md"])
+@pytest.mark.parametrize("name", ["benchmarks.md", "experiments.md", "state_tracking.md"])
 def test_every_figure_is_in_a_linked_results_file(name):
     """In each section, every percentage (and, for benchmarks, every table row) is in a results file
     that the section links or names."""
