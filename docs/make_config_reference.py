@@ -88,8 +88,8 @@ MEANINGS = {
                             "instead of approaching it",
         "reflection_input": "`householder` only: how a token's input x enters the state: `b` through B (Mamba's "
                             "B x, beside the reflections); `delta` by each reflection as a delta write, S − β k (kᵀS − xᵀ) "
-                            "(DeltaNet's rule: the value along k moves towards x; no B, and a bounded state without "
-                            "a decay); `both` the two",
+                            "(DeltaNet's rule: the value along k is replaced by x at β = 1, mirrored about it at β = 2; "
+                            "no B, and with β < 2 a bounded state without a decay); `both` the two",
         "learned_initial_state": "each layer learns the state a sequence starts from (heads × N × P, N(0, 1) "
                                  "at first, no weight decay; a cache passed in replaces it)",
         "gbt_alpha": "`gbt`: 0 forward Euler, 0.5 bilinear, 1 backward Euler",

@@ -259,13 +259,19 @@ def ptr(t) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
 
 
+# Bits of the scans' method code (`method_id`) after bit 0 (gbt): the diagonal's signed range, and
+# householder's input (`householder_scan.cpp`); the decoding step (`fused.step_code`) takes no householder
+# structure, so its structure bits 2-7 never meet these two.
+SIGNED_RANGE, DELTA_WRITES, NO_B_INPUT = 2, 4, 8
+
+
 def method_id(method: str, alpha: float, structure=None) -> tuple[int, float]:
     """The scans' discretisation code (bit 0: gbt, else zoh; bit 1: the diagonal's signed range;
     householder's input, bit 2: delta writes, bit 3: no B term) and alpha (0.5 for bilinear)."""
     from ..discretization import alpha_for
 
-    code = 2 if getattr(structure, "signed", False) else 0
-    code += {"delta": 4 + 8, "both": 4}.get(getattr(structure, "reflection_input", "b"), 0)
+    code = SIGNED_RANGE if getattr(structure, "signed", False) else 0
+    code += {"delta": DELTA_WRITES + NO_B_INPUT, "both": DELTA_WRITES}.get(getattr(structure, "reflection_input", "b"), 0)
     return (code, 0.0) if method == "zoh" else (1 + code, alpha_for(method, alpha))
 
 

@@ -12,14 +12,15 @@
 //   khat_i = k_i / max(|k_i|, 1e-12),  beta_i = 2 sigmoid(c_i)
 //   S_t = H_r ... H_1 diag(d) S_{t-1} + (gain * B) u_t^T,   H_i = I - beta_i khat_i khat_i^T
 //   delta writes (method bit 2): each H_i S is instead S - beta_i khat_i (khat_i^T S - u_t^T), the
-//   delta rule (DeltaNet): the state's value along khat_i moves towards u_t, and is flipped about
-//   u_t / 2 ... at beta = 2; method bit 3 drops the (gain * B) u_t^T term (the input enters only so)
+//   delta rule (DeltaNet): the state's value along khat_i moves to u_t at beta = 1 and is mirrored
+//   about u_t at beta = 2; method bit 3 drops the (gain * B) u_t^T term (the input enters only so)
 //   y_t = C^T S_t + D u_t, optionally * silu(z_t)
 //
 // Backward of one token, with G the adjoint of S_t and g_0 = diag(d) S_{t-1}, g_i = H_i g_{i-1}
 // (recomputed), going down i = r .. 1 with G_r = G, w = khat^T g_{i-1}, v = khat^T G_i (P-vectors):
 //   dbeta_i = -v . w,   dkhat_i = -beta_i (G_i w + g_{i-1} v),   G_{i-1} = G_i - beta_i khat_i v^T
-//   (H_i is symmetric; with delta writes w = khat^T g_{i-1} - u and du += beta_i v), then dd = rowsum(G_0 * S_{t-1}), adjoint of S_{t-1} = diag(d) G_0;
+//   (H_i is symmetric; with delta writes w = khat^T g_{i-1} - u and du += beta_i v), then
+//   dd = rowsum(G_0 * S_{t-1}), adjoint of S_{t-1} = diag(d) G_0;
 //   d, gain -> dt, a -> q; khat -> k by the projection (I - khat khat^T) / |k|; beta -> c by beta (1 - beta/2).
 // Cost per token and channel: N (decay) + 4 r N (reflections) + 2 N (input, output) multiply-adds.
 //
@@ -104,7 +105,8 @@ template <typename T> class HHKernel {
     for (int64_t n = 0; n < N; ++n)
       for (int64_t p = 0; p < P; ++p) S[n * P + p] *= op.d[n];
     for (int64_t i = 0; i < r; ++i) reflect(op, i, u, S);
-    for (int64_t n = 0; n < N && b_input; ++n) {
+    if (!b_input) return;
+    for (int64_t n = 0; n < N; ++n) {
       const T bn = op.gain[n] * B[n];
       for (int64_t p = 0; p < P; ++p) S[n * P + p] += bn * u[p];
     }
@@ -114,8 +116,11 @@ template <typename T> class HHKernel {
                 T* du) {
     // 1. the input term (gain B) u^T: gradients of B, u and of the gain (through dt and a)
     ddt = 0;
-    if (!b_input) std::fill(dB, dB + N, T(0)), std::fill(da.begin(), da.end(), T(0));
-    for (int64_t n = 0; n < N && b_input; ++n) {
+    if (!b_input) {
+      std::fill(dB, dB + N, T(0));
+      std::fill(da.begin(), da.end(), T(0));
+    }
+    for (int64_t n = 0; b_input && n < N; ++n) {
       const T* gr = G + n * P;
       const T gu = dot(gr, u, P), dgain = B[n] * gu, gb = op.gain[n] * B[n];
       dB[n] = op.gain[n] * gu;

@@ -12,16 +12,19 @@ The input (`reflection_input`): 'b' adds B_bar_t x_t^T, the diagonal's (Mamba's 
 reflections); 'delta' makes each reflection a delta write (DeltaNet's rule, DeltaProduct's r writes a
 token), S <- S - beta k (k^T S - x_t^T) for unit k, the state's value along k moved towards the
 token's x_t (replaced at beta = 1, mirrored about it at beta = 2); the writes add up to B_bar_t =
-sum_i beta_i H_r ... H_{i+1} k_i, so the scans take them as a B_bar, and no B enters; 'both' adds
-the two.  Delta writes keep the state bounded without a decay (a write replaces, it does not pile up),
-so d can stay at 1 and a flip at -1: parity's exact automaton writes at beta = 2 on a one (the value
-along k, s, becomes 2 x - s) and not at all on a zero (beta = 0), which keeps s at 0 or 2 x.
+sum_i beta_i H_r ... H_{i+1} k_i, so the PyTorch and Triton scans take them as a B_bar (the native
+kernel applies them in place), and no B enters (it is still generated; its weights get no gradient);
+'both' adds the two.  A write replaces or mirrors the value along k instead of adding to it: with
+beta < 2 the state stays bounded without a decay, and at beta = 2 it stays bounded when the same
+value is written again, so d can stay at 1 and a flip at -1: parity's exact automaton writes at
+beta = 2 on a one (the value along k, s, becomes 2 x - s) and not at all on a zero (beta = 0), which
+keeps s at 0 or 2 x when x is the same on every one.
 
 A_bar_t - diag(d_t) has rank at most r (`low_rank_rank` reflections per token): a diagonal-plus-
 low-rank transition that is discrete by construction (it has no continuous-time generator; the
-decay and `B_bar` are the diagonal's).  Stable by construction: each H is symmetric with
-eigenvalues in (-1, 1], so its spectral norm is 1, and ||A_bar_t||_2 <= max d <= 1: the Euclidean
-norm of the state never grows without input.
+decay, and `B_bar` when the input enters through B, are the diagonal's).  Stable by construction:
+each H is symmetric with eigenvalues in (-1, 1], so its spectral norm is 1, and ||A_bar_t||_2 <=
+max d <= 1: the Euclidean norm of the state never grows without input.
 
 What it can express: one reflection with beta -> 2 flips the sign along k (parity's -1, as the
 signed diagonal); two reflections whose normals meet at an angle phi compose to a rotation by 2 phi
@@ -73,8 +76,8 @@ class HouseholderStructure(BlockStructure):
             raise ValueError(f"reflection_input: 'b', 'delta' or 'both', got {reflection_input!r}")
         self.name = f"householder{num_reflections}" + ("-signed" if signed else "") + \
             ("" if reflection_input == "b" else f"-{reflection_input}")
-        self.num_reflections, self.initial_logit, self.closed, self.signed = num_reflections, initial_logit, closed, signed
-        self.reflection_input = reflection_input
+        self.num_reflections, self.initial_logit, self.closed = num_reflections, initial_logit, closed
+        self.signed, self.reflection_input = signed, reflection_input
         self.raw_size = state_dim + num_reflections * (state_dim + 1)
 
     def continuous(self, raw: torch.Tensor):
@@ -135,7 +138,7 @@ class HouseholderStructure(BlockStructure):
             writes = torch.zeros_like(keys[..., 0, :])
             for k, b in zip(keys.unbind(-2), beta.unbind(-1)):       # w <- H_i w + beta_i k_i
                 writes = writes - b[..., None] * k * ((k * writes).sum(-1, keepdim=True) - 1)
-            B_bar = writes.expand_as(B_bar) + (B_bar if self.reflection_input == "both" else 0)
+            B_bar = writes + B_bar if self.reflection_input == "both" else writes
         return d, keys, beta, B_bar
 
     def discretize(self, A, dt, B, method, alpha=0.5):
@@ -166,7 +169,7 @@ class HouseholderStructure(BlockStructure):
             step[..., -1, -1] = 1
             affine = step @ affine
         writes = affine[..., :-1, -1]
-        B_bar = {"b": B_bar, "delta": writes.expand_as(B_bar), "both": B_bar + writes}[self.reflection_input]
+        B_bar = {"b": B_bar, "delta": writes, "both": B_bar + writes}[self.reflection_input]
         return affine[..., :-1, :-1], B_bar
 
     def flops_per_token(self, head_dim: int) -> dict:
