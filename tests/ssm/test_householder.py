@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from sparse_ssm.ssm.scan import selective_scan_chunked
+from sparse_ssm.ssm.scan import selective_scan, selective_scan_chunked
 from sparse_ssm.ssm.structures import HouseholderStructure
 from sparse_ssm.ssm.structures.block import UNIT_MAGNITUDE_RAW
 from sparse_ssm.ssm.structures.householder import EXACT_REFLECTION_LOGIT
@@ -113,11 +113,9 @@ def test_delta_writes_track_parity_exactly_from_a_zero_state_with_the_input_ente
     """`reflection_input: delta`, one reflection along a fixed key, beta = 2 on a one and 0 on a zero,
     decay 1, every token's input x = 1: the state along the key is 2 x - s after a one and s after a
     zero, so it stays 0 or 2 (2 times the parity of the prefix; beta 8e-18 for "0") over 6,000
-    tokens, to rounding that does not grow, in both scans
-    (the kernel's and the chunked one); the same transitions with the input through B ('b') pile
-    the inputs up instead (the state along the key reaches beyond 100)."""
-    from sparse_ssm.ssm.fused import selective_scan_fused
-
+    tokens, to rounding that does not grow, in both scans (the dispatcher's: the kernel where it is
+    built; and the chunked one); the same transitions with the input through B ('b') pile the inputs
+    up instead (the state along the key reaches beyond 100)."""
     L = 6000
     bits = torch.randint(0, 2, (L,), generator=torch.Generator().manual_seed(0))
     keys = torch.zeros(L, 1, N, dtype=torch.float64)
@@ -129,7 +127,7 @@ def test_delta_writes_track_parity_exactly_from_a_zero_state_with_the_input_ente
     C[..., 2] = 1.0                                           # read the state along the key
     args = (ones(1, L, 1, 1), ones(1, L, 1), raw, ones(1, L, 1, N), C, torch.zeros(1, L, 1, dtype=dtype))
     expected = 2 * (bits.cumsum(0) % 2).to(dtype)
-    for scan in (selective_scan_fused, lambda *a: selective_scan_chunked(*a, chunk_size=64)):
+    for scan in (selective_scan, lambda *a: selective_scan_chunked(*a, chunk_size=64)):
         y, _ = scan(*args, HouseholderStructure(N, 1, reflection_input="delta"), "zoh")
         assert torch.allclose(y[0, :, 0, 0], expected, atol=1e-12 if dtype == torch.float64 else 1e-5, rtol=0)
         y_b, _ = scan(*args, HouseholderStructure(N, 1), "zoh")
