@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from chomsky import override  # noqa: E402
 from common import write_results  # noqa: E402
 from provenance import provenance  # noqa: E402
 from wallclock_lm import validation_nll  # noqa: E402
@@ -48,9 +49,12 @@ from sparse_ssm.train.optim import build_optimizer, build_scheduler  # noqa: E40
 CONFIGS = {"diagonal (demo)": "config/demo.yaml", "state tracking": "config/state_tracking_lm.yaml"}
 
 
-def build(path: str, vocab: int, steps: int):
-    """(model, optimizer, scheduler) of a config file, seeded 0, the schedule stretched to `steps`."""
+def build(path: str, vocab: int, steps: int, overrides: dict | None = None):
+    """(model, optimizer, scheduler) of a config file, seeded 0, the schedule stretched to `steps`;
+    `overrides` replace model keys (validated as the file's are)."""
     cfg = Config.load(HERE.parent / path)
+    if overrides:
+        cfg.model = type(cfg.model)(**{**cfg.model.model_dump(), **overrides})
     cfg.model.vocab_size = vocab
     cfg.training.max_steps = steps
     torch.manual_seed(0)
@@ -87,6 +91,8 @@ def parse_args(argv=None):
     ap.add_argument("--timing-steps", type=int, default=15, help="timed steps per model, interleaved (default 15)")
     ap.add_argument("--timing-cpu", type=int, help="the core the timing phase runs on (default: any)")
     ap.add_argument("--timing-lock", help="a file locked (flock) while the timing phase runs")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], type=override, metavar="KEY=VALUE",
+                    help="a model key of the state-tracking config (repeatable; e.g. --set reflection_init_logit=-1.5)")
     ap.add_argument("--out", default=str(HERE / "results"))
     return ap.parse_args(argv)
 
@@ -100,7 +106,8 @@ def main(argv=None):
     train, val = data.windows("train", L, base.dataset.stride), data.windows("validation", L, L)
     val = [val[j] for j in range(min(args.eval_windows, len(val)))]
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
-    runs = {name: build(path, data.vocab_size, args.steps) for name, path in CONFIGS.items()}
+    changes = {"state tracking": dict(args.overrides)}
+    runs = {name: build(path, data.vocab_size, args.steps, changes.get(name)) for name, path in CONFIGS.items()}
     logs = {name: [] for name in runs}
     losses = {name: [] for name in runs}
     for i in range(args.steps + 1):
@@ -160,7 +167,9 @@ def report(args, runs, logs, losses, times, tokens_per_step):
     rows = []
     for name, (model, _, _, cfg) in runs.items():
         reached = min(args.steps, budget / median[name])
-        rows.append({"model": name, "config": CONFIGS[name], "parameters": model.num_parameters(),
+        changed = args.overrides if name == "state tracking" else []
+        config = CONFIGS[name] + "".join(f", {k} = {v}" for k, v in changed)
+        rows.append({"model": name, "config": config, "parameters": model.num_parameters(),
                      "selective_param_class": cfg.model.selective_param_class,
                      "validation_ppl": logs[name][-1][1], "eval_log": logs[name], "final_train_loss": losses[name][-1],
                      "median_step_s": median[name], "step_times_s": times[name],

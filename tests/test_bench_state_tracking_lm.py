@@ -48,3 +48,14 @@ def test_the_timing_phase_runs_on_its_core_under_its_lock_and_then_returns(tmp_p
     assert os.sched_getaffinity(0) == before
     with open(lock) as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)               # released after
+
+
+def test_set_replaces_a_model_key_of_the_state_tracking_config_only():
+    """--set KEY=VALUE reaches the state-tracking model (validated: an unknown key is refused) and
+    leaves the diagonal model alone."""
+    args = state_tracking_lm.parse_args(["--set", "reflection_init_logit=-1.5"])
+    assert args.overrides == [("reflection_init_logit", -1.5)]
+    *_, cfg = state_tracking_lm.build(state_tracking_lm.CONFIGS["state tracking"], 64, 4, dict(args.overrides))
+    assert cfg.model.reflection_init_logit == -1.5 and cfg.model.reflection_input == "delta"
+    with pytest.raises(SystemExit):
+        state_tracking_lm.parse_args(["--set", "no_such_key=1"])
