@@ -23,6 +23,12 @@ def inputs(b, L, H, P, structure, G, dtype=torch.float64, state=True, gate=True,
     return [None if x is None else x.to(dtype) for x in xs]
 
 
+def gradients(loss, inputs):
+    """d loss / d each input, zeros for an input the loss does not use (delta writes take no B)."""
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+
 def run(fn, xs, structure, method, alpha, seed=1):
     """(y, final state, gradients of a random weighting of both for every given input)."""
     leaves = [None if x is None else x.clone().requires_grad_() for x in xs]
@@ -31,9 +37,7 @@ def run(fn, xs, structure, method, alpha, seed=1):
     exact = lambda x: x.to(torch.bfloat16).to(torch.float16).double()        # in every dtype of the tests
     weights = lambda x: exact(torch.randn(x.shape, generator=g, dtype=torch.float64))
     loss = (y.double() * weights(y)).sum() + (h.double() * weights(h)).sum()
-    inputs = [x for x in leaves if x is not None]
-    grads = torch.autograd.grad(loss, inputs, allow_unused=True)       # delta writes take no B
-    return y, h, [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+    return y, h, gradients(loss, [x for x in leaves if x is not None])
 
 
 def assert_matches(xs, got, ref):
