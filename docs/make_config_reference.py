@@ -83,6 +83,10 @@ MEANINGS = {
         "exact_reflections": "`householder` only: each β snapped to 0 or 2 and the decay to 1, **no inputs "
                              "into the state** (needs `learned_initial_state`): an automaton construction",
         "reflection_init_logit": "`householder` only: each reflection's logit b at initialisation, β = 2σ(b)",
+        "reflection_init_logit_last": "`householder` only: the last head's b at initialisation, the heads' b "
+                                      "evenly spaced from `reflection_init_logit` (first head) to it: a spread of "
+                                      "write strengths, as Mamba spreads dt; unset: every head at "
+                                      "`reflection_init_logit`",
         "reflection_range": "`householder` only: `open` β = 2σ(b) ∈ (0, 2); `closed` β ∈ [0, 2], 2σ(b) stretched "
                             "by 10% and clipped, so a learnt flip reaches eigenvalue −1 exactly (at b ≈ 3) "
                             "instead of approaching it",

@@ -51,6 +51,7 @@ class SparseSSMConfig(Section):
     rotation_angle_grid: int = Field(0, ge=0)        # rotation: pairs exact elements of Z_K (magnitude 1); 0: off
     exact_reflections: bool = False                  # householder: each beta 0 or 2, decay 1 (orthogonal A_bar)
     reflection_init_logit: float = INITIAL_REFLECTION_LOGIT   # householder: b of beta = 2 sigmoid(b) at first
+    reflection_init_logit_last: Optional[float] = None   # householder: the last head's b; heads evenly spaced between
     reflection_range: Literal["open", "closed"] = "open"   # householder: beta in (0, 2), or [0, 2] (exact flips)
     reflection_input: Literal["b", "delta", "both"] = "b"   # householder: input through B, by delta writes, or both
     learned_initial_state: bool = False              # each layer learns its SSM state before the first token
@@ -125,6 +126,7 @@ class SparseSSMConfig(Section):
                              f"'rotation'); set it to 0 for '{self.selective_param_class}'")
         for key, is_set in (("exact_reflections", self.exact_reflections),
                             ("reflection_init_logit", self.reflection_init_logit != INITIAL_REFLECTION_LOGIT),
+                            ("reflection_init_logit_last", self.reflection_init_logit_last is not None),
                             ("reflection_range", self.reflection_range != "open"),
                             ("reflection_input", self.reflection_input != "b")):
             if is_set and self.selective_param_class != "householder":

@@ -71,6 +71,8 @@ class SelectiveSSMLayer(nn.Module):
                                                      config.dt_min, config.dt_max, num_groups=config.num_groups,
                                                      a_rank=config.resolved_a_generator_rank,
                                                      selective=config.selective, angle_grid=angle_grid)
+        if config.reflection_init_logit_last is not None:   # write strengths from b to b_last over the heads
+            self.structure.spread_initial_logits(self.generator.A_base, config.reflection_init_logit_last)
         self.out_proj = nn.Linear(E, config.hidden_dim, bias=False)
         # `learned_initial_state`: the SSM state before the first token (H, N, P), a parameter; a passed
         # state replaces it.  It starts at N(0, 1), where the readout sees it from the first step (from

@@ -9,6 +9,7 @@ import sparse_ssm.model.layer as layer_module
 from helpers import randomise_generators
 from sparse_ssm import SparseSSMForCausalLM
 from sparse_ssm.config import Config
+from sparse_ssm.ssm.hippo import hippo
 from sparse_ssm.util.errors import ConfigError
 
 MODEL = ("model:\n  vocab_size: 97\n  hidden_dim: 32\n  state_dim: 8\n  ffn_dim: 0\n  num_layers: 2\n  dropout: 0.0\n"
@@ -165,3 +166,33 @@ def test_signed_eigenvalue_range_reaches_the_decay_of_every_householder_layer(tm
             decays[kind] = structure.factors(a, dt, torch.zeros(2, structure.state_dim, dtype=torch.float64), "zoh")[0]
     assert (decays["signed"][0] < -1 + 1e-9).all() and (decays["signed"][1] > 0.99).all()
     assert (decays["positive"] > 0).all() and (decays["positive"] <= 1).all()
+
+
+def test_initial_write_strengths_spread_over_the_heads_of_every_layer(tmp_path):
+    """`reflection_init_logit_last` spreads the reflections' b at initialisation evenly over the heads,
+    from `reflection_init_logit` (first head) to it (last head), in every layer: under the closed range
+    the first head starts with writes of beta ~0.004 and the last with beta = 1; the key belongs to the
+    householder class."""
+    path = tmp_path / "s.yaml"
+    path.write_text(MODEL.replace("num_heads: 2", "num_heads: 4") + "  selective_param_class: householder\n"
+                    "  low_rank_rank: 2\n  reflection_range: closed\n  reflection_input: delta\n"
+                    "  reflection_init_logit: -3.0\n  reflection_init_logit_last: 0.0\n")
+    model = SparseSSMForCausalLM(Config.load(path).model).double()
+    for block in model.blocks:
+        structure, generator = block.mixer.structure, block.mixer.generator
+        N = structure.state_dim
+        logits = generator.A_base[:, N:].reshape(4, 2, N + 1)[..., N]
+        assert torch.equal(logits, torch.tensor([[-3.0] * 2, [-2.0] * 2, [-1.0] * 2, [0.0] * 2], dtype=logits.dtype))
+        u = torch.randn(1, 5, block.mixer.inner_dim, dtype=torch.float64)
+        _, A_raw, *_ = generator(u)                      # W_A starts at zero: A_raw is A_base at every token
+        beta = structure.continuous(A_raw)[2]           # the generator closed the range
+        assert torch.allclose(beta[..., -1, :], torch.ones_like(beta[..., -1, :]), atol=1e-6)
+        assert (beta[..., 0, :] < 0.01).all() and (beta[..., 0, :] > 0).all()
+        # the rest of the base is the unspread one's: the decays and keys
+        unspread = structure.raw_from_hippo(hippo("legs", N)[0])
+        keep = torch.ones(A_raw.shape[-1], dtype=torch.bool)
+        keep[N + N::N + 1] = False
+        assert torch.allclose(generator.A_base[:, keep], unspread[keep].to(generator.A_base).expand(4, -1))
+    path.write_text(MODEL + "  reflection_init_logit_last: 0.0\n")
+    with pytest.raises(ConfigError, match="reflection_init_logit_last: applies to the reflections"):
+        Config.load(path)

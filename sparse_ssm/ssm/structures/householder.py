@@ -96,6 +96,17 @@ class HouseholderStructure(BlockStructure):
         logits = torch.full((self.num_reflections, 1), self.initial_logit, dtype=rates.dtype)
         return torch.cat([rates, torch.cat([keys, logits], -1).reshape(-1)])
 
+    @torch.no_grad()
+    def spread_initial_logits(self, base: torch.Tensor, last_logit: float) -> None:
+        """base (H, raw_size), every head's reflections at b = initial_logit -> in place, head h's at
+        b evenly spaced from initial_logit (head 0) to last_logit (head H - 1): write strengths
+        spread over the heads, as Mamba spreads dt (the model's `reflection_init_logit_last`), so
+        some heads start as near-identity transitions that keep long context and others as strong
+        writes and flips."""
+        H, N = base.shape[0], self.state_dim
+        logits = torch.linspace(self.initial_logit, last_logit, H, dtype=base.dtype, device=base.device)
+        base[:, N:].view(H, self.num_reflections, N + 1)[..., N] = logits[:, None]
+
     def close_range(self, raw: torch.Tensor) -> torch.Tensor:
         """raw (..., raw_size) -> the same with each reflection's b replaced by c, 2 sigmoid(c) = beta of
         the closed range [0, 2] (CLOSED_STRETCH; the model's `reflection_range: closed`): a learnt flip
