@@ -32,11 +32,13 @@ def cmd_inspect(args) -> int:
                                                          f"or model.vocab_size in {args.config}")
     torch.manual_seed(args.seed)
     model = SparseSSMForCausalLM(config).eval()
-    layer = model.blocks[0].mixer
+    structured = config.structured_indices
+    layer = model.blocks[structured[0]].mixer
     cost = layer.ssm_cost_per_token()
+    hybrid = "" if len(structured) == config.num_layers else f" in layers {structured}, diagonal in the others"
     print(f"model: {config.num_layers} layers, hidden {config.hidden_dim}, state {config.state_dim}, "
           f"{layer.num_heads} heads x {layer.head_dim}, class {config.selective_param_class} "
-          f"-> structure {cost['structure']}")
+          f"-> structure {cost['structure']}{hybrid}")
     print(f"parameters: {model.num_parameters():,}")
     print(f"SSM FLOPs per token per layer: {cost['ssm_flops']:,} (generator {cost['generator_flops']:,}, "
           f"state {cost['state_flops']:,}); projections + conv {cost['projection_flops']:,}")

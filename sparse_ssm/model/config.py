@@ -19,6 +19,14 @@ POSITIVE = Field(ge=1)
 # writes takes the current defaults instead: only `from_saved` fills these in.
 SAVED_BEFORE_KEY = {"weight_init": "gpt2"}
 
+# What the layers outside `structured_layers` take in place of the model's values: the default
+# diagonal model's SSM (Mamba's: blocks of 1, eigenvalues in (0, 1], the input through B, dt from
+# dt_min to dt_max at their defaults), whatever keys the structured layers' class needed.
+DIAGONAL_LAYER_KEYS = ("selective_param_class", "sparsity_pattern", "eigenvalue_range", "discretization",
+                       "rotation_angle_grid", "exact_reflections", "reflection_init_logit",
+                       "reflection_init_logit_last", "reflection_range", "reflection_input", "dt_min", "dt_max",
+                       "structured_layers")
+
 
 class SparseSSMConfig(Section):
     """Hyper-parameters of `SparseSSMForCausalLM` (see the README's `model` table)."""
@@ -54,6 +62,7 @@ class SparseSSMConfig(Section):
     reflection_init_logit_last: Optional[float] = None   # householder: the last head's b; heads evenly spaced between
     reflection_range: Literal["open", "closed"] = "open"   # householder: beta in (0, 2), or [0, 2] (exact flips)
     reflection_input: Literal["b", "delta", "both"] = "b"   # householder: input through B, by delta writes, or both
+    structured_layers: Optional[list[int]] = None    # layers (from 0; -1 the last) with the class; others diagonal. None: all
     learned_initial_state: bool = False              # each layer learns its SSM state before the first token
     gbt_alpha: float = Field(0.5, ge=0.0, le=1.0)
     dt_min: float = Field(0.001, gt=0.0)
@@ -67,6 +76,23 @@ class SparseSSMConfig(Section):
     def from_saved(cls, data: dict | None) -> "SparseSSMConfig":
         """The model section of a run's or checkpoint's saved config.yaml (see SAVED_BEFORE_KEY)."""
         return cls.from_dict(complete_saved(data))
+
+    def layer_config(self, index: int) -> "SparseSSMConfig":
+        """The config layer `index` (0 to num_layers - 1) is built from: this one, or for a layer
+        outside `structured_layers` the default diagonal model's SSM keys (DIAGONAL_LAYER_KEYS; the
+        sparsity of blocks of 1) with every other key as here (sizes, generator, conv, init)."""
+        return self if self.structured_layers is None or index in self.structured_indices else self.diagonal_layer()
+
+    def diagonal_layer(self) -> "SparseSSMConfig":
+        """The config of a layer outside `structured_layers` (see `layer_config`)."""
+        defaults = {key: type(self).model_fields[key].default for key in DIAGONAL_LAYER_KEYS}
+        return self.model_copy(update={**defaults, "sparsity_level": 1.0 - 1.0 / self.state_dim})
+
+    @property
+    def structured_indices(self) -> list[int]:
+        """`structured_layers` counted from 0 (a negative index from the end, as Python's); all without it."""
+        layers = range(self.num_layers)
+        return list(layers) if self.structured_layers is None else sorted(layers[i] for i in self.structured_layers)
 
     @property
     def inner_dim(self) -> int:
@@ -139,10 +165,27 @@ class SparseSSMConfig(Section):
             if getattr(self, key) and not self.learned_initial_state:
                 raise ValueError(f"{key}: exact transitions take no inputs into the state (B = 0), so it only moves "
                                  f"where it starts; set learned_initial_state: true")
+        if self.structured_layers is not None:
+            self._check_structured_layers()
         if self.selective_param_class == "low_rank" and self.discretization == "zoh":
             raise ValueError("discretization: 'zoh' is not available for selective_param_class 'low_rank' (the "
                              "exponential of a diagonal-plus-low-rank matrix is dense); use 'bilinear' or 'gbt'")
         return self
+
+
+    def _check_structured_layers(self):
+        layers = self.structured_layers
+        if not layers:
+            raise ValueError("structured_layers: name at least one layer (an empty list leaves every layer "
+                             "diagonal: set selective_param_class instead), or leave it unset for all")
+        if self.is_diagonal:
+            raise ValueError("structured_layers: the other layers take the diagonal SSM, which is this "
+                             "model's class already; set a structured selective_param_class or leave it unset")
+        if any(not -self.num_layers <= i < self.num_layers for i in layers):
+            raise ValueError(f"structured_layers: each index must be in [-{self.num_layers}, {self.num_layers}) "
+                             f"for num_layers {self.num_layers}, got {layers}")
+        if len(set(self.structured_indices)) != len(layers):
+            raise ValueError(f"structured_layers: names a layer twice, got {layers}")
 
 
 def complete_saved(data):

@@ -45,7 +45,7 @@ class SparseSSMForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_dim)
-        self.blocks = nn.ModuleList(SparseSSMBlock(config) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(SparseSSMBlock(config.layer_config(i)) for i in range(config.num_layers))
         self.norm = nn.RMSNorm(config.hidden_dim, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_dim, config.vocab_size, bias=False)
         if config.tie_embeddings:

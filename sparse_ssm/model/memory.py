@@ -39,13 +39,14 @@ def _raw_size(config: SparseSSMConfig) -> int:
 def parameter_count(config: SparseSSMConfig) -> int:
     """The parameters of `SparseSSMForCausalLM(config)` (exact up to a state_dim of 4096)."""
     D, E, H, N, G = config.hidden_dim, config.inner_dim, config.resolved_num_heads, config.state_dim, config.num_groups
-    r, R, F = config.resolved_a_generator_rank, _raw_size(config), config.ffn_dim
+    r, F, L = config.resolved_a_generator_rank, config.ffn_dim, config.num_layers
+    raw = sum(count * size for count, size in _raw_sizes(config))     # A_t's values per head, over the layers
     mixer = (D + 2 * D * E + E * config.conv_kernel + E + E * D       # norm, in_proj, conv, out_proj
-             + E * (2 * H + r + 2 * G * N) + r * H * R + H * R + 2 * H   # generator: proj, a_up, A_base, D, dt
+             + E * (2 * H + r + 2 * G * N) + 2 * H                      # generator: proj, D, dt
              + (0 if config.selective else E) + (N * E if config.learned_initial_state else 0))
     ffn = D + 2 * D * F + F + D if F else 0
     embeddings = config.vocab_size * D * (1 if config.tie_embeddings else 2)
-    return embeddings + config.num_layers * (mixer + ffn) + D
+    return embeddings + L * (mixer + ffn) + (r * H + H) * raw + D      # + a_up and A_base of every layer
 
 
 def _kept_per_token(config: SparseSSMConfig) -> int:
@@ -54,7 +55,14 @@ def _kept_per_token(config: SparseSSMConfig) -> int:
     and the FFN's hidden values."""
     D, E, H, G = config.hidden_dim, config.inner_dim, config.resolved_num_heads, config.num_groups
     return (3 * D + 4 * E + 2 * config.ffn_dim + 2 * H + config.resolved_a_generator_rank
-            + 2 * G * config.state_dim + H * _raw_size(config))
+            + 2 * G * config.state_dim + H * min(size for _, size in _raw_sizes(config)))
+
+
+def _raw_sizes(config: SparseSSMConfig) -> list[tuple[int, int]]:
+    """[(layers, A_t's values per head)]: the structured layers' and the diagonal ones' (`structured_layers`)."""
+    structured = config.num_layers if config.structured_layers is None else len(config.structured_layers)
+    diagonal = config.num_layers - structured
+    return [(structured, _raw_size(config))] + ([(diagonal, _raw_size(config.diagonal_layer()))] if diagonal else [])
 
 
 @dataclass

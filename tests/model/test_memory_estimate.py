@@ -28,7 +28,8 @@ def machine_of_24_gib(monkeypatch):
                                     "learned_initial_state": True},
                                    *({"selective_param_class": c} for c in ("dense", "low_rank", "permutation",
                                                                             "householder")),
-                                   {"sparsity_pattern": "banded", "state_dim": 16, "sparsity_level": 0.5}])
+                                   {"sparsity_pattern": "banded", "state_dim": 16, "sparsity_level": 0.5},
+                                   {"selective_param_class": "householder", "num_layers": 3, "structured_layers": [-1]}])
 def test_the_parameter_count_from_the_config_is_the_models(model):
     config = SparseSSMConfig(**{**dict(vocab_size=300, hidden_dim=32, state_dim=8, ffn_dim=32, num_layers=2,
                                        num_heads=2), **model})

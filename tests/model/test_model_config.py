@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import sparse_ssm.model.layer as layer_module
-from helpers import randomise_generators
+from helpers import randomise_generators, tiny_language_model, write_checkpoint
 from sparse_ssm import SparseSSMForCausalLM
 from sparse_ssm.config import Config
+from sparse_ssm.model.checkpoint import load_model
 from sparse_ssm.ssm.hippo import hippo
 from sparse_ssm.util.errors import ConfigError
 
@@ -195,4 +196,44 @@ def test_initial_write_strengths_spread_over_the_heads_of_every_layer(tmp_path):
         assert torch.allclose(generator.A_base[:, keep], unspread[keep].to(generator.A_base).expand(4, -1))
     path.write_text(MODEL + "  reflection_init_logit_last: 0.0\n")
     with pytest.raises(ConfigError, match="reflection_init_logit_last: applies to the reflections"):
+        Config.load(path)
+
+
+def test_structured_layers_make_a_hybrid_whose_other_layers_are_the_default_diagonal_ssm(tmp_path):
+    """`structured_layers: [-1]` builds the class (delta writes from beta = 1, small dt) in the last
+    layer only; the others are the default model's diagonal SSM (input through B, dt between the
+    default dt_min and dt_max) with the shared sizes; native and sequential scans agree on the
+    hybrid, a checkpoint of it loads back to the same logits, and bad lists are refused by name."""
+    delta = ("  selective_param_class: householder\n  low_rank_rank: 2\n  reflection_range: closed\n"
+             "  reflection_input: delta\n  reflection_init_logit: 0.0\n  dt_min: 1.0e-4\n  dt_max: 1.0e-2\n"
+             "  a_generator_rank: 8\n")
+    path = tmp_path / "h.yaml"
+    path.write_text(MODEL.replace("num_layers: 2", "num_layers: 3") + delta + "  structured_layers: [-1]\n")
+    config = Config.load(path).model
+    model, tokenizer = tiny_language_model(seed=1, **{**config.to_dict(), "vocab_size": 300})
+    kinds = [(block.mixer.structure.name, getattr(block.mixer.structure, "reflection_input", "b"))
+             for block in model.blocks]
+    assert kinds == [("diagonal", "b"), ("diagonal", "b"), ("householder2-delta", "delta")]
+    for block in model.blocks:
+        assert block.mixer.generator.a_up.in_features == 8                  # shared: the generator's size
+        dt = torch.nn.functional.softplus(block.mixer.generator.dt_bias)
+        low, high = ((1e-3, 0.1) if block is not model.blocks[-1] else (1e-4, 1e-2))
+        assert ((dt > low * 0.99) & (dt < high * 1.01)).all()
+    randomise_generators(model, std=0.3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 13))
+    with torch.no_grad():
+        native = model(ids).logits
+        folder = write_checkpoint(tmp_path / "ckpt", model, tokenizer)
+        assert torch.equal(load_model(folder)(ids).logits, native)
+        model.config.use_parallel_scan = False
+        for i, block in enumerate(model.blocks):
+            block.mixer.config = model.config.layer_config(i)
+        assert torch.allclose(model(ids).logits, native, atol=1e-5)
+    for layers, message in (("[]", "name at least one layer"), ("[3]", r"each index must be in \[-3, 3\)"),
+                            ("[2, -1]", "names a layer twice")):
+        path.write_text(MODEL.replace("num_layers: 2", "num_layers: 3") + delta + f"  structured_layers: {layers}\n")
+        with pytest.raises(ConfigError, match=f"structured_layers: {message}"):
+            Config.load(path)
+    path.write_text(MODEL.replace("sparsity_level: 0.5", "sparsity_level: 0.9") + "  structured_layers: [0]\n")
+    with pytest.raises(ConfigError, match="structured_layers: the other layers take the diagonal SSM"):
         Config.load(path)
