@@ -20,7 +20,7 @@ def test_the_state_tracking_config_is_the_demo_with_another_state_matrix():
     demo, tracking = (Config.load(ROOT / p).to_dict() for p in state_tracking_lm.CONFIGS.values())
     differ = {(section, key) for section in demo for key in demo[section] if demo[section][key] != tracking[section][key]}
     transition = {"selective_param_class", "sparsity_level", "low_rank_rank", "reflection_range", "a_generator_rank",
-                  "dt_min", "dt_max", "reflection_init_logit", "reflection_input"}
+                  "dt_min", "dt_max", "reflection_init_logit", "reflection_input", "structured_layers"}
     assert {("model", "selective_param_class"), ("training", "output_dir")} <= differ
     assert {key for section, key in differ if section == "model"} <= transition
     assert {section for section, _ in differ} == {"model", "training"}

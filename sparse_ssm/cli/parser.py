@@ -147,7 +147,8 @@ def _add_evaluate_parser(sub):
                         f"2 pi / 60 from half the steps, permutation PD-SSM's one-hot moves of the states, "
                         f"householder DeltaProduct's two reflections per token (householder_closed with beta in "
                         f"[0, 2], householder_delta its reflections delta writes of the input from "
-                        f"beta = 1, householder_delta_lm from beta = 0.004, as config/state_tracking_lm.yaml), "
+                        f"beta = 1, householder_delta_lm from beta = 0.004, householder_delta_hybrid the last "
+                        f"layer householder_delta and the others diagonal, as config/state_tracking_lm.yaml), "
                         f"householder_exact one reflection "
                         f"per token in the rotation_grid shape, exact from half the steps, blockB B x B blocks, "
                         f"block 8 x 8, lti no selection)")
