@@ -15,7 +15,8 @@ batch x 128 / the median step.  --timing-cpu pins the timing phase (only) to one
 timing, `--timing-cpu 0 --timing-lock /work/core0.lock`); the training before it may run niced.  Equal wall-clock: the faster model's
 training time (its steps x its median step) bounds the slower one's, which has then taken that time
 / its median step steps; its perplexity there is read from its evaluation log (linearly interpolated
-in steps between evaluations).  Both models start from seed 0 and see the same data.
+in steps between evaluations).  Both models start from --seed (default 0: the settings were chosen on
+it; report on others) and see the same data in that seed's order.
 """
 
 from __future__ import annotations
@@ -49,15 +50,15 @@ from sparse_ssm.train.optim import build_optimizer, build_scheduler  # noqa: E40
 CONFIGS = {"diagonal (demo)": "config/demo.yaml", "state tracking": "config/state_tracking_lm.yaml"}
 
 
-def build(path: str, vocab: int, steps: int, overrides: dict | None = None):
-    """(model, optimizer, scheduler) of a config file, seeded 0, the schedule stretched to `steps`;
+def build(path: str, vocab: int, steps: int, overrides: dict | None = None, seed: int = 0):
+    """(model, optimizer, scheduler) of a config file, initialised from `seed`, the schedule stretched to `steps`;
     `overrides` replace model keys (validated as the file's are)."""
     cfg = Config.load(HERE.parent / path)
     if overrides:
         cfg.model = type(cfg.model)(**{**cfg.model.model_dump(), **overrides})
     cfg.model.vocab_size = vocab
     cfg.training.max_steps = steps
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = SparseSSMForCausalLM(cfg.model)
     opt = build_optimizer(model, cfg.optimizer)
     return model, opt, build_scheduler(opt, steps, cfg.scheduler), cfg
@@ -93,6 +94,7 @@ def parse_args(argv=None):
     ap.add_argument("--timing-lock", help="a file locked (flock) while the timing phase runs")
     ap.add_argument("--set", dest="overrides", action="append", default=[], type=override, metavar="KEY=VALUE",
                     help="a model key of the state-tracking config (repeatable; e.g. --set reflection_init_logit=-1.5)")
+    ap.add_argument("--seed", type=int, default=0, help="the models' initialisation and the batches' order (default 0)")
     ap.add_argument("--out", default=str(HERE / "results"))
     return ap.parse_args(argv)
 
@@ -105,9 +107,9 @@ def main(argv=None):
     L, bs, pad = base.dataset.max_seq_len, base.training.batch_size, data.pad_id
     train, val = data.windows("train", L, base.dataset.stride), data.windows("validation", L, L)
     val = [val[j] for j in range(min(args.eval_windows, len(val)))]
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
     changes = {"state tracking": dict(args.overrides)}
-    runs = {name: build(path, data.vocab_size, args.steps, changes.get(name)) for name, path in CONFIGS.items()}
+    runs = {name: build(path, data.vocab_size, args.steps, changes.get(name), args.seed) for name, path in CONFIGS.items()}
     logs = {name: [] for name in runs}
     losses = {name: [] for name in runs}
     for i in range(args.steps + 1):
@@ -178,7 +180,7 @@ def report(args, runs, logs, losses, times, tokens_per_step):
     diag, track = rows
     lines = [f"# The state-tracking configuration as a language model ({args.steps} steps of {tokens_per_step:,} "
              "tokens each)", "",
-             f"Embedded corpus, demo data and schedule; validation perplexity on {args.eval_windows} windows; "
+             f"Embedded corpus, demo data and schedule, seed {args.seed}; validation perplexity on {args.eval_windows} windows; "
              f"tokens/s from the median of {args.timing_steps} interleaved training steps, 1 thread.  Equal "
              f"wall-clock: {budget:.0f} s, the faster model's {args.steps} steps.", "",
              "| model | config | parameters | ppl, equal tokens | tokens/s | ppl, equal wall-clock (steps) |",
@@ -191,7 +193,7 @@ def report(args, runs, logs, losses, times, tokens_per_step):
               f"{track['ppl_in_equal_time'] / diag['ppl_in_equal_time']:.3f}x.", "",
               "Evaluation log (step: perplexity): " + "; ".join(
                   f"{r['model']}: " + ", ".join(f"{s}: {p:.2f}" for s, p in r["eval_log"]) for r in rows)]
-    prov = provenance({r["model"]: m for r, (m, *_) in zip(rows, runs.values())}, seeds=[0],
+    prov = provenance({r["model"]: m for r, (m, *_) in zip(rows, runs.values())}, seeds=[args.seed],
                       loss_path="fused chunked cross-entropy (as the Trainer)", scoring="eval mode, full logits")
     write_results(Path(args.out), "state_tracking_lm", {"steps": args.steps, "rows": rows}, lines, prov)
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparse_ssm.config import Config
 from sparse_ssm.util.schema import load_yaml
@@ -59,3 +60,12 @@ def test_set_replaces_a_model_key_of_the_state_tracking_config_only():
     assert cfg.model.reflection_init_logit == -1.5 and cfg.model.reflection_input == "delta"
     with pytest.raises(SystemExit):
         state_tracking_lm.parse_args(["--set", "no_such_key=1"])
+
+
+def test_the_seed_sets_the_initialisation_and_the_same_seed_builds_the_same_model():
+    """--seed reaches both models' initialisation: one seed builds the same weights twice, another
+    seed other weights."""
+    path = state_tracking_lm.CONFIGS["state tracking"]
+    assert state_tracking_lm.parse_args(["--seed", "3"]).seed == 3
+    first, again, other = (state_tracking_lm.build(path, 64, 4, seed=s)[0].embed.weight for s in (1, 1, 2))
+    assert torch.equal(first, again) and not torch.equal(first, other)
