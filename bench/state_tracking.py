@@ -72,7 +72,8 @@ def run_cell(name: str, variant: str, seed: int, setup: dict) -> dict:
     version and model config that made it."""
     spec = TASKS[name]
     config, options, vocab, lengths = cell_config(name, variant, setup)
-    structure = SparseSSMForCausalLM(config).blocks[0].mixer.ssm_cost_per_token()["structure"]
+    structured = SparseSSMForCausalLM(config).blocks[config.structured_indices[0]]      # a hybrid's first structured one
+    structure = structured.mixer.ssm_cost_per_token()["structure"]
     cpu, wall = time.process_time(), time.perf_counter()
     result = run_task(spec["task"], config, setup["steps"], setup["batch"], setup["length"], lengths,
                       lr=setup["lr"], seed=seed, curriculum=setup.get("curriculum", []),

@@ -85,12 +85,12 @@ MEANINGS = {
         "reflection_init_logit": "`householder` only: each reflection's logit b at initialisation, β = 2σ(b)",
         "reflection_init_logit_last": "`householder` only: the last head's b at initialisation, the heads' b "
                                       "evenly spaced from `reflection_init_logit` (first head) to it: a spread of "
-                                      "write strengths, as Mamba spreads dt; unset: every head at "
-                                      "`reflection_init_logit`",
+                                      "write strengths, as Mamba spreads dt (one head: `reflection_init_logit`); unset: "
+                                      "every head at `reflection_init_logit`",
         "structured_layers": "layers (from 0; negative from the end, -1 the last) built with `selective_param_class`; "
                              "the others are the default model's diagonal SSM (blocks of 1, eigenvalues in (0, 1], "
-                             "the input through B, `dt_min`/`dt_max` at their defaults; sizes, generator and conv "
-                             "shared): a hybrid, e.g. `[-1]` for one state-tracking layer on top of Mamba layers; "
+                             "the input through B, `dt_min`/`dt_max` at their defaults; sizes, the A generator's "
+                             "rank, conv and `learned_initial_state` shared): a hybrid, e.g. `[-1]` for one state-tracking layer on top of Mamba layers; "
                              "unset: every layer",
         "reflection_range": "`householder` only: `open` β = 2σ(b) ∈ (0, 2); `closed` β ∈ [0, 2], 2σ(b) stretched "
                             "by 10% and clipped, so a learnt flip reaches eigenvalue −1 exactly (at b ≈ 3) "

@@ -69,3 +69,12 @@ def test_the_seed_sets_the_initialisation_and_the_same_seed_builds_the_same_mode
     assert state_tracking_lm.parse_args(["--seed", "3"]).seed == 3
     first, again, other = (state_tracking_lm.build(path, 64, 4, seed=s)[0].embed.weight for s in (1, 1, 2))
     assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_the_state_tracking_config_has_the_transition_of_the_hybrid_task_variant():
+    """config/state_tracking_lm.yaml's transition keys are those the tasks measure as
+    `householder_delta_hybrid` (docs/state_tracking.md reports the two as one configuration)."""
+    from sparse_ssm.tasks.training import VARIANTS
+
+    model = Config.load(ROOT / "config" / "state_tracking_lm.yaml").model
+    assert {key: getattr(model, key) for key in VARIANTS["householder_delta_hybrid"]} == VARIANTS["householder_delta_hybrid"]

@@ -35,7 +35,7 @@ def cmd_inspect(args) -> int:
     structured = config.structured_indices
     layer = model.blocks[structured[0]].mixer
     cost = layer.ssm_cost_per_token()
-    hybrid = "" if len(structured) == config.num_layers else f" in layers {structured}, diagonal in the others"
+    hybrid = "" if len(structured) == config.num_layers else f" in layers {structured}, diagonal elsewhere"
     print(f"model: {config.num_layers} layers, hidden {config.hidden_dim}, state {config.state_dim}, "
           f"{layer.num_heads} heads x {layer.head_dim}, class {config.selective_param_class} "
           f"-> structure {cost['structure']}{hybrid}")

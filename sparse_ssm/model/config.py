@@ -79,8 +79,10 @@ class SparseSSMConfig(Section):
 
     def layer_config(self, index: int) -> "SparseSSMConfig":
         """The config layer `index` (0 to num_layers - 1) is built from: this one, or for a layer
-        outside `structured_layers` the default diagonal model's SSM keys (DIAGONAL_LAYER_KEYS; the
-        sparsity of blocks of 1) with every other key as here (sizes, generator, conv, init)."""
+        outside `structured_layers` a copy with the default diagonal model's SSM keys
+        (DIAGONAL_LAYER_KEYS; the sparsity of blocks of 1) and every other key as here (sizes, the
+        A generator's rank, conv, learned_initial_state, init).  A copy: a key changed on this
+        config after the model is built does not reach the diagonal layers."""
         return self if self.structured_layers is None or index in self.structured_indices else self.diagonal_layer()
 
     def diagonal_layer(self) -> "SparseSSMConfig":
@@ -172,15 +174,11 @@ class SparseSSMConfig(Section):
                              "exponential of a diagonal-plus-low-rank matrix is dense); use 'bilinear' or 'gbt'")
         return self
 
-
     def _check_structured_layers(self):
         layers = self.structured_layers
         if not layers:
             raise ValueError("structured_layers: name at least one layer (an empty list leaves every layer "
                              "diagonal: set selective_param_class instead), or leave it unset for all")
-        if self.is_diagonal:
-            raise ValueError("structured_layers: the other layers take the diagonal SSM, which is this "
-                             "model's class already; set a structured selective_param_class or leave it unset")
         if any(not -self.num_layers <= i < self.num_layers for i in layers):
             raise ValueError(f"structured_layers: each index must be in [-{self.num_layers}, {self.num_layers}) "
                              f"for num_layers {self.num_layers}, got {layers}")

@@ -31,7 +31,7 @@ VARIANTS = {
     "householder": dict(selective_param_class="householder", low_rank_rank=2, a_generator_rank=32),
     # the same with beta in the closed [0, 2]: a flip reaches eigenvalue -1 (at b ~ 3) instead of approaching
     # it, so composed flips and permutations neither fade nor drift with length (issue 36: S3 at 4x the
-    # training length; config/state_tracking_lm.yaml is this transition in a language model)
+    # training length)
     "householder_closed": dict(selective_param_class="householder", low_rank_rank=2, a_generator_rank=32,
                                reflection_range="closed"),
     # the same with each reflection a delta write (DeltaNet's rule, DeltaProduct's two writes a token: the
@@ -41,13 +41,14 @@ VARIANTS = {
     "householder_delta": dict(selective_param_class="householder", low_rank_rank=2, a_generator_rank=32,
                               reflection_range="closed", reflection_input="delta", reflection_init_logit=0.0,
                               dt_min=1e-4, dt_max=1e-2),
-    # householder_delta in the last layer only, the default diagonal SSM below it (`structured_layers`): the
-    # transition of config/state_tracking_lm.yaml, a hybrid whose language model keeps the diagonal's perplexity
+    # householder_delta in the last layer only, the default diagonal SSM below it (`structured_layers`; the
+    # A generator's rank, 32, is shared): the transition of config/state_tracking_lm.yaml, a hybrid whose
+    # language model costs 1-2% perplexity over the diagonal's where writes from beta = 1 in every layer cost 10%
     "householder_delta_hybrid": dict(selective_param_class="householder", low_rank_rank=2, a_generator_rank=32,
                                      reflection_range="closed", reflection_input="delta", reflection_init_logit=0.0,
                                      dt_min=1e-4, dt_max=1e-2, structured_layers=[-1]),
     # householder_delta with the writes from the default beta = 0.004 (nothing enters the state at first): in
-    # every layer, the language model keeps the diagonal's perplexity (where writes from beta = 1 do not)
+    # every layer, the language model's perplexity is the diagonal's or lower (where writes from beta = 1 cost 10%)
     "householder_delta_lm": dict(selective_param_class="householder", low_rank_rank=2, a_generator_rank=32,
                                  reflection_range="closed", reflection_input="delta", dt_min=1e-4, dt_max=1e-2),
     # one layer and no conv window (a token's angle depends on that token alone), angles that start

@@ -211,9 +211,7 @@ def test_structured_layers_make_a_hybrid_whose_other_layers_are_the_default_diag
     path.write_text(MODEL.replace("num_layers: 2", "num_layers: 3") + delta + "  structured_layers: [-1]\n")
     config = Config.load(path).model
     model, tokenizer = tiny_language_model(seed=1, **{**config.to_dict(), "vocab_size": 300})
-    kinds = [(block.mixer.structure.name, getattr(block.mixer.structure, "reflection_input", "b"))
-             for block in model.blocks]
-    assert kinds == [("diagonal", "b"), ("diagonal", "b"), ("householder2-delta", "delta")]
+    assert [block.mixer.structure.name for block in model.blocks] == ["diagonal", "diagonal", "householder2-delta"]
     for block in model.blocks:
         assert block.mixer.generator.a_up.in_features == 8                  # shared: the generator's size
         dt = torch.nn.functional.softplus(block.mixer.generator.dt_bias)
@@ -234,6 +232,3 @@ def test_structured_layers_make_a_hybrid_whose_other_layers_are_the_default_diag
         path.write_text(MODEL.replace("num_layers: 2", "num_layers: 3") + delta + f"  structured_layers: {layers}\n")
         with pytest.raises(ConfigError, match=f"structured_layers: {message}"):
             Config.load(path)
-    path.write_text(MODEL.replace("sparsity_level: 0.5", "sparsity_level: 0.9") + "  structured_layers: [0]\n")
-    with pytest.raises(ConfigError, match="structured_layers: the other layers take the diagonal SSM"):
-        Config.load(path)
