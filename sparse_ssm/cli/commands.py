@@ -40,7 +40,8 @@ def cmd_inspect(args) -> int:
           f"{layer.num_heads} heads x {layer.head_dim}, class {config.selective_param_class} "
           f"-> structure {cost['structure']}{hybrid}")
     print(f"parameters: {model.num_parameters():,}")
-    print(f"SSM FLOPs per token per {'structured ' if hybrid else ''}layer: {cost['ssm_flops']:,} (generator {cost['generator_flops']:,}, "
+    which = "structured layer" if hybrid else "layer"
+    print(f"SSM FLOPs per token per {which}: {cost['ssm_flops']:,} (generator {cost['generator_flops']:,}, "
           f"state {cost['state_flops']:,}); projections + conv {cost['projection_flops']:,}")
     ids = torch.randint(0, config.vocab_size, (1, length))
     start = time.perf_counter()

@@ -51,8 +51,8 @@ def parameter_count(config: SparseSSMConfig) -> int:
 
 def _kept_per_token(config: SparseSSMConfig) -> int:
     """Activations one layer keeps for backward per token (a lower bound: of a hybrid's layer kinds,
-    the one with the fewest A_t values): the block's and the norms' inputs, in_proj's and the conv's outputs, the generator's outputs, the scan's output
-    and the FFN's hidden values."""
+    the one with the fewest A_t values): the block's and the norms' inputs, in_proj's and the conv's
+    outputs, the generator's outputs, the scan's output and the FFN's hidden values."""
     D, E, H, G = config.hidden_dim, config.inner_dim, config.resolved_num_heads, config.num_groups
     return (3 * D + 4 * E + 2 * config.ffn_dim + 2 * H + config.resolved_a_generator_rank
             + 2 * G * config.state_dim + H * min(size for _, size in _raw_sizes(config)))

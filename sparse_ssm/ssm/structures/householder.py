@@ -102,7 +102,7 @@ class HouseholderStructure(BlockStructure):
         b evenly spaced from initial_logit (head 0) to last_logit (head H - 1): write strengths
         spread over the heads, as Mamba spreads dt (the model's `reflection_init_logit_last`), so
         some heads start as near-identity transitions that keep long context and others as strong
-        writes and flips."""
+        writes and flips (one head: initial_logit)."""
         H, N = base.shape[0], self.state_dim
         logits = torch.linspace(self.initial_logit, last_logit, H, dtype=base.dtype, device=base.device)
         base[:, N:].view(H, self.num_reflections, N + 1)[..., N] = logits[:, None]
