@@ -19,6 +19,11 @@ from ..util.errors import ConfigError
 from .synthetic import PAPER_VOCAB, task_batches
 
 
+# delta-write reflections (DeltaNet's rule, DeltaProduct's two writes a token), beta in [0, 2], steps dt
+# of 1e-4 to 1e-2: the keys the householder_delta* variants share
+DELTA_WRITE_KEYS = dict(selective_param_class="householder", low_rank_rank=2, a_generator_rank=32,
+                        reflection_range="closed", reflection_input="delta", dt_min=1e-4, dt_max=1e-2)
+
 # At state 16 the sparse class's block size b follows the sparsity level (`ssm.hippo.block_size_for`):
 # 0.9 -> b = 1 (diagonal), 0.875 -> 2, 0.75 -> 4, 0.5 -> 8.
 VARIANTS = {
@@ -38,19 +43,14 @@ VARIANTS = {
     # input enters along the keys, not through B, so the state stays bounded without a decay), the
     # writes at beta = 1 from the start (from 0.004, nothing enters the state) and steps dt of 1e-4 to
     # 1e-2 (decays that start near 1; dt no longer scales the input): issue 36's trainable transition
-    "householder_delta": dict(selective_param_class="householder", low_rank_rank=2, a_generator_rank=32,
-                              reflection_range="closed", reflection_input="delta", reflection_init_logit=0.0,
-                              dt_min=1e-4, dt_max=1e-2),
+    "householder_delta": dict(DELTA_WRITE_KEYS, reflection_init_logit=0.0),
     # householder_delta in the last layer only, the default diagonal SSM below it (`structured_layers`; the
     # A generator's rank, 32, is shared): the transition of config/state_tracking_lm.yaml, a hybrid whose
     # language model costs 1-2% perplexity over the diagonal's where writes from beta = 1 in every layer cost 10%
-    "householder_delta_hybrid": dict(selective_param_class="householder", low_rank_rank=2, a_generator_rank=32,
-                                     reflection_range="closed", reflection_input="delta", reflection_init_logit=0.0,
-                                     dt_min=1e-4, dt_max=1e-2, structured_layers=[-1]),
+    "householder_delta_hybrid": dict(DELTA_WRITE_KEYS, reflection_init_logit=0.0, structured_layers=[-1]),
     # householder_delta with the writes from the default beta = 0.004 (nothing enters the state at first): in
     # every layer, the language model's perplexity is the diagonal's or lower (where writes from beta = 1 cost 10%)
-    "householder_delta_lm": dict(selective_param_class="householder", low_rank_rank=2, a_generator_rank=32,
-                                 reflection_range="closed", reflection_input="delta", dt_min=1e-4, dt_max=1e-2),
+    "householder_delta_lm": dict(DELTA_WRITE_KEYS),
     # one layer and no conv window (a token's angle depends on that token alone), angles that start
     # at multiples of pi (Fourier HiPPO), a 32-wide generator and 4 pairs a head: a pair learns to
     # turn by 2 pi / 3 a token (two layers with a window fit mod 3 with pairs that hardly turn), and
