@@ -99,6 +99,9 @@ MEANINGS = {
                             "B x, beside the reflections); `delta` by each reflection as a delta write, S − β k (kᵀS − xᵀ) "
                             "(DeltaNet's rule: the value along k is replaced by x at β = 1, mirrored about it at β = 2; "
                             "no B, and with β < 2 a bounded state without a decay); `both` the two",
+        "reflection_decay": "`householder` only: `false` holds every decay d at 1 (DeltaProduct without its gate, "
+                            "`HouseholderStructure.hold_decays`): the state forgets only what the delta writes "
+                            "replace; needs `reflection_input: delta` (an input through B would add up without bound)",
         "learned_initial_state": "each layer learns the state a sequence starts from (heads × N × P, N(0, 1) "
                                  "at first, no weight decay; a cache passed in replaces it)",
         "gbt_alpha": "`gbt`: 0 forward Euler, 0.5 bilinear, 1 backward Euler",

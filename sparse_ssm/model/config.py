@@ -24,8 +24,8 @@ SAVED_BEFORE_KEY = {"weight_init": "gpt2"}
 # dt_min to dt_max at their defaults), whatever keys the structured layers' class needed.
 DIAGONAL_LAYER_KEYS = ("selective_param_class", "sparsity_pattern", "eigenvalue_range", "discretization",
                        "rotation_angle_grid", "exact_reflections", "reflection_init_logit",
-                       "reflection_init_logit_last", "reflection_range", "reflection_input", "dt_min", "dt_max",
-                       "structured_layers")
+                       "reflection_init_logit_last", "reflection_range", "reflection_input", "reflection_decay",
+                       "dt_min", "dt_max", "structured_layers")
 
 
 class SparseSSMConfig(Section):
@@ -62,6 +62,7 @@ class SparseSSMConfig(Section):
     reflection_init_logit_last: Optional[float] = None   # householder: the last head's b; heads evenly spaced between
     reflection_range: Literal["open", "closed"] = "open"   # householder: beta in (0, 2), or [0, 2] (exact flips)
     reflection_input: Literal["b", "delta", "both"] = "b"   # householder: input through B, by delta writes, or both
+    reflection_decay: bool = True                    # householder: false holds every decay at 1 (delta writes only)
     structured_layers: Optional[list[int]] = None    # layers (from 0; -1 the last) with the class; others diagonal. None: all
     learned_initial_state: bool = False              # each layer learns its SSM state before the first token
     gbt_alpha: float = Field(0.5, ge=0.0, le=1.0)
@@ -156,13 +157,18 @@ class SparseSSMConfig(Section):
                             ("reflection_init_logit", self.reflection_init_logit != INITIAL_REFLECTION_LOGIT),
                             ("reflection_init_logit_last", self.reflection_init_logit_last is not None),
                             ("reflection_range", self.reflection_range != "open"),
-                            ("reflection_input", self.reflection_input != "b")):
+                            ("reflection_input", self.reflection_input != "b"),
+                            ("reflection_decay", not self.reflection_decay)):
             if is_set and self.selective_param_class != "householder":
                 raise ValueError(f"{key}: applies to the reflections of selective_param_class 'householder'; "
                                  f"leave it at its default for '{self.selective_param_class}'")
         if self.exact_reflections and self.reflection_input != "b":
             raise ValueError("exact_reflections: snapped reflections take no input into the state, but "
                              f"reflection_input '{self.reflection_input}' writes it along their keys; use one of the two")
+        if not self.reflection_decay and self.reflection_input != "delta":
+            raise ValueError("reflection_decay: false holds every decay at 1, so only delta writes may enter the state "
+                             f"(an input through B would add up without bound); set reflection_input: delta, not "
+                             f"'{self.reflection_input}'")
         for key in ("rotation_angle_grid", "exact_reflections"):
             if getattr(self, key) and not self.learned_initial_state:
                 raise ValueError(f"{key}: exact transitions take no inputs into the state (B = 0), so it only moves "

@@ -61,7 +61,8 @@ class SelectiveSSMLayer(nn.Module):
                                         signed=config.eigenvalue_range == "signed",
                                         reflection_init_logit=config.reflection_init_logit,
                                         closed_reflections=config.reflection_range == "closed",
-                                        reflection_input=config.reflection_input)
+                                        reflection_input=config.reflection_input,
+                                        reflection_decay=config.reflection_decay)
         self.discretization = config.resolved_discretization
         self.in_proj = nn.Linear(config.hidden_dim, 2 * E, bias=False)
         self.conv = nn.Conv1d(E, E, config.conv_kernel, groups=E, bias=True)

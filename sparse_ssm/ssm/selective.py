@@ -104,6 +104,8 @@ class SelectiveParameterGenerator(nn.Module):
         A_raw = self.A_base.to(u.dtype) + apply_linear(self.a_up, a_low).to(u.dtype).reshape(b, L, H, -1)
         if isinstance(self.structure, HouseholderStructure) and self.structure.closed:
             A_raw = self.structure.close_range(A_raw)          # beta in [0, 2]: exact flips are reachable
+        if isinstance(self.structure, HouseholderStructure) and not self.structure.decays:
+            A_raw = self.structure.hold_decays(A_raw)          # d = 1: only the delta writes forget
         if self.angle_grid:
             A_raw = self.structure.snap_to_grid(A_raw, dt, self.angle_grid)
             B = torch.zeros_like(B)
@@ -114,13 +116,14 @@ class SelectiveParameterGenerator(nn.Module):
         """The generator's tensors in the layout of the fused decoding step
         (`ssm.kernels.layer_step.cpp`, which decides from "structure" whether it takes the structure),
         or None when this generator is not the one it implements (maps other than float or weight-only
-        int8 linear ones, the angle grid's snapped transitions, the closed range of reflections).  With
-        int8 maps Wg (O, E) and Wa (H R, r) are (int8 weight, scales) (`quantized.decode_weight`)."""
+        int8 linear ones, the angle grid's snapped transitions, the closed range of reflections, their
+        held decays).  With int8 maps Wg (O, E) and Wa (H R, r) are (int8 weight, scales)
+        (`quantized.decode_weight`)."""
         from .quantized import decode_weight
 
-        closed = isinstance(self.structure, HouseholderStructure) and self.structure.closed
+        reshaped = isinstance(self.structure, HouseholderStructure) and (self.structure.closed or not self.structure.decays)
         Wg, Wa = decode_weight(self.proj), decode_weight(self.a_up)
-        if self.angle_grid or closed or Wg is None or Wa is None:
+        if self.angle_grid or reshaped or Wg is None or Wa is None:
             return None
         return {"Wg": Wg, "dt_bias": self.dt_bias, "Wa": Wa,
                 "A_base": self.A_base, "D_base": self.D_base, "groups": self.num_groups,

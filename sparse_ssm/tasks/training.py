@@ -48,6 +48,11 @@ VARIANTS = {
     # A generator's rank, 32, is shared): the transition of config/state_tracking_lm.yaml, a hybrid whose
     # language model costs 1-2% perplexity over the diagonal's where writes from beta = 1 in every layer cost 10%
     "householder_delta_hybrid": dict(DELTA_WRITE_KEYS, reflection_init_logit=0.0, structured_layers=[-1]),
+    # the hybrid with its reflection layer's decays held at 1 (`reflection_decay: false`, DeltaProduct without the
+    # gate): the state forgets only what the writes replace; a test-time probe (bench/chomsky_fade.py) found
+    # parity's fade beyond 160 in the learnt decays
+    "householder_delta_hybrid_undecayed": dict(DELTA_WRITE_KEYS, reflection_init_logit=0.0, structured_layers=[-1],
+                                               reflection_decay=False),
     # householder_delta with the writes from the default beta = 0.004 (nothing enters the state at first): in
     # every layer, the language model's perplexity is the diagonal's or lower (where writes from beta = 1 cost 10%)
     "householder_delta_lm": dict(DELTA_WRITE_KEYS),

@@ -26,7 +26,9 @@ CLASSES = [dict(selective_param_class="sparse", sparsity_level=0.9),      # diag
                 reflection_init_logit=0.0, learned_initial_state=True),       # beta 0 or 2, decay 1
            dict(selective_param_class="sparse", sparsity_level=0.9, eigenvalue_range="signed"),
            dict(selective_param_class="householder", low_rank_rank=2, reflection_range="closed",  # a hybrid: delta
-                reflection_input="delta", reflection_init_logit=0.0, structured_layers=[-1])]     # writes on top
+                reflection_input="delta", reflection_init_logit=0.0, structured_layers=[-1]),     # writes on top
+           dict(selective_param_class="householder", low_rank_rank=2, reflection_input="delta",  # writes, decays
+                reflection_decay=False)]                                                     # held at 1
 
 
 def tiny(**kw):

@@ -232,3 +232,33 @@ def test_structured_layers_make_a_hybrid_whose_other_layers_are_the_default_diag
         path.write_text(MODEL.replace("num_layers: 2", "num_layers: 3") + delta + f"  structured_layers: {layers}\n")
         with pytest.raises(ConfigError, match=f"structured_layers: {message}"):
             Config.load(path)
+
+
+def test_held_decays_reach_every_reflection_layer_and_only_delta_writes_take_them(tmp_path):
+    """`reflection_decay: false` holds every householder layer's decays at 1 (the logits differ from
+    the decaying model's; native and sequential scans agree), the hybrid's diagonal layers keep
+    theirs (the key is reset there), and it is refused for another class or an input through B."""
+    path = tmp_path / "u.yaml"
+    delta = "  selective_param_class: householder\n  low_rank_rank: 2\n  reflection_input: delta\n"
+    ids = torch.randint(0, 97, (2, 13))
+    logits = {}
+    for decay in ("true", "false"):
+        path.write_text(MODEL + delta + f"  reflection_decay: {decay}\n")
+        torch.manual_seed(0)
+        model = randomise_generators(SparseSSMForCausalLM(Config.load(path).model).double().eval(), std=0.3)
+        assert all(block.mixer.structure.decays == (decay == "true") for block in model.blocks)
+        logits[decay] = model(ids).logits
+        model.config.use_parallel_scan = False
+        for block in model.blocks:
+            block.mixer.config = model.config
+        assert torch.allclose(model(ids).logits, logits[decay], atol=1e-8), decay
+    assert (logits["true"] - logits["false"]).abs().max() > 1e-3
+    path.write_text(MODEL + delta + "  reflection_decay: false\n  structured_layers: [-1]\n")
+    config = Config.load(path).model
+    assert not config.layer_config(1).reflection_decay and config.layer_config(0).reflection_decay
+    for extra, message in (("  reflection_decay: false\n", "reflection_decay: applies to the reflections"),
+                           ("  selective_param_class: householder\n  reflection_decay: false\n",
+                            "reflection_decay: false holds every decay at 1, so only delta writes")):
+        path.write_text(MODEL + extra)
+        with pytest.raises(ConfigError, match=message):
+            Config.load(path)

@@ -132,3 +132,24 @@ def test_delta_writes_track_parity_exactly_from_a_zero_state_with_the_input_ente
         assert torch.allclose(y[0, :, 0, 0], expected, atol=1e-12 if dtype == torch.float64 else 1e-5, rtol=0)
         y_b, _ = scan(*args, HouseholderStructure(N, 1), "zoh")
         assert y_b[0, :, 0, 0].abs().max() > 100
+
+
+def test_held_decays_leave_the_reflections_alone_and_need_delta_writes():
+    """`reflection_decay: false` (`hold_decays`): whatever rates the generator gives, d = 1, so with
+    every beta at 0 the transition is the identity (the same raw with decays: diag(d) < 1) and with
+    one reflection it is exactly that reflection; without delta writes it is refused (inputs through
+    B would add up without bound)."""
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(3, 1, N, dtype=torch.float64, generator=g)
+    held, decaying = HouseholderStructure(N, 1, reflection_input="delta", decays=False), HouseholderStructure(N, 1)
+    dt = torch.full((3,), 0.5, dtype=torch.float64)
+    raw = raw_for(keys, torch.full((3, 1), -EXACT_REFLECTION_LOGIT, dtype=torch.float64), rate=1.0)
+    assert torch.allclose(transition(held, held.hold_decays(raw), dt), torch.eye(N, dtype=torch.float64).expand(3, N, N),
+                          atol=1e-15, rtol=0)
+    assert transition(decaying, raw, dt).diagonal(dim1=-2, dim2=-1).max() < 0.9
+    flip = raw_for(keys, torch.full((3, 1), EXACT_REFLECTION_LOGIT, dtype=torch.float64), rate=1.0)
+    k = keys[:, 0] / keys[:, 0].norm(dim=-1, keepdim=True)
+    reflection = torch.eye(N, dtype=torch.float64) - 2 * k[:, :, None] * k[:, None, :]
+    assert torch.allclose(transition(held, held.hold_decays(flip), dt), reflection, atol=1e-12)
+    with pytest.raises(ValueError, match="without decays needs reflection_input 'delta'"):
+        HouseholderStructure(N, 1, decays=False)

@@ -67,7 +67,7 @@ __all__ = ["BlockStructure", "DiagonalStructure", "RotationStructure", "BandedSt
 def make_structure(selective_param_class: str, state_dim: int, sparsity_level: float = 0.0,
                    low_rank_rank: int = 1, sparsity_pattern: str = "block", signed: bool = False,
                    reflection_init_logit: float = INITIAL_REFLECTION_LOGIT, closed_reflections: bool = False,
-                   reflection_input: str = "b"):
+                   reflection_input: str = "b", reflection_decay: bool = True):
     """Structure for a config: 'dense' (one N x N block), 'sparse' (block size b from
     `hippo.block_size_for`; pattern 'block' = block-diagonal, 'banded' = half-bandwidth b // 2;
     b = 1 is the diagonal case for both, whose eigenvalue range `signed` chooses, as it chooses the
@@ -75,7 +75,8 @@ def make_structure(selective_param_class: str, state_dim: int, sparsity_level: f
     (2 x 2 scaled-rotation blocks), 'permutation' (PD-SSM's P diag(d)), 'householder' (DeltaProduct's
     low_rank_rank reflections times diag(d), each of strength 2 sigmoid(reflection_init_logit) at
     initialisation; beta in [0, 2] with `closed_reflections`, `HouseholderStructure.close_range`; the
-    input through B, by delta writes or both, `reflection_input`) or 'low_rank'."""
+    input through B, by delta writes or both, `reflection_input`; decays held at 1 without
+    `reflection_decay`) or 'low_rank'."""
     if selective_param_class == "dense":
         return BlockStructure(state_dim, state_dim)
     if selective_param_class == "rotation":
@@ -84,7 +85,7 @@ def make_structure(selective_param_class: str, state_dim: int, sparsity_level: f
         return PermutationStructure(state_dim)
     if selective_param_class == "householder":
         return HouseholderStructure(state_dim, low_rank_rank, reflection_init_logit, closed_reflections, signed,
-                                    reflection_input)
+                                    reflection_input, reflection_decay)
     if selective_param_class == "sparse":
         b = block_size_for(state_dim, sparsity_level)
         if b == 1:

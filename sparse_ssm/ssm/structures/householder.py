@@ -70,14 +70,17 @@ class HouseholderStructure(BlockStructure):
     for the scans."""
 
     def __init__(self, state_dim: int, num_reflections: int = 2, initial_logit: float = INITIAL_REFLECTION_LOGIT,
-                 closed: bool = False, signed: bool = False, reflection_input: str = "b"):
+                 closed: bool = False, signed: bool = False, reflection_input: str = "b", decays: bool = True):
         super().__init__(state_dim, state_dim)
         if reflection_input not in ("b", "delta", "both"):
             raise ValueError(f"reflection_input: 'b', 'delta' or 'both', got {reflection_input!r}")
+        if not decays and reflection_input != "delta":
+            raise ValueError("a householder structure without decays needs reflection_input 'delta': an input "
+                             "through B would add up without bound")
         self.name = f"householder{num_reflections}" + ("-signed" if signed else "") + \
-            ("" if reflection_input == "b" else f"-{reflection_input}")
+            ("" if reflection_input == "b" else f"-{reflection_input}") + ("" if decays else "-undecayed")
         self.num_reflections, self.initial_logit, self.closed = num_reflections, initial_logit, closed
-        self.signed, self.reflection_input = signed, reflection_input
+        self.signed, self.reflection_input, self.decays = signed, reflection_input, decays
         self.raw_size = state_dim + num_reflections * (state_dim + 1)
 
     def continuous(self, raw: torch.Tensor):
@@ -119,6 +122,14 @@ class HouseholderStructure(BlockStructure):
         closed = torch.cat([reflections[..., :N], torch.logit(half_beta, eps=1e-7)], -1)
         return torch.cat([raw[..., :N], closed.flatten(-2)], -1)
 
+    def hold_decays(self, raw: torch.Tensor) -> torch.Tensor:
+        """raw (..., raw_size) -> the same with every decay's raw rate at UNIT_MAGNITUDE_RAW, so d = 1
+        (to float precision) in every scan: A_bar_t is the reflections alone and the state forgets only
+        what the delta writes replace (the model's `reflection_decay: false`, DeltaProduct without
+        its gate).  The rates get no gradient; keys and betas pass unchanged."""
+        N = self.state_dim
+        return torch.cat([torch.full_like(raw[..., :N], UNIT_MAGNITUDE_RAW), raw[..., N:]], -1)
+
     def snap_to_grid(self, raw: torch.Tensor, dt: torch.Tensor, grid: int) -> torch.Tensor:
         """raw (..., raw_size), dt (...) -> raw of exact reflections: every H's eigenvalue 1 - beta
         along its key snapped to the grid of 2nd roots of unity, +1 (beta = 0: no reflection) or -1
@@ -132,8 +143,7 @@ class HouseholderStructure(BlockStructure):
         N = self.state_dim
         reflections = raw[..., N:].reshape(*raw.shape[:-1], self.num_reflections, N + 1)
         exact = torch.where(reflections[..., N:] > 0, EXACT_REFLECTION_LOGIT, -EXACT_REFLECTION_LOGIT).to(raw.dtype)
-        unit = torch.full_like(raw[..., :N], UNIT_MAGNITUDE_RAW)
-        return torch.cat([unit, torch.cat([reflections[..., :N], exact], -1).flatten(-2)], -1)
+        return self.hold_decays(torch.cat([raw[..., :N], torch.cat([reflections[..., :N], exact], -1).flatten(-2)], -1))
 
     def factors(self, A, dt, B, method, alpha=0.5):
         """A = (a, keys, beta), dt (...), B (..., N) -> the factors of A_bar_t = H_r ... H_1 diag(d):
