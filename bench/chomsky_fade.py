@@ -83,8 +83,9 @@ def run_seed(setup: dict, seed: int) -> dict:
         return built[-1]
 
     cpu = time.process_time()
-    trained = run_length_generalization(task, build, setup["steps"], setup["batch"], setup["train_lengths"], setup["test_buckets"],
-                                        lr=setup["lr"], seed=seed, curriculum=setup.get("curriculum", 0.0))
+    trained = run_length_generalization(task, build, setup["steps"], setup["batch"], setup["train_lengths"],
+                                        setup["test_buckets"], lr=setup["lr"], seed=seed,
+                                        test_sequences=setup["test_sequences"], curriculum=setup.get("curriculum", 0.0))
     model, labels = built[0].eval(), bucket_labels(setup["test_buckets"])
     accuracy = {}
     for name, (decays, writes) in INTERVENTIONS.items():
@@ -101,9 +102,10 @@ def markdown(setup: dict, cells: list[dict]) -> list[str]:
     """One row per intervention: accuracy per bucket, mean (min-max) over seeds; then per seed."""
     labels = bucket_labels(setup["test_buckets"])
     low, high = setup["train_lengths"]
-    lines = [f"**{setup['task']}**, `{setup['variant']}`: {setup['steps']} steps of {setup['batch']}, lengths {low}-{high}"
-             f" (curriculum {setup.get('curriculum', 0.0)}), lr {setup['lr']}; {setup['test_sequences']} test strings "
-             "per bucket, the same for every intervention. Accuracy, mean (min–max) over seeds:", "",
+    lines = [f"**{setup['task']}**, `{setup['variant']}`: {setup['steps']} steps of {setup['batch']}, "
+             f"lengths {low}-{high} (curriculum {setup.get('curriculum', 0.0)}), lr {setup['lr']}; "
+             f"{setup['test_sequences']} test strings per bucket, the same for every intervention. "
+             "Accuracy, mean (min–max) over seeds:", "",
              "| at test time | " + " | ".join(f"acc. @ {b}" for b in labels) + " |",
              "|---|" + "---:|" * len(labels)]
     for name in INTERVENTIONS:
@@ -147,7 +149,11 @@ def main(argv=None):
         check_protocol(setup["train_lengths"], setup["test_buckets"])
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    if cell_config(args.task, args.variant, setup).selective_param_class != "householder":
+    try:
+        config = cell_config(args.task, args.variant, setup)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    if config.selective_param_class != "householder":
         sys.exit(f"error: {args.variant} has no Householder layer: nothing to make exact (pick a householder* variant)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,8 +163,9 @@ def main(argv=None):
         cells.append(run_seed(setup, seed))
         prov = provenance(seeds=args.seeds)
         atomic_write_text(path, json.dumps({"setup": setup, "provenance": prov, "cells": cells}, indent=2))
-        print(f"seed {seed}: " + "; ".join(f"{n} {100 * cells[-1]['accuracy'][n][bucket_labels(args.test_buckets)[-1]]:.1f}%"
-                                           for n in INTERVENTIONS) + " in the last bucket", flush=True)
+        last = bucket_labels(args.test_buckets)[-1]
+        print(f"seed {seed}: " + "; ".join(f"{n} {100 * cells[-1]['accuracy'][n][last]:.1f}%" for n in INTERVENTIONS)
+              + " in the last bucket", flush=True)
     cells.sort(key=lambda c: c["seed"])
     lines = [*markdown(setup, cells), "", summary_line(provenance(seeds=args.seeds))]
     atomic_write_text(out / "chomsky_fade.md", "\n".join(lines) + "\n")

@@ -66,7 +66,10 @@ def test_dry_run_scores_every_intervention_on_the_same_model_and_resumes(tmp_pat
     assert len(json.loads((tmp_path / "chomsky_fade.json").read_text())["cells"]) == 1
 
 
-def test_a_variant_without_reflections_is_refused_before_training(tmp_path):
+def test_a_variant_without_reflections_or_a_bad_key_value_is_refused_before_training(tmp_path):
     with pytest.raises(SystemExit, match="diagonal has no Householder layer"):
         chomsky_fade.main(["--task", "parity-check", "--variant", "diagonal", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="error: .*reflection_decay: false holds every decay at 1"):
+        chomsky_fade.main(["--task", "parity-check", "--variant", "householder", "--set", "reflection_decay=false",
+                           "--out", str(tmp_path)])
     assert not (tmp_path / "chomsky_fade.json").exists()

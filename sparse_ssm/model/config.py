@@ -165,6 +165,9 @@ class SparseSSMConfig(Section):
         if self.exact_reflections and self.reflection_input != "b":
             raise ValueError("exact_reflections: snapped reflections take no input into the state, but "
                              f"reflection_input '{self.reflection_input}' writes it along their keys; use one of the two")
+        if not self.reflection_decay and self.eigenvalue_range == "signed":
+            raise ValueError("eigenvalue_range: 'signed' flips householder's decay (2 d - 1), which reflection_decay: "
+                             "false holds at 1; use one of the two")
         if not self.reflection_decay and self.reflection_input != "delta":
             raise ValueError("reflection_decay: false holds every decay at 1, so only delta writes may enter the state "
                              f"(an input through B would add up without bound); set reflection_input: delta, not "

@@ -116,14 +116,13 @@ class SelectiveParameterGenerator(nn.Module):
         """The generator's tensors in the layout of the fused decoding step
         (`ssm.kernels.layer_step.cpp`, which decides from "structure" whether it takes the structure),
         or None when this generator is not the one it implements (maps other than float or weight-only
-        int8 linear ones, the angle grid's snapped transitions, the closed range of reflections, their
-        held decays).  With int8 maps Wg (O, E) and Wa (H R, r) are (int8 weight, scales)
-        (`quantized.decode_weight`)."""
+        int8 linear ones, the angle grid's snapped transitions, the closed range of reflections).  With
+        int8 maps Wg (O, E) and Wa (H R, r) are (int8 weight, scales) (`quantized.decode_weight`)."""
         from .quantized import decode_weight
 
-        reshaped = isinstance(self.structure, HouseholderStructure) and (self.structure.closed or not self.structure.decays)
+        closed = isinstance(self.structure, HouseholderStructure) and self.structure.closed
         Wg, Wa = decode_weight(self.proj), decode_weight(self.a_up)
-        if self.angle_grid or reshaped or Wg is None or Wa is None:
+        if self.angle_grid or closed or Wg is None or Wa is None:
             return None
         return {"Wg": Wg, "dt_bias": self.dt_bias, "Wa": Wa,
                 "A_base": self.A_base, "D_base": self.D_base, "groups": self.num_groups,

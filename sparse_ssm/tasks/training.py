@@ -50,7 +50,7 @@ VARIANTS = {
     "householder_delta_hybrid": dict(DELTA_WRITE_KEYS, reflection_init_logit=0.0, structured_layers=[-1]),
     # the hybrid with its reflection layer's decays held at 1 (`reflection_decay: false`, DeltaProduct without the
     # gate): the state forgets only what the writes replace; a test-time probe (bench/chomsky_fade.py) found
-    # parity's fade beyond 160 in the learnt decays
+    # part of parity's fade beyond 160 in the learnt decays (most on one seed of three)
     "householder_delta_hybrid_undecayed": dict(DELTA_WRITE_KEYS, reflection_init_logit=0.0, structured_layers=[-1],
                                                reflection_decay=False),
     # householder_delta with the writes from the default beta = 0.004 (nothing enters the state at first): in

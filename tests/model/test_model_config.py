@@ -237,7 +237,8 @@ def test_structured_layers_make_a_hybrid_whose_other_layers_are_the_default_diag
 def test_held_decays_reach_every_reflection_layer_and_only_delta_writes_take_them(tmp_path):
     """`reflection_decay: false` holds every householder layer's decays at 1 (the logits differ from
     the decaying model's; native and sequential scans agree), the hybrid's diagonal layers keep
-    theirs (the key is reset there), and it is refused for another class or an input through B."""
+    theirs (the key is reset there), and it is refused for another class, an input through B or a
+    signed decay."""
     path = tmp_path / "u.yaml"
     delta = "  selective_param_class: householder\n  low_rank_rank: 2\n  reflection_input: delta\n"
     ids = torch.randint(0, 97, (2, 13))
@@ -258,7 +259,9 @@ def test_held_decays_reach_every_reflection_layer_and_only_delta_writes_take_the
     assert not config.layer_config(1).reflection_decay and config.layer_config(0).reflection_decay
     for extra, message in (("  reflection_decay: false\n", "reflection_decay: applies to the reflections"),
                            ("  selective_param_class: householder\n  reflection_decay: false\n",
-                            "reflection_decay: false holds every decay at 1, so only delta writes")):
+                            "reflection_decay: false holds every decay at 1, so only delta writes"),
+                           (delta + "  reflection_decay: false\n  eigenvalue_range: signed\n",
+                            "eigenvalue_range: 'signed' flips householder's decay")):
         path.write_text(MODEL + extra)
         with pytest.raises(ConfigError, match=message):
             Config.load(path)
