@@ -102,10 +102,11 @@ class SelectiveParameterGenerator(nn.Module):
         dt_raw, a_low, B, C, d_raw = apply_linear(self.proj, source).to(u.dtype).split(self.sizes, dim=-1)
         dt = F.softplus(dt_raw + self.dt_bias.to(u.dtype))
         A_raw = self.A_base.to(u.dtype) + apply_linear(self.a_up, a_low).to(u.dtype).reshape(b, L, H, -1)
-        if isinstance(self.structure, HouseholderStructure) and self.structure.closed:
-            A_raw = self.structure.close_range(A_raw)          # beta in [0, 2]: exact flips are reachable
-        if isinstance(self.structure, HouseholderStructure) and not self.structure.decays:
-            A_raw = self.structure.hold_decays(A_raw)          # d = 1: only the delta writes forget
+        if isinstance(self.structure, HouseholderStructure):
+            if self.structure.closed:
+                A_raw = self.structure.close_range(A_raw)      # beta in [0, 2]: exact flips are reachable
+            if not self.structure.decays:
+                A_raw = self.structure.hold_decays(A_raw)      # d = 1: only the delta writes forget
         if self.angle_grid:
             A_raw = self.structure.snap_to_grid(A_raw, dt, self.angle_grid)
             B = torch.zeros_like(B)
